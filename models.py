@@ -1,0 +1,913 @@
+"""Falcon-H1, Qwen3.5 and Qwen2.5 written by hand in PyTorch, loading the official checkpoints.
+
+Three model families, one building kit:
+  Falcon-H1   parallel hybrid:   every layer runs attention AND a Mamba-2 mixer side by side, then an MLP
+  Qwen3.5     sequential hybrid: 3 Gated DeltaNet layers, then 1 gated full-attention layer, repeated
+  Qwen2.5     a plain Transformer (the control)
+
+Read top to bottom: config, norms and rotary embedding, attention, MLP, the causal convolution, Mamba-2
+(its scan in recurrent and chunked form), Gated DeltaNet (likewise), the per-layer state, the two kinds of
+decoder layer, the model, then loading. Every formula follows transformers 5.23 (the official implementation)
+as described in ARCHITECTURE.md of this project's reference notes; the tests compare logits with it.
+
+Letters used in shape comments:
+  B batch, T tokens in this call, S tokens already in the cache, D hidden size, V vocabulary,
+  H heads, Hkv key/value heads, hd attention head dim, R rotated dims of a head,
+  Mamba-2:        P head dim, N state size, G groups of B/C, Z = H*P inner width, K conv kernel, Q chunk length
+  Gated DeltaNet: Hk key heads, Hv value heads, dk key dim, dv value dim
+
+The state a model carries between calls (KV caches, conv windows, recurrent states) lives in `Cache`.
+Recurrent states are never modified in place: every step makes new tensors, so keeping references to the
+old ones is a valid snapshot. KV caches are preallocated buffers that are written in place and rolled back
+by setting `Cache.length`.
+"""
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoadError(Exception):
+    """A problem the user can fix (unknown model, missing file or tensor, no network): the message says how."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass(frozen=True)
+class Config:
+    family: str                      # "falcon_h1" | "qwen3_5" | "qwen2" (transformers' model_type)
+    vocab_size: int                  # V
+    hidden_size: int                 # D
+    intermediate_size: int           # width of the SwiGLU MLP
+    layer_types: tuple               # per layer: "hybrid" (attention ∥ Mamba-2), "full_attention" or "linear_attention"
+    rms_norm_eps: float
+    tie_word_embeddings: bool        # LM head reuses the embedding matrix
+    eos_token_id: int | None
+    max_position_embeddings: int
+    # attention
+    num_heads: int                   # H
+    num_kv_heads: int                # Hkv (grouped-query attention: query head j reads KV head j // (H/Hkv))
+    head_dim: int                    # hd, from the config (Falcon-H1's is NOT D/H)
+    rope_theta: float
+    rotary_dim: int                  # R: leading dims of each head that RoPE rotates (Qwen3.5 rotates 64 of 256)
+    qkv_bias: bool = False           # Qwen2.5: q/k/v projections have biases
+    gated_attention: bool = False    # Qwen3.5: (1+w) RMSNorm on q and k per head; sigmoid output gate inside q_proj
+    # Mamba-2 (Falcon-H1)
+    mamba_n_heads: int = 0           # H
+    mamba_d_head: int = 0            # P
+    mamba_d_state: int = 0           # N
+    mamba_n_groups: int = 1          # G
+    mamba_d_conv: int = 4            # K
+    mamba_chunk_size: int = 128      # Q of the chunked scan (prefill)
+    mamba_rms_norm: bool = False     # grouped RMSNorm after the gate (Falcon-H1-3B); 0.5B only gates: y * silu(z)
+    time_step_limit: tuple = (0.0, math.inf)
+    # µP multipliers (Falcon-H1; 1.0 leaves the other families unchanged)
+    embedding_multiplier: float = 1.0
+    lm_head_multiplier: float = 1.0
+    key_multiplier: float = 1.0
+    attention_in_multiplier: float = 1.0
+    attention_out_multiplier: float = 1.0
+    ssm_in_multiplier: float = 1.0
+    ssm_out_multiplier: float = 1.0
+    mlp_multipliers: tuple = (1.0, 1.0)                 # (gate, down)
+    ssm_multipliers: tuple = (1.0, 1.0, 1.0, 1.0, 1.0)  # (z, x, B, C, dt): slices of the Mamba in_proj output
+    # Gated DeltaNet (Qwen3.5)
+    linear_num_key_heads: int = 0    # Hk
+    linear_num_value_heads: int = 0  # Hv
+    linear_key_head_dim: int = 0     # dk
+    linear_value_head_dim: int = 0   # dv
+    linear_conv_kernel_dim: int = 4  # K
+    linear_chunk_size: int = 64      # Q of the chunked scan (transformers uses 64)
+
+    @property
+    def num_layers(self):
+        return len(self.layer_types)
+
+
+def config_from_hf(cfg: dict) -> Config:
+    """Our Config from an official config.json (Falcon-H1, Qwen3.5 or Qwen3.5-text, Qwen2)."""
+    model_type = cfg.get("model_type")
+    if model_type == "qwen3_5":                  # the vision-language checkpoint: the text model is nested
+        cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
+        model_type = "qwen3_5_text"
+    if model_type not in ("falcon_h1", "qwen3_5_text", "qwen2"):
+        raise LoadError(f"model_type {model_type!r} is not supported: hsd implements falcon_h1, qwen3_5 and qwen2")
+
+    def get(key, default=None, required=False):
+        if required and cfg.get(key) is None:
+            raise LoadError(f"config.json has no value for {key!r}; it is needed to build {model_type}")
+        value = cfg.get(key, default)
+        return default if value is None and not required else value
+
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise LoadError(f"rope type {rope.get('rope_type')!r} is not supported (only the default RoPE)")
+    theta = rope.get("rope_theta", get("rope_theta", 10000.0))
+    n_layers, heads = get("num_hidden_layers", required=True), get("num_attention_heads", required=True)
+    head_dim = get("head_dim") or get("hidden_size") // heads
+    eos = get("eos_token_id")
+    common = dict(
+        vocab_size=get("vocab_size", required=True), hidden_size=get("hidden_size", required=True),
+        intermediate_size=get("intermediate_size", required=True), rms_norm_eps=get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        max_position_embeddings=get("max_position_embeddings", 32768),
+        num_heads=heads, num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim,
+        rope_theta=float(theta), rotary_dim=head_dim)
+
+    if model_type == "falcon_h1":
+        for flag in ("attention_bias", "mlp_bias", "mamba_proj_bias", "projectors_bias"):
+            if get(flag, False):
+                raise LoadError(f"Falcon-H1 with {flag}=true is not supported")
+        if get("mamba_rms_norm", False) and get("mamba_norm_before_gate", True):
+            raise LoadError("Falcon-H1 with mamba_norm_before_gate=true is not supported")
+        mamba_heads = get("mamba_n_heads", required=True)
+        d_ssm = get("mamba_d_ssm") or get("mamba_expand", 2) * common["hidden_size"]
+        # muP multipliers: an absent key takes transformers' default, an explicit null is an error
+        mup = {key: get(key, default, required=key in cfg)
+               for key, default in [("embedding_multiplier", 1.0), ("lm_head_multiplier", 1.0),
+                                    ("key_multiplier", 1.0), ("attention_in_multiplier", 1.0),
+                                    ("attention_out_multiplier", 1.0), ("ssm_in_multiplier", 1.0),
+                                    ("ssm_out_multiplier", 1.0), ("mlp_multipliers", (1.0, 1.0)),
+                                    ("ssm_multipliers", (1.0,) * 5)]}
+        mup["mlp_multipliers"], mup["ssm_multipliers"] = tuple(mup["mlp_multipliers"]), tuple(mup["ssm_multipliers"])
+        return Config(
+            family="falcon_h1", layer_types=("hybrid",) * n_layers, **common, **mup,
+            mamba_n_heads=mamba_heads, mamba_d_head=d_ssm // mamba_heads, mamba_d_state=get("mamba_d_state", 256),
+            mamba_n_groups=get("mamba_n_groups", 1), mamba_d_conv=get("mamba_d_conv", 4),
+            mamba_chunk_size=get("mamba_chunk_size", 256), mamba_rms_norm=bool(get("mamba_rms_norm", False)),
+            time_step_limit=tuple(_number(x) for x in get("time_step_limit", (0.0, math.inf))))
+
+    if model_type == "qwen3_5_text":
+        layer_types = get("layer_types") or [
+            "full_attention" if (i + 1) % get("full_attention_interval", 4) == 0 else "linear_attention"
+            for i in range(n_layers)]
+        return Config(
+            family="qwen3_5", layer_types=tuple(layer_types), **{**common, "rotary_dim": int(
+                head_dim * rope.get("partial_rotary_factor", 0.25))},
+            qkv_bias=bool(get("attention_bias", False)), gated_attention=True,
+            linear_num_key_heads=get("linear_num_key_heads", 16), linear_num_value_heads=get("linear_num_value_heads", 32),
+            linear_key_head_dim=get("linear_key_head_dim", 128), linear_value_head_dim=get("linear_value_head_dim", 128),
+            linear_conv_kernel_dim=get("linear_conv_kernel_dim", 4))
+
+    if get("use_sliding_window", False):
+        raise LoadError("Qwen2 with use_sliding_window=true is not supported")
+    return Config(family="qwen2", layer_types=("full_attention",) * n_layers, **common, qkv_bias=True)
+
+
+def _number(x):
+    """A float from config.json; transformers 5 writes infinity as {"__float__": "Infinity"}."""
+    return float(x["__float__"]) if isinstance(x, dict) else float(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear layers, norms, rotary embedding, attention, MLP
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """nn.Linear; on CPU in fp32 the product runs through oneDNN instead of the default BLAS.
+
+    Same result up to rounding. Why: decoding multiplies 1..k+1 rows by every weight matrix, which is bound by
+    reading the weights. On the 2-core AMD EPYC this project is tested on, F.linear (MKL) streams weights at
+    ~16 GB/s for one row and ~6 GB/s for three; oneDNN at ~27 and ~18 GB/s (see README, "Speed").
+    """
+
+    def forward(self, x):
+        if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, normalised in fp32.
+
+    Two conventions: Falcon-H1, Qwen2.5 (and the Gated DeltaNet output norm) store w itself and multiply after
+    casting back to the input dtype; Qwen3.5 stores an offset (unit_offset=True) and multiplies by (1 + w) in fp32.
+    """
+
+    def __init__(self, dim, eps, unit_offset=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(positions, rotary_dim, theta, dtype):
+    """cos and sin (T, R) for positions (T,): pair dim i with dim i + R/2 ("rotate half" layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim))
+    angles = positions.float()[:, None] * inv_freq                # (T, R/2)
+    angles = torch.cat([angles, angles], dim=-1)                  # (T, R)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first R dims of every head of x (B, T, H, hd); the rest pass through."""
+    R = cos.shape[-1]
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    half1, half2 = x_rot[..., : R // 2], x_rot[..., R // 2:]
+    cos, sin = cos[:, None, :], sin[:, None, :]                   # (T, 1, R) broadcasts over heads
+    rotated = x_rot * cos + torch.cat([-half2, half1], dim=-1) * sin
+    return torch.cat([rotated, x_pass], dim=-1) if x_pass.shape[-1] else rotated
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE and a KV cache.
+
+    Family details: Falcon-H1 scales the keys by key_multiplier; Qwen2.5 has q/k/v biases; Qwen3.5 normalises
+    q and k per head, rotates only R of the hd dims, and carries a sigmoid output gate inside q_proj, interleaved
+    per head as [q_0 | gate_0 | q_1 | gate_1 | ...].
+    """
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        H, Hkv, hd, D = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        self.q_proj = Linear(D, H * hd * (2 if c.gated_attention else 1), bias=c.qkv_bias)
+        self.k_proj = Linear(D, Hkv * hd, bias=c.qkv_bias)
+        self.v_proj = Linear(D, Hkv * hd, bias=c.qkv_bias)
+        self.o_proj = Linear(H * hd, D, bias=False)
+        if c.gated_attention:
+            self.q_norm = RMSNorm(hd, c.rms_norm_eps, unit_offset=True)
+            self.k_norm = RMSNorm(hd, c.rms_norm_eps, unit_offset=True)
+
+    def forward(self, u, rope, state=None, start=0):
+        """u (B, T, D), rope = (cos, sin) for positions start..start+T-1, state: the layer's KV buffers or None."""
+        c, (B, T, _) = self.c, u.shape
+        q = self.q_proj(u)
+        if c.gated_attention:
+            q, gate = q.view(B, T, c.num_heads, 2 * c.head_dim).chunk(2, dim=-1)   # (B, T, H, hd) each
+            gate = gate.reshape(B, T, -1)                                           # (B, T, H*hd)
+        q = q.view(B, T, c.num_heads, c.head_dim)                                  # (B, T, H, hd)
+        k = self.k_proj(u).view(B, T, c.num_kv_heads, c.head_dim) * c.key_multiplier
+        v = self.v_proj(u).view(B, T, c.num_kv_heads, c.head_dim)                  # (B, T, Hkv, hd)
+        if c.gated_attention:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, heads, T, hd)
+
+        if state is not None:  # write this call's keys and values at positions start.., read everything so far
+            if start + T > state.keys.shape[2]:
+                raise ValueError(f"KV cache holds {state.keys.shape[2]} positions; position {start + T - 1} "
+                                 "does not fit: make the Cache with a larger max_len")
+            state.keys[:, :, start:start + T] = k
+            state.values[:, :, start:start + T] = v
+            k, v = state.keys[:, :, :start + T], state.values[:, :, :start + T]    # (B, Hkv, S+T, hd)
+
+        # query i sits at position start+i and sees keys 0..start+i
+        mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=u.device).tril(start)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)   # (B, H, T, hd)
+        o = o.transpose(1, 2).reshape(B, T, -1)                                    # (B, T, H*hd)
+        if c.gated_attention:
+            o = o * torch.sigmoid(gate)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down( up(v) * silu(gate(v) * g_mul) ) * d_mul, with Falcon-H1's µP multipliers (1.0 elsewhere)."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_multiplier, self.down_multiplier = c.mlp_multipliers
+
+    def forward(self, v):
+        return self.down_proj(self.up_proj(v) * F.silu(self.gate_proj(v) * self.gate_multiplier)) * self.down_multiplier
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal depthwise convolution (shared by Mamba-2 and Gated DeltaNet)
+
+def causal_conv(x, window, weight, bias):
+    """Depthwise causal conv over time, then SiLU.
+
+    x: (B, C, T) new inputs; window: (B, C, K-1) the K-1 inputs before them (zeros at the start of a sequence);
+    weight: (C, 1, K), tap K-1 multiplies the current input; bias: (C,) or None.
+        y[:, c, t] = silu(bias[c] + sum_j weight[c, 0, j] * inputs[:, c, t + j]),  inputs = window ++ x
+    Returns y (B, C, T) and all inputs seen, (B, C, K-1+T): the window after token t is inputs[..., t+1 : t+K].
+    """
+    inputs = torch.cat([window, x], dim=-1)                        # (B, C, K-1+T)
+    taps = inputs.unfold(-1, weight.shape[-1], 1)                  # (B, C, T, K), a view: taps[..., t, j] = inputs[..., t + j]
+    y = (taps * weight).sum(-1)                                    # weight (C, 1, K) broadcasts over B and T
+    if bias is not None:
+        y = y + bias[:, None]
+    return F.silu(y), inputs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mamba-2 (the SSD layer of Falcon-H1)
+
+def ssd_recurrent(x, dt, A, B, C, state):
+    """Mamba-2's selective state space recurrence, one token at a time (the definition).
+
+    x: (b, T, H, P), dt: (b, T, H) step sizes (after softplus), A: (H,) negative decay rates,
+    B, C: (b, T, H, N) per head, state: (b, H, P, N) the state before the first token. All fp32.
+        s_t = exp(dt_t * A) * s_{t-1} + dt_t * x_t B_t^T        y_t = s_t C_t
+    Returns y: (b, T, H, P) (without the D skip) and the list of the T states after each token.
+    """
+    ys, states = [], []
+    for t in range(x.shape[1]):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                            # (b, H, 1, 1)
+        dt_x = (dt[:, t, :, None] * x[:, t])[..., None]                              # (b, H, P, 1)
+        state = decay * state                     # a new tensor: the previous state stays as it was
+        state.addcmul_(dt_x, B[:, t, :, None, :])                                    # + (dt x) B^T
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))                     # (b, H, P)
+        states.append(state)
+    return torch.stack(ys, dim=1), states
+
+
+def segsum(a):
+    """out[..., l, s] = a[s+1] + ... + a[l] for s <= l, and -inf above the diagonal; a: (..., Q) -> (..., Q, Q).
+
+    exp(segsum(a)) is the decay from position s to position l inside a chunk. Summing the masked terms
+    (instead of subtracting two cumulative sums) keeps it accurate when the cumulative sums are large.
+    """
+    Q = a.shape[-1]
+    terms = a[..., :, None].expand(*a.shape, Q)                                       # terms[l, s] = a[l]
+    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
+    sums = terms.masked_fill(~strictly_lower, 0).cumsum(dim=-2)                       # sum of a[j], s < j <= l
+    return sums.masked_fill(~strictly_lower.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), -math.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, state, chunk_size):
+    """The same recurrence computed chunk by chunk (the SSD algorithm); used for prefill.
+
+    Same inputs as ssd_recurrent. Returns y: (b, T, H, P) and the state after the last token (b, H, P, N).
+    Positions are padded to a multiple of Q with dt = 0 and x = 0, which neither decays nor updates the state.
+    """
+    b, T, H, P = x.shape
+    Q = chunk_size
+    pad = (-T) % Q
+    x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    n = (T + pad) // Q
+    x, B, C = (t.reshape(b, n, Q, H, -1) for t in (x, B, C))                      # (b, c, Q, H, P|N)
+    dt = dt.reshape(b, n, Q, H)
+    a = (dt * A).permute(0, 1, 3, 2)                                                # (b, c, H, Q) log decay per step
+    a_cum = a.cumsum(dim=-1)                                                        # (b, c, H, Q)
+    xdt = x * dt[..., None]                                                         # (b, c, Q, H, P)
+
+    # 1. within each chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1}+...+a_l) dt_s x_s
+    decay = torch.exp(segsum(a))                                                    # (b, c, H, Q, Q)
+    scores = torch.einsum("bclhn,bcshn->bchls", C, B) * decay
+    y_diag = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
+    # 2. what each chunk adds to the state by its end: U_c = sum_s exp(a_{s+1}+...+a_Q) dt_s x_s B_s^T
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)                               # (b, c, H, Q)
+    chunk_updates = torch.einsum("bchs,bcshp,bcshn->bchpn", decay_to_end, xdt, B)
+    # 3. across chunks, in order: S_{c+1} = exp(a_1+...+a_Q) S_c + U_c
+    chunk_starts = []
+    for i in range(n):
+        chunk_starts.append(state)
+        state = torch.exp(a_cum[:, i, :, -1])[..., None, None] * state + chunk_updates[:, i]
+    # 4. what each position reads from the state its chunk started with: exp(a_1+...+a_l) S_c C_l
+    y_off = torch.einsum("bclhn,bchpn->bclhp", C, torch.stack(chunk_starts, dim=1))
+    y_off = y_off * torch.exp(a_cum).permute(0, 1, 3, 2)[..., None]
+    y = (y_diag + y_off).reshape(b, n * Q, H, P)[:, :T]
+    return y, state
+
+
+class Mamba2Mixer(nn.Module):
+    """Falcon-H1's Mamba-2 branch: in_proj -> (z, xBC, dt) -> conv+SiLU -> SSD scan + D skip -> gate -> out_proj."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        H, P, N, G = c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, c.mamba_n_groups
+        self.Z, self.GN = H * P, G * N
+        conv_dim = self.Z + 2 * self.GN                                    # channels of x, B, C
+        self.in_proj = Linear(c.hidden_size, self.Z + conv_dim + H, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, c.mamba_d_conv, groups=conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.ones(H))
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.D = nn.Parameter(torch.ones(H))
+        if c.mamba_rms_norm:
+            self.norm = nn.Module()
+            self.norm.weight = nn.Parameter(torch.ones(self.Z))
+        self.out_proj = Linear(self.Z, c.hidden_size, bias=False)
+
+    def forward(self, u, state=None, record=False):
+        """u (B, T, D) -> (B, T, D). With a state, start from it and advance it (see Cache)."""
+        c, (Bsz, T, _) = self.c, u.shape
+        H, P, N, G, Z, GN = c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, c.mamba_n_groups, self.Z, self.GN
+        p = self.in_proj(u * c.ssm_in_multiplier)                           # (B, T, 2Z + 2GN + H)
+        z, x, Bm, Cm, dt = p.split([Z, Z, GN, GN, H], dim=-1)
+        s_z, s_x, s_B, s_C, s_dt = c.ssm_multipliers                        # the µP vector, one factor per slice
+        z, dt = z * s_z, dt * s_dt
+        xBC = torch.cat([x * s_x, Bm * s_B, Cm * s_C], dim=-1)              # (B, T, Z + 2GN)
+
+        window = state.conv if state is not None else u.new_zeros(Bsz, xBC.shape[-1], c.mamba_d_conv - 1)
+        xBC, conv_inputs = causal_conv(xBC.transpose(1, 2), window, self.conv1d.weight, self.conv1d.bias)
+        x, Bm, Cm = xBC.transpose(1, 2).split([Z, GN, GN], dim=-1)
+
+        f32 = torch.promote_types(u.dtype, torch.float32)                   # scans run in fp32 (fp64 if asked)
+        x = x.reshape(Bsz, T, H, P).to(f32)
+        # group g of B and C serves heads g*H/G .. (g+1)*H/G - 1 (repeat_interleave, not repeat)
+        Bm = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).to(f32)   # (B, T, H, N)
+        Cm = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).to(f32)
+        dt = F.softplus(dt + self.dt_bias).clamp(*c.time_step_limit).to(f32)     # (B, T, H)
+        A = -torch.exp(self.A_log.to(f32))                                        # (H,)
+        s0 = state.ssm if state is not None else u.new_zeros(Bsz, H, P, N, dtype=f32)
+
+        if record or T == 1:
+            y, states = ssd_recurrent(x, dt, A, Bm, Cm, s0)
+            final = states[-1]
+        else:
+            y, final = ssd_chunked(x, dt, A, Bm, Cm, s0, c.mamba_chunk_size)
+        y = y + x * self.D.to(f32)[:, None]                                       # D skip, per head
+        y = y.reshape(Bsz, T, Z) * F.silu(z.to(f32))                              # gate
+        if c.mamba_rms_norm:                                                      # grouped RMSNorm, after the gate
+            y = y.view(Bsz, T, G, Z // G)
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
+            y = (self.norm.weight.to(f32) * y.reshape(Bsz, T, Z))
+        if state is not None:
+            state.conv, state.ssm = conv_inputs[:, :, T:], final
+            state.recorded = Recorded(conv_inputs, states) if record else None
+        return self.out_proj(y.to(u.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gated DeltaNet (the linear-attention layers of Qwen3.5)
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, state):
+    """The gated delta rule, one token at a time (the definition).
+
+    q, k: (b, T, H, dk) L2-normalised (q also scaled by dk^-0.5), v: (b, T, H, dv), g: (b, T, H) log decay (<= 0),
+    beta: (b, T, H) write strength in (0, 1), state: (b, H, dk, dv) memory before the first token. All fp32.
+        S' = exp(g_t) S_{t-1}             decay the memory
+        S_t = S' + k_t (beta_t (v_t - S'^T k_t))^T     write the error of what the memory predicts for k_t
+        o_t = S_t^T q_t                   read with the updated memory
+    Returns o: (b, T, H, dv) and the list of the T states after each token.
+    """
+    outs, states = [], []
+    for t in range(q.shape[1]):
+        state = torch.exp(g[:, t])[:, :, None, None] * state  # (b, H, dk, dv), a new tensor: the previous stays as it was
+        prediction = (k[:, t, :, None, :] @ state).squeeze(-2)                         # (b, H, dv): S'^T k
+        error = beta[:, t, :, None] * (v[:, t] - prediction)                          # (b, H, dv)
+        state.addcmul_(k[:, t, :, :, None], error[:, :, None, :])                     # S' + k error^T
+        outs.append((q[:, t, :, None, :] @ state).squeeze(-2))                         # (b, H, dv): S^T q
+        states.append(state)
+    return torch.stack(outs, dim=1), states
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size):
+    """The same rule computed chunk by chunk (the WY/UT form); used for prefill.
+
+    Same inputs as gated_delta_rule_recurrent. Returns o: (b, T, H, dv) and the state after the last token.
+    Inside a chunk with start state S0 and c = cumsum(g), the values written are u = U - W S0 with
+        (I + M) U = beta*v,   (I + M) W = beta*k*exp(c),   M[i, j] = beta_i (k_i . k_j) exp(c_i - c_j) for j < i,
+    and o_i = exp(c_i) S0^T q_i + sum_{j<=i} (q_i . k_j) exp(c_i - c_j) u_j.
+    Padding positions have k = v = 0, g = 0, beta = 0: they leave the state exactly as it was.
+    """
+    b, T, H, dk = k.shape
+    Q = chunk_size
+    pad = (-T) % Q
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (F.pad(t, (0, 0, 0, pad)) for t in (g, beta))
+    n = (T + pad) // Q
+    q, k, v = (t.reshape(b, n, Q, H, -1).permute(0, 1, 3, 2, 4) for t in (q, k, v))   # (b, c, H, Q, d)
+    g, beta = (t.reshape(b, n, Q, H).permute(0, 1, 3, 2) for t in (g, beta))            # (b, c, H, Q)
+    c = g.cumsum(dim=-1)
+    decay = torch.exp(segsum(g))                                                         # (b, c, H, Q, Q)
+
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    M = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
+    eye = torch.eye(Q, dtype=k.dtype, device=k.device)
+    U = torch.linalg.solve_triangular(eye + M, v_beta, upper=False, unitriangular=True)              # (b, c, H, Q, dv)
+    W = torch.linalg.solve_triangular(eye + M, k_beta * c.exp()[..., None], upper=False, unitriangular=True)
+    attn = (q @ k.transpose(-1, -2)) * decay                                             # (b, c, H, Q, Q)
+
+    outs = []
+    for i in range(n):
+        u = U[:, i] - W[:, i] @ state                                                    # (b, H, Q, dv)
+        outs.append((q[:, i] * c[:, i, ..., None].exp()) @ state + attn[:, i] @ u)
+        decay_to_end = (c[:, i, :, -1:] - c[:, i]).exp()[..., None]                      # (b, H, Q, 1)
+        state = c[:, i, :, -1].exp()[..., None, None] * state + (k[:, i] * decay_to_end).transpose(-1, -2) @ u
+    o = torch.stack(outs, dim=1).permute(0, 1, 3, 2, 4).reshape(b, n * Q, H, -1)[:, :T]
+    return o, state
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3.5's linear-attention mixer: projections -> conv+SiLU over q|k|v -> gated delta rule -> gated norm."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        Hk, Hv, dk, dv, D = (c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim,
+                             c.linear_value_head_dim, c.hidden_size)
+        conv_dim = 2 * Hk * dk + Hv * dv
+        self.in_proj_qkv = Linear(D, conv_dim, bias=False)
+        self.in_proj_z = Linear(D, Hv * dv, bias=False)
+        self.in_proj_b = Linear(D, Hv, bias=False)
+        self.in_proj_a = Linear(D, Hv, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, c.linear_conv_kernel_dim, groups=conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(Hv))
+        self.A_log = nn.Parameter(torch.zeros(Hv))
+        self.norm = RMSNorm(dv, c.rms_norm_eps)                    # plain w (not 1 + w), shared by all heads
+        self.out_proj = Linear(Hv * dv, D, bias=False)
+
+    def forward(self, u, state=None, record=False):
+        """u (B, T, D) -> (B, T, D). With a state, start from it and advance it (see Cache)."""
+        c, (Bsz, T, _) = self.c, u.shape
+        Hk, Hv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+        qkv = self.in_proj_qkv(u)                                            # (B, T, 2*Hk*dk + Hv*dv)
+        z = self.in_proj_z(u).view(Bsz, T, Hv, dv)
+        b, a = self.in_proj_b(u), self.in_proj_a(u)                          # (B, T, Hv) each
+
+        window = state.conv if state is not None else u.new_zeros(Bsz, qkv.shape[-1], c.linear_conv_kernel_dim - 1)
+        qkv, conv_inputs = causal_conv(qkv.transpose(1, 2), window, self.conv1d.weight, None)
+        q, k, v = qkv.transpose(1, 2).split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
+
+        f32 = torch.promote_types(u.dtype, torch.float32)                    # the rule runs in fp32 (fp64 if asked)
+        q, k = q.reshape(Bsz, T, Hk, dk).to(f32), k.reshape(Bsz, T, Hk, dk).to(f32)
+        v = v.reshape(Bsz, T, Hv, dv).to(f32)
+        q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6) / math.sqrt(dk)   # L2 norm, then dk^-0.5
+        k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
+        q, k = q.repeat_interleave(Hv // Hk, dim=2), k.repeat_interleave(Hv // Hk, dim=2)   # value head h uses key head h // (Hv/Hk)
+        beta = torch.sigmoid(b).to(f32)                                      # (B, T, Hv)
+        g = -torch.exp(self.A_log.to(f32)) * F.softplus(a.to(f32) + self.dt_bias)   # (B, T, Hv), <= 0
+        s0 = state.ssm if state is not None else u.new_zeros(Bsz, Hv, dk, dv, dtype=f32)
+
+        if record or T == 1:
+            o, states = gated_delta_rule_recurrent(q, k, v, g, beta, s0)
+            final = states[-1]
+        else:
+            o, final = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size)
+        o = (self.norm(o.to(u.dtype)) * F.silu(z.to(f32))).to(u.dtype)      # (B, T, Hv, dv)
+        if state is not None:
+            state.conv, state.ssm = conv_inputs[:, :, T:], final
+            state.recorded = Recorded(conv_inputs, states) if record else None
+        return self.out_proj(o.reshape(Bsz, T, Hv * dv))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State carried between calls
+
+@dataclass
+class Recorded:
+    """The recurrent states after every position of a recording pass (see Model.forward(record_states=True))."""
+    conv_inputs: torch.Tensor   # (B, C, K-1+T): the conv window before the pass, then the T new inputs
+    states: list                # T tensors: states[t] is the recurrent state after token t of the pass
+
+
+@dataclass
+class LayerState:
+    """What one decoder layer carries from one call to the next.
+
+    keys/values: preallocated (B, Hkv, max_len, hd) buffers, valid up to Cache.length (attention layers).
+    conv: (B, C, K-1) the last K-1 conv inputs; ssm: the recurrent state in fp32, (B, H, P, N) for Mamba-2,
+    (B, Hv, dk, dv) for Gated DeltaNet (recurrent layers). Both are replaced, never written in place.
+    """
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    conv: torch.Tensor | None = None
+    ssm: torch.Tensor | None = None
+    recorded: Recorded | None = None
+
+
+class Cache:
+    """The model's state for a batch of sequences: one LayerState per layer and the number of tokens held."""
+
+    def __init__(self, model, max_len, batch_size=1):
+        c, p = model.config, model.lm_head.weight
+        f32 = torch.promote_types(p.dtype, torch.float32)
+        self.length = 0                  # tokens held = position of the next token
+        self.layers = []
+        for layer_type in c.layer_types:
+            s = LayerState()
+            if layer_type in ("hybrid", "full_attention"):
+                s.keys = p.new_zeros(batch_size, c.num_kv_heads, max_len, c.head_dim)
+                s.values = torch.zeros_like(s.keys)
+            if layer_type == "hybrid":
+                s.conv = p.new_zeros(batch_size, c.mamba_n_heads * c.mamba_d_head + 2 * c.mamba_n_groups * c.mamba_d_state,
+                                     c.mamba_d_conv - 1)
+                s.ssm = p.new_zeros(batch_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, dtype=f32)
+            if layer_type == "linear_attention":
+                s.conv = p.new_zeros(batch_size, 2 * c.linear_num_key_heads * c.linear_key_head_dim
+                                     + c.linear_num_value_heads * c.linear_value_head_dim, c.linear_conv_kernel_dim - 1)
+                s.ssm = p.new_zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim,
+                                    c.linear_value_head_dim, dtype=f32)
+            self.layers.append(s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder layers and the model
+
+class ParallelHybridLayer(nn.Module):
+    """Falcon-H1: h += ssm_out * Mamba2(u) + attn_out * Attention(u * attn_in), u = norm(h); then h += MLP(norm(h))."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mamba = Mamba2Mixer(c)
+        self.self_attn = Attention(c)
+        self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.feed_forward = MLP(c)
+
+    def forward(self, h, rope, state, start, skip_attention=False, record=False):
+        c = self.c
+        u = self.input_layernorm(h)
+        mixed = self.mamba(u, state, record) * c.ssm_out_multiplier
+        if not skip_attention:          # a draft that drops the attention branch adds nothing here
+            mixed = mixed + self.self_attn(u * c.attention_in_multiplier, rope, state, start) * c.attention_out_multiplier
+        h = h + mixed
+        return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+
+class SequentialLayer(nn.Module):
+    """Qwen3.5 and Qwen2.5: h += Mixer(norm(h)); h += MLP(norm(h)), the mixer being attention or Gated DeltaNet."""
+
+    def __init__(self, c: Config, layer_type):
+        super().__init__()
+        unit_offset = c.family == "qwen3_5"
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, unit_offset)
+        if layer_type == "full_attention":
+            self.self_attn = Attention(c)
+        else:
+            self.linear_attn = GatedDeltaNet(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, unit_offset)
+        self.mlp = MLP(c)
+
+    def forward(self, h, rope, state, start, skip_attention=False, record=False):
+        u = self.input_layernorm(h)
+        if hasattr(self, "linear_attn"):
+            h = h + self.linear_attn(u, state, record)
+        elif not skip_attention:
+            h = h + self.self_attn(u, rope, state, start)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Which parts of the model a forward pass leaves out; a draft model is the full model minus these.
+
+    layers: decoder layers replaced by identity (attention, mixer, MLP and norms all skipped).
+    attention: layers whose attention branch contributes nothing (no QKV computed, KV cache untouched).
+    """
+    layers: frozenset = frozenset()
+    attention: frozenset = frozenset()
+
+
+class Model(nn.Module):
+    """A causal LM of one of the three families. model(input_ids) -> logits (B, T, V) of the full model."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = c = config
+        self.model = nn.Module()       # parameter names mirror the checkpoints: model.embed_tokens, model.layers.N...
+        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList(
+            ParallelHybridLayer(c) if t == "hybrid" else SequentialLayer(c, t) for t in c.layer_types)
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, unit_offset=c.family == "qwen3_5")
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(self, input_ids, cache=None, skip=None, record_states=False):
+        """The final-normed hidden states (B, T, D) for input_ids (B, T).
+
+        cache: a Cache to continue from and advance (positions start at cache.length), or None for a fresh sequence.
+        skip: a Skip describing the parts left out (a draft), or None for the full model.
+        record_states: use the recurrent scans and keep, in each recurrent layer's state.recorded, the state after
+        every position, so that a caller can keep the state after any prefix of input_ids (speculative decoding).
+        """
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        c, skip = self.config, skip or Skip()
+        start, T = (cache.length if cache is not None else 0), input_ids.shape[1]
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        h = self.model.embed_tokens(input_ids) * c.embedding_multiplier          # (B, T, D)
+        rope = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if i in skip.layers:
+                continue
+            state = cache.layers[i] if cache is not None else None
+            h = layer(h, rope, state, start, skip_attention=i in skip.attention, record=record_states)
+        if cache is not None:
+            cache.length = start + T
+        return self.model.norm(h)
+
+    def logits(self, h):
+        """(B, T, D) hidden states -> (B, T, V) logits."""
+        return self.lm_head(h) * self.config.lm_head_multiplier
+
+    def forward(self, input_ids, cache=None, skip=None, record_states=False):
+        return self.logits(self.hidden_states(input_ids, cache, skip, record_states))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in tiny models: the real structures at toy size, random weights, no download
+
+TINY = {
+    "tiny-falcon-h1": Config(
+        family="falcon_h1", vocab_size=272, hidden_size=64, intermediate_size=128, layer_types=("hybrid",) * 6,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=256, max_position_embeddings=4096,
+        num_heads=4, num_kv_heads=2, head_dim=24, rope_theta=1e4, rotary_dim=24,
+        mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=16,
+        mamba_rms_norm=True, embedding_multiplier=5.656854249492381, lm_head_multiplier=0.5,
+        key_multiplier=0.39062499999999994, attention_in_multiplier=1.0, attention_out_multiplier=0.9375,
+        ssm_in_multiplier=1.25, ssm_out_multiplier=0.23570226039551587, mlp_multipliers=(0.8838834764831844, 0.5859375),
+        ssm_multipliers=(0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738)),
+    "tiny-qwen3.5": Config(
+        family="qwen3_5", vocab_size=272, hidden_size=64, intermediate_size=128,
+        layer_types=("linear_attention",) * 3 + ("full_attention",) + ("linear_attention",) * 3 + ("full_attention",),
+        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=256, max_position_embeddings=4096,
+        num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=1e7, rotary_dim=8, gated_attention=True,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_chunk_size=16),
+    "tiny-qwen2.5": Config(
+        family="qwen2", vocab_size=272, hidden_size=64, intermediate_size=128, layer_types=("full_attention",) * 6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=256, max_position_embeddings=4096,
+        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, rotary_dim=16, qkv_bias=True),
+}
+
+
+@torch.no_grad()
+def init_random(model, seed=0):
+    """Seeded random weights with sensible scales: matrices ~ N(0, 1/fan_in), norms near their neutral value,
+    Mamba/DeltaNet decay parameters spread over heads."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=gen)
+        if name.endswith("A_log"):
+            r = torch.log(torch.rand(p.shape, generator=gen) * 7.5 + 0.5)          # decay rates 0.5..8
+        elif name.endswith("dt_bias"):
+            r = 0.5 * r - 1.0
+        elif name.endswith(".D"):
+            r = 1.0 + 0.1 * r
+        elif p.dim() == 1 and "norm" in name:
+            r = 0.1 * r + (0.0 if _is_offset_norm(model, name) else 1.0)
+        elif p.dim() == 1:                                                           # biases
+            r = 0.1 * r
+        elif name.endswith("embed_tokens.weight"):
+            pass
+        else:
+            r = r / math.sqrt(p[0].numel())
+        p.copy_(r)
+    return model
+
+
+def _is_offset_norm(model, name):
+    return model.config.family == "qwen3_5" and not name.endswith("linear_attn.norm.weight")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading official checkpoints
+
+OFFICIAL = {
+    "falcon-h1-0.5b": "tiiuae/Falcon-H1-0.5B-Base",
+    "falcon-h1-3b": "tiiuae/Falcon-H1-3B-Base",
+    "qwen3.5-0.8b": "Qwen/Qwen3.5-0.8B-Base",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+}
+DOWNLOAD = ["config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]
+
+
+def checkpoint_name(name, config):
+    """Our parameter name for a checkpoint tensor, or None for tensors the text model does not use."""
+    if name.startswith(("model.visual.", "mtp.")):           # Qwen3.5: vision tower, multi-token-prediction head
+        return None
+    if name.startswith("model.language_model."):              # Qwen3.5: the text model inside the VLM checkpoint
+        name = "model." + name[len("model.language_model."):]
+    if name == "model.final_layernorm.weight":                # Falcon-H1's name for the final norm
+        name = "model.norm.weight"
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return None
+    return name
+
+
+def resolve(name_or_path):
+    """A local directory holding config.json, tokenizer.json and the safetensors, downloading them if needed."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path.startswith(("/", ".", "~")):
+        raise LoadError(f"no such directory: {name_or_path}")
+    repo = OFFICIAL.get(name_or_path, name_or_path)
+    if repo.count("/") != 1:
+        raise LoadError(f"unknown model {name_or_path!r}: use one of {', '.join([*OFFICIAL, *TINY])}, "
+                        "a Hugging Face repo id (owner/name) or a local directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return snapshot_download(repo, allow_patterns=DOWNLOAD)
+    except RepositoryNotFoundError:
+        raise LoadError(f"{repo} is not a model repository on the Hugging Face Hub (or it needs a login: `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise LoadError(f"cannot download {repo}: no connection to the Hugging Face Hub and it is not in the local cache. "
+                        "Connect to the network once, or pass a local directory with config.json and *.safetensors") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise LoadError(f"cannot download {repo}: {str(e).splitlines()[0]}") from None
+
+
+def safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise LoadError(f"no *.safetensors files in {path}")
+    return files
+
+
+@torch.no_grad()
+def load(name_or_path, dtype=torch.float32, device="cpu"):
+    """Load a model in eval mode: a short name (see OFFICIAL), a built-in tiny-* model, a Hub repo id or a local
+    directory in the official layout (config.json + *.safetensors, sharded or not).
+
+    The model is built on the meta device (no memory), given empty storage, and every tensor is checked and copied
+    in one at a time straight from the memory-mapped files: peak memory stays near one copy of the weights.
+    """
+    if name_or_path in TINY:
+        model = init_random(Model(TINY[name_or_path]), seed=0).to(device=device, dtype=dtype)
+        return model.eval().requires_grad_(False)
+    from safetensors import safe_open
+    path = resolve(name_or_path)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = config_from_hf(json.load(f))
+    except FileNotFoundError:
+        raise LoadError(f"no config.json in {path}") from None
+
+    with torch.device("meta"):
+        model = Model(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    expected = dict(model.named_parameters())                  # tied weights appear once, as model.embed_tokens.weight
+    files = safetensors_files(path)
+    where, unexpected = {}, []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                name = checkpoint_name(key, config)
+                if name is None:
+                    continue
+                if name not in expected:
+                    unexpected.append(key)
+                where[name] = (file, key, tuple(f.get_slice(key).get_shape()))
+    problems = [f"missing tensor {n} {tuple(p.shape)}" for n, p in expected.items() if n not in where]
+    problems += [f"tensor {key} has shape {shape}, expected {tuple(expected[n].shape)}"
+                 for n, (_, key, shape) in where.items() if n in expected and shape != tuple(expected[n].shape)]
+    problems += [f"unexpected tensor {key}" for key in unexpected]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise LoadError(f"checkpoint in {path} does not match its config.json: {'; '.join(problems[:5])}{more}")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name, (fname, key, _) in where.items():
+                if fname == file and name in expected:
+                    expected[name].copy_(f.get_tensor(key))
+    return model.eval().requires_grad_(False)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer for the tiny models: ids 0..255 are bytes, 256 is <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    symbols = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_symbol = _bytes_to_unicode()
+    vocab = {byte_to_symbol[b]: b for b in range(256)}
+    assert set(vocab) == set(symbols)
+    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters (what the ByteLevel pre-tokenizer uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def load_tokenizer(name_or_path):
+    """The model's tokenizers.Tokenizer, from tokenizer.json (the built-in byte tokenizer for tiny-* models)."""
+    if name_or_path in TINY:
+        return byte_tokenizer()
+    from tokenizers import Tokenizer
+    path = os.path.join(resolve(name_or_path), "tokenizer.json")
+    if not os.path.exists(path):
+        raise LoadError(f"no tokenizer.json in {os.path.dirname(path)}")
+    return Tokenizer.from_file(path)

@@ -1,0 +1,376 @@
+"""Tests for hsd: the models against the official implementation, the scans, loading, and lossless speculation.
+
+Run: python -m pytest -q test_hsd.py        (offline, ~2 minutes on 2 cores; transformers is a test-only oracle)
+Benchmark against transformers:  python test_hsd.py --bench falcon-h1-0.5b   (see README, "Speed")
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models
+
+FAMILIES = list(models.TINY)
+
+
+def rel_err(a, b):
+    """Relative RMS error of a against the reference b."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The first thing to believe: one token at a time through the cache gives the full forward's logits
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_step_by_step_equals_full_forward(name):
+    model = models.load(name)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    full = model(ids)                                                      # (B, T, V), no cache
+    cache = models.Cache(model, max_len=40, batch_size=2)
+    steps = torch.cat([model(ids[:, t:t + 1], cache) for t in range(40)], dim=1)
+    assert rel_err(steps, full) < 1e-5
+    assert cache.length == 40
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prefill_then_continue_equals_full_forward(name):
+    """Chunked prefill, then a chunked continuation from the cached state, then a recording pass."""
+    model = models.load(name)
+    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(1))
+    full = model(ids)
+    cache = models.Cache(model, max_len=60)
+    parts = [model(ids[:, :21], cache), model(ids[:, 21:50], cache), model(ids[:, 50:], cache, record_states=True)]
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Each scan: the chunked form equals the recurrent definition
+
+def mamba_inputs(T, H=4, P=8, N=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, T, H, P, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(2, T, H, generator=g))
+    A = -torch.rand(H, generator=g) * 4 - 0.1
+    B, C = torch.randn(2, T, H, N, generator=g), torch.randn(2, T, H, N, generator=g)
+    state = torch.randn(2, H, P, N, generator=g)
+    return x, dt, A, B, C, state
+
+
+def deltanet_inputs(T, H=4, dk=8, dv=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, T, H, dk, generator=g), torch.randn(2, T, H, dk, generator=g)
+    q, k = q / q.norm(dim=-1, keepdim=True) / math.sqrt(dk), k / k.norm(dim=-1, keepdim=True)
+    v = torch.randn(2, T, H, dv, generator=g)
+    decay = -torch.rand(2, T, H, generator=g) * 2            # log decay
+    beta = torch.rand(2, T, H, generator=g)
+    state = torch.randn(2, H, dk, dv, generator=g)
+    return q, k, v, decay, beta, state
+
+
+@pytest.mark.parametrize("T", [1, 7, 16, 17, 40, 63], ids=lambda T: f"T{T}")
+def test_ssd_chunked_equals_recurrent(T):
+    args = mamba_inputs(T)
+    y_ref, states = models.ssd_recurrent(*args)
+    y, final = models.ssd_chunked(*args, chunk_size=16)
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(final, states[-1]) < 1e-5        # padding of the last partial chunk did not move the state
+
+
+@pytest.mark.parametrize("T", [1, 7, 16, 17, 40, 63], ids=lambda T: f"T{T}")
+def test_gated_delta_rule_chunked_equals_recurrent(T):
+    args = deltanet_inputs(T)
+    o_ref, states = models.gated_delta_rule_recurrent(*args)
+    o, final = models.gated_delta_rule_chunked(*args, chunk_size=16)
+    assert rel_err(o, o_ref) < 1e-5
+    assert rel_err(final, states[-1]) < 1e-5
+
+
+def test_ssd_recurrence_is_the_definition():
+    """Two tokens by hand: s1 = exp(dt1 A) s0 + dt1 x1 B1^T, y1 = s1 C1 (one head, one batch element)."""
+    x, dt, A, B, C, s0 = mamba_inputs(2, H=1, P=3, N=2)
+    y, states = models.ssd_recurrent(x, dt, A, B, C, s0)
+    s = s0[0, 0]
+    for t in range(2):
+        s = torch.exp(dt[0, t, 0] * A[0]) * s + dt[0, t, 0] * torch.outer(x[0, t, 0], B[0, t, 0])
+        assert torch.allclose(states[t][0, 0], s, atol=1e-6)
+        assert torch.allclose(y[0, t, 0], s @ C[0, t, 0], atol=1e-6)
+
+
+def test_gated_delta_rule_is_the_definition():
+    """S_t = exp(g) (I - beta k k^T) S_{t-1} + beta k v^T and o_t = S_t^T q_t (one head, one batch element)."""
+    q, k, v, g, beta, s0 = deltanet_inputs(2, H=1, dk=3, dv=2)
+    o, states = models.gated_delta_rule_recurrent(q, k, v, g, beta, s0)
+    S = s0[0, 0]
+    for t in range(2):
+        kt, b = k[0, t, 0], beta[0, t, 0]
+        S = torch.exp(g[0, t, 0]) * (torch.eye(3) - b * torch.outer(kt, kt)) @ S + b * torch.outer(kt, v[0, t, 0])
+        assert torch.allclose(states[t][0, 0], S, atol=1e-6)
+        assert torch.allclose(o[0, t, 0], S.T @ q[0, t, 0], atol=1e-6)
+
+
+def test_causal_conv_window():
+    """The conv reads its left context from the window; restarting from the window after token t continues exactly."""
+    C, K, T = 3, 4, 5
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(C, 1, K, generator=g), torch.randn(C, generator=g)
+    x, window = torch.randn(1, C, T, generator=g), torch.randn(1, C, K - 1, generator=g)
+    y, inputs = models.causal_conv(x, window, weight, bias)
+    expected = torch.nn.functional.silu(torch.nn.functional.conv1d(torch.cat([window, x], -1), weight, bias, groups=C))
+    assert torch.allclose(y, expected, atol=1e-6)
+    for t in range(T - 1):
+        rest, _ = models.causal_conv(x[..., t + 1:], inputs[..., t + 1:t + K], weight, bias)
+        assert torch.allclose(rest, y[..., t + 1:], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
+def test_recorded_states_equal_one_token_at_a_time(name):
+    """A recording pass over T tokens keeps, for every position, the state that feeding the tokens one by one gives."""
+    model = models.load(name)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    recorded, stepped = models.Cache(model, 30), models.Cache(model, 30)
+    model(ids[:, :20], recorded), model(ids[:, :20], stepped)
+    model(ids[:, 20:], recorded, record_states=True)
+    for t in range(10):
+        model(ids[:, 20 + t:21 + t], stepped)
+        for rec, step in zip(recorded.layers, stepped.layers):
+            if rec.recorded is None:
+                continue
+            K1 = step.conv.shape[-1]
+            assert rel_err(rec.recorded.conv_inputs[..., t + 1:t + 1 + K1], step.conv) < 1e-5
+            assert rel_err(rec.recorded.states[t], step.ssm) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parity with the official implementation (transformers), on tiny random models saved in the official layout
+
+def perturb(module, seed):
+    """Move every parameter away from its initial value (norm weights, A_log, D, dt_bias, biases...)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+FALCON_TINY = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=24, mamba_d_ssm=96, mamba_n_heads=6, mamba_d_head=16, mamba_n_groups=2,
+    mamba_d_state=8, mamba_chunk_size=16, mamba_norm_before_gate=False, embedding_multiplier=5.6,
+    lm_head_multiplier=0.04, key_multiplier=0.39, attention_in_multiplier=1.1, attention_out_multiplier=0.9375,
+    ssm_in_multiplier=1.25, ssm_out_multiplier=0.2357, mlp_multipliers=[0.88, 0.586],
+    ssm_multipliers=[0.35, 0.25, 0.4, 0.5, 0.3], rope_theta=1e11, tie_word_embeddings=False)
+QWEN35_TINY_TEXT = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=8, linear_conv_kernel_dim=4, tie_word_embeddings=True,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[2, 1, 1],
+                         mrope_interleaved=True))
+QWEN35_TINY_VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                          patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+QWEN2_TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)
+
+
+@pytest.fixture(scope="module", params=["falcon-h1", "falcon-h1-mamba-norm", "qwen3.5-vlm", "qwen2.5-sharded"])
+def official(request, tmp_path_factory):
+    """(transformers model, directory of its checkpoint in the official layout)."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(request.param)
+    if request.param.startswith("falcon-h1"):
+        hf = tf.FalconH1ForCausalLM(tf.FalconH1Config(**FALCON_TINY, mamba_rms_norm=request.param.endswith("norm")))
+    elif request.param == "qwen3.5-vlm":
+        hf = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(
+            text_config=QWEN35_TINY_TEXT, vision_config=QWEN35_TINY_VISION, tie_word_embeddings=True))
+    else:
+        hf = tf.Qwen2ForCausalLM(tf.Qwen2Config(**QWEN2_TINY))
+    perturb(hf.eval(), seed=1)
+    hf.save_pretrained(path, max_shard_size="60KB" if request.param.endswith("sharded") else "1GB")
+    if request.param == "qwen3.5-vlm":       # the official file also holds a multi-token-prediction head: ignore it
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(path / "model.safetensors")
+        tensors["mtp.fc.weight"] = torch.randn(64, 128)
+        tensors["mtp.layers.0.self_attn.q_proj.weight"] = torch.randn(256, 64)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return hf, path
+
+
+@pytest.mark.parametrize("T", [1, 5, 70], ids=lambda T: f"T{T}")
+def test_logits_equal_transformers(official, T):
+    """Whole sequence, and token by token through the cache; 70 tokens cross every chunk length used here."""
+    hf, path = official
+    model = models.load(str(path))
+    ids = torch.randint(0, 300, (1, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert rel_err(model(ids), expected) < 1e-4
+    cache = models.Cache(model, max_len=T)
+    steps = torch.cat([model(ids[:, t:t + 1], cache) for t in range(T)], dim=1)
+    assert rel_err(steps, expected) < 1e-4
+
+
+def test_checkpoint_layouts(official):
+    _, path = official
+    names = os.listdir(path)
+    if path.name.startswith("qwen2.5-sharded"):
+        assert "model.safetensors.index.json" in names and sum(n.endswith(".safetensors") for n in names) > 1
+    if path.name.startswith("qwen3.5-vlm"):
+        from safetensors import safe_open
+        with safe_open(path / "model.safetensors", "pt") as f:
+            keys = list(f.keys())
+        assert any(k.startswith("model.visual.") for k in keys) and any(k.startswith("mtp.") for k in keys)
+        assert all(k.startswith(("model.language_model.", "model.visual.", "mtp.")) for k in keys)
+
+
+# The official config.json files of the supported models (byte-exact copies, see README "What was verified")
+OFFICIAL_CONFIGS = {
+    "falcon-h1-0.5b": {
+        "architectures": ["FalconH1ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attention_in_multiplier": 1.0, "attention_out_multiplier": 0.9375, "attn_layer_indices": None,
+        "bos_token_id": 1, "embedding_multiplier": 5.656854249492381, "eos_token_id": 11, "head_dim": 64,
+        "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 2048,
+        "key_multiplier": 0.39062499999999994, "lm_head_multiplier": 0.0390625, "mamba_chunk_size": 128,
+        "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 64, "mamba_d_ssm": 1536, "mamba_d_state": 128,
+        "mamba_expand": 2, "mamba_n_groups": 1, "mamba_n_heads": 24, "mamba_norm_before_gate": False,
+        "mamba_proj_bias": False, "mamba_rms_norm": False, "mamba_use_mlp": True, "max_position_embeddings": 16384,
+        "mlp_bias": False, "mlp_expansion_factor": 8, "mlp_multipliers": [0.8838834764831844, 0.5859375],
+        "model_type": "falcon_h1", "num_attention_heads": 8, "num_hidden_layers": 36, "num_key_value_heads": 2,
+        "num_logits_to_keep": 1, "pad_token_id": 0, "projectors_bias": False, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 100000000000.0, "ssm_in_multiplier": 1.25,
+        "ssm_multipliers": [0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
+        "ssm_out_multiplier": 0.23570226039551587, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.52.0.dev0", "use_cache": True, "vocab_size": 32784},
+    "qwen3.5-0.8b": {
+        "architectures": ["Qwen3_5ForConditionalGeneration"], "image_token_id": 248056, "model_type": "qwen3_5",
+        "text_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "attn_output_gate": True, "dtype": "bfloat16",
+            "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu",
+            "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3584,
+            "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6, "linear_conv_kernel_dim": 4,
+            "linear_key_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+            "linear_value_head_dim": 128, "max_position_embeddings": 262144, "mlp_only_layers": [],
+            "model_type": "qwen3_5_text", "mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False,
+            "num_attention_heads": 8, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+            "tie_word_embeddings": True, "use_cache": True, "vocab_size": 248320, "mamba_ssm_dtype": "float32",
+            "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_type": "default",
+                                "rope_theta": 10000000, "partial_rotary_factor": 0.25}},
+        "tie_word_embeddings": True, "transformers_version": "4.57.0.dev0", "video_token_id": 248057,
+        "vision_config": {
+            "deepstack_visual_indexes": [], "depth": 12, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 768,
+            "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 3072, "model_type": "qwen3_5",
+            "num_heads": 12, "num_position_embeddings": 2304, "out_hidden_size": 1024, "patch_size": 16,
+            "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "vision_end_token_id": 248054, "vision_start_token_id": 248053},
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+        "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1", "use_cache": True, "use_mrope": False, "use_sliding_window": False,
+        "vocab_size": 151936},
+}
+PARAMETERS = {"falcon-h1-0.5b": 521_411_104, "qwen3.5-0.8b": 752_393_024, "qwen2.5-0.5b": 494_032_768}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_CONFIGS))
+def test_official_configs_give_the_official_tensors(name):
+    """Built from the official config.json, our model expects exactly transformers' tensor names and shapes."""
+    tf = pytest.importorskip("transformers")
+    cfg = OFFICIAL_CONFIGS[name]
+    with torch.device("meta"):
+        ours = models.Model(models.config_from_hf(cfg))
+        if cfg["model_type"] == "qwen3_5":     # the text model; its checkpoint names carry model.language_model.
+            hf = tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**cfg["text_config"]))
+        else:
+            hf = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**cfg))
+    expected = {models.checkpoint_name(k, ours.config): tuple(v.shape) for k, v in hf.state_dict().items()}
+    expected.pop(None, None)
+    assert {k: tuple(v.shape) for k, v in ours.named_parameters()} == expected
+    assert sum(p.numel() for p in ours.parameters()) == PARAMETERS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: round trip and the errors a user can cause
+
+def save_checkpoint(model, path, cfg, drop=(), reshape=()):
+    """Write model in the official layout (config.json + model.safetensors), optionally damaged."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    tensors = {k: v.contiguous() for k, v in model.named_parameters() if k not in drop}
+    for k in reshape:
+        tensors[k] = tensors[k][:-1]
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+
+
+QWEN2_TINY_JSON = {"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "tie_word_embeddings": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "eos_token_id": 0}
+
+
+def test_load_round_trip_in_bfloat16(tmp_path):
+    model = models.init_random(models.Model(models.config_from_hf(QWEN2_TINY_JSON)), seed=3)
+    save_checkpoint(model, tmp_path, QWEN2_TINY_JSON)
+    loaded = models.load(str(tmp_path))
+    ids = torch.randint(0, 300, (1, 9))
+    assert torch.equal(loaded(ids), model(ids))
+    assert not loaded.training and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    half = models.load(str(tmp_path), dtype=torch.bfloat16)
+    assert half.lm_head.weight.dtype == torch.bfloat16 and rel_err(half(ids).float(), model(ids)) < 0.05
+
+
+def test_load_reports_a_missing_tensor_by_name(tmp_path):
+    model = models.init_random(models.Model(models.config_from_hf(QWEN2_TINY_JSON)))
+    save_checkpoint(model, tmp_path, QWEN2_TINY_JSON, drop=["model.layers.1.mlp.up_proj.weight"])
+    with pytest.raises(models.LoadError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        models.load(str(tmp_path))
+
+
+def test_load_reports_a_misshaped_tensor_by_name(tmp_path):
+    model = models.init_random(models.Model(models.config_from_hf(QWEN2_TINY_JSON)))
+    save_checkpoint(model, tmp_path, QWEN2_TINY_JSON, reshape=["model.layers.0.self_attn.k_proj.bias"])
+    with pytest.raises(models.LoadError, match=r"model\.layers\.0\.self_attn\.k_proj\.bias has shape \(31,\), expected \(32,\)"):
+        models.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no-such-model", "unknown model 'no-such-model'"),
+    ("./no/such/dir", "no such directory"),
+])
+def test_load_rejects_unknown_names(name, message):
+    with pytest.raises(models.LoadError, match=message):
+        models.load(name)
+
+
+def test_download_without_network_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", "import models; models.load('qwen2.5-0.5b')"],
+                            capture_output=True, text=True, env={**os.environ})
+    assert "cannot download Qwen/Qwen2.5-0.5B" in result.stderr and "local directory" in result.stderr
+
+
+def test_loading_keeps_one_copy_of_the_weights(tmp_path):
+    """Peak memory while loading a bf16 checkpoint into fp32: the fp32 weights plus (at most) the mapped file;
+    materialising a state dict first would add another fp32 copy."""
+    cfg = {**QWEN2_TINY_JSON, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4,
+           "vocab_size": 8192, "num_attention_heads": 8}
+    model = models.init_random(models.Model(models.config_from_hf(cfg))).to(torch.bfloat16)
+    save_checkpoint(model, tmp_path, cfg)
+    fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
+    file_bytes = os.path.getsize(tmp_path / "model.safetensors")
+    code = ("import re, torch, models\n"
+            "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+            f"models.load({str(tmp_path)!r})\n"                  # warm up: page in the code that loading runs
+            "open('/proc/self/clear_refs', 'w').write('5')\n"     # reset the peak (VmHWM) to the current RSS
+            "before = kib('VmRSS')\n"
+            f"model = models.load({str(tmp_path)!r})\n"
+            "print((kib('VmHWM') - before) * 1024)")
+    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert grown < fp32_bytes + file_bytes + 16e6, (grown, fp32_bytes, file_bytes)
