@@ -585,6 +585,7 @@ class Cache:
         c, p = model.config, model.lm_head.weight
         f32 = torch.promote_types(p.dtype, torch.float32)
         self.length = 0                  # tokens held = position of the next token
+        self.device = p.device
         self.layers = []
         for layer_type in c.layer_types:
             s = LayerState()
@@ -738,8 +739,9 @@ TINY = {
 
 @torch.no_grad()
 def init_random(model, seed=0):
-    """Seeded random weights with sensible scales: matrices ~ N(0, 1/fan_in), norms near their neutral value,
-    Mamba/DeltaNet decay parameters spread over heads."""
+    """Seeded random weights: matrices ~ N(0, 1/fan_in), norms near their neutral value, Mamba/DeltaNet decays spread
+    over heads. Output projections are doubled and q/k projections quadrupled (sharper attention): with plain scales
+    a random tiny model soon repeats one token forever, which makes every draft look perfect."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         r = torch.randn(p.shape, generator=gen)
@@ -753,10 +755,10 @@ def init_random(model, seed=0):
             r = 0.1 * r + (0.0 if _is_offset_norm(model, name) else 1.0)
         elif p.dim() == 1:                                                           # biases
             r = 0.1 * r
-        elif name.endswith("embed_tokens.weight"):
-            pass
-        else:
+        elif not name.endswith("embed_tokens.weight"):
             r = r / math.sqrt(p[0].numel())
+            r = r * (2.0 if name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight")) else
+                     4.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0)
         p.copy_(r)
     return model
 

@@ -32,7 +32,7 @@ def test_step_by_step_equals_full_forward(name):
     full = model(ids)                                                      # (B, T, V), no cache
     cache = models.Cache(model, max_len=40, batch_size=2)
     steps = torch.cat([model(ids[:, t:t + 1], cache) for t in range(40)], dim=1)
-    assert rel_err(steps, full) < 1e-5
+    assert rel_err(steps, full) < 1e-4
     assert cache.length == 40
 
 
@@ -44,7 +44,7 @@ def test_prefill_then_continue_equals_full_forward(name):
     full = model(ids)
     cache = models.Cache(model, max_len=60)
     parts = [model(ids[:, :21], cache), model(ids[:, 21:50], cache), model(ids[:, 50:], cache, record_states=True)]
-    assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,8 +140,8 @@ def test_recorded_states_equal_one_token_at_a_time(name):
             if rec.recorded is None:
                 continue
             K1 = step.conv.shape[-1]
-            assert rel_err(rec.recorded.conv_inputs[..., t + 1:t + 1 + K1], step.conv) < 1e-5
-            assert rel_err(rec.recorded.states[t], step.ssm) < 1e-5
+            assert rel_err(rec.recorded.conv_inputs[..., t + 1:t + 1 + K1], step.conv) < 1e-4
+            assert rel_err(rec.recorded.states[t], step.ssm) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,3 +374,229 @@ def test_loading_keeps_one_copy_of_the_weights(tmp_path):
             "print((kib('VmHWM') - before) * 1024)")
     grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grown < fp32_bytes + file_bytes + 16e6, (grown, fp32_bytes, file_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hsd: speculation is lossless
+
+import hsd  # noqa: E402
+
+APPLICABLE = {"tiny-falcon-h1": ["component", "layerskip", "early-exit", "nothing"],
+              "tiny-qwen3.5": ["component", "layerskip", "early-exit", "nothing"],
+              "tiny-qwen2.5": ["layerskip", "early-exit", "nothing"]}
+PROMPTS = {"1-token": [72], "12-token": [84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116, 32]}
+NEW_TOKENS = 23          # not a multiple of k+1 for any k tested
+
+
+_models, _greedy = {}, {}
+
+
+def tiny(name, dtype=torch.float64):
+    """Tiny models in float64 for exact comparisons: a near-tie between two logits cannot flip a choice here."""
+    if (name, dtype) not in _models:
+        _models[name, dtype] = models.load(name, dtype=dtype)
+    return _models[name, dtype]
+
+
+def reference_greedy(name, prompt, n=NEW_TOKENS):
+    """Plain greedy decoding by repeated full forwards, no cache at all."""
+    key = (name, tuple(prompt), n)
+    if key not in _greedy:
+        ids = list(prompt)
+        with torch.inference_mode():
+            for _ in range(n):
+                ids.append(int(tiny(name)(torch.tensor([ids]))[0, -1].argmax()))
+        _greedy[key] = ids[len(prompt):]
+    return _greedy[key]
+
+
+def as_draft(draft):
+    return models.Skip() if draft == "nothing" else draft
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds])
+def test_speculative_equals_greedy(name, draft, k, prompt):
+    tokens, stats = hsd.generate(tiny(name), PROMPTS[prompt], NEW_TOKENS, draft=as_draft(draft), k=k, eos_token_id=-1)
+    assert tokens == reference_greedy(name, PROMPTS[prompt])
+    assert stats.new_tokens == NEW_TOKENS and stats.drafted >= stats.accepted
+    assert sum(stats.accepted_histogram) == stats.rounds > 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_plain_greedy_equals_reference(name):
+    tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft="none", eos_token_id=-1)
+    assert tokens == reference_greedy(name, PROMPTS["12-token"]) and stats.rounds == 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_draft_that_skips_nothing_accepts_everything(name):
+    tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=models.Skip(), k=3, eos_token_id=-1)
+    assert stats.alpha == 1.0 and all(n == len(drafts) for drafts, n, _ in stats.trace)
+    assert tokens == reference_greedy(name, PROMPTS["12-token"])
+
+
+def test_real_drafts_see_every_kind_of_round():
+    """Across the drafts, rounds accept nothing, some, and all k drafts (the bonus token path)."""
+    seen = set()
+    for name, drafts in APPLICABLE.items():
+        for draft in drafts[:-1]:
+            _, stats = hsd.generate(tiny(name), PROMPTS["12-token"], 40, draft=draft, k=2, eos_token_id=-1)
+            seen |= {n for _, n, _ in stats.trace}
+    assert seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_eos_inside_a_round_stops_there(name):
+    """With k=5 and a draft that accepts everything, rounds emit 6 tokens; put EOS in the middle of one."""
+    reference = reference_greedy(name, PROMPTS["12-token"])
+    j = next(j for j in range(8, NEW_TOKENS) if j % 6 not in (0, 5) and reference[j] not in reference[:j])
+    tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=models.Skip(), k=5,
+                                 eos_token_id=reference[j])
+    assert tokens == reference[:j + 1]
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7])
+def test_never_more_than_max_new_tokens(max_new):
+    tokens, _ = hsd.generate(tiny("tiny-falcon-h1"), PROMPTS["12-token"], max_new, draft="component", k=8, eos_token_id=-1)
+    assert tokens == reference_greedy("tiny-falcon-h1", PROMPTS["12-token"])[:max_new]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hsd: the state, round by round
+
+def fed_one_by_one(model, tokens, max_len):
+    cache = models.Cache(model, max_len)
+    for t in tokens:
+        model(torch.tensor([[t]]), cache)
+    return cache
+
+
+def assert_same_state(cache, reference):
+    n = reference.length
+    assert cache.length == n
+    for s, r in zip(cache.layers, reference.layers, strict=True):
+        if r.keys is not None:
+            assert rel_err(s.keys[:, :, :n], r.keys[:, :, :n]) < 1e-9
+            assert rel_err(s.values[:, :, :n], r.values[:, :, :n]) < 1e-9
+        if r.ssm is not None:
+            assert rel_err(s.conv, r.conv) < 1e-9 and rel_err(s.ssm, r.ssm) < 1e-9
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4], ids=lambda n: f"keep{n}of4")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_commit_keeps_the_state_after_n_tokens(name, n):
+    """Verify 4 tokens, keep n: the state must be that of feeding prompt + those n tokens one by one. Catches a conv
+    window not rolled back, a stale state after a round that accepted nothing (n=1), and an off-by-one in the KV rewind."""
+    model, prompt = tiny(name), PROMPTS["12-token"]
+    cache = models.Cache(model, 40)
+    hsd.prefill(model, cache, prompt[:-1])
+    start, fed = cache.length, [prompt[-1], 10, 20, 30]
+    hsd.verify(model, cache, fed[0], fed[1:])
+    hsd.commit(cache, start, n)
+    assert_same_state(cache, fed_one_by_one(model, prompt[:-1] + fed[:n], 40))
+    next_logits = model(torch.tensor([[99]]), cache)                      # and the cache goes on correctly
+    assert rel_err(next_logits, model(torch.tensor([prompt[:-1] + fed[:n] + [99]]))[:, -1:]) < 1e-9
+
+
+@pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds[:-1]])
+def test_drafting_leaves_no_trace(name, draft):
+    model, prompt = tiny(name), PROMPTS["12-token"]
+    cache = models.Cache(model, 40)
+    hsd.prefill(model, cache, prompt[:-1])
+    before = [(s.keys.clone() if s.keys is not None else None, s.conv, s.conv.clone() if s.conv is not None else None,
+               s.ssm.clone() if s.ssm is not None else None) for s in cache.layers]
+    snap = hsd.snapshot(cache)
+    hsd.draft_tokens(model, cache, prompt[-1], hsd.draft_skip(model.config, draft), 5)
+    hsd.restore(cache, snap)
+    assert cache.length == len(prompt) - 1
+    for s, (keys, conv_ref, conv, ssm) in zip(cache.layers, before, strict=True):
+        if keys is not None:
+            assert torch.equal(s.keys[:, :, :cache.length], keys[:, :, :cache.length])
+        if conv is not None:
+            assert s.conv is conv_ref and torch.equal(s.conv, conv) and torch.equal(s.ssm, ssm)
+
+
+def test_every_commit_of_a_generation_matches_one_by_one_feeding():
+    model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
+    cache, stats = models.Cache(model, 60), hsd.Stats(k=3)
+    hsd.prefill(model, cache, prompt[:-1])
+    committed, pending = prompt[:-1], prompt[-1]
+    while len(committed) < 40:
+        new = hsd.speculative_round(model, cache, pending, hsd.draft_skip(model.config, "component"), 3, stats)
+        committed, pending = committed + [pending] + new[:-1], new[-1]
+        assert_same_state(cache, fed_one_by_one(model, committed, 60))
+    assert {n for _, n, _ in stats.trace} >= {0, 1}
+
+
+@pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds])
+def test_drafts_are_smaller_models(name, draft):
+    """A real draft's logits differ from the full model's; skipping nothing gives exactly the full model's."""
+    model = tiny(name)
+    ids = torch.tensor([PROMPTS["12-token"]])
+    full, drafted = model(ids), model(ids, skip=hsd.draft_skip(model.config, "none" if draft == "nothing" else draft))
+    assert torch.equal(drafted, full) if draft == "nothing" else rel_err(drafted, full) > 0.05
+
+
+def test_draft_strategies_as_in_the_paper():
+    c24 = models.config_from_hf({**QWEN2_TINY_JSON, "num_hidden_layers": 24})
+    assert hsd.draft_skip(c24, "layerskip").layers == frozenset(range(9, 16))          # layers 9-15 of 24
+    assert hsd.draft_skip(c24, "early-exit").layers == frozenset(range(12, 24))
+    falcon = models.TINY["tiny-falcon-h1"]
+    assert hsd.draft_skip(falcon, "component") == models.Skip(attention=frozenset(range(falcon.num_layers)))
+    assert hsd.draft_skip(models.TINY["tiny-qwen3.5"], "component") == models.Skip(layers=frozenset({3, 7}))
+    with pytest.raises(ValueError, match="layerskip"):
+        hsd.draft_skip(c24, "component")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k=0), "k must be at least 1"), (dict(draft="medusa"), "unknown draft"),
+    (dict(prompt_ids=[]), "prompt is empty"), (dict(max_new_tokens=10_000), "exceed the model's context"),
+])
+def test_generate_rejects_bad_requests(kwargs, message):
+    args = dict(prompt_ids=[1, 2], max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        hsd.generate(tiny("tiny-falcon-h1"), **args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hsd: the command line
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "hsd.py", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cli_check_json(name, capsys):
+    draft = "layerskip" if name == "tiny-qwen2.5" else "component"
+    assert hsd.main(["--model", name, "--draft", draft, "-k", "3", "--max-new-tokens", "20", "--check", "--json",
+                     "--trace"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    stats = json.loads(out[-1])
+    assert stats["identical_to_greedy"] and stats["new_tokens"] == 20 and stats["drafted"] > 0
+    assert stats["alpha"] == stats["accepted"] / stats["drafted"] and stats["speedup_vs_greedy"] > 0
+    assert sum(line.startswith("round") for line in out) == stats["rounds"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "unknown model"),
+    (["--model", "./missing-dir"], "no such directory"),
+    (["--model", "tiny-falcon-h1", "-k", "0"], "k must be at least 1"),
+    (["--model", "tiny-qwen2.5"], "use --draft layerskip"),
+    (["--model", "tiny-falcon-h1", "--prompt", ""], "prompt is empty"),
+    (["--model", "tiny-falcon-h1", "--max-new-tokens", "5000"], "exceed the model's context"),
+])
+def test_cli_user_errors_are_one_line(args, message, capsys):
+    assert hsd.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_exit_codes():
+    offline = run_cli("--model", "falcon-h1-0.5b", env={"HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-hf-home"})
+    assert offline.returncode == 2 and "--" not in offline.stdout
+    assert "no connection to the Hugging Face Hub" in offline.stderr and "Traceback" not in offline.stderr
+    bad_draft = run_cli("--model", "tiny-falcon-h1", "--draft", "medusa")
+    assert bad_draft.returncode == 2 and "invalid choice: 'medusa'" in bad_draft.stderr
