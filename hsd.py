@@ -10,59 +10,48 @@ committed token is pending (not yet fed). One round:
   4. verify    one full-model pass over [pending, d1..dk], recording the recurrent states after every position
   5. accept    the longest prefix of drafts equal to the full model's choices, plus the full model's next token
   6. commit    keep the recorded state after the accepted tokens; roll the KV caches back by length
-
-    python hsd.py --model falcon-h1-0.5b            (see README for the flags)
+Usage: python hsd.py --model falcon-h1-0.5b  (README: the flags, --eval, what was and was not verified)
 """
 import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 import models
 
 DRAFTS = ("component", "layerskip", "early-exit", "none")
-DEFAULT_PROMPT = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris. It was"
 
 
-class UsageError(ValueError):
-    """A request that cannot be served as asked (bad k, unknown draft, empty prompt...): the message says why."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Draft strategies: plain data saying which parts of the full model the draft leaves out
-
+# --- Draft strategies: plain data saying which parts of the full model the draft leaves out ----------------------
 def draft_skip(config, draft):
-    """The models.Skip for a draft strategy of the paper (see README, "Draft strategies")."""
+    """The models.Skip of a draft strategy of the paper; "none" skips nothing (as a draft it accepts everything)."""
     n = config.num_layers
     if draft == "component":
         if config.family == "falcon_h1":      # parallel hybrid: the attention branch of every layer adds nothing
             return models.Skip(attention=frozenset(range(n)))
         if config.family == "qwen3_5":        # sequential hybrid: the full-attention layers become identity
             return models.Skip(layers=frozenset(i for i, t in enumerate(config.layer_types) if t == "full_attention"))
-        raise UsageError("a pure Transformer (qwen2) has no attention-free part to draft with: use --draft layerskip")
+        raise models.UsageError("a Transformer (qwen2) has no attention-free part to draft with: use --draft layerskip")
     if draft == "layerskip":                  # int(0.33 n) contiguous middle layers
-        skipped = int(0.33 * n)
-        start = n // 2 - skipped // 2
+        start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)
         return models.Skip(layers=frozenset(range(start, start + skipped)))
     if draft == "early-exit":                 # the first int(0.5 n) layers, then the final norm and LM head
         return models.Skip(layers=frozenset(range(int(0.5 * n), n)))
-    if draft == "none":                       # the full model itself (as a draft it accepts everything)
+    if draft == "none":
         return models.Skip()
-    raise UsageError(f"unknown draft {draft!r}: choose one of {', '.join(DRAFTS)}")
+    raise models.UsageError(f"unknown draft {draft!r}: choose one of {', '.join(DRAFTS)}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The state: snapshot, restore, commit
-
+# --- The state: snapshot, restore, commit ------------------------------------------------------------------------
 @dataclass
 class Snapshot:
     length: int      # committed tokens; KV entries at positions >= length are scratch
     conv: list       # per layer: the conv window tensor (None for attention-only layers)
     ssm: list        # per layer: the recurrent state tensor
-
 
 def snapshot(cache):
     """Remember the committed state. References, not copies: the models never write a conv window or a recurrent
@@ -70,17 +59,14 @@ def snapshot(cache):
     are only written beyond the committed length, so their length is all there is to remember."""
     return Snapshot(cache.length, [s.conv for s in cache.layers], [s.ssm for s in cache.layers])
 
-
 def restore(cache, snap):
     """Put a snapshot back: O(layers), nothing is copied."""
     cache.length = snap.length
     for state, conv, ssm in zip(cache.layers, snap.conv, snap.ssm):
         state.conv, state.ssm, state.recorded = conv, ssm, None
 
-
 def commit(cache, start, n):
     """Keep the state after the first n tokens fed by the recording pass that started at position start.
-
     A recurrent state cannot be truncated, but the verify pass recorded every position's state, so we pick one:
     the conv window after token n-1 is the K-1 inputs ending there, the recurrent state is states[n-1].
     The KV caches are rolled back by length: entries beyond it are overwritten later."""
@@ -93,28 +79,20 @@ def commit(cache, start, n):
             state.recorded = None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One round of speculation
-
+# --- One round of speculation ------------------------------------------------------------------------------------
 def draft_tokens(model, cache, pending, skip, k):
     """k greedy tokens from the draft model (the full model without `skip`), continuing from the cache.
-
-    Feeds pending, d1, ..., d(k-1): k steps; dk is never fed (the verify pass does that). Advances the cache:
-    call restore() afterwards."""
+    Feeds pending, d1, ..., d(k-1): k steps; dk is fed by the verify pass. Advances the cache: restore() after."""
     drafts, token = [], pending
     for _ in range(k):
-        logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)
-        token = int(logits[0, -1].argmax())
+        token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())
         drafts.append(token)
     return drafts
 
-
 def verify(model, cache, pending, drafts):
-    """One full-model pass over [pending, d1..dk] -> logits (k+1, V): row i is the full model's prediction for the
-    token after position i, so rows 0..k-1 judge d1..dk and row k is the bonus. Records every position's state."""
-    ids = torch.tensor([[pending, *drafts]], device=cache.device)
-    return model(ids, cache, record_states=True)[0]
-
+    """One full-model pass over [pending, d1..dk] -> logits (k+1, V): row i predicts the token after position i, so
+    rows 0..k-1 judge d1..dk and row k gives the bonus token. Records the recurrent state after every position."""
+    return model(torch.tensor([[pending, *drafts]], device=cache.device), cache, record_states=True)[0]
 
 def accept(drafts, logits):
     """(n, next_token): n = the longest prefix of drafts equal to the full model's greedy choices; next_token = the
@@ -125,232 +103,297 @@ def accept(drafts, logits):
         n += 1
     return n, choices[n]
 
-
-def speculative_round(model, cache, pending, skip, k, stats):
-    """One round (module docstring). Returns the new committed tokens: the accepted drafts and the next token;
-    the last of them is the new pending token."""
+def speculative_round(model, cache, pending, skip, k, seconds):
+    """One round (module docstring): (drafts, n accepted, next token). The committed tokens grow by the accepted
+    drafts and the next token, which becomes the new pending token. Adds the round's times to `seconds`."""
     t0 = clock(cache.device)
     snap = snapshot(cache)                                   # 1
     drafts = draft_tokens(model, cache, pending, skip, k)    # 2
     t1 = clock(cache.device)
     restore(cache, snap)                                     # 3
-    t2 = clock(cache.device)
     logits = verify(model, cache, pending, drafts)           # 4
-    t3 = clock(cache.device)
+    t2 = clock(cache.device)
     n, next_token = accept(drafts, logits)                   # 5
-    commit(cache, snap.length, n + 1)                        # 6: pending and the n accepted drafts are committed
-    t4 = clock(cache.device)
-    stats.add_round(drafts, n, next_token, draft_s=t1 - t0, verify_s=t3 - t2, bookkeeping_s=(t2 - t1) + (t4 - t3))
-    return drafts[:n] + [next_token]
+    commit(cache, snap.length, n + 1)                        # 6: the pending token and the n accepted drafts
+    seconds["draft"], seconds["verify"] = seconds["draft"] + t1 - t0, seconds["verify"] + t2 - t1
+    seconds["bookkeeping"] += clock(cache.device) - t2
+    return drafts, n, next_token
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Generation
-
-@dataclass
-class Stats:
-    k: int
-    drafted: int = 0
-    accepted: int = 0
-    rounds: int = 0
-    new_tokens: int = 0
-    accepted_histogram: list = field(default_factory=list)   # [rounds that accepted 0, 1, ..., k drafts]
-    prefill_s: float = 0.0
-    decode_s: float = 0.0        # everything after prefill
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    bookkeeping_s: float = 0.0   # snapshot, restore, accept, commit
-    trace: list = field(default_factory=list)                # per round: (drafts, n accepted, next token)
-
-    def add_round(self, drafts, n, next_token, draft_s, verify_s, bookkeeping_s):
-        self.rounds, self.drafted, self.accepted = self.rounds + 1, self.drafted + len(drafts), self.accepted + n
-        self.accepted_histogram += [0] * (self.k + 1 - len(self.accepted_histogram))
-        self.accepted_histogram[n] += 1
-        self.draft_s, self.verify_s, self.bookkeeping_s = (
-            self.draft_s + draft_s, self.verify_s + verify_s, self.bookkeeping_s + bookkeeping_s)
-        self.trace.append((drafts, n, next_token))
-
-    @property
-    def alpha(self):
-        """Accepted drafts / drafted tokens over all rounds (README, "Acceptance")."""
-        return self.accepted / self.drafted if self.drafted else float("nan")
-
-    def summary(self):
-        """The numbers as a dict (JSON-ready: undefined ratios are None)."""
-        return {**{k: v for k, v in asdict(self).items() if k != "trace"},
-                "alpha": self.accepted / self.drafted if self.drafted else None,
-                "mean_accepted_per_round": self.accepted / self.rounds if self.rounds else None,
-                "tokens_per_s": self.new_tokens / self.decode_s if self.decode_s else None}
-
-
+# --- Generation --------------------------------------------------------------------------------------------------
 def clock(device):
     """time.perf_counter(), after waiting for the GPU if there is one."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
-
 def prefill(model, cache, tokens):
-    """Feed tokens with the full model (chunked scans), no logits needed."""
+    """Feed tokens with the full model (chunked scans); no logits needed."""
     if tokens:
         model.hidden_states(torch.tensor([tokens], device=cache.device), cache)
 
-
-def greedy_step(model, cache, pending):
-    """Plain decoding: feed the pending token, return the full model's next token."""
-    return int(model(torch.tensor([[pending]], device=cache.device), cache)[0, -1].argmax())
-
-
 def check_request(model, prompt, max_new_tokens, k):
-    if not prompt:
-        raise UsageError("the prompt is empty: give at least one token")
-    if k < 1:
-        raise UsageError(f"k must be at least 1 (got {k})")
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
-    if min(prompt) < 0 or max(prompt) >= model.config.vocab_size:
-        raise UsageError(f"token ids must lie in 0..{model.config.vocab_size - 1}")
-    if len(prompt) + max_new_tokens > model.config.max_position_embeddings:
-        raise UsageError(f"prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceed the model's context of "
-                         f"{model.config.max_position_embeddings}: shorten the prompt or --max-new-tokens")
+    vocab, context = model.config.vocab_size, model.config.max_position_embeddings
+    for bad, message in [
+            (not prompt, "the prompt is empty: give at least one token"), (k < 1, f"k must be at least 1 (got {k})"),
+            (prompt and not 0 <= min(prompt) <= max(prompt) < vocab, f"token ids must lie in 0..{vocab - 1}"),
+            (len(prompt) + max_new_tokens > context, f"prompt + new tokens exceed the model's context of {context}")]:
+        if bad:
+            raise models.UsageError(message)
 
+def statistics(k, rounds, seconds, new_tokens):
+    """What generate did, from its rounds, each (drafts, n accepted, next token); alpha: README, "Acceptance"."""
+    drafted, accepted = sum(len(d) for d, _, _ in rounds), sum(n for _, n, _ in rounds)
+    return {"k": k, "drafted": drafted, "accepted": accepted, "alpha": accepted / drafted if drafted else None,
+            "rounds": len(rounds), "accepted_per_round": accepted / len(rounds) if rounds else None,
+            "accepted_histogram": [sum(n == a for _, n, _ in rounds) for a in range(k + 1)],
+            "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds["decode"] if seconds["decode"] else None,
+            **{f"{phase}_s": s for phase, s in seconds.items()}, "trace": rounds}
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, draft="component", k=2, eos_token_id=None):
     """Greedy decoding with self-speculation; the tokens equal plain greedy decoding's.
-
     prompt_ids: 1-D LongTensor or list of ints; draft: a name from DRAFTS ("none" = plain greedy decoding, the
     baseline) or a models.Skip; eos_token_id: defaults to the model's. Stops after max_new_tokens new tokens or
-    after EOS (included). Returns (new token ids, Stats)."""
+    after EOS (included). Returns (new token ids, the statistics() dict)."""
     prompt = prompt_ids.tolist() if torch.is_tensor(prompt_ids) else list(prompt_ids)
     check_request(model, prompt, max_new_tokens, k)
-    skip = draft if isinstance(draft, models.Skip) else (None if draft == "none" else draft_skip(model.config, draft))
+    skip = draft if isinstance(draft, models.Skip) else None if draft == "none" else draft_skip(model.config, draft)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    stats = Stats(k=k)
     cache = models.Cache(model, max_len=len(prompt) + max_new_tokens + k + 1)
+    rounds, seconds = [], dict.fromkeys(["prefill", "decode", "draft", "verify", "bookkeeping"], 0.0)
     t0 = clock(cache.device)
     prefill(model, cache, prompt[:-1])
     t1 = clock(cache.device)
     tokens, pending = [], prompt[-1]
     while len(tokens) < max_new_tokens and eos not in tokens:
         k_round = min(k, max_new_tokens - len(tokens) - 1)       # never draft past the last token asked for
-        if skip is None or k_round == 0:
-            new = [greedy_step(model, cache, pending)]
+        if skip is None or k_round == 0:                          # plain greedy step
+            new = [int(model(torch.tensor([[pending]], device=cache.device), cache)[0, -1].argmax())]
         else:
-            new = speculative_round(model, cache, pending, skip, k_round, stats)
-        if eos in new:
-            new = new[:new.index(eos) + 1]
-        tokens += new
+            rounds.append(speculative_round(model, cache, pending, skip, k_round, seconds))
+            drafts, n, next_token = rounds[-1]
+            new = drafts[:n] + [next_token]
+        tokens += new[:new.index(eos) + 1] if eos in new else new
         pending = tokens[-1]
-    stats.prefill_s, stats.decode_s, stats.new_tokens = t1 - t0, clock(cache.device) - t1, len(tokens)
-    return tokens, stats
+    seconds["prefill"], seconds["decode"] = t1 - t0, clock(cache.device) - t1
+    return tokens, statistics(k, rounds, seconds, len(tokens))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
+# --- Evaluation (--eval): the paper's measurements, and a cost model that explains the speed ---------------------
+def eval_text(path, model_name):
+    """(prompts: non-empty lines longer than 100 characters, text: all non-empty lines joined by newlines)."""
+    try:
+        if path:
+            lines = open(path, encoding="utf-8").read().splitlines()
+        elif model_name in models.TINY:
+            lines = models.TINY_TEXT
+        else:                                        # WikiText-2 raw validation, as in the paper
+            import pyarrow.parquet as pq
+            from huggingface_hub import hf_hub_download
+            lines = pq.read_table(hf_hub_download("Salesforce/wikitext", "wikitext-2-raw-v1/validation-00000-of-00001"
+                                                  ".parquet", repo_type="dataset")).column("text").to_pylist()
+    except Exception as e:      # no such file; or no network and nothing cached, or no pyarrow to read the parquet file
+        raise models.UsageError(f"cannot read {path or 'WikiText-2 (it needs the Hub and `pip install pyarrow`)'}: "
+                                f"{type(e).__name__}: {str(e)[:80]}; pass --text FILE") from None
+    lines = [line.strip() for line in lines if line.strip()]
+    return [line for line in lines if len(line) > 100], "\n".join(lines)
 
+def bootstrap_ci(values, resamples=10_000, seed=0):
+    """95% percentile interval of the mean, resampling the values with replacement."""
+    v = torch.tensor(values, dtype=torch.float64)
+    means = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))].mean(dim=1)
+    return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
+
+def single_round(model, cache, prompt, skip, k, independent):
+    """Drafts accepted in one round after the prompt (the paper's protocol); cache holds the full model's prefill of
+    prompt[:-1] and is left so. The draft starts from the full model's state (shared, as generate does) or from its
+    own, made by running the draft over the prompt (independent, as the paper's code did)."""
+    snap, own = snapshot(cache), models.Cache(model, len(prompt) + k) if independent else cache
+    if independent:
+        model.hidden_states(torch.tensor([prompt[:-1]], device=cache.device), own, skip=skip)
+    drafts = draft_tokens(model, own, prompt[-1], skip, k)
+    restore(cache, snap)
+    n, _ = accept(drafts, verify(model, cache, prompt[-1], drafts))
+    restore(cache, snap)
+    return n
+
+def compare(model, ids, skip, chunk=256):
+    """Sums over the positions of ids (1, T), p the full model's next-token distribution and q the draft's: total
+    variation 1/2 sum|p - q|, top-1 agreement, KL(p || q), cross-entropy of the next token under p and q (T-1)."""
+    h, h_draft = model.hidden_states(ids)[0], model.hidden_states(ids, skip=skip)[0]
+    sums = torch.zeros(5, dtype=torch.float64)
+    for i in range(0, len(h), chunk):          # logits a chunk of positions at a time: the vocabulary is large
+        lp, lq = (torch.log_softmax(model.logits(x[i:i + chunk]).double(), -1) for x in (h, h_draft))
+        nxt = ids[0, i + 1:i + 1 + chunk, None]
+        sums += torch.stack([0.5 * (lp.exp() - lq.exp()).abs().sum(), (lp.argmax(-1) == lq.argmax(-1)).sum(),
+                             (lp.exp() * (lp - lq)).sum(), -lp[:len(nxt)].gather(1, nxt).sum(),
+                             -lq[:len(nxt)].gather(1, nxt).sum()]).cpu()
+    return sums
+
+def step_times(model, skips, ks, context, repeats=5):
+    """Median seconds at a context: a full decoding step ("full"), a draft step (by name), a verify pass (by k)."""
+    cache = models.Cache(model, context + max(ks) + 2)
+    prefill(model, cache, torch.randint(model.config.vocab_size, (context,)).tolist())
+    snap, token, times = snapshot(cache), torch.tensor([[1]], device=cache.device), {}
+    steps = {"full": partial(model, token, cache), **{k: partial(verify, model, cache, 1, [1] * k) for k in ks},
+             **{d: partial(model, token, cache, skip=s) for d, s in skips.items()}}
+    for name, step in steps.items():
+        samples = []
+        for _ in range(repeats):
+            t0 = clock(cache.device)
+            step()
+            samples.append(clock(cache.device) - t0)
+            restore(cache, snap)
+        times[name] = sorted(samples)[repeats // 2]
+    return times
+
+def break_even(times, draft, k, a):
+    """The context L where the predicted speedup (1 + a) t_full / (k t_draft + t_verify) crosses 1, each time linear
+    in L through the two measured contexts; None if it does not cross at a positive L."""
+    (L0, t0), (L1, t1) = times.items()
+    gap0, gap1 = ((1 + a) * t["full"] - k * t[draft] - t[k] for t in (t0, t1))
+    crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0) if gap1 != gap0 else -1
+    return round(crossing) if crossing > 0 else None
+
+@torch.inference_mode()
+def evaluate(model, tokenizer, prompts, text, max_new_tokens, ks=(2, 4, 8)):
+    """Every number of the --eval table, as a dict (README, "Results")."""
+    device, c = model.lm_head.weight.device, model.config
+    prompts = [tokenizer.encode(p, add_special_tokens=False).ids[:512] for p in prompts]
+    text_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False).ids[:2048]], device=device)
+    skips = {d: draft_skip(c, d) for d in DRAFTS[:-1] if d != "component" or c.family != "qwen2"}
+    contexts = (sum(map(len, prompts)) // len(prompts), min(8192, c.max_position_embeddings // 2))
+    times = {L: step_times(model, skips, ks, L) for L in contexts}
+    plain_s = sum(generate(model, p, max_new_tokens, draft="none")[1]["decode_s"] for p in prompts)
+    result = {"prompts": len(prompts), "contexts": contexts, "drafts": {}}
+    for draft, skip in skips.items():
+        accepted, sums = {"shared": [], "independent": []}, 0
+        for p in prompts:
+            cache = models.Cache(model, len(p) + max(ks) + 1)
+            prefill(model, cache, p[:-1])
+            for variant, ns in accepted.items():
+                ns.append(single_round(model, cache, p, skip, max(ks), variant == "independent"))
+            sums = sums + compare(model, torch.tensor([p], device=device), skip)
+        tvd, top1, kl = (sums[:3] / sum(map(len, prompts))).tolist()
+        result["perplexity_full"], ppl = (compare(model, text_ids, skip)[3:] / (len(text_ids[0]) - 1)).exp().tolist()
+        d = result["drafts"][draft] = {"tvd": tvd, "top1_agreement": top1, "kl": kl, "perplexity": ppl,
+                                       "perplexity_ratio": ppl / result["perplexity_full"], "k": {},
+                                       "c": times[contexts[0]][draft] / times[contexts[0]]["full"]}
+        for k in ks:     # drafts are greedy and verify is causal: a round of k drafts is a prefix of one of max(ks)
+            row = d["k"][k] = {}
+            for variant, ns in accepted.items():
+                row[f"alpha_{variant}"] = sum(min(n, k) / k for n in ns) / len(ns)
+                row[f"ci_{variant}"] = bootstrap_ci([min(n, k) / k for n in ns])
+                row[f"histogram_{variant}"] = [sum(min(n, k) == a for n in ns) for a in range(k + 1)]
+            runs = [generate(model, p, max_new_tokens, draft=draft, k=k)[1] for p in prompts]
+            total = {key: sum(s[key] for s in runs) for key in ("accepted", "drafted", "rounds", "decode_s")}
+            row["alpha_multi"] = total["accepted"] / max(1, total["drafted"])
+            row["accepted_per_round"] = a = total["accepted"] / max(1, total["rounds"])
+            row["v"] = times[contexts[0]][k] / times[contexts[0]]["full"]
+            row["predicted_speedup"] = (1 + a) / (k * d["c"] + row["v"])
+            row["measured_speedup"] = plain_s / total["decode_s"]
+            row["break_even_context"] = break_even(times, draft, k, a)
+    return result
+
+def eval_table(name, r):
+    yield f"{name}: {r['prompts']} prompts, full-model perplexity {r['perplexity_full']:.2f}, costs at {r['contexts']}"
+    yield ("draft        k   alpha shared [95% CI]  alpha indep. [95% CI]  multi acc/rnd     c     v predicted measured"
+           "  break-even")
+    for draft, d in r["drafts"].items():
+        for k, row in d["k"].items():
+            a = [f"{row['alpha_' + v]:.3f} [{row['ci_' + v][0]:.3f}, {row['ci_' + v][1]:.3f}]"
+                 for v in ("shared", "independent")]
+            yield (f"{draft:11} {k:>2} {a[0]:>23} {a[1]:>22} {row['alpha_multi']:6.3f} {row['accepted_per_round']:7.2f} "
+                   f"{d['c']:5.2f} {row['v']:5.2f} {row['predicted_speedup']:8.2f}x {row['measured_speedup']:7.2f}x "
+                   f"{row['break_even_context'] or '-':>11}")
+        yield (f"{'':14} TVD {d['tvd']:.3f}, top-1 agreement {d['top1_agreement']:.3f}, KL {d['kl']:.3f}, perplexity "
+               f"{d['perplexity']:.2f} ({d['perplexity_ratio']:.2f}x); accepted of k={k}: shared "
+               f"{row['histogram_shared']}, independent {row['histogram_independent']}")
+
+
+# --- Command line ------------------------------------------------------------------------------------------------
 def show(tokenizer, ids):
-    """Token ids as quoted text, whitespace visible."""
+    """Token ids as quoted text, whitespace and control characters visible."""
     return json.dumps(tokenizer.decode(ids), ensure_ascii=False)
 
-
-def trace_lines(stats, tokenizer, color):
-    """Every round: the drafts (accepted ones marked +, rejected -), then the full model's next token."""
+def trace_lines(rounds, tokenizer, color):
+    """Every round: the drafts (accepted +, rejected -), then the full model's next token."""
     paint = (lambda code, s: f"\033[{code}m{s}\033[0m") if color else (lambda code, s: s)
-    for i, (drafts, n, next_token) in enumerate(stats.trace, 1):
+    for i, (drafts, n, next_token) in enumerate(rounds, 1):
         marked = [paint("32", "+" + show(tokenizer, [t])) if j < n else paint("31", "-" + show(tokenizer, [t]))
                   for j, t in enumerate(drafts)]
-        kind = "bonus" if n == len(drafts) else "correction"
-        yield f"round {i:3d}  accepted {n}/{len(drafts)}  {' '.join(marked)}  -> {kind} {paint('36', show(tokenizer, [next_token]))}"
-
+        yield (f"round {i:3d}  accepted {n}/{len(drafts)}  {' '.join(marked)}  -> "
+               f"{'bonus' if n == len(drafts) else 'correction'} {paint('36', show(tokenizer, [next_token]))}")
 
 def first_difference(model, prompt, spec, plain):
-    """Where the speculative and the plain tokens part, and by what logit margin the full model decided there."""
-    i = next((i for i, (a, b) in enumerate(zip(spec, plain)) if a != b), min(len(spec), len(plain)))
-    if i == min(len(spec), len(plain)):
-        return f"one stopped earlier: {len(spec)} speculative tokens, {len(plain)} greedy tokens"
+    """Where the speculative and the plain tokens part, by what logit margin the full model chose there, and why."""
+    i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)      # EOS ends both at the same place
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt + plain[:i]], device=model.lm_head.weight.device))[0, -1].float()
-    margin = (logits[plain[i]] - logits[spec[i]]).item()
-    return (f"new token {i}: speculative chose {spec[i]}, greedy chose {plain[i]}; the full model's logits for the two "
-            f"differ by {margin:.3g} (logit std {logits.std().item():.3g})")
+        logits = model(torch.tensor([prompt + plain[:i]], device=model.lm_head.weight.device))[0, -1]
+    why = ("in bfloat16 a (k+1)-token verify pass and single steps round differently, so a near-tie can flip; "
+           "--dtype float32 checks exactly" if logits.dtype == torch.bfloat16 else "in float32 this is a bug")
+    return (f"new token {i}: speculative {spec[i]}, greedy {plain[i]}, whose logits differ by "
+            f"{(logits[plain[i]] - logits[spec[i]]).item():.3g} (logit std {logits.float().std().item():.3g}): {why}")
 
-
-def run(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("CUDA is not available on this machine: use --device cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = models.load(args.model, dtype=dtype, device=args.device)
-    tokenizer = models.load_tokenizer(args.model)
+def run_generate(args, model, tokenizer):
     prompt = tokenizer.encode(args.prompt).ids
     check_request(model, prompt, args.max_new_tokens, args.k)
-    c, skipped = model.config, describe(model.config, args.draft)
-    print(f"model   {args.model}: {c.family}, {c.num_layers} layers, {args.dtype} on {args.device}")
-    print(f"draft   {args.draft}, k={args.k}: skips {skipped}")
+    print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), "
+          f"draft {args.draft}, k={args.k}: skips {draft_skip(model.config, args.draft)}")
     if args.check:                                                      # warm up, so neither run pays for it
         generate(model, prompt, 2, draft=args.draft, k=args.k)
-    tokens, stats = generate(model, prompt, args.max_new_tokens, draft=args.draft, k=args.k)
+    tokens, s = generate(model, prompt, args.max_new_tokens, draft=args.draft, k=args.k)
+    rounds = s.pop("trace")
     print(f"prompt  {show(tokenizer, prompt)}\noutput  {show(tokenizer, tokens)}")
     if args.trace:
-        print(*trace_lines(stats, tokenizer, color=sys.stdout.isatty()), sep="\n")
-    s = stats.summary()
-    if args.draft != "none":
-        print(f"alpha   {s['alpha']:.3f}: {stats.accepted} of {stats.drafted} drafts accepted, "
-              f"{s['mean_accepted_per_round']:.2f} per round over {stats.rounds} rounds, histogram {stats.accepted_histogram}")
-    print(f"speed   {stats.new_tokens} tokens in {stats.decode_s:.2f} s: {s['tokens_per_s']:.2f} tokens/s "
-          f"(prefill {len(prompt)} tokens {stats.prefill_s:.2f} s)")
-    if stats.rounds:
-        print(f"time    draft {stats.draft_s:.2f} s, verify {stats.verify_s:.2f} s, "
-              f"snapshot/restore/accept/commit {stats.bookkeeping_s:.3f} s")
-    status = 0
+        print(*trace_lines(rounds, tokenizer, color=sys.stdout.isatty()), sep="\n")
+    if rounds:
+        print(f"alpha   {s['alpha']:.3f}: {s['accepted']} of {s['drafted']} drafts accepted, "
+              f"{s['accepted_per_round']:.2f} per round over {s['rounds']} rounds {s['accepted_histogram']}; time: "
+              f"draft {s['draft_s']:.2f} s, verify {s['verify_s']:.2f} s, accept and commit {s['bookkeeping_s']:.3f} s")
+    print(f"speed   {s['new_tokens']} tokens in {s['decode_s']:.2f} s: {s['tokens_per_s']:.2f} tokens/s "
+          f"(prefill of {len(prompt)} tokens {s['prefill_s']:.2f} s)")
     if args.check:
         plain, plain_stats = generate(model, prompt, args.max_new_tokens, draft="none")
-        s["speedup_vs_greedy"] = plain_stats.decode_s / stats.decode_s
-        if plain == tokens:
-            print(f"check   identical to plain greedy decoding ({len(plain)} tokens); greedy {plain_stats.decode_s:.2f} s, "
-                  f"speculative {stats.decode_s:.2f} s: speedup {s['speedup_vs_greedy']:.2f}x")
-        else:
-            status = 1
-            why = ("in bfloat16 a (k+1)-token verify pass and single-token steps round differently, so a near-tie can "
-                   "flip; --dtype float32 checks exactly" if dtype == torch.bfloat16 else "in float32 this is a bug")
-            print(f"check   FAILED: speculative tokens differ from plain greedy decoding at "
-                  f"{first_difference(model, prompt, tokens, plain)}. {why}")
-        s["identical_to_greedy"] = plain == tokens
-    if args.json:
-        print(json.dumps(s))
-    return status
+        s["identical_to_greedy"], s["speedup_vs_greedy"] = plain == tokens, plain_stats["decode_s"] / s["decode_s"]
+        print(f"check   identical to plain greedy decoding: speedup {s['speedup_vs_greedy']:.2f}x" if plain == tokens
+              else f"check   FAILED: tokens differ from greedy at {first_difference(model, prompt, tokens, plain)}")
+    return s
 
-
-def describe(config, draft):
-    skip = draft_skip(config, draft)
-    if skip.attention:
-        return f"the attention branch in {len(skip.attention)} of {config.num_layers} layers"
-    return f"layers {sorted(skip.layers)}" if skip.layers else "nothing"
-
-
-def parse_args(argv):
+def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy self-speculative decoding in hybrid language models.")
-    p.add_argument("--model", required=True,
-                   help=f"{', '.join([*models.OFFICIAL, *models.TINY])}, a Hugging Face repo id or a local directory")
+    p.add_argument("--model", required=True, help=f"{', '.join([*models.OFFICIAL, *models.TINY])}, repo id or folder")
     p.add_argument("--draft", default="component", choices=DRAFTS, help="draft strategy (default: component)")
     p.add_argument("-k", type=int, default=2, help="drafted tokens per round (default: 2)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default="The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--trace", action="store_true", help="show every round: drafts, accepted, the next token")
-    p.add_argument("--check", action="store_true", help="also decode plainly; fail if the tokens differ; print the speedup")
+    p.add_argument("--check", action="store_true", help="decode plainly too; fail if tokens differ; print the speedup")
     p.add_argument("--json", action="store_true", help="the statistics as one JSON object on the last line")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    p.add_argument("--eval", action="store_true", help="measure acceptance, divergence, perplexity and costs (README)")
+    p.add_argument("--text", help="--eval: a UTF-8 text file (default: WikiText-2 validation; tiny-*: a built-in text)")
+    p.add_argument("--prompts", type=int, default=200, help="--eval: number of prompts (default: 200)")
+    args = p.parse_args(argv)
     try:
-        return run(args)
-    except (UsageError, models.LoadError) as e:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise models.UsageError("CUDA is not available on this machine: use --device cpu")
+        model = models.load(args.model, getattr(torch, args.dtype), args.device)
+        tokenizer = models.load_tokenizer(args.model)
+        if args.eval:
+            prompts, text = eval_text(args.text, args.model)
+            s = {**vars(args), **evaluate(model, tokenizer, prompts[:args.prompts], text, args.max_new_tokens)}
+            print(*eval_table(args.model, s), sep="\n")
+        else:
+            s = run_generate(args, model, tokenizer)
+    except models.UsageError as e:
         print(f"hsd: error: {e}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(s))
+    return 1 if s.get("identical_to_greedy") is False else 0
 
 
 if __name__ == "__main__":

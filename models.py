@@ -32,8 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class LoadError(Exception):
-    """A problem the user can fix (unknown model, missing file or tensor, no network): the message says how."""
+class UsageError(ValueError):
+    """A problem the user can fix (unknown model, missing file or tensor, no network, bad request): the message
+    says how."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,17 +98,17 @@ def config_from_hf(cfg: dict) -> Config:
         cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
         model_type = "qwen3_5_text"
     if model_type not in ("falcon_h1", "qwen3_5_text", "qwen2"):
-        raise LoadError(f"model_type {model_type!r} is not supported: hsd implements falcon_h1, qwen3_5 and qwen2")
+        raise UsageError(f"model_type {model_type!r} is not supported: hsd implements falcon_h1, qwen3_5 and qwen2")
 
     def get(key, default=None, required=False):
         if required and cfg.get(key) is None:
-            raise LoadError(f"config.json has no value for {key!r}; it is needed to build {model_type}")
+            raise UsageError(f"config.json has no value for {key!r}; it is needed to build {model_type}")
         value = cfg.get(key, default)
         return default if value is None and not required else value
 
     rope = get("rope_parameters") or get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise LoadError(f"rope type {rope.get('rope_type')!r} is not supported (only the default RoPE)")
+        raise UsageError(f"rope type {rope.get('rope_type')!r} is not supported (only the default RoPE)")
     theta = rope.get("rope_theta", get("rope_theta", 10000.0))
     n_layers, heads = get("num_hidden_layers", required=True), get("num_attention_heads", required=True)
     head_dim = get("head_dim") or get("hidden_size") // heads
@@ -124,9 +125,9 @@ def config_from_hf(cfg: dict) -> Config:
     if model_type == "falcon_h1":
         for flag in ("attention_bias", "mlp_bias", "mamba_proj_bias", "projectors_bias"):
             if get(flag, False):
-                raise LoadError(f"Falcon-H1 with {flag}=true is not supported")
+                raise UsageError(f"Falcon-H1 with {flag}=true is not supported")
         if get("mamba_rms_norm", False) and get("mamba_norm_before_gate", True):
-            raise LoadError("Falcon-H1 with mamba_norm_before_gate=true is not supported")
+            raise UsageError("Falcon-H1 with mamba_norm_before_gate=true is not supported")
         mamba_heads = get("mamba_n_heads", required=True)
         d_ssm = get("mamba_d_ssm") or get("mamba_expand", 2) * common["hidden_size"]
         # muP multipliers: an absent key takes transformers' default, an explicit null is an error
@@ -157,7 +158,7 @@ def config_from_hf(cfg: dict) -> Config:
             linear_conv_kernel_dim=get("linear_conv_kernel_dim", 4))
 
     if get("use_sliding_window", False):
-        raise LoadError("Qwen2 with use_sliding_window=true is not supported")
+        raise UsageError("Qwen2 with use_sliding_window=true is not supported")
     return Config(family="qwen2", layer_types=("full_attention",) * n_layers, **common, qkv_bias=True)
 
 
@@ -737,6 +738,12 @@ TINY = {
 }
 
 
+TINY_TEXT = [  # what --eval reads for tiny-* models, offline
+    "Speculative decoding drafts a few tokens with a cheap model and verifies them with the expensive one at once.",
+    "Hybrid language models mix recurrent mixers such as Mamba-2 or Gated DeltaNet with a few softmax attention layers.",
+    "A recurrent state is a running summary of all that came before, so it cannot be cut back like a key-value cache."]
+
+
 @torch.no_grad()
 def init_random(model, seed=0):
     """Seeded random weights: matrices ~ N(0, 1/fan_in), norms near their neutral value, Mamba/DeltaNet decays spread
@@ -797,22 +804,22 @@ def resolve(name_or_path):
     if os.path.isdir(name_or_path):
         return name_or_path
     if name_or_path.startswith(("/", ".", "~")):
-        raise LoadError(f"no such directory: {name_or_path}")
+        raise UsageError(f"no such directory: {name_or_path}")
     repo = OFFICIAL.get(name_or_path, name_or_path)
     if repo.count("/") != 1:
-        raise LoadError(f"unknown model {name_or_path!r}: use one of {', '.join([*OFFICIAL, *TINY])}, "
+        raise UsageError(f"unknown model {name_or_path!r}: use one of {', '.join([*OFFICIAL, *TINY])}, "
                         "a Hugging Face repo id (owner/name) or a local directory")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     try:
         return snapshot_download(repo, allow_patterns=DOWNLOAD)
     except RepositoryNotFoundError:
-        raise LoadError(f"{repo} is not a model repository on the Hugging Face Hub (or it needs a login: `hf auth login`)") from None
+        raise UsageError(f"{repo} is not a model repository on the Hugging Face Hub (or it needs a login: `hf auth login`)") from None
     except LocalEntryNotFoundError:
-        raise LoadError(f"cannot download {repo}: no connection to the Hugging Face Hub and it is not in the local cache. "
+        raise UsageError(f"cannot download {repo}: no connection to the Hugging Face Hub and it is not in the local cache. "
                         "Connect to the network once, or pass a local directory with config.json and *.safetensors") from None
     except (HfHubHTTPError, OSError) as e:
-        raise LoadError(f"cannot download {repo}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"cannot download {repo}: {str(e).splitlines()[0]}") from None
 
 
 def safetensors_files(path):
@@ -822,7 +829,7 @@ def safetensors_files(path):
             return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise LoadError(f"no *.safetensors files in {path}")
+        raise UsageError(f"no *.safetensors files in {path}")
     return files
 
 
@@ -843,7 +850,7 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
         with open(os.path.join(path, "config.json")) as f:
             config = config_from_hf(json.load(f))
     except FileNotFoundError:
-        raise LoadError(f"no config.json in {path}") from None
+        raise UsageError(f"no config.json in {path}") from None
 
     with torch.device("meta"):
         model = Model(config)
@@ -868,7 +875,7 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     problems += [f"unexpected tensor {key}" for key in unexpected]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise LoadError(f"checkpoint in {path} does not match its config.json: {'; '.join(problems[:5])}{more}")
+        raise UsageError(f"checkpoint in {path} does not match its config.json: {'; '.join(problems[:5])}{more}")
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name, (fname, key, _) in where.items():
@@ -911,5 +918,5 @@ def load_tokenizer(name_or_path):
     from tokenizers import Tokenizer
     path = os.path.join(resolve(name_or_path), "tokenizer.json")
     if not os.path.exists(path):
-        raise LoadError(f"no tokenizer.json in {os.path.dirname(path)}")
+        raise UsageError(f"no tokenizer.json in {os.path.dirname(path)}")
     return Tokenizer.from_file(path)

@@ -328,14 +328,14 @@ def test_load_round_trip_in_bfloat16(tmp_path):
 def test_load_reports_a_missing_tensor_by_name(tmp_path):
     model = models.init_random(models.Model(models.config_from_hf(QWEN2_TINY_JSON)))
     save_checkpoint(model, tmp_path, QWEN2_TINY_JSON, drop=["model.layers.1.mlp.up_proj.weight"])
-    with pytest.raises(models.LoadError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(models.UsageError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
         models.load(str(tmp_path))
 
 
 def test_load_reports_a_misshaped_tensor_by_name(tmp_path):
     model = models.init_random(models.Model(models.config_from_hf(QWEN2_TINY_JSON)))
     save_checkpoint(model, tmp_path, QWEN2_TINY_JSON, reshape=["model.layers.0.self_attn.k_proj.bias"])
-    with pytest.raises(models.LoadError, match=r"model\.layers\.0\.self_attn\.k_proj\.bias has shape \(31,\), expected \(32,\)"):
+    with pytest.raises(models.UsageError, match=r"model\.layers\.0\.self_attn\.k_proj\.bias has shape \(31,\), expected \(32,\)"):
         models.load(str(tmp_path))
 
 
@@ -344,7 +344,7 @@ def test_load_reports_a_misshaped_tensor_by_name(tmp_path):
     ("./no/such/dir", "no such directory"),
 ])
 def test_load_rejects_unknown_names(name, message):
-    with pytest.raises(models.LoadError, match=message):
+    with pytest.raises(models.UsageError, match=message):
         models.load(name)
 
 
@@ -420,20 +420,20 @@ def as_draft(draft):
 def test_speculative_equals_greedy(name, draft, k, prompt):
     tokens, stats = hsd.generate(tiny(name), PROMPTS[prompt], NEW_TOKENS, draft=as_draft(draft), k=k, eos_token_id=-1)
     assert tokens == reference_greedy(name, PROMPTS[prompt])
-    assert stats.new_tokens == NEW_TOKENS and stats.drafted >= stats.accepted
-    assert sum(stats.accepted_histogram) == stats.rounds > 0
+    assert stats["new_tokens"] == NEW_TOKENS and stats["drafted"] >= stats["accepted"]
+    assert sum(stats["accepted_histogram"]) == stats["rounds"] > 0
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_plain_greedy_equals_reference(name):
     tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft="none", eos_token_id=-1)
-    assert tokens == reference_greedy(name, PROMPTS["12-token"]) and stats.rounds == 0
+    assert tokens == reference_greedy(name, PROMPTS["12-token"]) and stats["rounds"] == 0
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_draft_that_skips_nothing_accepts_everything(name):
     tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=models.Skip(), k=3, eos_token_id=-1)
-    assert stats.alpha == 1.0 and all(n == len(drafts) for drafts, n, _ in stats.trace)
+    assert stats["alpha"] == 1.0 and all(n == len(drafts) for drafts, n, _ in stats["trace"])
     assert tokens == reference_greedy(name, PROMPTS["12-token"])
 
 
@@ -443,7 +443,7 @@ def test_real_drafts_see_every_kind_of_round():
     for name, drafts in APPLICABLE.items():
         for draft in drafts[:-1]:
             _, stats = hsd.generate(tiny(name), PROMPTS["12-token"], 40, draft=draft, k=2, eos_token_id=-1)
-            seen |= {n for _, n, _ in stats.trace}
+            seen |= {n for _, n, _ in stats["trace"]}
     assert seen == {0, 1, 2}
 
 
@@ -520,14 +520,16 @@ def test_drafting_leaves_no_trace(name, draft):
 
 def test_every_commit_of_a_generation_matches_one_by_one_feeding():
     model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
-    cache, stats = models.Cache(model, 60), hsd.Stats(k=3)
+    cache, seconds = models.Cache(model, 60), dict.fromkeys(["draft", "verify", "bookkeeping"], 0.0)
     hsd.prefill(model, cache, prompt[:-1])
-    committed, pending = prompt[:-1], prompt[-1]
+    committed, pending, seen = prompt[:-1], prompt[-1], set()
     while len(committed) < 40:
-        new = hsd.speculative_round(model, cache, pending, hsd.draft_skip(model.config, "component"), 3, stats)
-        committed, pending = committed + [pending] + new[:-1], new[-1]
+        drafts, n, next_token = hsd.speculative_round(model, cache, pending, hsd.draft_skip(model.config, "component"),
+                                                      3, seconds)
+        committed, pending = committed + [pending] + drafts[:n], next_token
         assert_same_state(cache, fed_one_by_one(model, committed, 60))
-    assert {n for _, n, _ in stats.trace} >= {0, 1}
+        seen.add(n)
+    assert seen >= {0, 1} and seconds["verify"] > 0
 
 
 @pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds])
