@@ -6,6 +6,7 @@ Benchmark against transformers:  python test_hsd.py --bench falcon-h1-0.5b   (se
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -602,3 +603,108 @@ def test_cli_exit_codes():
     assert "no connection to the Hugging Face Hub" in offline.stderr and "Traceback" not in offline.stderr
     bad_draft = run_cli("--model", "tiny-falcon-h1", "--draft", "medusa")
     assert bad_draft.returncode == 2 and "invalid choice: 'medusa'" in bad_draft.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hsd --eval: the measurements
+
+def test_statistics_arithmetic():
+    rounds = [([1, 2], 2, 3), ([4, 5], 0, 6), ([7, 8], 1, 9), ([1], 1, 2)]
+    s = hsd.statistics(2, rounds, dict.fromkeys(["prefill", "decode", "draft", "verify", "bookkeeping"], 0.5), 9)
+    assert (s["drafted"], s["accepted"], s["alpha"], s["rounds"]) == (7, 4, 4 / 7, 4)
+    assert s["accepted_per_round"] == 1.0 and s["accepted_histogram"] == [1, 2, 1] and s["tokens_per_s"] == 18.0
+
+
+def test_bootstrap_interval():
+    assert hsd.bootstrap_ci([0.25] * 50) == (0.25, 0.25)
+    low, high = hsd.bootstrap_ci([0.0] * 100 + [1.0] * 100)
+    half_width = 1.96 * math.sqrt(0.25 / 200)                   # the normal approximation
+    assert abs(low - (0.5 - half_width)) < 0.01 and abs(high - (0.5 + half_width)) < 0.01
+    assert hsd.bootstrap_ci([0.0, 1.0, 0.5]) == hsd.bootstrap_ci([0.0, 1.0, 0.5])     # fixed seed
+
+
+def test_break_even_arithmetic():
+    # gap(L) = (1 + a) t_full - k t_draft - t_verify: -1.0 at L=100 and +1.0 at L=1100 -> crosses at 600
+    times = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 2.5, "component": 0.9, 2: 2.2}}
+    assert hsd.break_even(times, "component", 2, 1.0) == 600
+    flat = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
+    assert hsd.break_even(flat, "component", 2, 1.0) is None
+
+
+def direct_distributions(model, ids, skip):
+    return torch.softmax(model(ids)[0].double(), -1), torch.softmax(model(ids, skip=skip)[0].double(), -1)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compare_against_direct_computation(name):
+    model, ids = tiny(name), torch.tensor([PROMPTS["12-token"] * 3])
+    skip = hsd.draft_skip(model.config, "early-exit")
+    p, q = direct_distributions(model, ids, skip)
+    tvd, top1, kl, nll_p, nll_q = hsd.compare(model, ids, skip, chunk=7).tolist()       # chunks that do not divide T
+    assert math.isclose(tvd, 0.5 * (p - q).abs().sum().item(), rel_tol=1e-9)
+    assert top1 == (p.argmax(-1) == q.argmax(-1)).sum().item()
+    assert math.isclose(kl, (p * (p.log() - q.log())).sum().item(), rel_tol=1e-9)
+    targets = ids[0, 1:]
+    assert math.isclose(nll_p, torch.nn.functional.cross_entropy(model(ids)[0, :-1].double(), targets, reduction="sum").item(), rel_tol=1e-9)
+    assert math.isclose(nll_q, -q[:-1].log().gather(1, targets[:, None]).sum().item(), rel_tol=1e-9)
+    none = hsd.compare(model, ids, models.Skip()).tolist()
+    assert none[0] == 0 and none[1] == ids.shape[1] and none[2] == 0 and none[3] == none[4]
+
+
+def test_single_round_protocols():
+    model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
+    cache = models.Cache(model, 40)
+    hsd.prefill(model, cache, prompt[:-1])
+    for independent in (False, True):
+        assert hsd.single_round(model, cache, prompt, models.Skip(), 5, independent) == 5     # nothing skipped: all
+        n = hsd.single_round(model, cache, prompt, hsd.draft_skip(model.config, "component"), 5, independent)
+        assert 0 <= n <= 5 and cache.length == len(prompt) - 1                               # cache left as it was
+
+
+def test_eval_alpha_arithmetic(monkeypatch):
+    """Acceptance per prompt from single rounds of 8 drafts: alpha_k = mean(min(n, k) / k), histogram of min(n, k)."""
+    counts = iter([0, 8, 3, 5] * 3)        # per draft: prompt 1 shared 0, independent 8; prompt 2 shared 3, independent 5
+    monkeypatch.setattr(hsd, "single_round", lambda *args: next(counts))
+    model, tok = tiny("tiny-falcon-h1", torch.float32), models.byte_tokenizer()
+    r = hsd.evaluate(model, tok, [models.TINY_TEXT[0]] * 2, models.TINY_TEXT[1], max_new_tokens=4)
+    k = r["drafts"]["component"]["k"]
+    assert k[2]["alpha_shared"] == (0 / 2 + 2 / 2) / 2 and k[2]["histogram_shared"] == [1, 0, 1]
+    assert k[4]["alpha_independent"] == (4 / 4 + 4 / 4) / 2 and k[4]["histogram_independent"] == [0, 0, 0, 0, 2]
+    assert k[8]["alpha_shared"] == (0 / 8 + 3 / 8) / 2 and k[8]["alpha_independent"] == (8 / 8 + 5 / 8) / 2
+    assert k[8]["histogram_shared"] == [1, 0, 0, 1, 0, 0, 0, 0, 0] and k[8]["ci_independent"][1] == 1.0
+
+
+def test_eval_runs_offline_and_the_json_carries_the_table(capsys):
+    assert hsd.main(["--model", "tiny-falcon-h1", "--eval", "--json", "--prompts", "2", "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    leaves = []
+    def walk(x):
+        if isinstance(x, dict):
+            leaves.extend(float(k) for k in x if k.isdigit())
+            [walk(v) for v in x.values()]
+        elif isinstance(x, (list, tuple)):
+            [walk(v) for v in x]
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            leaves.append(float(x))
+    walk(result)
+    table = [line for line in lines[:-1] if not line.startswith("draft ")]          # all but the column titles
+    printed = [n for line in table for n in re.findall(r"(?<![\w.-])\d+(?:\.\d+)?", line)]
+    assert len(printed) > 50
+    for number in printed:
+        decimals = len(number.split(".")[1]) if "." in number else 0
+        assert any(round(v, decimals) == float(number) for v in leaves), number
+    assert set(result["drafts"]) == {"component", "layerskip", "early-exit"}
+    assert 0 <= result["drafts"]["component"]["k"]["2"]["alpha_shared"] <= 1
+
+
+def test_eval_without_wikitext_names_text(tmp_path):
+    cfg = {**QWEN2_TINY_JSON, "vocab_size": 272}
+    save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path, cfg)
+    models.byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    result = run_cli("--model", str(tmp_path), "--eval", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2 and "WikiText-2" in result.stderr and "--text FILE" in result.stderr
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(models.TINY_TEXT))
+    result = run_cli("--model", str(tmp_path), "--eval", "--text", str(text), "--prompts", "1", "--max-new-tokens", "3")
+    assert result.returncode == 0 and "layerskip" in result.stdout and "component" not in result.stdout
