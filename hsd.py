@@ -73,8 +73,8 @@ def commit(cache, start, n):
     cache.length = start + n
     for state in cache.layers:
         if state.recorded is not None:
-            window = state.conv.shape[-1]                                # K-1
-            state.conv = state.recorded.conv_inputs[:, :, n:n + window]
+            window = state.conv.shape[1]                                 # K-1
+            state.conv = state.recorded.conv_inputs[:, n:n + window]
             state.ssm = state.recorded.states[n - 1]
             state.recorded = None
 

@@ -297,17 +297,19 @@ class MLP(nn.Module):
 def causal_conv(x, window, weight, bias):
     """Depthwise causal conv over time, then SiLU.
 
-    x: (B, C, T) new inputs; window: (B, C, K-1) the K-1 inputs before them (zeros at the start of a sequence);
-    weight: (C, 1, K), tap K-1 multiplies the current input; bias: (C,) or None.
-        y[:, c, t] = silu(bias[c] + sum_j weight[c, 0, j] * inputs[:, c, t + j]),  inputs = window ++ x
-    Returns y (B, C, T) and all inputs seen, (B, C, K-1+T): the window after token t is inputs[..., t+1 : t+K].
+    x: (B, T, C) new inputs; window: (B, K-1, C) the K-1 inputs before them (zeros at the start of a sequence);
+    weight: (C, 1, K) as in the checkpoints, tap K-1 multiplies the current input; bias: (C,) or None.
+        y[:, t, c] = silu(bias[c] + sum_j weight[c, 0, j] * inputs[:, t + j, c]),  inputs = window ++ x
+    Returns y (B, T, C) and all inputs seen, (B, K-1+T, C): the window after token t is inputs[:, t+1 : t+K].
     """
-    inputs = torch.cat([window, x], dim=-1)                        # (B, C, K-1+T)
-    taps = inputs.unfold(-1, weight.shape[-1], 1)                  # (B, C, T, K), a view: taps[..., t, j] = inputs[..., t + j]
-    y = (taps * weight).sum(-1)                                    # weight (C, 1, K) broadcasts over B and T
+    T, K = x.shape[1], weight.shape[-1]
+    inputs = torch.cat([window, x], dim=1)                         # (B, K-1+T, C)
+    y = inputs[:, :T] * weight[:, 0, 0]                            # tap 0, the oldest input: y is a new tensor,
+    for j in range(1, K):                                          # so the other taps accumulate into it in place
+        y.addcmul_(inputs[:, j:j + T], weight[:, 0, j])
     if bias is not None:
-        y = y + bias[:, None]
-    return F.silu(y), inputs
+        y += bias
+    return F.silu(y, inplace=True), inputs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,9 +412,9 @@ class Mamba2Mixer(nn.Module):
         z, dt = z * s_z, dt * s_dt
         xBC = torch.cat([x * s_x, Bm * s_B, Cm * s_C], dim=-1)              # (B, T, Z + 2GN)
 
-        window = state.conv if state is not None else u.new_zeros(Bsz, xBC.shape[-1], c.mamba_d_conv - 1)
-        xBC, conv_inputs = causal_conv(xBC.transpose(1, 2), window, self.conv1d.weight, self.conv1d.bias)
-        x, Bm, Cm = xBC.transpose(1, 2).split([Z, GN, GN], dim=-1)
+        window = state.conv if state is not None else u.new_zeros(Bsz, c.mamba_d_conv - 1, xBC.shape[-1])
+        xBC, conv_inputs = causal_conv(xBC, window, self.conv1d.weight, self.conv1d.bias)
+        x, Bm, Cm = xBC.split([Z, GN, GN], dim=-1)
 
         f32 = torch.promote_types(u.dtype, torch.float32)                   # scans run in fp32 (fp64 if asked)
         x = x.reshape(Bsz, T, H, P).to(f32)
@@ -435,7 +437,7 @@ class Mamba2Mixer(nn.Module):
             y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
             y = (self.norm.weight.to(f32) * y.reshape(Bsz, T, Z))
         if state is not None:
-            state.conv, state.ssm = conv_inputs[:, :, T:], final
+            state.conv, state.ssm = conv_inputs[:, T:], final
             state.recorded = Recorded(conv_inputs, states) if record else None
         return self.out_proj(y.to(u.dtype))
 
@@ -528,9 +530,9 @@ class GatedDeltaNet(nn.Module):
         z = self.in_proj_z(u).view(Bsz, T, Hv, dv)
         b, a = self.in_proj_b(u), self.in_proj_a(u)                          # (B, T, Hv) each
 
-        window = state.conv if state is not None else u.new_zeros(Bsz, qkv.shape[-1], c.linear_conv_kernel_dim - 1)
-        qkv, conv_inputs = causal_conv(qkv.transpose(1, 2), window, self.conv1d.weight, None)
-        q, k, v = qkv.transpose(1, 2).split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
+        window = state.conv if state is not None else u.new_zeros(Bsz, c.linear_conv_kernel_dim - 1, qkv.shape[-1])
+        qkv, conv_inputs = causal_conv(qkv, window, self.conv1d.weight, None)
+        q, k, v = qkv.split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
 
         f32 = torch.promote_types(u.dtype, torch.float32)                    # the rule runs in fp32 (fp64 if asked)
         q, k = q.reshape(Bsz, T, Hk, dk).to(f32), k.reshape(Bsz, T, Hk, dk).to(f32)
@@ -549,7 +551,7 @@ class GatedDeltaNet(nn.Module):
             o, final = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size)
         o = (self.norm(o.to(u.dtype)) * F.silu(z.to(f32))).to(u.dtype)      # (B, T, Hv, dv)
         if state is not None:
-            state.conv, state.ssm = conv_inputs[:, :, T:], final
+            state.conv, state.ssm = conv_inputs[:, T:], final
             state.recorded = Recorded(conv_inputs, states) if record else None
         return self.out_proj(o.reshape(Bsz, T, Hv * dv))
 
@@ -560,7 +562,7 @@ class GatedDeltaNet(nn.Module):
 @dataclass
 class Recorded:
     """The recurrent states after every position of a recording pass (see Model.forward(record_states=True))."""
-    conv_inputs: torch.Tensor   # (B, C, K-1+T): the conv window before the pass, then the T new inputs
+    conv_inputs: torch.Tensor   # (B, K-1+T, C): the conv window before the pass, then the T new inputs
     states: list                # T tensors: states[t] is the recurrent state after token t of the pass
 
 
@@ -569,7 +571,7 @@ class LayerState:
     """What one decoder layer carries from one call to the next.
 
     keys/values: preallocated (B, Hkv, max_len, hd) buffers, valid up to Cache.length (attention layers).
-    conv: (B, C, K-1) the last K-1 conv inputs; ssm: the recurrent state in fp32, (B, H, P, N) for Mamba-2,
+    conv: (B, K-1, C) the last K-1 conv inputs; ssm: the recurrent state in fp32, (B, H, P, N) for Mamba-2,
     (B, Hv, dk, dv) for Gated DeltaNet (recurrent layers). Both are replaced, never written in place.
     """
     keys: torch.Tensor | None = None
@@ -594,12 +596,12 @@ class Cache:
                 s.keys = p.new_zeros(batch_size, c.num_kv_heads, max_len, c.head_dim)
                 s.values = torch.zeros_like(s.keys)
             if layer_type == "hybrid":
-                s.conv = p.new_zeros(batch_size, c.mamba_n_heads * c.mamba_d_head + 2 * c.mamba_n_groups * c.mamba_d_state,
-                                     c.mamba_d_conv - 1)
+                s.conv = p.new_zeros(batch_size, c.mamba_d_conv - 1,
+                                     c.mamba_n_heads * c.mamba_d_head + 2 * c.mamba_n_groups * c.mamba_d_state)
                 s.ssm = p.new_zeros(batch_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, dtype=f32)
             if layer_type == "linear_attention":
-                s.conv = p.new_zeros(batch_size, 2 * c.linear_num_key_heads * c.linear_key_head_dim
-                                     + c.linear_num_value_heads * c.linear_value_head_dim, c.linear_conv_kernel_dim - 1)
+                s.conv = p.new_zeros(batch_size, c.linear_conv_kernel_dim - 1, 2 * c.linear_num_key_heads
+                                     * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim)
                 s.ssm = p.new_zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim,
                                     c.linear_value_head_dim, dtype=f32)
             self.layers.append(s)

@@ -118,13 +118,14 @@ def test_causal_conv_window():
     C, K, T = 3, 4, 5
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(C, 1, K, generator=g), torch.randn(C, generator=g)
-    x, window = torch.randn(1, C, T, generator=g), torch.randn(1, C, K - 1, generator=g)
+    x, window = torch.randn(1, T, C, generator=g), torch.randn(1, K - 1, C, generator=g)
     y, inputs = models.causal_conv(x, window, weight, bias)
-    expected = torch.nn.functional.silu(torch.nn.functional.conv1d(torch.cat([window, x], -1), weight, bias, groups=C))
-    assert torch.allclose(y, expected, atol=1e-6)
+    channels_first = torch.cat([window, x], dim=1).transpose(1, 2)
+    expected = torch.nn.functional.silu(torch.nn.functional.conv1d(channels_first, weight, bias, groups=C))
+    assert torch.allclose(y, expected.transpose(1, 2), atol=1e-6)
     for t in range(T - 1):
-        rest, _ = models.causal_conv(x[..., t + 1:], inputs[..., t + 1:t + K], weight, bias)
-        assert torch.allclose(rest, y[..., t + 1:], atol=1e-6)
+        rest, _ = models.causal_conv(x[:, t + 1:], inputs[:, t + 1:t + K], weight, bias)
+        assert torch.allclose(rest, y[:, t + 1:], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
@@ -140,8 +141,8 @@ def test_recorded_states_equal_one_token_at_a_time(name):
         for rec, step in zip(recorded.layers, stepped.layers):
             if rec.recorded is None:
                 continue
-            K1 = step.conv.shape[-1]
-            assert rel_err(rec.recorded.conv_inputs[..., t + 1:t + 1 + K1], step.conv) < 1e-4
+            K1 = step.conv.shape[1]
+            assert rel_err(rec.recorded.conv_inputs[:, t + 1:t + 1 + K1], step.conv) < 1e-4
             assert rel_err(rec.recorded.states[t], step.ssm) < 1e-4
 
 
@@ -708,3 +709,78 @@ def test_eval_without_wikitext_names_text(tmp_path):
     text.write_text("\n".join(models.TINY_TEXT))
     result = run_cli("--model", str(tmp_path), "--eval", "--text", str(text), "--prompts", "1", "--max-new-tokens", "3")
     assert result.returncode == 0 and "layerskip" in result.stdout and "component" not in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark against transformers, on demand (not a test): python test_hsd.py --bench falcon-h1-0.5b
+
+def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2):
+    """Random weights of the official config (speed does not depend on the values), saved once in the official layout;
+    transformers and hsd load the same file. Runs alternate between the two; medians are reported."""
+    import statistics as st
+    import tempfile
+    import time
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = OFFICIAL_CONFIGS[name]
+    path = os.path.join(tempfile.gettempdir(), f"hsd-bench-{name}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        hf = (tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**cfg["text_config"])) if cfg["model_type"] == "qwen3_5" else
+              tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**cfg)))
+        hf.save_pretrained(path)
+        del hf
+    hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = models.load(path)
+    ids = torch.randint(0, 1000, (1, prompt_len))
+    prompt = ids[:, :16]
+
+    def seconds(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def hf_generate(n):
+        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    runs = {"hf decode": [], "hsd decode": [], "hf prefill": [], "hsd prefill": [], "spec": []}
+    with torch.inference_mode():
+        hf_generate(2), hsd.generate(ours, prompt[0], 2, draft="none")                       # warm up
+        for _ in range(repeats):
+            # transformers: generate n tokens minus generate 1 token = n - 1 decoding steps
+            runs["hf decode"].append((new_tokens - 1) / (seconds(lambda: hf_generate(new_tokens)) - seconds(lambda: hf_generate(1))))
+            runs["hsd decode"].append(new_tokens / hsd.generate(ours, prompt[0], new_tokens, draft="none")[1]["decode_s"])
+            runs["hf prefill"].append(seconds(lambda: hf(ids, logits_to_keep=1)))
+            runs["hsd prefill"].append(seconds(lambda: ours.logits(ours.hidden_states(ids, models.Cache(ours, prompt_len))[:, -1:])))
+            runs["spec"].append(hsd.generate(ours, prompt[0], new_tokens, draft="component", k=k)[1])
+        # the state bookkeeping of one round, timed alone: snapshot + restore, and commit after a verify pass
+        cache = models.Cache(ours, prompt_len + k + 2)
+        hsd.prefill(ours, cache, ids[0, :-1].tolist())
+        snap = hsd.snapshot(cache)
+        t_snap = seconds(lambda: [hsd.restore(cache, hsd.snapshot(cache)) for _ in range(1000)]) / 1000
+        t_commit = []
+        for _ in range(20):
+            logits = hsd.verify(ours, cache, 1, [2] * k)
+            t_commit.append(seconds(lambda: hsd.commit(cache, snap.length, hsd.accept([2] * k, logits)[0] + 1)))
+            hsd.restore(cache, snap)
+    med = {key: st.median(v) for key, v in runs.items() if key != "spec"}
+    spec = runs["spec"]
+    round_s = st.median(s["decode_s"] / s["rounds"] for s in spec)
+    print(f"{name}, random weights, fp32, CPU ({torch.get_num_threads()} threads), {repeats} alternating runs, medians")
+    print(f"decode  {new_tokens} tokens: hsd {med['hsd decode']:.2f} tok/s, transformers {med['hf decode']:.2f} tok/s "
+          f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in runs['hsd decode']]}, "
+          f"transformers {[round(x, 2) for x in runs['hf decode']]})")
+    print(f"prefill {prompt_len} tokens: hsd {med['hsd prefill']:.2f} s, transformers {med['hf prefill']:.2f} s "
+          f"-> {med['hf prefill'] / med['hsd prefill']:.2f}x")
+    print(f"speculative, component draft, k={k}: round {round_s * 1e3:.1f} ms; snapshot+restore {t_snap * 1e6:.1f} us, "
+          f"accept+commit {st.median(t_commit) * 1e6:.1f} us: {(t_snap + st.median(t_commit)) / round_s:.2%} of a round; "
+          f"in generate, accept+commit took {st.median(s['bookkeeping_s'] / s['decode_s'] for s in spec):.2%} of decoding")
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="hsd against transformers on random weights of an official config")
+    parser.add_argument("--bench", choices=list(OFFICIAL_CONFIGS), required=True)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    a = parser.parse_args()
+    bench(a.bench, new_tokens=a.tokens, repeats=a.repeats)
