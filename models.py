@@ -718,8 +718,8 @@ class Model(nn.Module):
 
 TINY = {
     "tiny-falcon-h1": Config(
-        family="falcon_h1", vocab_size=272, hidden_size=64, intermediate_size=128, layer_types=("hybrid",) * 6,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=256, max_position_embeddings=4096,
+        family="falcon_h1", vocab_size=97, hidden_size=64, intermediate_size=128, layer_types=("hybrid",) * 6,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=96, max_position_embeddings=4096,
         num_heads=4, num_kv_heads=2, head_dim=24, rope_theta=1e4, rotary_dim=24,
         mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=16,
         mamba_rms_norm=True, embedding_multiplier=5.656854249492381, lm_head_multiplier=0.5,
@@ -727,15 +727,15 @@ TINY = {
         ssm_in_multiplier=1.25, ssm_out_multiplier=0.23570226039551587, mlp_multipliers=(0.8838834764831844, 0.5859375),
         ssm_multipliers=(0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738)),
     "tiny-qwen3.5": Config(
-        family="qwen3_5", vocab_size=272, hidden_size=64, intermediate_size=128,
+        family="qwen3_5", vocab_size=97, hidden_size=64, intermediate_size=128,
         layer_types=("linear_attention",) * 3 + ("full_attention",) + ("linear_attention",) * 3 + ("full_attention",),
-        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=256, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=96, max_position_embeddings=4096,
         num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=1e7, rotary_dim=8, gated_attention=True,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
         linear_chunk_size=16),
     "tiny-qwen2.5": Config(
-        family="qwen2", vocab_size=272, hidden_size=64, intermediate_size=128, layer_types=("full_attention",) * 6,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=256, max_position_embeddings=4096,
+        family="qwen2", vocab_size=97, hidden_size=64, intermediate_size=128, layer_types=("full_attention",) * 6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=96, max_position_embeddings=4096,
         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, rotary_dim=16, qkv_bias=True),
 }
 
@@ -886,37 +886,21 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     return model.eval().requires_grad_(False)
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer for the tiny models: ids 0..255 are bytes, 256 is <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
-    symbols = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_symbol = _bytes_to_unicode()
-    vocab = {byte_to_symbol[b]: b for b in range(256)}
-    assert set(vocab) == set(symbols)
-    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    return tok
-
-
-def _bytes_to_unicode():
-    """GPT-2's reversible map from bytes to printable characters (what the ByteLevel pre-tokenizer uses)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
+def char_tokenizer():
+    """The tiny models' tokenizer: one token per printable ASCII character (ids 0..94) and newline (95); any other
+    character reads as "?"; 96 is <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models as tokenizer_models
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    tokenizer = Tokenizer(tokenizer_models.BPE(vocab={ch: i for i, ch in enumerate(chars)}, merges=[], unk_token="?"))
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return tokenizer
 
 
 def load_tokenizer(name_or_path):
-    """The model's tokenizers.Tokenizer, from tokenizer.json (the built-in byte tokenizer for tiny-* models)."""
+    """The model's tokenizers.Tokenizer, from tokenizer.json (char_tokenizer() for tiny-* models)."""
     if name_or_path in TINY:
-        return byte_tokenizer()
+        return char_tokenizer()
     from tokenizers import Tokenizer
     path = os.path.join(resolve(name_or_path), "tokenizer.json")
     if not os.path.exists(path):

@@ -29,7 +29,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_step_by_step_equals_full_forward(name):
     model = models.load(name)
-    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
     full = model(ids)                                                      # (B, T, V), no cache
     cache = models.Cache(model, max_len=40, batch_size=2)
     steps = torch.cat([model(ids[:, t:t + 1], cache) for t in range(40)], dim=1)
@@ -41,7 +41,7 @@ def test_step_by_step_equals_full_forward(name):
 def test_prefill_then_continue_equals_full_forward(name):
     """Chunked prefill, then a chunked continuation from the cached state, then a recording pass."""
     model = models.load(name)
-    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(1))
     full = model(ids)
     cache = models.Cache(model, max_len=60)
     parts = [model(ids[:, :21], cache), model(ids[:, 21:50], cache), model(ids[:, 50:], cache, record_states=True)]
@@ -132,7 +132,7 @@ def test_causal_conv_window():
 def test_recorded_states_equal_one_token_at_a_time(name):
     """A recording pass over T tokens keeps, for every position, the state that feeding the tokens one by one gives."""
     model = models.load(name)
-    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
     recorded, stepped = models.Cache(model, 30), models.Cache(model, 30)
     model(ids[:, :20], recorded), model(ids[:, :20], stepped)
     model(ids[:, 20:], recorded, record_states=True)
@@ -386,7 +386,7 @@ import hsd  # noqa: E402
 APPLICABLE = {"tiny-falcon-h1": ["component", "layerskip", "early-exit", "nothing"],
               "tiny-qwen3.5": ["component", "layerskip", "early-exit", "nothing"],
               "tiny-qwen2.5": ["layerskip", "early-exit", "nothing"]}
-PROMPTS = {"1-token": [72], "12-token": [84, 104, 101, 32, 99, 97, 116, 32, 115, 97, 116, 32]}
+PROMPTS = {"1-token": [40], "12-token": models.char_tokenizer().encode("The cat sat ").ids}
 NEW_TOKENS = 23          # not a multiple of k+1 for any k tested
 
 
@@ -498,8 +498,8 @@ def test_commit_keeps_the_state_after_n_tokens(name, n):
     hsd.verify(model, cache, fed[0], fed[1:])
     hsd.commit(cache, start, n)
     assert_same_state(cache, fed_one_by_one(model, prompt[:-1] + fed[:n], 40))
-    next_logits = model(torch.tensor([[99]]), cache)                      # and the cache goes on correctly
-    assert rel_err(next_logits, model(torch.tensor([prompt[:-1] + fed[:n] + [99]]))[:, -1:]) < 1e-9
+    next_logits = model(torch.tensor([[90]]), cache)                      # and the cache goes on correctly
+    assert rel_err(next_logits, model(torch.tensor([prompt[:-1] + fed[:n] + [90]]))[:, -1:]) < 1e-9
 
 
 @pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds[:-1]])
@@ -666,7 +666,7 @@ def test_eval_alpha_arithmetic(monkeypatch):
     """Acceptance per prompt from single rounds of 8 drafts: alpha_k = mean(min(n, k) / k), histogram of min(n, k)."""
     counts = iter([0, 8, 3, 5] * 3)        # per draft: prompt 1 shared 0, independent 8; prompt 2 shared 3, independent 5
     monkeypatch.setattr(hsd, "single_round", lambda *args: next(counts))
-    model, tok = tiny("tiny-falcon-h1", torch.float32), models.byte_tokenizer()
+    model, tok = tiny("tiny-falcon-h1", torch.float32), models.char_tokenizer()
     r = hsd.evaluate(model, tok, [models.TINY_TEXT[0]] * 2, models.TINY_TEXT[1], max_new_tokens=4)
     k = r["drafts"]["component"]["k"]
     assert k[2]["alpha_shared"] == (0 / 2 + 2 / 2) / 2 and k[2]["histogram_shared"] == [1, 0, 1]
@@ -700,9 +700,9 @@ def test_eval_runs_offline_and_the_json_carries_the_table(capsys):
 
 
 def test_eval_without_wikitext_names_text(tmp_path):
-    cfg = {**QWEN2_TINY_JSON, "vocab_size": 272}
+    cfg = {**QWEN2_TINY_JSON, "vocab_size": 97}
     save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path, cfg)
-    models.byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    models.char_tokenizer().save(str(tmp_path / "tokenizer.json"))
     result = run_cli("--model", str(tmp_path), "--eval", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2 and "WikiText-2" in result.stderr and "--text FILE" in result.stderr
     text = tmp_path / "text.txt"
