@@ -14,6 +14,7 @@ Usage: python hsd.py --model falcon-h1-0.5b  (README: the flags, --eval, what wa
 """
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -73,8 +74,7 @@ def commit(cache, start, n):
     cache.length = start + n
     for state in cache.layers:
         if state.recorded is not None:
-            window = state.conv.shape[1]                                 # K-1
-            state.conv = state.recorded.conv_inputs[:, n:n + window]
+            state.conv = state.recorded.conv_inputs[:, n:n + state.conv.shape[1]]   # the K-1 inputs up to token n-1
             state.ssm = state.recorded.states[n - 1]
             state.recorded = None
 
@@ -184,10 +184,8 @@ def generate(model, prompt_ids, max_new_tokens, draft="component", k=2, eos_toke
 def eval_text(path, model_name):
     """(prompts: non-empty lines longer than 100 characters, text: all non-empty lines joined by newlines)."""
     try:
-        if path:
-            lines = open(path, encoding="utf-8").read().splitlines()
-        elif model_name in models.TINY:
-            lines = models.TINY_TEXT
+        if path or model_name in models.TINY:         # a text file, or the tiny models' built-in text
+            lines = open(path, encoding="utf-8").read().splitlines() if path else models.TINY_TEXT
         else:                                        # WikiText-2 raw validation, as in the paper
             import pyarrow.parquet as pq
             from huggingface_hub import hf_hub_download
@@ -231,22 +229,21 @@ def compare(model, ids, skip, chunk=256):
                              -lq[:len(nxt)].gather(1, nxt).sum()]).cpu()
     return sums
 
-def step_times(model, skips, ks, context, repeats=5):
+def step_times(model, skips, ks, context, repeats=7):
     """Median seconds at a context: a full decoding step ("full"), a draft step (by name), a verify pass (by k)."""
     cache = models.Cache(model, context + max(ks) + 2)
     prefill(model, cache, torch.randint(model.config.vocab_size, (context,)).tolist())
-    snap, token, times = snapshot(cache), torch.tensor([[1]], device=cache.device), {}
+    snap, token = snapshot(cache), torch.tensor([[1]], device=cache.device)
     steps = {"full": partial(model, token, cache), **{k: partial(verify, model, cache, 1, [1] * k) for k in ks},
              **{d: partial(model, token, cache, skip=s) for d, s in skips.items()}}
-    for name, step in steps.items():
-        samples = []
-        for _ in range(repeats):
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):                   # the kinds of step take turns, so that drift affects all alike
+        for name, step in steps.items():
             t0 = clock(cache.device)
             step()
-            samples.append(clock(cache.device) - t0)
+            samples[name].append(clock(cache.device) - t0)
             restore(cache, snap)
-        times[name] = sorted(samples)[repeats // 2]
-    return times
+    return {name: sorted(s)[repeats // 2] for name, s in samples.items()}
 
 def break_even(times, draft, k, a):
     """The context L where the predicted speedup (1 + a) t_full / (k t_draft + t_verify) crosses 1, each time linear
@@ -266,7 +263,7 @@ def evaluate(model, tokenizer, prompts, text, max_new_tokens, ks=(2, 4, 8)):
     contexts = (sum(map(len, prompts)) // len(prompts), min(8192, c.max_position_embeddings // 2))
     times = {L: step_times(model, skips, ks, L) for L in contexts}
     plain_s = sum(generate(model, p, max_new_tokens, draft="none")[1]["decode_s"] for p in prompts)
-    result = {"prompts": len(prompts), "contexts": contexts, "drafts": {}}
+    result = {"prompts": len(prompts), "contexts": contexts, "step_seconds": times, "drafts": {}}
     for draft, skip in skips.items():
         accepted, sums = {"shared": [], "independent": []}, 0
         for p in prompts:
@@ -397,4 +394,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)     # output piped into `head` and the like: stop quietly
     sys.exit(main())

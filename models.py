@@ -665,6 +665,11 @@ class Skip:
     layers: frozenset = frozenset()
     attention: frozenset = frozenset()
 
+    def __str__(self):
+        parts = [f"layers {sorted(self.layers)}"] if self.layers else []
+        parts += [f"the attention branch in {len(self.attention)} layers"] if self.attention else []
+        return ", ".join(parts) or "nothing"
+
 
 class Model(nn.Module):
     """A causal LM of one of the three families. model(input_ids) -> logits (B, T, V) of the full model."""
