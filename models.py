@@ -102,7 +102,7 @@ def config_from_hf(cfg: dict) -> Config:
 
     def get(key, default=None, required=False):
         if required and cfg.get(key) is None:
-            raise UsageError(f"config.json has no value for {key!r}; it is needed to build {model_type}")
+            raise UsageError(f"config.json gives no value for {key!r} (null or missing); {model_type} needs it")
         value = cfg.get(key, default)
         return default if value is None and not required else value
 
@@ -130,6 +130,8 @@ def config_from_hf(cfg: dict) -> Config:
             raise UsageError("Falcon-H1 with mamba_norm_before_gate=true is not supported")
         mamba_heads = get("mamba_n_heads", required=True)
         d_ssm = get("mamba_d_ssm") or get("mamba_expand", 2) * common["hidden_size"]
+        if get("mamba_d_head", "auto") not in ("auto", d_ssm // mamba_heads):
+            raise UsageError(f"mamba_d_head {get('mamba_d_head')} is not mamba_d_ssm / mamba_n_heads = {d_ssm // mamba_heads}")
         # muP multipliers: an absent key takes transformers' default, an explicit null is an error
         mup = {key: get(key, default, required=key in cfg)
                for key, default in [("embedding_multiplier", 1.0), ("lm_head_multiplier", 1.0),
@@ -151,7 +153,7 @@ def config_from_hf(cfg: dict) -> Config:
             for i in range(n_layers)]
         return Config(
             family="qwen3_5", layer_types=tuple(layer_types), **{**common, "rotary_dim": int(
-                head_dim * rope.get("partial_rotary_factor", 0.25))},
+                head_dim * rope.get("partial_rotary_factor", get("partial_rotary_factor", 0.25)))},
             qkv_bias=bool(get("attention_bias", False)), gated_attention=True,
             linear_num_key_heads=get("linear_num_key_heads", 16), linear_num_value_heads=get("linear_num_value_heads", 32),
             linear_key_head_dim=get("linear_key_head_dim", 128), linear_value_head_dim=get("linear_value_head_dim", 128),
@@ -174,7 +176,8 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 
 
 class Linear(nn.Linear):
-    """nn.Linear; on CPU in fp32 the product runs through oneDNN instead of the default BLAS.
+    """nn.Linear; on CPU in fp32, when no gradient is needed, the product runs through oneDNN instead of the default
+    BLAS (that oneDNN call has no backward pass, so training goes through F.linear).
 
     Same result up to rounding. Why: decoding multiplies 1..k+1 rows by every weight matrix, which is bound by
     reading the weights. On the 2-core AMD EPYC this project is tested on, F.linear (MKL) streams weights at
@@ -182,7 +185,8 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x):
-        if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not needs_grad:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -261,9 +265,6 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, heads, T, hd)
 
         if state is not None:  # write this call's keys and values at positions start.., read everything so far
-            if start + T > state.keys.shape[2]:
-                raise ValueError(f"KV cache holds {state.keys.shape[2]} positions; position {start + T - 1} "
-                                 "does not fit: make the Cache with a larger max_len")
             state.keys[:, :, start:start + T] = k
             state.values[:, :, start:start + T] = v
             k, v = state.keys[:, :, :start + T], state.values[:, :, :start + T]    # (B, Hkv, S+T, hd)
@@ -304,12 +305,14 @@ def causal_conv(x, window, weight, bias):
     """
     T, K = x.shape[1], weight.shape[-1]
     inputs = torch.cat([window, x], dim=1)                         # (B, K-1+T, C)
-    y = inputs[:, :T] * weight[:, 0, 0]                            # tap 0, the oldest input: y is a new tensor,
+    f32 = torch.promote_types(x.dtype, torch.float32)              # sum the taps in fp32, round once (as conv1d)
+    w = weight[:, 0].to(f32)                                       # (C, K)
+    y = inputs[:, :T].to(f32) * w[:, 0]                            # tap 0, the oldest input: y is a new tensor,
     for j in range(1, K):                                          # so the other taps accumulate into it in place
-        y.addcmul_(inputs[:, j:j + T], weight[:, 0, j])
+        y.addcmul_(inputs[:, j:j + T], w[:, j])
     if bias is not None:
         y += bias
-    return F.silu(y, inplace=True), inputs
+    return F.silu(y.to(x.dtype), inplace=True), inputs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,7 +387,8 @@ def ssd_chunked(x, dt, A, B, C, state, chunk_size):
 
 
 class Mamba2Mixer(nn.Module):
-    """Falcon-H1's Mamba-2 branch: in_proj -> (z, xBC, dt) -> conv+SiLU -> SSD scan + D skip -> gate -> out_proj."""
+    """Falcon-H1's Mamba-2 branch: in_proj -> (z, xBC, dt) -> conv+SiLU -> SSD scan + D skip -> gate (then a grouped
+    RMSNorm if mamba_rms_norm) -> out_proj."""
 
     def __init__(self, c: Config):
         super().__init__()
@@ -408,7 +412,8 @@ class Mamba2Mixer(nn.Module):
         H, P, N, G, Z, GN = c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, c.mamba_n_groups, self.Z, self.GN
         p = self.in_proj(u * c.ssm_in_multiplier)                           # (B, T, 2Z + 2GN + H)
         z, x, Bm, Cm, dt = p.split([Z, Z, GN, GN, H], dim=-1)
-        s_z, s_x, s_B, s_C, s_dt = c.ssm_multipliers                        # the µP vector, one factor per slice
+        # the µP vector, one factor per slice, held in the model's dtype (as transformers' mup_vector buffer)
+        s_z, s_x, s_B, s_C, s_dt = torch.tensor(c.ssm_multipliers, dtype=p.dtype, device=p.device)
         z, dt = z * s_z, dt * s_dt
         xBC = torch.cat([x * s_x, Bm * s_B, Cm * s_C], dim=-1)              # (B, T, Z + 2GN)
 
@@ -431,13 +436,13 @@ class Mamba2Mixer(nn.Module):
         else:
             y, final = ssd_chunked(x, dt, A, Bm, Cm, s0, c.mamba_chunk_size)
         y = y + x * self.D.to(f32)[:, None]                                       # D skip, per head
-        y = y.reshape(Bsz, T, Z) * F.silu(z.to(f32))                              # gate
+        y = y.reshape(Bsz, T, Z) * F.silu(z.to(f32) if c.mamba_rms_norm else z)  # gate (silu in fp32 before the norm)
         if c.mamba_rms_norm:                                                      # grouped RMSNorm, after the gate
             y = y.view(Bsz, T, G, Z // G)
             y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
             y = (self.norm.weight.to(f32) * y.reshape(Bsz, T, Z))
         if state is not None:
-            state.conv, state.ssm = conv_inputs[:, T:], final
+            state.conv, state.ssm = conv_inputs[:, T:].clone(), final          # a copy: a view would keep all T inputs
             state.recorded = Recorded(conv_inputs, states) if record else None
         return self.out_proj(y.to(u.dtype))
 
@@ -551,7 +556,7 @@ class GatedDeltaNet(nn.Module):
             o, final = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size)
         o = (self.norm(o.to(u.dtype)) * F.silu(z.to(f32))).to(u.dtype)      # (B, T, Hv, dv)
         if state is not None:
-            state.conv, state.ssm = conv_inputs[:, T:], final
+            state.conv, state.ssm = conv_inputs[:, T:].clone(), final          # a copy: a view would keep all T inputs
             state.recorded = Recorded(conv_inputs, states) if record else None
         return self.out_proj(o.reshape(Bsz, T, Hv * dv))
 
@@ -588,7 +593,7 @@ class Cache:
         c, p = model.config, model.lm_head.weight
         f32 = torch.promote_types(p.dtype, torch.float32)
         self.length = 0                  # tokens held = position of the next token
-        self.device = p.device
+        self.max_len, self.device = max_len, p.device
         self.layers = []
         for layer_type in c.layer_types:
             s = LayerState()
@@ -672,7 +677,8 @@ class Skip:
 
 
 class Model(nn.Module):
-    """A causal LM of one of the three families. model(input_ids) -> logits (B, T, V) of the full model."""
+    """A causal LM of one of the three families. model(input_ids) -> logits (B, T, V) of the full model.
+    No padding or attention mask: the sequences of a batch have equal lengths (hsd decodes one at a time)."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -698,6 +704,11 @@ class Model(nn.Module):
             raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
         c, skip = self.config, skip or Skip()
         start, T = (cache.length if cache is not None else 0), input_ids.shape[1]
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"the cache holds {cache.max_len} positions; {start + T} do not fit: make a larger Cache")
+        if cache is not None and record_states:
+            for state in cache.layers:
+                state.recorded = None               # layers left out by skip record nothing
         positions = torch.arange(start, start + T, device=input_ids.device)
         h = self.model.embed_tokens(input_ids) * c.embedding_multiplier          # (B, T, D)
         rope = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)
@@ -715,6 +726,7 @@ class Model(nn.Module):
         return self.lm_head(h) * self.config.lm_head_multiplier
 
     def forward(self, input_ids, cache=None, skip=None, record_states=False):
+        """Logits (B, T, V); the arguments as for hidden_states (with a skip, the draft model's logits)."""
         return self.logits(self.hidden_states(input_ids, cache, skip, record_states))
 
 
@@ -808,8 +820,8 @@ def checkpoint_name(name, config):
 
 def resolve(name_or_path):
     """A local directory holding config.json, tokenizer.json and the safetensors, downloading them if needed."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        return os.path.expanduser(name_or_path)
     if name_or_path.startswith(("/", ".", "~")):
         raise UsageError(f"no such directory: {name_or_path}")
     repo = OFFICIAL.get(name_or_path, name_or_path)
@@ -833,7 +845,11 @@ def safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+            files = sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise UsageError(f"{index} lists {os.path.basename(missing[0])}, which is not there: download it again")
+        return files
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise UsageError(f"no *.safetensors files in {path}")
@@ -845,8 +861,8 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     """Load a model in eval mode: a short name (see OFFICIAL), a built-in tiny-* model, a Hub repo id or a local
     directory in the official layout (config.json + *.safetensors, sharded or not).
 
-    The model is built on the meta device (no memory), given empty storage, and every tensor is checked and copied
-    in one at a time straight from the memory-mapped files: peak memory stays near one copy of the weights.
+    The model is built on the meta device (no memory), given empty storage, and every tensor is checked, then read
+    and copied in one at a time: peak memory stays near one copy of the weights (plus the largest tensor).
     """
     if name_or_path in TINY:
         model = init_random(Model(TINY[name_or_path]), seed=0).to(device=device, dtype=dtype)
@@ -858,6 +874,8 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
             config = config_from_hf(json.load(f))
     except FileNotFoundError:
         raise UsageError(f"no config.json in {path}") from None
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise UsageError(f"cannot read {path}/config.json: {type(e).__name__}: {e}") from None
 
     with torch.device("meta"):
         model = Model(config)
@@ -875,6 +893,9 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
                     continue
                 if name not in expected:
                     unexpected.append(key)
+                if name in where:
+                    raise UsageError(f"{path} holds two tensors for {name}: {where[name][1]} in "
+                                     f"{os.path.basename(where[name][0])} and {key} in {os.path.basename(file)}")
                 where[name] = (file, key, tuple(f.get_slice(key).get_shape()))
     problems = [f"missing tensor {n} {tuple(p.shape)}" for n, p in expected.items() if n not in where]
     problems += [f"tensor {key} has shape {shape}, expected {tuple(expected[n].shape)}"

@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_hsd.py        (offline, ~2 minutes on 2 cores; transformers is a test-only oracle)
 Benchmark against transformers:  python test_hsd.py --bench falcon-h1-0.5b   (see README, "Speed")
 """
+import ctypes
 import json
 import math
 import os
@@ -215,6 +216,19 @@ def test_logits_equal_transformers(official, T):
     assert rel_err(steps, expected) < 1e-4
 
 
+def test_bfloat16_logits_equal_transformers(official):
+    """In bf16 too, the whole-sequence pass rounds where transformers rounds (the conv sums its taps in fp32, the µP
+    factors are bf16 numbers, the Mamba gate's SiLU runs in bf16). Cached decoding deliberately keeps the recurrent
+    updates in fp32 (README, "Precision"), so only the whole sequence is compared."""
+    hf, path = official
+    hf_bf16 = type(hf).from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 300, (1, 70), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = hf_bf16(ids).logits.float()
+    # observed: 0 to 2e-3 (the chunked delta rule orders its fp32 sums differently); before the fixes, 1e-2 to 2e-2
+    assert rel_err(models.load(str(path), dtype=torch.bfloat16)(ids).float(), expected) < 5e-3
+
+
 def test_checkpoint_layouts(official):
     _, path = official
     names = os.listdir(path)
@@ -299,16 +313,31 @@ def test_official_configs_give_the_official_tensors(name):
 # ----------------------------------------------------------------------------------------------------------
 # Loading: round trip and the errors a user can cause
 
+def write_safetensors(tensors, path):
+    """The safetensors format by hand: 8-byte header length, JSON header, raw bytes (safetensors' own writer needs
+    numpy, which the project does not)."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        size = t.numel() * t.element_size()
+        dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}[t.dtype]
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        blobs.append(ctypes.string_at(t.data_ptr(), size))
+        offset += size
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
 def save_checkpoint(model, path, cfg, drop=(), reshape=()):
     """Write model in the official layout (config.json + model.safetensors), optionally damaged."""
-    from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    tensors = {k: v.contiguous() for k, v in model.named_parameters() if k not in drop}
+    tensors = {k: v for k, v in model.named_parameters() if k not in drop}
     for k in reshape:
         tensors[k] = tensors[k][:-1]
-    save_file(tensors, os.path.join(path, "model.safetensors"))
+    write_safetensors(tensors, os.path.join(path, "model.safetensors"))
 
 
 QWEN2_TINY_JSON = {"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
@@ -317,14 +346,14 @@ QWEN2_TINY_JSON = {"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, 
 
 
 def test_load_round_trip_in_bfloat16(tmp_path):
-    model = models.init_random(models.Model(models.config_from_hf(QWEN2_TINY_JSON)), seed=3)
+    model = models.init_random(models.Model(models.config_from_hf(QWEN2_TINY_JSON)), seed=3).requires_grad_(False)
     save_checkpoint(model, tmp_path, QWEN2_TINY_JSON)
-    loaded = models.load(str(tmp_path))
-    ids = torch.randint(0, 300, (1, 9))
-    assert torch.equal(loaded(ids), model(ids))
+    loaded, half = models.load(str(tmp_path)), models.load(str(tmp_path), dtype=torch.bfloat16)
+    for (name, p), q, h in zip(model.named_parameters(), loaded.parameters(), half.parameters(), strict=True):
+        assert torch.equal(q, p) and torch.equal(h, p.bfloat16()), name           # fp32 exact; bf16 = rounded fp32
     assert not loaded.training and loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    half = models.load(str(tmp_path), dtype=torch.bfloat16)
-    assert half.lm_head.weight.dtype == torch.bfloat16 and rel_err(half(ids).float(), model(ids)) < 0.05
+    ids = torch.randint(0, 300, (8, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(ids), model(ids)) and rel_err(half(ids).float(), model(ids)) < 0.1
 
 
 def test_load_reports_a_missing_tensor_by_name(tmp_path):
