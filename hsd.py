@@ -17,7 +17,7 @@ import json
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from functools import partial
 
 import torch
@@ -48,11 +48,7 @@ def draft_skip(config, draft):
 
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
-@dataclass
-class Snapshot:
-    length: int      # committed tokens; KV entries at positions >= length are scratch
-    conv: list       # per layer: the conv window tensor (None for attention-only layers)
-    ssm: list        # per layer: the recurrent state tensor
+Snapshot = namedtuple("Snapshot", "length conv ssm")    # committed tokens; per layer: conv window, recurrent state
 
 def snapshot(cache):
     """Remember the committed state. References, not copies: the models never write a conv window or a recurrent
@@ -127,15 +123,16 @@ def clock(device):
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
-def prefill(model, cache, tokens):
-    """Feed tokens with the full model (chunked scans); no logits needed."""
+def prefill(model, cache, tokens, skip=None):
+    """Feed tokens with the full model (or, given a skip, the draft model): chunked scans, no logits needed."""
     if tokens:
-        model.hidden_states(torch.tensor([tokens], device=cache.device), cache)
+        model.hidden_states(torch.tensor([tokens], device=cache.device), cache, skip=skip)
 
 def check_request(model, prompt, max_new_tokens, k):
     vocab, context = model.config.vocab_size, model.config.max_position_embeddings
     for bad, message in [
             (not prompt, "the prompt is empty: give at least one token"), (k < 1, f"k must be at least 1 (got {k})"),
+            (max_new_tokens < 0, f"the number of new tokens must be at least 0 (got {max_new_tokens})"),
             (prompt and not 0 <= min(prompt) <= max(prompt) < vocab, f"token ids must lie in 0..{vocab - 1}"),
             (len(prompt) + max_new_tokens > context, f"prompt + new tokens exceed the model's context of {context}")]:
         if bad:
@@ -194,7 +191,7 @@ def eval_text(path, model_name):
     except Exception as e:      # no such file; or no network and nothing cached, or no pyarrow to read the parquet file
         raise models.UsageError(f"cannot read {path or 'WikiText-2 (it needs the Hub and `pip install pyarrow`)'}: "
                                 f"{type(e).__name__}: {str(e)[:80]}; pass --text FILE") from None
-    lines = [line.strip() for line in lines if line.strip()]
+    lines = [line.rstrip("\n") for line in lines if line.strip()]     # raw WikiText lines start with a space: kept
     return [line for line in lines if len(line) > 100], "\n".join(lines)
 
 def bootstrap_ci(values, resamples=10_000, seed=0):
@@ -209,7 +206,7 @@ def single_round(model, cache, prompt, skip, k, independent):
     own, made by running the draft over the prompt (independent, as the paper's code did)."""
     snap, own = snapshot(cache), models.Cache(model, len(prompt) + k) if independent else cache
     if independent:
-        model.hidden_states(torch.tensor([prompt[:-1]], device=cache.device), own, skip=skip)
+        prefill(model, own, prompt[:-1], skip)
     drafts = draft_tokens(model, own, prompt[-1], skip, k)
     restore(cache, snap)
     n, _ = accept(drafts, verify(model, cache, prompt[-1], drafts))
@@ -232,7 +229,8 @@ def compare(model, ids, skip, chunk=256):
 def step_times(model, skips, ks, context, repeats=7):
     """Median seconds at a context: a full decoding step ("full"), a draft step (by name), a verify pass (by k)."""
     cache = models.Cache(model, context + max(ks) + 2)
-    prefill(model, cache, torch.randint(model.config.vocab_size, (context,)).tolist())
+    tokens = torch.randint(model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
+    prefill(model, cache, tokens.tolist())
     snap, token = snapshot(cache), torch.tensor([[1]], device=cache.device)
     steps = {"full": partial(model, token, cache), **{k: partial(verify, model, cache, 1, [1] * k) for k in ks},
              **{d: partial(model, token, cache, skip=s) for d, s in skips.items()}}
@@ -245,13 +243,13 @@ def step_times(model, skips, ks, context, repeats=7):
             restore(cache, snap)
     return {name: sorted(s)[repeats // 2] for name, s in samples.items()}
 
-def break_even(times, draft, k, a):
-    """The context L where the predicted speedup (1 + a) t_full / (k t_draft + t_verify) crosses 1, each time linear
-    in L through the two measured contexts; None if it does not cross at a positive L."""
+def break_even(times, draft, k, a, max_context):
+    """The context from which on the predicted speedup (1 + a) t_full / (k t_draft + t_verify) exceeds 1, each time
+    linear in L through the two measured contexts: 0 if it does at both, None if not up to max_context."""
     (L0, t0), (L1, t1) = times.items()
     gap0, gap1 = ((1 + a) * t["full"] - k * t[draft] - t[k] for t in (t0, t1))
-    crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0) if gap1 != gap0 else -1
-    return round(crossing) if crossing > 0 else None
+    crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0) if gap1 > gap0 else float("inf")    # rising through 0
+    return 0 if min(gap0, gap1) >= 0 else round(crossing) if crossing <= max_context else None
 
 @torch.inference_mode()
 def evaluate(model, tokenizer, prompts, text, max_new_tokens, ks=(2, 4, 8)):
@@ -259,10 +257,12 @@ def evaluate(model, tokenizer, prompts, text, max_new_tokens, ks=(2, 4, 8)):
     device, c = model.lm_head.weight.device, model.config
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids[:512] for p in prompts]
     text_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False).ids[:2048]], device=device)
-    skips = {d: draft_skip(c, d) for d in DRAFTS[:-1] if d != "component" or c.family != "qwen2"}
-    contexts = (sum(map(len, prompts)) // len(prompts), min(8192, c.max_position_embeddings // 2))
+    skips = {d: draft_skip(c, d) for d in DRAFTS if d != "none" and (d != "component" or c.family != "qwen2")}
+    L0 = sum(map(len, prompts)) // len(prompts)
+    contexts = (L0, max(2 * L0, min(8192, c.max_position_embeddings // 2)))
     times = {L: step_times(model, skips, ks, L) for L in contexts}
-    plain_s = sum(generate(model, p, max_new_tokens, draft="none")[1]["decode_s"] for p in prompts)
+    plain = [generate(model, p, max_new_tokens, draft="none")[1] for p in prompts]
+    plain_rate = sum(s["new_tokens"] for s in plain) / sum(s["decode_s"] for s in plain)
     result = {"prompts": len(prompts), "contexts": contexts, "step_seconds": times, "drafts": {}}
     for draft, skip in skips.items():
         accepted, sums = {"shared": [], "independent": []}, 0
@@ -284,17 +284,18 @@ def evaluate(model, tokenizer, prompts, text, max_new_tokens, ks=(2, 4, 8)):
                 row[f"ci_{variant}"] = bootstrap_ci([min(n, k) / k for n in ns])
                 row[f"histogram_{variant}"] = [sum(min(n, k) == a for n in ns) for a in range(k + 1)]
             runs = [generate(model, p, max_new_tokens, draft=draft, k=k)[1] for p in prompts]
-            total = {key: sum(s[key] for s in runs) for key in ("accepted", "drafted", "rounds", "decode_s")}
+            total = {x: sum(s[x] for s in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
             row["alpha_multi"] = total["accepted"] / max(1, total["drafted"])
             row["accepted_per_round"] = a = total["accepted"] / max(1, total["rounds"])
             row["v"] = times[contexts[0]][k] / times[contexts[0]]["full"]
             row["predicted_speedup"] = (1 + a) / (k * d["c"] + row["v"])
-            row["measured_speedup"] = plain_s / total["decode_s"]
-            row["break_even_context"] = break_even(times, draft, k, a)
+            row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate        # tokens/s ratio
+            row["break_even_context"] = break_even(times, draft, k, a, c.max_position_embeddings)
     return result
 
 def eval_table(name, r):
-    yield f"{name}: {r['prompts']} prompts, full-model perplexity {r['perplexity_full']:.2f}, costs at {r['contexts']}"
+    yield (f"{name}: {r['prompts']} prompts, full-model perplexity {r['perplexity_full']:.2f}; c and v at "
+           f"{r['contexts'][0]} tokens, break-even from step times at {r['contexts'][0]} and {r['contexts'][1]}")
     yield ("draft        k   alpha shared [95% CI]  alpha indep. [95% CI]  multi acc/rnd     c     v predicted measured"
            "  break-even")
     for draft, d in r["drafts"].items():
@@ -304,9 +305,9 @@ def eval_table(name, r):
             yield (f"{draft:11} {k:>2} {a[0]:>23} {a[1]:>22} {row['alpha_multi']:6.3f} {row['accepted_per_round']:7.2f} "
                    f"{d['c']:5.2f} {row['v']:5.2f} {row['predicted_speedup']:8.2f}x {row['measured_speedup']:7.2f}x "
                    f"{row['break_even_context'] or '-':>11}")
+        hist = ", ".join(f"k={k} {x['histogram_shared']} / {x['histogram_independent']}" for k, x in d["k"].items())
         yield (f"{'':14} TVD {d['tvd']:.3f}, top-1 agreement {d['top1_agreement']:.3f}, KL {d['kl']:.3f}, perplexity "
-               f"{d['perplexity']:.2f} ({d['perplexity_ratio']:.2f}x); accepted of k={k}: shared "
-               f"{row['histogram_shared']}, independent {row['histogram_independent']}")
+               f"{d['perplexity']:.2f} ({d['perplexity_ratio']:.2f}x); accepted 0..k, shared / independent: {hist}")
 
 
 # --- Command line ------------------------------------------------------------------------------------------------
@@ -324,22 +325,21 @@ def trace_lines(rounds, tokenizer, color):
                f"{'bonus' if n == len(drafts) else 'correction'} {paint('36', show(tokenizer, [next_token]))}")
 
 def first_difference(model, prompt, spec, plain):
-    """Where the speculative and the plain tokens part, by what logit margin the full model chose there, and why."""
+    """Where the speculative and the plain tokens part, and by what logit margin the full model chose there."""
     i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)      # EOS ends both at the same place
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt + plain[:i]], device=model.lm_head.weight.device))[0, -1]
-    why = ("in bfloat16 a (k+1)-token verify pass and single steps round differently, so a near-tie can flip; "
-           "--dtype float32 checks exactly" if logits.dtype == torch.bfloat16 else "in float32 this is a bug")
-    return (f"new token {i}: speculative {spec[i]}, greedy {plain[i]}, whose logits differ by "
-            f"{(logits[plain[i]] - logits[spec[i]]).item():.3g} (logit std {logits.float().std().item():.3g}): {why}")
+        logits = model(torch.tensor([prompt + plain[:i]], device=model.lm_head.weight.device))[0, -1].float()
+    margin = (logits[plain[i]] - logits[spec[i]]).item()
+    return (f"new token {i}: speculative {spec[i]}, greedy {plain[i]}, logit margin {margin:.3g} (logit std "
+            f"{logits.std().item():.3g}). A margin far below the std is a near-tie, which a verify pass of k+1 tokens "
+            "and single-token steps, rounding differently, can flip (bfloat16 far more often than float32); else a bug")
 
 def run_generate(args, model, tokenizer):
     prompt = tokenizer.encode(args.prompt).ids
     check_request(model, prompt, args.max_new_tokens, args.k)
     print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), "
           f"draft {args.draft}, k={args.k}: skips {draft_skip(model.config, args.draft)}")
-    if args.check:                                                      # warm up, so neither run pays for it
-        generate(model, prompt, 2, draft=args.draft, k=args.k)
+    generate(model, prompt, 2, draft=args.draft, k=args.k)              # warm up: time what decoding costs
     tokens, s = generate(model, prompt, args.max_new_tokens, draft=args.draft, k=args.k)
     rounds = s.pop("trace")
     print(f"prompt  {show(tokenizer, prompt)}\noutput  {show(tokenizer, tokens)}")
@@ -360,6 +360,7 @@ def run_generate(args, model, tokenizer):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy self-speculative decoding in hybrid language models.")
+    p.error = lambda message: p.exit(2, f"hsd: error: {message} (see --help)\n")     # one line, no usage text
     p.add_argument("--model", required=True, help=f"{', '.join([*models.OFFICIAL, *models.TINY])}, repo id or folder")
     p.add_argument("--draft", default="component", choices=DRAFTS, help="draft strategy (default: component)")
     p.add_argument("-k", type=int, default=2, help="drafted tokens per round (default: 2)")
@@ -377,10 +378,11 @@ def main(argv=None):
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise models.UsageError("CUDA is not available on this machine: use --device cpu")
-        model = models.load(args.model, getattr(torch, args.dtype), args.device)
-        tokenizer = models.load_tokenizer(args.model)
+        model, tokenizer = models.load(args.model, getattr(torch, args.dtype), args.device), models.load_tokenizer(args.model)
         if args.eval:
             prompts, text = eval_text(args.text, args.model)
+            if not prompts[:max(args.prompts, 0)]:
+                raise models.UsageError("no prompts: give --prompts >= 1 and a text with lines over 100 characters")
             s = {**vars(args), **evaluate(model, tokenizer, prompts[:args.prompts], text, args.max_new_tokens)}
             print(*eval_table(args.model, s), sep="\n")
         else:

@@ -654,11 +654,15 @@ def test_bootstrap_interval():
 
 
 def test_break_even_arithmetic():
-    # gap(L) = (1 + a) t_full - k t_draft - t_verify: -1.0 at L=100 and +1.0 at L=1100 -> crosses at 600
+    # gap(L) = (1 + a) t_full - k t_draft - t_verify: -1.0 at L=100 and +1.0 at L=1100 -> from 600 on it pays off
     times = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 2.5, "component": 0.9, 2: 2.2}}
-    assert hsd.break_even(times, "component", 2, 1.0) == 600
+    assert hsd.break_even(times, "component", 2, 1.0, max_context=4096) == 600
+    assert hsd.break_even(times, "component", 2, 1.0, max_context=500) is None        # beyond the model's context
+    assert hsd.break_even(times, "component", 2, 3.0, max_context=4096) == 0          # pays off at both contexts
     flat = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
-    assert hsd.break_even(flat, "component", 2, 1.0) is None
+    assert hsd.break_even(flat, "component", 2, 1.0, max_context=4096) is None
+    falling = {100: {"full": 2.5, "component": 0.9, 2: 2.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
+    assert hsd.break_even(falling, "component", 2, 1.0, max_context=4096) is None     # pays off only below 600
 
 
 def direct_distributions(model, ids, skip):
