@@ -17,6 +17,7 @@ import torch
 import models
 
 FAMILIES = list(models.TINY)
+PROMPTS_IDS = models.char_tokenizer().encode("The cat sat on the mat.").ids
 
 
 def rel_err(a, b):
@@ -47,6 +48,23 @@ def test_prefill_then_continue_equals_full_forward(name):
     cache = models.Cache(model, max_len=60)
     parts = [model(ids[:, :21], cache), model(ids[:, 21:50], cache), model(ids[:, 50:], cache, record_states=True)]
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
+
+
+def test_gradients_flow():
+    """The oneDNN product (no backward pass) is used only when no gradient is needed."""
+    model = models.init_random(models.Model(models.TINY["tiny-falcon-h1"]))
+    model(torch.tensor([PROMPTS_IDS])).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_a_call_that_does_not_fit_the_cache_changes_nothing():
+    model = models.load("tiny-falcon-h1")
+    cache = models.Cache(model, max_len=10)
+    model(torch.tensor([PROMPTS_IDS[:8]]), cache)
+    before = [(s.conv, s.ssm) for s in cache.layers]
+    with pytest.raises(ValueError, match="do not fit"):
+        model(torch.tensor([PROMPTS_IDS[:3]]), cache)
+    assert cache.length == 8 and all(s.conv is c and s.ssm is m for s, (c, m) in zip(cache.layers, before))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,6 +506,27 @@ def test_eos_inside_a_round_stops_there(name):
     assert tokens == reference[:j + 1]
 
 
+def test_generate_takes_a_tensor_prompt():
+    prompt = torch.tensor(PROMPTS["12-token"])
+    tokens, _ = hsd.generate(tiny("tiny-qwen2.5"), prompt, NEW_TOKENS, draft="layerskip", k=3, eos_token_id=-1)
+    assert tokens == reference_greedy("tiny-qwen2.5", PROMPTS["12-token"])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_eos_as_the_correction_token(name):
+    """EOS chosen by the full model after a rejected draft ends the generation right there."""
+    draft = "layerskip"
+    _, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=draft, k=2, eos_token_id=-1)
+    position, eos = 0, None
+    for drafts, n, next_token in stats["trace"]:
+        position += n + 1
+        if n < len(drafts) and next_token not in reference_greedy(name, PROMPTS["12-token"])[:position - 1]:
+            eos = next_token
+            break
+    tokens, _ = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=draft, k=2, eos_token_id=eos)
+    assert eos is not None and tokens == reference_greedy(name, PROMPTS["12-token"])[:position]
+
+
 @pytest.mark.parametrize("max_new", [1, 2, 7])
 def test_never_more_than_max_new_tokens(max_new):
     tokens, _ = hsd.generate(tiny("tiny-falcon-h1"), PROMPTS["12-token"], max_new, draft="component", k=8, eos_token_id=-1)
@@ -613,6 +652,22 @@ def test_cli_check_json(name, capsys):
     assert sum(line.startswith("round") for line in out) == stats["rounds"]
 
 
+def test_cli_check_reports_a_mismatch(monkeypatch, capsys):
+    """If speculation went wrong, --check fails (exit 1) and says where, with the full model's logit margin."""
+    real_accept = hsd.accept
+    monkeypatch.setattr(hsd, "accept", lambda drafts, logits: (0, (real_accept(drafts, logits)[1] + 1) % 97))
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "8", "--check", "--json"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "new token 0:" in out and "logit margin" in out
+    assert json.loads(out.strip().splitlines()[-1])["identical_to_greedy"] is False
+
+
+def test_cli_trace_is_plain_when_piped(capsys):
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "8", "--trace"]) == 0
+    out = capsys.readouterr().out
+    assert "round   1  accepted" in out and "\033[" not in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model"], "unknown model"),
     (["--model", "./missing-dir"], "no such directory"),
@@ -620,9 +675,17 @@ def test_cli_check_json(name, capsys):
     (["--model", "tiny-qwen2.5"], "use --draft layerskip"),
     (["--model", "tiny-falcon-h1", "--prompt", ""], "prompt is empty"),
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "5000"], "exceed the model's context"),
+    (["--model", "tiny-falcon-h1", "--max-new-tokens", "-1"], "at least 0"),
+    (["--model", "tiny-falcon-h1", "--eval", "--prompts", "0"], "no prompts"),
+    (["--model", "tiny-falcon-h1", "--draft", "medusa"], "invalid choice: 'medusa'"),
+    (["--model", "tiny-falcon-h1", "-k", "two"], "invalid int value: 'two'"),
 ])
 def test_cli_user_errors_are_one_line(args, message, capsys):
-    assert hsd.main(args) == 2
+    try:
+        status = hsd.main(args)
+    except SystemExit as e:                                  # argparse's own errors exit from inside parse_args
+        status = e.code
+    assert status == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -650,7 +713,8 @@ def test_bootstrap_interval():
     low, high = hsd.bootstrap_ci([0.0] * 100 + [1.0] * 100)
     half_width = 1.96 * math.sqrt(0.25 / 200)                   # the normal approximation
     assert abs(low - (0.5 - half_width)) < 0.01 and abs(high - (0.5 + half_width)) < 0.01
-    assert hsd.bootstrap_ci([0.0, 1.0, 0.5]) == hsd.bootstrap_ci([0.0, 1.0, 0.5])     # fixed seed
+    values = torch.rand(50, generator=torch.Generator().manual_seed(0)).tolist()
+    assert hsd.bootstrap_ci(values) == hsd.bootstrap_ci(values) != hsd.bootstrap_ci(values, seed=1)    # a fixed seed
 
 
 def test_break_even_arithmetic():
@@ -685,6 +749,37 @@ def test_compare_against_direct_computation(name):
     assert none[0] == 0 and none[1] == ids.shape[1] and none[2] == 0 and none[3] == none[4]
 
 
+def draft_without_cache(model, ids, skip, k):
+    """The paper's protocol, literally: the draft model recomputes the whole prefix for each of its k tokens."""
+    ids = list(ids)
+    for _ in range(k):
+        ids.append(int(model(torch.tensor([ids]), skip=skip)[0, -1].argmax()))
+    return ids[-k:]
+
+
+@pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds[:-1]])
+def test_independent_single_round_is_the_papers_protocol(name, draft):
+    model, skip = tiny(name), hsd.draft_skip(tiny(name).config, draft)
+    for text in ["The cat sat on the mat", "A", "Speculative decoding drafts"]:
+        prompt = models.char_tokenizer().encode(text).ids
+        drafts = draft_without_cache(model, prompt, skip, 5)
+        full = model(torch.tensor([prompt + drafts]))[0, len(prompt) - 1:].argmax(-1).tolist()
+        expected = next((i for i in range(5) if drafts[i] != full[i]), 5)
+        cache = models.Cache(model, len(prompt) + 6)
+        hsd.prefill(model, cache, prompt[:-1])
+        assert hsd.single_round(model, cache, prompt, skip, 5, independent=True) == expected
+
+
+def test_shared_single_round_is_the_first_round_of_generate():
+    model, skip = tiny("tiny-falcon-h1"), hsd.draft_skip(tiny("tiny-falcon-h1").config, "layerskip")
+    for text in ["The cat sat on the mat", "Speculative decoding drafts"]:
+        prompt = models.char_tokenizer().encode(text).ids
+        cache = models.Cache(model, len(prompt) + 6)
+        hsd.prefill(model, cache, prompt[:-1])
+        _, stats = hsd.generate(model, prompt, 10, draft=skip, k=5, eos_token_id=-1)
+        assert hsd.single_round(model, cache, prompt, skip, 5, independent=False) == stats["trace"][0][1]
+
+
 def test_single_round_protocols():
     model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
     cache = models.Cache(model, 40)
@@ -706,6 +801,29 @@ def test_eval_alpha_arithmetic(monkeypatch):
     assert k[4]["alpha_independent"] == (4 / 4 + 4 / 4) / 2 and k[4]["histogram_independent"] == [0, 0, 0, 0, 2]
     assert k[8]["alpha_shared"] == (0 / 8 + 3 / 8) / 2 and k[8]["alpha_independent"] == (8 / 8 + 5 / 8) / 2
     assert k[8]["histogram_shared"] == [1, 0, 0, 1, 0, 0, 0, 0, 0] and k[8]["ci_independent"][1] == 1.0
+
+
+def test_eval_numbers_against_direct_computations(monkeypatch):
+    """Perplexity = exp(mean cross-entropy); divergence averaged over positions; S = (1 + a) / (k c + v)."""
+    model, tok = tiny("tiny-qwen3.5", torch.float32), models.char_tokenizer()
+    fake = {"full": 2.0, "component": 1.5, "layerskip": 1.0, "early-exit": 0.5, 2: 2.5, 4: 3.0, 8: 4.0}
+    monkeypatch.setattr(hsd, "step_times", lambda *args: fake)
+    prompts, text = models.TINY_TEXT[:2], "\n".join(models.TINY_TEXT)
+    r = hsd.evaluate(model, tok, prompts, text, max_new_tokens=6)
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+    skip = hsd.draft_skip(model.config, "component")
+    for logits, perplexity in [(model(ids), r["perplexity_full"]), (model(ids, skip=skip), r["drafts"]["component"]["perplexity"])]:
+        ce = torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:])
+        assert math.isclose(perplexity, math.exp(ce.item()), rel_tol=1e-6)
+    p_ids = [torch.tensor([tok.encode(p, add_special_tokens=False).ids]) for p in prompts]
+    tvd = sum(0.5 * (torch.softmax(model(x)[0].double(), -1) - torch.softmax(model(x, skip=skip)[0].double(), -1))
+              .abs().sum().item() for x in p_ids) / sum(x.shape[1] for x in p_ids)
+    d = r["drafts"]["component"]
+    assert math.isclose(d["tvd"], tvd, rel_tol=1e-6)
+    for k in (2, 4, 8):
+        row = d["k"][k]
+        assert d["c"] == 0.75 and row["v"] == fake[k] / 2.0
+        assert math.isclose(row["predicted_speedup"], (1 + row["accepted_per_round"]) / (k * 0.75 + fake[k] / 2.0))
 
 
 def test_eval_runs_offline_and_the_json_carries_the_table(capsys):
