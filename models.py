@@ -757,10 +757,11 @@ TINY = {
 }
 
 
-TINY_TEXT = [  # what --eval reads for tiny-* models, offline
-    "Speculative decoding drafts a few tokens with a cheap model and verifies them with the expensive one at once.",
-    "Hybrid language models mix recurrent mixers such as Mamba-2 or Gated DeltaNet with a few softmax attention layers.",
-    "A recurrent state is a running summary of all that came before, so it cannot be cut back like a key-value cache."]
+TINY_TEXT = [  # what --eval reads for tiny-* models, offline (prompts: lines over 100 characters, cut anywhere)
+    "Speculative decoding drafts a few tokens with a cheap model and then checks all of them with the expensive one in",
+    "A hybrid language model mixes recurrent layers such as Mamba-2 or Gated DeltaNet with a few layers of softmax atte",
+    "Because a recurrent state summarises everything seen so far, it cannot be cut back the way a cache of keys and",
+    "The draft model inside a hybrid is the same network with its attention switched off, sharing every weight that it"]
 
 
 @torch.no_grad()
