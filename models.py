@@ -5,9 +5,9 @@ Three model families, one building kit:
   Qwen3.5     sequential hybrid: 3 Gated DeltaNet layers, then 1 gated full-attention layer, repeated
   Qwen2.5     a plain Transformer (the control)
 
-Read top to bottom: config, norms and rotary embedding, attention, MLP, the causal convolution, Mamba-2
-(its scan in recurrent and chunked form), Gated DeltaNet (likewise), the per-layer state, the two kinds of
-decoder layer, the model, then loading. Every formula follows transformers 5.23 (the official implementation)
+Read top to bottom: config, linear layers, norms and rotary embedding, attention, MLP, the causal convolution,
+Mamba-2 (its scan in recurrent and chunked form), Gated DeltaNet (likewise), the per-layer state, the two kinds of
+decoder layer, the model, the built-in tiny models, then loading. Every formula follows transformers 5.23 (the official implementation)
 as described in ARCHITECTURE.md of this project's reference notes; the tests compare logits with it.
 
 Letters used in shape comments:
@@ -434,7 +434,7 @@ class Mamba2Mixer(nn.Module):
             y, states = ssd_recurrent(x, dt, A, Bm, Cm, s0)
             final = states[-1]
         else:
-            y, final = ssd_chunked(x, dt, A, Bm, Cm, s0, c.mamba_chunk_size)
+            (y, final), states = ssd_chunked(x, dt, A, Bm, Cm, s0, c.mamba_chunk_size), None
         y = y + x * self.D.to(f32)[:, None]                                       # D skip, per head
         y = y.reshape(Bsz, T, Z) * F.silu(z.to(f32) if c.mamba_rms_norm else z)  # gate (silu in fp32 before the norm)
         if c.mamba_rms_norm:                                                      # grouped RMSNorm, after the gate
@@ -442,8 +442,7 @@ class Mamba2Mixer(nn.Module):
             y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
             y = (self.norm.weight.to(f32) * y.reshape(Bsz, T, Z))
         if state is not None:
-            state.conv, state.ssm = conv_inputs[:, T:].clone(), final          # a copy: a view would keep all T inputs
-            state.recorded = Recorded(conv_inputs, states) if record else None
+            state.advance(conv_inputs, final, states if record else None)
         return self.out_proj(y.to(u.dtype))
 
 
@@ -553,11 +552,10 @@ class GatedDeltaNet(nn.Module):
             o, states = gated_delta_rule_recurrent(q, k, v, g, beta, s0)
             final = states[-1]
         else:
-            o, final = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size)
+            (o, final), states = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size), None
         o = (self.norm(o.to(u.dtype)) * F.silu(z.to(f32))).to(u.dtype)      # (B, T, Hv, dv)
         if state is not None:
-            state.conv, state.ssm = conv_inputs[:, T:].clone(), final          # a copy: a view would keep all T inputs
-            state.recorded = Recorded(conv_inputs, states) if record else None
+            state.advance(conv_inputs, final, states if record else None)
         return self.out_proj(o.reshape(Bsz, T, Hv * dv))
 
 
@@ -584,6 +582,13 @@ class LayerState:
     conv: torch.Tensor | None = None
     ssm: torch.Tensor | None = None
     recorded: Recorded | None = None
+
+    def advance(self, conv_inputs, final, states=None):
+        """After a recurrent layer's call: conv_inputs (B, K-1+T, C) all conv inputs seen, final the state after the
+        last token; states, from a recording pass, the state after every token. New tensors replace the old ones."""
+        self.conv = conv_inputs[:, -self.conv.shape[1]:].clone()        # a copy: a view would keep all T inputs alive
+        self.ssm = final
+        self.recorded = Recorded(conv_inputs, states) if states is not None else None
 
 
 class Cache:
