@@ -7,8 +7,9 @@ Three model families, one building kit:
 
 Read top to bottom: config, linear layers, norms and rotary embedding, attention, MLP, the causal convolution,
 Mamba-2 (its scan in recurrent and chunked form), Gated DeltaNet (likewise), the per-layer state, the two kinds of
-decoder layer, the model, the built-in tiny models, then loading. Every formula follows transformers 5.23 (the official implementation)
-as described in ARCHITECTURE.md of this project's reference notes; the tests compare logits with it.
+decoder layer, the model, the built-in tiny models, then loading. Every formula follows transformers 5.23 (the
+official implementation) as described in ARCHITECTURE.md of this project's reference notes; the tests compare
+logits with it.
 
 Letters used in shape comments:
   B batch, T tokens in this call, S tokens already in the cache, D hidden size, V vocabulary,
@@ -826,8 +827,9 @@ def checkpoint_name(name, config):
 
 def resolve(name_or_path):
     """A local directory holding config.json, tokenizer.json and the safetensors, downloading them if needed."""
-    if os.path.isdir(os.path.expanduser(name_or_path)):
-        return os.path.expanduser(name_or_path)
+    local = os.path.expanduser(name_or_path)
+    if os.path.isdir(local):
+        return local
     if name_or_path.startswith(("/", ".", "~")):
         raise UsageError(f"no such directory: {name_or_path}")
     repo = OFFICIAL.get(name_or_path, name_or_path)
