@@ -26,9 +26,11 @@ import glob
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import dataclass
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
+import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -763,13 +765,6 @@ TINY = {
 }
 
 
-TINY_TEXT = [  # what --eval reads for tiny-* models, offline (prompts: lines over 100 characters, cut anywhere)
-    "Speculative decoding drafts a few tokens with a cheap model and then checks all of them with the expensive one in",
-    "A hybrid language model mixes recurrent layers such as Mamba-2 or Gated DeltaNet with a few layers of softmax atte",
-    "Because a recurrent state summarises everything seen so far, it cannot be cut back the way a cache of keys and",
-    "The draft model inside a hybrid is the same network with its attention switched off, sharing every weight that it"]
-
-
 @torch.no_grad()
 def init_random(model, seed=0):
     """Seeded random weights: matrices ~ N(0, 1/fan_in), norms near their neutral value, Mamba/DeltaNet decays spread
@@ -864,6 +859,24 @@ def safetensors_files(path):
     return files
 
 
+def damaged(file, error):
+    """The UsageError for a file that cannot be read: which file, and what to delete or replace."""
+    if os.path.islink(file):            # in the Hugging Face cache: a link to the downloaded file
+        fix = f"delete {os.path.realpath(file)} and run the command again, which downloads it anew"
+    else:
+        fix = "replace it with an intact copy"
+    return UsageError(f"{file} is damaged or incomplete ({str(error).splitlines()[0][:100]}): {fix}")
+
+
+def open_safetensors(file):
+    """safe_open(file), with a damaged file (an interrupted download, say) reported as a UsageError."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as e:
+        raise damaged(file, e) from None
+
+
 @torch.no_grad()
 def load(name_or_path, dtype=torch.float32, device="cpu"):
     """Load a model in eval mode: a short name (see OFFICIAL), a built-in tiny-* model, a Hub repo id or a local
@@ -875,7 +888,6 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     if name_or_path in TINY:
         model = init_random(Model(TINY[name_or_path]), seed=0).to(device=device, dtype=dtype)
         return model.eval().requires_grad_(False)
-    from safetensors import safe_open
     path = resolve(name_or_path)
     try:
         with open(os.path.join(path, "config.json")) as f:
@@ -894,7 +906,7 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     files = safetensors_files(path)
     where, unexpected = {}, []
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 name = checkpoint_name(key, config)
                 if name is None:
@@ -913,7 +925,7 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise UsageError(f"checkpoint in {path} does not match its config.json: {'; '.join(problems[:5])}{more}")
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for name, (fname, key, _) in where.items():
                 if fname == file and name in expected:
                     expected[name].copy_(f.get_tensor(key))
@@ -939,4 +951,7 @@ def load_tokenizer(name_or_path):
     path = os.path.join(resolve(name_or_path), "tokenizer.json")
     if not os.path.exists(path):
         raise UsageError(f"no tokenizer.json in {os.path.dirname(path)}")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:                      # the tokenizers library raises a bare Exception for a broken file
+        raise damaged(path, e) from None
