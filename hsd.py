@@ -1,15 +1,21 @@
-"""hsd: component-aware self-speculative decoding in hybrid language models (greedy, lossless).
+"""hsd: component-aware self-speculative decoding in hybrid language models (lossless).
 
 A hybrid model contains a cheaper model: itself without its attention. Draft k tokens with that, verify them
 with the full model in one pass, keep the longest agreeing prefix. The state covers the committed tokens; one
 committed token is pending (not yet fed). One round:
 
   1. snapshot  remember the state: KV length + references to the recurrent states
-  2. draft     k greedy tokens from the draft model (the full model minus some parts), from the full model's state
+  2. draft     k tokens from the draft model (the full model minus some parts), from the full model's state
   3. restore   put the snapshot back: drafting leaves no trace
   4. verify    one full-model pass over [pending, d1..dk], recording the recurrent states after every position
-  5. accept    the longest prefix of drafts equal to the full model's choices, plus the full model's next token
+  5. accept    the longest prefix of drafts the full model agrees with, plus the full model's next token
   6. commit    keep the recorded state after the accepted tokens; roll the KV caches back by length
+
+Greedy (temperature 0, the default): the drafts are the draft model's argmax, and "agrees" means equal to the full
+model's argmax, so the output is plain greedy decoding's, token for token. Sampling (temperature T > 0): the drafts
+are sampled from the draft's distribution q, draft i is accepted with probability min(1, p(d_i) / q(d_i)), and a
+rejected draft is replaced by a sample from the residual max(0, p - q): the output is distributed exactly as plain
+sampling from p (speculative sampling, Leviathan et al. 2023).
 Usage: python hsd.py --model falcon-h1-0.5b  (README: the flags, --eval, what was and was not verified)
 """
 import argparse
@@ -17,12 +23,13 @@ import json
 import signal
 import sys
 import time
+import warnings
 from collections import namedtuple
-from functools import partial
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
+import torch  # noqa: E402
 
-import models
+import models  # noqa: E402
 
 DRAFTS = ("component", "layerskip", "early-exit", "none")
 
@@ -75,7 +82,7 @@ def commit(cache, start, n):
             state.recorded = None
 
 
-# --- One round of speculation ------------------------------------------------------------------------------------
+# --- One round of speculation: greedy, and its sampling form -----------------------------------------------------
 def draft_tokens(model, cache, pending, skip, k):
     """k greedy tokens from the draft model (the full model without `skip`), continuing from the cache.
     Feeds pending, d1, ..., d(k-1): k steps; dk is fed by the verify pass. Advances the cache: restore() after."""
@@ -84,6 +91,20 @@ def draft_tokens(model, cache, pending, skip, k):
         token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())
         drafts.append(token)
     return drafts
+
+def draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator):
+    """k tokens sampled from the draft model at a temperature, as draft_tokens feeds them. Returns the drafts and
+    q (k, V): the draft's whole distribution at each drafted position, which accept_sampled needs."""
+    drafts, q, token = [], [], pending
+    for _ in range(k):
+        q.append(probabilities(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1], temperature))
+        token = int(torch.multinomial(q[-1], 1, generator=generator))
+        drafts.append(token)
+    return drafts, torch.stack(q)
+
+def probabilities(logits, temperature):
+    """softmax(logits / temperature) in float64, on the CPU where the sampling generator lives: (..., V)."""
+    return torch.softmax(logits.double().cpu() / temperature, dim=-1)
 
 def verify(model, cache, pending, drafts):
     """One full-model pass over [pending, d1..dk] -> logits (k+1, V): row i predicts the token after position i, so
@@ -99,24 +120,48 @@ def accept(drafts, logits):
         n += 1
     return n, choices[n]
 
-def speculative_round(model, cache, pending, skip, k, seconds):
+def accept_sampled(drafts, q, logits, temperature, generator):
+    """(n, next_token) for sampled drafts; q (k, V) the draft's distributions, logits (k+1, V) the verify pass's rows.
+    Draft i is accepted with probability min(1, p(d_i) / q(d_i)), p the full model's distribution at the same
+    temperature; the first rejection ends the round, and the next token is sampled from the residual max(0, p - q)
+    (normalised: torch.multinomial takes weights). If all k are accepted, the bonus token is sampled from p."""
+    p = probabilities(logits, temperature)                                            # (k+1, V)
+    for i, draft in enumerate(drafts):
+        if torch.rand((), dtype=torch.float64, generator=generator) >= p[i, draft] / q[i, draft]:     # rejected
+            return i, int(torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator))
+    return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
+
+def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None):
     """One round (module docstring): (drafts, n accepted, next token). The committed tokens grow by the accepted
-    drafts and the next token, which becomes the new pending token. Adds the round's times to `seconds`."""
-    t0 = clock(cache.device)
-    snap = snapshot(cache)                                   # 1
-    drafts = draft_tokens(model, cache, pending, skip, k)    # 2
-    t1 = clock(cache.device)
-    restore(cache, snap)                                     # 3
-    logits = verify(model, cache, pending, drafts)           # 4
-    t2 = clock(cache.device)
-    n, next_token = accept(drafts, logits)                   # 5
-    commit(cache, snap.length, n + 1)                        # 6: the pending token and the n accepted drafts
-    seconds["draft"], seconds["verify"] = seconds["draft"] + t1 - t0, seconds["verify"] + t2 - t1
-    seconds["bookkeeping"] += clock(cache.device) - t2
+    drafts and the next token, which becomes the new pending token."""
+    snap = snapshot(cache)                                                                     # 1
+    if temperature == 0:
+        drafts = draft_tokens(model, cache, pending, skip, k)                                  # 2
+    else:
+        drafts, q = draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator)
+    restore(cache, snap)                                                                       # 3
+    logits = verify(model, cache, pending, drafts)                                             # 4
+    if temperature == 0:
+        n, next_token = accept(drafts, logits)                                                 # 5
+    else:
+        n, next_token = accept_sampled(drafts, q, logits, temperature, generator)
+    commit(cache, snap.length, n + 1)                                  # 6: the pending token and the n accepted drafts
     return drafts, n, next_token
+
+def plain_step(model, cache, pending, temperature=0.0, generator=None):
+    """Plain decoding, the baseline: feed the pending token, return the full model's next token (argmax, or a sample)."""
+    logits = model(torch.tensor([[pending]], device=cache.device), cache)[0, -1]
+    if temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(probabilities(logits, temperature), 1, generator=generator))
 
 
 # --- Generation --------------------------------------------------------------------------------------------------
+Step = namedtuple("Step", "kind drafts accepted next_token tokens seconds")
+# kind: "prefill" (the prompt is fed; no tokens yet), "plain" (one token of plain decoding) or "round" (speculation:
+# k drafts, `accepted` of them kept, then the full model's next token); tokens: what the step adds to the output
+# (cut after EOS); seconds: what the step took, not counting what the caller did between steps.
+
 def clock(device):
     """time.perf_counter(), after waiting for the GPU if there is one."""
     if device.type == "cuda":
@@ -128,186 +173,75 @@ def prefill(model, cache, tokens, skip=None):
     if tokens:
         model.hidden_states(torch.tensor([tokens], device=cache.device), cache, skip=skip)
 
-def check_request(model, prompt, max_new_tokens, k):
+def check_request(model, prompt, max_new_tokens, k, temperature):
     vocab, context = model.config.vocab_size, model.config.max_position_embeddings
-    for bad, message in [
-            (not prompt, "the prompt is empty: give at least one token"), (k < 1, f"k must be at least 1 (got {k})"),
-            (max_new_tokens < 0, f"the number of new tokens must be at least 0 (got {max_new_tokens})"),
-            (prompt and not 0 <= min(prompt) <= max(prompt) < vocab, f"token ids must lie in 0..{vocab - 1}"),
-            (len(prompt) + max_new_tokens > context, f"prompt + new tokens exceed the model's context of {context}")]:
-        if bad:
-            raise models.UsageError(message)
-
-def statistics(k, rounds, seconds, new_tokens):
-    """What generate did, from its rounds, each (drafts, n accepted, next token); alpha: README, "Acceptance"."""
-    drafted, accepted = sum(len(d) for d, _, _ in rounds), sum(n for _, n, _ in rounds)
-    return {"k": k, "drafted": drafted, "accepted": accepted, "alpha": accepted / drafted if drafted else None,
-            "rounds": len(rounds), "accepted_per_round": accepted / len(rounds) if rounds else None,
-            "accepted_histogram": [sum(n == a for _, n, _ in rounds) for a in range(k + 1)],
-            "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds["decode"] if seconds["decode"] else None,
-            **{f"{phase}_s": s for phase, s in seconds.items()}, "trace": rounds}
+    if not prompt:
+        raise models.UsageError("the prompt is empty: give at least one token")
+    if not all(0 <= t < vocab for t in prompt):
+        raise models.UsageError(f"token ids must lie in 0..{vocab - 1}")
+    if k < 1:
+        raise models.UsageError(f"k must be at least 1 (got {k})")
+    if max_new_tokens < 0:
+        raise models.UsageError(f"the number of new tokens must be at least 0 (got {max_new_tokens})")
+    if len(prompt) + max_new_tokens > context:
+        raise models.UsageError(f"prompt + new tokens exceed the model's context of {context}")
+    if temperature < 0:
+        raise models.UsageError(f"the temperature must be at least 0 (got {temperature})")
 
 @torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, draft="component", k=2, eos_token_id=None):
-    """Greedy decoding with self-speculation; the tokens equal plain greedy decoding's.
-    prompt_ids: 1-D LongTensor or list of ints; draft: a name from DRAFTS ("none" = plain greedy decoding, the
-    baseline) or a models.Skip; eos_token_id: defaults to the model's. Stops after max_new_tokens new tokens or
-    after EOS (included). Returns (new token ids, the statistics() dict)."""
+def generate_steps(model, prompt_ids, max_new_tokens, draft="component", k=2, eos_token_id=None, temperature=0.0,
+                   seed=None):
+    """generate, one step at a time: yields a Step after the prefill and after every round (or plain step), so that a
+    caller can show the tokens as they are committed. Arguments as for generate."""
     prompt = prompt_ids.tolist() if torch.is_tensor(prompt_ids) else list(prompt_ids)
-    check_request(model, prompt, max_new_tokens, k)
+    check_request(model, prompt, max_new_tokens, k, temperature)
     skip = draft if isinstance(draft, models.Skip) else None if draft == "none" else draft_skip(model.config, draft)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = models.Cache(model, max_len=len(prompt) + max_new_tokens + k + 1)
-    rounds, seconds = [], dict.fromkeys(["prefill", "decode", "draft", "verify", "bookkeeping"], 0.0)
     t0 = clock(cache.device)
     prefill(model, cache, prompt[:-1])
-    t1 = clock(cache.device)
-    tokens, pending = [], prompt[-1]
-    while len(tokens) < max_new_tokens and eos not in tokens:
-        k_round = min(k, max_new_tokens - len(tokens) - 1)       # never draft past the last token asked for
-        if skip is None or k_round == 0:                          # plain greedy step
-            new = [int(model(torch.tensor([[pending]], device=cache.device), cache)[0, -1].argmax())]
+    yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
+    produced, pending = 0, prompt[-1]
+    while produced < max_new_tokens:
+        t0 = clock(cache.device)
+        k_round = min(k, max_new_tokens - produced - 1)           # never draft past the last token asked for
+        if skip is None or k_round == 0:
+            kind, drafts, n, pending = "plain", [], 0, plain_step(model, cache, pending, temperature, generator)
         else:
-            rounds.append(speculative_round(model, cache, pending, skip, k_round, seconds))
-            drafts, n, next_token = rounds[-1]
-            new = drafts[:n] + [next_token]
-        tokens += new[:new.index(eos) + 1] if eos in new else new
-        pending = tokens[-1]
-    seconds["prefill"], seconds["decode"] = t1 - t0, clock(cache.device) - t1
-    return tokens, statistics(k, rounds, seconds, len(tokens))
+            kind, (drafts, n, pending) = "round", speculative_round(model, cache, pending, skip, k_round, temperature,
+                                                                   generator)
+        new = drafts[:n] + [pending]
+        if eos in new:
+            new = new[:new.index(eos) + 1]
+        produced += len(new)
+        yield Step(kind, drafts, n, pending, new, clock(cache.device) - t0)
+        if eos in new:
+            return
 
+def generate(model, prompt_ids, max_new_tokens, draft="component", k=2, eos_token_id=None, temperature=0.0, seed=None):
+    """Self-speculative decoding. Greedy (temperature 0) gives plain greedy decoding's tokens; at a temperature T > 0,
+    tokens distributed as plain sampling's at T (seed: reproducible runs; None: a fresh random stream).
+    prompt_ids: 1-D LongTensor or list of ints; draft: a name from DRAFTS ("none" = plain decoding, the baseline)
+    or a models.Skip; eos_token_id: defaults to the model's. Stops after max_new_tokens new tokens or after EOS
+    (included). Returns (new token ids, the statistics() dict)."""
+    steps = list(generate_steps(model, prompt_ids, max_new_tokens, draft, k, eos_token_id, temperature, seed))
+    return [t for step in steps for t in step.tokens], statistics(k, steps)
 
-# --- Evaluation (--eval): the paper's measurements, and a cost model that explains the speed ---------------------
-def eval_text(path, model_name):
-    """(prompts: non-empty lines longer than 100 characters, text: all non-empty lines joined by newlines)."""
-    try:
-        if path or model_name in models.TINY:         # a text file, or the tiny models' built-in text
-            lines = open(path, encoding="utf-8").read().splitlines() if path else models.TINY_TEXT
-        else:                                        # WikiText-2 raw validation, as in the paper
-            import pyarrow.parquet as pq
-            from huggingface_hub import hf_hub_download
-            lines = pq.read_table(hf_hub_download("Salesforce/wikitext", "wikitext-2-raw-v1/validation-00000-of-00001"
-                                                  ".parquet", repo_type="dataset")).column("text").to_pylist()
-    except Exception as e:      # no such file; or no network and nothing cached, or no pyarrow to read the parquet file
-        raise models.UsageError(f"cannot read {path or 'WikiText-2 (it needs the Hub and `pip install pyarrow`)'}: "
-                                f"{type(e).__name__}: {str(e)[:80]}; pass --text FILE") from None
-    lines = [line.rstrip("\n") for line in lines if line.strip()]     # raw WikiText lines start with a space: kept
-    return [line for line in lines if len(line) > 100], "\n".join(lines)
-
-def bootstrap_ci(values, resamples=10_000, seed=0):
-    """95% percentile interval of the mean, resampling the values with replacement."""
-    v = torch.tensor(values, dtype=torch.float64)
-    means = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))].mean(dim=1)
-    return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
-
-def single_round(model, cache, prompt, skip, k, independent):
-    """Drafts accepted in one round after the prompt (the paper's protocol); cache holds the full model's prefill of
-    prompt[:-1] and is left so. The draft starts from the full model's state (shared, as generate does) or from its
-    own, made by running the draft over the prompt (independent, as the paper's code did)."""
-    snap, own = snapshot(cache), models.Cache(model, len(prompt) + k) if independent else cache
-    if independent:
-        prefill(model, own, prompt[:-1], skip)
-    drafts = draft_tokens(model, own, prompt[-1], skip, k)
-    restore(cache, snap)
-    n, _ = accept(drafts, verify(model, cache, prompt[-1], drafts))
-    restore(cache, snap)
-    return n
-
-def compare(model, ids, skip, chunk=256):
-    """Sums over the positions of ids (1, T), p the full model's next-token distribution and q the draft's: total
-    variation 1/2 sum|p - q|, top-1 agreement, KL(p || q), cross-entropy of the next token under p and q (T-1)."""
-    h, h_draft = model.hidden_states(ids)[0], model.hidden_states(ids, skip=skip)[0]
-    sums = torch.zeros(5, dtype=torch.float64)
-    for i in range(0, len(h), chunk):          # logits a chunk of positions at a time: the vocabulary is large
-        lp, lq = (torch.log_softmax(model.logits(x[i:i + chunk]).double(), -1) for x in (h, h_draft))
-        nxt = ids[0, i + 1:i + 1 + chunk, None]
-        sums += torch.stack([0.5 * (lp.exp() - lq.exp()).abs().sum(), (lp.argmax(-1) == lq.argmax(-1)).sum(),
-                             (lp.exp() * (lp - lq)).sum(), -lp[:len(nxt)].gather(1, nxt).sum(),
-                             -lq[:len(nxt)].gather(1, nxt).sum()]).cpu()
-    return sums
-
-def step_times(model, skips, ks, context, repeats=7):
-    """Median seconds at a context: a full decoding step ("full"), a draft step (by name), a verify pass (by k)."""
-    cache = models.Cache(model, context + max(ks) + 2)
-    tokens = torch.randint(model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
-    prefill(model, cache, tokens.tolist())
-    snap, token = snapshot(cache), torch.tensor([[1]], device=cache.device)
-    steps = {"full": partial(model, token, cache), **{k: partial(verify, model, cache, 1, [1] * k) for k in ks},
-             **{d: partial(model, token, cache, skip=s) for d, s in skips.items()}}
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):                   # the kinds of step take turns, so that drift affects all alike
-        for name, step in steps.items():
-            t0 = clock(cache.device)
-            step()
-            samples[name].append(clock(cache.device) - t0)
-            restore(cache, snap)
-    return {name: sorted(s)[repeats // 2] for name, s in samples.items()}
-
-def break_even(times, draft, k, a, max_context):
-    """The context from which on the predicted speedup (1 + a) t_full / (k t_draft + t_verify) exceeds 1, each time
-    linear in L through the two measured contexts: 0 if it does at both, None if not up to max_context."""
-    (L0, t0), (L1, t1) = times.items()
-    gap0, gap1 = ((1 + a) * t["full"] - k * t[draft] - t[k] for t in (t0, t1))
-    crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0) if gap1 > gap0 else float("inf")    # rising through 0
-    return 0 if min(gap0, gap1) >= 0 else round(crossing) if crossing <= max_context else None
-
-@torch.inference_mode()
-def evaluate(model, tokenizer, prompts, text, max_new_tokens, ks=(2, 4, 8)):
-    """Every number of the --eval table, as a dict (README, "Results")."""
-    device, c = model.lm_head.weight.device, model.config
-    prompts = [tokenizer.encode(p, add_special_tokens=False).ids[:512] for p in prompts]
-    text_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False).ids[:2048]], device=device)
-    skips = {d: draft_skip(c, d) for d in DRAFTS if d != "none" and (d != "component" or c.family != "qwen2")}
-    L0 = sum(map(len, prompts)) // len(prompts)
-    contexts = (L0, max(2 * L0, min(8192, c.max_position_embeddings // 2)))
-    times = {L: step_times(model, skips, ks, L) for L in contexts}
-    plain = [generate(model, p, max_new_tokens, draft="none")[1] for p in prompts]
-    plain_rate = sum(s["new_tokens"] for s in plain) / sum(s["decode_s"] for s in plain)
-    result = {"prompts": len(prompts), "contexts": contexts, "step_seconds": times, "drafts": {}}
-    for draft, skip in skips.items():
-        accepted, sums = {"shared": [], "independent": []}, 0
-        for p in prompts:
-            cache = models.Cache(model, len(p) + max(ks) + 1)
-            prefill(model, cache, p[:-1])
-            for variant, ns in accepted.items():
-                ns.append(single_round(model, cache, p, skip, max(ks), variant == "independent"))
-            sums = sums + compare(model, torch.tensor([p], device=device), skip)
-        tvd, top1, kl = (sums[:3] / sum(map(len, prompts))).tolist()
-        result["perplexity_full"], ppl = (compare(model, text_ids, skip)[3:] / (len(text_ids[0]) - 1)).exp().tolist()
-        d = result["drafts"][draft] = {"tvd": tvd, "top1_agreement": top1, "kl": kl, "perplexity": ppl,
-                                       "perplexity_ratio": ppl / result["perplexity_full"], "k": {},
-                                       "c": times[contexts[0]][draft] / times[contexts[0]]["full"]}
-        for k in ks:     # drafts are greedy and verify is causal: a round of k drafts is a prefix of one of max(ks)
-            row = d["k"][k] = {}
-            for variant, ns in accepted.items():
-                row[f"alpha_{variant}"] = sum(min(n, k) / k for n in ns) / len(ns)
-                row[f"ci_{variant}"] = bootstrap_ci([min(n, k) / k for n in ns])
-                row[f"histogram_{variant}"] = [sum(min(n, k) == a for n in ns) for a in range(k + 1)]
-            runs = [generate(model, p, max_new_tokens, draft=draft, k=k)[1] for p in prompts]
-            total = {x: sum(s[x] for s in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
-            row["alpha_multi"] = total["accepted"] / max(1, total["drafted"])
-            row["accepted_per_round"] = a = total["accepted"] / max(1, total["rounds"])
-            row["v"] = times[contexts[0]][k] / times[contexts[0]]["full"]
-            row["predicted_speedup"] = (1 + a) / (k * d["c"] + row["v"])
-            row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate        # tokens/s ratio
-            row["break_even_context"] = break_even(times, draft, k, a, c.max_position_embeddings)
-    return result
-
-def eval_table(name, r):
-    yield (f"{name}: {r['prompts']} prompts, full-model perplexity {r['perplexity_full']:.2f}; c and v at "
-           f"{r['contexts'][0]} tokens, break-even from step times at {r['contexts'][0]} and {r['contexts'][1]}")
-    yield ("draft        k   alpha shared [95% CI]  alpha indep. [95% CI]  multi acc/rnd     c     v predicted measured"
-           "  break-even")
-    for draft, d in r["drafts"].items():
-        for k, row in d["k"].items():
-            a = [f"{row['alpha_' + v]:.3f} [{row['ci_' + v][0]:.3f}, {row['ci_' + v][1]:.3f}]"
-                 for v in ("shared", "independent")]
-            yield (f"{draft:11} {k:>2} {a[0]:>23} {a[1]:>22} {row['alpha_multi']:6.3f} {row['accepted_per_round']:7.2f} "
-                   f"{d['c']:5.2f} {row['v']:5.2f} {row['predicted_speedup']:8.2f}x {row['measured_speedup']:7.2f}x "
-                   f"{row['break_even_context'] or '-':>11}")
-        hist = ", ".join(f"k={k} {x['histogram_shared']} / {x['histogram_independent']}" for k, x in d["k"].items())
-        yield (f"{'':14} TVD {d['tvd']:.3f}, top-1 agreement {d['top1_agreement']:.3f}, KL {d['kl']:.3f}, perplexity "
-               f"{d['perplexity']:.2f} ({d['perplexity_ratio']:.2f}x); accepted 0..k, shared / independent: {hist}")
+def statistics(k, steps):
+    """What a generation did, from its steps; alpha: README, "Acceptance"."""
+    rounds = [s for s in steps if s.kind == "round"]
+    drafted = sum(len(r.drafts) for r in rounds)
+    accepted = sum(r.accepted for r in rounds)
+    new_tokens = sum(len(s.tokens) for s in steps)
+    decode_s = sum(s.seconds for s in steps if s.kind != "prefill")
+    return {"k": k, "drafted": drafted, "accepted": accepted, "alpha": accepted / drafted if drafted else None,
+            "rounds": len(rounds), "accepted_per_round": accepted / len(rounds) if rounds else None,
+            "accepted_histogram": [sum(r.accepted == a for r in rounds) for a in range(k + 1)],
+            "new_tokens": new_tokens, "prefill_s": sum(s.seconds for s in steps if s.kind == "prefill"),
+            "decode_s": decode_s, "round_s": sum(r.seconds for r in rounds),
+            "tokens_per_s": new_tokens / decode_s if decode_s else None,
+            "trace": [(r.drafts, r.accepted, r.next_token) for r in rounds]}
 
 
 # --- Command line ------------------------------------------------------------------------------------------------
@@ -315,14 +249,23 @@ def show(tokenizer, ids):
     """Token ids as quoted text, whitespace and control characters visible."""
     return json.dumps(tokenizer.decode(ids), ensure_ascii=False)
 
-def trace_lines(rounds, tokenizer, color):
-    """Every round: the drafts (accepted +, rejected -), then the full model's next token."""
+def trace_line(i, step, tokenizer, color):
+    """A round: the drafts (accepted +, rejected -), then the full model's next token."""
     paint = (lambda code, s: f"\033[{code}m{s}\033[0m") if color else (lambda code, s: s)
-    for i, (drafts, n, next_token) in enumerate(rounds, 1):
-        marked = [paint("32", "+" + show(tokenizer, [t])) if j < n else paint("31", "-" + show(tokenizer, [t]))
-                  for j, t in enumerate(drafts)]
-        yield (f"round {i:3d}  accepted {n}/{len(drafts)}  {' '.join(marked)}  -> "
-               f"{'bonus' if n == len(drafts) else 'correction'} {paint('36', show(tokenizer, [next_token]))}")
+    n, drafts = step.accepted, step.drafts
+    marked = [paint("32", "+" + show(tokenizer, [t])) if j < n else paint("31", "-" + show(tokenizer, [t]))
+              for j, t in enumerate(drafts)]
+    return (f"round {i:3d}  accepted {n}/{len(drafts)}  {' '.join(marked)}  -> "
+            f"{'bonus' if n == len(drafts) else 'correction'} {paint('36', show(tokenizer, [step.next_token]))}")
+
+def warm_up(model, k):
+    """A decoding step and a (k+1)-token pass on a scratch cache: the first calls of a process are slow (memory,
+    kernel selection), and the timings should show what decoding costs. Not a generation, so a debugger's first stop
+    in speculative_round is in the generation asked for."""
+    with torch.inference_mode():
+        cache = models.Cache(model, k + 2)
+        model(torch.zeros(1, k + 1, dtype=torch.long, device=cache.device), cache, record_states=True)
+        model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
 
 def first_difference(model, prompt, spec, plain):
     """Where the speculative and the plain tokens part, and by what logit margin the full model chose there."""
@@ -335,21 +278,36 @@ def first_difference(model, prompt, spec, plain):
             "and single-token steps, rounding differently, can flip (bfloat16 far more often than float32); else a bug")
 
 def run_generate(args, model, tokenizer):
-    prompt = tokenizer.encode(args.prompt).ids
-    check_request(model, prompt, args.max_new_tokens, args.k)
-    print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), "
-          f"draft {args.draft}, k={args.k}: skips {draft_skip(model.config, args.draft)}")
-    generate(model, prompt, 2, draft=args.draft, k=args.k)              # warm up: time what decoding costs
-    tokens, s = generate(model, prompt, args.max_new_tokens, draft=args.draft, k=args.k)
-    rounds = s.pop("trace")
-    print(f"prompt  {show(tokenizer, prompt)}\noutput  {show(tokenizer, tokens)}")
-    if args.trace:
-        print(*trace_lines(rounds, tokenizer, color=sys.stdout.isatty()), sep="\n")
-    if rounds:
+    """Generate for the command line, printing the text (or, with --trace, each round) as it is committed."""
+    prompt, temperature = tokenizer.encode(args.prompt).ids, args.temperature or 0.0
+    check_request(model, prompt, args.max_new_tokens, args.k, temperature)
+    if args.check and temperature > 0:
+        raise models.UsageError("--check compares with greedy decoding: at a temperature, exactness is a property of "
+                                "distributions (the tests prove it); leave out --check or --temperature")
+    seed = args.seed if args.seed is not None or temperature == 0 else torch.Generator().seed() % 2**31   # printed
+    sampling = f", temperature {temperature}, seed {seed}" if temperature > 0 else ", greedy"
+    print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), draft {args.draft}, "
+          f"k={args.k}{sampling}: skips {draft_skip(model.config, args.draft)}")
+    print(f"prompt  {show(tokenizer, prompt)}")
+    warm_up(model, args.k)
+    steps, tokens, shown = [], [], ""
+    print("" if args.trace else 'output  "', end="", flush=True)
+    for step in generate_steps(model, prompt, args.max_new_tokens, args.draft, args.k, None, temperature, seed):
+        steps.append(step)
+        tokens += step.tokens
+        if args.trace and step.kind == "round":
+            print(trace_line(sum(s.kind == "round" for s in steps), step, tokenizer, sys.stdout.isatty()), flush=True)
+        text = tokenizer.decode(tokens)
+        if not args.trace and not text.endswith("\ufffd"):       # a character whose bytes are not all there yet
+            print(json.dumps(text[len(shown):], ensure_ascii=False)[1:-1], end="", flush=True)
+            shown = text
+    print(f"output  {show(tokenizer, tokens)}" if args.trace else json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"')
+    s = {**statistics(args.k, steps), "temperature": temperature, "seed": seed}
+    if s["rounds"]:
         print(f"alpha   {s['alpha']:.3f}: {s['accepted']} of {s['drafted']} drafts accepted, "
-              f"{s['accepted_per_round']:.2f} per round over {s['rounds']} rounds {s['accepted_histogram']}; time: "
-              f"draft {s['draft_s']:.2f} s, verify {s['verify_s']:.2f} s, accept and commit {s['bookkeeping_s']:.3f} s")
-    print(f"speed   {s['new_tokens']} tokens in {s['decode_s']:.2f} s: {s['tokens_per_s']:.2f} tokens/s "
+              f"{s['accepted_per_round']:.2f} per round over {s['rounds']} rounds {s['accepted_histogram']}, "
+              f"{s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")
+    print(f"speed   {s['new_tokens']} tokens in {s['decode_s']:.2f} s: {s['tokens_per_s'] or 0:.2f} tokens/s "
           f"(prefill of {len(prompt)} tokens {s['prefill_s']:.2f} s)")
     if args.check:
         plain, plain_stats = generate(model, prompt, args.max_new_tokens, draft="none")
@@ -359,37 +317,42 @@ def run_generate(args, model, tokenizer):
     return s
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Greedy self-speculative decoding in hybrid language models.")
+    p = argparse.ArgumentParser(description="Self-speculative decoding in hybrid language models.")
     p.error = lambda message: p.exit(2, f"hsd: error: {message} (see --help)\n")     # one line, no usage text
     p.add_argument("--model", required=True, help=f"{', '.join([*models.OFFICIAL, *models.TINY])}, repo id or folder")
     p.add_argument("--draft", default="component", choices=DRAFTS, help="draft strategy (default: component)")
     p.add_argument("-k", type=int, default=2, help="drafted tokens per round (default: 2)")
     p.add_argument("--prompt", default="The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, help="sample at this temperature (default: 0, greedy; --eval: 0.6)")
+    p.add_argument("--seed", type=int, help="seed of the sampling (default: a fresh one, printed; --eval: 0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--trace", action="store_true", help="show every round: drafts, accepted, the next token")
     p.add_argument("--check", action="store_true", help="decode plainly too; fail if tokens differ; print the speedup")
     p.add_argument("--json", action="store_true", help="the statistics as one JSON object on the last line")
-    p.add_argument("--eval", action="store_true", help="measure acceptance, divergence, perplexity and costs (README)")
+    p.add_argument("--eval", action="store_true", help="the paper's measurements and the cost model (README, hsd_eval.py)")
     p.add_argument("--text", help="--eval: a UTF-8 text file (default: WikiText-2 validation; tiny-*: a built-in text)")
-    p.add_argument("--prompts", type=int, default=200, help="--eval: number of prompts (default: 200)")
+    p.add_argument("--prompts", type=int, default=200, help="--eval: prompts of the single-round protocol (default: 200)")
+    p.add_argument("--speed-prompts", type=int, default=10, help="--eval: prompts of the multi-round runs (default: 10)")
+    p.add_argument("--out", help="--eval: save results to this file as they come; the same command resumes from it")
+    p.add_argument("--plot", help="--eval: draw acceptance by k to this SVG file")
     args = p.parse_args(argv)
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise models.UsageError("CUDA is not available on this machine: use --device cpu")
         model, tokenizer = models.load(args.model, getattr(torch, args.dtype), args.device), models.load_tokenizer(args.model)
         if args.eval:
-            prompts, text = eval_text(args.text, args.model)
-            if not prompts[:max(args.prompts, 0)]:
-                raise models.UsageError("no prompts: give --prompts >= 1 and a text with lines over 100 characters")
-            s = {**vars(args), **evaluate(model, tokenizer, prompts[:args.prompts], text, args.max_new_tokens)}
-            print(*eval_table(args.model, s), sep="\n")
+            import hsd_eval
+            s = hsd_eval.run(args, model, tokenizer)
         else:
             s = run_generate(args, model, tokenizer)
     except models.UsageError as e:
         print(f"hsd: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"\nhsd: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(s))
     return 1 if s.get("identical_to_greedy") is False else 0

@@ -8,13 +8,20 @@ import json
 import math
 import os
 import re
+import signal
+import statistics
 import subprocess
 import sys
+import time
+import warnings
+from xml.etree import ElementTree
 
-import pytest
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
+import pytest  # noqa: E402
+import tokenizers.processors  # noqa: E402
+import torch  # noqa: E402
 
-import models
+import models  # noqa: E402
 
 FAMILIES = list(models.TINY)
 PROMPTS_IDS = models.char_tokenizer().encode("The cat sat on the mat.").ids
@@ -590,16 +597,15 @@ def test_drafting_leaves_no_trace(name, draft):
 
 def test_every_commit_of_a_generation_matches_one_by_one_feeding():
     model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
-    cache, seconds = models.Cache(model, 60), dict.fromkeys(["draft", "verify", "bookkeeping"], 0.0)
+    cache = models.Cache(model, 60)
     hsd.prefill(model, cache, prompt[:-1])
     committed, pending, seen = prompt[:-1], prompt[-1], set()
     while len(committed) < 40:
-        drafts, n, next_token = hsd.speculative_round(model, cache, pending, hsd.draft_skip(model.config, "component"),
-                                                      3, seconds)
+        drafts, n, next_token = hsd.speculative_round(model, cache, pending, hsd.draft_skip(model.config, "component"), 3)
         committed, pending = committed + [pending] + drafts[:n], next_token
         assert_same_state(cache, fed_one_by_one(model, committed, 60))
         seen.add(n)
-    assert seen >= {0, 1} and seconds["verify"] > 0
+    assert seen >= {0, 1}
 
 
 @pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds])
@@ -677,6 +683,9 @@ def test_cli_trace_is_plain_when_piped(capsys):
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "5000"], "exceed the model's context"),
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "-1"], "at least 0"),
     (["--model", "tiny-falcon-h1", "--eval", "--prompts", "0"], "no prompts"),
+    (["--model", "tiny-falcon-h1", "--eval", "--temperature", "0"], "needs a temperature above 0"),
+    (["--model", "tiny-falcon-h1", "--temperature", "0.6", "--check"], "leave out --check or --temperature"),
+    (["--model", "tiny-falcon-h1", "--temperature", "-1"], "temperature must be at least 0"),
     (["--model", "tiny-falcon-h1", "--draft", "medusa"], "invalid choice: 'medusa'"),
     (["--model", "tiny-falcon-h1", "-k", "two"], "invalid int value: 'two'"),
 ])
@@ -698,55 +707,284 @@ def test_cli_exit_codes():
     assert bad_draft.returncode == 2 and "invalid choice: 'medusa'" in bad_draft.stderr
 
 
+def test_cli_prints_each_round_before_the_next_is_made(monkeypatch, capsys):
+    """The text (with --trace: each round) reaches stdout as rounds commit it, not at the end of the generation."""
+    real, printed = hsd.generate_steps, []
+
+    def watched(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            yield step
+            printed.append((step, capsys.readouterr().out))   # what the CLI printed before asking for the next step
+    monkeypatch.setattr(hsd, "generate_steps", watched)
+    tok = models.char_tokenizer()
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "12"]) == 0
+    assert printed[0][1].endswith('output  "') and len(printed) > 3
+    assert all(out == json.dumps(tok.decode(step.tokens))[1:-1] for step, out in printed[1:])
+    printed.clear()
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "12", "--trace"]) == 0
+    rounds = [out for step, out in printed if step.kind == "round"]
+    assert all(out.startswith(f"round {i:3d}") for i, out in enumerate(rounds, 1)) and len(rounds) > 3
+
+
+def test_ctrl_c_during_generation_is_one_line():
+    run = subprocess.Popen([sys.executable, "hsd.py", "--model", "tiny-falcon-h1", "--max-new-tokens", "4000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert run.stdout.readline().startswith("model") and run.stdout.readline().startswith("prompt")
+    assert run.stdout.read(12).startswith('output  "')                         # generating: 12 characters are out
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate()
+    assert run.returncode == 130 and stderr.strip() == "hsd: interrupted", stderr
+
+
+def test_no_numpy_warning_where_numpy_is_not_installed(tmp_path):
+    """The README's install has no NumPy, and torch warns about that on import; hsd filters out that one message."""
+    (tmp_path / "numpy").mkdir()
+    (tmp_path / "numpy" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\")")
+    env = {"PYTHONPATH": str(tmp_path)}
+    bare = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env={**os.environ, **env})
+    assert "Failed to initialize NumPy" in bare.stderr                   # without the filter, the warning shows
+    for args in (["-c", "import models"], ["hsd.py", "--model", "tiny-falcon-h1", "--max-new-tokens", "2"]):
+        result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, **env},
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_damaged_files_are_one_line_saying_what_to_do(tmp_path):
+    cfg = {**QWEN2_TINY_JSON, "vocab_size": 97}
+    save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path, cfg)
+    models.char_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])                          # an interrupted copy
+    args = ["--model", str(tmp_path), "--draft", "layerskip", "--max-new-tokens", "2"]
+    result = run_cli(*args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{weights} is damaged or incomplete" in result.stderr and "replace it with an intact copy" in result.stderr
+    blob = tmp_path / "blobs" / "0123abcd"                              # the Hugging Face cache: a link to a blob
+    blob.parent.mkdir()
+    weights.rename(blob)
+    weights.symlink_to(blob)
+    result = run_cli(*args)
+    assert result.returncode == 2 and f"delete {blob} and run the command again" in result.stderr
+    save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path / "ok", cfg)
+    (tmp_path / "ok" / "tokenizer.json").write_text('{"version": "1.0", "truncat')
+    result = run_cli("--model", str(tmp_path / "ok"), *args[2:])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"{tmp_path / 'ok' / 'tokenizer.json'} is damaged or incomplete" in result.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------
-# hsd --eval: the measurements
+# hsd at a temperature: speculative sampling is exact in distribution
+#
+# The statistical tests below have a fixed false-alarm rate: each would reject a correct implementation with
+# probability FALSE_ALARM over the random stream. The streams are seeded, so every run gives the same verdict.
+
+TEMPERATURE = 0.6
+FALSE_ALARM = 1e-4
+
+
+def chi_square_threshold(df, alpha=FALSE_ALARM):
+    """The chi-square quantile 1 - alpha (Wilson-Hilferty approximation, good to a few percent for df >= 3)."""
+    z = statistics.NormalDist().inv_cdf(1 - alpha)
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_distributed_as(samples, probabilities, what):
+    """Pearson's chi-square test of sampled token ids against `probabilities` (V,); tokens expected fewer than 5 times
+    are pooled into one category. A token of probability 0 must never be drawn."""
+    counts = torch.bincount(torch.tensor(samples), minlength=len(probabilities)).double()
+    expected = probabilities.double() * len(samples)
+    assert counts[expected == 0].sum() == 0, f"{what}: drew a token of probability 0"
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    chi2, df = ((observed - expected) ** 2 / expected).sum().item(), len(expected) - 1
+    assert chi2 < chi_square_threshold(df), (f"{what} is not distributed as plain sampling's: chi-square {chi2:.1f} "
+                                             f"over {df} degrees of freedom, threshold {chi_square_threshold(df):.1f}")
+
+
+_rows = {}
+
+
+def sampling_rows(name):
+    """What speculative sampling reads after PROMPTS["12-token"] in rounds of k = 1 with the component draft sharing
+    the full model's state (as generate drafts): the full model's logits L1 (V,) after the prompt and L2 (V, V) after
+    the prompt and each token x (row x); the draft's, Q1 (V,) and Q2 (V, V), for the same positions."""
+    if name not in _rows:
+        model, prompt = tiny(name), PROMPTS["12-token"]
+        V, skip = model.config.vocab_size, hsd.draft_skip(model.config, "component")
+        with torch.inference_mode():
+            after_x = torch.tensor([prompt + [x] for x in range(V)])                       # (V, T+1): prompt, then x
+            L1 = model(after_x[:1, :-1])[0, -1]
+            L2 = model(after_x)[:, -1]
+            state = models.Cache(model, len(prompt) + 1, batch_size=V)
+            model.hidden_states(after_x[:, :-2], state)            # the full model's state before the pending token
+            Q1 = model(after_x[:, -2:-1], state, skip=skip)[0, -1]  # the draft, fed the pending (last prompt) token
+            state = models.Cache(model, len(prompt) + 1, batch_size=V)
+            model.hidden_states(after_x[:, :-1], state)            # the full model's state after the whole prompt
+            Q2 = model(after_x[:, -1:], state, skip=skip)[:, -1]   # the next round's draft, fed x
+        _rows[name] = L1, L2, Q1, Q2
+    return _rows[name]
+
+
+def speculative_first_two_tokens(name, n, seed):
+    """Tokens 1 and 2 of speculative sampling in rounds of k = 1, n times, as generate makes them, with the model's
+    outputs precomputed (sampling_rows): each draft is drawn from the draft's q, and hsd.accept_sampled judges it.
+    Returns (first tokens, second tokens, how many first drafts were accepted)."""
+    L1, L2, Q1, Q2 = sampling_rows(name)
+    q1, q2 = hsd.probabilities(Q1, TEMPERATURE), hsd.probabilities(Q2, TEMPERATURE)
+    g = torch.Generator().manual_seed(seed)
+    first, second, accepted = [], [], 0
+    for _ in range(n):
+        d1 = int(torch.multinomial(q1, 1, generator=g))
+        kept, token = hsd.accept_sampled([d1], q1[None], torch.stack([L1, L2[d1]]), TEMPERATURE, g)
+        if kept:                  # d1 accepted: token 2 is the bonus, from the full model's row after d1
+            accepted += 1
+            first.append(d1)
+            second.append(token)
+        else:                     # d1 rejected: the correction is token 1, and the next round, after it, makes token 2
+            first.append(token)
+            d2 = int(torch.multinomial(q2[token], 1, generator=g))
+            rows = torch.stack([L2[token], L2[token]])         # that round's bonus row is never read: a stand-in
+            kept, token2 = hsd.accept_sampled([d2], q2[token][None], rows, TEMPERATURE, g)
+            second.append(d2 if kept else token2)
+    return first, second, accepted
+
+
+@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
+def test_speculative_sampling_is_exact_in_distribution(name):
+    """Acceptance with probability min(1, p/q), the correction from the residual max(0, p - q), the bonus from p: then
+    the first draft is accepted with probability 1 - TV(p, q), and the first and second tokens are distributed as
+    plain sampling's, p1 and sum_x p1(x) p2(. | x), computed exactly over the whole vocabulary."""
+    L1, L2, Q1, _ = sampling_rows(name)
+    p1, p2, q1 = (hsd.probabilities(x, TEMPERATURE) for x in (L1, L2, Q1))
+    n = 20_000
+    first, second, accepted = speculative_first_two_tokens(name, n, seed=0)
+    one_minus_tv = 1 - 0.5 * (p1 - q1).abs().sum().item()
+    assert 0.05 < one_minus_tv < 0.95                      # both accepted and rejected drafts are frequent
+    z = (accepted - n * one_minus_tv) / math.sqrt(n * one_minus_tv * (1 - one_minus_tv))
+    assert abs(z) < statistics.NormalDist().inv_cdf(1 - FALSE_ALARM / 2), (
+        f"the first draft was accepted {accepted / n:.4f} of the time; 1 - TV(p, q) = {one_minus_tv:.4f}")
+    assert_distributed_as(first, p1, "the first token")
+    assert_distributed_as(second, p1 @ p2, "the second token")
+
+
+def test_draft_tokens_sampled_draws_from_the_drafts_distribution():
+    """The q rows are the draft model's distributions at the temperature, step by step from the shared state, and each
+    draft is the generator's draw from its row."""
+    model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
+    skip = hsd.draft_skip(model.config, "component")
+    cache = models.Cache(model, 40)
+    hsd.prefill(model, cache, prompt[:-1])
+    snap = hsd.snapshot(cache)
+    drafts, q = hsd.draft_tokens_sampled(model, cache, prompt[-1], skip, 4, TEMPERATURE, torch.Generator().manual_seed(3))
+    hsd.restore(cache, snap)
+    logits = torch.cat([model(torch.tensor([[t]]), cache, skip=skip)[0] for t in [prompt[-1], *drafts[:-1]]])
+    assert q.shape == (4, model.config.vocab_size)
+    assert torch.allclose(q, torch.softmax(logits.double() / TEMPERATURE, dim=-1), atol=1e-12)
+    g = torch.Generator().manual_seed(3)
+    assert drafts == [int(torch.multinomial(row, 1, generator=g)) for row in q]
+
+
+def test_rounds_and_plain_steps_sample_as_plain_sampling():
+    """The whole round at k = 3 (draft, restore, verify, accept, commit) and plain sampling, 300 times each from the
+    same state: the first token follows p1."""
+    model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
+    skip = hsd.draft_skip(model.config, "component")
+    cache = models.Cache(model, 40)
+    hsd.prefill(model, cache, prompt[:-1])
+    snap, g = hsd.snapshot(cache), torch.Generator().manual_seed(1)
+    spec, plain = [], []
+    for _ in range(300):
+        drafts, n, next_token = hsd.speculative_round(model, cache, prompt[-1], skip, 3, TEMPERATURE, g)
+        spec.append(drafts[0] if n else next_token)
+        hsd.restore(cache, snap)
+        plain.append(hsd.plain_step(model, cache, prompt[-1], TEMPERATURE, g))
+        hsd.restore(cache, snap)
+    p1 = hsd.probabilities(sampling_rows("tiny-falcon-h1")[0], TEMPERATURE)
+    assert_distributed_as(spec, p1, "the first token of speculative rounds")
+    assert_distributed_as(plain, p1, "the first token of plain sampling")
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
+    runs = [hsd.generate(model, prompt, 16, k=3, eos_token_id=-1, temperature=1.5, seed=s) for s in (7, 7, 8)]
+    assert runs[0][0] == runs[1][0] != runs[2][0] and len(runs[0][0]) == 16 and runs[0][1]["rounds"] > 0
+    plain = [hsd.generate(model, prompt, 16, draft="none", eos_token_id=-1, temperature=1.5, seed=s)[0] for s in (7, 7, 8)]
+    assert plain[0] == plain[1] != plain[2]
+
+
+def test_cli_at_a_temperature_traces_sampled_rounds(capsys):
+    args = ["--model", "tiny-falcon-h1", "--temperature", "0.6", "--seed", "1", "--trace", "--max-new-tokens", "12",
+            "--json"]
+    assert hsd.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    stats = json.loads(out[-1])
+    assert "temperature 0.6, seed 1" in out[0] and stats["temperature"] == 0.6 and stats["seed"] == 1
+    assert sum(line.startswith("round") for line in out) == stats["rounds"] > 0
+    assert hsd.main(args) == 0                                           # the same seed: the same rounds and text
+    again = capsys.readouterr().out.splitlines()
+    assert [x for x in again if x.startswith(("round", "output"))] == [x for x in out if x.startswith(("round", "output"))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hsd --eval (hsd_eval.py): the measurements
+
+import hsd_eval  # noqa: E402
+
 
 def test_statistics_arithmetic():
-    rounds = [([1, 2], 2, 3), ([4, 5], 0, 6), ([7, 8], 1, 9), ([1], 1, 2)]
-    s = hsd.statistics(2, rounds, dict.fromkeys(["prefill", "decode", "draft", "verify", "bookkeeping"], 0.5), 9)
+    Step = hsd.Step
+    steps = [Step("prefill", [], 0, None, [], 0.5), Step("round", [1, 2], 2, 3, [1, 2, 3], 0.25),
+             Step("round", [4, 5], 0, 6, [6], 0.25), Step("round", [7, 8], 1, 9, [7, 9], 0.25),
+             Step("round", [1], 1, 2, [1, 2], 0.25), Step("plain", [], 0, 5, [5], 0.5)]
+    s = hsd.statistics(2, steps)
     assert (s["drafted"], s["accepted"], s["alpha"], s["rounds"]) == (7, 4, 4 / 7, 4)
-    assert s["accepted_per_round"] == 1.0 and s["accepted_histogram"] == [1, 2, 1] and s["tokens_per_s"] == 18.0
+    assert s["accepted_per_round"] == 1.0 and s["accepted_histogram"] == [1, 2, 1] and s["new_tokens"] == 9
+    assert (s["prefill_s"], s["decode_s"], s["round_s"], s["tokens_per_s"]) == (0.5, 1.5, 1.0, 6.0)
+    assert s["trace"] == [([1, 2], 2, 3), ([4, 5], 0, 6), ([7, 8], 1, 9), ([1], 1, 2)]
 
 
 def test_bootstrap_interval():
-    assert hsd.bootstrap_ci([0.25] * 50) == (0.25, 0.25)
-    low, high = hsd.bootstrap_ci([0.0] * 100 + [1.0] * 100)
+    assert hsd_eval.bootstrap_ci([0.25] * 50) == (0.25, 0.25)
+    low, high = hsd_eval.bootstrap_ci([0.0] * 100 + [1.0] * 100)
     half_width = 1.96 * math.sqrt(0.25 / 200)                   # the normal approximation
     assert abs(low - (0.5 - half_width)) < 0.01 and abs(high - (0.5 + half_width)) < 0.01
     values = torch.rand(50, generator=torch.Generator().manual_seed(0)).tolist()
-    assert hsd.bootstrap_ci(values) == hsd.bootstrap_ci(values) != hsd.bootstrap_ci(values, seed=1)    # a fixed seed
+    assert hsd_eval.bootstrap_ci(values) == hsd_eval.bootstrap_ci(values) != hsd_eval.bootstrap_ci(values, seed=1)
 
 
 def test_break_even_arithmetic():
     # gap(L) = (1 + a) t_full - k t_draft - t_verify: -1.0 at L=100 and +1.0 at L=1100 -> from 600 on it pays off
     times = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 2.5, "component": 0.9, 2: 2.2}}
-    assert hsd.break_even(times, "component", 2, 1.0, max_context=4096) == 600
-    assert hsd.break_even(times, "component", 2, 1.0, max_context=500) is None        # beyond the model's context
-    assert hsd.break_even(times, "component", 2, 3.0, max_context=4096) == 0          # pays off at both contexts
+    assert hsd_eval.break_even(times, "component", 2, 1.0, max_context=4096) == 600
+    assert hsd_eval.break_even(times, "component", 2, 1.0, max_context=500) is None        # beyond the model's context
+    assert hsd_eval.break_even(times, "component", 2, 3.0, max_context=4096) == 0          # pays off at both contexts
     flat = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
-    assert hsd.break_even(flat, "component", 2, 1.0, max_context=4096) is None
+    assert hsd_eval.break_even(flat, "component", 2, 1.0, max_context=4096) is None
     falling = {100: {"full": 2.5, "component": 0.9, 2: 2.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
-    assert hsd.break_even(falling, "component", 2, 1.0, max_context=4096) is None     # pays off only below 600
-
-
-def direct_distributions(model, ids, skip):
-    return torch.softmax(model(ids)[0].double(), -1), torch.softmax(model(ids, skip=skip)[0].double(), -1)
+    assert hsd_eval.break_even(falling, "component", 2, 1.0, max_context=4096) is None     # pays off only below 600
+    assert hsd_eval.predicted_speedup(1.0, 2, 0.75, 1.5) == 2 / 3
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_compare_against_direct_computation(name):
+def test_divergence_and_nll_against_direct_computation(name):
+    """Every position but the last; KL with the authors' 1e-10 inside both logs; chunks that do not divide T."""
     model, ids = tiny(name), torch.tensor([PROMPTS["12-token"] * 3])
-    skip = hsd.draft_skip(model.config, "early-exit")
-    p, q = direct_distributions(model, ids, skip)
-    tvd, top1, kl, nll_p, nll_q = hsd.compare(model, ids, skip, chunk=7).tolist()       # chunks that do not divide T
-    assert math.isclose(tvd, 0.5 * (p - q).abs().sum().item(), rel_tol=1e-9)
-    assert top1 == (p.argmax(-1) == q.argmax(-1)).sum().item()
-    assert math.isclose(kl, (p * (p.log() - q.log())).sum().item(), rel_tol=1e-9)
+    skips = {"early-exit": hsd.draft_skip(model.config, "early-exit"), "nothing": models.Skip()}
+    p, q = torch.softmax(model(ids)[0, :-1].double(), -1), torch.softmax(model(ids, skip=skips["early-exit"])[0, :-1].double(), -1)
+    sums = hsd_eval.divergence(model, ids, skips, chunk=7)["early-exit"]
+    assert math.isclose(sums["tvd"], 0.5 * (p - q).abs().sum().item(), rel_tol=1e-9)
+    assert sums["top1"] == (p.argmax(-1) == q.argmax(-1)).sum().item() and sums["positions"] == ids.shape[1] - 1
+    assert math.isclose(sums["kl"], (p * ((p + 1e-10).log() - (q + 1e-10).log())).sum().item(), rel_tol=1e-9)
+    assert hsd_eval.divergence(model, ids, skips)["nothing"] == {"tvd": 0, "top1": ids.shape[1] - 1, "kl": 0,
+                                                                   "positions": ids.shape[1] - 1}
     targets = ids[0, 1:]
-    assert math.isclose(nll_p, torch.nn.functional.cross_entropy(model(ids)[0, :-1].double(), targets, reduction="sum").item(), rel_tol=1e-9)
-    assert math.isclose(nll_q, -q[:-1].log().gather(1, targets[:, None]).sum().item(), rel_tol=1e-9)
-    none = hsd.compare(model, ids, models.Skip()).tolist()
-    assert none[0] == 0 and none[1] == ids.shape[1] and none[2] == 0 and none[3] == none[4]
+    expected = torch.nn.functional.cross_entropy(model(ids)[0, :-1].double(), targets, reduction="sum").item()
+    assert math.isclose(hsd_eval.nll(model, ids, chunk=7), expected, rel_tol=1e-9)
+    assert math.isclose(hsd_eval.nll(model, ids, skips["early-exit"]), -q.log().gather(1, targets[:, None]).sum().item(),
+                        rel_tol=1e-9)
 
 
 def draft_without_cache(model, ids, skip, k):
@@ -765,9 +1003,10 @@ def test_independent_single_round_is_the_papers_protocol(name, draft):
         drafts = draft_without_cache(model, prompt, skip, 5)
         full = model(torch.tensor([prompt + drafts]))[0, len(prompt) - 1:].argmax(-1).tolist()
         expected = next((i for i in range(5) if drafts[i] != full[i]), 5)
-        cache = models.Cache(model, len(prompt) + 6)
+        cache, own = models.Cache(model, len(prompt) + 6), models.Cache(model, len(prompt) + 6)
         hsd.prefill(model, cache, prompt[:-1])
-        assert hsd.single_round(model, cache, prompt, skip, 5, independent=True) == expected
+        hsd.prefill(model, own, prompt[:-1], skip)
+        assert hsd_eval.single_round(model, cache, own, prompt[-1], skip, 5) == expected
 
 
 def test_shared_single_round_is_the_first_round_of_generate():
@@ -777,58 +1016,206 @@ def test_shared_single_round_is_the_first_round_of_generate():
         cache = models.Cache(model, len(prompt) + 6)
         hsd.prefill(model, cache, prompt[:-1])
         _, stats = hsd.generate(model, prompt, 10, draft=skip, k=5, eos_token_id=-1)
-        assert hsd.single_round(model, cache, prompt, skip, 5, independent=False) == stats["trace"][0][1]
+        assert hsd_eval.single_round(model, cache, cache, prompt[-1], skip, 5) == stats["trace"][0][1]
+        generator = torch.Generator().manual_seed(4)
+        _, sampled = hsd.generate(model, prompt, 10, draft=skip, k=5, eos_token_id=-1, temperature=0.6, seed=4)
+        n = hsd_eval.single_round(model, cache, cache, prompt[-1], skip, 5, 0.6, generator)
+        assert n == sampled["trace"][0][1]                          # the same random stream: the same first round
 
 
-def test_single_round_protocols():
+def test_single_round_leaves_both_caches_as_they_were():
     model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
-    cache = models.Cache(model, 40)
+    skip = hsd.draft_skip(model.config, "component")
+    cache, own = models.Cache(model, 40), models.Cache(model, 40)
     hsd.prefill(model, cache, prompt[:-1])
-    for independent in (False, True):
-        assert hsd.single_round(model, cache, prompt, models.Skip(), 5, independent) == 5     # nothing skipped: all
-        n = hsd.single_round(model, cache, prompt, hsd.draft_skip(model.config, "component"), 5, independent)
-        assert 0 <= n <= 5 and cache.length == len(prompt) - 1                               # cache left as it was
+    hsd.prefill(model, own, prompt[:-1], skip)
+    before = [hsd.snapshot(c) for c in (cache, own)]
+    assert hsd_eval.single_round(model, cache, cache, prompt[-1], models.Skip(), 5) == 5      # nothing skipped: all
+    g = torch.Generator().manual_seed(0)
+    assert hsd_eval.single_round(model, cache, cache, prompt[-1], models.Skip(), 5, 0.6, g) == 5     # p = q: all
+    for draft_cache in (cache, own):
+        for temperature in (0.0, 0.6):
+            assert 0 <= hsd_eval.single_round(model, cache, draft_cache, prompt[-1], skip, 5, temperature, g) <= 5
+    for c, snap in zip((cache, own), before):
+        assert c.length == snap.length and all(s.ssm is m for s, m in zip(c.layers, snap.ssm))
 
 
-def test_eval_alpha_arithmetic(monkeypatch):
+PAPER_TEXT = [" = Title = ", " ", " " + "a" * 99 + " ", " " + "b" * 101 + " ", "c" * 60, " " + "d" * 201 + " ",
+              "e" * 40, " " + "f" * 150]
+
+
+def test_paper_inputs_follow_the_authors_rules():
+    """Lines are stripped before filtering (WikiText's leading space and trailing " " are gone), lengths are those of
+    stripped lines, prompts carry the tokenizer's default special tokens, perplexity text has none."""
+    tok = models.char_tokenizer()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                  special_tokens=[("<|endoftext|>", 96)])   # a BOS
+    inputs = hsd_eval.paper_inputs(PAPER_TEXT, tok, max_len=4096, prompts=200, speed_prompts=10)
+    decode = lambda ids: tok.decode(ids[1:]) if ids[0] == 96 else None                         # the BOS, then the line
+    assert [decode(x) for x in inputs["alpha"]] == ["b" * 101, "d" * 201, "f" * 150]             # 99 + 2 spaces: out
+    assert [decode(x) for x in inputs["divergence"]] == ["d" * 127]                              # 128 tokens with BOS
+    assert [decode(x) for x in inputs["speed"]] == ["a" * 99, "b" * 101, "c" * 60, "d" * 201, "f" * 150]
+    assert tok.decode(inputs["perplexity"][0]) == "\n".join(line.strip() for line in PAPER_TEXT if line.strip())
+    assert 96 not in inputs["perplexity"][0]
+    short = hsd_eval.paper_inputs(PAPER_TEXT, tok, max_len=120, prompts=2, speed_prompts=1)
+    assert [len(x) for x in short["alpha"]] == [102, 102] and len(short["speed"]) == 1   # cut to max_len - 8 - 10
+
+
+def test_paper_inputs_perplexity_text_is_the_first_2048_tokens():
+    lines = [f" line {i} " + "x" * 990 for i in range(80)]
+    text = models.char_tokenizer().decode(hsd_eval.paper_inputs(lines, models.char_tokenizer(), 4096)["perplexity"][0])
+    assert text == "\n".join(line.strip() for line in lines)[:2048]
+
+
+def test_tiny_text_has_lines_for_every_protocol():
+    lines = [line.strip() for line in hsd_eval.TINY_TEXT]
+    assert sum(len(x) > 200 for x in lines) >= 3 and sum(len(x) > 100 for x in lines) >= 6
+    assert sum(len(x) > 50 for x in lines) >= 8 and any(x != x.strip() for x in hsd_eval.TINY_TEXT)
+
+
+def test_prompts_carry_the_special_tokens_transformers_adds(tmp_path):
+    """hsd encodes with tokenizer.json as the tokenizers library reads it: the same ids as a transformers tokenizer
+    call, whose tokenizer_config.json add_bos_token is ignored where a tokenizer.json exists (transformers 5.23)."""
+    tf = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers, processors, trainers
+    tok = Tokenizer(tm.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(hsd_eval.TINY_TEXT * 5, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    for bos in (True, False):
+        for cls, add_bos in [("PreTrainedTokenizerFast", not bos), ("Qwen2Tokenizer", not bos)]:
+            path = tmp_path / f"{cls}-{bos}"
+            path.mkdir()
+            tok.post_processor = (processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)]) if bos
+                                  else processors.ByteLevel(trim_offsets=False))
+            tok.save(str(path / "tokenizer.json"))
+            (path / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": cls, "bos_token": "<s>", "eos_token": "<|endoftext|>", "add_bos_token": add_bos}))
+            ours, theirs = models.load_tokenizer(str(path)), tf.AutoTokenizer.from_pretrained(str(path))
+            for line in hsd_eval.TINY_TEXT[1:4]:
+                assert ours.encode(line.strip()).ids == theirs(line.strip())["input_ids"]
+                assert (ours.encode(line.strip()).ids[0] == 1) == bos
+
+
+def fake_records(alpha_counts, skips):
+    """Records of a run whose single rounds accepted the given counts (per prompt: per draft, the same for every
+    variant), and whose other phases are empty."""
+    records = hsd_eval.Records(None, {})
+    for i, n in enumerate(alpha_counts):
+        records.add("alpha", i, {d: {"shared": n[0], "independent": n[1], "sampled_shared": n[0],
+                                     "sampled_independent": n[1]} for d in skips})
+    records.add("perplexity", 0, {d: 1.0 for d in ["full", *skips]})
+    return records
+
+
+def test_eval_alpha_arithmetic():
     """Acceptance per prompt from single rounds of 8 drafts: alpha_k = mean(min(n, k) / k), histogram of min(n, k)."""
-    counts = iter([0, 8, 3, 5] * 3)        # per draft: prompt 1 shared 0, independent 8; prompt 2 shared 3, independent 5
-    monkeypatch.setattr(hsd, "single_round", lambda *args: next(counts))
-    model, tok = tiny("tiny-falcon-h1", torch.float32), models.char_tokenizer()
-    r = hsd.evaluate(model, tok, [models.TINY_TEXT[0]] * 2, models.TINY_TEXT[1], max_new_tokens=4)
+    model = tiny("tiny-falcon-h1")
+    skips = {"component": hsd.draft_skip(model.config, "component")}
+    inputs = {"alpha": [[1, 2], [3, 4]], "divergence": [], "perplexity": [[1, 2, 3]], "speed": []}
+    times = {L: {"full": 2.0, "component": 1.0, 2: 2.0, 4: 3.0, 8: 4.0} for L in (10, 20)}
+    r = hsd_eval.summarize(model, inputs, skips, fake_records([(0, 8), (3, 5)], skips), (10, 20), times, 0.6)
     k = r["drafts"]["component"]["k"]
     assert k[2]["alpha_shared"] == (0 / 2 + 2 / 2) / 2 and k[2]["histogram_shared"] == [1, 0, 1]
     assert k[4]["alpha_independent"] == (4 / 4 + 4 / 4) / 2 and k[4]["histogram_independent"] == [0, 0, 0, 0, 2]
     assert k[8]["alpha_shared"] == (0 / 8 + 3 / 8) / 2 and k[8]["alpha_independent"] == (8 / 8 + 5 / 8) / 2
     assert k[8]["histogram_shared"] == [1, 0, 0, 1, 0, 0, 0, 0, 0] and k[8]["ci_independent"][1] == 1.0
+    assert k[8]["alpha_sampled_independent"] == k[8]["alpha_independent"] and k[2]["alpha_multi"] is None
+    assert r["drafts"]["component"]["c"] == 0.5 and k[4]["v"] == 1.5
 
 
 def test_eval_numbers_against_direct_computations(monkeypatch):
     """Perplexity = exp(mean cross-entropy); divergence averaged over positions; S = (1 + a) / (k c + v)."""
     model, tok = tiny("tiny-qwen3.5", torch.float32), models.char_tokenizer()
-    fake = {"full": 2.0, "component": 1.5, "layerskip": 1.0, "early-exit": 0.5, 2: 2.5, 4: 3.0, 8: 4.0}
-    monkeypatch.setattr(hsd, "step_times", lambda *args: fake)
-    prompts, text = models.TINY_TEXT[:2], "\n".join(models.TINY_TEXT)
-    r = hsd.evaluate(model, tok, prompts, text, max_new_tokens=6)
-    ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
-    skip = hsd.draft_skip(model.config, "component")
-    for logits, perplexity in [(model(ids), r["perplexity_full"]), (model(ids, skip=skip), r["drafts"]["component"]["perplexity"])]:
+    fake = {"full": 2.0, "component": 1.5, "layerskip": 1.0, "early-exit": 0.5, 2: 2.5, 4: 3.0, 8: 4.0,
+            "logits": 0.001, "prefill": 0.1}
+    monkeypatch.setattr(hsd_eval, "step_times", lambda *args: fake)
+    inputs = hsd_eval.paper_inputs(hsd_eval.TINY_TEXT, tok, 4096, prompts=2, speed_prompts=1)
+    skips = {d: hsd.draft_skip(model.config, d) for d in ("component", "layerskip", "early-exit")}
+    records = hsd_eval.Records(None, {})
+    contexts, times = hsd_eval.measure(model, "tiny-qwen3.5", inputs, skips, records, 6, 0.6, 0)
+    r = hsd_eval.summarize(model, inputs, skips, records, contexts, times, 0.6)
+    ids = torch.tensor(inputs["perplexity"])
+    for logits, perplexity in [(model(ids), r["perplexity_full"]),
+                               (model(ids, skip=skips["component"]), r["drafts"]["component"]["perplexity"])]:
         ce = torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:])
-        assert math.isclose(perplexity, math.exp(ce.item()), rel_tol=1e-6)
-    p_ids = [torch.tensor([tok.encode(p, add_special_tokens=False).ids]) for p in prompts]
-    tvd = sum(0.5 * (torch.softmax(model(x)[0].double(), -1) - torch.softmax(model(x, skip=skip)[0].double(), -1))
-              .abs().sum().item() for x in p_ids) / sum(x.shape[1] for x in p_ids)
+        assert math.isclose(perplexity, math.exp(min(ce.item(), 20)), rel_tol=1e-6)     # the authors' cap at e^20
+    texts = [torch.tensor([x]) for x in inputs["divergence"]]
+    tvd = sum(0.5 * (torch.softmax(model(x)[0, :-1].double(), -1) - torch.softmax(
+        model(x, skip=skips["component"])[0, :-1].double(), -1)).abs().sum().item() for x in texts)
     d = r["drafts"]["component"]
-    assert math.isclose(d["tvd"], tvd, rel_tol=1e-6)
+    assert math.isclose(d["tvd"], tvd / sum(x.shape[1] - 1 for x in texts), rel_tol=1e-6)
     for k in (2, 4, 8):
         row = d["k"][k]
         assert d["c"] == 0.75 and row["v"] == fake[k] / 2.0
         assert math.isclose(row["predicted_speedup"], (1 + row["accepted_per_round"]) / (k * 0.75 + fake[k] / 2.0))
+        speed = records.saved["speed", 0]["component"][str(k)]
+        assert row["alpha_multi"] == speed["accepted"] / speed["drafted"]
 
 
-def test_eval_runs_offline_and_the_json_carries_the_table(capsys):
-    assert hsd.main(["--model", "tiny-falcon-h1", "--eval", "--json", "--prompts", "2", "--max-new-tokens", "6"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+def test_estimate_arithmetic():
+    t = {"full": 1.0, "component": 0.5, 2: 2.0, 4: 3.0, 8: 4.0, "prefill": 10.0, "context": 100, "logits": 0.01}
+    inputs = {"alpha": [[0] * 100], "divergence": [[0] * 50], "perplexity": [[0] * 150], "speed": [[0] * 10]}
+    e = hsd_eval.estimate_seconds(t, inputs, ["component"], 6, lambda d, k: 1.0)
+    assert e["alpha"] == 0.1 * 100 * 1.5 + 4 * (8 * 0.5 + 4.0)                  # passes over the prompt; 4 rounds of 8
+    assert math.isclose(e["divergence and perplexity"], 200 * (0.1 * 1.5 + 0.01 * 2))
+    rounds = sum(6 / 2 * (k * 0.5 + t[k]) + 0.1 * 10 for k in (2, 4, 8))       # 1 + a = 2 tokens a round
+    assert math.isclose(e["speed"], 0.1 * 10 + 6 * 1.0 + rounds)
+
+
+def test_records_resume_and_refuse_another_run(tmp_path):
+    path = str(tmp_path / "run.jsonl")
+    records = hsd_eval.Records(path, {"model": "m", "prompts": 3})
+    records.add("alpha", 0, {"component": {"shared": 1}})
+    records.add("costs", 12, {"full": 1.0})
+    with open(path, "a") as f:
+        f.write('{"phase": "alpha", "index": 1, "res')                  # a crash in the middle of a line
+    again = hsd_eval.Records(path, {"model": "m", "prompts": 3})
+    assert again.saved == {("alpha", 0): {"component": {"shared": 1}}, ("costs", 12): {"full": 1.0}}
+    assert again.missing("alpha", 3) == [1, 2] and again.resumed
+    again.add("alpha", 1, {"component": {"shared": 0}})
+    assert len(open(path).read().splitlines()) == 4                       # the half line is gone, the new one whole
+    with pytest.raises(models.UsageError, match="holds another run \\(prompts 3 there, 4 now\\)"):
+        hsd_eval.Records(path, {"model": "m", "prompts": 4})
+
+
+EVAL_ARGS = ["--model", "tiny-falcon-h1", "--eval", "--prompts", "3", "--speed-prompts", "1", "--max-new-tokens", "4"]
+
+
+def eval_numbers(result):
+    """What an interrupted and resumed run must repeat exactly: everything but timings."""
+    return {draft: {"tvd": d["tvd"], "kl": d["kl"], "top1": d["top1_agreement"], "perplexity": d["perplexity"],
+                    "k": {k: {key: v for key, v in row.items() if key.startswith(("alpha", "ci", "histogram"))}
+                          for k, row in d["k"].items()}}
+            for draft, d in result["drafts"].items()} | {"perplexity_full": result["perplexity_full"]}
+
+
+def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
+    out = tmp_path / "run.jsonl"
+    run = subprocess.Popen([sys.executable, "hsd.py", *EVAL_ARGS, "--out", str(out), "--json"], text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.abspath(__file__)))
+    while run.poll() is None and (not out.exists() or out.read_text().count('"phase": "alpha"') < 1):
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate()
+    assert run.returncode == 130 and stdout == "", stderr
+    message = [line for line in stderr.splitlines() if line.startswith("hsd:") and "estimate" not in line]
+    assert message == [message[0]] and "run the same command again to resume" in message[0] and "alpha " in message[0]
+    saved = out.read_text().count('"phase": "alpha"')
+    assert 1 <= saved < 3                                                   # interrupted in the middle of the prompts
+    assert hsd.main([*EVAL_ARGS, "--out", str(out), "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert hsd.main([*EVAL_ARGS, "--json"]) == 0
+    uninterrupted = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert eval_numbers(resumed) == eval_numbers(uninterrupted)
+    assert resumed["drafts"]["component"]["k"]["2"]["alpha_sampled_shared"] is not None
+
+
+def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
+    plot = tmp_path / "alpha.svg"
+    assert hsd.main([*EVAL_ARGS, "--json", "--plot", str(plot)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     result = json.loads(lines[-1])
     leaves = []
     def walk(x):
@@ -848,6 +1235,28 @@ def test_eval_runs_offline_and_the_json_carries_the_table(capsys):
         assert any(round(v, decimals) == float(number) for v in leaves), number
     assert set(result["drafts"]) == {"component", "layerskip", "early-exit"}
     assert 0 <= result["drafts"]["component"]["k"]["2"]["alpha_shared"] <= 1
+    assert "hsd: estimate" in captured.err and "%|" in captured.err                 # the estimate, progress: on stderr
+
+
+def test_plot_is_well_formed_and_carries_its_numbers():
+    r = {"temperature": 0.6, "prompts": 2, "paper": hsd_eval.PAPER["falcon-h1-0.5b"], "drafts": {}}
+    for draft in ("component", "layerskip"):
+        r["drafts"][draft] = {"k": {k: {f"{x}_{v}": (0.125 * j if x == "alpha" else (0.0625 * j, 0.25 * j))
+                                        for x in ("alpha", "ci") for j, v in enumerate(
+                                            ["shared", "independent", "sampled_shared", "sampled_independent"], 1)}
+                                    for k in (2, 4, 8)}}
+    svg = hsd_eval.plot_svg("falcon-h1-0.5b", r)
+    root = ElementTree.fromstring(svg)                                              # well-formed XML
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}title")]
+    assert "component, k=4, greedy, independent state: 0.250 [0.125, 0.500]" in titles
+    assert "layerskip, k=8, sampled, independent state: 0.500 [0.250, 1.000]" in titles
+    assert "component, k=2, paper, greedy: 0.680 [0.620, 0.740]" in titles
+    assert "component, k=8, paper, T=0.6: 0.224 [0.190, 0.259]" in titles
+    assert len(titles) == 2 * 3 * 4 + 3 + 3                                          # the paper has the component only
+    circles = [c for c in root.iter("{http://www.w3.org/2000/svg}circle") if c.get("cx")]
+    heights = {float(c.get("cy")) for c in circles}
+    assert len(heights) > 5                                      # the points stand at different heights (their values)
 
 
 def test_eval_without_wikitext_names_text(tmp_path):
@@ -857,8 +1266,9 @@ def test_eval_without_wikitext_names_text(tmp_path):
     result = run_cli("--model", str(tmp_path), "--eval", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2 and "WikiText-2" in result.stderr and "--text FILE" in result.stderr
     text = tmp_path / "text.txt"
-    text.write_text("\n".join(models.TINY_TEXT))
-    result = run_cli("--model", str(tmp_path), "--eval", "--text", str(text), "--prompts", "1", "--max-new-tokens", "3")
+    text.write_text("\n".join(hsd_eval.TINY_TEXT))
+    result = run_cli("--model", str(tmp_path), "--eval", "--text", str(text), "--prompts", "1", "--speed-prompts", "1",
+                     "--max-new-tokens", "3")
     assert result.returncode == 0 and "layerskip" in result.stdout and "component" not in result.stdout
 
 

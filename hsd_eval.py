@@ -1,0 +1,513 @@
+"""hsd_eval: the paper's measurements, run by `python hsd.py --model NAME --eval` (README, "Results").
+
+The run goes through five phases, in this order; every prompt's result is a record that `--out FILE` appends to a
+JSON-lines file as soon as it exists, so that an interrupted run resumes where it stopped:
+  costs       step times of a full decoding step, a draft step and verify passes (the cost model's c and v), and
+              from them an estimate of how long the whole run takes on this machine
+  alpha       the paper's single-round protocol on every prompt: k drafts right after the prompt, how many the full
+              model accepts; greedy and at a temperature (speculative sampling); the draft starting from the full
+              model's state (shared, as hsd.generate does) or from its own (independent, as the paper's code did)
+  divergence  total variation, top-1 agreement and KL between the full model's and the draft's next-token distributions
+  perplexity  of the full model and of each draft on 2048 tokens of text
+  speed       multi-round generation on a few prompts: acceptance over whole generations, and the measured speedup
+The inputs are built exactly as the authors' code built them (paper_inputs; README, "The paper's inputs").
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+
+import torch
+from huggingface_hub.utils import tqdm
+
+import hsd
+import models
+
+KS = (2, 4, 8)                  # the paper's draft lengths
+TEMPERATURE, SEED = 0.6, 0      # the sampled column's temperature, and the seed, unless --temperature / --seed say
+
+# The paper's single-round acceptance (Table A; value, 95% interval or None), greedy and at T = 0.6, for the figure.
+PAPER = {
+    "falcon-h1-0.5b": {"component": {
+        "greedy": {2: (0.68, (0.62, 0.74)), 4: (0.37, (0.335, 0.405)), 8: (0.186, None)},
+        "T=0.6": {2: (0.56, (0.505, 0.615)), 4: (0.3875, (0.346, 0.43)), 8: (0.224, (0.19, 0.259))}}},
+    "falcon-h1-3b": {"component": {
+        "greedy": {2: (0.59, None), 4: (0.351, None), 8: (0.186, None)},
+        "T=0.6": {2: (0.495, (0.4375, 0.5525)), 4: (0.374, (0.326, 0.424)), 8: (0.2175, (0.186, 0.252))}}},
+    "qwen3.5-0.8b": {
+        "component": {
+            "greedy": {2: (0.0375, None), 4: (0.01875, None), 8: (0.0094, None)},
+            "T=0.6": {2: (0.0725, (0.045, 0.105)), 4: (0.04, (0.0225, 0.06)), 8: (0.0094, (0.0031, 0.0175))}},
+        "layerskip": {"greedy": {4: (0.2325, None)}},
+        "early-exit": {"greedy": {4: (0.0, None)}}},
+    "qwen2.5-0.5b": {"layerskip": {
+        "greedy": {2: (0.52, None), 4: (0.326, None), 8: (0.179, None)},
+        "T=0.6": {2: (0.4275, (0.375, 0.4825)), 4: (0.306, (0.262, 0.351)), 8: (0.191, (0.161, 0.223))}}},
+}
+
+TINY_TEXT = [  # what --eval reads for tiny-* models, offline: lines long enough for every protocol of paper_inputs
+    " = Speculative decoding = ",
+    " Speculative decoding drafts a few tokens with a cheap model and then checks all of them with the expensive "
+    "model in a single pass. The longest prefix that the expensive model agrees with is kept, and one more token "
+    "comes from the expensive model itself. ",
+    " A hybrid language model mixes recurrent layers such as Mamba-2 or Gated DeltaNet with a few layers of softmax "
+    "attention, so that most of the sequence is summarised in a state of fixed size. ",
+    " Because a recurrent state summarises everything seen so far, it cannot be cut back the way a cache of keys and "
+    "values can. The decoder keeps a snapshot before drafting and the state after every verified position, and picks "
+    "the one after the last accepted token. ",
+    " The draft model inside a hybrid is the same network with its attention switched off, sharing every weight. ",
+    "",
+    " = = Measurements = = ",
+    " Acceptance is the share of drafted tokens that the full model keeps; it is not a speedup, since a draft step and "
+    "a verify pass both cost time. The cost model divides the tokens a round yields by what the round costs. ",
+    " Perplexity with the attention removed says how much of the model's knowledge lives in its attention layers, and "
+    "the paper found that this ratio predicts whether the draft is any good. ",
+    " Divergence compares the two next-token distributions at every position of a text. ",
+    " At a temperature the draft samples its tokens, and the full model accepts each with a probability that makes the "
+    "output follow its own distribution exactly, whatever the draft proposed. ",
+]
+
+
+# --- The inputs: the authors' text handling, exactly -------------------------------------------------------------
+def read_lines(path, model_name):
+    """The raw lines of the text: a file, the tiny models' built-in text, or WikiText-2 raw validation (the paper's)."""
+    try:
+        if path:
+            with open(path, encoding="utf-8") as f:
+                return f.read().splitlines()
+        if model_name in models.TINY:
+            return list(TINY_TEXT)
+        import pyarrow.parquet as pq
+        from huggingface_hub import hf_hub_download
+        file = hf_hub_download("Salesforce/wikitext", "wikitext-2-raw-v1/validation-00000-of-00001.parquet",
+                               repo_type="dataset")
+        return [line.rstrip("\n") for line in pq.read_table(file).column("text").to_pylist()]
+    except Exception as e:      # no such file; or no network and nothing cached, or no pyarrow to read the parquet file
+        raise models.UsageError(f"cannot read {path or 'WikiText-2 (it needs the Hub and `pip install pyarrow`)'}: "
+                                f"{type(e).__name__}: {str(e)[:80]}; pass --text FILE") from None
+
+
+def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
+    """The token ids of every protocol, as the authors' code made them. Every line is stripped first (WikiText's
+    lines start with a space and end with " "); lengths are those of stripped lines; encode() adds the tokenizer's
+    default special tokens (a BOS where its tokenizer_config asks for one), as a transformers tokenizer call does.
+      alpha:      lines longer than 100 characters, the first `prompts`, each cut to min(512, max_len - 8 - 10) tokens
+      divergence: lines longer than 200 characters, the first 50, each cut to 128 tokens
+      perplexity: the non-empty lines joined by newlines until the text exceeds 50,000 characters, encoded without
+                  special tokens, the first 2048 tokens
+      speed:      lines longer than 50 characters, the first `speed_prompts`, each cut to 256 tokens"""
+    lines = [line.strip() for line in lines]
+    text = ""
+    for line in (line for line in lines if line):
+        text = text + "\n" + line if text else line
+        if len(text) > 50_000:
+            break
+    return {
+        "alpha": [tokenizer.encode(x).ids[:min(512, max_len - max(KS) - 10)] for x in lines if len(x) > 100][:prompts],
+        "divergence": [tokenizer.encode(x).ids[:128] for x in lines if len(x) > 200][:50],
+        "perplexity": [tokenizer.encode(text, add_special_tokens=False).ids[:2048]],           # one text
+        "speed": [tokenizer.encode(x).ids[:256] for x in lines if len(x) > 50][:speed_prompts],
+    }
+
+
+# --- The measurements ----------------------------------------------------------------------------------------------
+def single_round(model, cache, draft_cache, pending, skip, k, temperature=0.0, generator=None):
+    """Drafts accepted in one round of k (the paper's protocol). cache: the full model's state after the prompt but
+    its last token, `pending`. draft_cache: the state the draft starts from, cache itself (shared) or the draft
+    model's own prefill of the same tokens (independent). Both caches are left as they were."""
+    snap, draft_snap = hsd.snapshot(cache), hsd.snapshot(draft_cache)
+    if temperature == 0:
+        drafts = hsd.draft_tokens(model, draft_cache, pending, skip, k)
+    else:
+        drafts, q = hsd.draft_tokens_sampled(model, draft_cache, pending, skip, k, temperature, generator)
+    hsd.restore(draft_cache, draft_snap)
+    hsd.restore(cache, snap)
+    logits = hsd.verify(model, cache, pending, drafts)
+    if temperature == 0:
+        n, _ = hsd.accept(drafts, logits)
+    else:
+        n, _ = hsd.accept_sampled(drafts, q, logits, temperature, generator)
+    hsd.restore(cache, snap)
+    return n
+
+
+def divergence(model, ids, skips, chunk=256):
+    """Sums over every position of ids (1, T) but the last, p the full model's next-token distribution and q a
+    draft's: total variation 1/2 sum|p - q|, top-1 agreement, and KL(p || q) with the authors' 1e-10 inside both logs.
+    Returns {draft: {"tvd", "top1", "kl", "positions"}}."""
+    h = model.hidden_states(ids)[0, :-1]                                                       # (T-1, D)
+    sums = {}
+    for draft, skip in skips.items():
+        h_draft = model.hidden_states(ids, skip=skip)[0, :-1]
+        tvd = top1 = kl = 0.0
+        for i in range(0, len(h), chunk):               # logits a chunk of positions at a time: the vocabulary is large
+            p = torch.softmax(model.logits(h[i:i + chunk]).double(), dim=-1)                    # (chunk, V)
+            q = torch.softmax(model.logits(h_draft[i:i + chunk]).double(), dim=-1)
+            tvd += 0.5 * (p - q).abs().sum().item()
+            top1 += (p.argmax(-1) == q.argmax(-1)).sum().item()
+            kl += (p * ((p + 1e-10).log() - (q + 1e-10).log())).sum().item()
+        sums[draft] = {"tvd": tvd, "top1": top1, "kl": kl, "positions": len(h)}
+    return sums
+
+
+def nll(model, ids, skip=None, chunk=256):
+    """The summed negative log-likelihood of ids[0, 1:] under the model (or the draft, given a skip): one pass."""
+    h = model.hidden_states(ids, skip=skip)[0, :-1]                                              # (T-1, D)
+    total = 0.0
+    for i in range(0, len(h), chunk):
+        logp = torch.log_softmax(model.logits(h[i:i + chunk]).double(), dim=-1)
+        total -= logp.gather(1, ids[0, i + 1:i + 1 + chunk, None]).sum().item()
+    return total
+
+
+def step_times(model, skips, ks, context, repeats=7):
+    """Median seconds at a context: a full decoding step ("full"), a draft step (by name), a verify pass (by k), and,
+    for the run's estimate, the logits of one position ("logits") and the prefill of the context ("prefill", once)."""
+    cache = models.Cache(model, context + max(ks) + 2)
+    tokens = torch.randint(model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    token = torch.tensor([[1]], device=cache.device)
+    t0 = hsd.clock(cache.device)
+    hsd.prefill(model, cache, tokens)
+    prefill_s = hsd.clock(cache.device) - t0                   # once: only the run's estimate needs it
+    snap = hsd.snapshot(cache)
+    rows = torch.zeros(64, model.config.hidden_size, device=cache.device, dtype=model.lm_head.weight.dtype)
+    steps = {"full": lambda: model(token, cache), **{k: lambda k=k: hsd.verify(model, cache, 1, [1] * k) for k in ks},
+             **{d: lambda s=s: model(token, cache, skip=s) for d, s in skips.items()},
+             "logits": lambda: model.logits(rows)}
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):                   # the kinds of step take turns, so that drift affects all alike
+        for name, step in steps.items():
+            t0 = hsd.clock(cache.device)
+            step()
+            samples[name].append(hsd.clock(cache.device) - t0)
+            hsd.restore(cache, snap)
+    medians = {name: sorted(s)[repeats // 2] for name, s in samples.items()}
+    medians["logits"] /= len(rows)
+    return {**medians, "prefill": prefill_s}
+
+
+def bootstrap_ci(values, resamples=10_000, seed=0):
+    """95% percentile interval of the mean, resampling the values with replacement."""
+    v = torch.tensor(values, dtype=torch.float64)
+    means = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))].mean(dim=1)
+    return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
+
+
+def predicted_speedup(a, k, c, v):
+    """Tokens per round over a round's cost in full decoding steps: (1 + a) / (k c + v), a = accepted drafts per round."""
+    return (1 + a) / (k * c + v)
+
+
+def break_even(times, draft, k, a, max_context):
+    """The context from which on the predicted speedup (1 + a) t_full / (k t_draft + t_verify) exceeds 1, each time
+    linear in L through the two measured contexts: 0 if it does at both, None if not up to max_context."""
+    (L0, t0), (L1, t1) = times.items()
+    gap0 = (1 + a) * t0["full"] - k * t0[draft] - t0[k]
+    gap1 = (1 + a) * t1["full"] - k * t1[draft] - t1[k]
+    if min(gap0, gap1) >= 0:
+        return 0
+    if gap1 <= gap0:                                     # not rising: never pays off beyond the measured contexts
+        return None
+    crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0)
+    return round(crossing) if crossing <= max_context else None
+
+
+# --- A run that survives interruption: its records, saved as they come ---------------------------------------------
+class Records:
+    """The run's results, one record per prompt and phase, by (phase, index). With a path, each record is appended to
+    that JSON-lines file and flushed as soon as it exists, after a header naming everything that changes a number; a
+    rerun with the same header resumes (what is saved is not measured again), one with another header is refused."""
+
+    def __init__(self, path, header):
+        self.path, self.saved, self.resumed = path, {}, False
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            complete = data[:data.rfind(b"\n") + 1]                  # a crash can leave half a line: drop it
+            lines = [json.loads(line) for line in complete.decode().splitlines()]
+            saved_header = lines[0].get("header", {}) if lines else {}
+            if saved_header != header:
+                different = [f"{key} {saved_header.get(key)!r} there, {value!r} now" for key, value in header.items()
+                             if saved_header.get(key) != value]
+                raise models.UsageError(f"{path} holds another run ({'; '.join(different) or 'no header'}): give "
+                                        "another --out file, or the options of that run to resume it")
+            self.saved = {(r["phase"], r["index"]): r["result"] for r in lines[1:]}
+            self.resumed = bool(self.saved)
+            with open(path, "r+b") as f:
+                f.truncate(len(complete))
+        elif path:
+            self.write({"header": header})
+
+    def write(self, line):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+
+    def add(self, phase, index, result):
+        self.saved[phase, index] = result
+        if self.path:
+            self.write({"phase": phase, "index": index, "result": result})
+
+    def missing(self, phase, count):
+        """The indices of a phase's first `count` items that have no record yet."""
+        return [i for i in range(count) if (phase, i) not in self.saved]
+
+
+# --- The run, phase by phase ---------------------------------------------------------------------------------------
+def alpha_record(model, prompt, skips, temperature, generator):
+    """One prompt of the single-round protocol: per draft, how many of max(KS) drafts the full model accepts, greedy
+    and sampled, with the draft starting from the full model's state (shared) or from its own (independent)."""
+    k = max(KS)
+    cache = models.Cache(model, len(prompt) + k + 1)
+    hsd.prefill(model, cache, prompt[:-1])
+    result = {}
+    for draft, skip in skips.items():
+        own = models.Cache(model, len(prompt) + k + 1)
+        hsd.prefill(model, own, prompt[:-1], skip)
+        result[draft] = {
+            "shared": single_round(model, cache, cache, prompt[-1], skip, k),
+            "independent": single_round(model, cache, own, prompt[-1], skip, k),
+            "sampled_shared": single_round(model, cache, cache, prompt[-1], skip, k, temperature, generator),
+            "sampled_independent": single_round(model, cache, own, prompt[-1], skip, k, temperature, generator)}
+    return result
+
+
+def perplexity_record(model, ids, skips):
+    """The summed negative log-likelihood of the text under the full model and each draft."""
+    return {draft: nll(model, ids, skip) for draft, skip in {"full": None, **skips}.items()}
+
+
+def speed_record(model, prompt, skips, new_tokens):
+    """Plain greedy decoding and every draft at every k on one prompt: tokens, time and acceptance of each run."""
+    plain = hsd.generate(model, prompt, new_tokens, draft="none")[1]
+    result = {"plain": {"new_tokens": plain["new_tokens"], "decode_s": plain["decode_s"]}}
+    for draft, skip in skips.items():
+        result[draft] = {}
+        for k in KS:
+            s = hsd.generate(model, prompt, new_tokens, draft=skip, k=k)[1]
+            result[draft][str(k)] = {x: s[x] for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
+    return result
+
+
+def estimate_seconds(t, inputs, skips, new_tokens, accepted_per_round):
+    """How long each phase takes, from the step times t (step_times) at a context of t["context"] tokens: a pass over
+    n tokens costs n prefill tokens' time (and n rows of logits where they are needed), a round of k drafts k draft
+    steps and a verify pass, a generation of n tokens n / (1 + a) rounds. accepted_per_round(draft, k) -> a."""
+    per_token, c = t["prefill"] / t["context"], {d: t[d] / t["full"] for d in skips}
+    all_passes = 1 + sum(c.values())                             # a pass of the full model, and one of every draft
+    k = max(KS)
+    alpha = sum(per_token * len(p) * all_passes + 4 * sum(k * t[d] + t[k] for d in skips) for p in inputs["alpha"])
+    passes = sum(len(ids) * (per_token * all_passes + t["logits"] * (1 + len(skips)))
+                 for ids in inputs["divergence"] + inputs["perplexity"])
+    speed = 0.0
+    for prompt in inputs["speed"]:
+        speed += per_token * len(prompt) + new_tokens * t["full"]
+        for d in skips:
+            for k in KS:
+                speed += per_token * len(prompt) + new_tokens / (1 + accepted_per_round(d, k)) * (k * t[d] + t[k])
+    return {"alpha": alpha, "divergence and perplexity": passes, "speed": speed}
+
+
+def duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.0f} min" if seconds > 90 else f"{seconds:.0f} s"
+
+
+def measure(model, model_name, inputs, skips, records, new_tokens, temperature, seed):
+    """Every phase's records, measuring only what is not saved yet; first the step times, and from them the estimate."""
+    c, device = model.config, model.lm_head.weight.device
+    L0 = max(1, sum(map(len, inputs["alpha"])) // len(inputs["alpha"]))
+    contexts = (L0, max(2 * L0, min(8192, c.max_position_embeddings // 2)))
+    for L in tqdm([L for L in contexts if ("costs", L) not in records.saved], desc="step times", leave=False):
+        records.add("costs", L, {str(k): v for k, v in step_times(model, skips, KS, L).items()})
+    times = {L: {int(k) if k.isdigit() else k: v for k, v in records.saved["costs", L].items()} for L in contexts}
+
+    paper = PAPER.get(model_name, {})
+    todo = {phase: [items[i] for i in records.missing(phase, len(items))] for phase, items in inputs.items()}
+    estimate = estimate_seconds({**times[L0], "context": L0}, todo, skips, new_tokens,
+                                lambda d, k: k * paper.get(d, {}).get("greedy", {}).get(k, (0.0,))[0])
+    print(f"hsd: estimate {duration(sum(estimate.values()))} on this machine ("
+          + ", ".join(f"{phase} {duration(s)}" for phase, s in estimate.items())
+          + (", speed at the paper's acceptance" if paper else ", speed assuming no draft is accepted: at most")
+          + ("; what is saved is not measured again)" if records.resumed else ")"),
+          file=sys.stderr, flush=True)
+
+    hsd.warm_up(model, max(KS))
+    phases = {
+        "alpha": lambda i, prompt: alpha_record(model, prompt, skips, temperature,
+                                                torch.Generator().manual_seed(seed * 1_000_003 + i)),    # per prompt
+        "divergence": lambda i, ids: divergence(model, torch.tensor([ids], device=device), skips),
+        "perplexity": lambda i, ids: perplexity_record(model, torch.tensor([ids], device=device), skips),
+        "speed": lambda i, prompt: speed_record(model, prompt, skips, new_tokens)}
+    with torch.inference_mode():
+        for phase, run_one in phases.items():
+            items = inputs[phase]
+            todo = records.missing(phase, len(items))
+            for i in tqdm(todo, desc=phase, total=len(items), initial=len(items) - len(todo)):
+                records.add(phase, i, run_one(i, items[i]))
+    return contexts, times
+
+
+def summarize(model, inputs, skips, records, contexts, times, temperature):
+    """The --eval result (README, "Results"): per draft, divergence and perplexity, and per k the acceptance of the
+    single-round protocol, the multi-round runs, the cost model. The keys of earlier versions are all kept."""
+    c = model.config
+    alphas = [records.saved["alpha", i] for i in range(len(inputs["alpha"]))]
+    texts = [records.saved["divergence", i] for i in range(len(inputs["divergence"]))]
+    speed = [records.saved["speed", i] for i in range(len(inputs["speed"]))]
+    ppl = records.saved["perplexity", 0]
+    tokens = max(1, len(inputs["perplexity"][0]) - 1)
+    plain_rate = sum(s["plain"]["new_tokens"] for s in speed) / sum(s["plain"]["decode_s"] for s in speed) if speed else None
+    result = {"prompts": len(alphas), "divergence_texts": len(texts), "perplexity_tokens": tokens + 1,
+              "speed_prompts": len(speed), "temperature": temperature, "contexts": contexts, "step_seconds": times,
+              "perplexity_full": math.exp(min(ppl["full"] / tokens, 20)), "drafts": {}}
+    for draft in skips:
+        positions = max(1, sum(x[draft]["positions"] for x in texts))
+        perplexity = math.exp(min(ppl[draft] / tokens, 20))
+        d = result["drafts"][draft] = {
+            "tvd": sum(x[draft]["tvd"] for x in texts) / positions,
+            "top1_agreement": sum(x[draft]["top1"] for x in texts) / positions,
+            "kl": sum(x[draft]["kl"] for x in texts) / positions,
+            "perplexity": perplexity, "perplexity_ratio": perplexity / result["perplexity_full"],
+            "c": times[contexts[0]][draft] / times[contexts[0]]["full"], "k": {}}
+        for k in KS:     # a round of k drafts is a prefix of a round of max(KS): its first k drafts, judged the same way
+            row = d["k"][k] = {}
+            for variant in ("shared", "independent", "sampled_shared", "sampled_independent"):
+                accepted = [min(a[draft][variant], k) / k for a in alphas]
+                row[f"alpha_{variant}"] = sum(accepted) / len(accepted)
+                row[f"ci_{variant}"] = bootstrap_ci(accepted)
+                row[f"histogram_{variant}"] = [sum(min(a[draft][variant], k) == n for a in alphas) for n in range(k + 1)]
+            runs = [s[draft][str(k)] for s in speed]
+            total = {x: sum(r[x] for r in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
+            row["alpha_multi"] = total["accepted"] / total["drafted"] if total["drafted"] else None
+            row["accepted_per_round"] = a = total["accepted"] / total["rounds"] if total["rounds"] else None
+            row["v"] = times[contexts[0]][k] / times[contexts[0]]["full"]
+            row["predicted_speedup"] = predicted_speedup(a, k, d["c"], row["v"]) if a is not None else None
+            row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate if runs else None
+            row["break_even_context"] = break_even(times, draft, k, a, c.max_position_embeddings) if runs else None
+    return result
+
+
+def run(args, model, tokenizer):
+    """--eval: measure (resuming from --out), print the table, draw --plot; returns the JSON object of --json."""
+    if args.temperature is not None and args.temperature <= 0:
+        raise models.UsageError("--eval's sampled column needs a temperature above 0 (its greedy column is always there)")
+    temperature = TEMPERATURE if args.temperature is None else args.temperature
+    seed = SEED if args.seed is None else args.seed
+    lines = read_lines(args.text, args.model)
+    inputs = paper_inputs(lines, tokenizer, model.config.max_position_embeddings, max(args.prompts, 0),
+                          max(args.speed_prompts, 0))
+    if not inputs["alpha"]:
+        raise models.UsageError("no prompts: give --prompts >= 1 and a text with lines over 100 characters")
+    if inputs["speed"] and args.max_new_tokens < 1:
+        raise models.UsageError("the multi-round runs need --max-new-tokens >= 1 (or --speed-prompts 0 to leave them out)")
+    if len(inputs["perplexity"][0]) < 2:
+        raise models.UsageError("the text is too short for perplexity: give a text of at least a few lines")
+    skips = {d: hsd.draft_skip(model.config, d) for d in hsd.DRAFTS
+             if d != "none" and (d != "component" or model.config.family != "qwen2")}
+    header = {"model": args.model, "text_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+              "prompts": len(inputs["alpha"]), "speed_prompts": len(inputs["speed"]),
+              "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "device": args.device,
+              "temperature": temperature, "seed": seed}
+    records = Records(args.out, header)
+    try:
+        contexts, times = measure(model, args.model, inputs, skips, records, args.max_new_tokens, temperature, seed)
+    except KeyboardInterrupt:
+        if not args.out:
+            raise KeyboardInterrupt("nothing was saved (--out FILE keeps results as they come)") from None
+        saved = ", ".join(f"{phase} {len(items) - len(records.missing(phase, len(items)))} of {len(items)}"
+                          for phase, items in inputs.items())
+        raise KeyboardInterrupt(f"saved in {args.out} ({saved}): run the same command again to resume") from None
+    result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature),
+              "seed": seed, "paper": PAPER.get(args.model, {})}
+    print(*eval_table(args.model, result), sep="\n")
+    if args.plot:
+        with open(args.plot, "w", encoding="utf-8") as f:
+            f.write(plot_svg(args.model, result))
+    return result
+
+
+# --- The table and the figure ----------------------------------------------------------------------------------
+def interval(row, variant):
+    return f"{row['alpha_' + variant]:.3f} [{row['ci_' + variant][0]:.3f}, {row['ci_' + variant][1]:.3f}]"
+
+
+def number(x, form):
+    return "-" if x is None else format(x, form)
+
+
+def eval_table(name, r):
+    """The --eval table, as lines of text."""
+    T = r["temperature"]
+    yield (f"{name}: {r['prompts']} prompts (single round), {r['divergence_texts']} divergence texts, "
+           f"perplexity on {r['perplexity_tokens']} tokens: full model {r['perplexity_full']:.2f}; {r['speed_prompts']} "
+           f"speed prompts; c and v at {r['contexts'][0]} tokens, break-even from step times at {r['contexts'][0]} "
+           f"and {r['contexts'][1]}")
+    yield (f"draft        k   greedy shared [95% CI]   greedy indep. [95% CI]  T={T:<4} shared [95% CI]  T={T:<4} "
+           "indep. [95% CI]  paper greedy  T=0.6")
+    for draft, d in r["drafts"].items():
+        for k, row in d["k"].items():
+            paper = r["paper"].get(draft, {})
+            greedy, sampled = paper.get("greedy", {}).get(k), paper.get("T=0.6", {}).get(k)
+            yield (f"{draft:11} {k:>2} {interval(row, 'shared'):>24} {interval(row, 'independent'):>24} "
+                   f"{interval(row, 'sampled_shared'):>24} {interval(row, 'sampled_independent'):>24} "
+                   f"{number(greedy and greedy[0], '.4g'):>13} {number(sampled and sampled[0], '.4g'):>6}")
+    yield "draft        k   multi  acc/rnd      c      v  predicted  measured  break-even"
+    for draft, d in r["drafts"].items():
+        for k, row in d["k"].items():
+            yield (f"{draft:11} {k:>2} {number(row['alpha_multi'], '7.3f')} {number(row['accepted_per_round'], '8.2f')} "
+                   f"{d['c']:6.2f} {row['v']:6.2f} {number(row['predicted_speedup'], '9.2f')}x "
+                   f"{number(row['measured_speedup'], '8.2f')}x {number(row['break_even_context'], '>11')}")
+        hist = ", ".join(f"k={k} {x['histogram_shared']} / {x['histogram_independent']}" for k, x in d["k"].items())
+        yield (f"{draft:11} TVD {d['tvd']:.3f}, top-1 agreement {d['top1_agreement']:.3f}, KL {d['kl']:.3f}, perplexity "
+               f"{d['perplexity']:.2f} ({d['perplexity_ratio']:.2f}x); greedy accepted 0..k, shared / independent: {hist}")
+
+
+SERIES = [  # (label, where the value comes from, colour, filled)
+    ("greedy, shared state", "shared", "#1f5fbf", True),
+    ("greedy, independent state", "independent", "#1f5fbf", False),
+    ("sampled, shared state", "sampled_shared", "#d9730d", True),
+    ("sampled, independent state", "sampled_independent", "#d9730d", False),
+    ("paper, greedy", "greedy", "#222222", True),
+    ("paper, T=0.6", "T=0.6", "#888888", True),
+]
+
+
+def plot_svg(name, r):
+    """Acceptance by k for each draft, with 95% intervals, and the paper's values where it has them: an SVG written
+    by hand. Every point carries its numbers in a <title> (shown on hover, read by the tests)."""
+    width, height, top, bottom, panel_w = 260 * len(r["drafts"]) + 60, 330, 40, 250, 260
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="11">',
+           f'<text x="10" y="18" font-size="13">{name}: single-round acceptance by k (T={r["temperature"]} for the '
+           f'sampled points), 95% intervals, {r["prompts"]} prompts</text>']
+    y = lambda alpha: bottom - alpha * (bottom - top)                          # acceptance 0..1, upwards
+    for p, (draft, d) in enumerate(r["drafts"].items()):
+        left = 50 + p * panel_w
+        out.append(f'<text x="{left + 90}" y="{top - 6}" font-weight="bold">{draft}</text>')
+        out.append(f'<rect x="{left}" y="{top}" width="{panel_w - 30}" height="{bottom - top}" fill="none" '
+                   'stroke="#999"/>')
+        for tick in (0, 0.25, 0.5, 0.75, 1):
+            out.append(f'<text x="{left - 5}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick}</text>')
+        for j, k in enumerate(KS):
+            x0 = left + 35 + j * 80
+            out.append(f'<text x="{x0 + 20}" y="{bottom + 16}" text-anchor="middle">k={k}</text>')
+            for s, (label, key, colour, filled) in enumerate(SERIES):
+                if key in ("greedy", "T=0.6"):
+                    value, ci = r["paper"].get(draft, {}).get(key, {}).get(k, (None, None))
+                else:
+                    value, ci = d["k"][k]["alpha_" + key], d["k"][k]["ci_" + key]
+                if value is None:
+                    continue
+                x = x0 + s * 8
+                ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+                out.append(f'<g><title>{draft}, k={k}, {label}: {value:.3f}{ci_text}</title>')
+                if ci:
+                    out.append(f'<line x1="{x}" x2="{x}" y1="{y(ci[0]):.1f}" y2="{y(ci[1]):.1f}" stroke="{colour}"/>')
+                out.append(f'<circle cx="{x}" cy="{y(value):.1f}" r="3.5" stroke="{colour}" '
+                           f'fill="{colour if filled else "white"}"/></g>')
+    for s, (label, _, colour, filled) in enumerate(SERIES):
+        x, yy = 50 + (s % 3) * 230, bottom + 40 + (s // 3) * 18
+        out.append(f'<circle cx="{x}" cy="{yy - 4}" r="3.5" stroke="{colour}" fill="{colour if filled else "white"}"/>')
+        out.append(f'<text x="{x + 8}" y="{yy}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
