@@ -476,22 +476,25 @@ SERIES = [  # (label, where the value comes from, colour, filled)
 def plot_svg(name, r):
     """Acceptance by k for each draft, with 95% intervals, and the paper's values where it has them: an SVG written
     by hand. Every point carries its numbers in a <title> (shown on hover, read by the tests)."""
-    width, height, top, bottom, panel_w = 260 * len(r["drafts"]) + 60, 330, 40, 250, 260
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           'font-size="11">',
-           f'<text x="10" y="18" font-size="13">{name}: single-round acceptance by k (T={r["temperature"]} for the '
-           f'sampled points), 95% intervals, {r["prompts"]} prompts</text>']
-    y = lambda alpha: bottom - alpha * (bottom - top)                          # acceptance 0..1, upwards
+    panel, top, bottom = 270, 60, 270                                        # a panel per draft; the y axis in pixels
+    y = lambda alpha: bottom - alpha * (bottom - top)                       # acceptance 0..1, upwards
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{panel * len(r["drafts"]) + 50}" height="{bottom + 80}" '
+           'font-family="sans-serif" font-size="11">',
+           f'<text x="10" y="18" font-size="13">{name}: single-round acceptance by k, {r["prompts"]} prompts, '
+           '95% bootstrap intervals</text>',
+           f'<text x="10" y="34">sampled: at temperature {r["temperature"]}; ' + (
+               'paper: the values the paper reports for this model (greedy, and T=0.6)' if r["paper"] else
+               'the paper reports no values for this model') + '</text>']
     for p, (draft, d) in enumerate(r["drafts"].items()):
-        left = 50 + p * panel_w
-        out.append(f'<text x="{left + 90}" y="{top - 6}" font-weight="bold">{draft}</text>')
-        out.append(f'<rect x="{left}" y="{top}" width="{panel_w - 30}" height="{bottom - top}" fill="none" '
-                   'stroke="#999"/>')
+        left = 40 + p * panel
+        out.append(f'<text x="{left + 120}" y="{top - 8}" text-anchor="middle" font-weight="bold">{draft}</text>')
         for tick in (0, 0.25, 0.5, 0.75, 1):
-            out.append(f'<text x="{left - 5}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick}</text>')
+            out.append(f'<line x1="{left}" x2="{left + 240}" y1="{y(tick)}" y2="{y(tick)}" stroke="#ddd"/>')
+            out.append(f'<text x="{left - 4}" y="{y(tick) + 4}" text-anchor="end">{tick}</text>')
+        out.append(f'<rect x="{left}" y="{top}" width="240" height="{bottom - top}" fill="none" stroke="#999"/>')
         for j, k in enumerate(KS):
-            x0 = left + 35 + j * 80
-            out.append(f'<text x="{x0 + 20}" y="{bottom + 16}" text-anchor="middle">k={k}</text>')
+            center = left + 45 + j * 75
+            out.append(f'<text x="{center}" y="{bottom + 16}" text-anchor="middle">k={k}</text>')
             for s, (label, key, colour, filled) in enumerate(SERIES):
                 if key in ("greedy", "T=0.6"):
                     value, ci = r["paper"].get(draft, {}).get(key, {}).get(k, (None, None))
@@ -499,7 +502,7 @@ def plot_svg(name, r):
                     value, ci = d["k"][k]["alpha_" + key], d["k"][k]["ci_" + key]
                 if value is None:
                     continue
-                x = x0 + s * 8
+                x = center + (s - 2.5) * 8
                 ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
                 out.append(f'<g><title>{draft}, k={k}, {label}: {value:.3f}{ci_text}</title>')
                 if ci:
@@ -507,7 +510,7 @@ def plot_svg(name, r):
                 out.append(f'<circle cx="{x}" cy="{y(value):.1f}" r="3.5" stroke="{colour}" '
                            f'fill="{colour if filled else "white"}"/></g>')
     for s, (label, _, colour, filled) in enumerate(SERIES):
-        x, yy = 50 + (s % 3) * 230, bottom + 40 + (s // 3) * 18
-        out.append(f'<circle cx="{x}" cy="{yy - 4}" r="3.5" stroke="{colour}" fill="{colour if filled else "white"}"/>')
-        out.append(f'<text x="{x + 8}" y="{yy}">{label}</text>')
+        x, line = 40 + (s % 3) * 230, bottom + 40 + (s // 3) * 18
+        out.append(f'<circle cx="{x}" cy="{line - 4}" r="3.5" stroke="{colour}" fill="{colour if filled else "white"}"/>')
+        out.append(f'<text x="{x + 8}" y="{line}">{label}</text>')
     return "\n".join(out + ["</svg>"]) + "\n"

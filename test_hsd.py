@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_hsd.py        (offline, ~2 minutes on 2 cores; transformers is a test-only oracle)
 Benchmark against transformers:  python test_hsd.py --bench falcon-h1-0.5b   (see README, "Speed")
 """
+import ast
 import ctypes
 import json
 import math
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from xml.etree import ElementTree
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
@@ -1273,6 +1276,521 @@ def test_eval_without_wikitext_names_text(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Course exercises: what each one asks, the tests that grade it, and typical wrong solutions it must catch
+#
+# python test_hsd.py --exercises [--json]            the catalogue (README, "Exercises")
+# python test_hsd.py --blank NAME[,NAME] --out DIR   a copy of the project with those functions left to write
+# Each exercise's tests are listed by name; its grading command runs just those. The first tests below are the
+# exercises' own: they say what went wrong in the student's terms; the others are the project's proofs.
+
+def close(a, b):
+    return a.shape == b.shape and rel_err(a, b) < 1e-6
+
+
+def test_causal_conv_reads_its_window():
+    """y_t = silu(bias + sum_j w_j inputs_{t+j}) over inputs = window ++ x; the window is the K-1 inputs before x."""
+    C, K, T = 3, 4, 5
+    g = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(C, 1, K, generator=g), torch.randn(C, generator=g)
+    x, window = torch.randn(1, T, C, generator=g), torch.randn(1, K - 1, C, generator=g)
+    y, inputs = models.causal_conv(x, window, weight, bias)
+    everything = torch.cat([window, x], dim=1)                                     # (1, K-1+T, C)
+    assert close(inputs, everything), "the second output must be every input seen: the window, then x"
+    taps = torch.stack([everything[:, t:t + K] for t in range(T)], dim=1)          # (1, T, K, C): the K inputs of y_t
+    expected = torch.nn.functional.silu(bias + (taps * weight[:, 0].T).sum(dim=2))
+    if not close(y, expected):
+        without_window = torch.nn.functional.silu(bias + (torch.stack(
+            [torch.cat([torch.zeros(1, K - 1, C), x], 1)[:, t:t + K] for t in range(T)], 1) * weight[:, 0].T).sum(2))
+        flipped = torch.nn.functional.silu(bias + (taps * weight[:, 0].flip(-1).T).sum(dim=2))
+        assert not close(y, without_window), ("y ignores the window: the first K-1 outputs need the K-1 inputs before "
+                                              "this call, which is why the window is part of the recurrent state")
+        assert not close(y, flipped), "the taps are reversed: weight[c, 0, K-1] multiplies the newest input"
+        assert not close(y, bias + (taps * weight[:, 0].T).sum(dim=2)), "the SiLU after the convolution is missing"
+        pytest.fail("y is not silu(bias + sum_j weight[c, 0, j] * inputs[t + j])")
+
+
+def test_mamba_recurrence_token_by_token():
+    """s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T, y_t = s_t C_t; the state passed in stays as it was."""
+    x, dt, A, B, C, s0 = mamba_inputs(3, H=2, P=3, N=4)
+    s0_before = s0.clone()
+    y, states = models.ssd_recurrent(x, dt, A, B, C, s0)
+    assert torch.equal(s0, s0_before), ("the state passed in was changed: the recurrence must make new tensors and "
+                                        "leave the old state as it was (a snapshot is a reference to it)")
+    assert len(states) == 3, f"states must hold the state after each of the 3 tokens, not {len(states)}"
+    s = s0
+    for t in range(3):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                            # (b, H, 1, 1)
+        update = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]      # (b, H, P, N): dt x B^T
+        expected = decay * s + update
+        if not close(states[t], expected):
+            assert not close(states[t], decay * (s + update)), (
+                f"token {t}: the decay was applied after adding the input; exp(dt A) decays the old state only")
+            assert not close(states[t], s + update), f"token {t}: the old state was not decayed by exp(dt A)"
+            assert not close(states[t], decay * s + update / dt[:, t, :, None, None]), (
+                f"token {t}: the input term lacks dt: it is dt x B^T")
+            pytest.fail(f"the state after token {t} is not exp(dt A) s + dt x B^T")
+        read = torch.einsum("bhpn,bhn->bhp", expected, C[:, t])
+        if not close(y[:, t], read):
+            assert not close(y[:, t], torch.einsum("bhpn,bhn->bhp", s, C[:, t])), (
+                f"y at token {t} read the state before the update: y_t = s_t C_t reads the new state")
+            pytest.fail(f"y at token {t} is not s_t C_t")
+        s = expected
+
+
+def test_gated_delta_rule_token_by_token():
+    """Decay, predict with the decayed memory, write beta times the error, read with the updated memory."""
+    q, k, v, g, beta, s0 = deltanet_inputs(3, H=2, dk=4, dv=3)
+    s0_before = s0.clone()
+    o, states = models.gated_delta_rule_recurrent(q, k, v, g, beta, s0)
+    assert torch.equal(s0, s0_before), ("the memory passed in was changed: the rule must make new tensors and leave "
+                                        "the old memory as it was (a snapshot is a reference to it)")
+    assert len(states) == 3, f"states must hold the memory after each of the 3 tokens, not {len(states)}"
+    S = s0
+    for t in range(3):
+        kt, vt, bt = k[:, t, :, :, None], v[:, t, :, None, :], beta[:, t, :, None, None]     # (b, H, dk, 1) ...
+        decayed = torch.exp(g[:, t])[:, :, None, None] * S
+        predicted = (kt.transpose(-1, -2) @ decayed)                                        # (b, H, 1, dv)
+        expected = decayed + kt @ (bt * (vt - predicted))
+        if not close(states[t], expected):
+            assert not close(states[t], decayed + kt @ (bt * (vt - kt.transpose(-1, -2) @ S))), (
+                f"token {t}: the prediction S^T k used the memory before its decay: decay first, then predict")
+            assert not close(states[t], decayed + kt @ (vt - predicted)), (
+                f"token {t}: the write lacks beta: S' + k (beta (v - S'^T k))^T")
+            assert not close(states[t], torch.exp(g[:, t])[:, :, None, None] * (S + kt @ (bt * (vt - kt.transpose(
+                -1, -2) @ S)))), f"token {t}: the decay was applied after the write: decay the old memory, then write"
+            pytest.fail(f"the memory after token {t} is not S' + k (beta (v - S'^T k))^T with S' = exp(g) S")
+        if not close(o[:, t], (q[:, t, :, None, :] @ expected).squeeze(-2)):
+            assert not close(o[:, t], (q[:, t, :, None, :] @ decayed).squeeze(-2)), (
+                f"the output at token {t} read the memory before the write: o_t = S_t^T q_t reads the updated memory")
+            pytest.fail(f"the output at token {t} is not S_t^T q_t")
+        S = expected
+
+
+def first_difference_position(a, b):
+    """The first position (dim 1) where a and b differ beyond fp32 rounding."""
+    diff = (a - b).abs().flatten(2).amax(-1).amax(0)                                  # (T,)
+    return int((diff > 1e-4 * (b.abs().max() + 1)).nonzero()[0]) if (diff > 1e-4 * (b.abs().max() + 1)).any() else None
+
+
+@pytest.mark.parametrize("scan", ["ssd", "gated_delta_rule"])
+def test_chunked_scan_agrees_with_its_recurrence_chunk_by_chunk(scan):
+    """Over 3 chunks and a partial fourth: where the chunked form first leaves the recurrence tells which step is
+    wrong."""
+    args = mamba_inputs(53) if scan == "ssd" else deltanet_inputs(53)
+    recurrent = models.ssd_recurrent if scan == "ssd" else models.gated_delta_rule_recurrent
+    chunked = models.ssd_chunked if scan == "ssd" else models.gated_delta_rule_chunked
+    y_ref, states = recurrent(*args)
+    y, final = chunked(*args, chunk_size=16)
+    p = first_difference_position(y, y_ref)
+    assert p is None or p >= 16, (f"the output differs already in the first chunk (position {p}): the part within a "
+                                  "chunk (the decays between its positions, or what it reads from the start state)")
+    assert p is None, (f"the first chunk is right, the output differs from position {p} (chunk {p // 16}) on: what a "
+                       "chunk passes to the next, the decayed state plus the chunk's own writes, is wrong")
+    assert rel_err(final, states[-1]) < 1e-5, ("every output is right but the final state is not: the last partial "
+                                               "chunk's padding must neither decay nor write the state")
+
+
+def filled_cache(name, tokens):
+    model = tiny(name)
+    cache = models.Cache(model, 40)
+    hsd.prefill(model, cache, tokens)
+    return model, cache
+
+
+@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
+def test_restore_puts_the_snapshot_back(name):
+    """Draft 3 tokens, restore: the length, every conv window and every recurrent state are the snapshot's again."""
+    model, cache = filled_cache(name, PROMPTS["12-token"][:-1])
+    conv, ssm, length = [s.conv for s in cache.layers], [s.ssm for s in cache.layers], cache.length
+    snap = hsd.snapshot(cache)
+    hsd.draft_tokens(model, cache, PROMPTS["12-token"][-1], hsd.draft_skip(model.config, "component"), 3)
+    hsd.restore(cache, snap)
+    assert cache.length == length, (f"after drafting 3 tokens and restoring, the cache holds {cache.length} tokens, "
+                                    f"not the {length} it held: restore must set the length back")
+    for i, state in enumerate(cache.layers):
+        if ssm[i] is not None:
+            assert state.ssm is ssm[i], f"layer {i}: after restore the recurrent state is not the one before drafting"
+            assert state.conv is conv[i], (f"layer {i}: after restore the conv window is not the one before drafting: "
+                                           "the last K-1 conv inputs are part of the state and must be restored too")
+
+
+@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
+def test_commit_keeps_the_state_after_the_last_accepted_token(name):
+    """Verify 4 tokens, keep 2: the length, every recurrent state and every conv window must be those after 2 tokens."""
+    prompt = PROMPTS["12-token"]
+    model, cache = filled_cache(name, prompt[:-1])
+    start, fed = cache.length, [prompt[-1], 10, 20, 30]
+    hsd.verify(model, cache, fed[0], fed[1:])
+    hsd.commit(cache, start, 2)
+    after = {m: fed_one_by_one(model, prompt[:-1] + fed[:m], 40) for m in range(5)}
+    assert cache.length == start + 2, (f"after committing 2 of 4 tokens the cache holds {cache.length - start} of "
+                                       "them: the length must be the start plus the tokens kept")
+    kind = "Mamba" if name == "tiny-falcon-h1" else "DeltaNet"
+    for i, state in enumerate(cache.layers):
+        if state.ssm is None:
+            continue
+        for what, ours, theirs in [("state", state.ssm, lambda m: after[m].layers[i].ssm),
+                                   ("conv window", state.conv, lambda m: after[m].layers[i].conv)]:
+            if ours is None or ours.shape != theirs(2).shape or rel_err(ours, theirs(2)) > 1e-9:
+                same = [m for m in after if ours is not None and ours.shape == theirs(m).shape
+                        and rel_err(ours, theirs(m)) < 1e-9]
+                found = f"equals the {what} after {same[0]} tokens" if same else f"equals no {what} after 0..4 tokens"
+                why = {4: f"commit kept the last recorded {what} instead of the one after the last accepted token",
+                       3: "an off-by-one: the recorded states[n] is the state after n+1 tokens",
+                       1: "an off-by-one: keep the state after the n-th token, states[n-1]",
+                       0: f"the {what} was not taken from the recording at all"}.get(same[0] if same else -1, "")
+                pytest.fail(f"after committing 2 of 4 tokens the {kind} {what} of layer {i} {found}: {why}")
+
+
+def test_accept_takes_the_longest_agreeing_prefix():
+    """Drafts against the full model's choices (rows of logits): the agreeing prefix, then row n's choice."""
+    def logits(choices):
+        return torch.nn.functional.one_hot(torch.tensor(choices), 10).float()        # row i chooses choices[i]
+    cases = [([1, 2, 3], [1, 2, 3, 4], (3, 4), "all 3 accepted: the next token is the bonus, row 3's choice"),
+             ([1, 2, 3], [1, 5, 3, 4], (1, 5), "a match after the first mismatch does not count"),
+             ([1, 2, 3], [7, 2, 3, 4], (0, 7), "none accepted: the next token is row 0's choice, the correction"),
+             ([1, 2], [1, 2, 9], (2, 9), "all 2 accepted: the bonus comes from the row after the last draft")]
+    for drafts, choices, expected, why in cases:
+        got = hsd.accept(drafts, logits(choices))
+        assert got == expected, (f"drafts {drafts}, the full model's choices {choices}: expected {expected}, got "
+                                 f"{got}: {why}")
+
+
+@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
+def test_drafts_are_the_draft_models_greedy_tokens(name):
+    """draft_tokens feeds pending, d1 .. d(k-1) (k steps) and returns the draft's k choices; verify feeds all k + 1."""
+    prompt = PROMPTS["12-token"]
+    model, cache = filled_cache(name, prompt[:-1])
+    skip = hsd.draft_skip(model.config, "component")
+    length, snap = cache.length, hsd.snapshot(cache)
+    drafts = hsd.draft_tokens(model, cache, prompt[-1], skip, 3)
+    assert len(drafts) == 3, f"k = 3 drafts expected, got {len(drafts)}"
+    assert cache.length == length + 3, (f"drafting 3 tokens fed {cache.length - length} tokens: it feeds the pending "
+                                        "token and d1, d2; d3 is fed by the verify pass")
+    hsd.restore(cache, snap)
+    expected, token = [], prompt[-1]
+    for _ in range(3):                                         # the draft model, one token at a time, from the state
+        token = int(model(torch.tensor([[token]]), cache, skip=skip)[0, -1].argmax())
+        expected.append(token)
+    assert drafts == expected, f"the drafts {drafts} are not the draft model's greedy tokens {expected}"
+    hsd.restore(cache, snap)
+    logits = hsd.verify(model, cache, prompt[-1], drafts)
+    full = model(torch.tensor([prompt + drafts]))[0, len(prompt) - 1:]
+    assert logits.shape == full.shape, f"verify must return k + 1 = 4 rows of logits, got {tuple(logits.shape)}"
+    assert rel_err(logits, full) < 1e-9, "verify's rows are not the full model's logits at [pending, d1 .. dk]"
+    assert all(s.recorded is not None for s in cache.layers if s.ssm is not None), (
+        "verify must record the recurrent states after every position (record_states=True): commit picks from them")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_draft_strategies_skip_what_the_paper_skips(name):
+    c = models.TINY[name]
+    n, skipped = c.num_layers, int(0.33 * c.num_layers)
+    layerskip = hsd.draft_skip(c, "layerskip")
+    assert layerskip == models.Skip(layers=frozenset(range(n // 2 - skipped // 2, n // 2 - skipped // 2 + skipped))), (
+        f"layerskip must skip int(0.33 n) = {skipped} contiguous layers from n//2 - skipped//2, got {layerskip}")
+    assert hsd.draft_skip(c, "early-exit") == models.Skip(layers=frozenset(range(n // 2, n))), (
+        "early-exit keeps the first int(0.5 n) layers and skips the rest")
+    if c.family == "qwen3_5":
+        attention = frozenset(i for i, t in enumerate(c.layer_types) if t == "full_attention")
+        assert hsd.draft_skip(c, "component") == models.Skip(layers=attention), (
+            "Qwen3.5's component draft replaces the full-attention layers by identity as whole layers (their MLP too)")
+    if c.family == "falcon_h1":
+        assert hsd.draft_skip(c, "component") == models.Skip(attention=frozenset(range(n))), (
+            "Falcon-H1's component draft drops the attention branch of every layer, keeping its Mamba-2 branch and MLP")
+
+
+def exercise_lossless(*names):
+    """A few small lossless-decoding tests of the full matrix, by node id."""
+    return [f"test_speculative_equals_greedy[{n}]" for n in names]
+
+
+Exercise = namedtuple("Exercise", "name functions teaches hint minutes tests mistakes")
+# tests: test functions (or parametrized node ids) of this file; mistakes: typical wrong solutions, each a source edit
+# of the reference that the tests must catch: (what it is, file, text of the reference, text of the mistake).
+EXERCISES = [
+    Exercise(
+        "causal-conv", ["models.causal_conv"],
+        "the causal depthwise convolution of Mamba-2 and Gated DeltaNet, and why its window (the last K-1 inputs) is "
+        "part of the recurrent state that a snapshot must keep and a commit must roll back",
+        "put the window before x, then each output is a weighted sum of K consecutive inputs", 20,
+        ["test_causal_conv_reads_its_window", "test_causal_conv_window", "test_step_by_step_equals_full_forward",
+         *exercise_lossless("tiny-qwen3.5-component-k3-12-token")],
+        [("the window is ignored", "models.py", "inputs = torch.cat([window, x], dim=1)",
+          "inputs = torch.cat([torch.zeros_like(window), x], dim=1)"),
+         ("the taps are reversed", "models.py", "w = weight[:, 0].to(f32)", "w = weight[:, 0].flip(-1).to(f32)")]),
+    Exercise(
+        "mamba-recurrence", ["models.ssd_recurrent"],
+        "Mamba-2's selective state-space recurrence, one token at a time: the definition that decoding runs",
+        "decay the old state by exp(dt A), add dt x B^T, read y = s C; make a new tensor, never modify the old one", 20,
+        ["test_mamba_recurrence_token_by_token", "test_ssd_recurrence_is_the_definition",
+         "test_step_by_step_equals_full_forward[tiny-falcon-h1]",
+         *exercise_lossless("tiny-falcon-h1-component-k3-12-token")],
+        [("the decay comes after the input", "models.py",
+          "        state = decay * state                     # a new tensor: the previous state stays as it was\n"
+          "        state.addcmul_(dt_x, B[:, t, :, None, :])",
+          "        state = decay * (state + dt_x * B[:, t, :, None, :])"),
+         ("the state is updated in place", "models.py",
+          "        state = decay * state                     # a new tensor: the previous state stays as it was",
+          "        state = state.mul_(decay)"),
+         ("dt is left out of the input term", "models.py",
+          "        dt_x = (dt[:, t, :, None] * x[:, t])[..., None]", "        dt_x = x[:, t][..., None]")]),
+    Exercise(
+        "delta-rule-recurrence", ["models.gated_delta_rule_recurrent"],
+        "the gated delta rule of Gated DeltaNet, one token at a time: a memory that decays, predicts the value of a "
+        "key, and writes the error of that prediction",
+        "decay, then predict S'^T k, then add k (beta (v - prediction))^T, then read S^T q", 25,
+        ["test_gated_delta_rule_token_by_token", "test_gated_delta_rule_is_the_definition",
+         "test_step_by_step_equals_full_forward[tiny-qwen3.5]",
+         *exercise_lossless("tiny-qwen3.5-component-k3-12-token")],
+        [("the prediction uses the memory before its decay", "models.py",
+          "        prediction = (k[:, t, :, None, :] @ state).squeeze(-2)",
+          "        prediction = (k[:, t, :, None, :] @ (state / torch.exp(g[:, t])[:, :, None, None])).squeeze(-2)"),
+         ("beta is left out of the write", "models.py",
+          "        error = beta[:, t, :, None] * (v[:, t] - prediction)", "        error = v[:, t] - prediction")]),
+    Exercise(
+        "ssd-chunked", ["models.ssd_chunked"],
+        "(advanced) the chunked SSD algorithm used for prefill: the same recurrence as matrix products within chunks "
+        "and a short recurrence across them",
+        "four steps: within chunks (segsum decays), each chunk's contribution to the state, the state across chunks, "
+        "what each position reads from its chunk's start state", 60,
+        ["test_chunked_scan_agrees_with_its_recurrence_chunk_by_chunk[ssd]", "test_ssd_chunked_equals_recurrent",
+         "test_prefill_then_continue_equals_full_forward[tiny-falcon-h1]",
+         *exercise_lossless("tiny-falcon-h1-component-k3-12-token")],
+        [("the state is not decayed across chunks", "models.py",
+          "        state = torch.exp(a_cum[:, i, :, -1])[..., None, None] * state + chunk_updates[:, i]",
+          "        state = state + chunk_updates[:, i]"),
+         ("positions read the chunk's start state without its decay", "models.py",
+          "    y_off = y_off * torch.exp(a_cum).permute(0, 1, 3, 2)[..., None]\n", "")]),
+    Exercise(
+        "delta-rule-chunked", ["models.gated_delta_rule_chunked"],
+        "(advanced) the chunked (WY) form of the gated delta rule used for prefill",
+        "within a chunk solve (I + M) U = beta v and (I + M) W = beta k exp(c); the values written are U - W S0", 60,
+        ["test_chunked_scan_agrees_with_its_recurrence_chunk_by_chunk[gated_delta_rule]",
+         "test_gated_delta_rule_chunked_equals_recurrent",
+         "test_prefill_then_continue_equals_full_forward[tiny-qwen3.5]",
+         *exercise_lossless("tiny-qwen3.5-component-k3-12-token")],
+        [("the start state's prediction is not subtracted", "models.py",
+          "        u = U[:, i] - W[:, i] @ state", "        u = U[:, i]"),
+         ("the state is not decayed across chunks", "models.py",
+          "        state = c[:, i, :, -1].exp()[..., None, None] * state + (k[:, i] * decay_to_end)",
+          "        state = state + (k[:, i] * decay_to_end)")]),
+    Exercise(
+        "snapshot-restore", ["hsd.snapshot", "hsd.restore"],
+        "the snapshot before drafting and the restore after it: drafting must leave no trace, and because no state "
+        "tensor is ever written in place, references are a snapshot",
+        "remember the length and, per layer, the conv window and the recurrent state; put all three back", 15,
+        ["test_restore_puts_the_snapshot_back", "test_drafting_leaves_no_trace",
+         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k3-12-token")],
+        [("restore leaves the length as drafting left it", "hsd.py", "    cache.length = snap.length\n", ""),
+         ("restore forgets the conv windows", "hsd.py",
+          "        state.conv, state.ssm, state.recorded = conv, ssm, None",
+          "        state.ssm, state.recorded = ssm, None")]),
+    Exercise(
+        "commit", ["hsd.commit"],
+        "keeping the state after n of the k+1 verified tokens: a recurrent state cannot be cropped like a KV cache, so "
+        "the verify pass records the state after every position and commit picks one",
+        "the length is start + n; the recurrent state is states[n-1]; the conv window is the K-1 inputs ending at "
+        "token n-1", 20,
+        ["test_commit_keeps_the_state_after_the_last_accepted_token", "test_commit_keeps_the_state_after_n_tokens",
+         "test_every_commit_of_a_generation_matches_one_by_one_feeding",
+         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k3-12-token")],
+        [("the last recorded state is kept", "hsd.py", "state.ssm = state.recorded.states[n - 1]",
+          "state.ssm = state.recorded.states[-1]"),
+         ("the conv window is taken from the end", "hsd.py",
+          "state.conv = state.recorded.conv_inputs[:, n:n + state.conv.shape[1]]",
+          "state.conv = state.recorded.conv_inputs[:, -state.conv.shape[1]:]"),
+         ("an off-by-one in the length", "hsd.py", "    cache.length = start + n\n",
+          "    cache.length = start + n - 1\n")]),
+    Exercise(
+        "accept", ["hsd.accept"],
+        "greedy verification: the longest prefix of drafts the full model agrees with, then the full model's own next "
+        "token (a correction, or a bonus when every draft was accepted)",
+        "row i of the logits is the full model's choice after position i; stop at the first disagreement", 10,
+        ["test_accept_takes_the_longest_agreeing_prefix", "test_real_drafts_see_every_kind_of_round",
+         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen2.5-layerskip-k2-1-token")],
+        [("every agreeing draft counts, not only the prefix", "hsd.py",
+          "    while n < len(drafts) and drafts[n] == choices[n]:\n        n += 1",
+          "    n = sum(d == c for d, c in zip(drafts, choices))"),
+         ("the next token comes from the row of the last accepted draft", "hsd.py", "    return n, choices[n]",
+          "    return n, choices[max(n - 1, 0)]")]),
+    Exercise(
+        "accept-sampled", ["hsd.accept_sampled"],
+        "speculative sampling: accept a sampled draft with probability min(1, p/q), replace a rejection by a sample "
+        "from the residual max(0, p - q), and the output is distributed exactly as plain sampling from p",
+        "p = probabilities(logits, temperature); one uniform draw per draft; torch.multinomial takes weights", 30,
+        ["test_speculative_sampling_is_exact_in_distribution", "test_rounds_and_plain_steps_sample_as_plain_sampling"],
+        [("accepting with q/p instead of p/q", "hsd.py", "p[i, draft] / q[i, draft]", "q[i, draft] / p[i, draft]"),
+         ("the correction sampled from p instead of the residual", "hsd.py",
+          "torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator)",
+          "torch.multinomial(p[i], 1, generator=generator)"),
+         ("the bonus token taken from the draft", "hsd.py",
+          "    return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))",
+          "    return len(drafts), int(torch.multinomial(q[-1], 1, generator=generator))"),
+         ("the temperature applied to the draft side only", "hsd.py",
+          "    p = probabilities(logits, temperature)", "    p = probabilities(logits, 1.0)")]),
+    Exercise(
+        "draft-and-verify", ["hsd.draft_tokens", "hsd.verify"],
+        "the two model calls of a round: k greedy steps of the draft model from the full model's state, then one "
+        "pass of the full model over the pending token and the k drafts, recording every position's state",
+        "the draft feeds pending, d1 .. d(k-1); verify feeds [pending, d1 .. dk] with record_states=True", 15,
+        ["test_drafts_are_the_draft_models_greedy_tokens", "test_commit_keeps_the_state_after_n_tokens",
+         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k3-12-token")],
+        [("verify leaves out the pending token", "hsd.py", "torch.tensor([[pending, *drafts]]",
+          "torch.tensor([[*drafts]]"),
+         ("the draft feeds the full model", "hsd.py",
+          "token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())",
+          "token = int(model(torch.tensor([[token]], device=cache.device), cache)[0, -1].argmax())")]),
+    Exercise(
+        "speculative-round", ["hsd.speculative_round"],
+        "one round, step by step: snapshot, draft, restore, verify, accept, commit",
+        "six calls, in the order of the module docstring; commit keeps the pending token and the accepted drafts", 15,
+        ["test_every_commit_of_a_generation_matches_one_by_one_feeding", "test_real_drafts_see_every_kind_of_round",
+         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k5-1-token",
+                            "tiny-qwen2.5-layerskip-k2-12-token")],
+        [("no restore before verifying", "hsd.py",
+          "    restore(cache, snap)                                                                       # 3\n", ""),
+         ("commit leaves out the pending token", "hsd.py", "    commit(cache, snap.length, n + 1)",
+          "    commit(cache, snap.length, n)")]),
+    Exercise(
+        "draft-strategies", ["hsd.draft_skip"],
+        "the paper's draft strategies as data: which layers, or which layers' attention branch, the draft leaves out",
+        "return models.Skip(layers=...) or models.Skip(attention=...); see the README's table", 15,
+        ["test_draft_strategies_skip_what_the_paper_skips", "test_draft_strategies_as_in_the_paper",
+         "test_drafts_are_smaller_models"],
+        [("layerskip starts one layer late", "hsd.py", "start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)",
+          "start, skipped = n // 2 - int(0.33 * n) // 2 + 1, int(0.33 * n)"),
+         ("Qwen3.5's attention layers keep their MLP", "hsd.py",
+          "return models.Skip(layers=frozenset(i for i, t in enumerate(config.layer_types)",
+          "return models.Skip(attention=frozenset(i for i, t in enumerate(config.layer_types)")]),
+    Exercise(
+        "bootstrap", ["hsd_eval.bootstrap_ci"],
+        "the 95% bootstrap percentile interval of a mean, as the paper reports acceptance",
+        "resample the values with replacement, take the mean of each resample, then the 2.5% and 97.5% quantiles", 15,
+        ["test_bootstrap_interval"],
+        [("a 90% interval", "hsd_eval.py",
+          "return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()",
+          "return torch.quantile(means, 0.05).item(), torch.quantile(means, 0.95).item()"),
+         ("resampling without replacement", "hsd_eval.py",
+          "v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))]",
+          "v[torch.stack([torch.randperm(len(v), generator=torch.Generator().manual_seed(seed + i)) "
+          "for i in range(resamples)])]")]),
+    Exercise(
+        "break-even", ["hsd_eval.break_even"],
+        "the cost model: from step times at two context lengths, the context from which on self-speculation pays off",
+        "the gap (1 + a) t_full - k t_draft - t_verify is linear in the context; find where it crosses 0, rising", 20,
+        ["test_break_even_arithmetic"],
+        [("the crossing interpolated from the wrong end", "hsd_eval.py",
+          "crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0)", "crossing = L1 - gap0 * (L1 - L0) / (gap1 - gap0)"),
+         ("a crossing beyond the model's context is reported", "hsd_eval.py",
+          "return round(crossing) if crossing <= max_context else None", "return round(crossing)")]),
+]
+
+
+def exercise_by_name(name):
+    found = [e for e in EXERCISES if e.name == name]
+    if not found:
+        raise SystemExit(f"test_hsd.py: error: no exercise {name!r}: see python test_hsd.py --exercises")
+    return found[0]
+
+
+def grade_command(exercise):
+    """The command that grades an exercise, run from the project's root: just its tests."""
+    return "python -m pytest -q " + " ".join(f"'test_hsd.py::{test}'" for test in exercise.tests)
+
+
+def project_files(root):
+    """The project's files, relative to root: those git tracks, or where there is no git, every file but caches and
+    environments."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
+        return [name for name in listed.split("\0") if name]
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in (".git", ".venv", "__pycache__", ".pytest_cache")]
+            files += [os.path.relpath(os.path.join(folder, name), root) for name in names]
+        return files
+
+
+def blank_function(source, qualname, exercise):
+    """source with the body of the function `qualname` ("f" or "Class.f") replaced by a NotImplementedError that names
+    the exercise. ast only finds the body's lines; the text is spliced, so every other line stays as written."""
+    scope = ast.parse(source).body
+    for part in qualname.split("."):
+        node = next(n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
+        scope = node.body
+    has_docstring = isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    first = node.body[1] if has_docstring else node.body[0]
+    lines = source.splitlines(keepends=True)
+    stub = (f'{" " * first.col_offset}raise NotImplementedError("exercise {exercise}: write {qualname}, '
+            'see its docstring and the README, Exercises")\n')
+    return "".join(lines[:first.lineno - 1] + [stub] + lines[node.end_lineno:])
+
+
+def copy_project(out, exercises=(), mistake=None):
+    """Copy the project into the folder out, with the functions of the given exercises blanked, or one typical
+    mistake, (file, reference text, mistaken text), written into the reference."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    texts = {}
+    for name in project_files(root):
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            texts[name] = f.read()
+    for exercise in exercises:
+        for function in exercise.functions:
+            module, qualname = function.split(".", 1)
+            texts[module + ".py"] = blank_function(texts[module + ".py"], qualname, exercise.name)
+    if mistake:
+        file, reference, mistaken = mistake
+        assert texts[file].count(reference) == 1, f"a mistake's reference text is not once in {file}: {reference!r}"
+        texts[file] = texts[file].replace(reference, mistaken)
+    for name, text in texts.items():
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def blank(names, out):
+    """python test_hsd.py --blank NAME[,NAME] --out DIR: the project with each exercise's functions left to write."""
+    if os.path.exists(out) and os.listdir(out):
+        raise SystemExit(f"test_hsd.py: error: {out} is not empty: give a new folder to --out")
+    exercises = [exercise_by_name(name) for name in names]
+    copy_project(out, exercises)
+    for exercise in exercises:
+        print(f"{exercise.name}: write {', '.join(exercise.functions)} in {out}, then grade it there with\n"
+              f"    {grade_command(exercise)}")
+
+
+def run_grader(folder, exercise):
+    """Run an exercise's grading tests in a copy of the project, stopping at the first failure: (passed, output)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                             *(f"test_hsd.py::{test}" for test in exercise.tests)], cwd=folder, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
+def test_the_grader_fails_a_blank_exercise_and_typical_mistakes(exercise, tmp_path):
+    """The exercise's tests fail on its starter code (made by the --blank machinery) and on every typical mistake;
+    that they pass on the reference, the rest of this suite shows."""
+    assert len(exercise.mistakes) >= 2
+    variants = {"the starter code": dict(exercises=[exercise])}
+    for what, file, reference, mistaken in exercise.mistakes:
+        variants[what] = dict(mistake=(file, reference, mistaken))
+    folders = {}
+    for i, (what, change) in enumerate(variants.items()):
+        folders[what] = tmp_path / str(i)
+        copy_project(folders[what], **change)
+    with ThreadPoolExecutor(2) as pool:                       # two at a time, one thread each: 2 cores
+        results = dict(zip(variants, pool.map(lambda what: run_grader(folders[what], exercise), variants)))
+    for what, (passed, output) in results.items():
+        assert not passed, f"{exercise.name}: the grading tests pass on {what}"
+        assert "FAILED" in output and not re.search(r"SyntaxError|IndentationError|NameError|ImportError", output), (
+            f"{exercise.name}, {what}: not a failed test but a broken file\n{output[-3000:]}")
+    assert f"NotImplementedError: exercise {exercise.name}" in results["the starter code"][1]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Benchmark against transformers, on demand (not a test): python test_hsd.py --bench falcon-h1-0.5b
 
 def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2):
@@ -1339,9 +1857,25 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2):
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="hsd against transformers on random weights of an official config")
-    parser.add_argument("--bench", choices=list(OFFICIAL_CONFIGS), required=True)
+    parser = argparse.ArgumentParser(description="hsd's course exercises, and its benchmark against transformers")
+    parser.add_argument("--exercises", action="store_true", help="list the exercises: name, functions, grading command")
+    parser.add_argument("--json", action="store_true", help="with --exercises: as one JSON list")
+    parser.add_argument("--blank", help="NAME[,NAME]: write starter code for these exercises into --out")
+    parser.add_argument("--out", help="with --blank: a new folder for the copy of the project")
+    parser.add_argument("--bench", choices=list(OFFICIAL_CONFIGS), help="benchmark hsd against transformers")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     a = parser.parse_args()
-    bench(a.bench, new_tokens=a.tokens, repeats=a.repeats)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)         # output piped into `head` and the like: stop quietly
+    if a.exercises and a.json:
+        print(json.dumps([{"name": e.name, "functions": e.functions, "grade": grade_command(e), "teaches": e.teaches,
+                           "hint": e.hint, "minutes": e.minutes} for e in EXERCISES]))
+    elif a.exercises:
+        for e in EXERCISES:
+            print(f"{e.name} (about {e.minutes} min): {', '.join(e.functions)}\n    {e.teaches}\n    {grade_command(e)}")
+    elif a.blank and a.out:
+        blank(a.blank.split(","), a.out)
+    elif a.bench:
+        bench(a.bench, new_tokens=a.tokens, repeats=a.repeats)
+    else:
+        parser.error("give --exercises, --blank NAME --out DIR, or --bench NAME")
