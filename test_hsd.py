@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -1500,6 +1501,45 @@ def test_draft_strategies_skip_what_the_paper_skips(name):
             "Falcon-H1's component draft drops the attention branch of every layer, keeping its Mamba-2 branch and MLP")
 
 
+def test_bootstrap_gives_a_95_percent_interval():
+    """200 values, half 0 and half 1: the mean's standard error is 0.0354, so a 95% interval is about 1.96 of them
+    either side of 0.5 (the resampled means are multiples of 1/200, hence the tolerance)."""
+    low, high = hsd_eval.bootstrap_ci([0.0] * 100 + [1.0] * 100)
+    assert high > low, ("the interval has no width: each resample draws n values with replacement, so its mean "
+                        "varies; a permutation of the values always has the same mean")
+    assert high - low > 0.13, f"[{low:.3f}, {high:.3f}] is narrower than a 95% interval (about 0.139 wide here)"
+    assert high - low < 0.15, f"[{low:.3f}, {high:.3f}] is wider than a 95% interval (about 0.139 wide here)"
+    assert abs(low + high - 1) < 0.02, f"[{low:.3f}, {high:.3f}] is not centred on the mean, 0.5"
+
+
+def test_the_readme_debugger_session_prints_what_the_readme_says():
+    """The README's pdb session, fed to python -m pdb line by line: every value and current line it shows is printed
+    by pdb after the same command (paths and line numbers, which it leaves out, are not compared)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+        block = f.read().split("## Stepping through a round in a debugger")[1].split("```")[1].strip().splitlines()
+    assert block[0].startswith("$ python -m pdb hsd.py")
+    commands, shown = [], []                                   # shown[i]: the lines the README shows after command i
+    for line in block[1:]:
+        if line.startswith("(Pdb) "):
+            commands.append(line[len("(Pdb) "):])
+            shown.append([])
+        else:
+            shown[-1].append(line)
+    session = subprocess.run([sys.executable, *shlex.split(block[0])[2:]], input="\n".join(commands) + "\n",
+                             capture_output=True, text=True, cwd=here, timeout=120)
+    printed = session.stdout.split("(Pdb) ")[1:]                # printed[i]: what pdb printed after command i
+    assert len(printed) == len(commands), session.stdout[-2000:]
+    for command, expected, output in zip(commands, shown, printed):
+        lines = output.splitlines()
+        for line in expected:
+            if line.startswith("-> "):                         # the line pdb stopped at, its comment left out
+                at = [x.split("#")[0].strip() for x in lines if x.startswith("-> ")]
+                assert at == [line.split("#")[0].strip()], f"after {command!r} pdb stopped at {at}, the README: {line}"
+            else:
+                assert line in lines, f"after {command!r} pdb printed {lines}, the README: {line}"
+
+
 def exercise_lossless(*names):
     """A few small lossless-decoding tests of the full matrix, by node id."""
     return [f"test_speculative_equals_greedy[{n}]" for n in names]
@@ -1667,7 +1707,7 @@ EXERCISES = [
         "bootstrap", ["hsd_eval.bootstrap_ci"],
         "the 95% bootstrap percentile interval of a mean, as the paper reports acceptance",
         "resample the values with replacement, take the mean of each resample, then the 2.5% and 97.5% quantiles", 15,
-        ["test_bootstrap_interval"],
+        ["test_bootstrap_gives_a_95_percent_interval", "test_bootstrap_interval"],
         [("a 90% interval", "hsd_eval.py",
           "return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()",
           "return torch.quantile(means, 0.05).item(), torch.quantile(means, 0.95).item()"),
@@ -1761,33 +1801,67 @@ def blank(names, out):
               f"    {grade_command(exercise)}")
 
 
-def run_grader(folder, exercise):
-    """Run an exercise's grading tests in a copy of the project, stopping at the first failure: (passed, output)."""
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                             *(f"test_hsd.py::{test}" for test in exercise.tests)], cwd=folder, capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return result.returncode == 0, result.stdout + result.stderr
+def grade_variants(variants):
+    """Run each (folder, test ids) as its own pytest session, one after another in this process, stopping each at its
+    first failure: [(passed, output)]. The project's modules are imported afresh from each folder; torch is imported
+    once, which is most of what a session costs to start."""
+    import contextlib
+    import io
+    results = []
+    for folder, tests in variants:
+        for module in ("models", "hsd", "hsd_eval", "test_hsd"):
+            sys.modules.pop(module, None)
+        os.chdir(folder)
+        sys.path.insert(0, folder)
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", *tests])
+        sys.path.remove(folder)
+        results.append((code == 0, output.getvalue()))
+    return results
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Every exercise's grading tests on its starter code (made by the --blank machinery) and on each of its typical
+    mistakes, in two worker processes: {(exercise name, variant): (passed, output)}."""
+    variants = {}
+    for exercise in EXERCISES:
+        variants[exercise.name, "the starter code"] = dict(exercises=[exercise])
+        for what, file, reference, mistaken in exercise.mistakes:
+            variants[exercise.name, what] = dict(mistake=(file, reference, mistaken))
+    jobs = []
+    for i, ((name, what), change) in enumerate(variants.items()):
+        folder = tmp_path_factory.mktemp(f"variant{i}")
+        copy_project(folder, **change)
+        jobs.append((str(folder), [f"test_hsd.py::{test}" for test in exercise_by_name(name).tests]))
+    worker = "import json, sys, test_hsd; print(json.dumps(test_hsd.grade_variants(json.loads(sys.argv[1]))))"
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def run(half):
+        result = subprocess.run([sys.executable, "-c", worker, json.dumps(half)], cwd=here, capture_output=True,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.splitlines()[-1])
+    with ThreadPoolExecutor(2) as pool:                       # two workers, one thread each: 2 cores
+        halves = list(pool.map(run, [jobs[0::2], jobs[1::2]]))
+    results = [None] * len(jobs)
+    results[0::2], results[1::2] = halves
+    return dict(zip(variants, results))
 
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
-def test_the_grader_fails_a_blank_exercise_and_typical_mistakes(exercise, tmp_path):
-    """The exercise's tests fail on its starter code (made by the --blank machinery) and on every typical mistake;
-    that they pass on the reference, the rest of this suite shows."""
+def test_the_grader_fails_a_blank_exercise_and_typical_mistakes(exercise, graded):
+    """The exercise's tests fail on its starter code and on every typical mistake; that they pass on the reference,
+    the rest of this suite shows."""
     assert len(exercise.mistakes) >= 2
-    variants = {"the starter code": dict(exercises=[exercise])}
-    for what, file, reference, mistaken in exercise.mistakes:
-        variants[what] = dict(mistake=(file, reference, mistaken))
-    folders = {}
-    for i, (what, change) in enumerate(variants.items()):
-        folders[what] = tmp_path / str(i)
-        copy_project(folders[what], **change)
-    with ThreadPoolExecutor(2) as pool:                       # two at a time, one thread each: 2 cores
-        results = dict(zip(variants, pool.map(lambda what: run_grader(folders[what], exercise), variants)))
-    for what, (passed, output) in results.items():
+    for (name, what), (passed, output) in graded.items():
+        if name != exercise.name:
+            continue
         assert not passed, f"{exercise.name}: the grading tests pass on {what}"
         assert "FAILED" in output and not re.search(r"SyntaxError|IndentationError|NameError|ImportError", output), (
             f"{exercise.name}, {what}: not a failed test but a broken file\n{output[-3000:]}")
-    assert f"NotImplementedError: exercise {exercise.name}" in results["the starter code"][1]
+    assert f"NotImplementedError: exercise {exercise.name}" in graded[exercise.name, "the starter code"][1]
 
 
 # ----------------------------------------------------------------------------------------------------------
