@@ -207,10 +207,11 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft="component", k=2, eo
         t0 = clock(cache.device)
         k_round = min(k, max_new_tokens - produced - 1)           # never draft past the last token asked for
         if skip is None or k_round == 0:
-            kind, drafts, n, pending = "plain", [], 0, plain_step(model, cache, pending, temperature, generator)
+            kind, drafts, n = "plain", [], 0
+            pending = plain_step(model, cache, pending, temperature, generator)
         else:
-            kind, (drafts, n, pending) = "round", speculative_round(model, cache, pending, skip, k_round, temperature,
-                                                                   generator)
+            kind = "round"
+            drafts, n, pending = speculative_round(model, cache, pending, skip, k_round, temperature, generator)
         new = drafts[:n] + [pending]
         if eos in new:
             new = new[:new.index(eos) + 1]
@@ -221,7 +222,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft="component", k=2, eo
 
 def generate(model, prompt_ids, max_new_tokens, draft="component", k=2, eos_token_id=None, temperature=0.0, seed=None):
     """Self-speculative decoding. Greedy (temperature 0) gives plain greedy decoding's tokens; at a temperature T > 0,
-    tokens distributed as plain sampling's at T (seed: reproducible runs; None: a fresh random stream).
+    tokens distributed as plain sampling's at T (seed: a seeded random stream; None: torch's global one).
     prompt_ids: 1-D LongTensor or list of ints; draft: a name from DRAFTS ("none" = plain decoding, the baseline)
     or a models.Skip; eos_token_id: defaults to the model's. Stops after max_new_tokens new tokens or after EOS
     (included). Returns (new token ids, the statistics() dict)."""

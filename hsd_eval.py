@@ -90,8 +90,9 @@ def read_lines(path, model_name):
 
 def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
     """The token ids of every protocol, as the authors' code made them. Every line is stripped first (WikiText's
-    lines start with a space and end with " "); lengths are those of stripped lines; encode() adds the tokenizer's
-    default special tokens (a BOS where its tokenizer_config asks for one), as a transformers tokenizer call does.
+    lines start with a space and end with " "); lengths are those of stripped lines; encode() adds the special tokens
+    of the tokenizer's post-processor (a BOS where tokenizer.json asks for one), as a transformers tokenizer call does
+    (transformers 5.23 reads them from tokenizer.json and ignores tokenizer_config.json's add_bos_token there).
       alpha:      lines longer than 100 characters, the first `prompts`, each cut to min(512, max_len - 8 - 10) tokens
       divergence: lines longer than 200 characters, the first 50, each cut to 128 tokens
       perplexity: the non-empty lines joined by newlines until the text exceeds 50,000 characters, encoded without
