@@ -345,10 +345,10 @@ def segsum(a):
     (instead of subtracting two cumulative sums) keeps it accurate when the cumulative sums are large.
     """
     Q = a.shape[-1]
-    terms = a[..., :, None].expand(*a.shape, Q)                                       # terms[l, s] = a[l]
-    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
-    sums = terms.masked_fill(~strictly_lower, 0).cumsum(dim=-2)                       # sum of a[j], s < j <= l
-    return sums.masked_fill(~strictly_lower.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), -math.inf)
+    terms = a[..., :, None].expand(*a.shape, Q).tril(-1)                    # terms[l, s] = a[l] if s < l, else 0
+    sums = terms.cumsum(dim=-2)                                                       # sum of a[j], s < j <= l
+    above_diagonal = torch.ones(Q, Q, dtype=torch.bool, device=a.device).triu(1)
+    return sums.masked_fill_(above_diagonal, -math.inf)
 
 
 def ssd_chunked(x, dt, A, B, C, state, chunk_size):
@@ -385,6 +385,30 @@ def ssd_chunked(x, dt, A, B, C, state, chunk_size):
     y_off = y_off * torch.exp(a_cum).permute(0, 1, 3, 2)[..., None]
     y = (y_diag + y_off).reshape(b, n * Q, H, P)[:, :T]
     return y, state
+
+
+def ssd_states(x, dt, A, B, C, state):
+    """The same recurrence for a few tokens at once, keeping the state after every token, in a number of operations
+    that does not grow with T (the state space duality, written for the few tokens of a verify pass).
+
+    Same inputs as ssd_recurrent. With a_t = dt_t * A, unrolling the recurrence from s_0 = state gives
+        s_t = exp(a_1 + ... + a_t) s_0 + sum_{s<=t} exp(a_{s+1} + ... + a_t) dt_s x_s B_s^T
+        y_t = s_t C_t = exp(a_1 + ... + a_t) s_0 C_t + sum_{s<=t} exp(a_{s+1} + ... + a_t) (C_t . B_s) dt_s x_s
+    (y in its second, attention-like form reads s_0 once instead of all T states).
+    Returns y: (b, T, H, P) (without the D skip) and states: (T, b, H, P, N), states[t] the state after token t (as
+    ssd_recurrent's list). Memory grows as T * H*P*N and work as T^2: prefill uses ssd_chunked.
+    """
+    T, P = x.shape[1], x.shape[3]
+    x_dt, B, C = (dt[..., None] * x).transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)   # (b, H, T, P|N)
+    a = (dt * A).transpose(1, 2)                                                    # (b, H, T) log decay per token
+    decay = torch.exp(segsum(a))                          # (b, H, T, T): [t, s] = exp(a_{s+1} + ... + a_t), 0 if s > t
+    from_start = torch.exp(a.cumsum(dim=-1))[..., None]                            # (b, H, T, 1): exp(a_1 + ... + a_t)
+    weighted = torch.einsum("bhts,bhsp->bhtps", decay, x_dt)              # (b, H, T, P, T): decay[t, s] dt_s x_s
+    states = (weighted.flatten(2, 3) @ B).unflatten(2, (T, P))                      # (b, H, T, P, N): sum over s
+    states.addcmul_(from_start[..., None], state[:, :, None])                      # + exp(a_1 + ... + a_t) s_0
+    scores = C @ B.transpose(-1, -2) * decay                              # (b, H, T, T): (C_t . B_s) decay[t, s]
+    y = scores @ x_dt + from_start * (C @ state.transpose(-1, -2))                 # (b, H, T, P)
+    return y.transpose(1, 2), states.movedim(2, 0)
 
 
 class Mamba2Mixer(nn.Module):
@@ -431,7 +455,10 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.to(f32))                                        # (H,)
         s0 = state.ssm if state is not None else u.new_zeros(Bsz, H, P, N, dtype=f32)
 
-        if record or T == 1:
+        if record:                  # a verify pass: the state after every token, for commit to choose from
+            y, states = ssd_states(x, dt, A, Bm, Cm, s0)
+            final = states[-1]
+        elif T == 1:                # decoding: one step of the recurrence
             y, states = ssd_recurrent(x, dt, A, Bm, Cm, s0)
             final = states[-1]
         else:
@@ -508,6 +535,34 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size):
     return o, state
 
 
+def gated_delta_rule_states(q, k, v, g, beta, state):
+    """The same rule for a few tokens at once, keeping the state after every token, in a number of operations that
+    does not grow with T (the algebra inside one chunk of gated_delta_rule_chunked, written for a verify pass).
+
+    Same inputs as gated_delta_rule_recurrent. With c_t = g_1 + ... + g_t and S_0 = state, the rule unrolls to
+        S_t = exp(c_t) S_0 + sum_{j<=t} exp(c_t - c_j) k_j u_j^T          u_j: the value token j writes
+        o_t = S_t^T q_t = exp(c_t) S_0^T q_t + sum_{j<=t} exp(c_t - c_j) (q_t . k_j) u_j
+    where u_j = beta_j (v_j - S'^T k_j) is the error of what the decayed memory predicts, which depends on the earlier
+    writes; so the u_t solve one unit lower-triangular system:
+        u_t + sum_{j<t} beta_t exp(c_t - c_j) (k_t . k_j) u_j = beta_t (v_t - exp(c_t) S_0^T k_t)
+    Returns o: (b, T, H, dv) and states: (T, b, H, dk, dv), states[t] the state after token t (as
+    gated_delta_rule_recurrent's list). Memory grows as T * H*dk*dv and work as T^2: prefill uses the chunked form.
+    """
+    T = q.shape[1]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                               # (b, H, T, dk|dv)
+    g, beta = g.transpose(1, 2), beta.transpose(1, 2)[..., None]                   # (b, H, T), (b, H, T, 1)
+    decay = torch.exp(segsum(g))                                   # (b, H, T, T): [t, j] = exp(c_t - c_j), 0 if j > t
+    from_start = torch.exp(g.cumsum(dim=-1))[..., None]                            # (b, H, T, 1): exp(c_t)
+    M = (beta * k) @ k.transpose(-1, -2) * decay                          # (b, H, T, T), used below the diagonal
+    # (I + the part of M below the diagonal) u = rhs: unitriangular, solve_triangular reads only below the diagonal
+    u = torch.linalg.solve_triangular(M, beta * (v - from_start * (k @ state)), upper=False, unitriangular=True)
+    weighted = torch.einsum("bhtj,bhjk->bhtkj", decay, k)                          # (b, H, T, dk, T): decay[t, j] k_j
+    states = (weighted.flatten(2, 3) @ u).unflatten(2, (T, k.shape[-1]))           # (b, H, T, dk, dv): sum over j
+    states.addcmul_(from_start[..., None], state[:, :, None])                      # + exp(c_t) S_0
+    o = (q @ k.transpose(-1, -2) * decay) @ u + from_start * (q @ state)           # (b, H, T, dv)
+    return o.transpose(1, 2), states.movedim(2, 0)
+
+
 class GatedDeltaNet(nn.Module):
     """Qwen3.5's linear-attention mixer: projections -> conv+SiLU over q|k|v -> gated delta rule -> gated norm."""
 
@@ -549,7 +604,10 @@ class GatedDeltaNet(nn.Module):
         g = -torch.exp(self.A_log.to(f32)) * F.softplus(a.to(f32) + self.dt_bias)   # (B, T, Hv), <= 0
         s0 = state.ssm if state is not None else u.new_zeros(Bsz, Hv, dk, dv, dtype=f32)
 
-        if record or T == 1:
+        if record:                  # a verify pass: the state after every token, for commit to choose from
+            o, states = gated_delta_rule_states(q, k, v, g, beta, s0)
+            final = states[-1]
+        elif T == 1:                # decoding: one step of the rule
             o, states = gated_delta_rule_recurrent(q, k, v, g, beta, s0)
             final = states[-1]
         else:
@@ -567,7 +625,7 @@ class GatedDeltaNet(nn.Module):
 class Recorded:
     """The recurrent states after every position of a recording pass (see Model.forward(record_states=True))."""
     conv_inputs: torch.Tensor   # (B, K-1+T, C): the conv window before the pass, then the T new inputs
-    states: list                # T tensors: states[t] is the recurrent state after token t of the pass
+    states: torch.Tensor        # (T, ...): states[t] is the recurrent state after token t of the pass
 
 
 @dataclass

@@ -109,6 +109,27 @@ def test_gated_delta_rule_chunked_equals_recurrent(T):
     assert rel_err(final, states[-1]) < 1e-5
 
 
+@pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
+def test_ssd_states_equal_recurrent(T):
+    """The verify pass's batched form: the output and the state after every token, as the recurrence gives them."""
+    args = mamba_inputs(T)
+    y_ref, states_ref = models.ssd_recurrent(*args)
+    y, states = models.ssd_states(*args)
+    assert rel_err(y, y_ref) < 1e-5 and len(states) == T
+    for t in range(T):
+        assert rel_err(states[t], states_ref[t]) < 1e-5
+
+
+@pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
+def test_gated_delta_rule_states_equal_recurrent(T):
+    args = deltanet_inputs(T)
+    o_ref, states_ref = models.gated_delta_rule_recurrent(*args)
+    o, states = models.gated_delta_rule_states(*args)
+    assert rel_err(o, o_ref) < 1e-5 and len(states) == T
+    for t in range(T):
+        assert rel_err(states[t], states_ref[t]) < 1e-5
+
+
 def test_ssd_recurrence_is_the_definition():
     """Two tokens by hand: s1 = exp(dt1 A) s0 + dt1 x1 B1^T, y1 = s1 C1 (one head, one batch element)."""
     x, dt, A, B, C, s0 = mamba_inputs(2, H=1, P=3, N=2)
@@ -147,15 +168,17 @@ def test_causal_conv_window():
         assert torch.allclose(rest, y[:, t + 1:], atol=1e-6)
 
 
+@pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
 @pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
-def test_recorded_states_equal_one_token_at_a_time(name):
-    """A recording pass over T tokens keeps, for every position, the state that feeding the tokens one by one gives."""
+def test_recorded_states_equal_one_token_at_a_time(name, T):
+    """A recording pass over T tokens keeps, for every position, the state that feeding the tokens one by one gives:
+    the recurrent state, and the conv window, whose K-1 = 3 inputs reach back before the pass for the first tokens."""
     model = models.load(name)
-    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
-    recorded, stepped = models.Cache(model, 30), models.Cache(model, 30)
+    ids = torch.randint(0, 97, (1, 20 + T), generator=torch.Generator().manual_seed(2))
+    recorded, stepped = models.Cache(model, 20 + T), models.Cache(model, 20 + T)
     model(ids[:, :20], recorded), model(ids[:, :20], stepped)
     model(ids[:, 20:], recorded, record_states=True)
-    for t in range(10):
+    for t in range(T):
         model(ids[:, 20 + t:21 + t], stepped)
         for rec, step in zip(recorded.layers, stepped.layers):
             if rec.recorded is None:
