@@ -319,21 +319,31 @@ def causal_conv(x, window, weight, bias):
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-2 (the SSD layer of Falcon-H1)
 
-def ssd_recurrent(x, dt, A, B, C, state):
-    """Mamba-2's selective state space recurrence, one token at a time (the definition).
+def ssd_step(x, dt, A, B, C, state):
+    """Mamba-2's selective state space recurrence for one token (the definition; a decoding step runs it).
 
-    x: (b, T, H, P), dt: (b, T, H) step sizes (after softplus), A: (H,) negative decay rates,
-    B, C: (b, T, H, N) per head, state: (b, H, P, N) the state before the first token. All fp32.
+    x: (b, H, P), dt: (b, H) step sizes (after softplus), A: (H,) negative decay rates, B, C: (b, H, N) per head,
+    state: (b, H, P, N) the state before the token. All fp32.
         s_t = exp(dt_t * A) * s_{t-1} + dt_t * x_t B_t^T        y_t = s_t C_t
+    Returns y: (b, H, P) (without the D skip) and the state after the token.
+    """
+    decay = torch.exp(dt * A)[:, :, None, None]                                     # (b, H, 1, 1)
+    dt_x = (dt[:, :, None] * x)[..., None]                                          # (b, H, P, 1)
+    state = decay * state                         # a new tensor: the previous state stays as it was
+    state.addcmul_(dt_x, B[:, :, None, :])                                          # + (dt x) B^T
+    return torch.einsum("bhpn,bhn->bhp", state, C), state
+
+
+def ssd_recurrent(x, dt, A, B, C, state):
+    """The recurrence over T tokens, one ssd_step after the other: the reference for the other forms.
+
+    x: (b, T, H, P), dt: (b, T, H), B, C: (b, T, H, N); A and state as for ssd_step.
     Returns y: (b, T, H, P) (without the D skip) and the list of the T states after each token.
     """
     ys, states = [], []
     for t in range(x.shape[1]):
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                            # (b, H, 1, 1)
-        dt_x = (dt[:, t, :, None] * x[:, t])[..., None]                              # (b, H, P, 1)
-        state = decay * state                     # a new tensor: the previous state stays as it was
-        state.addcmul_(dt_x, B[:, t, :, None, :])                                    # + (dt x) B^T
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))                     # (b, H, P)
+        y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+        ys.append(y)
         states.append(state)
     return torch.stack(ys, dim=1), states
 
@@ -459,8 +469,8 @@ class Mamba2Mixer(nn.Module):
             y, states = ssd_states(x, dt, A, Bm, Cm, s0)
             final = states[-1]
         elif T == 1:                # decoding: one step of the recurrence
-            y, states = ssd_recurrent(x, dt, A, Bm, Cm, s0)
-            final = states[-1]
+            y, final = ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], s0)
+            y, states = y[:, None], None
         else:
             (y, final), states = ssd_chunked(x, dt, A, Bm, Cm, s0, c.mamba_chunk_size), None
         y = y + x * self.D.to(f32)[:, None]                                       # D skip, per head
@@ -477,23 +487,33 @@ class Mamba2Mixer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Gated DeltaNet (the linear-attention layers of Qwen3.5)
 
-def gated_delta_rule_recurrent(q, k, v, g, beta, state):
-    """The gated delta rule, one token at a time (the definition).
+def gated_delta_rule_step(q, k, v, g, beta, state):
+    """The gated delta rule for one token (the definition; a decoding step runs it).
 
-    q, k: (b, T, H, dk) L2-normalised (q also scaled by dk^-0.5), v: (b, T, H, dv), g: (b, T, H) log decay (<= 0),
-    beta: (b, T, H) write strength in (0, 1), state: (b, H, dk, dv) memory before the first token. All fp32.
+    q, k: (b, H, dk) L2-normalised (q also scaled by dk^-0.5), v: (b, H, dv), g: (b, H) log decay (<= 0),
+    beta: (b, H) write strength in (0, 1), state: (b, H, dk, dv) memory before the token. All fp32.
         S' = exp(g_t) S_{t-1}             decay the memory
         S_t = S' + k_t (beta_t (v_t - S'^T k_t))^T     write the error of what the memory predicts for k_t
         o_t = S_t^T q_t                   read with the updated memory
+    Returns o: (b, H, dv) and the state after the token.
+    """
+    state = torch.exp(g)[:, :, None, None] * state    # (b, H, dk, dv), a new tensor: the previous stays as it was
+    prediction = (k[:, :, None, :] @ state).squeeze(-2)                            # (b, H, dv): S'^T k
+    error = beta[:, :, None] * (v - prediction)                                     # (b, H, dv)
+    state.addcmul_(k[:, :, :, None], error[:, :, None, :])                          # S' + k error^T
+    return (q[:, :, None, :] @ state).squeeze(-2), state                            # (b, H, dv): S^T q
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, state):
+    """The rule over T tokens, one gated_delta_rule_step after the other: the reference for the other forms.
+
+    q, k: (b, T, H, dk), v: (b, T, H, dv), g, beta: (b, T, H); state as for gated_delta_rule_step.
     Returns o: (b, T, H, dv) and the list of the T states after each token.
     """
     outs, states = [], []
     for t in range(q.shape[1]):
-        state = torch.exp(g[:, t])[:, :, None, None] * state  # (b, H, dk, dv), a new tensor: the previous stays as it was
-        prediction = (k[:, t, :, None, :] @ state).squeeze(-2)                         # (b, H, dv): S'^T k
-        error = beta[:, t, :, None] * (v[:, t] - prediction)                          # (b, H, dv)
-        state.addcmul_(k[:, t, :, :, None], error[:, :, None, :])                     # S' + k error^T
-        outs.append((q[:, t, :, None, :] @ state).squeeze(-2))                         # (b, H, dv): S^T q
+        o, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        outs.append(o)
         states.append(state)
     return torch.stack(outs, dim=1), states
 
@@ -608,8 +628,8 @@ class GatedDeltaNet(nn.Module):
             o, states = gated_delta_rule_states(q, k, v, g, beta, s0)
             final = states[-1]
         elif T == 1:                # decoding: one step of the rule
-            o, states = gated_delta_rule_recurrent(q, k, v, g, beta, s0)
-            final = states[-1]
+            o, final = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0)
+            o, states = o[:, None], None
         else:
             (o, final), states = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size), None
         o = (self.norm(o.to(u.dtype)) * F.silu(z.to(f32))).to(u.dtype)      # (B, T, Hv, dv)
