@@ -213,21 +213,32 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions, rotary_dim, theta, dtype):
-    """cos and sin (T, R) for positions (T,): pair dim i with dim i + R/2 ("rotate half" layout)."""
+    """cos and signed sin (T, R) for positions (T,), pairing dim i with dim i + R/2 ("rotate half" layout).
+
+    Rotating the pair (x1, x2) by the angle a gives (x1 cos a - x2 sin a, x2 cos a + x1 sin a), i.e.
+    x * [cos, cos] + swap_halves(x) * [-sin, sin]: the sign is put into sin here, once per forward pass.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim))
     angles = positions.float()[:, None] * inv_freq                # (T, R/2)
-    angles = torch.cat([angles, angles], dim=-1)                  # (T, R)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the first R dims of every head of x (B, T, H, hd); the rest pass through."""
+    """Rotate the first R dims of every head of x (B, T, H, hd) with rope_cos_sin's cos and sin; the rest pass
+    through."""
     R = cos.shape[-1]
     x_rot, x_pass = x[..., :R], x[..., R:]
     half1, half2 = x_rot[..., : R // 2], x_rot[..., R // 2:]
     cos, sin = cos[:, None, :], sin[:, None, :]                   # (T, 1, R) broadcasts over heads
-    rotated = x_rot * cos + torch.cat([-half2, half1], dim=-1) * sin
+    rotated = x_rot * cos + torch.cat([half2, half1], dim=-1) * sin
     return torch.cat([rotated, x_pass], dim=-1) if x_pass.shape[-1] else rotated
+
+
+def causal_mask(start, T, dtype, device):
+    """The additive mask (T, start + T) of T queries at positions start..start+T-1: query i sees keys 0..start+i
+    (0 there, -inf after); None for one query, which sees every key."""
+    return None if T == 1 else torch.full((T, start + T), -math.inf, dtype=dtype, device=device).triu(start + 1)
 
 
 class Attention(nn.Module):
@@ -250,8 +261,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, c.rms_norm_eps, unit_offset=True)
             self.k_norm = RMSNorm(hd, c.rms_norm_eps, unit_offset=True)
 
-    def forward(self, u, rope, state=None, start=0):
-        """u (B, T, D), rope = (cos, sin) for positions start..start+T-1, state: the layer's KV buffers or None."""
+    def forward(self, u, rope, mask, state=None, start=0):
+        """u (B, T, D), rope = (cos, sin) and mask = causal_mask(...) for positions start..start+T-1, state: the layer's
+        KV buffers or None."""
         c, (B, T, _) = self.c, u.shape
         q = self.q_proj(u)
         if c.gated_attention:
@@ -270,8 +282,6 @@ class Attention(nn.Module):
             state.values[:, :, start:start + T] = v
             k, v = state.keys[:, :, :start + T], state.values[:, :, :start + T]    # (B, Hkv, S+T, hd)
 
-        # query i sits at position start+i and sees keys 0..start+i
-        mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=u.device).tril(start)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)   # (B, H, T, hd)
         o = o.transpose(1, 2).reshape(B, T, -1)                                    # (B, T, H*hd)
         if c.gated_attention:
@@ -711,12 +721,13 @@ class ParallelHybridLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.feed_forward = MLP(c)
 
-    def forward(self, h, rope, state, start, skip_attention=False, record=False):
+    def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
         c = self.c
         u = self.input_layernorm(h)
         mixed = self.mamba(u, state, record) * c.ssm_out_multiplier
         if not skip_attention:          # a draft that drops the attention branch adds nothing here
-            mixed = mixed + self.self_attn(u * c.attention_in_multiplier, rope, state, start) * c.attention_out_multiplier
+            attention = self.self_attn(u * c.attention_in_multiplier, rope, mask, state, start)
+            mixed = mixed + attention * c.attention_out_multiplier
         h = h + mixed
         return h + self.feed_forward(self.pre_ff_layernorm(h))
 
@@ -735,12 +746,12 @@ class SequentialLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, unit_offset)
         self.mlp = MLP(c)
 
-    def forward(self, h, rope, state, start, skip_attention=False, record=False):
+    def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
         u = self.input_layernorm(h)
         if hasattr(self, "linear_attn"):
             h = h + self.linear_attn(u, state, record)
         elif not skip_attention:
-            h = h + self.self_attn(u, rope, state, start)
+            h = h + self.self_attn(u, rope, mask, state, start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -795,12 +806,13 @@ class Model(nn.Module):
                 state.recorded = None               # layers left out by skip record nothing
         positions = torch.arange(start, start + T, device=input_ids.device)
         h = self.model.embed_tokens(input_ids) * c.embedding_multiplier          # (B, T, D)
-        rope = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)
+        rope = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)     # for every attention layer, once
+        mask = causal_mask(start, T, h.dtype, h.device)
         for i, layer in enumerate(self.model.layers):
             if i in skip.layers:
                 continue
             state = cache.layers[i] if cache is not None else None
-            h = layer(h, rope, state, start, skip_attention=i in skip.attention, record=record_states)
+            h = layer(h, rope, mask, state, start, skip_attention=i in skip.attention, record=record_states)
         if cache is not None:
             cache.length = start + T
         return self.model.norm(h)
