@@ -212,6 +212,12 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+def scaled(x, multiplier):
+    """x * multiplier (a µP multiplier of Falcon-H1); x itself for 1.0, the value of every multiplier elsewhere, so
+    that no operation copies a tensor without changing it."""
+    return x if multiplier == 1.0 else x * multiplier
+
+
 def rope_cos_sin(positions, rotary_dim, theta, dtype):
     """cos and signed sin (T, R) for positions (T,), pairing dim i with dim i + R/2 ("rotate half" layout).
 
@@ -270,7 +276,7 @@ class Attention(nn.Module):
             q, gate = q.view(B, T, c.num_heads, 2 * c.head_dim).chunk(2, dim=-1)   # (B, T, H, hd) each
             gate = gate.reshape(B, T, -1)                                           # (B, T, H*hd)
         q = q.view(B, T, c.num_heads, c.head_dim)                                  # (B, T, H, hd)
-        k = self.k_proj(u).view(B, T, c.num_kv_heads, c.head_dim) * c.key_multiplier
+        k = scaled(self.k_proj(u).view(B, T, c.num_kv_heads, c.head_dim), c.key_multiplier)
         v = self.v_proj(u).view(B, T, c.num_kv_heads, c.head_dim)                  # (B, T, Hkv, hd)
         if c.gated_attention:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -290,7 +296,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down( up(v) * silu(gate(v) * g_mul) ) * d_mul, with Falcon-H1's µP multipliers (1.0 elsewhere)."""
+    """SwiGLU: down( up(v) * silu(gate(v) * g_mul) ) * d_mul, with Falcon-H1's µP multipliers (none elsewhere)."""
 
     def __init__(self, c: Config):
         super().__init__()
@@ -300,7 +306,8 @@ class MLP(nn.Module):
         self.gate_multiplier, self.down_multiplier = c.mlp_multipliers
 
     def forward(self, v):
-        return self.down_proj(self.up_proj(v) * F.silu(self.gate_proj(v) * self.gate_multiplier)) * self.down_multiplier
+        gate = F.silu(scaled(self.gate_proj(v), self.gate_multiplier))
+        return scaled(self.down_proj(self.up_proj(v) * gate), self.down_multiplier)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,6 +438,14 @@ def ssd_states(x, dt, A, B, C, state):
     return y.transpose(1, 2), states.movedim(2, 0)
 
 
+def mup_vector(c: Config):
+    """transformers' mup_vector: the µP factor of every feature of the Mamba in_proj output, one per slice (z, x, B, C,
+    dt) -> (2Z + 2GN + H,). Not in the checkpoint: a buffer computed from the config."""
+    Z, GN = c.mamba_n_heads * c.mamba_d_head, c.mamba_n_groups * c.mamba_d_state
+    sizes = (Z, Z, GN, GN, c.mamba_n_heads)
+    return torch.cat([torch.full((n,), s) for n, s in zip(sizes, c.ssm_multipliers)])
+
+
 class Mamba2Mixer(nn.Module):
     """Falcon-H1's Mamba-2 branch: in_proj -> (z, xBC, dt) -> conv+SiLU -> SSD scan + D skip -> gate (then a grouped
     RMSNorm if mamba_rms_norm) -> out_proj."""
@@ -450,17 +465,14 @@ class Mamba2Mixer(nn.Module):
             self.norm = nn.Module()
             self.norm.weight = nn.Parameter(torch.ones(self.Z))
         self.out_proj = Linear(self.Z, c.hidden_size, bias=False)
+        self.register_buffer("mup_vector", mup_vector(c), persistent=False)   # in the model's dtype, as transformers'
 
     def forward(self, u, state=None, record=False):
         """u (B, T, D) -> (B, T, D). With a state, start from it and advance it (see Cache)."""
         c, (Bsz, T, _) = self.c, u.shape
         H, P, N, G, Z, GN = c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, c.mamba_n_groups, self.Z, self.GN
-        p = self.in_proj(u * c.ssm_in_multiplier)                           # (B, T, 2Z + 2GN + H)
-        z, x, Bm, Cm, dt = p.split([Z, Z, GN, GN, H], dim=-1)
-        # the µP vector, one factor per slice, held in the model's dtype (as transformers' mup_vector buffer)
-        s_z, s_x, s_B, s_C, s_dt = torch.tensor(c.ssm_multipliers, dtype=p.dtype, device=p.device)
-        z, dt = z * s_z, dt * s_dt
-        xBC = torch.cat([x * s_x, Bm * s_B, Cm * s_C], dim=-1)              # (B, T, Z + 2GN)
+        p = self.in_proj(scaled(u, c.ssm_in_multiplier)) * self.mup_vector  # (B, T, 2Z + 2GN + H)
+        z, xBC, dt = p.split([Z, Z + 2 * GN, H], dim=-1)                      # xBC: (B, T, Z + 2GN)
 
         window = state.conv if state is not None else u.new_zeros(Bsz, c.mamba_d_conv - 1, xBC.shape[-1])
         xBC, conv_inputs = causal_conv(xBC, window, self.conv1d.weight, self.conv1d.bias)
@@ -724,10 +736,10 @@ class ParallelHybridLayer(nn.Module):
     def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
         c = self.c
         u = self.input_layernorm(h)
-        mixed = self.mamba(u, state, record) * c.ssm_out_multiplier
+        mixed = scaled(self.mamba(u, state, record), c.ssm_out_multiplier)
         if not skip_attention:          # a draft that drops the attention branch adds nothing here
-            attention = self.self_attn(u * c.attention_in_multiplier, rope, mask, state, start)
-            mixed = mixed + attention * c.attention_out_multiplier
+            attention = self.self_attn(scaled(u, c.attention_in_multiplier), rope, mask, state, start)
+            mixed = mixed + scaled(attention, c.attention_out_multiplier)
         h = h + mixed
         return h + self.feed_forward(self.pre_ff_layernorm(h))
 
@@ -805,7 +817,7 @@ class Model(nn.Module):
             for state in cache.layers:
                 state.recorded = None               # layers left out by skip record nothing
         positions = torch.arange(start, start + T, device=input_ids.device)
-        h = self.model.embed_tokens(input_ids) * c.embedding_multiplier          # (B, T, D)
+        h = scaled(self.model.embed_tokens(input_ids), c.embedding_multiplier)  # (B, T, D)
         rope = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)     # for every attention layer, once
         mask = causal_mask(start, T, h.dtype, h.device)
         for i, layer in enumerate(self.model.layers):
@@ -819,7 +831,7 @@ class Model(nn.Module):
 
     def logits(self, h):
         """(B, T, D) hidden states -> (B, T, V) logits."""
-        return self.lm_head(h) * self.config.lm_head_multiplier
+        return scaled(self.lm_head(h), self.config.lm_head_multiplier)
 
     def forward(self, input_ids, cache=None, skip=None, record_states=False):
         """Logits (B, T, V); the arguments as for hidden_states (with a skip, the draft model's logits)."""
@@ -978,6 +990,9 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = Model(config)
     model = model.to(dtype=dtype).to_empty(device=device)
+    for layer in model.model.layers:          # the buffers are not in the checkpoint: computed from the config again
+        if isinstance(layer, ParallelHybridLayer):
+            layer.mamba.mup_vector.copy_(mup_vector(config))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     expected = dict(model.named_parameters())                  # tied weights appear once, as model.embed_tokens.weight
