@@ -274,7 +274,6 @@ class Attention(nn.Module):
         q = self.q_proj(u)
         if c.gated_attention:
             q, gate = q.view(B, T, c.num_heads, 2 * c.head_dim).chunk(2, dim=-1)   # (B, T, H, hd) each
-            gate = gate.reshape(B, T, -1)                                           # (B, T, H*hd)
         q = q.view(B, T, c.num_heads, c.head_dim)                                  # (B, T, H, hd)
         k = scaled(self.k_proj(u).view(B, T, c.num_kv_heads, c.head_dim), c.key_multiplier)
         v = self.v_proj(u).view(B, T, c.num_kv_heads, c.head_dim)                  # (B, T, Hkv, hd)
@@ -289,10 +288,10 @@ class Attention(nn.Module):
             k, v = state.keys[:, :, :start + T], state.values[:, :, :start + T]    # (B, Hkv, S+T, hd)
 
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)   # (B, H, T, hd)
-        o = o.transpose(1, 2).reshape(B, T, -1)                                    # (B, T, H*hd)
+        o = o.transpose(1, 2)                                                      # (B, T, H, hd)
         if c.gated_attention:
             o = o * torch.sigmoid(gate)
-        return self.o_proj(o)
+        return self.o_proj(o.reshape(B, T, -1))                                    # heads concatenated: (B, T, H*hd)
 
 
 class MLP(nn.Module):
@@ -311,7 +310,14 @@ class MLP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Causal depthwise convolution (shared by Mamba-2 and Gated DeltaNet)
+# Shared by Mamba-2 and Gated DeltaNet: heads from groups, the causal depthwise convolution
+
+def repeat_heads(x, n):
+    """(b, T, G, d) -> (b, T, G*n, d): group g serves heads g*n .. g*n + n-1, as x.repeat_interleave(n, dim=2) (not
+    repeat). A view, not a copy, when there is one group or n is 1."""
+    b, T, G, d = x.shape
+    return x[:, :, :, None].expand(b, T, G, n, d).reshape(b, T, G * n, d)
+
 
 def causal_conv(x, window, weight, bias):
     """Depthwise causal conv over time, then SiLU.
@@ -480,9 +486,9 @@ class Mamba2Mixer(nn.Module):
 
         f32 = torch.promote_types(u.dtype, torch.float32)                   # scans run in fp32 (fp64 if asked)
         x = x.reshape(Bsz, T, H, P).to(f32)
-        # group g of B and C serves heads g*H/G .. (g+1)*H/G - 1 (repeat_interleave, not repeat)
-        Bm = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).to(f32)   # (B, T, H, N)
-        Cm = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).to(f32)
+        # group g of B and C serves heads g*H/G .. (g+1)*H/G - 1
+        Bm = repeat_heads(Bm.reshape(Bsz, T, G, N).to(f32), H // G)                # (B, T, H, N)
+        Cm = repeat_heads(Cm.reshape(Bsz, T, G, N).to(f32), H // G)
         dt = F.softplus(dt + self.dt_bias).clamp(*c.time_step_limit).to(f32)     # (B, T, H)
         A = -torch.exp(self.A_log.to(f32))                                        # (H,)
         s0 = state.ssm if state is not None else u.new_zeros(Bsz, H, P, N, dtype=f32)
@@ -634,14 +640,15 @@ class GatedDeltaNet(nn.Module):
 
         window = state.conv if state is not None else u.new_zeros(Bsz, c.linear_conv_kernel_dim - 1, qkv.shape[-1])
         qkv, conv_inputs = causal_conv(qkv, window, self.conv1d.weight, None)
-        q, k, v = qkv.split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
+        qk, v = qkv.split([2 * Hk * dk, Hv * dv], dim=-1)
 
         f32 = torch.promote_types(u.dtype, torch.float32)                    # the rule runs in fp32 (fp64 if asked)
-        q, k = q.reshape(Bsz, T, Hk, dk).to(f32), k.reshape(Bsz, T, Hk, dk).to(f32)
+        qk = qk.reshape(Bsz, T, 2 * Hk, dk).to(f32)                          # the Hk query heads, then the Hk key heads
+        qk = qk * torch.rsqrt(qk.pow(2).sum(-1, keepdim=True) + 1e-6)        # L2 norm of each head, eps inside the root
+        q, k = qk.split(Hk, dim=2)
+        # value head h uses key head h // (Hv/Hk)
+        q, k = repeat_heads(q / math.sqrt(dk), Hv // Hk), repeat_heads(k, Hv // Hk)
         v = v.reshape(Bsz, T, Hv, dv).to(f32)
-        q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6) / math.sqrt(dk)   # L2 norm, then dk^-0.5
-        k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
-        q, k = q.repeat_interleave(Hv // Hk, dim=2), k.repeat_interleave(Hv // Hk, dim=2)   # value head h uses key head h // (Hv/Hk)
         beta = torch.sigmoid(b).to(f32)                                      # (B, T, Hv)
         g = -torch.exp(self.A_log.to(f32)) * F.softplus(a.to(f32) + self.dt_bias)   # (B, T, Hv), <= 0
         s0 = state.ssm if state is not None else u.new_zeros(Bsz, Hv, dk, dv, dtype=f32)
@@ -687,7 +694,11 @@ class LayerState:
     def advance(self, conv_inputs, final, states=None):
         """After a recurrent layer's call: conv_inputs (B, K-1+T, C) all conv inputs seen, final the state after the
         last token; states, from a recording pass, the state after every token. New tensors replace the old ones."""
-        self.conv = conv_inputs[:, -self.conv.shape[1]:].clone()        # a copy: a view would keep all T inputs alive
+        window = conv_inputs[:, -self.conv.shape[1]:]                    # the last K-1 inputs
+        # a view of conv_inputs, except after a prefill, where it would keep all T inputs alive (after one token it
+        # keeps one input more; after a recording pass, recorded keeps them all anyway)
+        prefill = states is None and conv_inputs.shape[1] > window.shape[1] + 1
+        self.conv = window.clone() if prefill else window
         self.ssm = final
         self.recorded = Recorded(conv_inputs, states) if states is not None else None
 
