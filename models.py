@@ -214,22 +214,39 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+def scaled(x, multiplier):
+    """x * multiplier (a µP multiplier of Falcon-H1); x itself for 1.0, the value of every multiplier elsewhere, so
+    that no operation copies a tensor without changing it."""
+    return x if multiplier == 1.0 else x * multiplier
+
+
 def rope_cos_sin(positions, rotary_dim, theta, dtype):
-    """cos and sin (T, R) for positions (T,): pair dim i with dim i + R/2 ("rotate half" layout)."""
+    """cos and signed sin (T, R) for positions (T,), pairing dim i with dim i + R/2 ("rotate half" layout).
+
+    Rotating the pair (x1, x2) by the angle a gives (x1 cos a - x2 sin a, x2 cos a + x1 sin a), i.e.
+    x * [cos, cos] + swap_halves(x) * [-sin, sin]: the sign is put into sin here, once per forward pass.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim))
     angles = positions.float()[:, None] * inv_freq                # (T, R/2)
-    angles = torch.cat([angles, angles], dim=-1)                  # (T, R)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the first R dims of every head of x (B, T, H, hd); the rest pass through."""
+    """Rotate the first R dims of every head of x (B, T, H, hd) with rope_cos_sin's cos and sin; the rest pass
+    through."""
     R = cos.shape[-1]
     x_rot, x_pass = x[..., :R], x[..., R:]
     half1, half2 = x_rot[..., : R // 2], x_rot[..., R // 2:]
     cos, sin = cos[:, None, :], sin[:, None, :]                   # (T, 1, R) broadcasts over heads
-    rotated = x_rot * cos + torch.cat([-half2, half1], dim=-1) * sin
+    rotated = x_rot * cos + torch.cat([half2, half1], dim=-1) * sin
     return torch.cat([rotated, x_pass], dim=-1) if x_pass.shape[-1] else rotated
+
+
+def causal_mask(start, T, dtype, device):
+    """The additive mask (T, start + T) of T queries at positions start..start+T-1: query i sees keys 0..start+i
+    (0 there, -inf after); None for one query, which sees every key."""
+    return None if T == 1 else torch.full((T, start + T), -math.inf, dtype=dtype, device=device).triu(start + 1)
 
 
 class Attention(nn.Module):
@@ -252,15 +269,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, c.rms_norm_eps, unit_offset=True)
             self.k_norm = RMSNorm(hd, c.rms_norm_eps, unit_offset=True)
 
-    def forward(self, u, rope, state=None, start=0):
-        """u (B, T, D), rope = (cos, sin) for positions start..start+T-1, state: the layer's KV buffers or None."""
+    def forward(self, u, rope, mask, state=None, start=0):
+        """u (B, T, D), rope = (cos, sin) and mask = causal_mask(...) for positions start..start+T-1, state: the layer's
+        KV buffers or None."""
         c, (B, T, _) = self.c, u.shape
         q = self.q_proj(u)
         if c.gated_attention:
             q, gate = q.view(B, T, c.num_heads, 2 * c.head_dim).chunk(2, dim=-1)   # (B, T, H, hd) each
-            gate = gate.reshape(B, T, -1)                                           # (B, T, H*hd)
         q = q.view(B, T, c.num_heads, c.head_dim)                                  # (B, T, H, hd)
-        k = self.k_proj(u).view(B, T, c.num_kv_heads, c.head_dim) * c.key_multiplier
+        k = scaled(self.k_proj(u).view(B, T, c.num_kv_heads, c.head_dim), c.key_multiplier)
         v = self.v_proj(u).view(B, T, c.num_kv_heads, c.head_dim)                  # (B, T, Hkv, hd)
         if c.gated_attention:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -272,17 +289,15 @@ class Attention(nn.Module):
             state.values[:, :, start:start + T] = v
             k, v = state.keys[:, :, :start + T], state.values[:, :, :start + T]    # (B, Hkv, S+T, hd)
 
-        # query i sits at position start+i and sees keys 0..start+i
-        mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=u.device).tril(start)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)   # (B, H, T, hd)
-        o = o.transpose(1, 2).reshape(B, T, -1)                                    # (B, T, H*hd)
+        o = o.transpose(1, 2)                                                      # (B, T, H, hd)
         if c.gated_attention:
             o = o * torch.sigmoid(gate)
-        return self.o_proj(o)
+        return self.o_proj(o.reshape(B, T, -1))                                    # heads concatenated: (B, T, H*hd)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down( up(v) * silu(gate(v) * g_mul) ) * d_mul, with Falcon-H1's µP multipliers (1.0 elsewhere)."""
+    """SwiGLU: down( up(v) * silu(gate(v) * g_mul) ) * d_mul, with Falcon-H1's µP multipliers (none elsewhere)."""
 
     def __init__(self, c: Config):
         super().__init__()
@@ -292,11 +307,19 @@ class MLP(nn.Module):
         self.gate_multiplier, self.down_multiplier = c.mlp_multipliers
 
     def forward(self, v):
-        return self.down_proj(self.up_proj(v) * F.silu(self.gate_proj(v) * self.gate_multiplier)) * self.down_multiplier
+        gate = F.silu(scaled(self.gate_proj(v), self.gate_multiplier))
+        return scaled(self.down_proj(self.up_proj(v) * gate), self.down_multiplier)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Causal depthwise convolution (shared by Mamba-2 and Gated DeltaNet)
+# Shared by Mamba-2 and Gated DeltaNet: heads from groups, the causal depthwise convolution
+
+def repeat_heads(x, n):
+    """(b, T, G, d) -> (b, T, G*n, d): group g serves heads g*n .. g*n + n-1, as x.repeat_interleave(n, dim=2) (not
+    repeat). A view, not a copy, when there is one group or n is 1."""
+    b, T, G, d = x.shape
+    return x[:, :, :, None].expand(b, T, G, n, d).reshape(b, T, G * n, d)
+
 
 def causal_conv(x, window, weight, bias):
     """Depthwise causal conv over time, then SiLU.
@@ -321,21 +344,31 @@ def causal_conv(x, window, weight, bias):
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-2 (the SSD layer of Falcon-H1)
 
-def ssd_recurrent(x, dt, A, B, C, state):
-    """Mamba-2's selective state space recurrence, one token at a time (the definition).
+def ssd_step(x, dt, A, B, C, state):
+    """Mamba-2's selective state space recurrence for one token (the definition; a decoding step runs it).
 
-    x: (b, T, H, P), dt: (b, T, H) step sizes (after softplus), A: (H,) negative decay rates,
-    B, C: (b, T, H, N) per head, state: (b, H, P, N) the state before the first token. All fp32.
+    x: (b, H, P), dt: (b, H) step sizes (after softplus), A: (H,) negative decay rates, B, C: (b, H, N) per head,
+    state: (b, H, P, N) the state before the token. All fp32.
         s_t = exp(dt_t * A) * s_{t-1} + dt_t * x_t B_t^T        y_t = s_t C_t
+    Returns y: (b, H, P) (without the D skip) and the state after the token.
+    """
+    decay = torch.exp(dt * A)[:, :, None, None]                                     # (b, H, 1, 1)
+    dt_x = (dt[:, :, None] * x)[..., None]                                          # (b, H, P, 1)
+    state = decay * state                         # a new tensor: the previous state stays as it was
+    state.addcmul_(dt_x, B[:, :, None, :])                                          # + (dt x) B^T
+    return torch.einsum("bhpn,bhn->bhp", state, C), state
+
+
+def ssd_recurrent(x, dt, A, B, C, state):
+    """The recurrence over T tokens, one ssd_step after the other: the reference for the other forms.
+
+    x: (b, T, H, P), dt: (b, T, H), B, C: (b, T, H, N); A and state as for ssd_step.
     Returns y: (b, T, H, P) (without the D skip) and the list of the T states after each token.
     """
     ys, states = [], []
     for t in range(x.shape[1]):
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                            # (b, H, 1, 1)
-        dt_x = (dt[:, t, :, None] * x[:, t])[..., None]                              # (b, H, P, 1)
-        state = decay * state                     # a new tensor: the previous state stays as it was
-        state.addcmul_(dt_x, B[:, t, :, None, :])                                    # + (dt x) B^T
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))                     # (b, H, P)
+        y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+        ys.append(y)
         states.append(state)
     return torch.stack(ys, dim=1), states
 
@@ -347,10 +380,10 @@ def segsum(a):
     (instead of subtracting two cumulative sums) keeps it accurate when the cumulative sums are large.
     """
     Q = a.shape[-1]
-    terms = a[..., :, None].expand(*a.shape, Q)                                       # terms[l, s] = a[l]
-    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
-    sums = terms.masked_fill(~strictly_lower, 0).cumsum(dim=-2)                       # sum of a[j], s < j <= l
-    return sums.masked_fill(~strictly_lower.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), -math.inf)
+    terms = a[..., :, None].expand(*a.shape, Q).tril(-1)                    # terms[l, s] = a[l] if s < l, else 0
+    sums = terms.cumsum(dim=-2)                                                       # sum of a[j], s < j <= l
+    above_diagonal = torch.ones(Q, Q, dtype=torch.bool, device=a.device).triu(1)
+    return sums.masked_fill_(above_diagonal, -math.inf)
 
 
 def ssd_chunked(x, dt, A, B, C, state, chunk_size):
@@ -389,6 +422,38 @@ def ssd_chunked(x, dt, A, B, C, state, chunk_size):
     return y, state
 
 
+def ssd_states(x, dt, A, B, C, state):
+    """The same recurrence for a few tokens at once, keeping the state after every token, in a number of operations
+    that does not grow with T (the state space duality, written for the few tokens of a verify pass).
+
+    Same inputs as ssd_recurrent. With a_t = dt_t * A, unrolling the recurrence from s_0 = state gives
+        s_t = exp(a_1 + ... + a_t) s_0 + sum_{s<=t} exp(a_{s+1} + ... + a_t) dt_s x_s B_s^T
+        y_t = s_t C_t = exp(a_1 + ... + a_t) s_0 C_t + sum_{s<=t} exp(a_{s+1} + ... + a_t) (C_t . B_s) dt_s x_s
+    (y in its second, attention-like form reads s_0 once instead of all T states).
+    Returns y: (b, T, H, P) (without the D skip) and states: (T, b, H, P, N), states[t] the state after token t (as
+    ssd_recurrent's list). Memory grows as T * H*P*N and work as T^2: prefill uses ssd_chunked.
+    """
+    T, P = x.shape[1], x.shape[3]
+    x_dt, B, C = (dt[..., None] * x).transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)   # (b, H, T, P|N)
+    a = (dt * A).transpose(1, 2)                                                    # (b, H, T) log decay per token
+    decay = torch.exp(segsum(a))                          # (b, H, T, T): [t, s] = exp(a_{s+1} + ... + a_t), 0 if s > t
+    from_start = torch.exp(a.cumsum(dim=-1))[..., None]                            # (b, H, T, 1): exp(a_1 + ... + a_t)
+    weighted = torch.einsum("bhts,bhsp->bhtps", decay, x_dt)              # (b, H, T, P, T): decay[t, s] dt_s x_s
+    states = (weighted.flatten(2, 3) @ B).unflatten(2, (T, P))                      # (b, H, T, P, N): sum over s
+    states.addcmul_(from_start[..., None], state[:, :, None])                      # + exp(a_1 + ... + a_t) s_0
+    scores = C @ B.transpose(-1, -2) * decay                              # (b, H, T, T): (C_t . B_s) decay[t, s]
+    y = scores @ x_dt + from_start * (C @ state.transpose(-1, -2))                 # (b, H, T, P)
+    return y.transpose(1, 2), states.movedim(2, 0)
+
+
+def mup_vector(c: Config):
+    """transformers' mup_vector: the µP factor of every feature of the Mamba in_proj output, one per slice (z, x, B, C,
+    dt) -> (2Z + 2GN + H,). Not in the checkpoint: a buffer computed from the config."""
+    Z, GN = c.mamba_n_heads * c.mamba_d_head, c.mamba_n_groups * c.mamba_d_state
+    sizes = (Z, Z, GN, GN, c.mamba_n_heads)
+    return torch.cat([torch.full((n,), s) for n, s in zip(sizes, c.ssm_multipliers)])
+
+
 class Mamba2Mixer(nn.Module):
     """Falcon-H1's Mamba-2 branch: in_proj -> (z, xBC, dt) -> conv+SiLU -> SSD scan + D skip -> gate (then a grouped
     RMSNorm if mamba_rms_norm) -> out_proj."""
@@ -408,17 +473,14 @@ class Mamba2Mixer(nn.Module):
             self.norm = nn.Module()
             self.norm.weight = nn.Parameter(torch.ones(self.Z))
         self.out_proj = Linear(self.Z, c.hidden_size, bias=False)
+        self.register_buffer("mup_vector", mup_vector(c), persistent=False)   # in the model's dtype, as transformers'
 
     def forward(self, u, state=None, record=False):
         """u (B, T, D) -> (B, T, D). With a state, start from it and advance it (see Cache)."""
         c, (Bsz, T, _) = self.c, u.shape
         H, P, N, G, Z, GN = c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, c.mamba_n_groups, self.Z, self.GN
-        p = self.in_proj(u * c.ssm_in_multiplier)                           # (B, T, 2Z + 2GN + H)
-        z, x, Bm, Cm, dt = p.split([Z, Z, GN, GN, H], dim=-1)
-        # the µP vector, one factor per slice, held in the model's dtype (as transformers' mup_vector buffer)
-        s_z, s_x, s_B, s_C, s_dt = torch.tensor(c.ssm_multipliers, dtype=p.dtype, device=p.device)
-        z, dt = z * s_z, dt * s_dt
-        xBC = torch.cat([x * s_x, Bm * s_B, Cm * s_C], dim=-1)              # (B, T, Z + 2GN)
+        p = self.in_proj(scaled(u, c.ssm_in_multiplier)) * self.mup_vector  # (B, T, 2Z + 2GN + H)
+        z, xBC, dt = p.split([Z, Z + 2 * GN, H], dim=-1)                      # xBC: (B, T, Z + 2GN)
 
         window = state.conv if state is not None else u.new_zeros(Bsz, c.mamba_d_conv - 1, xBC.shape[-1])
         xBC, conv_inputs = causal_conv(xBC, window, self.conv1d.weight, self.conv1d.bias)
@@ -426,16 +488,19 @@ class Mamba2Mixer(nn.Module):
 
         f32 = torch.promote_types(u.dtype, torch.float32)                   # scans run in fp32 (fp64 if asked)
         x = x.reshape(Bsz, T, H, P).to(f32)
-        # group g of B and C serves heads g*H/G .. (g+1)*H/G - 1 (repeat_interleave, not repeat)
-        Bm = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).to(f32)   # (B, T, H, N)
-        Cm = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2).to(f32)
+        # group g of B and C serves heads g*H/G .. (g+1)*H/G - 1
+        Bm = repeat_heads(Bm.reshape(Bsz, T, G, N).to(f32), H // G)                # (B, T, H, N)
+        Cm = repeat_heads(Cm.reshape(Bsz, T, G, N).to(f32), H // G)
         dt = F.softplus(dt + self.dt_bias).clamp(*c.time_step_limit).to(f32)     # (B, T, H)
         A = -torch.exp(self.A_log.to(f32))                                        # (H,)
         s0 = state.ssm if state is not None else u.new_zeros(Bsz, H, P, N, dtype=f32)
 
-        if record or T == 1:
-            y, states = ssd_recurrent(x, dt, A, Bm, Cm, s0)
+        if record:                  # a verify pass: the state after every token, for commit to choose from
+            y, states = ssd_states(x, dt, A, Bm, Cm, s0)
             final = states[-1]
+        elif T == 1:                # decoding: one step of the recurrence
+            y, final = ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], s0)
+            y, states = y[:, None], None
         else:
             (y, final), states = ssd_chunked(x, dt, A, Bm, Cm, s0, c.mamba_chunk_size), None
         y = y + x * self.D.to(f32)[:, None]                                       # D skip, per head
@@ -452,23 +517,33 @@ class Mamba2Mixer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Gated DeltaNet (the linear-attention layers of Qwen3.5)
 
-def gated_delta_rule_recurrent(q, k, v, g, beta, state):
-    """The gated delta rule, one token at a time (the definition).
+def gated_delta_rule_step(q, k, v, g, beta, state):
+    """The gated delta rule for one token (the definition; a decoding step runs it).
 
-    q, k: (b, T, H, dk) L2-normalised (q also scaled by dk^-0.5), v: (b, T, H, dv), g: (b, T, H) log decay (<= 0),
-    beta: (b, T, H) write strength in (0, 1), state: (b, H, dk, dv) memory before the first token. All fp32.
+    q, k: (b, H, dk) L2-normalised (q also scaled by dk^-0.5), v: (b, H, dv), g: (b, H) log decay (<= 0),
+    beta: (b, H) write strength in (0, 1), state: (b, H, dk, dv) memory before the token. All fp32.
         S' = exp(g_t) S_{t-1}             decay the memory
         S_t = S' + k_t (beta_t (v_t - S'^T k_t))^T     write the error of what the memory predicts for k_t
         o_t = S_t^T q_t                   read with the updated memory
+    Returns o: (b, H, dv) and the state after the token.
+    """
+    state = torch.exp(g)[:, :, None, None] * state    # (b, H, dk, dv), a new tensor: the previous stays as it was
+    prediction = (k[:, :, None, :] @ state).squeeze(-2)                            # (b, H, dv): S'^T k
+    error = beta[:, :, None] * (v - prediction)                                     # (b, H, dv)
+    state.addcmul_(k[:, :, :, None], error[:, :, None, :])                          # S' + k error^T
+    return (q[:, :, None, :] @ state).squeeze(-2), state                            # (b, H, dv): S^T q
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, state):
+    """The rule over T tokens, one gated_delta_rule_step after the other: the reference for the other forms.
+
+    q, k: (b, T, H, dk), v: (b, T, H, dv), g, beta: (b, T, H); state as for gated_delta_rule_step.
     Returns o: (b, T, H, dv) and the list of the T states after each token.
     """
     outs, states = [], []
     for t in range(q.shape[1]):
-        state = torch.exp(g[:, t])[:, :, None, None] * state  # (b, H, dk, dv), a new tensor: the previous stays as it was
-        prediction = (k[:, t, :, None, :] @ state).squeeze(-2)                         # (b, H, dv): S'^T k
-        error = beta[:, t, :, None] * (v[:, t] - prediction)                          # (b, H, dv)
-        state.addcmul_(k[:, t, :, :, None], error[:, :, None, :])                     # S' + k error^T
-        outs.append((q[:, t, :, None, :] @ state).squeeze(-2))                         # (b, H, dv): S^T q
+        o, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        outs.append(o)
         states.append(state)
     return torch.stack(outs, dim=1), states
 
@@ -510,6 +585,34 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size):
     return o, state
 
 
+def gated_delta_rule_states(q, k, v, g, beta, state):
+    """The same rule for a few tokens at once, keeping the state after every token, in a number of operations that
+    does not grow with T (the algebra inside one chunk of gated_delta_rule_chunked, written for a verify pass).
+
+    Same inputs as gated_delta_rule_recurrent. With c_t = g_1 + ... + g_t and S_0 = state, the rule unrolls to
+        S_t = exp(c_t) S_0 + sum_{j<=t} exp(c_t - c_j) k_j u_j^T          u_j: the value token j writes
+        o_t = S_t^T q_t = exp(c_t) S_0^T q_t + sum_{j<=t} exp(c_t - c_j) (q_t . k_j) u_j
+    where u_j = beta_j (v_j - S'^T k_j) is the error of what the decayed memory predicts, which depends on the earlier
+    writes; so the u_t solve one unit lower-triangular system:
+        u_t + sum_{j<t} beta_t exp(c_t - c_j) (k_t . k_j) u_j = beta_t (v_t - exp(c_t) S_0^T k_t)
+    Returns o: (b, T, H, dv) and states: (T, b, H, dk, dv), states[t] the state after token t (as
+    gated_delta_rule_recurrent's list). Memory grows as T * H*dk*dv and work as T^2: prefill uses the chunked form.
+    """
+    T = q.shape[1]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                               # (b, H, T, dk|dv)
+    g, beta = g.transpose(1, 2), beta.transpose(1, 2)[..., None]                   # (b, H, T), (b, H, T, 1)
+    decay = torch.exp(segsum(g))                                   # (b, H, T, T): [t, j] = exp(c_t - c_j), 0 if j > t
+    from_start = torch.exp(g.cumsum(dim=-1))[..., None]                            # (b, H, T, 1): exp(c_t)
+    M = (beta * k) @ k.transpose(-1, -2) * decay                          # (b, H, T, T), used below the diagonal
+    # (I + the part of M below the diagonal) u = rhs: unitriangular, solve_triangular reads only below the diagonal
+    u = torch.linalg.solve_triangular(M, beta * (v - from_start * (k @ state)), upper=False, unitriangular=True)
+    weighted = torch.einsum("bhtj,bhjk->bhtkj", decay, k)                          # (b, H, T, dk, T): decay[t, j] k_j
+    states = (weighted.flatten(2, 3) @ u).unflatten(2, (T, k.shape[-1]))           # (b, H, T, dk, dv): sum over j
+    states.addcmul_(from_start[..., None], state[:, :, None])                      # + exp(c_t) S_0
+    o = (q @ k.transpose(-1, -2) * decay) @ u + from_start * (q @ state)           # (b, H, T, dv)
+    return o.transpose(1, 2), states.movedim(2, 0)
+
+
 class GatedDeltaNet(nn.Module):
     """Qwen3.5's linear-attention mixer: projections -> conv+SiLU over q|k|v -> gated delta rule -> gated norm."""
 
@@ -539,21 +642,25 @@ class GatedDeltaNet(nn.Module):
 
         window = state.conv if state is not None else u.new_zeros(Bsz, c.linear_conv_kernel_dim - 1, qkv.shape[-1])
         qkv, conv_inputs = causal_conv(qkv, window, self.conv1d.weight, None)
-        q, k, v = qkv.split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
+        qk, v = qkv.split([2 * Hk * dk, Hv * dv], dim=-1)
 
         f32 = torch.promote_types(u.dtype, torch.float32)                    # the rule runs in fp32 (fp64 if asked)
-        q, k = q.reshape(Bsz, T, Hk, dk).to(f32), k.reshape(Bsz, T, Hk, dk).to(f32)
+        qk = qk.reshape(Bsz, T, 2 * Hk, dk).to(f32)                          # the Hk query heads, then the Hk key heads
+        qk = qk * torch.rsqrt(qk.pow(2).sum(-1, keepdim=True) + 1e-6)        # L2 norm of each head, eps inside the root
+        q, k = qk.split(Hk, dim=2)
+        # value head h uses key head h // (Hv/Hk)
+        q, k = repeat_heads(q / math.sqrt(dk), Hv // Hk), repeat_heads(k, Hv // Hk)
         v = v.reshape(Bsz, T, Hv, dv).to(f32)
-        q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6) / math.sqrt(dk)   # L2 norm, then dk^-0.5
-        k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
-        q, k = q.repeat_interleave(Hv // Hk, dim=2), k.repeat_interleave(Hv // Hk, dim=2)   # value head h uses key head h // (Hv/Hk)
         beta = torch.sigmoid(b).to(f32)                                      # (B, T, Hv)
         g = -torch.exp(self.A_log.to(f32)) * F.softplus(a.to(f32) + self.dt_bias)   # (B, T, Hv), <= 0
         s0 = state.ssm if state is not None else u.new_zeros(Bsz, Hv, dk, dv, dtype=f32)
 
-        if record or T == 1:
-            o, states = gated_delta_rule_recurrent(q, k, v, g, beta, s0)
+        if record:                  # a verify pass: the state after every token, for commit to choose from
+            o, states = gated_delta_rule_states(q, k, v, g, beta, s0)
             final = states[-1]
+        elif T == 1:                # decoding: one step of the rule
+            o, final = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0)
+            o, states = o[:, None], None
         else:
             (o, final), states = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size), None
         o = (self.norm(o.to(u.dtype)) * F.silu(z.to(f32))).to(u.dtype)      # (B, T, Hv, dv)
@@ -569,7 +676,7 @@ class GatedDeltaNet(nn.Module):
 class Recorded:
     """The recurrent states after every position of a recording pass (see Model.forward(record_states=True))."""
     conv_inputs: torch.Tensor   # (B, K-1+T, C): the conv window before the pass, then the T new inputs
-    states: list                # T tensors: states[t] is the recurrent state after token t of the pass
+    states: torch.Tensor        # (T, ...): states[t] is the recurrent state after token t of the pass
 
 
 @dataclass
@@ -589,7 +696,11 @@ class LayerState:
     def advance(self, conv_inputs, final, states=None):
         """After a recurrent layer's call: conv_inputs (B, K-1+T, C) all conv inputs seen, final the state after the
         last token; states, from a recording pass, the state after every token. New tensors replace the old ones."""
-        self.conv = conv_inputs[:, -self.conv.shape[1]:].clone()        # a copy: a view would keep all T inputs alive
+        window = conv_inputs[:, -self.conv.shape[1]:]                    # the last K-1 inputs
+        # a view of conv_inputs, except after a prefill, where it would keep all T inputs alive (after one token it
+        # keeps one input more; after a recording pass, recorded keeps them all anyway)
+        prefill = states is None and conv_inputs.shape[1] > window.shape[1] + 1
+        self.conv = window.clone() if prefill else window
         self.ssm = final
         self.recorded = Recorded(conv_inputs, states) if states is not None else None
 
@@ -635,12 +746,13 @@ class ParallelHybridLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.feed_forward = MLP(c)
 
-    def forward(self, h, rope, state, start, skip_attention=False, record=False):
+    def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
         c = self.c
         u = self.input_layernorm(h)
-        mixed = self.mamba(u, state, record) * c.ssm_out_multiplier
+        mixed = scaled(self.mamba(u, state, record), c.ssm_out_multiplier)
         if not skip_attention:          # a draft that drops the attention branch adds nothing here
-            mixed = mixed + self.self_attn(u * c.attention_in_multiplier, rope, state, start) * c.attention_out_multiplier
+            attention = self.self_attn(scaled(u, c.attention_in_multiplier), rope, mask, state, start)
+            mixed = mixed + scaled(attention, c.attention_out_multiplier)
         h = h + mixed
         return h + self.feed_forward(self.pre_ff_layernorm(h))
 
@@ -659,12 +771,12 @@ class SequentialLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, unit_offset)
         self.mlp = MLP(c)
 
-    def forward(self, h, rope, state, start, skip_attention=False, record=False):
+    def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
         u = self.input_layernorm(h)
         if hasattr(self, "linear_attn"):
             h = h + self.linear_attn(u, state, record)
         elif not skip_attention:
-            h = h + self.self_attn(u, rope, state, start)
+            h = h + self.self_attn(u, rope, mask, state, start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -718,20 +830,21 @@ class Model(nn.Module):
             for state in cache.layers:
                 state.recorded = None               # layers left out by skip record nothing
         positions = torch.arange(start, start + T, device=input_ids.device)
-        h = self.model.embed_tokens(input_ids) * c.embedding_multiplier          # (B, T, D)
-        rope = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)
+        h = scaled(self.model.embed_tokens(input_ids), c.embedding_multiplier)  # (B, T, D)
+        rope = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)     # for every attention layer, once
+        mask = causal_mask(start, T, h.dtype, h.device)
         for i, layer in enumerate(self.model.layers):
             if i in skip.layers:
                 continue
             state = cache.layers[i] if cache is not None else None
-            h = layer(h, rope, state, start, skip_attention=i in skip.attention, record=record_states)
+            h = layer(h, rope, mask, state, start, skip_attention=i in skip.attention, record=record_states)
         if cache is not None:
             cache.length = start + T
         return self.model.norm(h)
 
     def logits(self, h):
         """(B, T, D) hidden states -> (B, T, V) logits."""
-        return self.lm_head(h) * self.config.lm_head_multiplier
+        return scaled(self.lm_head(h), self.config.lm_head_multiplier)
 
     def forward(self, input_ids, cache=None, skip=None, record_states=False):
         """Logits (B, T, V); the arguments as for hidden_states (with a skip, the draft model's logits)."""
@@ -900,6 +1013,9 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = Model(config)
     model = model.to(dtype=dtype).to_empty(device=device)
+    for layer in model.model.layers:          # the buffers are not in the checkpoint: computed from the config again
+        if isinstance(layer, ParallelHybridLayer):
+            layer.mamba.mup_vector.copy_(mup_vector(config))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     expected = dict(model.named_parameters())                  # tied weights appear once, as model.embed_tokens.weight

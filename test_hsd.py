@@ -1,7 +1,8 @@
 """Tests for hsd: the models against the official implementation, the scans, loading, and lossless speculation.
 
 Run: python -m pytest -q test_hsd.py        (offline, ~2 minutes on 2 cores; transformers is a test-only oracle)
-Benchmark against transformers:  python test_hsd.py --bench falcon-h1-0.5b   (see README, "Speed")
+Benchmark against transformers, and the cost of speculation:  python test_hsd.py --bench falcon-h1-0.5b   (see README,
+"Speed" and "The cost model")
 """
 import ast
 import ctypes
@@ -120,6 +121,27 @@ def test_gated_delta_rule_chunked_equals_recurrent(T):
     assert rel_err(final, states[-1]) < 1e-5
 
 
+@pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
+def test_ssd_states_equal_recurrent(T):
+    """The verify pass's batched form: the output and the state after every token, as the recurrence gives them."""
+    args = mamba_inputs(T)
+    y_ref, states_ref = models.ssd_recurrent(*args)
+    y, states = models.ssd_states(*args)
+    assert rel_err(y, y_ref) < 1e-5 and len(states) == T
+    for t in range(T):
+        assert rel_err(states[t], states_ref[t]) < 1e-5
+
+
+@pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
+def test_gated_delta_rule_states_equal_recurrent(T):
+    args = deltanet_inputs(T)
+    o_ref, states_ref = models.gated_delta_rule_recurrent(*args)
+    o, states = models.gated_delta_rule_states(*args)
+    assert rel_err(o, o_ref) < 1e-5 and len(states) == T
+    for t in range(T):
+        assert rel_err(states[t], states_ref[t]) < 1e-5
+
+
 def test_ssd_recurrence_is_the_definition():
     """Two tokens by hand: s1 = exp(dt1 A) s0 + dt1 x1 B1^T, y1 = s1 C1 (one head, one batch element)."""
     x, dt, A, B, C, s0 = mamba_inputs(2, H=1, P=3, N=2)
@@ -158,15 +180,17 @@ def test_causal_conv_window():
         assert torch.allclose(rest, y[:, t + 1:], atol=1e-6)
 
 
+@pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
 @pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
-def test_recorded_states_equal_one_token_at_a_time(name):
-    """A recording pass over T tokens keeps, for every position, the state that feeding the tokens one by one gives."""
+def test_recorded_states_equal_one_token_at_a_time(name, T):
+    """A recording pass over T tokens keeps, for every position, the state that feeding the tokens one by one gives:
+    the recurrent state, and the conv window, whose K-1 = 3 inputs reach back before the pass for the first tokens."""
     model = models.load(name)
-    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
-    recorded, stepped = models.Cache(model, 30), models.Cache(model, 30)
+    ids = torch.randint(0, 97, (1, 20 + T), generator=torch.Generator().manual_seed(2))
+    recorded, stepped = models.Cache(model, 20 + T), models.Cache(model, 20 + T)
     model(ids[:, :20], recorded), model(ids[:, :20], stepped)
     model(ids[:, 20:], recorded, record_states=True)
-    for t in range(10):
+    for t in range(T):
         model(ids[:, 20 + t:21 + t], stepped)
         for rec, step in zip(recorded.layers, stepped.layers):
             if rec.recorded is None:
@@ -1560,34 +1584,34 @@ EXERCISES = [
           "inputs = torch.cat([torch.zeros_like(window), x], dim=1)"),
          ("the taps are reversed", "models.py", "w = weight[:, 0].to(f32)", "w = weight[:, 0].flip(-1).to(f32)")]),
     Exercise(
-        "mamba-recurrence", ["models.ssd_recurrent"],
-        "Mamba-2's selective state-space recurrence, one token at a time: the definition that decoding runs",
+        "mamba-recurrence", ["models.ssd_step"],
+        "Mamba-2's selective state-space recurrence for one token: the definition that decoding runs",
         "decay the old state by exp(dt A), add dt x B^T, read y = s C; make a new tensor, never modify the old one", 20,
         ["test_mamba_recurrence_token_by_token", "test_ssd_recurrence_is_the_definition",
          "test_step_by_step_equals_full_forward[tiny-falcon-h1]",
          *exercise_lossless("tiny-falcon-h1-component-k3-12-token")],
         [("the decay comes after the input", "models.py",
-          "        state = decay * state                     # a new tensor: the previous state stays as it was\n"
-          "        state.addcmul_(dt_x, B[:, t, :, None, :])",
-          "        state = decay * (state + dt_x * B[:, t, :, None, :])"),
+          "    state = decay * state                         # a new tensor: the previous state stays as it was\n"
+          "    state.addcmul_(dt_x, B[:, :, None, :])",
+          "    state = decay * (state + dt_x * B[:, :, None, :])"),
          ("the state is updated in place", "models.py",
-          "        state = decay * state                     # a new tensor: the previous state stays as it was",
-          "        state = state.mul_(decay)"),
+          "    state = decay * state                         # a new tensor: the previous state stays as it was",
+          "    state = state.mul_(decay)"),
          ("dt is left out of the input term", "models.py",
-          "        dt_x = (dt[:, t, :, None] * x[:, t])[..., None]", "        dt_x = x[:, t][..., None]")]),
+          "    dt_x = (dt[:, :, None] * x)[..., None]", "    dt_x = x[..., None]")]),
     Exercise(
-        "delta-rule-recurrence", ["models.gated_delta_rule_recurrent"],
-        "the gated delta rule of Gated DeltaNet, one token at a time: a memory that decays, predicts the value of a "
-        "key, and writes the error of that prediction",
+        "delta-rule-recurrence", ["models.gated_delta_rule_step"],
+        "the gated delta rule of Gated DeltaNet for one token: a memory that decays, predicts the value of a key, and "
+        "writes the error of that prediction",
         "decay, then predict S'^T k, then add k (beta (v - prediction))^T, then read S^T q", 25,
         ["test_gated_delta_rule_token_by_token", "test_gated_delta_rule_is_the_definition",
          "test_step_by_step_equals_full_forward[tiny-qwen3.5]",
          *exercise_lossless("tiny-qwen3.5-component-k3-12-token")],
         [("the prediction uses the memory before its decay", "models.py",
-          "        prediction = (k[:, t, :, None, :] @ state).squeeze(-2)",
-          "        prediction = (k[:, t, :, None, :] @ (state / torch.exp(g[:, t])[:, :, None, None])).squeeze(-2)"),
+          "    prediction = (k[:, :, None, :] @ state).squeeze(-2)",
+          "    prediction = (k[:, :, None, :] @ (state / torch.exp(g)[:, :, None, None])).squeeze(-2)"),
          ("beta is left out of the write", "models.py",
-          "        error = beta[:, t, :, None] * (v[:, t] - prediction)", "        error = v[:, t] - prediction")]),
+          "    error = beta[:, :, None] * (v - prediction)", "    error = v - prediction")]),
     Exercise(
         "ssd-chunked", ["models.ssd_chunked"],
         "(advanced) the chunked SSD algorithm used for prefill: the same recurrence as matrix products within chunks "
@@ -1865,11 +1889,65 @@ def test_the_grader_fails_a_blank_exercise_and_typical_mistakes(exercise, graded
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark against transformers, on demand (not a test): python test_hsd.py --bench falcon-h1-0.5b
+# Benchmark, on demand (not a test): python test_hsd.py --bench falcon-h1-0.5b
 
-def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2):
-    """Random weights of the official config (speed does not depend on the values), saved once in the official layout;
-    transformers and hsd load the same file. Runs alternate between the two; medians are reported."""
+# Operations that only describe a tensor (views, reshapes, dtype no-ops, type queries): no kernel on a GPU. The same set
+# as ../shared/tools/count_ops.py, so that the counts here are its counts.
+DESCRIBE_ONLY = {
+    "aten::view", "aten::as_strided", "aten::select", "aten::slice", "aten::expand", "aten::unsqueeze", "aten::reshape",
+    "aten::split", "aten::narrow", "aten::t", "aten::transpose", "aten::permute", "aten::_unsafe_view", "aten::detach",
+    "aten::lift", "aten::lift_fresh", "aten::empty", "aten::empty_strided", "aten::squeeze", "aten::alias",
+    "aten::unbind", "aten::_reshape_alias", "aten::chunk", "aten::split_with_sizes", "aten::contiguous", "aten::to",
+    "aten::result_type", "aten::promote_types", "aten::resolve_conj", "aten::resolve_neg", "aten::flatten",
+    "aten::expand_as", "aten::view_as", "aten::_to_copy"}
+
+
+def count_ops(fn):
+    """The innermost PyTorch operations that fn() issues (an operation that calls others counts as its children), leaving
+    out those that only describe a tensor: roughly the kernels a GPU would launch."""
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        fn()
+    return sum(1 for e in prof.events() if not e.cpu_children and e.name not in DESCRIBE_ONLY
+               and e.name.startswith(("aten::", "mkldnn::")))
+
+
+def ops_per_pass(model, ks, context=64):
+    """Operations of one decoding step, and of a verify pass of k+1 tokens for each k, after a prefill of context tokens
+    (the counts do not depend on the context or on the weight values)."""
+    cache = models.Cache(model, context + max(ks) + 2)
+    hsd.prefill(model, cache, list(range(1, context + 1)))
+    snap, token = hsd.snapshot(cache), torch.tensor([[1]])
+
+    def counted(step):
+        n = count_ops(step)
+        hsd.restore(cache, snap)
+        return n
+    return counted(lambda: model(token, cache)), {k: counted(lambda: hsd.verify(model, cache, 1, [1] * k)) for k in ks}
+
+
+def memory_bandwidth(repeats=5):
+    """Bytes per second this machine reads from memory: summing 1 GiB, far more than any cache (median of repeats)."""
+    import time
+    buffer = torch.ones(2**28)
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buffer.sum()
+        seconds.append(time.perf_counter() - t0)
+    return buffer.numel() * buffer.element_size() / sorted(seconds)[repeats // 2]
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights a decoding step reads: every parameter once, but of an untied embedding table only one row."""
+    table = model.model.embed_tokens.weight
+    untied = table is not model.lm_head.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not (untied and p is table))
+
+
+def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost_repeats=11):
+    """hsd against transformers, and the cost of speculation: random weights of the official config (speed does not
+    depend on the values), saved once in the official layout; transformers and hsd load the same file. Runs alternate
+    between the two; medians are reported. Every ratio printed is of numbers measured in this process."""
     import statistics as st
     import tempfile
     import time
@@ -1884,6 +1962,7 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2):
         del hf
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = models.load(path)
+    draft = "layerskip" if ours.config.family == "qwen2" else "component"
     ids = torch.randint(0, 1000, (1, prompt_len))
     prompt = ids[:, :16]
 
@@ -1904,7 +1983,7 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2):
             runs["hsd decode"].append(new_tokens / hsd.generate(ours, prompt[0], new_tokens, draft="none")[1]["decode_s"])
             runs["hf prefill"].append(seconds(lambda: hf(ids, logits_to_keep=1)))
             runs["hsd prefill"].append(seconds(lambda: ours.logits(ours.hidden_states(ids, models.Cache(ours, prompt_len))[:, -1:])))
-            runs["spec"].append(hsd.generate(ours, prompt[0], new_tokens, draft="component", k=k)[1])
+            runs["spec"].append(hsd.generate(ours, prompt[0], new_tokens, draft=draft, k=k)[1])
         # the state bookkeeping of one round, timed alone: snapshot + restore, and commit after a verify pass
         cache = models.Cache(ours, prompt_len + k + 2)
         hsd.prefill(ours, cache, ids[0, :-1].tolist())
@@ -1915,18 +1994,35 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2):
             logits = hsd.verify(ours, cache, 1, [2] * k)
             t_commit.append(seconds(lambda: hsd.commit(cache, snap.length, hsd.accept([2] * k, logits)[0] + 1)))
             hsd.restore(cache, snap)
+        del hf, cache                                                 # memory for the measurements below
+        ks = (2, 4, 8)
+        step_ops, verify_ops = ops_per_pass(ours, ks)
+        skips = {d: hsd.draft_skip(ours.config, d) for d in ("component", "layerskip", "early-exit")
+                 if d != "component" or draft == "component"}
+        times = hsd_eval.step_times(ours, skips, ks, context, repeats=cost_repeats)
+        bandwidth = memory_bandwidth()
     med = {key: st.median(v) for key, v in runs.items() if key != "spec"}
     spec = runs["spec"]
     round_s = st.median(s["decode_s"] / s["rounds"] for s in spec)
+    weight_bytes = weight_bytes_per_token(ours)
     print(f"{name}, random weights, fp32, CPU ({torch.get_num_threads()} threads), {repeats} alternating runs, medians")
     print(f"decode  {new_tokens} tokens: hsd {med['hsd decode']:.2f} tok/s, transformers {med['hf decode']:.2f} tok/s "
           f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in runs['hsd decode']]}, "
           f"transformers {[round(x, 2) for x in runs['hf decode']]})")
     print(f"prefill {prompt_len} tokens: hsd {med['hsd prefill']:.2f} s, transformers {med['hf prefill']:.2f} s "
           f"-> {med['hf prefill'] / med['hsd prefill']:.2f}x")
-    print(f"speculative, component draft, k={k}: round {round_s * 1e3:.1f} ms; snapshot+restore {t_snap * 1e6:.1f} us, "
-          f"accept+commit {st.median(t_commit) * 1e6:.1f} us: {(t_snap + st.median(t_commit)) / round_s:.2%} of a round; "
-          f"in generate, accept+commit took {st.median(s['bookkeeping_s'] / s['decode_s'] for s in spec):.2%} of decoding")
+    print(f"speculative, {draft} draft, k={k}: round {round_s * 1e3:.1f} ms; snapshot+restore {t_snap * 1e6:.1f} us, "
+          f"accept+commit {st.median(t_commit) * 1e6:.1f} us: {(t_snap + st.median(t_commit)) / round_s:.2%} of a round")
+    print(f"ops     decoding step {step_ops}; verify pass " + ", ".join(
+        f"k={k} {n} ({n / step_ops:.2f}x)" for k, n in verify_ops.items()) +
+        f"; from k=2 to k=8 +{(verify_ops[8] - verify_ops[2]) / step_ops:.0%} of a step   (innermost PyTorch operations)")
+    print(f"cost    at {context} tokens, medians of {cost_repeats} interleaved runs: full step {times['full'] * 1e3:.1f} ms; "
+          "c: " + ", ".join(f"{d} {times[d] / times['full']:.2f}" for d in skips) + "; v: " +
+          ", ".join(f"k={k} {times[k] / times['full']:.2f}" for k in ks))
+    limit = bandwidth / weight_bytes
+    print(f"memory  {weight_bytes / 1e9:.2f} GB of weights read per token; memory read at {bandwidth / 1e9:.1f} GB/s (a sum "
+          f"over 1 GiB) bounds decoding at {limit:.1f} tok/s: hsd decodes at {med['hsd decode'] / limit:.0%} of it, "
+          f"transformers at {med['hf decode'] / limit:.0%}")
 
 
 if __name__ == "__main__":
@@ -1939,6 +2035,7 @@ if __name__ == "__main__":
     parser.add_argument("--bench", choices=list(OFFICIAL_CONFIGS), help="benchmark hsd against transformers")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cost-repeats", type=int, default=11, help="runs of each kind of step for c and v")
     a = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)         # output piped into `head` and the like: stop quietly
     if a.exercises and a.json:
@@ -1950,6 +2047,6 @@ if __name__ == "__main__":
     elif a.blank and a.out:
         blank(a.blank.split(","), a.out)
     elif a.bench:
-        bench(a.bench, new_tokens=a.tokens, repeats=a.repeats)
+        bench(a.bench, new_tokens=a.tokens, repeats=a.repeats, cost_repeats=a.cost_repeats)
     else:
         parser.error("give --exercises, --blank NAME --out DIR, or --bench NAME")
