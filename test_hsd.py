@@ -1640,6 +1640,31 @@ EXERCISES = [
           "        state = c[:, i, :, -1].exp()[..., None, None] * state + (k[:, i] * decay_to_end)",
           "        state = state + (k[:, i] * decay_to_end)")]),
     Exercise(
+        "mamba-verify-states", ["models.ssd_states"],
+        "(advanced) the state after every token of a verify pass in a few batched operations, whatever k: the "
+        "recurrence unrolled (the state-space duality), so that verifying k+1 tokens costs about one step",
+        "s_t = exp(a_1 + ... + a_t) s_0 + sum_s exp(a_(s+1) + ... + a_t) dt_s x_s B_s^T; segsum gives the decays", 45,
+        ["test_ssd_states_equal_recurrent", "test_recorded_states_equal_one_token_at_a_time",
+         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-falcon-h1-layerskip-k8-1-token")],
+        [("the start state is left out of the states", "models.py",
+          "    states.addcmul_(from_start[..., None], state[:, :, None])"
+          "                      # + exp(a_1 + ... + a_t) s_0\n", ""),
+         ("the decay from the start leaves out the token's own", "models.py",
+          "    from_start = torch.exp(a.cumsum(dim=-1))[..., None]",
+          "    from_start = torch.exp(a.cumsum(dim=-1) - a)[..., None]")]),
+    Exercise(
+        "delta-rule-verify-states", ["models.gated_delta_rule_states"],
+        "(advanced) the gated delta rule's state after every token of a verify pass in a few batched operations: "
+        "each write depends on the earlier ones, so the values written solve one triangular system",
+        "(I + M) u = beta (v - exp(c) S_0^T k), M below the diagonal; then S_t = exp(c_t) S_0 + sum_j exp(c_t - c_j) "
+        "k_j u_j^T", 60,
+        ["test_gated_delta_rule_states_equal_recurrent", "test_recorded_states_equal_one_token_at_a_time",
+         *exercise_lossless("tiny-qwen3.5-component-k3-12-token", "tiny-qwen3.5-layerskip-k8-1-token")],
+        [("the start memory's prediction is not subtracted", "models.py",
+          "beta * (v - from_start * (k @ state))", "beta * v"),
+         ("the triangular system without its unit diagonal", "models.py",
+          "upper=False, unitriangular=True)\n    weighted", "upper=False, unitriangular=False)\n    weighted")]),
+    Exercise(
         "snapshot-restore", ["hsd.snapshot", "hsd.restore"],
         "the snapshot before drafting and the restore after it: drafting must leave no trace, and because no state "
         "tensor is ever written in place, references are a snapshot",
