@@ -97,7 +97,8 @@ def draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator)
     q (k, V): the draft's whole distribution at each drafted position, which accept_sampled needs."""
     drafts, q, token = [], [], pending
     for _ in range(k):
-        q.append(probabilities(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1], temperature))
+        logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]
+        q.append(probabilities(logits, temperature))
         token = int(torch.multinomial(q[-1], 1, generator=generator))
         drafts.append(token)
     return drafts, torch.stack(q)
@@ -302,7 +303,10 @@ def run_generate(args, model, tokenizer):
         if not args.trace and not text.endswith("\ufffd"):       # a character whose bytes are not all there yet
             print(json.dumps(text[len(shown):], ensure_ascii=False)[1:-1], end="", flush=True)
             shown = text
-    print(f"output  {show(tokenizer, tokens)}" if args.trace else json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"')
+    if args.trace:
+        print(f"output  {show(tokenizer, tokens)}")
+    else:
+        print(json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"')
     s = {**statistics(args.k, steps), "temperature": temperature, "seed": seed}
     if s["rounds"]:
         print(f"alpha   {s['alpha']:.3f}: {s['accepted']} of {s['drafted']} drafts accepted, "
@@ -342,7 +346,8 @@ def main(argv=None):
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise models.UsageError("CUDA is not available on this machine: use --device cpu")
-        model, tokenizer = models.load(args.model, getattr(torch, args.dtype), args.device), models.load_tokenizer(args.model)
+        model = models.load(args.model, getattr(torch, args.dtype), args.device)
+        tokenizer = models.load_tokenizer(args.model)
         if args.eval:
             import hsd_eval
             s = hsd_eval.run(args, model, tokenizer)

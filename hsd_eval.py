@@ -311,7 +311,9 @@ def estimate_seconds(t, inputs, skips, new_tokens, accepted_per_round):
 
 
 def duration(seconds):
-    return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.0f} min" if seconds > 90 else f"{seconds:.0f} s"
+    if seconds > 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds > 90 else f"{seconds:.0f} s"
 
 
 def measure(model, model_name, inputs, skips, records, new_tokens, temperature, seed):
@@ -358,7 +360,9 @@ def summarize(model, inputs, skips, records, contexts, times, temperature):
     speed = [records.saved["speed", i] for i in range(len(inputs["speed"]))]
     ppl = records.saved["perplexity", 0]
     tokens = max(1, len(inputs["perplexity"][0]) - 1)
-    plain_rate = sum(s["plain"]["new_tokens"] for s in speed) / sum(s["plain"]["decode_s"] for s in speed) if speed else None
+    plain_rate = None                                                  # tokens/s of plain greedy decoding
+    if speed:
+        plain_rate = sum(s["plain"]["new_tokens"] for s in speed) / sum(s["plain"]["decode_s"] for s in speed)
     result = {"prompts": len(alphas), "divergence_texts": len(texts), "perplexity_tokens": tokens + 1,
               "speed_prompts": len(speed), "temperature": temperature, "contexts": contexts, "step_seconds": times,
               "perplexity_full": math.exp(min(ppl["full"] / tokens, 20)), "drafts": {}}

@@ -629,7 +629,8 @@ def test_every_commit_of_a_generation_matches_one_by_one_feeding():
     hsd.prefill(model, cache, prompt[:-1])
     committed, pending, seen = prompt[:-1], prompt[-1], set()
     while len(committed) < 40:
-        drafts, n, next_token = hsd.speculative_round(model, cache, pending, hsd.draft_skip(model.config, "component"), 3)
+        skip = hsd.draft_skip(model.config, "component")
+        drafts, n, next_token = hsd.speculative_round(model, cache, pending, skip, 3)
         committed, pending = committed + [pending] + drafts[:n], next_token
         assert_same_state(cache, fed_one_by_one(model, committed, 60))
         seen.add(n)
@@ -770,7 +771,8 @@ def test_no_numpy_warning_where_numpy_is_not_installed(tmp_path):
     (tmp_path / "numpy").mkdir()
     (tmp_path / "numpy" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\")")
     env = {"PYTHONPATH": str(tmp_path)}
-    bare = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env={**os.environ, **env})
+    bare = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                          env={**os.environ, **env})
     assert "Failed to initialize NumPy" in bare.stderr                   # without the filter, the warning shows
     for args in (["-c", "import models"], ["hsd.py", "--model", "tiny-falcon-h1", "--max-new-tokens", "2"]):
         result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, **env},
@@ -906,7 +908,8 @@ def test_draft_tokens_sampled_draws_from_the_drafts_distribution():
     cache = models.Cache(model, 40)
     hsd.prefill(model, cache, prompt[:-1])
     snap = hsd.snapshot(cache)
-    drafts, q = hsd.draft_tokens_sampled(model, cache, prompt[-1], skip, 4, TEMPERATURE, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    drafts, q = hsd.draft_tokens_sampled(model, cache, prompt[-1], skip, 4, TEMPERATURE, generator)
     hsd.restore(cache, snap)
     logits = torch.cat([model(torch.tensor([[t]]), cache, skip=skip)[0] for t in [prompt[-1], *drafts[:-1]]])
     assert q.shape == (4, model.config.vocab_size)
@@ -939,7 +942,8 @@ def test_sampling_is_reproducible_with_a_seed():
     model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
     runs = [hsd.generate(model, prompt, 16, k=3, eos_token_id=-1, temperature=1.5, seed=s) for s in (7, 7, 8)]
     assert runs[0][0] == runs[1][0] != runs[2][0] and len(runs[0][0]) == 16 and runs[0][1]["rounds"] > 0
-    plain = [hsd.generate(model, prompt, 16, draft="none", eos_token_id=-1, temperature=1.5, seed=s)[0] for s in (7, 7, 8)]
+    plain = [hsd.generate(model, prompt, 16, draft="none", eos_token_id=-1, temperature=1.5, seed=s)[0]
+             for s in (7, 7, 8)]
     assert plain[0] == plain[1] != plain[2]
 
 
@@ -953,7 +957,8 @@ def test_cli_at_a_temperature_traces_sampled_rounds(capsys):
     assert sum(line.startswith("round") for line in out) == stats["rounds"] > 0
     assert hsd.main(args) == 0                                           # the same seed: the same rounds and text
     again = capsys.readouterr().out.splitlines()
-    assert [x for x in again if x.startswith(("round", "output"))] == [x for x in out if x.startswith(("round", "output"))]
+    shown = [x for x in out if x.startswith(("round", "output"))]
+    assert [x for x in again if x.startswith(("round", "output"))] == shown
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1001,7 +1006,8 @@ def test_divergence_and_nll_against_direct_computation(name):
     """Every position but the last; KL with the authors' 1e-10 inside both logs; chunks that do not divide T."""
     model, ids = tiny(name), torch.tensor([PROMPTS["12-token"] * 3])
     skips = {"early-exit": hsd.draft_skip(model.config, "early-exit"), "nothing": models.Skip()}
-    p, q = torch.softmax(model(ids)[0, :-1].double(), -1), torch.softmax(model(ids, skip=skips["early-exit"])[0, :-1].double(), -1)
+    p = torch.softmax(model(ids)[0, :-1].double(), -1)
+    q = torch.softmax(model(ids, skip=skips["early-exit"])[0, :-1].double(), -1)
     sums = hsd_eval.divergence(model, ids, skips, chunk=7)["early-exit"]
     assert math.isclose(sums["tvd"], 0.5 * (p - q).abs().sum().item(), rel_tol=1e-9)
     assert sums["top1"] == (p.argmax(-1) == q.argmax(-1)).sum().item() and sums["positions"] == ids.shape[1] - 1
@@ -1011,8 +1017,8 @@ def test_divergence_and_nll_against_direct_computation(name):
     targets = ids[0, 1:]
     expected = torch.nn.functional.cross_entropy(model(ids)[0, :-1].double(), targets, reduction="sum").item()
     assert math.isclose(hsd_eval.nll(model, ids, chunk=7), expected, rel_tol=1e-9)
-    assert math.isclose(hsd_eval.nll(model, ids, skips["early-exit"]), -q.log().gather(1, targets[:, None]).sum().item(),
-                        rel_tol=1e-9)
+    expected = -q.log().gather(1, targets[:, None]).sum().item()
+    assert math.isclose(hsd_eval.nll(model, ids, skips["early-exit"]), expected, rel_tol=1e-9)
 
 
 def draft_without_cache(model, ids, skip, k):
@@ -1221,7 +1227,8 @@ def eval_numbers(result):
 def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
     out = tmp_path / "run.jsonl"
     run = subprocess.Popen([sys.executable, "hsd.py", *EVAL_ARGS, "--out", str(out), "--json"], text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.abspath(__file__)))
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
     while run.poll() is None and (not out.exists() or out.read_text().count('"phase": "alpha"') < 1):
         time.sleep(0.05)
     run.send_signal(signal.SIGINT)
@@ -2068,7 +2075,8 @@ if __name__ == "__main__":
                            "hint": e.hint, "minutes": e.minutes} for e in EXERCISES]))
     elif a.exercises:
         for e in EXERCISES:
-            print(f"{e.name} (about {e.minutes} min): {', '.join(e.functions)}\n    {e.teaches}\n    {grade_command(e)}")
+            print(f"{e.name} (about {e.minutes} min): {', '.join(e.functions)}")
+            print(f"    {e.teaches}\n    {grade_command(e)}")
     elif a.blank and a.out:
         blank(a.blank.split(","), a.out)
     elif a.bench:
