@@ -422,28 +422,48 @@ def ssd_chunked(x, dt, A, B, C, state, chunk_size):
     return y, state
 
 
+class StatesAfterEachToken:
+    """The recurrent states after each of the T tokens of a verify pass, computed when indexed: commit needs only one,
+    and writing all T of them (T * H*P*N numbers per layer) would cost more than the pass's other work.
+
+    Both recurrences unroll, from the state s_0 before the pass, to the same form:
+        states[t] = from_start[t] s_0 + sum_{j<=t} decay[t, j] left_j right_j^T
+    (Mamba-2: left_j = dt_j x_j, right_j = B_j; gated delta rule: left_j = k_j, right_j = u_j, the value token j wrote).
+    start: (b, H, P, N); from_start: (b, H, T); decay: (b, H, T, T), 0 above the diagonal; left: (b, H, T, P);
+    right: (b, H, T, N). states[t] is (b, H, P, N), the state after token t (t counts from 0, negative from the end).
+    """
+
+    def __init__(self, start, from_start, decay, left, right):
+        self.start, self.from_start, self.decay, self.left, self.right = start, from_start, decay, left, right
+
+    def __len__(self):
+        return self.decay.shape[-1]
+
+    def __getitem__(self, t):
+        t = range(len(self))[t]                                                 # IndexError past the end
+        weighted = self.left * self.decay[..., t, :, None]                      # (b, H, T, P): decay[t, j] left_j
+        writes = weighted.transpose(-1, -2) @ self.right                         # (b, H, P, N): sum over j <= t
+        return writes + self.from_start[..., t, None, None] * self.start
+
+
 def ssd_states(x, dt, A, B, C, state):
-    """The same recurrence for a few tokens at once, keeping the state after every token, in a number of operations
+    """The same recurrence for a few tokens at once, with the state after every token, in a number of operations
     that does not grow with T (the state space duality, written for the few tokens of a verify pass).
 
     Same inputs as ssd_recurrent. With a_t = dt_t * A, unrolling the recurrence from s_0 = state gives
         s_t = exp(a_1 + ... + a_t) s_0 + sum_{s<=t} exp(a_{s+1} + ... + a_t) dt_s x_s B_s^T
         y_t = s_t C_t = exp(a_1 + ... + a_t) s_0 C_t + sum_{s<=t} exp(a_{s+1} + ... + a_t) (C_t . B_s) dt_s x_s
     (y in its second, attention-like form reads s_0 once instead of all T states).
-    Returns y: (b, T, H, P) (without the D skip) and states: (T, b, H, P, N), states[t] the state after token t (as
-    ssd_recurrent's list). Memory grows as T * H*P*N and work as T^2: prefill uses ssd_chunked.
+    Returns y: (b, T, H, P) (without the D skip) and states: StatesAfterEachToken, states[t] (b, H, P, N) the state
+    after token t (as ssd_recurrent's list). Work grows as T^2: prefill uses ssd_chunked.
     """
-    T, P = x.shape[1], x.shape[3]
     x_dt, B, C = (dt[..., None] * x).transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)   # (b, H, T, P|N)
     a = (dt * A).transpose(1, 2)                                                    # (b, H, T) log decay per token
     decay = torch.exp(segsum(a))                          # (b, H, T, T): [t, s] = exp(a_{s+1} + ... + a_t), 0 if s > t
-    from_start = torch.exp(a.cumsum(dim=-1))[..., None]                            # (b, H, T, 1): exp(a_1 + ... + a_t)
-    weighted = torch.einsum("bhts,bhsp->bhtps", decay, x_dt)              # (b, H, T, P, T): decay[t, s] dt_s x_s
-    states = (weighted.flatten(2, 3) @ B).unflatten(2, (T, P))                      # (b, H, T, P, N): sum over s
-    states.addcmul_(from_start[..., None], state[:, :, None])                      # + exp(a_1 + ... + a_t) s_0
+    from_start = torch.exp(a.cumsum(dim=-1))                                        # (b, H, T): exp(a_1 + ... + a_t)
     scores = C @ B.transpose(-1, -2) * decay                              # (b, H, T, T): (C_t . B_s) decay[t, s]
-    y = scores @ x_dt + from_start * (C @ state.transpose(-1, -2))                 # (b, H, T, P)
-    return y.transpose(1, 2), states.movedim(2, 0)
+    y = scores @ x_dt + from_start[..., None] * (C @ state.transpose(-1, -2))      # (b, H, T, P)
+    return y.transpose(1, 2), StatesAfterEachToken(state, from_start, decay, x_dt, B)
 
 
 def mup_vector(c: Config):
@@ -586,7 +606,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size):
 
 
 def gated_delta_rule_states(q, k, v, g, beta, state):
-    """The same rule for a few tokens at once, keeping the state after every token, in a number of operations that
+    """The same rule for a few tokens at once, with the state after every token, in a number of operations that
     does not grow with T (the algebra inside one chunk of gated_delta_rule_chunked, written for a verify pass).
 
     Same inputs as gated_delta_rule_recurrent. With c_t = g_1 + ... + g_t and S_0 = state, the rule unrolls to
@@ -595,22 +615,19 @@ def gated_delta_rule_states(q, k, v, g, beta, state):
     where u_j = beta_j (v_j - S'^T k_j) is the error of what the decayed memory predicts, which depends on the earlier
     writes; so the u_t solve one unit lower-triangular system:
         u_t + sum_{j<t} beta_t exp(c_t - c_j) (k_t . k_j) u_j = beta_t (v_t - exp(c_t) S_0^T k_t)
-    Returns o: (b, T, H, dv) and states: (T, b, H, dk, dv), states[t] the state after token t (as
-    gated_delta_rule_recurrent's list). Memory grows as T * H*dk*dv and work as T^2: prefill uses the chunked form.
+    Returns o: (b, T, H, dv) and states: StatesAfterEachToken, states[t] (b, H, dk, dv) the state after token t (as
+    gated_delta_rule_recurrent's list). Work grows as T^2: prefill uses the chunked form.
     """
-    T = q.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))                               # (b, H, T, dk|dv)
     g, beta = g.transpose(1, 2), beta.transpose(1, 2)[..., None]                   # (b, H, T), (b, H, T, 1)
     decay = torch.exp(segsum(g))                                   # (b, H, T, T): [t, j] = exp(c_t - c_j), 0 if j > t
-    from_start = torch.exp(g.cumsum(dim=-1))[..., None]                            # (b, H, T, 1): exp(c_t)
+    from_start = torch.exp(g.cumsum(dim=-1))                                        # (b, H, T): exp(c_t)
     M = (beta * k) @ k.transpose(-1, -2) * decay                          # (b, H, T, T), used below the diagonal
     # (I + the part of M below the diagonal) u = rhs: unitriangular, solve_triangular reads only below the diagonal
-    u = torch.linalg.solve_triangular(M, beta * (v - from_start * (k @ state)), upper=False, unitriangular=True)
-    weighted = torch.einsum("bhtj,bhjk->bhtkj", decay, k)                          # (b, H, T, dk, T): decay[t, j] k_j
-    states = (weighted.flatten(2, 3) @ u).unflatten(2, (T, k.shape[-1]))           # (b, H, T, dk, dv): sum over j
-    states.addcmul_(from_start[..., None], state[:, :, None])                      # + exp(c_t) S_0
-    o = (q @ k.transpose(-1, -2) * decay) @ u + from_start * (q @ state)           # (b, H, T, dv)
-    return o.transpose(1, 2), states.movedim(2, 0)
+    rhs = beta * (v - from_start[..., None] * (k @ state))                         # (b, H, T, dv)
+    u = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)     # (b, H, T, dv)
+    o = (q @ k.transpose(-1, -2) * decay) @ u + from_start[..., None] * (q @ state)   # (b, H, T, dv)
+    return o.transpose(1, 2), StatesAfterEachToken(state, from_start, decay, k, u)
 
 
 class GatedDeltaNet(nn.Module):
@@ -675,8 +692,8 @@ class GatedDeltaNet(nn.Module):
 @dataclass
 class Recorded:
     """The recurrent states after every position of a recording pass (see Model.forward(record_states=True))."""
-    conv_inputs: torch.Tensor   # (B, K-1+T, C): the conv window before the pass, then the T new inputs
-    states: torch.Tensor        # (T, ...): states[t] is the recurrent state after token t of the pass
+    conv_inputs: torch.Tensor         # (B, K-1+T, C): the conv window before the pass, then the T new inputs
+    states: StatesAfterEachToken      # states[t] is the recurrent state after token t of the pass
 
 
 @dataclass

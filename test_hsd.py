@@ -1654,11 +1654,11 @@ EXERCISES = [
         ["test_ssd_states_equal_recurrent", "test_recorded_states_equal_one_token_at_a_time",
          *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-falcon-h1-layerskip-k8-1-token")],
         [("the start state is left out of the states", "models.py",
-          "    states.addcmul_(from_start[..., None], state[:, :, None])"
-          "                      # + exp(a_1 + ... + a_t) s_0\n", ""),
+          "StatesAfterEachToken(state, from_start, decay, x_dt, B)",
+          "StatesAfterEachToken(torch.zeros_like(state), from_start, decay, x_dt, B)"),
          ("the decay from the start leaves out the token's own", "models.py",
-          "    from_start = torch.exp(a.cumsum(dim=-1))[..., None]",
-          "    from_start = torch.exp(a.cumsum(dim=-1) - a)[..., None]")]),
+          "    from_start = torch.exp(a.cumsum(dim=-1))",
+          "    from_start = torch.exp(a.cumsum(dim=-1) - a)")]),
     Exercise(
         "delta-rule-verify-states", ["models.gated_delta_rule_states"],
         "(advanced) the gated delta rule's state after every token of a verify pass in a few batched operations: "
@@ -1668,9 +1668,9 @@ EXERCISES = [
         ["test_gated_delta_rule_states_equal_recurrent", "test_recorded_states_equal_one_token_at_a_time",
          *exercise_lossless("tiny-qwen3.5-component-k3-12-token", "tiny-qwen3.5-layerskip-k8-1-token")],
         [("the start memory's prediction is not subtracted", "models.py",
-          "beta * (v - from_start * (k @ state))", "beta * v"),
+          "beta * (v - from_start[..., None] * (k @ state))", "beta * v"),
          ("the triangular system without its unit diagonal", "models.py",
-          "upper=False, unitriangular=True)\n    weighted", "upper=False, unitriangular=False)\n    weighted")]),
+          "M, rhs, upper=False, unitriangular=True)", "M, rhs, upper=False, unitriangular=False)")]),
     Exercise(
         "snapshot-restore", ["hsd.snapshot", "hsd.restore"],
         "the snapshot before drafting and the restore after it: drafting must leave no trace, and because no state "
