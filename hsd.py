@@ -71,8 +71,9 @@ def restore(cache, snap):
 
 def commit(cache, start, n):
     """Keep the state after the first n tokens fed by the recording pass that started at position start.
-    A recurrent state cannot be truncated, but the verify pass recorded every position's state, so we pick one:
-    the conv window after token n-1 is the K-1 inputs ending there, the recurrent state is states[n-1].
+    A recurrent state cannot be truncated, but the verify pass recorded every position's state (each one computed
+    when indexed), so we pick one: the conv window after token n-1 is the K-1 inputs ending there, the recurrent
+    state is states[n-1].
     The KV caches are rolled back by length: entries beyond it are overwritten later."""
     cache.length = start + n
     for state in cache.layers:
