@@ -222,23 +222,44 @@ class Records:
 
     def __init__(self, path, header):
         self.path, self.saved, self.resumed = path, {}, False
-        if path and os.path.exists(path):
-            with open(path, "rb") as f:
-                data = f.read()
-            complete = data[:data.rfind(b"\n") + 1]                  # a crash can leave half a line: drop it
-            lines = [json.loads(line) for line in complete.decode().splitlines()]
-            saved_header = lines[0].get("header", {}) if lines else {}
+        lines = self.read() if path and os.path.exists(path) else []
+        if lines:
+            saved_header = lines[0]["header"]
             if saved_header != header:
                 different = [f"{key} {saved_header.get(key)!r} there, {value!r} now" for key, value in header.items()
                              if saved_header.get(key) != value]
-                raise models.UsageError(f"{path} holds another run ({'; '.join(different) or 'no header'}): give "
-                                        "another --out file, or the options of that run to resume it")
+                raise models.UsageError(f"{path} holds another run ({'; '.join(different)}): give another --out "
+                                        "file, or the options of that run to resume it")
             self.saved = {(r["phase"], r["index"]): r["result"] for r in lines[1:]}
             self.resumed = bool(self.saved)
-            with open(path, "r+b") as f:
-                f.truncate(len(complete))
-        elif path:
+            self.drop_half_line()
+        elif path:                                   # a new file, or one cut off before its header was complete
+            try:
+                open(path, "w").close()
+            except OSError as e:
+                raise models.UsageError(f"cannot write --out {path}: {e.strerror}") from None
             self.write({"header": header})
+
+    def read(self):
+        """The complete lines of the file at self.path, checked to be a header and records."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        try:
+            lines = [json.loads(line) for line in data[:data.rfind(b"\n") + 1].decode().splitlines()]
+            if not lines and data and not data.startswith(b'{"header"'):
+                raise ValueError("neither empty nor the start of a header")
+            if lines and not (isinstance(lines[0], dict) and isinstance(lines[0].get("header"), dict)
+                              and all({"phase", "index", "result"} <= r.keys() for r in lines[1:])):
+                raise ValueError("not a header and records")
+        except (ValueError, AttributeError):        # not UTF-8, not JSON, or JSON of another shape
+            raise models.UsageError(f"{self.path} is not a results file of hsd --eval: give another --out file") from None
+        return lines
+
+    def drop_half_line(self):
+        """A crash can leave half a line at the end: cut it off, so that the next record starts a line."""
+        with open(self.path, "r+b") as f:
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
 
     def write(self, line):
         with open(self.path, "a", encoding="utf-8") as f:
@@ -327,11 +348,14 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
 
     paper = PAPER.get(model_name, {})
     todo = {phase: [items[i] for i in records.missing(phase, len(items))] for phase, items in inputs.items()}
-    estimate = estimate_seconds({**times[L0], "context": L0}, todo, skips, new_tokens,
-                                lambda d, k: k * paper.get(d, {}).get("greedy", {}).get(k, (0.0,))[0])
+
+    def accepted_per_round(draft, k):                     # the paper's greedy alpha where it has one, else 0
+        return k * paper.get(draft, {}).get("greedy", {}).get(k, (0.0,))[0]
+    estimate = estimate_seconds({**times[L0], "context": L0}, todo, skips, new_tokens, accepted_per_round)
     print(f"hsd: estimate {duration(sum(estimate.values()))} on this machine ("
           + ", ".join(f"{phase} {duration(s)}" for phase, s in estimate.items())
-          + (", speed at the paper's acceptance" if paper else ", speed assuming no draft is accepted: at most")
+          + (", speed at the paper's acceptance, none where it has no value" if paper
+             else ", speed assuming no draft is accepted: at most")
           + ("; what is saved is not measured again)" if records.resumed else ")"),
           file=sys.stderr, flush=True)
 
@@ -367,12 +391,12 @@ def summarize(model, inputs, skips, records, contexts, times, temperature):
               "speed_prompts": len(speed), "temperature": temperature, "contexts": contexts, "step_seconds": times,
               "perplexity_full": math.exp(min(ppl["full"] / tokens, 20)), "drafts": {}}
     for draft in skips:
-        positions = max(1, sum(x[draft]["positions"] for x in texts))
+        positions = sum(x[draft]["positions"] for x in texts)                 # 0 if no line is long enough
         perplexity = math.exp(min(ppl[draft] / tokens, 20))
         d = result["drafts"][draft] = {
-            "tvd": sum(x[draft]["tvd"] for x in texts) / positions,
-            "top1_agreement": sum(x[draft]["top1"] for x in texts) / positions,
-            "kl": sum(x[draft]["kl"] for x in texts) / positions,
+            "tvd": sum(x[draft]["tvd"] for x in texts) / positions if positions else None,
+            "top1_agreement": sum(x[draft]["top1"] for x in texts) / positions if positions else None,
+            "kl": sum(x[draft]["kl"] for x in texts) / positions if positions else None,
             "perplexity": perplexity, "perplexity_ratio": perplexity / result["perplexity_full"],
             "c": times[contexts[0]][draft] / times[contexts[0]]["full"], "k": {}}
         for k in KS:     # a round of k drafts is a prefix of a round of max(KS): its first k drafts, judged the same way
@@ -389,7 +413,7 @@ def summarize(model, inputs, skips, records, contexts, times, temperature):
             row["v"] = times[contexts[0]][k] / times[contexts[0]]["full"]
             row["predicted_speedup"] = predicted_speedup(a, k, d["c"], row["v"]) if a is not None else None
             row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate if runs else None
-            row["break_even_context"] = break_even(times, draft, k, a, c.max_position_embeddings) if runs else None
+            row["break_even_context"] = break_even(times, draft, k, a, c.max_position_embeddings) if a is not None else None
     return result
 
 
@@ -414,17 +438,20 @@ def run(args, model, tokenizer):
               "prompts": len(inputs["alpha"]), "speed_prompts": len(inputs["speed"]),
               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "device": args.device,
               "temperature": temperature, "seed": seed}
+    plot_folder = os.path.dirname(os.path.abspath(args.plot)) if args.plot else None
+    if plot_folder and not (os.path.isdir(plot_folder) and os.access(plot_folder, os.W_OK)):
+        raise models.UsageError(f"cannot write --plot {args.plot}: {plot_folder} is not a folder this user can write to")
     records = Records(args.out, header)
     try:
         contexts, times = measure(model, args.model, inputs, skips, records, args.max_new_tokens, temperature, seed)
+        result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature),
+                  "seed": seed, "paper": PAPER.get(args.model, {})}
     except KeyboardInterrupt:
         if not args.out:
             raise KeyboardInterrupt("nothing was saved (--out FILE keeps results as they come)") from None
         saved = ", ".join(f"{phase} {len(items) - len(records.missing(phase, len(items)))} of {len(items)}"
                           for phase, items in inputs.items())
         raise KeyboardInterrupt(f"saved in {args.out} ({saved}): run the same command again to resume") from None
-    result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature),
-              "seed": seed, "paper": PAPER.get(args.model, {})}
     print(*eval_table(args.model, result), sep="\n")
     if args.plot:
         with open(args.plot, "w", encoding="utf-8") as f:
@@ -464,7 +491,8 @@ def eval_table(name, r):
                    f"{d['c']:6.2f} {row['v']:6.2f} {number(row['predicted_speedup'], '9.2f')}x "
                    f"{number(row['measured_speedup'], '8.2f')}x {number(row['break_even_context'], '>11')}")
         hist = ", ".join(f"k={k} {x['histogram_shared']} / {x['histogram_independent']}" for k, x in d["k"].items())
-        yield (f"{draft:11} TVD {d['tvd']:.3f}, top-1 agreement {d['top1_agreement']:.3f}, KL {d['kl']:.3f}, perplexity "
+        yield (f"{draft:11} TVD {number(d['tvd'], '.3f')}, top-1 agreement {number(d['top1_agreement'], '.3f')}, KL "
+               f"{number(d['kl'], '.3f')}, perplexity "
                f"{d['perplexity']:.2f} ({d['perplexity_ratio']:.2f}x); greedy accepted 0..k, shared / independent: {hist}")
 
 

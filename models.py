@@ -6,9 +6,10 @@ Three model families, one building kit:
   Qwen2.5     a plain Transformer (the control)
 
 Read top to bottom: config, linear layers, norms and rotary embedding, attention, MLP, the causal convolution,
-Mamba-2 (its scan in recurrent and chunked form), Gated DeltaNet (likewise), the per-layer state, the two kinds of
-decoder layer, the model, the built-in tiny models, then loading. Every formula follows transformers 5.23 (the
-official implementation) as described in ARCHITECTURE.md of this project's reference notes; the tests compare
+Mamba-2 (its scan for one token, over T tokens one by one, in chunks for prefill, and batched for a verify pass,
+whose states after each token are a StatesAfterEachToken), Gated DeltaNet (likewise), the per-layer state, the two
+kinds of decoder layer, the model, the built-in tiny models, then loading. Every formula follows transformers 5.23
+(the official implementation) as described in ARCHITECTURE.md of this project's reference notes; the tests compare
 logits with it.
 
 Letters used in shape comments:
@@ -440,7 +441,7 @@ class StatesAfterEachToken:
         return self.decay.shape[-1]
 
     def __getitem__(self, t):
-        t = range(len(self))[t]                                                 # IndexError past the end
+        t = range(len(self))[t]                          # a negative t counts from the end; IndexError past it
         weighted = self.left * self.decay[..., t, :, None]                      # (b, H, T, P): decay[t, j] left_j
         writes = weighted.transpose(-1, -2) @ self.right                         # (b, H, P, N): sum over j <= t
         return writes + self.from_start[..., t, None, None] * self.start
@@ -448,14 +449,15 @@ class StatesAfterEachToken:
 
 def ssd_states(x, dt, A, B, C, state):
     """The same recurrence for a few tokens at once, with the state after every token, in a number of operations
-    that does not grow with T (the state space duality, written for the few tokens of a verify pass).
+    that does not grow with T (the state space duality, written for the few tokens of a verify pass; the arithmetic
+    grows as T^2, which for a verify pass's few tokens is little).
 
     Same inputs as ssd_recurrent. With a_t = dt_t * A, unrolling the recurrence from s_0 = state gives
         s_t = exp(a_1 + ... + a_t) s_0 + sum_{s<=t} exp(a_{s+1} + ... + a_t) dt_s x_s B_s^T
         y_t = s_t C_t = exp(a_1 + ... + a_t) s_0 C_t + sum_{s<=t} exp(a_{s+1} + ... + a_t) (C_t . B_s) dt_s x_s
     (y in its second, attention-like form reads s_0 once instead of all T states).
     Returns y: (b, T, H, P) (without the D skip) and states: StatesAfterEachToken, states[t] (b, H, P, N) the state
-    after token t (as ssd_recurrent's list). Work grows as T^2: prefill uses ssd_chunked.
+    after token t (as ssd_recurrent's list). For many tokens prefill uses ssd_chunked.
     """
     x_dt, B, C = (dt[..., None] * x).transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)   # (b, H, T, P|N)
     a = (dt * A).transpose(1, 2)                                                    # (b, H, T) log decay per token
@@ -607,7 +609,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size):
 
 def gated_delta_rule_states(q, k, v, g, beta, state):
     """The same rule for a few tokens at once, with the state after every token, in a number of operations that
-    does not grow with T (the algebra inside one chunk of gated_delta_rule_chunked, written for a verify pass).
+    does not grow with T (the algebra inside one chunk of gated_delta_rule_chunked, written for a verify pass; the
+    arithmetic grows as T^2).
 
     Same inputs as gated_delta_rule_recurrent. With c_t = g_1 + ... + g_t and S_0 = state, the rule unrolls to
         S_t = exp(c_t) S_0 + sum_{j<=t} exp(c_t - c_j) k_j u_j^T          u_j: the value token j writes
@@ -616,9 +619,9 @@ def gated_delta_rule_states(q, k, v, g, beta, state):
     writes; so the u_t solve one unit lower-triangular system:
         u_t + sum_{j<t} beta_t exp(c_t - c_j) (k_t . k_j) u_j = beta_t (v_t - exp(c_t) S_0^T k_t)
     Returns o: (b, T, H, dv) and states: StatesAfterEachToken, states[t] (b, H, dk, dv) the state after token t (as
-    gated_delta_rule_recurrent's list). Work grows as T^2: prefill uses the chunked form.
+    gated_delta_rule_recurrent's list). For many tokens prefill uses the chunked form.
     """
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                               # (b, H, T, dk|dv)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                               # (b, H, T, dk|dv)
     g, beta = g.transpose(1, 2), beta.transpose(1, 2)[..., None]                   # (b, H, T), (b, H, T, 1)
     decay = torch.exp(segsum(g))                                   # (b, H, T, T): [t, j] = exp(c_t - c_j), 0 if j > t
     from_start = torch.exp(g.cumsum(dim=-1))                                        # (b, H, T): exp(c_t)
@@ -834,8 +837,9 @@ class Model(nn.Module):
 
         cache: a Cache to continue from and advance (positions start at cache.length), or None for a fresh sequence.
         skip: a Skip describing the parts left out (a draft), or None for the full model.
-        record_states: use the recurrent scans and keep, in each recurrent layer's state.recorded, the state after
-        every position, so that a caller can keep the state after any prefix of input_ids (speculative decoding).
+        record_states: use the verify pass's batched forms (ssd_states, gated_delta_rule_states) and keep, in each
+        recurrent layer's state.recorded, the state after every position (a StatesAfterEachToken, each computed
+        when indexed), so that a caller can keep the state after any prefix of input_ids (speculative decoding).
         """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")

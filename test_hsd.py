@@ -1213,6 +1213,44 @@ def test_records_resume_and_refuse_another_run(tmp_path):
         hsd_eval.Records(path, {"model": "m", "prompts": 4})
 
 
+
+def test_records_file_that_is_not_a_results_file(tmp_path):
+    """An --out file that is not hsd's is refused, never overwritten; one cut off before its header starts afresh."""
+    for content in (b"no results here\n", b"[1, 2]\n", b'{"header": {}}\n{"phase": 1}\n', b"\xff\xfe\n", b"notes"):
+        path = tmp_path / "other.txt"
+        path.write_bytes(content)
+        with pytest.raises(models.UsageError, match="is not a results file of hsd --eval"):
+            hsd_eval.Records(str(path), {"model": "m"})
+        assert path.read_bytes() == content
+    for content in (b"", b'{"header": {"mod'):
+        path = tmp_path / "cut.jsonl"
+        path.write_bytes(content)
+        records = hsd_eval.Records(str(path), {"model": "m"})
+        assert not records.resumed and path.read_text() == '{"header": {"model": "m"}}\n'
+    with pytest.raises(models.UsageError, match="cannot write --out"):
+        hsd_eval.Records(str(tmp_path / "no such folder" / "run.jsonl"), {"model": "m"})
+
+
+def test_eval_refuses_a_plot_it_could_not_write_before_measuring(tmp_path):
+    result = run_cli("--model", "tiny-falcon-h1", "--eval", "--plot", str(tmp_path / "no such folder" / "a.svg"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot write --plot" in result.stderr
+    assert "estimate" not in result.stderr                                     # refused before measuring
+
+
+def test_eval_with_one_new_token_and_no_divergence_text(tmp_path, capsys):
+    """One new token leaves no round to speculate (no acceptance, no speedup, no break-even), and a text without a
+    line over 200 characters leaves divergence without positions: both print "-", not a traceback or a zero."""
+    text = tmp_path / "short.txt"
+    text.write_text("\n".join(line[:190] for line in hsd_eval.TINY_TEXT))
+    assert hsd.main(["--model", "tiny-falcon-h1", "--eval", "--text", str(text), "--prompts", "2", "--speed-prompts",
+                     "1", "--max-new-tokens", "1", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads(out[-1])
+    d = result["drafts"]["component"]
+    assert result["divergence_texts"] == 0 and d["tvd"] is None and d["kl"] is None
+    assert d["k"]["2"]["predicted_speedup"] is None and d["k"]["2"]["break_even_context"] is None
+    assert any(line.startswith("component   TVD -, top-1 agreement -, KL -") for line in out)
+
 EVAL_ARGS = ["--model", "tiny-falcon-h1", "--eval", "--prompts", "3", "--speed-prompts", "1", "--max-new-tokens", "4"]
 
 
