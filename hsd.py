@@ -138,15 +138,15 @@ def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator
     drafts and the next token, which becomes the new pending token."""
     snap = snapshot(cache)                                                                     # 1
     if temperature == 0:
-        drafts = draft_tokens(model, cache, pending, skip, k)                                  # 2
+        drafts = draft_tokens(model, cache, pending, skip, k)                                  # 2 (greedy)
     else:
-        drafts, q = draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator)
+        drafts, q = draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator)  # 2 (sampling)
     restore(cache, snap)                                                                       # 3
     logits = verify(model, cache, pending, drafts)                                             # 4
     if temperature == 0:
-        n, next_token = accept(drafts, logits)                                                 # 5
+        n, next_token = accept(drafts, logits)                                                 # 5 (greedy)
     else:
-        n, next_token = accept_sampled(drafts, q, logits, temperature, generator)
+        n, next_token = accept_sampled(drafts, q, logits, temperature, generator)             # 5 (sampling)
     commit(cache, snap.length, n + 1)                                  # 6: the pending token and the n accepted drafts
     return drafts, n, next_token
 
