@@ -222,7 +222,7 @@ class Records:
 
     def __init__(self, path, header):
         self.path, self.saved, self.resumed = path, {}, False
-        lines = self.read() if path and os.path.exists(path) else []
+        lines, complete = self.read() if path and os.path.exists(path) else ([], 0)
         if lines:
             saved_header = lines[0]["header"]
             if saved_header != header:
@@ -232,7 +232,8 @@ class Records:
                                         "file, or the options of that run to resume it")
             self.saved = {(r["phase"], r["index"]): r["result"] for r in lines[1:]}
             self.resumed = bool(self.saved)
-            self.drop_half_line()
+            with open(path, "r+b") as f:              # a crash can leave half a line at the end: cut it off
+                f.truncate(complete)
         elif path:                                   # a new file, or one cut off before its header was complete
             try:
                 open(path, "w").close()
@@ -241,11 +242,13 @@ class Records:
             self.write({"header": header})
 
     def read(self):
-        """The complete lines of the file at self.path, checked to be a header and records."""
+        """The complete lines of the file at self.path, checked to be a header and records, and their length in
+        bytes (all but a half line a crash can leave at the end)."""
         with open(self.path, "rb") as f:
             data = f.read()
+        complete = data.rfind(b"\n") + 1
         try:
-            lines = [json.loads(line) for line in data[:data.rfind(b"\n") + 1].decode().splitlines()]
+            lines = [json.loads(line) for line in data[:complete].decode().splitlines()]
             if not lines and data and not data.startswith(b'{"header"'):
                 raise ValueError("neither empty nor the start of a header")
             if lines and not (isinstance(lines[0], dict) and isinstance(lines[0].get("header"), dict)
@@ -253,13 +256,7 @@ class Records:
                 raise ValueError("not a header and records")
         except (ValueError, AttributeError):        # not UTF-8, not JSON, or JSON of another shape
             raise models.UsageError(f"{self.path} is not a results file of hsd --eval: give another --out file") from None
-        return lines
-
-    def drop_half_line(self):
-        """A crash can leave half a line at the end: cut it off, so that the next record starts a line."""
-        with open(self.path, "r+b") as f:
-            data = f.read()
-            f.truncate(data.rfind(b"\n") + 1)
+        return lines, complete
 
     def write(self, line):
         with open(self.path, "a", encoding="utf-8") as f:
