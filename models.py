@@ -9,8 +9,7 @@ Read top to bottom: config, linear layers, norms and rotary embedding, attention
 Mamba-2 (its scan for one token, over T tokens one by one, in chunks for prefill, and batched for a verify pass,
 whose states after each token are a StatesAfterEachToken), Gated DeltaNet (likewise), the per-layer state, the two
 kinds of decoder layer, the model, the built-in tiny models, then loading. Every formula follows transformers 5.23
-(the official implementation) as described in ARCHITECTURE.md of this project's reference notes; the tests compare
-logits with it.
+(the official implementation); the tests compare logits with it, and README, "What was verified", says how.
 
 Letters used in shape comments:
   B batch, T tokens in this call, S tokens already in the cache, D hidden size, V vocabulary,
@@ -27,6 +26,7 @@ import glob
 import json
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -441,10 +441,27 @@ class StatesAfterEachToken:
         return self.decay.shape[-1]
 
     def __getitem__(self, t):
+        """states[t] = from_start[t] s_0 + sum_{j<=t} decay[t, j] left_j right_j^T: (b, H, P, N)."""
         t = range(len(self))[t]                          # a negative t counts from the end; IndexError past it
         weighted = self.left * self.decay[..., t, :, None]                      # (b, H, T, P): decay[t, j] left_j
         writes = weighted.transpose(-1, -2) @ self.right                         # (b, H, P, N): sum over j <= t
         return writes + self.from_start[..., t, None, None] * self.start
+
+    def __repr__(self):
+        return (f"StatesAfterEachToken({len(self)} tokens, each state {tuple(self.start.shape)}, computed when "
+                "indexed: states[t] = from_start[t] s_0 + sum_{j<=t} decay[t, j] left_j right_j^T)")
+
+
+@dataclass
+class Recorded:
+    """What a recurrent layer records in a verify pass (record=True), for commit to keep the state after any prefix:
+    conv_inputs (B, K-1+T, C), the conv window before the pass then the T new inputs (the window after token t is
+    conv_inputs[:, t+1 : t+K]); states, the recurrent state after each token (states[t])."""
+    conv_inputs: torch.Tensor
+    states: StatesAfterEachToken
+
+    def __repr__(self):
+        return f"Recorded(conv_inputs {tuple(self.conv_inputs.shape)}, {self.states!r})"
 
 
 def ssd_states(x, dt, A, B, C, state):
@@ -498,7 +515,8 @@ class Mamba2Mixer(nn.Module):
         self.register_buffer("mup_vector", mup_vector(c), persistent=False)   # in the model's dtype, as transformers'
 
     def forward(self, u, state=None, record=False):
-        """u (B, T, D) -> (B, T, D). With a state, start from it and advance it (see Cache)."""
+        """u (B, T, D) -> (y (B, T, D), recorded). With a state, start from it and advance it (see Cache). record (a
+        verify pass): use the batched form, and recorded is a Recorded (the state after every token); else None."""
         c, (Bsz, T, _) = self.c, u.shape
         H, P, N, G, Z, GN = c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, c.mamba_n_groups, self.Z, self.GN
         p = self.in_proj(scaled(u, c.ssm_in_multiplier)) * self.mup_vector  # (B, T, 2Z + 2GN + H)
@@ -522,9 +540,9 @@ class Mamba2Mixer(nn.Module):
             final = states[-1]
         elif T == 1:                # decoding: one step of the recurrence
             y, final = ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], s0)
-            y, states = y[:, None], None
+            y = y[:, None]
         else:
-            (y, final), states = ssd_chunked(x, dt, A, Bm, Cm, s0, c.mamba_chunk_size), None
+            y, final = ssd_chunked(x, dt, A, Bm, Cm, s0, c.mamba_chunk_size)
         y = y + x * self.D.to(f32)[:, None]                                       # D skip, per head
         y = y.reshape(Bsz, T, Z) * F.silu(z.to(f32) if c.mamba_rms_norm else z)  # gate (silu in fp32 before the norm)
         if c.mamba_rms_norm:                                                      # grouped RMSNorm, after the gate
@@ -532,8 +550,8 @@ class Mamba2Mixer(nn.Module):
             y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
             y = (self.norm.weight.to(f32) * y.reshape(Bsz, T, Z))
         if state is not None:
-            state.advance(conv_inputs, final, states if record else None)
-        return self.out_proj(y.to(u.dtype))
+            state.advance(conv_inputs, final, record)
+        return self.out_proj(y.to(u.dtype)), Recorded(conv_inputs, states) if record else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -653,7 +671,7 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(Hv * dv, D, bias=False)
 
     def forward(self, u, state=None, record=False):
-        """u (B, T, D) -> (B, T, D). With a state, start from it and advance it (see Cache)."""
+        """u (B, T, D) -> (o (B, T, D), recorded), as Mamba2Mixer.forward."""
         c, (Bsz, T, _) = self.c, u.shape
         Hk, Hv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
         qkv = self.in_proj_qkv(u)                                            # (B, T, 2*Hk*dk + Hv*dv)
@@ -680,24 +698,17 @@ class GatedDeltaNet(nn.Module):
             final = states[-1]
         elif T == 1:                # decoding: one step of the rule
             o, final = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0)
-            o, states = o[:, None], None
+            o = o[:, None]
         else:
-            (o, final), states = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size), None
+            o, final = gated_delta_rule_chunked(q, k, v, g, beta, s0, c.linear_chunk_size)
         o = (self.norm(o.to(u.dtype)) * F.silu(z.to(f32))).to(u.dtype)      # (B, T, Hv, dv)
         if state is not None:
-            state.advance(conv_inputs, final, states if record else None)
-        return self.out_proj(o.reshape(Bsz, T, Hv * dv))
+            state.advance(conv_inputs, final, record)
+        return self.out_proj(o.reshape(Bsz, T, Hv * dv)), Recorded(conv_inputs, states) if record else None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # State carried between calls
-
-@dataclass
-class Recorded:
-    """The recurrent states after every position of a recording pass (see Model.forward(record_states=True))."""
-    conv_inputs: torch.Tensor         # (B, K-1+T, C): the conv window before the pass, then the T new inputs
-    states: StatesAfterEachToken      # states[t] is the recurrent state after token t of the pass
-
 
 @dataclass
 class LayerState:
@@ -711,18 +722,37 @@ class LayerState:
     values: torch.Tensor | None = None
     conv: torch.Tensor | None = None
     ssm: torch.Tensor | None = None
-    recorded: Recorded | None = None
 
-    def advance(self, conv_inputs, final, states=None):
+    def advance(self, conv_inputs, final, recording=False):
         """After a recurrent layer's call: conv_inputs (B, K-1+T, C) all conv inputs seen, final the state after the
-        last token; states, from a recording pass, the state after every token. New tensors replace the old ones."""
+        last token. New tensors replace the old ones."""
         window = conv_inputs[:, -self.conv.shape[1]:]                    # the last K-1 inputs
         # a view of conv_inputs, except after a prefill, where it would keep all T inputs alive (after one token it
-        # keeps one input more; after a recording pass, recorded keeps them all anyway)
-        prefill = states is None and conv_inputs.shape[1] > window.shape[1] + 1
+        # keeps one input more; after a recording pass, its Recorded keeps them all anyway)
+        prefill = not recording and conv_inputs.shape[1] > window.shape[1] + 1
         self.conv = window.clone() if prefill else window
         self.ssm = final
-        self.recorded = Recorded(conv_inputs, states) if states is not None else None
+
+    def __repr__(self):
+        return f"LayerState({describe(self)})"
+
+
+def describe(state):
+    """What a LayerState holds, in words and shapes: "KV (1, 2, 40, 16)", "conv (1, 3, 128), state (1, 4, 16, 16)"."""
+    parts = [f"KV {tuple(state.keys.shape)}"] if state.keys is not None else []
+    parts += [f"conv {tuple(state.conv.shape)}, state {tuple(state.ssm.shape)}"] if state.ssm is not None else []
+    return ", ".join(parts) or "nothing"
+
+
+def layer_ranges(layers):
+    """Layer indices as short ranges: [0, 1, 2, 4, 5, 6] -> "0-2, 4-6"."""
+    runs = []
+    for i in layers:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 class Cache:
@@ -750,6 +780,13 @@ class Cache:
                                     c.linear_value_head_dim, dtype=f32)
             self.layers.append(s)
 
+    def __repr__(self):
+        kinds = {}                                              # layers grouped by what they hold
+        for i, state in enumerate(self.layers):
+            kinds.setdefault(describe(state), []).append(i)
+        return (f"Cache(length {self.length} of {self.max_len}; " +
+                "; ".join(f"layers {layer_ranges(i)}: {kind}" for kind, i in kinds.items()) + ")")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Decoder layers and the model
@@ -767,14 +804,16 @@ class ParallelHybridLayer(nn.Module):
         self.feed_forward = MLP(c)
 
     def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
+        """h (B, T, D) -> (h, recorded): recorded, the Mamba-2 branch's Recorded (record=True), else None."""
         c = self.c
         u = self.input_layernorm(h)
-        mixed = scaled(self.mamba(u, state, record), c.ssm_out_multiplier)
+        mamba, recorded = self.mamba(u, state, record)
+        mixed = scaled(mamba, c.ssm_out_multiplier)
         if not skip_attention:          # a draft that drops the attention branch adds nothing here
             attention = self.self_attn(scaled(u, c.attention_in_multiplier), rope, mask, state, start)
             mixed = mixed + scaled(attention, c.attention_out_multiplier)
         h = h + mixed
-        return h + self.feed_forward(self.pre_ff_layernorm(h))
+        return h + self.feed_forward(self.pre_ff_layernorm(h)), recorded
 
 
 class SequentialLayer(nn.Module):
@@ -792,12 +831,55 @@ class SequentialLayer(nn.Module):
         self.mlp = MLP(c)
 
     def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
+        """h (B, T, D) -> (h, recorded): recorded, the Gated DeltaNet's Recorded (record=True), else None."""
         u = self.input_layernorm(h)
+        recorded = None
         if hasattr(self, "linear_attn"):
-            h = h + self.linear_attn(u, state, record)
+            mixed, recorded = self.linear_attn(u, state, record)
+            h = h + mixed
         elif not skip_attention:
             h = h + self.self_attn(u, rope, mask, state, start)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h)), recorded
+
+
+def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
+    """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
+    drafting k tokens a round, at a temperature; nothing if all is well."""
+    if k < 1:
+        raise UsageError(f"k must be at least 1 (got {k})")
+    if temperature < 0:
+        raise UsageError(f"the temperature must be at least 0 (got {temperature})")
+    if not prompt:
+        raise UsageError("the prompt is empty: give at least one token")
+    if not all(0 <= t < config.vocab_size for t in prompt):
+        raise UsageError(f"token ids must lie in 0..{config.vocab_size - 1}")
+    if new_tokens < 0:
+        raise UsageError(f"the number of new tokens must be at least 0 (got {new_tokens})")
+    if len(prompt) + new_tokens > config.max_position_embeddings:
+        raise UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}")
+
+
+def clock(device):
+    """time.perf_counter(), after waiting for the GPU's queued work if there is a GPU: timings of model calls."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.inference_mode()
+def logit_margin(model, ids, a, b):
+    """(how far the model's logit of token a lies above b's after the token ids, the std of those logits)."""
+    logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].float()
+    return (logits[a] - logits[b]).item(), logits.std().item()
+
+
+@torch.inference_mode()
+def warm_up(model, k):
+    """A decoding step and a recording pass of k+1 tokens on a scratch cache: a process's first calls are slow
+    (memory, kernel selection), and timings should show what decoding costs."""
+    cache = Cache(model, k + 2)
+    model(torch.zeros(1, k + 1, dtype=torch.long, device=cache.device), cache, record_states=True)
+    model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
 
 
 @dataclass(frozen=True)
@@ -837,9 +919,10 @@ class Model(nn.Module):
 
         cache: a Cache to continue from and advance (positions start at cache.length), or None for a fresh sequence.
         skip: a Skip describing the parts left out (a draft), or None for the full model.
-        record_states: use the verify pass's batched forms (ssd_states, gated_delta_rule_states) and keep, in each
-        recurrent layer's state.recorded, the state after every position (a StatesAfterEachToken, each computed
-        when indexed), so that a caller can keep the state after any prefix of input_ids (speculative decoding).
+        record_states: use the verify pass's batched forms (ssd_states, gated_delta_rule_states) and return, with h,
+        what they recorded: (h, recorded), recorded[i] layer i's Recorded (the state after every position, each
+        computed when indexed), None for attention layers and layers left out, so that a caller can keep the state
+        after any prefix of input_ids (speculative decoding: hsd.commit).
         """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
@@ -847,29 +930,32 @@ class Model(nn.Module):
         start, T = (cache.length if cache is not None else 0), input_ids.shape[1]
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"the cache holds {cache.max_len} positions; {start + T} do not fit: make a larger Cache")
-        if cache is not None and record_states:
-            for state in cache.layers:
-                state.recorded = None               # layers left out by skip record nothing
         positions = torch.arange(start, start + T, device=input_ids.device)
         h = scaled(self.model.embed_tokens(input_ids), c.embedding_multiplier)  # (B, T, D)
         rope = rope_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)     # for every attention layer, once
         mask = causal_mask(start, T, h.dtype, h.device)
+        recorded = [None] * c.num_layers
         for i, layer in enumerate(self.model.layers):
             if i in skip.layers:
                 continue
             state = cache.layers[i] if cache is not None else None
-            h = layer(h, rope, mask, state, start, skip_attention=i in skip.attention, record=record_states)
+            h, recorded[i] = layer(h, rope, mask, state, start, skip_attention=i in skip.attention, record=record_states)
         if cache is not None:
             cache.length = start + T
-        return self.model.norm(h)
+        h = self.model.norm(h)
+        return (h, recorded) if record_states else h
 
     def logits(self, h):
         """(B, T, D) hidden states -> (B, T, V) logits."""
         return scaled(self.lm_head(h), self.config.lm_head_multiplier)
 
     def forward(self, input_ids, cache=None, skip=None, record_states=False):
-        """Logits (B, T, V); the arguments as for hidden_states (with a skip, the draft model's logits)."""
-        return self.logits(self.hidden_states(input_ids, cache, skip, record_states))
+        """Logits (B, T, V), and with record_states (logits, recorded); the arguments as for hidden_states (with a
+        skip, the draft model's logits)."""
+        if record_states:
+            h, recorded = self.hidden_states(input_ids, cache, skip, record_states=True)
+            return self.logits(h), recorded
+        return self.logits(self.hidden_states(input_ids, cache, skip))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -914,7 +1000,7 @@ def init_random(model, seed=0):
         elif name.endswith(".D"):
             r = 1.0 + 0.1 * r
         elif p.dim() == 1 and "norm" in name:
-            r = 0.1 * r + (0.0 if _is_offset_norm(model, name) else 1.0)
+            r = 0.1 * r + (0.0 if is_offset_norm(model, name) else 1.0)
         elif p.dim() == 1:                                                           # biases
             r = 0.1 * r
         elif not name.endswith("embed_tokens.weight"):
@@ -925,7 +1011,8 @@ def init_random(model, seed=0):
     return model
 
 
-def _is_offset_norm(model, name):
+def is_offset_norm(model, name):
+    """Whether the norm parameter `name` stores an offset (Qwen3.5's (1 + w) norms; not its Gated DeltaNet's)."""
     return model.config.family == "qwen3_5" and not name.endswith("linear_attn.norm.weight")
 
 
@@ -939,6 +1026,8 @@ OFFICIAL = {
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
 }
 DOWNLOAD = ["config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]
+TOYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toys")
+TOYS = {name: os.path.join(TOYS_DIR, name) for name in ("toy-falcon-h1", "toy-qwen3.5", "toy-qwen2.5")}   # trained
 
 
 def checkpoint_name(name, config):
@@ -956,7 +1045,7 @@ def checkpoint_name(name, config):
 
 def resolve(name_or_path):
     """A local directory holding config.json, tokenizer.json and the safetensors, downloading them if needed."""
-    local = os.path.expanduser(name_or_path)
+    local = os.path.expanduser(TOYS.get(name_or_path, name_or_path))
     if os.path.isdir(local):
         return local
     if name_or_path.startswith(("/", ".", "~")):
@@ -978,6 +1067,13 @@ def resolve(name_or_path):
         raise UsageError(f"cannot download {repo}: {str(e).splitlines()[0]}") from None
 
 
+def not_a_model_folder(path, missing):
+    """The UsageError for a folder that lacks one of a model's files: what a model folder holds, and how to get one."""
+    return UsageError(f"{path} holds no {missing}: a model folder holds config.json, tokenizer.json and *.safetensors "
+                      "(the Hugging Face Hub's layout; e.g. `hf download tiiuae/Falcon-H1-0.5B-Base --local-dir DIR`), "
+                      f"or give a short name: {', '.join([*OFFICIAL, *TOYS, *TINY])}")
+
+
 def safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -989,7 +1085,7 @@ def safetensors_files(path):
         return files
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise UsageError(f"no *.safetensors files in {path}")
+        raise not_a_model_folder(path, "*.safetensors")
     return files
 
 
@@ -1019,6 +1115,8 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     The model is built on the meta device (no memory), given empty storage, and every tensor is checked, then read
     and copied in one at a time: peak memory stays near one copy of the weights (plus the largest tensor).
     """
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("CUDA is not available on this machine: use --device cpu")
     if name_or_path in TINY:
         model = init_random(Model(TINY[name_or_path]), seed=0).to(device=device, dtype=dtype)
         return model.eval().requires_grad_(False)
@@ -1027,7 +1125,7 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
         with open(os.path.join(path, "config.json")) as f:
             config = config_from_hf(json.load(f))
     except FileNotFoundError:
-        raise UsageError(f"no config.json in {path}") from None
+        raise not_a_model_folder(path, "config.json") from None
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise UsageError(f"cannot read {path}/config.json: {type(e).__name__}: {e}") from None
 
@@ -1087,7 +1185,7 @@ def load_tokenizer(name_or_path):
     from tokenizers import Tokenizer
     path = os.path.join(resolve(name_or_path), "tokenizer.json")
     if not os.path.exists(path):
-        raise UsageError(f"no tokenizer.json in {os.path.dirname(path)}")
+        raise not_a_model_folder(os.path.dirname(path), "tokenizer.json")
     try:
         return Tokenizer.from_file(path)
     except Exception as e:                      # the tokenizers library raises a bare Exception for a broken file
