@@ -1,4 +1,4 @@
-"""hsd_eval: the paper's measurements, run by `python hsd.py --model NAME --eval` (README, "Results").
+"""hsd_eval: the paper's measurements: python hsd_eval.py --model NAME [--out FILE --plot FILE.svg] (README, "Results").
 
 The run goes through five phases, in this order; every prompt's result is a record that `--out FILE` appends to a
 JSON-lines file as soon as it exists, so that an interrupted run resumes where it stopped:
@@ -10,19 +10,24 @@ JSON-lines file as soon as it exists, so that an interrupted run resumes where i
   divergence  total variation, top-1 agreement and KL between the full model's and the draft's next-token distributions
   perplexity  of the full model and of each draft on 2048 tokens of text
   speed       multi-round generation on a few prompts: acceptance over whole generations, and the measured speedup
-The inputs are built exactly as the authors' code built them (paper_inputs; README, "The paper's inputs").
+The inputs are built exactly as the authors' code built them (paper_inputs; README, "The paper's inputs"). This
+module uses hsd's pieces of a round (snapshot, draft, restore, verify, judge); hsd does not import it.
 """
+import argparse
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import warnings
 
-import torch
-from huggingface_hub.utils import tqdm
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
+import torch  # noqa: E402
+from huggingface_hub.utils import tqdm  # noqa: E402
 
-import hsd
-import models
+import hsd  # noqa: E402
+import models  # noqa: E402
 
 KS = (2, 4, 8)                  # the paper's draft lengths
 TEMPERATURE, SEED = 0.6, 0      # the sampled column's temperature, and the seed, unless --temperature / --seed say
@@ -46,7 +51,10 @@ PAPER = {
         "T=0.6": {2: (0.4275, (0.375, 0.4825)), 4: (0.306, (0.262, 0.351)), 8: (0.191, (0.161, 0.223))}}},
 }
 
-TINY_TEXT = [  # what --eval reads for tiny-* models, offline: lines long enough for every protocol of paper_inputs
+# The trained toys are measured beside the paper's numbers for the model of their family.
+PAPER_MODEL = {"toy-falcon-h1": "falcon-h1-0.5b", "toy-qwen3.5": "qwen3.5-0.8b", "toy-qwen2.5": "qwen2.5-0.5b"}
+
+TINY_TEXT = [  # what hsd_eval reads for tiny-* models, offline: lines long enough for every protocol of paper_inputs
     " = Speculative decoding = ",
     " Speculative decoding drafts a few tokens with a cheap model and then checks all of them with the expensive "
     "model in a single pass. The longest prefix that the expensive model agrees with is kept, and one more token "
@@ -71,21 +79,27 @@ TINY_TEXT = [  # what --eval reads for tiny-* models, offline: lines long enough
 
 # --- The inputs: the authors' text handling, exactly -------------------------------------------------------------
 def read_lines(path, model_name):
-    """The raw lines of the text: a file, the tiny models' built-in text, or WikiText-2 raw validation (the paper's)."""
-    try:
-        if path:
+    """The raw lines of the text: a file; for tiny-* models their built-in text, for the toys their held-out text;
+    else WikiText-2 raw validation (the paper's)."""
+    if model_name in models.TINY and not path:
+        return list(TINY_TEXT)
+    path = path or (os.path.join(models.TOYS_DIR, "text", "heldout.txt") if model_name in models.TOYS else None)
+    if path:
+        try:
             with open(path, encoding="utf-8") as f:
                 return f.read().splitlines()
-        if model_name in models.TINY:
-            return list(TINY_TEXT)
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
+            raise models.UsageError(f"cannot read --text {path}: {reason}") from None
+    try:
         import pyarrow.parquet as pq
         from huggingface_hub import hf_hub_download
         file = hf_hub_download("Salesforce/wikitext", "wikitext-2-raw-v1/validation-00000-of-00001.parquet",
                                repo_type="dataset")
         return [line.rstrip("\n") for line in pq.read_table(file).column("text").to_pylist()]
-    except Exception as e:      # no such file; or no network and nothing cached, or no pyarrow to read the parquet file
-        raise models.UsageError(f"cannot read {path or 'WikiText-2 (it needs the Hub and `pip install pyarrow`)'}: "
-                                f"{type(e).__name__}: {str(e)[:80]}; pass --text FILE") from None
+    except Exception as e:      # no network and nothing cached, or no pyarrow to read the parquet file
+        raise models.UsageError(f"cannot read WikiText-2 (it needs the Hub and `pip install pyarrow`): "
+                                f"{type(e).__name__}: {str(e)[:80]}; or pass --text FILE") from None
 
 
 def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
@@ -114,22 +128,16 @@ def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
 
 # --- The measurements ----------------------------------------------------------------------------------------------
 def single_round(model, cache, draft_cache, pending, skip, k, temperature=0.0, generator=None):
-    """Drafts accepted in one round of k (the paper's protocol). cache: the full model's state after the prompt but
-    its last token, `pending`. draft_cache: the state the draft starts from, cache itself (shared) or the draft
-    model's own prefill of the same tokens (independent). Both caches are left as they were."""
-    snap, draft_snap = hsd.snapshot(cache), hsd.snapshot(draft_cache)
-    if temperature == 0:
-        drafts = hsd.draft_tokens(model, draft_cache, pending, skip, k)
-    else:
-        drafts, q = hsd.draft_tokens_sampled(model, draft_cache, pending, skip, k, temperature, generator)
-    hsd.restore(draft_cache, draft_snap)
-    hsd.restore(cache, snap)
-    logits = hsd.verify(model, cache, pending, drafts)
-    if temperature == 0:
-        n, _ = hsd.accept(drafts, logits)
-    else:
-        n, _ = hsd.accept_sampled(drafts, q, logits, temperature, generator)
-    hsd.restore(cache, snap)
+    """Drafts accepted in one round of k (the paper's protocol): hsd's steps 1-5 without the commit. cache: the full
+    model's state after the prompt but its last token, `pending`. draft_cache: the state the draft starts from, cache
+    itself (shared) or the draft model's own prefill of the same tokens (independent). Both are left as they were."""
+    snaps = [(c, hsd.snapshot(c)) for c in (cache, draft_cache)]
+    drafts, q = hsd.draft(model, draft_cache, pending, skip, k, temperature, generator)
+    for c, snap in snaps:
+        hsd.restore(c, snap)
+    logits, _ = hsd.verify(model, cache, pending, drafts)
+    n, _ = hsd.judge(drafts, q, logits, temperature, generator)
+    hsd.restore(cache, snaps[0][1])
     return n
 
 
@@ -168,9 +176,9 @@ def step_times(model, skips, ks, context, repeats=7):
     cache = models.Cache(model, context + max(ks) + 2)
     tokens = torch.randint(model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
     token = torch.tensor([[1]], device=cache.device)
-    t0 = hsd.clock(cache.device)
+    t0 = models.clock(cache.device)
     hsd.prefill(model, cache, tokens)
-    prefill_s = hsd.clock(cache.device) - t0                   # once: only the run's estimate needs it
+    prefill_s = models.clock(cache.device) - t0                   # once: only the run's estimate needs it
     snap = hsd.snapshot(cache)
     rows = torch.zeros(64, model.config.hidden_size, device=cache.device, dtype=model.lm_head.weight.dtype)
     steps = {"full": lambda: model(token, cache), **{k: lambda k=k: hsd.verify(model, cache, 1, [1] * k) for k in ks},
@@ -179,9 +187,9 @@ def step_times(model, skips, ks, context, repeats=7):
     samples = {name: [] for name in steps}
     for _ in range(repeats):                   # the kinds of step take turns, so that drift affects all alike
         for name, step in steps.items():
-            t0 = hsd.clock(cache.device)
+            t0 = models.clock(cache.device)
             step()
-            samples[name].append(hsd.clock(cache.device) - t0)
+            samples[name].append(models.clock(cache.device) - t0)
             hsd.restore(cache, snap)
     medians = {name: sorted(s)[repeats // 2] for name, s in samples.items()}
     medians["logits"] /= len(rows)
@@ -255,7 +263,7 @@ class Records:
                               and all({"phase", "index", "result"} <= r.keys() for r in lines[1:])):
                 raise ValueError("not a header and records")
         except (ValueError, AttributeError):        # not UTF-8, not JSON, or JSON of another shape
-            raise models.UsageError(f"{self.path} is not a results file of hsd --eval: give another --out file") from None
+            raise models.UsageError(f"{self.path} is not a results file of hsd_eval: give another --out file") from None
         return lines, complete
 
     def write(self, line):
@@ -343,20 +351,20 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
         records.add("costs", L, {str(k): v for k, v in step_times(model, skips, KS, L).items()})
     times = {L: {int(k) if k.isdigit() else k: v for k, v in records.saved["costs", L].items()} for L in contexts}
 
-    paper = PAPER.get(model_name, {})
+    paper = PAPER.get(PAPER_MODEL.get(model_name, model_name), {})
     todo = {phase: [items[i] for i in records.missing(phase, len(items))] for phase, items in inputs.items()}
 
     def accepted_per_round(draft, k):                     # the paper's greedy alpha where it has one, else 0
         return k * paper.get(draft, {}).get("greedy", {}).get(k, (0.0,))[0]
     estimate = estimate_seconds({**times[L0], "context": L0}, todo, skips, new_tokens, accepted_per_round)
-    print(f"hsd: estimate {duration(sum(estimate.values()))} on this machine ("
+    print(f"hsd_eval: estimate {duration(sum(estimate.values()))} on this machine ("
           + ", ".join(f"{phase} {duration(s)}" for phase, s in estimate.items())
           + (", speed at the paper's acceptance, none where it has no value" if paper
              else ", speed assuming no draft is accepted: at most")
           + ("; what is saved is not measured again)" if records.resumed else ")"),
           file=sys.stderr, flush=True)
 
-    hsd.warm_up(model, max(KS))
+    models.warm_up(model, max(KS))
     phases = {
         "alpha": lambda i, prompt: alpha_record(model, prompt, skips, temperature,
                                                 torch.Generator().manual_seed(seed * 1_000_003 + i)),    # per prompt
@@ -373,8 +381,8 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
 
 
 def summarize(model, inputs, skips, records, contexts, times, temperature):
-    """The --eval result (README, "Results"): per draft, divergence and perplexity, and per k the acceptance of the
-    single-round protocol, the multi-round runs, the cost model. The keys of earlier versions are all kept."""
+    """The measurements' result (README, "Results"): per draft, divergence and perplexity, and per k the acceptance
+    of the single-round protocol, the multi-round runs, the cost model. The keys of earlier versions are all kept."""
     c = model.config
     alphas = [records.saved["alpha", i] for i in range(len(inputs["alpha"]))]
     texts = [records.saved["divergence", i] for i in range(len(inputs["divergence"]))]
@@ -415,9 +423,9 @@ def summarize(model, inputs, skips, records, contexts, times, temperature):
 
 
 def run(args, model, tokenizer):
-    """--eval: measure (resuming from --out), print the table, draw --plot; returns the JSON object of --json."""
+    """Measure (resuming from --out), print the table, draw --plot; returns the JSON object of --json."""
     if args.temperature is not None and args.temperature <= 0:
-        raise models.UsageError("--eval's sampled column needs a temperature above 0 (its greedy column is always there)")
+        raise models.UsageError("the sampled column needs a --temperature above 0 (the greedy column is always there)")
     temperature = TEMPERATURE if args.temperature is None else args.temperature
     seed = SEED if args.seed is None else args.seed
     lines = read_lines(args.text, args.model)
@@ -430,7 +438,7 @@ def run(args, model, tokenizer):
     if len(inputs["perplexity"][0]) < 2:
         raise models.UsageError("the text is too short for perplexity: give a text of at least a few lines")
     skips = {d: hsd.draft_skip(model.config, d) for d in hsd.DRAFTS
-             if d != "none" and (d != "component" or model.config.family != "qwen2")}
+             if d != "none" and (d != "component" or model.config.family != "qwen2")}    # every draft that applies
     header = {"model": args.model, "text_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
               "prompts": len(inputs["alpha"]), "speed_prompts": len(inputs["speed"]),
               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "device": args.device,
@@ -442,7 +450,9 @@ def run(args, model, tokenizer):
     try:
         contexts, times = measure(model, args.model, inputs, skips, records, args.max_new_tokens, temperature, seed)
         result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature),
-                  "seed": seed, "paper": PAPER.get(args.model, {})}
+                  "seed": seed, "paper": PAPER.get(PAPER_MODEL.get(args.model, args.model), {}),
+                  "paper_model": PAPER_MODEL.get(args.model, args.model) if args.model in PAPER_MODEL or args.model
+                  in PAPER else None}
     except KeyboardInterrupt:
         if not args.out:
             raise KeyboardInterrupt("nothing was saved (--out FILE keeps results as they come)") from None
@@ -466,12 +476,14 @@ def number(x, form):
 
 
 def eval_table(name, r):
-    """The --eval table, as lines of text."""
+    """The table of the measurements, as lines of text."""
     T = r["temperature"]
     yield (f"{name}: {r['prompts']} prompts (single round), {r['divergence_texts']} divergence texts, "
            f"perplexity on {r['perplexity_tokens']} tokens: full model {r['perplexity_full']:.2f}; {r['speed_prompts']} "
            f"speed prompts; c and v at {r['contexts'][0]} tokens, break-even from step times at {r['contexts'][0]} "
            f"and {r['contexts'][1]}")
+    if r.get("paper_model") not in (None, name):
+        yield f"(the paper's columns: its values for {r['paper_model']}, the model of this toy's family)"
     yield (f"draft        k   greedy shared [95% CI]   greedy indep. [95% CI]  T={T:<4} shared [95% CI]  T={T:<4} "
            "indep. [95% CI]  paper greedy  T=0.6")
     for draft, d in r["drafts"].items():
@@ -508,16 +520,21 @@ def plot_svg(name, r):
     by hand. Every point carries its numbers in a <title> (shown on hover, read by the tests)."""
     panel, top, bottom = 270, 60, 270                                        # a panel per draft; the y axis in pixels
     y = lambda alpha: bottom - alpha * (bottom - top)                       # acceptance 0..1, upwards
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{panel * len(r["drafts"]) + 50}" height="{bottom + 80}" '
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{panel * len(r["drafts"]) + 50}" height="{bottom + 95}" '
            'font-family="sans-serif" font-size="11">',
            f'<text x="10" y="18" font-size="13">{name}: single-round acceptance by k, {r["prompts"]} prompts, '
            '95% bootstrap intervals</text>',
            f'<text x="10" y="34">sampled: at temperature {r["temperature"]}; ' + (
-               'paper: the values the paper reports for this model (greedy, and T=0.6)' if r["paper"] else
+               f'paper: the values the paper reports for {r.get("paper_model") or "this model"} (greedy, and T=0.6)'
+               if r["paper"] else
                'the paper reports no values for this model') + '</text>']
+    out.append(f'<text transform="translate(12 {(top + bottom) / 2}) rotate(-90)" text-anchor="middle">'
+               'acceptance (accepted / k)</text>')
+    drawn = set()                                                     # the series with at least one point
     for p, (draft, d) in enumerate(r["drafts"].items()):
         left = 40 + p * panel
         out.append(f'<text x="{left + 120}" y="{top - 8}" text-anchor="middle" font-weight="bold">{draft}</text>')
+        out.append(f'<text x="{left + 120}" y="{bottom + 30}" text-anchor="middle">drafts per round</text>')
         for tick in (0, 0.25, 0.5, 0.75, 1):
             out.append(f'<line x1="{left}" x2="{left + 240}" y1="{y(tick)}" y2="{y(tick)}" stroke="#ddd"/>')
             out.append(f'<text x="{left - 4}" y="{y(tick) + 4}" text-anchor="end">{tick}</text>')
@@ -533,14 +550,54 @@ def plot_svg(name, r):
                 if value is None:
                     continue
                 x = center + (s - 2.5) * 8
+                drawn.add(label)
                 ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
                 out.append(f'<g><title>{draft}, k={k}, {label}: {value:.3f}{ci_text}</title>')
                 if ci:
                     out.append(f'<line x1="{x}" x2="{x}" y1="{y(ci[0]):.1f}" y2="{y(ci[1]):.1f}" stroke="{colour}"/>')
                 out.append(f'<circle cx="{x}" cy="{y(value):.1f}" r="3.5" stroke="{colour}" '
                            f'fill="{colour if filled else "white"}"/></g>')
-    for s, (label, _, colour, filled) in enumerate(SERIES):
-        x, line = 40 + (s % 3) * 230, bottom + 40 + (s // 3) * 18
+    for s, (label, _, colour, filled) in enumerate(series for series in SERIES if series[0] in drawn):
+        x, line = 40 + (s % 3) * 230, bottom + 50 + (s // 3) * 18
         out.append(f'<circle cx="{x}" cy="{line - 4}" r="3.5" stroke="{colour}" fill="{colour if filled else "white"}"/>')
         out.append(f'<text x="{x + 8}" y="{line}">{label}</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
+
+
+# --- Command line ------------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The paper's measurements: acceptance, divergence, perplexity and the "
+                                            "cost model of every draft (README, \"Results\").")
+    p.error = lambda message: p.exit(2, f"hsd_eval: error: {message} (see --help)\n")     # one line, no usage text
+    p.add_argument("--model", required=True, help=f"{', '.join([*models.OFFICIAL, *models.TOYS, *models.TINY])}, "
+                   "a Hugging Face repo id or a folder")
+    p.add_argument("--text", help="a UTF-8 text file (default: WikiText-2 validation; toy-*: their held-out text; "
+                                  "tiny-*: a built-in text)")
+    p.add_argument("--prompts", type=int, default=200, help="prompts of the single-round protocol (default: 200)")
+    p.add_argument("--speed-prompts", type=int, default=10, help="prompts of the multi-round runs (default: 10)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens of a multi-round run (default: 64)")
+    p.add_argument("--temperature", type=float, help=f"the sampled column's temperature (default: {TEMPERATURE})")
+    p.add_argument("--seed", type=int, help=f"seed of the sampling (default: {SEED})")
+    p.add_argument("--out", help="save results to this file as they come; the same command resumes from it")
+    p.add_argument("--plot", help="draw acceptance by k to this SVG file")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="the results as one JSON object on the last line")
+    args = p.parse_args(argv)
+    try:
+        model = models.load(args.model, getattr(torch, args.dtype), args.device)
+        result = run(args, model, models.load_tokenizer(args.model))
+    except models.UsageError as e:
+        print(f"hsd_eval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"\nhsd_eval: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)     # output piped into `head` and the like: stop quietly
+    sys.exit(main())
