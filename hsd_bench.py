@@ -1,0 +1,250 @@
+"""hsd_bench: hsd against transformers, and what speculation costs, on random weights of the real configurations.
+
+  python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # about 5 minutes on 2 CPU cores (README, "Speed")
+
+Speed does not depend on the weight values, so random weights of an official config.json (OFFICIAL_CONFIGS), saved
+once in the official layout, serve both sides: transformers (the official implementation; this benchmark, like the
+tests, needs `pip install transformers==5.23.0`) and hsd load the same file. Runs alternate between the two and
+medians are reported; every ratio printed is of numbers measured in this process. Besides tokens per second it prints
+the operations of a decoding step and of verify passes (counted as the innermost PyTorch operations, roughly the
+kernels a GPU would launch), c and v of the cost model, and decoding against the machine's memory-bandwidth limit.
+"""
+import argparse
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
+import torch  # noqa: E402
+
+import hsd  # noqa: E402
+import hsd_eval  # noqa: E402
+import models  # noqa: E402
+
+# The official config.json files of the supported models (byte-exact copies of the Hub's files; README, "What was
+# verified"). The tests build models from them too.
+OFFICIAL_CONFIGS = {
+    "falcon-h1-0.5b": {
+        "architectures": ["FalconH1ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attention_in_multiplier": 1.0, "attention_out_multiplier": 0.9375, "attn_layer_indices": None,
+        "bos_token_id": 1, "embedding_multiplier": 5.656854249492381, "eos_token_id": 11, "head_dim": 64,
+        "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 2048,
+        "key_multiplier": 0.39062499999999994, "lm_head_multiplier": 0.0390625, "mamba_chunk_size": 128,
+        "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 64, "mamba_d_ssm": 1536, "mamba_d_state": 128,
+        "mamba_expand": 2, "mamba_n_groups": 1, "mamba_n_heads": 24, "mamba_norm_before_gate": False,
+        "mamba_proj_bias": False, "mamba_rms_norm": False, "mamba_use_mlp": True, "max_position_embeddings": 16384,
+        "mlp_bias": False, "mlp_expansion_factor": 8, "mlp_multipliers": [0.8838834764831844, 0.5859375],
+        "model_type": "falcon_h1", "num_attention_heads": 8, "num_hidden_layers": 36, "num_key_value_heads": 2,
+        "num_logits_to_keep": 1, "pad_token_id": 0, "projectors_bias": False, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 100000000000.0, "ssm_in_multiplier": 1.25,
+        "ssm_multipliers": [0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
+        "ssm_out_multiplier": 0.23570226039551587, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.52.0.dev0", "use_cache": True, "vocab_size": 32784},
+    "qwen3.5-0.8b": {
+        "architectures": ["Qwen3_5ForConditionalGeneration"], "image_token_id": 248056, "model_type": "qwen3_5",
+        "text_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "attn_output_gate": True, "dtype": "bfloat16",
+            "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu",
+            "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3584,
+            "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6, "linear_conv_kernel_dim": 4,
+            "linear_key_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+            "linear_value_head_dim": 128, "max_position_embeddings": 262144, "mlp_only_layers": [],
+            "model_type": "qwen3_5_text", "mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False,
+            "num_attention_heads": 8, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+            "tie_word_embeddings": True, "use_cache": True, "vocab_size": 248320, "mamba_ssm_dtype": "float32",
+            "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_type": "default",
+                                "rope_theta": 10000000, "partial_rotary_factor": 0.25}},
+        "tie_word_embeddings": True, "transformers_version": "4.57.0.dev0", "video_token_id": 248057,
+        "vision_config": {
+            "deepstack_visual_indexes": [], "depth": 12, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 768,
+            "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 3072, "model_type": "qwen3_5",
+            "num_heads": 12, "num_position_embeddings": 2304, "out_hidden_size": 1024, "patch_size": 16,
+            "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "vision_end_token_id": 248054, "vision_start_token_id": 248053},
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+        "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1", "use_cache": True, "use_mrope": False, "use_sliding_window": False,
+        "vocab_size": 151936},
+}
+
+
+# --- Operations -------------------------------------------------------------------------------------------------
+# Operations that only describe a tensor (views, reshapes, dtype no-ops, type queries): no kernel on a GPU.
+DESCRIBE_ONLY = {
+    "aten::view", "aten::as_strided", "aten::select", "aten::slice", "aten::expand", "aten::unsqueeze", "aten::reshape",
+    "aten::split", "aten::narrow", "aten::t", "aten::transpose", "aten::permute", "aten::_unsafe_view", "aten::detach",
+    "aten::lift", "aten::lift_fresh", "aten::empty", "aten::empty_strided", "aten::squeeze", "aten::alias",
+    "aten::unbind", "aten::_reshape_alias", "aten::chunk", "aten::split_with_sizes", "aten::contiguous", "aten::to",
+    "aten::result_type", "aten::promote_types", "aten::resolve_conj", "aten::resolve_neg", "aten::flatten",
+    "aten::expand_as", "aten::view_as", "aten::_to_copy"}
+
+
+def count_ops(fn):
+    """The innermost PyTorch operations that fn() issues (an operation that calls others counts as its children),
+    leaving out those that only describe a tensor: roughly the kernels a GPU would launch."""
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        fn()
+    return sum(1 for e in prof.events() if not e.cpu_children and e.name not in DESCRIBE_ONLY
+               and e.name.startswith(("aten::", "mkldnn::")))
+
+
+def ops_per_pass(model, ks, context=64):
+    """Operations of one decoding step, and of a verify pass of k+1 tokens for each k, after a prefill of context tokens
+    (the counts do not depend on the context or on the weight values)."""
+    cache = models.Cache(model, context + max(ks) + 2)
+    hsd.prefill(model, cache, list(range(1, context + 1)))
+    snap, token = hsd.snapshot(cache), torch.tensor([[1]])
+
+    def counted(step):
+        n = count_ops(step)
+        hsd.restore(cache, snap)
+        return n
+    return counted(lambda: model(token, cache)), {k: counted(lambda: hsd.verify(model, cache, 1, [1] * k)) for k in ks}
+
+
+# --- Memory bandwidth -----------------------------------------------------------------------------------------------
+def memory_bandwidth(repeats=5):
+    """Bytes per second this machine reads from memory: summing 1 GiB, far more than any cache (median of repeats)."""
+    buffer = torch.ones(2**28)
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buffer.sum()
+        seconds.append(time.perf_counter() - t0)
+    return buffer.numel() * buffer.element_size() / sorted(seconds)[repeats // 2]
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights a decoding step reads: every parameter once, but of an untied embedding table only one row."""
+    table = model.model.embed_tokens.weight
+    untied = table is not model.lm_head.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not (untied and p is table))
+
+
+# --- The benchmark ----------------------------------------------------------------------------------------------
+def random_checkpoint(name, tf):
+    """The folder of a random-weight checkpoint of OFFICIAL_CONFIGS[name], written by transformers once (in the
+    temporary directory, hsd-bench-NAME) and reused."""
+    cfg = OFFICIAL_CONFIGS[name]
+    path = os.path.join(tempfile.gettempdir(), f"hsd-bench-{name}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        hf = (tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**cfg["text_config"])) if cfg["model_type"] == "qwen3_5" else
+              tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**cfg)))
+        hf.save_pretrained(path)
+    return path
+
+
+def seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost_repeats=11):
+    """Print hsd against transformers (decoding and prefill, alternating runs, medians), the bookkeeping of a round,
+    the operations per step and verify pass, c and v, and decoding against the memory-bandwidth limit."""
+    import transformers as tf
+    path = random_checkpoint(name, tf)
+    hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = models.load(path)
+    draft = "layerskip" if ours.config.family == "qwen2" else "component"
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (1, prompt_len))
+    prompt = ids[:, :16]
+
+    def hf_generate(n):
+        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def hsd_prefill():                                   # the prompt through a fresh cache, the last row's logits
+        return ours.logits(ours.hidden_states(ids, models.Cache(ours, prompt_len))[:, -1:])
+
+    runs = {"hf decode": [], "hsd decode": [], "hf prefill": [], "hsd prefill": [], "spec": []}
+    with torch.inference_mode():
+        hf_generate(2), hsd.generate(ours, prompt[0], 2, draft="none")                       # warm up
+        for _ in range(repeats):
+            # transformers: generate n tokens minus generate 1 token = n - 1 decoding steps
+            hf_steps = seconds(lambda: hf_generate(new_tokens)) - seconds(lambda: hf_generate(1))
+            runs["hf decode"].append((new_tokens - 1) / hf_steps)
+            plain = hsd.generate(ours, prompt[0], new_tokens, draft="none")[1]
+            runs["hsd decode"].append(new_tokens / plain["decode_s"])
+            runs["hf prefill"].append(seconds(lambda: hf(ids, logits_to_keep=1)))
+            runs["hsd prefill"].append(seconds(hsd_prefill))
+            runs["spec"].append(hsd.generate(ours, prompt[0], new_tokens, draft=draft, k=k)[1])
+        # the state bookkeeping of one round, timed alone: snapshot + restore, and accept + commit after a verify pass
+        cache = models.Cache(ours, prompt_len + k + 2)
+        hsd.prefill(ours, cache, ids[0, :-1].tolist())
+        snap = hsd.snapshot(cache)
+        t_snap = seconds(lambda: [hsd.restore(cache, hsd.snapshot(cache)) for _ in range(1000)]) / 1000
+        t_commit = []
+        for _ in range(20):
+            logits, recorded = hsd.verify(ours, cache, 1, [2] * k)
+            def accept_and_commit():
+                hsd.commit(cache, snap.length, hsd.accept([2] * k, logits)[0] + 1, recorded)
+            t_commit.append(seconds(accept_and_commit))
+            hsd.restore(cache, snap)
+        del hf, cache                                                 # memory for the measurements below
+        ks = (2, 4, 8)
+        step_ops, verify_ops = ops_per_pass(ours, ks)
+        skips = {d: hsd.draft_skip(ours.config, d) for d in ("component", "layerskip", "early-exit")
+                 if d != "component" or draft == "component"}
+        times = hsd_eval.step_times(ours, skips, ks, context, repeats=cost_repeats)
+        bandwidth = memory_bandwidth()
+    med = {key: statistics.median(v) for key, v in runs.items() if key != "spec"}
+    round_s = statistics.median(s["decode_s"] / s["rounds"] for s in runs["spec"])
+    weight_bytes = weight_bytes_per_token(ours)
+    print(f"{name}, random weights, fp32, CPU ({torch.get_num_threads()} threads), {repeats} alternating runs, medians")
+    print(f"decode  {new_tokens} tokens: hsd {med['hsd decode']:.2f} tok/s, transformers {med['hf decode']:.2f} tok/s "
+          f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in runs['hsd decode']]}, "
+          f"transformers {[round(x, 2) for x in runs['hf decode']]})")
+    print(f"prefill {prompt_len} tokens: hsd {med['hsd prefill']:.2f} s, transformers {med['hf prefill']:.2f} s "
+          f"-> {med['hf prefill'] / med['hsd prefill']:.2f}x")
+    print(f"speculative, {draft} draft, k={k}: round {round_s * 1e3:.1f} ms; snapshot+restore {t_snap * 1e6:.1f} us, "
+          f"accept+commit {statistics.median(t_commit) * 1e6:.1f} us: "
+          f"{(t_snap + statistics.median(t_commit)) / round_s:.2%} of a round")
+    print(f"ops     decoding step {step_ops}; verify pass " + ", ".join(
+        f"k={k} {n} ({n / step_ops:.2f}x)" for k, n in verify_ops.items()) +
+        f"; from k=2 to k=8 +{(verify_ops[8] - verify_ops[2]) / step_ops:.0%} of a step   (innermost PyTorch "
+        "operations)")
+    print(f"cost    at {context} tokens, medians of {cost_repeats} interleaved runs: full step "
+          f"{times['full'] * 1e3:.1f} ms; "
+          "c: " + ", ".join(f"{d} {times[d] / times['full']:.2f}" for d in skips) + "; v: " +
+          ", ".join(f"k={k} {times[k] / times['full']:.2f}" for k in ks))
+    limit = bandwidth / weight_bytes
+    print(f"memory  {weight_bytes / 1e9:.2f} GB of weights read per token; memory read at {bandwidth / 1e9:.1f} GB/s "
+          "(a sum "
+          f"over 1 GiB) bounds decoding at {limit:.1f} tok/s: hsd decodes at {med['hsd decode'] / limit:.0%} of it, "
+          f"transformers at {med['hf decode'] / limit:.0%}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="hsd against transformers, and the cost of speculation (README, 'Speed').")
+    p.error = lambda message: p.exit(2, f"hsd_bench: error: {message} (see --help)\n")
+    p.add_argument("model", choices=list(OFFICIAL_CONFIGS), help="the official configuration to benchmark")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens of a decoding run (default: 32)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (default: 3)")
+    p.add_argument("--cost-repeats", type=int, default=11, help="runs of each kind of step for c and v (default: 11)")
+    args = p.parse_args(argv)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        p.exit(2, "hsd_bench: error: the benchmark compares with transformers: pip install transformers==5.23.0\n")
+    try:
+        bench(args.model, new_tokens=args.tokens, repeats=args.repeats, cost_repeats=args.cost_repeats)
+    except KeyboardInterrupt:
+        print("\nhsd_bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)     # output piped into `head` and the like: stop quietly
+    sys.exit(main())
