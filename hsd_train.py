@@ -1,0 +1,481 @@
+"""hsd_train: the trained toy models, three architectures with one budget.
+
+The built-in tiny-* models have random weights: they exercise the code but say nothing about hybrids. The toys are
+small models of the three families trained on the same text with the same budget, so that the paper's question can
+be asked in miniature: does the attention-free part of a parallel hybrid draft better than that of a sequential one?
+
+  toy-falcon-h1   parallel hybrid: attention beside Mamba-2 in each of 8 layers, then an MLP
+  toy-qwen3.5     sequential hybrid: 3 Gated DeltaNet layers, then 1 gated attention layer, twice
+  toy-qwen2.5     a Transformer of 8 attention layers (the control)
+
+One budget: hidden size 128, 8 layers, parameter counts within 1% of each other (the MLP widths differ to get there),
+the same character tokenizer (models.char_tokenizer), the same text, the same number of training characters, the
+same seed, initialisation rule and learning-rate schedule. Each toy trains in about 10 minutes on 2 CPU cores:
+
+  python hsd_train.py --model toy-falcon-h1            # writes toys/toy-falcon-h1 (README, "Trained toy models")
+
+The text is prose from Python's documentation (toys/text: its source, licence and how it was made are in the
+README); a held-out part, whole documents, is never trained on. A training run shows a progress bar with its ETA, and
+Ctrl-C keeps what it computed: the same command resumes it.
+"""
+import argparse
+import ctypes
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import signal
+import sys
+import time
+import unicodedata
+import warnings
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from huggingface_hub.utils import tqdm  # noqa: E402
+
+import hsd  # noqa: E402
+import models  # noqa: E402
+
+TEXT_DIR = os.path.join(models.TOYS_DIR, "text")
+HELDOUT_WINDOWS, WINDOW = 32, 512      # the held-out loss: the first 32 windows of 512 characters of the held-out text
+
+
+# --- The three toys: their config.json, in the official layout of each family ----------------------------------
+COMMON = {"vocab_size": 97, "hidden_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 512, "rope_theta": 10000.0,
+          "eos_token_id": 96, "bos_token_id": None, "pad_token_id": None}
+TOY_CONFIGS = {
+    "toy-falcon-h1": {
+        **COMMON, "model_type": "falcon_h1", "architectures": ["FalconH1ForCausalLM"], "intermediate_size": 176,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "mamba_d_ssm": 128, "mamba_n_heads": 8,
+        "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_d_conv": 4, "mamba_chunk_size": 64,
+        "mamba_rms_norm": False, "mamba_norm_before_gate": False, "mamba_conv_bias": True, "mamba_proj_bias": False,
+        "attention_bias": False, "mlp_bias": False, "projectors_bias": False, "embedding_multiplier": 1.0,
+        "lm_head_multiplier": 1.0, "key_multiplier": 1.0, "attention_in_multiplier": 1.0,
+        "attention_out_multiplier": 1.0, "ssm_in_multiplier": 1.0, "ssm_out_multiplier": 1.0,
+        "mlp_multipliers": [1.0, 1.0], "ssm_multipliers": [1.0, 1.0, 1.0, 1.0, 1.0]},
+    "toy-qwen3.5": {
+        **COMMON, "model_type": "qwen3_5_text", "architectures": ["Qwen3_5ForCausalLM"], "intermediate_size": 240,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "attention_bias": False, "attn_output_gate": True,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+        "linear_num_key_heads": 4, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
+        "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                            "mrope_section": [2, 1, 1], "mrope_interleaved": True}},
+    "toy-qwen2.5": {
+        **COMMON, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "intermediate_size": 320,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False},
+}
+# The schedule every toy trains with: AdamW, linear warm-up, cosine decay to a tenth; 500 steps of 8 windows of 512
+# characters (2.05 million characters, about 1.2 passes over the training text).
+SCHEDULE = {"steps": 500, "batch_size": 8, "length": 512, "lr": 3e-3, "warmup": 50, "final_lr": 0.1,
+            "weight_decay": 0.1, "clip": 1.0, "betas": (0.9, 0.95)}
+
+
+# --- The text -------------------------------------------------------------------------------------------------------
+def read_text(split):
+    """The training ("train") or held-out ("heldout") text: one paragraph per line."""
+    with open(os.path.join(TEXT_DIR, f"{split}.txt"), encoding="ascii") as f:
+        return f.read()
+
+
+def encode(text):
+    """The character tokenizer's ids of text: a 1-D LongTensor (printable ASCII is 0..94, newline 95). Line by line,
+    the newlines put back between: the same ids as encoding the whole text, in half the time."""
+    tokenizer = models.char_tokenizer()
+    newline = tokenizer.token_to_id("\n")
+    lines = tokenizer.encode_batch(text.split("\n"))
+    return torch.tensor([i for line in lines for i in [*line.ids, newline]][:-1])
+
+
+def heldout_windows():
+    """The held-out loss's input: the first HELDOUT_WINDOWS windows of WINDOW characters of the held-out text."""
+    ids = encode(read_text("heldout"))[:HELDOUT_WINDOWS * WINDOW]
+    return ids.view(HELDOUT_WINDOWS, WINDOW)                                      # (windows, WINDOW)
+
+
+# --- Initial weights --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_weights(model, seed):
+    """GPT-2's rule for matrices (N(0, 0.02), the projections back into the residual stream scaled by
+    1/sqrt(2 layers)), norms at their neutral value, Mamba-2's and Gated DeltaNet's decay rates spread over heads as
+    in their papers (A in 1..16, step sizes 0.001..0.1), D = 1. Every family gets the same rule."""
+    gen = torch.Generator().manual_seed(seed)
+    residual = 0.02 / math.sqrt(2 * model.config.num_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.log(1 + 15 * torch.rand(p.shape, generator=gen)))
+        elif name.endswith("dt_bias"):
+            dt = torch.exp(math.log(1e-3) + (math.log(0.1) - math.log(1e-3)) * torch.rand(p.shape, generator=gen))
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))                               # softplus(dt_bias) = dt
+        elif name.endswith(".D") or (name.endswith("norm.weight") and not models.is_offset_norm(model, name)):
+            p.fill_(1.0)
+        elif name.endswith("norm.weight"):                                            # Qwen3.5's (1 + w) norms
+            p.zero_()
+        elif name.endswith(".bias") and "conv1d" not in name:
+            p.zero_()
+        elif "conv1d" in name:                                                        # PyTorch's own conv init
+            bound = 1 / math.sqrt(p.shape[-1])
+            p.copy_((2 * torch.rand(p.shape, generator=gen) - 1) * bound)
+        else:
+            std = residual if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")) else 0.02
+            p.copy_(std * torch.randn(p.shape, generator=gen))
+    return model
+
+
+# --- The training loop ------------------------------------------------------------------------------------------
+def learning_rate(step, schedule):
+    """Linear warm-up to the peak, then a cosine decay to final_lr times the peak at the last step."""
+    peak, warmup, steps = schedule["lr"], schedule["warmup"], schedule["steps"]
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    return peak * (schedule["final_lr"] + (1 - schedule["final_lr"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def random_windows(ids, count, length, generator):
+    """count windows of length + 1 consecutive ids, at random places: (count, length + 1)."""
+    starts = torch.randint(len(ids) - length - 1, (count,), generator=generator)
+    return torch.stack([ids[s:s + length + 1] for s in starts.tolist()])
+
+
+def loss_of(model, windows, skip=None):
+    """Mean cross-entropy in nats of predicting windows[:, 1:] from windows[:, :-1] (the draft's, given a skip)."""
+    logits = model(windows[:, :-1], skip=skip)                                   # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+
+
+@torch.inference_mode()
+def heldout_bits_per_char(model, windows, skip=None, batch=8):
+    """Mean bits per character over every predicted position of the held-out windows (full model, or a draft)."""
+    nats = [loss_of(model, windows[i:i + batch], skip).item() for i in range(0, len(windows), batch)]
+    return sum(nats) / len(nats) / math.log(2)
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW's two groups: matrices decay, vectors (norms, biases, decay rates) do not."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+
+
+def train_step(model, optimizer, windows, lr, clip):
+    """One AdamW step on windows (B, T+1) at learning rate lr, the gradient's norm clipped to clip: the loss (nats)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = loss_of(model, windows)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.item()
+
+
+def train(name, out, seed=0, schedule=SCHEDULE, curve_every=25):
+    """Train the toy `name` from scratch (or resume the run saved in out), save it in the official layout in out, and
+    return its training log. Ctrl-C finishes the step under way, saves the run in out/resume.pt and raises
+    KeyboardInterrupt; the same call resumes it, and ends as a run that was never interrupted would."""
+    config = models.config_from_hf(TOY_CONFIGS[name])
+    torch.manual_seed(seed)
+    model = init_weights(models.Model(config), seed).train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, schedule["weight_decay"]), lr=schedule["lr"],
+                                  betas=schedule["betas"])
+    train_ids, heldout = encode(read_text("train")), heldout_windows()
+    generator = torch.Generator().manual_seed(seed)
+    run = {"step": 0, "seconds": 0.0, "curve": [], "recent": []}
+    resume = os.path.join(out, "resume.pt")
+    if os.path.exists(resume):
+        saved = torch.load(resume, weights_only=False)
+        if (saved["name"], saved["seed"], saved["schedule"]) != (name, seed, schedule):
+            raise models.UsageError(f"{resume} is another run: delete it, or give that run's options")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        run = saved["run"]
+    bar = tqdm(total=schedule["steps"], initial=run["step"], desc=name, unit="step")
+    stop = []                                             # Ctrl-C: stop at the end of the step under way
+    interrupt = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    try:
+        while run["step"] < schedule["steps"] and not stop:
+            t0 = time.perf_counter()
+            windows = random_windows(train_ids, schedule["batch_size"], schedule["length"], generator)
+            run["recent"].append(train_step(model, optimizer, windows, learning_rate(run["step"], schedule),
+                                            schedule["clip"]))
+            run["step"] += 1
+            if run["step"] % curve_every == 0 or run["step"] == schedule["steps"]:
+                mean = sum(run["recent"]) / len(run["recent"]) / math.log(2)
+                run["curve"].append([run["step"], mean, heldout_bits_per_char(model, heldout[:4])])
+                run["recent"] = []
+                bar.set_postfix_str(f"train {mean:.2f} bits/char, held-out {run['curve'][-1][2]:.2f}")
+            run["seconds"] += time.perf_counter() - t0
+            bar.update()
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+        bar.close()
+    if stop:
+        os.makedirs(out, exist_ok=True)
+        torch.save({"name": name, "seed": seed, "schedule": schedule, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "run": run}, resume)
+        raise KeyboardInterrupt(f"saved step {run['step']} of {schedule['steps']} in {resume}: run the same command "
+                                "again to resume")
+    save_checkpoint(model.eval(), TOY_CONFIGS[name], out)
+    log = training_log(name, seed, schedule, run, models.load(out))       # measured on the saved (bf16) weights
+    with open(os.path.join(out, "training-log.json"), "w") as f:
+        json.dump(log, f, indent=1)
+    if os.path.exists(resume):
+        os.remove(resume)
+    return log
+
+
+def training_log(name, seed, schedule, run, model):
+    """What a rerun needs to match, what the run took, its loss curve, and the held-out loss of the saved model and of
+    each of its drafts (bits per character on heldout_windows())."""
+    windows = heldout_windows()
+    drafts = [d for d in hsd.DRAFTS if d != "none" and (d != "component" or model.config.family != "qwen2")]
+    return {
+        "model": name, "seed": seed, "schedule": schedule, "characters": schedule["steps"] * schedule["batch_size"]
+        * schedule["length"], "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "seconds": round(run["seconds"], 1),
+        "text_sha256": {split: hashlib.sha256(read_text(split).encode()).hexdigest() for split in ("train", "heldout")},
+        "curve": {"columns": ["step", "train bits/char", "held-out bits/char (first 4 windows)"], "rows": run["curve"]},
+        "heldout": {"windows": HELDOUT_WINDOWS, "length": WINDOW, "bits_per_char": {
+            "full": heldout_bits_per_char(model, windows),
+            **{d: heldout_bits_per_char(model, windows, hsd.draft_skip(model.config, d)) for d in drafts}}},
+    }
+
+
+def machine():
+    """The processor, as /proc/cpuinfo names it (else platform's word), and the number of cores."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+# --- Saving in the official layout ------------------------------------------------------------------------------
+def write_safetensors(tensors, path):
+    """The safetensors format by hand: 8-byte header length, JSON header, raw bytes (safetensors' own writer needs
+    NumPy, which hsd does not)."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        data = ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+        dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}[t.dtype]
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)                                  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def checkpoint_tensors(model):
+    """The model's tensors under the checkpoint's names (models.checkpoint_name read backwards)."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        if name == "model.norm.weight" and model.config.family == "falcon_h1":
+            name = "model.final_layernorm.weight"
+        tensors[name] = p
+    return tensors
+
+
+def save_checkpoint(model, hf_config, folder, dtype=torch.bfloat16):
+    """config.json, tokenizer.json (the character tokenizer) and model.safetensors (in dtype) in folder."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**hf_config, "torch_dtype": str(dtype).removeprefix("torch.")}, f, indent=1)
+    models.char_tokenizer().save(os.path.join(folder, "tokenizer.json"))
+    tensors = {name: p.to(dtype) for name, p in checkpoint_tensors(model).items()}
+    write_safetensors(tensors, os.path.join(folder, "model.safetensors"))
+
+
+# --- Are they worth looking at: words ---------------------------------------------------------------------------
+PUNCTUATION = "\"'()[]{}.,;:!?`*"
+
+
+def words(text):
+    """The whitespace-separated words of text, without the punctuation around them (empty ones left out)."""
+    return [w for w in (w.strip(PUNCTUATION) for w in text.split()) if w]
+
+
+def word_rate(generated, vocabulary):
+    """(share of the generated words that occur in vocabulary, number of different generated words). The last word
+    is left out when the text does not end in whitespace: a continuation cut at a length can cut a word."""
+    found = words(generated if generated[-1:].isspace() else generated.rsplit(None, 1)[0] if generated.split() else "")
+    return (sum(w in vocabulary for w in found) / len(found) if found else 0.0), len(set(found))
+
+
+def continuation(model, tokenizer, prompt, characters=300, temperature=0.0, seed=0):
+    """The model's continuation of prompt, `characters` characters long (plain decoding; greedy or at a temperature)."""
+    tokens, _ = hsd.generate(model, tokenizer.encode(prompt).ids, characters, draft="none", temperature=temperature,
+                             seed=seed)
+    return tokenizer.decode(tokens)
+
+
+# --- The text: how toys/text was made from Python's documentation -----------------------------------------------
+# Source: the reStructuredText sources of Python 3.11's documentation as Debian ships them (package python3.11-doc
+# 3.11.2-6+deb12u8, /usr/share/doc/python3.11/html/_sources), under the PSF License (toys/text/LICENSE.txt).
+SECTIONS = ["tutorial", "howto", "faq", "reference", "glossary.rst.txt", "library"]
+TO_ASCII = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "--",
+            "\u2026": "...", "\u00a0": " ", "\u2022": "*", "\u00d7": "x", "\u2192": "->"}
+UNDERLINE = re.compile(r"([=\-~^*#+\"'`.:_])\1{2,}")
+
+
+def plain(text):
+    """reStructuredText inline markup as plain ASCII text: roles, literals, links and emphasis keep their words."""
+    text = re.sub(r":[\w:+.-]+:`([^`<]*?)\s*<[^`>]*>`", r"\1", text)             # :role:`title <target>`
+    text = re.sub(r":[\w:+.-]+:`~([^`]*)`", lambda m: m.group(1).split(".")[-1], text)   # :role:`~a.b.c` -> c
+    text = re.sub(r":[\w:+.-]+:`!?([^`]*)`", r"\1", text)                          # :role:`text`
+    text = re.sub(r"`([^`<]*?)\s*<[^`>]*>`__?", r"\1", text)                       # `title <url>`_
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    text = re.sub(r"`([^`]*)`_?_?", r"\1", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"\1", text)
+    text = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"\1", text)
+    text = re.sub(r"\|[\w -]+\|_?|\[#\w*\]_", "", text)                             # substitutions, footnotes
+    text = unicodedata.normalize("NFKD", "".join(TO_ASCII.get(ch, ch) for ch in text))
+    return re.sub(r"\s+", " ", text.encode("ascii", "ignore").decode()).strip()
+
+
+def prose(source):
+    """The paragraphs of a reStructuredText document as plain text, one per item; headings are paragraphs of their
+    own; directives, comments, literal blocks (after "::"), doctest lines and tables are left out."""
+    lines, out, paragraph, skip_deeper_than, literal = source.splitlines(), [], [], None, False
+
+    def end_paragraph():
+        nonlocal paragraph, literal
+        if paragraph:
+            text = " ".join(paragraph)
+            literal = text.endswith("::")                   # an indented literal block follows
+            text = plain(re.sub(r"\s*::$", ":", text))
+            if text and not UNDERLINE.fullmatch(text.replace(" ", "")):
+                out.append(text)
+        paragraph = []
+
+    for i, line in enumerate(lines):
+        stripped, indent = line.strip(), len(line) - len(line.lstrip())
+        if skip_deeper_than is not None and (not stripped or indent > skip_deeper_than):
+            continue                                        # inside a directive or a literal block
+        skip_deeper_than = None
+        if not stripped:
+            end_paragraph()
+        elif literal and not paragraph and indent > 0:
+            skip_deeper_than, literal = indent - 1, False
+        elif stripped.startswith(".."):
+            end_paragraph()
+            skip_deeper_than = indent
+        elif UNDERLINE.fullmatch(stripped) or re.match(r"(>>>|\.\.\.|\+[-=]|={3,} )", stripped):
+            end_paragraph()
+        elif not paragraph and i + 1 < len(lines) and UNDERLINE.fullmatch(lines[i + 1].strip()):
+            out.append(plain(stripped))                      # a heading
+        else:
+            literal = False
+            paragraph.append(stripped)
+    end_paragraph()
+    return out
+
+
+def make_text(sources, train_bytes=1_750_000, heldout_every=10):
+    """toys/text/train.txt and heldout.txt from the documentation's sources: the documents of SECTIONS in order,
+    every heldout_every-th one held out, until the training part reaches train_bytes."""
+    documents = []
+    for section in SECTIONS:
+        path = os.path.join(sources, section)
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names if name.endswith(".txt"))
+        documents += files
+    parts = {"train": [], "heldout": []}
+    for i, file in enumerate(documents):
+        if sum(len(p) + 1 for p in parts["train"]) >= train_bytes:
+            break
+        with open(file, encoding="utf-8") as f:
+            parts["heldout" if i % heldout_every == heldout_every - 1 else "train"] += prose(f.read())
+    for split, paragraphs in parts.items():
+        with open(os.path.join(TEXT_DIR, f"{split}.txt"), "w", encoding="ascii") as f:
+            f.write("\n".join(paragraphs) + "\n")
+
+
+# --- Command line -------------------------------------------------------------------------------------------------
+README_PROMPT = "The function returns"      # the README's demo prompt
+
+
+def lr_check(name, rates=(1.5e-3, 3e-3, 6e-3), steps=80, seed=0):
+    """A short run (the schedule compressed to `steps`) at each peak learning rate: {rate: held-out bits/char}."""
+    results = {}
+    for rate in rates:
+        schedule = {**SCHEDULE, "steps": steps, "warmup": steps // 10, "lr": rate}
+        out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hsd-lr-check-{name}-{rate}")
+        results[rate] = train(name, out, seed, schedule)["heldout"]["bits_per_char"]["full"]
+    return results
+
+
+def report():
+    """Held-out bits per character and the word rates of greedy and T=0.6 continuations, for each toy and, for
+    contrast, each random tiny model: {model: {...}}."""
+    vocabulary = set(words(read_text("train")))
+    tokenizer, rows = models.char_tokenizer(), {}
+    for name in [*models.TOYS, *models.TINY]:
+        model = models.load(name)
+        row = rows[name] = {"bits_per_char": heldout_bits_per_char(model, heldout_windows())}
+        for label, temperature in (("greedy", 0.0), ("T=0.6", 0.6)):
+            text = continuation(model, tokenizer, README_PROMPT, temperature=temperature)
+            row[label] = {"text": text, **dict(zip(("word_rate", "different_words"), word_rate(text, vocabulary)))}
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train hsd's toy models (README, 'Trained toy models').")
+    p.error = lambda message: p.exit(2, f"hsd_train: error: {message} (see --help)\n")
+    p.add_argument("--model", choices=list(TOY_CONFIGS), help="train this toy from scratch (or resume its run)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batches (default: 0)")
+    p.add_argument("--out", help="folder for the checkpoint (default: toys/NAME, the shipped one)")
+    p.add_argument("--steps", type=int, default=SCHEDULE["steps"],
+                   help=f"training steps (default: {SCHEDULE['steps']})")
+    p.add_argument("--lr-check", action="store_true", help="with --model: short runs at three peak learning rates")
+    p.add_argument("--report", action="store_true", help="held-out loss and word rates of the toys and tiny models")
+    p.add_argument("--make-text", metavar="SOURCES", help="write toys/text from Python's documentation sources")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    args = p.parse_args(argv)
+    try:
+        if args.make_text:
+            make_text(args.make_text)
+            result = {split: len(read_text(split)) for split in ("train", "heldout")}
+        elif args.report:
+            result = report()
+            for name, row in result.items():
+                print(f"{name:15} {row['bits_per_char']:.3f} bits/char held out; words found in the training text: "
+                      f"greedy {row['greedy']['word_rate']:.0%} ({row['greedy']['different_words']} different), "
+                      f"T=0.6 {row['T=0.6']['word_rate']:.0%} ({row['T=0.6']['different_words']} different)")
+        elif args.model and args.lr_check:
+            result = lr_check(args.model)
+            print(", ".join(f"peak lr {rate:g}: {bits:.3f} bits/char held out" for rate, bits in result.items()))
+        elif args.model:
+            if args.steps < 1:
+                raise models.UsageError(f"--steps must be at least 1 (got {args.steps})")
+            out = args.out or models.TOYS[args.model]
+            result = train(args.model, out, args.seed, {**SCHEDULE, "steps": args.steps})
+            print(f"{args.model}: {result['seconds'] / 60:.1f} min, held-out bits/char " + ", ".join(
+                f"{d} {b:.3f}" for d, b in result["heldout"]["bits_per_char"].items()) + f"; saved in {out}")
+        else:
+            raise models.UsageError("give --model NAME (to train), --report or --make-text SOURCES")
+    except models.UsageError as e:
+        print(f"hsd_train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"\nhsd_train: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
