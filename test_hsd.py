@@ -1,20 +1,27 @@
-"""Tests for hsd: the models against the official implementation, the scans, loading, and lossless speculation.
+"""Tests for hsd, and the course's exercise tools.
 
-Run: python -m pytest -q test_hsd.py        (offline, ~2 minutes on 2 cores; transformers is a test-only oracle)
-Benchmark against transformers, and the cost of speculation:  python test_hsd.py --bench falcon-h1-0.5b   (see README,
-"Speed" and "The cost model")
+  python -m pytest -q test_hsd.py                     the tests: offline, a few minutes on 2 cores (README)
+  python test_hsd.py --exercises                      the exercises, what each depends on, and its grading command
+  python test_hsd.py --blank NAME[,NAME] --out DIR    a handout: the project with those functions left to write
+
+transformers is a test-only oracle: the tests that compare with it are skipped where it is not installed. The first
+tests of each part are the ones a reader should believe first; the exercises' grading tests are ordinary tests of
+this file whose failure messages speak a student's language (README, "Exercises").
 """
 import ast
-import ctypes
+import difflib
+import hashlib
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from collections import namedtuple
@@ -25,9 +32,16 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch
 import pytest  # noqa: E402
 import tokenizers.processors  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+import hsd  # noqa: E402
+import hsd_bench  # noqa: E402
+import hsd_eval  # noqa: E402
+import hsd_train  # noqa: E402
 import models  # noqa: E402
 
+HANDOUT = False        # True in a handout (--blank sets it): the grader's self-check is the instructor's, not there
+HERE = os.path.dirname(os.path.abspath(__file__))
 FAMILIES = list(models.TINY)
 PROMPTS_IDS = models.char_tokenizer().encode("The cat sat on the mat.").ids
 
@@ -35,6 +49,16 @@ PROMPTS_IDS = models.char_tokenizer().encode("The cat sat on the mat.").ids
 def rel_err(a, b):
     """Relative RMS error of a against the reference b."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def close(a, b, tolerance=1e-6):
+    return a.shape == b.shape and rel_err(a, b) < tolerance
+
+
+def teach(ok, message):
+    """Unless ok, fail with the message alone: no traceback, no values (what a student reads first)."""
+    if not ok:
+        pytest.fail(message, pytrace=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -47,7 +71,7 @@ def test_step_by_step_equals_full_forward(name):
     full = model(ids)                                                      # (B, T, V), no cache
     cache = models.Cache(model, max_len=40, batch_size=2)
     steps = torch.cat([model(ids[:, t:t + 1], cache) for t in range(40)], dim=1)
-    assert rel_err(steps, full) < 1e-4
+    assert rel_err(steps, full) < 1e-4, "feeding one token at a time through the cache gives other logits"
     assert cache.length == 40
 
 
@@ -58,8 +82,8 @@ def test_prefill_then_continue_equals_full_forward(name):
     ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(1))
     full = model(ids)
     cache = models.Cache(model, max_len=60)
-    parts = [model(ids[:, :21], cache), model(ids[:, 21:50], cache), model(ids[:, 50:], cache, record_states=True)]
-    assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
+    parts = [model(ids[:, :21], cache), model(ids[:, 21:50], cache), model(ids[:, 50:], cache, record_states=True)[0]]
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-4, "prefill, continuation and a recording pass disagree"
 
 
 def test_gradients_flow():
@@ -80,104 +104,184 @@ def test_a_call_that_does_not_fit_the_cache_changes_nothing():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Each scan: the chunked form equals the recurrent definition
+# Each scan: its definition, and its faster forms against it
 
-def mamba_inputs(T, H=4, P=8, N=6, seed=0):
+def mamba_inputs(T, H=4, P=8, N=6, seed=0, start=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, T, H, P, generator=g)
-    dt = torch.nn.functional.softplus(torch.randn(2, T, H, generator=g))
+    dt = F.softplus(torch.randn(2, T, H, generator=g))
     A = -torch.rand(H, generator=g) * 4 - 0.1
     B, C = torch.randn(2, T, H, N, generator=g), torch.randn(2, T, H, N, generator=g)
-    state = torch.randn(2, H, P, N, generator=g)
+    state = torch.randn(2, H, P, N, generator=g) * start
     return x, dt, A, B, C, state
 
 
-def deltanet_inputs(T, H=4, dk=8, dv=6, seed=0):
+def deltanet_inputs(T, H=4, dk=8, dv=6, seed=0, start=True):
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(2, T, H, dk, generator=g), torch.randn(2, T, H, dk, generator=g)
     q, k = q / q.norm(dim=-1, keepdim=True) / math.sqrt(dk), k / k.norm(dim=-1, keepdim=True)
     v = torch.randn(2, T, H, dv, generator=g)
     decay = -torch.rand(2, T, H, generator=g) * 2            # log decay
     beta = torch.rand(2, T, H, generator=g)
-    state = torch.randn(2, H, dk, dv, generator=g)
+    state = torch.randn(2, H, dk, dv, generator=g) * start
     return q, k, v, decay, beta, state
 
 
-@pytest.mark.parametrize("T", [1, 7, 16, 17, 40, 63], ids=lambda T: f"T{T}")
+def conv_by_torch(inputs, weight, bias):
+    """PyTorch's own depthwise conv1d over inputs (1, K-1+T, C) -> (1, T, C), no activation."""
+    return F.conv1d(inputs.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
+
+
+def test_causal_conv_reads_its_window():
+    """y_t = silu(bias + sum_j w_j inputs_{t+j}) over inputs = window ++ x, the window being the K-1 inputs before x
+    (as PyTorch's conv1d computes it); restarting from the window after token t continues exactly."""
+    C, K, T = 3, 4, 5
+    g = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(C, 1, K, generator=g), torch.randn(C, generator=g)
+    x, window = torch.randn(1, T, C, generator=g), torch.randn(1, K - 1, C, generator=g)
+    y, inputs = models.causal_conv(x, window, weight, bias)
+    everything = torch.cat([window, x], dim=1)                                     # (1, K-1+T, C)
+    if not close(y, F.silu(conv_by_torch(everything, weight, bias))):
+        teach(not close(y, F.silu(conv_by_torch(torch.cat([torch.zeros_like(window), x], 1), weight, bias))),
+              "y ignores the window: the first K-1 outputs need the K-1 inputs before this call, which is why the "
+              "window is part of the recurrent state")
+        teach(not close(y, F.silu(conv_by_torch(everything, weight.flip(-1), bias))),
+              "the taps are reversed: weight[c, 0, K-1] multiplies the newest input, weight[c, 0, 0] the oldest")
+        teach(not close(y, conv_by_torch(everything, weight, bias)), "the SiLU after the convolution is missing")
+        teach(False, "y is not silu(bias + sum_j weight[c, 0, j] * inputs[t + j]) over inputs = window ++ x")
+    teach(close(inputs, everything), "the second output must be every input seen: the window, then x")
+    for t in range(T - 1):
+        rest, _ = models.causal_conv(x[:, t + 1:], inputs[:, t + 1:t + K], weight, bias)
+        teach(close(rest, y[:, t + 1:]), f"restarting after token {t} from its window inputs[:, t+1 : t+K] does not "
+                                         "continue the output")
+
+
+def test_ssd_recurrence_is_the_definition():
+    """s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T and y_t = s_t C_t, written head by head with an outer product (2
+    sequences, 2 heads, 3 tokens); the state passed in stays as it was."""
+    x, dt, A, B, C, s0 = mamba_inputs(3, H=2, P=3, N=4)
+    s0_before = s0.clone()
+    y, states = models.ssd_recurrent(x, dt, A, B, C, s0)
+    teach(torch.equal(s0, s0_before), "the state passed in was changed: the recurrence must make new tensors and "
+                                      "leave the old state as it was (a snapshot is a reference to it)")
+    teach(len(states) == 3, f"states must hold the state after each of the 3 tokens, not {len(states)}")
+    for b in range(2):
+        for h in range(2):
+            s = s0[b, h]                                                        # (P, N)
+            for t in range(3):
+                decay, write = torch.exp(dt[b, t, h] * A[h]), dt[b, t, h] * torch.outer(x[b, t, h], B[b, t, h])
+                ours = states[t][b, h]
+                if not close(ours, decay * s + write):
+                    teach(not close(ours, decay * (s + write)), f"token {t}: the decay was applied after adding the "
+                                                                "input; exp(dt A) decays the old state only")
+                    teach(not close(ours, s + write), f"token {t}: the old state was not decayed by exp(dt A)")
+                    teach(not close(ours, decay * s + write / dt[b, t, h]), f"token {t}: the input term lacks dt: it "
+                                                                            "is dt x B^T")
+                    teach(False, f"the state after token {t} is not exp(dt A) s + dt x B^T")
+                if not close(y[b, t, h], (decay * s + write) @ C[b, t, h]):
+                    teach(not close(y[b, t, h], s @ C[b, t, h]), f"y at token {t} read the state before the update: "
+                                                                 "y_t = s_t C_t reads the new state")
+                    teach(False, f"y at token {t} is not s_t C_t")
+                s = decay * s + write
+
+
+def test_gated_delta_rule_is_the_definition():
+    """Decay the memory, predict with the decayed memory, write beta times the error, read with the updated memory:
+    S_t = exp(g_t) (I - beta k k^T) S_{t-1} + beta k v^T and o_t = S_t^T q_t, head by head (2 sequences, 2 heads,
+    3 tokens); the memory passed in stays as it was."""
+    q, k, v, g, beta, s0 = deltanet_inputs(3, H=2, dk=4, dv=3)
+    s0_before = s0.clone()
+    o, states = models.gated_delta_rule_recurrent(q, k, v, g, beta, s0)
+    teach(torch.equal(s0, s0_before), "the memory passed in was changed: the rule must make new tensors and leave the "
+                                      "old memory as it was (a snapshot is a reference to it)")
+    teach(len(states) == 3, f"states must hold the memory after each of the 3 tokens, not {len(states)}")
+    for b in range(2):
+        for h in range(2):
+            S = s0[b, h]                                                        # (dk, dv)
+            for t in range(3):
+                kt, vt, bt, decayed = k[b, t, h], v[b, t, h], beta[b, t, h], torch.exp(g[b, t, h]) * S
+                expected = decayed + bt * torch.outer(kt, vt - decayed.T @ kt)
+                ours = states[t][b, h]
+                if not close(ours, expected):
+                    teach(not close(ours, decayed + bt * torch.outer(kt, vt - S.T @ kt)), f"token {t}: the prediction "
+                          "S^T k used the memory before its decay: decay first, then predict")
+                    teach(not close(ours, decayed + torch.outer(kt, vt - decayed.T @ kt)), f"token {t}: the write "
+                          "lacks beta: S' + k (beta (v - S'^T k))^T")
+                    teach(not close(ours, torch.exp(g[b, t, h]) * (S + bt * torch.outer(kt, vt - S.T @ kt))),
+                          f"token {t}: the decay was applied after the write: decay the old memory, then write")
+                    teach(False, f"the memory after token {t} is not S' + k (beta (v - S'^T k))^T with S' = exp(g) S")
+                if not close(o[b, t, h], expected.T @ q[b, t, h]):
+                    teach(not close(o[b, t, h], decayed.T @ q[b, t, h]), f"the output at token {t} read the memory "
+                          "before the write: o_t = S_t^T q_t reads the updated memory")
+                    teach(False, f"the output at token {t} is not S_t^T q_t")
+                S = expected
+
+
+def first_difference_position(a, b):
+    """The first position (dim 1) where a and b differ beyond fp32 rounding, or None."""
+    diff = (a - b).abs().flatten(2).amax(-1).amax(0)                                  # (T,)
+    wrong = (diff > 1e-4 * (b.abs().max() + 1)).nonzero()
+    return int(wrong[0]) if len(wrong) else None
+
+
+def check_chunked(recurrent, chunked, args, chunk=16):
+    """The chunked form against the recurrence, chunk by chunk: where it first leaves the recurrence tells which of its
+    steps is wrong."""
+    y_ref, states = recurrent(*args)
+    y, final = chunked(*args, chunk_size=chunk)
+    teach(y.shape == y_ref.shape, f"the output has shape {tuple(y.shape)}, not {tuple(y_ref.shape)}")
+    p = first_difference_position(y, y_ref)
+    teach(p is None or p >= chunk, f"the output differs already in the first chunk (position {p}): the part within "
+                                   "a chunk (the decays between its positions, or what it reads from the start state)")
+    teach(p is None, f"the first chunk is right, the output differs from position {p} (chunk {(p or 0) // chunk}) on: "
+                     "what a chunk passes on to the next, its start state decayed over the chunk plus its own writes, "
+                     "is wrong")
+    T = args[0].shape[1]
+    teach(rel_err(final, states[-1]) < 1e-5, "every output is right but the final state is not: what the last chunk "
+                                             "passes on, its start state decayed over the chunk plus its own writes" +
+          (", is wrong, or its padding changed the state (padding must neither decay nor write it)" if T % chunk else
+           ", is wrong"))
+
+
+@pytest.mark.parametrize("T", [1, 7, 16, 17, 40, 53, 63], ids=lambda T: f"T{T}")
 def test_ssd_chunked_equals_recurrent(T):
-    args = mamba_inputs(T)
-    y_ref, states = models.ssd_recurrent(*args)
-    y, final = models.ssd_chunked(*args, chunk_size=16)
-    assert rel_err(y, y_ref) < 1e-5
-    assert rel_err(final, states[-1]) < 1e-5        # padding of the last partial chunk did not move the state
+    check_chunked(models.ssd_recurrent, models.ssd_chunked, mamba_inputs(T))
 
 
-@pytest.mark.parametrize("T", [1, 7, 16, 17, 40, 63], ids=lambda T: f"T{T}")
+@pytest.mark.parametrize("T", [1, 7, 16, 17, 40, 53, 63], ids=lambda T: f"T{T}")
 def test_gated_delta_rule_chunked_equals_recurrent(T):
-    args = deltanet_inputs(T)
-    o_ref, states = models.gated_delta_rule_recurrent(*args)
-    o, final = models.gated_delta_rule_chunked(*args, chunk_size=16)
-    assert rel_err(o, o_ref) < 1e-5
-    assert rel_err(final, states[-1]) < 1e-5
+    check_chunked(models.gated_delta_rule_recurrent, models.gated_delta_rule_chunked, deltanet_inputs(T))
+
+
+def check_states(recurrent, batched, inputs, T, start_hint, empty_hint):
+    """A verify pass's batched form against the recurrence: the outputs and the state after every token, first from
+    an empty start state, then from a random one."""
+    for start, hint in ((False, empty_hint), (True, start_hint)):
+        args = inputs(T, start=start)
+        y_ref, states_ref = recurrent(*args)
+        y, states = batched(*args)
+        teach(len(states) == T, f"states must hold the state after each of the {T} tokens, not {len(states)}")
+        right = close(y, y_ref, 1e-5) and all(close(states[t], states_ref[t], 1e-5) for t in range(T))
+        teach(right, hint)
 
 
 @pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
 def test_ssd_states_equal_recurrent(T):
-    """The verify pass's batched form: the output and the state after every token, as the recurrence gives them."""
-    args = mamba_inputs(T)
-    y_ref, states_ref = models.ssd_recurrent(*args)
-    y, states = models.ssd_states(*args)
-    assert rel_err(y, y_ref) < 1e-5 and len(states) == T
-    for t in range(T):
-        assert rel_err(states[t], states_ref[t]) < 1e-5
+    """The verify pass's batched Mamba-2 form: the output and the state after every token, as the recurrence gives."""
+    check_states(models.ssd_recurrent, models.ssd_states, mamba_inputs, T,
+                 "from an empty start state the outputs and states are right, from another they are not: the start "
+                 "state's share of s_t is exp(a_1 + ... + a_t) s_0, token t's own decay included",
+                 "even from an empty start state the outputs or states differ from the recurrence: the decays between "
+                 "tokens, exp(a_(s+1) + ... + a_t) (segsum), or the writes dt_s x_s B_s^T")
 
 
 @pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
 def test_gated_delta_rule_states_equal_recurrent(T):
-    args = deltanet_inputs(T)
-    o_ref, states_ref = models.gated_delta_rule_recurrent(*args)
-    o, states = models.gated_delta_rule_states(*args)
-    assert rel_err(o, o_ref) < 1e-5 and len(states) == T
-    for t in range(T):
-        assert rel_err(states[t], states_ref[t]) < 1e-5
-
-
-def test_ssd_recurrence_is_the_definition():
-    """Two tokens by hand: s1 = exp(dt1 A) s0 + dt1 x1 B1^T, y1 = s1 C1 (one head, one batch element)."""
-    x, dt, A, B, C, s0 = mamba_inputs(2, H=1, P=3, N=2)
-    y, states = models.ssd_recurrent(x, dt, A, B, C, s0)
-    s = s0[0, 0]
-    for t in range(2):
-        s = torch.exp(dt[0, t, 0] * A[0]) * s + dt[0, t, 0] * torch.outer(x[0, t, 0], B[0, t, 0])
-        assert torch.allclose(states[t][0, 0], s, atol=1e-6)
-        assert torch.allclose(y[0, t, 0], s @ C[0, t, 0], atol=1e-6)
-
-
-def test_gated_delta_rule_is_the_definition():
-    """S_t = exp(g) (I - beta k k^T) S_{t-1} + beta k v^T and o_t = S_t^T q_t (one head, one batch element)."""
-    q, k, v, g, beta, s0 = deltanet_inputs(2, H=1, dk=3, dv=2)
-    o, states = models.gated_delta_rule_recurrent(q, k, v, g, beta, s0)
-    S = s0[0, 0]
-    for t in range(2):
-        kt, b = k[0, t, 0], beta[0, t, 0]
-        S = torch.exp(g[0, t, 0]) * (torch.eye(3) - b * torch.outer(kt, kt)) @ S + b * torch.outer(kt, v[0, t, 0])
-        assert torch.allclose(states[t][0, 0], S, atol=1e-6)
-        assert torch.allclose(o[0, t, 0], S.T @ q[0, t, 0], atol=1e-6)
-
-
-def test_causal_conv_window():
-    """The conv reads its left context from the window; restarting from the window after token t continues exactly."""
-    C, K, T = 3, 4, 5
-    g = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(C, 1, K, generator=g), torch.randn(C, generator=g)
-    x, window = torch.randn(1, T, C, generator=g), torch.randn(1, K - 1, C, generator=g)
-    y, inputs = models.causal_conv(x, window, weight, bias)
-    channels_first = torch.cat([window, x], dim=1).transpose(1, 2)
-    expected = torch.nn.functional.silu(torch.nn.functional.conv1d(channels_first, weight, bias, groups=C))
-    assert torch.allclose(y, expected.transpose(1, 2), atol=1e-6)
-    for t in range(T - 1):
-        rest, _ = models.causal_conv(x[:, t + 1:], inputs[:, t + 1:t + K], weight, bias)
-        assert torch.allclose(rest, y[:, t + 1:], atol=1e-6)
+    check_states(models.gated_delta_rule_recurrent, models.gated_delta_rule_states, deltanet_inputs, T,
+                 "from an empty start memory the outputs and states are right, from another they are not: the start "
+                 "memory's part, the values written subtract what the decayed start memory predicts, exp(c_t) S_0^T k_t",
+                 "even from an empty start memory the outputs or states differ: the values written solve "
+                 "(I + M) u = beta v with M strictly below the diagonal, a unit-triangular system")
 
 
 @pytest.mark.parametrize("T", range(1, 10), ids=lambda T: f"T{T}")
@@ -187,17 +291,17 @@ def test_recorded_states_equal_one_token_at_a_time(name, T):
     the recurrent state, and the conv window, whose K-1 = 3 inputs reach back before the pass for the first tokens."""
     model = models.load(name)
     ids = torch.randint(0, 97, (1, 20 + T), generator=torch.Generator().manual_seed(2))
-    recorded, stepped = models.Cache(model, 20 + T), models.Cache(model, 20 + T)
-    model(ids[:, :20], recorded), model(ids[:, :20], stepped)
-    model(ids[:, 20:], recorded, record_states=True)
+    recording, stepped = models.Cache(model, 20 + T), models.Cache(model, 20 + T)
+    model(ids[:, :20], recording), model(ids[:, :20], stepped)
+    _, recorded = model(ids[:, 20:], recording, record_states=True)
+    assert [r is not None for r in recorded] == [s.ssm is not None for s in stepped.layers]
     for t in range(T):
         model(ids[:, 20 + t:21 + t], stepped)
-        for rec, step in zip(recorded.layers, stepped.layers):
-            if rec.recorded is None:
-                continue
-            K1 = step.conv.shape[1]
-            assert rel_err(rec.recorded.conv_inputs[:, t + 1:t + 1 + K1], step.conv) < 1e-4
-            assert rel_err(rec.recorded.states[t], step.ssm) < 1e-4
+        for kept, step in zip(recorded, stepped.layers):
+            if kept:
+                K1 = step.conv.shape[1]
+                assert rel_err(kept.conv_inputs[:, t + 1:t + 1 + K1], step.conv) < 1e-4, "conv window after token t"
+                assert rel_err(kept.states[t], step.ssm) < 1e-4, "recurrent state after token t"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,62 +399,14 @@ def test_checkpoint_layouts(official):
         assert all(k.startswith(("model.language_model.", "model.visual.", "mtp.")) for k in keys)
 
 
-# The official config.json files of the supported models (byte-exact copies, see README "What was verified")
-OFFICIAL_CONFIGS = {
-    "falcon-h1-0.5b": {
-        "architectures": ["FalconH1ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "attention_in_multiplier": 1.0, "attention_out_multiplier": 0.9375, "attn_layer_indices": None,
-        "bos_token_id": 1, "embedding_multiplier": 5.656854249492381, "eos_token_id": 11, "head_dim": 64,
-        "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 2048,
-        "key_multiplier": 0.39062499999999994, "lm_head_multiplier": 0.0390625, "mamba_chunk_size": 128,
-        "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 64, "mamba_d_ssm": 1536, "mamba_d_state": 128,
-        "mamba_expand": 2, "mamba_n_groups": 1, "mamba_n_heads": 24, "mamba_norm_before_gate": False,
-        "mamba_proj_bias": False, "mamba_rms_norm": False, "mamba_use_mlp": True, "max_position_embeddings": 16384,
-        "mlp_bias": False, "mlp_expansion_factor": 8, "mlp_multipliers": [0.8838834764831844, 0.5859375],
-        "model_type": "falcon_h1", "num_attention_heads": 8, "num_hidden_layers": 36, "num_key_value_heads": 2,
-        "num_logits_to_keep": 1, "pad_token_id": 0, "projectors_bias": False, "rms_norm_eps": 1e-05,
-        "rope_scaling": None, "rope_theta": 100000000000.0, "ssm_in_multiplier": 1.25,
-        "ssm_multipliers": [0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
-        "ssm_out_multiplier": 0.23570226039551587, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.52.0.dev0", "use_cache": True, "vocab_size": 32784},
-    "qwen3.5-0.8b": {
-        "architectures": ["Qwen3_5ForConditionalGeneration"], "image_token_id": 248056, "model_type": "qwen3_5",
-        "text_config": {
-            "attention_bias": False, "attention_dropout": 0.0, "attn_output_gate": True, "dtype": "bfloat16",
-            "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu",
-            "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3584,
-            "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6, "linear_conv_kernel_dim": 4,
-            "linear_key_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
-            "linear_value_head_dim": 128, "max_position_embeddings": 262144, "mlp_only_layers": [],
-            "model_type": "qwen3_5_text", "mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False,
-            "num_attention_heads": 8, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
-            "tie_word_embeddings": True, "use_cache": True, "vocab_size": 248320, "mamba_ssm_dtype": "float32",
-            "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_type": "default",
-                                "rope_theta": 10000000, "partial_rotary_factor": 0.25}},
-        "tie_word_embeddings": True, "transformers_version": "4.57.0.dev0", "video_token_id": 248057,
-        "vision_config": {
-            "deepstack_visual_indexes": [], "depth": 12, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 768,
-            "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 3072, "model_type": "qwen3_5",
-            "num_heads": 12, "num_position_embeddings": 2304, "out_hidden_size": 1024, "patch_size": 16,
-            "spatial_merge_size": 2, "temporal_patch_size": 2},
-        "vision_end_token_id": 248054, "vision_start_token_id": 248053},
-    "qwen2.5-0.5b": {
-        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
-        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
-        "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
-        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-        "transformers_version": "4.40.1", "use_cache": True, "use_mrope": False, "use_sliding_window": False,
-        "vocab_size": 151936},
-}
 PARAMETERS = {"falcon-h1-0.5b": 521_411_104, "qwen3.5-0.8b": 752_393_024, "qwen2.5-0.5b": 494_032_768}
 
 
-@pytest.mark.parametrize("name", list(OFFICIAL_CONFIGS))
+@pytest.mark.parametrize("name", list(PARAMETERS))
 def test_official_configs_give_the_official_tensors(name):
     """Built from the official config.json, our model expects exactly transformers' tensor names and shapes."""
     tf = pytest.importorskip("transformers")
-    cfg = OFFICIAL_CONFIGS[name]
+    cfg = hsd_bench.OFFICIAL_CONFIGS[name]
     with torch.device("meta"):
         ours = models.Model(models.config_from_hf(cfg))
         if cfg["model_type"] == "qwen3_5":     # the text model; its checkpoint names carry model.language_model.
@@ -366,22 +422,6 @@ def test_official_configs_give_the_official_tensors(name):
 # ----------------------------------------------------------------------------------------------------------
 # Loading: round trip and the errors a user can cause
 
-def write_safetensors(tensors, path):
-    """The safetensors format by hand: 8-byte header length, JSON header, raw bytes (safetensors' own writer needs
-    numpy, which the project does not)."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        t = t.detach().contiguous()
-        size = t.numel() * t.element_size()
-        dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}[t.dtype]
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        blobs.append(ctypes.string_at(t.data_ptr(), size))
-        offset += size
-    head = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
-
-
 def save_checkpoint(model, path, cfg, drop=(), reshape=()):
     """Write model in the official layout (config.json + model.safetensors), optionally damaged."""
     os.makedirs(path, exist_ok=True)
@@ -390,7 +430,7 @@ def save_checkpoint(model, path, cfg, drop=(), reshape=()):
     tensors = {k: v for k, v in model.named_parameters() if k not in drop}
     for k in reshape:
         tensors[k] = tensors[k][:-1]
-    write_safetensors(tensors, os.path.join(path, "model.safetensors"))
+    hsd_train.write_safetensors(tensors, os.path.join(path, "model.safetensors"))
 
 
 QWEN2_TINY_JSON = {"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
@@ -432,11 +472,21 @@ def test_load_rejects_unknown_names(name, message):
         models.load(name)
 
 
+def test_a_folder_that_is_no_model_says_what_a_model_folder_holds(tmp_path):
+    for make in (lambda: None, lambda: (tmp_path / "config.json").write_text(json.dumps(QWEN2_TINY_JSON))):
+        make()
+        with pytest.raises(models.UsageError) as error:
+            models.load(str(tmp_path))
+        message = str(error.value)
+        assert str(tmp_path) in message and "config.json, tokenizer.json and *.safetensors" in message
+        assert "hf download" in message
+
+
 def test_download_without_network_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     result = subprocess.run([sys.executable, "-c", "import models; models.load('qwen2.5-0.5b')"],
-                            capture_output=True, text=True, env={**os.environ})
+                            capture_output=True, text=True, env={**os.environ}, cwd=HERE)
     assert "cannot download Qwen/Qwen2.5-0.5B" in result.stderr and "local directory" in result.stderr
 
 
@@ -456,21 +506,33 @@ def test_loading_keeps_one_copy_of_the_weights(tmp_path):
             "before = kib('VmRSS')\n"
             f"model = models.load({str(tmp_path)!r})\n"
             "print((kib('VmHWM') - before) * 1024)")
-    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=HERE).stdout)
     assert grown < fp32_bytes + file_bytes + 16e6, (grown, fp32_bytes, file_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # hsd: speculation is lossless
 
-import hsd  # noqa: E402
-
-APPLICABLE = {"tiny-falcon-h1": ["component", "layerskip", "early-exit", "nothing"],
-              "tiny-qwen3.5": ["component", "layerskip", "early-exit", "nothing"],
-              "tiny-qwen2.5": ["layerskip", "early-exit", "nothing"]}
+SKIP_NOTHING = models.Skip()        # a draft that leaves nothing out, a test device: it must accept every draft
+APPLICABLE = {"tiny-falcon-h1": ["component", "layerskip", "early-exit", "skip-nothing"],
+              "tiny-qwen3.5": ["component", "layerskip", "early-exit", "skip-nothing"],
+              "tiny-qwen2.5": ["layerskip", "early-exit", "skip-nothing"]}
+REAL_DRAFTS = [(n, d) for n, ds in APPLICABLE.items() for d in ds[:-1]]
 PROMPTS = {"1-token": [40], "12-token": models.char_tokenizer().encode("The cat sat ").ids}
 NEW_TOKENS = 23          # not a multiple of k+1 for any k tested
-
+# The paper's drafts for the tiny models, worked out by hand (README, "Draft strategies"): Falcon-H1 and Qwen2.5 have
+# 6 layers (layerskip: int(0.33 * 6) = 1 layer from 3), Qwen3.5 8 (attention at 3 and 7; layerskip: 2 layers from 3).
+TINY_SKIPS = {
+    "tiny-falcon-h1": {"component": models.Skip(attention=frozenset(range(6))),
+                       "layerskip": models.Skip(layers=frozenset({3})),
+                       "early-exit": models.Skip(layers=frozenset({3, 4, 5}))},
+    "tiny-qwen3.5": {"component": models.Skip(layers=frozenset({3, 7})),
+                     "layerskip": models.Skip(layers=frozenset({3, 4})),
+                     "early-exit": models.Skip(layers=frozenset({4, 5, 6, 7}))},
+    "tiny-qwen2.5": {"layerskip": models.Skip(layers=frozenset({3})),
+                     "early-exit": models.Skip(layers=frozenset({3, 4, 5}))},
+}
 
 _models, _greedy = {}, {}
 
@@ -495,7 +557,7 @@ def reference_greedy(name, prompt, n=NEW_TOKENS):
 
 
 def as_draft(draft):
-    return models.Skip() if draft == "nothing" else draft
+    return SKIP_NOTHING if draft == "skip-nothing" else draft
 
 
 @pytest.mark.parametrize("prompt", list(PROMPTS))
@@ -503,7 +565,7 @@ def as_draft(draft):
 @pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds])
 def test_speculative_equals_greedy(name, draft, k, prompt):
     tokens, stats = hsd.generate(tiny(name), PROMPTS[prompt], NEW_TOKENS, draft=as_draft(draft), k=k, eos_token_id=-1)
-    assert tokens == reference_greedy(name, PROMPTS[prompt])
+    assert tokens == reference_greedy(name, PROMPTS[prompt]), "speculative decoding's tokens are not plain greedy's"
     assert stats["new_tokens"] == NEW_TOKENS and stats["drafted"] >= stats["accepted"]
     assert sum(stats["accepted_histogram"]) == stats["rounds"] > 0
 
@@ -516,7 +578,7 @@ def test_plain_greedy_equals_reference(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_draft_that_skips_nothing_accepts_everything(name):
-    tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=models.Skip(), k=3, eos_token_id=-1)
+    tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=SKIP_NOTHING, k=3, eos_token_id=-1)
     assert stats["alpha"] == 1.0 and all(n == len(drafts) for drafts, n, _ in stats["trace"])
     assert tokens == reference_greedy(name, PROMPTS["12-token"])
 
@@ -524,10 +586,9 @@ def test_a_draft_that_skips_nothing_accepts_everything(name):
 def test_real_drafts_see_every_kind_of_round():
     """Across the drafts, rounds accept nothing, some, and all k drafts (the bonus token path)."""
     seen = set()
-    for name, drafts in APPLICABLE.items():
-        for draft in drafts[:-1]:
-            _, stats = hsd.generate(tiny(name), PROMPTS["12-token"], 40, draft=draft, k=2, eos_token_id=-1)
-            seen |= {n for _, n, _ in stats["trace"]}
+    for name, draft in REAL_DRAFTS:
+        _, stats = hsd.generate(tiny(name), PROMPTS["12-token"], 40, draft=draft, k=2, eos_token_id=-1)
+        seen |= {n for _, n, _ in stats["trace"]}
     assert seen == {0, 1, 2}
 
 
@@ -536,7 +597,7 @@ def test_eos_inside_a_round_stops_there(name):
     """With k=5 and a draft that accepts everything, rounds emit 6 tokens; put EOS in the middle of one."""
     reference = reference_greedy(name, PROMPTS["12-token"])
     j = next(j for j in range(8, NEW_TOKENS) if j % 6 not in (0, 5) and reference[j] not in reference[:j])
-    tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=models.Skip(), k=5,
+    tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=SKIP_NOTHING, k=5,
                                  eos_token_id=reference[j])
     assert tokens == reference[:j + 1]
 
@@ -568,98 +629,19 @@ def test_never_more_than_max_new_tokens(max_new):
     assert tokens == reference_greedy("tiny-falcon-h1", PROMPTS["12-token"])[:max_new]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# hsd: the state, round by round
-
-def fed_one_by_one(model, tokens, max_len):
-    cache = models.Cache(model, max_len)
-    for t in tokens:
-        model(torch.tensor([[t]]), cache)
-    return cache
-
-
-def assert_same_state(cache, reference):
-    n = reference.length
-    assert cache.length == n
-    for s, r in zip(cache.layers, reference.layers, strict=True):
-        if r.keys is not None:
-            assert rel_err(s.keys[:, :, :n], r.keys[:, :, :n]) < 1e-9
-            assert rel_err(s.values[:, :, :n], r.values[:, :, :n]) < 1e-9
-        if r.ssm is not None:
-            assert rel_err(s.conv, r.conv) < 1e-9 and rel_err(s.ssm, r.ssm) < 1e-9
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 4], ids=lambda n: f"keep{n}of4")
-@pytest.mark.parametrize("name", FAMILIES)
-def test_commit_keeps_the_state_after_n_tokens(name, n):
-    """Verify 4 tokens, keep n: the state must be that of feeding prompt + those n tokens one by one. Catches a conv
-    window not rolled back, a stale state after a round that accepted nothing (n=1), and an off-by-one in the KV rewind."""
-    model, prompt = tiny(name), PROMPTS["12-token"]
-    cache = models.Cache(model, 40)
-    hsd.prefill(model, cache, prompt[:-1])
-    start, fed = cache.length, [prompt[-1], 10, 20, 30]
-    hsd.verify(model, cache, fed[0], fed[1:])
-    hsd.commit(cache, start, n)
-    assert_same_state(cache, fed_one_by_one(model, prompt[:-1] + fed[:n], 40))
-    next_logits = model(torch.tensor([[90]]), cache)                      # and the cache goes on correctly
-    assert rel_err(next_logits, model(torch.tensor([prompt[:-1] + fed[:n] + [90]]))[:, -1:]) < 1e-9
-
-
-@pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds[:-1]])
-def test_drafting_leaves_no_trace(name, draft):
-    model, prompt = tiny(name), PROMPTS["12-token"]
-    cache = models.Cache(model, 40)
-    hsd.prefill(model, cache, prompt[:-1])
-    before = [(s.keys.clone() if s.keys is not None else None, s.conv, s.conv.clone() if s.conv is not None else None,
-               s.ssm.clone() if s.ssm is not None else None) for s in cache.layers]
-    snap = hsd.snapshot(cache)
-    hsd.draft_tokens(model, cache, prompt[-1], hsd.draft_skip(model.config, draft), 5)
-    hsd.restore(cache, snap)
-    assert cache.length == len(prompt) - 1
-    for s, (keys, conv_ref, conv, ssm) in zip(cache.layers, before, strict=True):
-        if keys is not None:
-            assert torch.equal(s.keys[:, :, :cache.length], keys[:, :, :cache.length])
-        if conv is not None:
-            assert s.conv is conv_ref and torch.equal(s.conv, conv) and torch.equal(s.ssm, ssm)
-
-
-def test_every_commit_of_a_generation_matches_one_by_one_feeding():
-    model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
-    cache = models.Cache(model, 60)
-    hsd.prefill(model, cache, prompt[:-1])
-    committed, pending, seen = prompt[:-1], prompt[-1], set()
-    while len(committed) < 40:
-        skip = hsd.draft_skip(model.config, "component")
-        drafts, n, next_token = hsd.speculative_round(model, cache, pending, skip, 3)
-        committed, pending = committed + [pending] + drafts[:n], next_token
-        assert_same_state(cache, fed_one_by_one(model, committed, 60))
-        seen.add(n)
-    assert seen >= {0, 1}
-
-
-@pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds])
+@pytest.mark.parametrize("name, draft", REAL_DRAFTS + [(n, "skip-nothing") for n in FAMILIES])
 def test_drafts_are_smaller_models(name, draft):
     """A real draft's logits differ from the full model's; skipping nothing gives exactly the full model's."""
     model = tiny(name)
     ids = torch.tensor([PROMPTS["12-token"]])
-    full, drafted = model(ids), model(ids, skip=hsd.draft_skip(model.config, "none" if draft == "nothing" else draft))
-    assert torch.equal(drafted, full) if draft == "nothing" else rel_err(drafted, full) > 0.05
-
-
-def test_draft_strategies_as_in_the_paper():
-    c24 = models.config_from_hf({**QWEN2_TINY_JSON, "num_hidden_layers": 24})
-    assert hsd.draft_skip(c24, "layerskip").layers == frozenset(range(9, 16))          # layers 9-15 of 24
-    assert hsd.draft_skip(c24, "early-exit").layers == frozenset(range(12, 24))
-    falcon = models.TINY["tiny-falcon-h1"]
-    assert hsd.draft_skip(falcon, "component") == models.Skip(attention=frozenset(range(falcon.num_layers)))
-    assert hsd.draft_skip(models.TINY["tiny-qwen3.5"], "component") == models.Skip(layers=frozenset({3, 7}))
-    with pytest.raises(ValueError, match="layerskip"):
-        hsd.draft_skip(c24, "component")
+    full, drafted = model(ids), model(ids, skip=SKIP_NOTHING if draft == "skip-nothing" else TINY_SKIPS[name][draft])
+    assert torch.equal(drafted, full) if draft == "skip-nothing" else rel_err(drafted, full) > 0.05
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(k=0), "k must be at least 1"), (dict(draft="medusa"), "unknown draft"),
     (dict(prompt_ids=[]), "prompt is empty"), (dict(max_new_tokens=10_000), "exceed the model's context"),
+    (dict(temperature=-1), "temperature must be at least 0"), (dict(prompt_ids=[1, 200]), "token ids must lie in"),
 ])
 def test_generate_rejects_bad_requests(kwargs, message):
     args = dict(prompt_ids=[1, 2], max_new_tokens=4) | kwargs
@@ -668,11 +650,255 @@ def test_generate_rejects_bad_requests(kwargs, message):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# hsd: the state, step by step (the exercises of the round grade with these)
+
+def filled_cache(name, tokens, max_len=40):
+    """A tiny model (float64) and its cache after feeding tokens."""
+    model = tiny(name)
+    cache = models.Cache(model, max_len)
+    hsd.prefill(model, cache, tokens)
+    return model, cache
+
+
+def fed_one_by_one(model, tokens, max_len):
+    cache = models.Cache(model, max_len)
+    for t in tokens:
+        model(torch.tensor([[t]]), cache)
+    return cache
+
+
+def same_state(cache, reference):
+    """Whether cache holds what reference does: the length, the KV entries up to it, every conv window and state."""
+    n = reference.length
+    if cache.length != n:
+        return False
+    for s, r in zip(cache.layers, reference.layers, strict=True):
+        if r.keys is not None and (rel_err(s.keys[:, :, :n], r.keys[:, :, :n]) > 1e-9
+                                   or rel_err(s.values[:, :, :n], r.values[:, :, :n]) > 1e-9):
+            return False
+        if r.ssm is not None and (s.conv.shape != r.conv.shape or rel_err(s.conv, r.conv) > 1e-9
+                                  or rel_err(s.ssm, r.ssm) > 1e-9):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("name, draft", REAL_DRAFTS)
+def test_restore_puts_the_snapshot_back(name, draft):
+    """Snapshot, draft 5 tokens, restore: the length, and every conv window and recurrent state are the very tensors
+    of before (nothing is written in place, so references are a snapshot); the KV caches hold what they held."""
+    prompt = PROMPTS["12-token"]
+    model, cache = filled_cache(name, prompt[:-1])
+    length = cache.length
+    before = [(s.conv, s.ssm, None if s.keys is None else s.keys[:, :, :length].clone()) for s in cache.layers]
+    snap = hsd.snapshot(cache)
+    token = prompt[-1]
+    for _ in range(5):                                                 # the draft model's steps advance the cache
+        token = int(model(torch.tensor([[token]]), cache, skip=TINY_SKIPS[name][draft])[0, -1].argmax())
+    hsd.restore(cache, snap)
+    teach(cache.length == length, f"after drafting 5 tokens and restoring, the cache holds {cache.length} tokens, "
+                                  f"not the {length} it held: restore must set the length back")
+    for i, (state, (conv, ssm, keys)) in enumerate(zip(cache.layers, before)):
+        if ssm is not None:
+            teach(state.ssm is ssm, f"layer {i}: after restore the recurrent state is not the one before drafting: the "
+                                    "snapshot keeps the state tensors themselves (references), not the LayerState "
+                                    "objects, which drafting changes")
+            teach(state.conv is conv, f"layer {i}: after restore the conv window is not the one before drafting: the "
+                                      "last K-1 conv inputs are part of the state and must be restored too")
+        if keys is not None:
+            assert torch.equal(state.keys[:, :, :length], keys), "drafting changed the KV cache below the length"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4], ids=lambda n: f"keep{n}of4")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_commit_keeps_the_state_after_n_tokens(name, n):
+    """Verify 4 tokens, keep n: the length, every recurrent state and conv window must be those of feeding the prompt
+    and those n tokens one by one, and the cache must go on from there (a conv window not rolled back, a stale state
+    after a round that accepted nothing, an off-by-one in the rewind all show here)."""
+    prompt = PROMPTS["12-token"]
+    model, cache = filled_cache(name, prompt[:-1])
+    start, fed = cache.length, [prompt[-1], 10, 20, 30]
+    _, recorded = model(torch.tensor([fed]), cache, record_states=True)       # the verify pass's model call
+    hsd.commit(cache, start, n, recorded)
+    after = {m: fed_one_by_one(model, prompt[:-1] + fed[:m], 40) for m in range(5)}
+    teach(cache.length == start + n, f"after committing {n} of 4 tokens the cache holds {cache.length - start} of "
+                                     "them: the length must be the start plus the tokens kept")
+    kind = "Mamba" if name == "tiny-falcon-h1" else "DeltaNet"
+    why = {"state": {4: "commit kept the last recorded state instead of the one after the last accepted token",
+                     n + 1: "an off-by-one: the recorded states[n] is the state after n+1 tokens",
+                     n - 1: "an off-by-one: keep the state after the n-th token, states[n-1]",
+                     0: "the state was not taken from the recording at all"},
+           "conv window": {4: "commit kept the last conv window instead of the K-1 inputs ending at token n-1",
+                           n + 1: "the conv window is one token late: after n tokens it is the K-1 inputs ending at "
+                                  "token n-1, conv_inputs[:, n : n+K-1]",
+                           n - 1: "the conv window is one token early: after n tokens it is the K-1 inputs ending at "
+                                  "token n-1, conv_inputs[:, n : n+K-1]",
+                           0: "the conv window was not taken from the recording at all"}}
+    for i, state in enumerate(cache.layers):
+        if state.ssm is None:
+            continue
+        for what, ours, theirs in [("state", state.ssm, lambda m: after[m].layers[i].ssm),
+                                   ("conv window", state.conv, lambda m: after[m].layers[i].conv)]:
+            if ours is None or ours.shape != theirs(n).shape or rel_err(ours, theirs(n)) > 1e-9:
+                same = [m for m in after if ours is not None and ours.shape == theirs(m).shape
+                        and rel_err(ours, theirs(m)) < 1e-9]
+                found = f"equals the {what} after {same[0]} tokens" if same else f"equals no {what} after 0..4 tokens"
+                teach(False, f"after committing {n} of 4 tokens the {kind} {what} of layer {i} {found}: "
+                             f"{why[what].get(same[0], '') if same else ''}")
+    assert same_state(cache, after[n]), "after commit the KV caches do not hold the committed tokens' entries"
+    next_logits = model(torch.tensor([[90]]), cache)                      # and the cache goes on correctly
+    assert rel_err(next_logits, model(torch.tensor([prompt[:-1] + fed[:n] + [90]]))[:, -1:]) < 1e-9, (
+        "after commit the next token's logits differ from a full forward's")
+
+
+def test_accept_takes_the_longest_agreeing_prefix():
+    """Drafts against the full model's choices (rows of logits): the agreeing prefix, then row n's choice."""
+    def logits(choices):
+        return F.one_hot(torch.tensor(choices), 10).float()        # row i chooses choices[i]
+    cases = [([1, 2, 3], [1, 2, 3, 4], (3, 4), "all 3 accepted: the next token is the bonus, row 3's choice"),
+             ([1, 2, 3], [1, 5, 3, 4], (1, 5), "a match after the first mismatch does not count"),
+             ([1, 2, 3], [7, 2, 3, 4], (0, 7), "none accepted: the next token is row 0's choice, the correction"),
+             ([1, 2], [1, 2, 9], (2, 9), "all 2 accepted: the bonus comes from the row after the last draft"),
+             ([], [6], (0, 6), "nothing drafted: the next token is row 0's choice (plain decoding)")]
+    for drafts, choices, expected, why in cases:
+        got = hsd.accept(drafts, logits(choices))
+        teach(tuple(got) == expected, f"drafts {drafts}, the full model's choices {choices}: expected {expected}, got "
+                                      f"{got}: {why}")
+
+
+@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
+def test_drafts_are_the_draft_models_greedy_tokens(name):
+    """draft_tokens feeds pending, d1 .. d(k-1) (k steps) and returns the draft's k choices; verify feeds all k + 1 and
+    returns their logits and what the recording pass recorded."""
+    prompt = PROMPTS["12-token"]
+    model, cache = filled_cache(name, prompt[:-1])
+    skip, length = TINY_SKIPS[name]["component"], cache.length
+    drafts = hsd.draft_tokens(model, cache, prompt[-1], skip, 3)
+    teach(len(drafts) == 3, f"k = 3 drafts expected, got {len(drafts)}")
+    teach(cache.length == length + 3, f"drafting 3 tokens fed {cache.length - length} tokens: it feeds the pending "
+                                      "token and d1, d2; d3 is fed by the verify pass")
+    _, fresh = filled_cache(name, prompt[:-1])
+    expected, token = [], prompt[-1]
+    for _ in range(3):                                   # the draft model, one token at a time, from the full state
+        token = int(model(torch.tensor([[token]]), fresh, skip=skip)[0, -1].argmax())
+        expected.append(token)
+    teach(drafts == expected, f"the drafts {drafts} are not the draft model's greedy tokens {expected}: each step feeds "
+                              "the last token to the model with skip, and takes the argmax")
+    _, fresh = filled_cache(name, prompt[:-1])
+    logits, recorded = hsd.verify(model, fresh, prompt[-1], drafts)
+    full = model(torch.tensor([prompt + drafts]))[0, len(prompt) - 1:]
+    teach(logits.shape == full.shape, f"verify must return k + 1 = 4 rows of logits, one per position of "
+                                      f"[pending, d1, d2, d3]; got {tuple(logits.shape)}")
+    teach(rel_err(logits, full) < 1e-9, "verify's rows are not the full model's logits at [pending, d1 .. dk]")
+    teach(isinstance(recorded, list) and len(recorded) == model.config.num_layers and all(
+        (r is not None) == (s.ssm is not None) for r, s in zip(recorded, fresh.layers)),
+        "verify must return, with the logits, what the recording pass recorded (model(..., record_states=True)): "
+        "per layer the states commit chooses from")
+
+
+@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
+def test_rounds_commit_what_one_by_one_feeding_gives(name):
+    """Round after round of k = 3: the cache holds exactly the committed tokens' state, and the next token is the full
+    model's choice after them."""
+    model, prompt = tiny(name), PROMPTS["12-token"]
+    cache = models.Cache(model, 60)
+    hsd.prefill(model, cache, prompt[:-1])
+    committed, pending, seen = prompt[:-1], prompt[-1], set()
+    while len(committed) < 40:
+        drafts, n, next_token = hsd.speculative_round(model, cache, pending, TINY_SKIPS[name]["component"], 3)
+        teach(len(drafts) == 3 and 0 <= n <= 3, "a round returns its k drafts, how many were accepted, the next token")
+        before, committed = len(committed), committed + [pending] + drafts[:n]
+        teach(cache.length == len(committed), f"after a round that accepted {n} of 3 drafts the cache holds "
+                                              f"{cache.length - before} more tokens, not {n + 1}: the round commits "
+                                              "the pending token and the accepted drafts, n + 1 tokens")
+        teach(same_state(cache, fed_one_by_one(model, committed, 60)),
+              "after a round the state is not that of feeding the committed tokens one by one: the verify pass starts "
+              "from the snapshot (restore after drafting), and commit keeps what it recorded after the n + 1 tokens")
+        teach(next_token == int(model(torch.tensor([committed]))[0, -1].argmax()),
+              "the next token is not the full model's choice after the committed tokens")
+        pending = next_token
+        seen.add(n)
+    assert seen >= {0, 1}, "the rounds should have accepted none and some drafts"
+
+
+def test_draft_strategies_skip_what_the_paper_skips():
+    """The paper's drafts as data, on the tiny models and on 24 and 36 layers (README, "Draft strategies")."""
+    hints = {"component": {"falcon_h1": "Falcon-H1's component draft drops the attention branch of every layer, "
+                                        "keeping its Mamba-2 branch, norms and MLP: Skip(attention=...)",
+                           "qwen3_5": "Qwen3.5's component draft replaces the full-attention layers by identity as "
+                                      "whole layers (their MLP too): Skip(layers=...)"},
+             "layerskip": "layerskip leaves out int(0.33 n) contiguous middle layers, the first at n//2 - skipped//2",
+             "early-exit": "early-exit keeps the first int(0.5 n) layers, then the final norm and the LM head"}
+    for name, skips in TINY_SKIPS.items():
+        config = models.TINY[name]
+        for draft, expected in skips.items():
+            got = hsd.draft_skip(config, draft)
+            hint = hints[draft][config.family] if draft == "component" else hints[draft]
+            teach(got == expected, f"{draft} on {name} ({config.num_layers} layers): expected {expected!r}, got "
+                                   f"{got!r}: {hint}")
+    c24 = models.config_from_hf({**QWEN2_TINY_JSON, "num_hidden_layers": 24})
+    c36 = models.config_from_hf({**hsd_train.TOY_CONFIGS["toy-falcon-h1"], "num_hidden_layers": 36})
+    teach(hsd.draft_skip(c24, "layerskip").layers == frozenset(range(9, 16)), "layerskip on 24 layers: layers 9-15")
+    teach(hsd.draft_skip(c36, "layerskip").layers == frozenset(range(13, 24)), "layerskip on 36 layers: layers 13-23")
+    teach(hsd.draft_skip(c24, "early-exit").layers == frozenset(range(12, 24)), "early-exit on 24 layers: 12-23 left out")
+    with pytest.raises(models.UsageError, match="layerskip"):
+        hsd.draft_skip(c24, "component")               # a Transformer has no attention-free part
+    with pytest.raises(models.UsageError, match="unknown draft 'none'"):
+        hsd.draft_skip(c24, "none")                    # "none" is plain decoding, never a draft
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a reader meets in a debugger prints briefly; every model-level call of a round runs on any device
+
+def test_the_objects_of_a_round_print_briefly():
+    model = models.load("tiny-qwen3.5")
+    cache = models.Cache(model, 20)
+    hsd.prefill(model, cache, PROMPTS_IDS[:11])
+    snap = hsd.snapshot(cache)
+    _, recorded = hsd.verify(model, cache, 1, [2, 3, 4])
+    assert repr(cache) == ("Cache(length 15 of 20; layers 0-2, 4-6: conv (1, 3, 128), state (1, 4, 16, 16); "
+                           "layers 3, 7: KV (1, 2, 20, 32))")
+    assert repr(snap).startswith("Snapshot(length=11, layers=[LayerState(conv (1, 3, 128), state (1, 4, 16, 16)), ")
+    assert "LayerState(nothing)" in repr(snap) and len(repr(snap)) < 500 and "tensor(" not in repr(snap)
+    assert repr(recorded[0]) == ("Recorded(conv_inputs (1, 7, 128), StatesAfterEachToken(4 tokens, each state "
+                                 "(1, 4, 16, 16), computed when indexed: states[t] = from_start[t] s_0 + sum_{j<=t} "
+                                 "decay[t, j] left_j right_j^T))")
+    assert recorded[3] is None and "states[t] = from_start[t] s_0" in models.StatesAfterEachToken.__getitem__.__doc__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_model_call_of_a_round_runs_on_the_meta_device(name, dtype):
+    """Prefill, a decoding step, each draft's step, a recording verify pass and what commit computes, on PyTorch's
+    meta device: a tensor made on the CPU without a device argument fails here as it would on a GPU."""
+    with torch.device("meta"):
+        model = models.Model(models.TINY[name]).to(dtype)
+    cache = models.Cache(model, 16)
+    hsd.prefill(model, cache, [1, 2, 3, 4, 5])
+    model(torch.tensor([[6]], device="meta"), cache)
+    snap = hsd.snapshot(cache)
+    for skip in TINY_SKIPS[name].values():
+        model(torch.tensor([[7]], device="meta"), cache, skip=skip)
+        hsd.restore(cache, snap)
+    logits, recorded = hsd.verify(model, cache, 7, [8, 9, 10])
+    hsd.commit(cache, snap.length, 2, recorded)
+    assert logits.device.type == "meta" and logits.dtype == dtype and cache.length == snap.length + 2
+    assert all(s.ssm is None or s.ssm.device.type == "meta" for s in cache.layers)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # hsd: the command line
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "hsd.py", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=os.path.dirname(os.path.abspath(__file__)))
+def run_cli(*args, env=None, script="hsd.py"):
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=HERE)
+
+
+def main_status(main, args):
+    """A main()'s exit status; argparse's own errors exit from inside parse_args."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return e.code
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -682,9 +908,51 @@ def test_cli_check_json(name, capsys):
                      "--trace"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     stats = json.loads(out[-1])
-    assert stats["identical_to_greedy"] and stats["new_tokens"] == 20 and stats["drafted"] > 0
+    assert stats["identical_to_greedy"] and stats["new_tokens"] == len(stats["new_token_ids"]) and stats["drafted"] > 0
     assert stats["alpha"] == stats["accepted"] / stats["drafted"] and stats["speedup_vs_greedy"] > 0
+    assert (stats["model"], stats["draft"], stats["k"], stats["temperature"], stats["seed"]) == (name, draft, 3, 0, None)
+    assert stats["new_text"] == models.char_tokenizer().decode(stats["new_token_ids"], skip_special_tokens=False)
+    assert all(set(r) == {"drafts", "accepted", "next_token"} for r in stats["trace"]) and stats["trace"]
     assert sum(line.startswith("round") for line in out) == stats["rounds"]
+    note = any("below 1 is expected on a CPU" in line for line in out)
+    assert note == (stats["speedup_vs_greedy"] < 1)           # said exactly when a first-time user would wonder
+
+
+def test_trace_entries_unpack_as_before():
+    _, stats = hsd.generate(tiny("tiny-falcon-h1"), PROMPTS["12-token"], 8, k=2, eos_token_id=-1)
+    drafts, accepted, next_token = stats["trace"][0]
+    assert stats["trace"][0] == hsd.Round(drafts, accepted, next_token) and len(drafts) == 2
+
+
+def test_cli_says_why_generation_stopped_and_names_special_tokens(capsys):
+    """tiny-falcon-h1 ends its continuation of the default prompt with <|endoftext|> after 21 tokens."""
+    assert hsd.main(["--model", "tiny-falcon-h1", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    stats = json.loads(out[-1])
+    assert stats["new_token_ids"][-1] == 96 and stats["new_text"].endswith("<|endoftext|>")
+    assert out[2].startswith('output  "') and out[2].endswith('<|endoftext|>"')
+    assert f"stop    at the end-of-text token \"<|endoftext|>\", after {len(stats['new_token_ids'])} of 64 tokens" in out
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "5"]) == 0
+    assert "stop    after 5 new tokens (--max-new-tokens)" in capsys.readouterr().out
+
+
+def test_trace_marks_what_came_after_the_end_of_text():
+    tok = models.char_tokenizer()
+    eos_inside = hsd.Step("round", [33, 96, 34], 3, 35, [33, 96], 0.0)      # accepted: "A", EOS, "B"; bonus "C"
+    line = hsd.trace_line(1, eos_inside, tok, color=False)
+    assert line.startswith('round   1  accepted 3/3  +"A" +"<|endoftext|>" +"B"  -> bonus "C"')
+    assert line.endswith('(not output: "BC" came after the end of text)')
+    ordinary = hsd.Step("round", [33, 34], 1, 40, [33, 40], 0.0)
+    assert hsd.trace_line(2, ordinary, tok, color=False) == 'round   2  accepted 1/2  +"A" -"B"  -> correction "H"'
+
+
+def test_the_acceptance_line_labels_its_histogram_for_any_k():
+    tok, steps = models.char_tokenizer(), [hsd.Step("prefill", [], 0, None, [], 0.1)]
+    steps += [hsd.Step("round", [1] * 100, a, 2, [1] * a + [2], 0.01) for a in [0] * 14 + [1] * 3 + [100] * 4]
+    s = {**hsd.statistics(100, steps), "new_token_ids": [1, 2]}
+    lines = list(hsd.summary(s, 500, 96, tok))
+    alpha = next(line for line in lines if line.startswith("alpha"))
+    assert "(rounds by drafts accepted: 0: 14, 1: 3, 100: 4)" in alpha and len(alpha) < 200
 
 
 def test_cli_check_reports_a_mismatch(monkeypatch, capsys):
@@ -711,21 +979,30 @@ def test_cli_trace_is_plain_when_piped(capsys):
     (["--model", "tiny-falcon-h1", "--prompt", ""], "prompt is empty"),
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "5000"], "exceed the model's context"),
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "-1"], "at least 0"),
-    (["--model", "tiny-falcon-h1", "--eval", "--prompts", "0"], "no prompts"),
-    (["--model", "tiny-falcon-h1", "--eval", "--temperature", "0"], "needs a temperature above 0"),
     (["--model", "tiny-falcon-h1", "--temperature", "0.6", "--check"], "leave out --check or --temperature"),
     (["--model", "tiny-falcon-h1", "--temperature", "-1"], "temperature must be at least 0"),
     (["--model", "tiny-falcon-h1", "--draft", "medusa"], "invalid choice: 'medusa'"),
     (["--model", "tiny-falcon-h1", "-k", "two"], "invalid int value: 'two'"),
+    (["--model", "tiny-falcon-h1", "--eval"], "the measurements are hsd_eval.py's: python hsd_eval.py"),
+    (["--model", "tiny-falcon-h1", "--out", "x.jsonl"], "unrecognized arguments: --out x.jsonl; the measurements"),
+    (["--model", "tiny-falcon-h1", "--text", "t.txt"], "unrecognized arguments: --text t.txt; the measurements"),
+    (["--model", "tiny-falcon-h1", "--plot", "a.svg"], "unrecognized arguments: --plot a.svg; the measurements"),
+    (["--model", "tiny-falcon-h1", "--prompts", "3"], "unrecognized arguments: --prompts 3; the measurements"),
+    (["--model", "tiny-falcon-h1", "--speed-prompts=3"], "--speed-prompts=3; the measurements"),
+    (["--model", "tiny-falcon-h1", "--device", "cuda"] if not torch.cuda.is_available() else
+     ["--model", "tiny-falcon-h1", "--dtype", "float16"], "use --device cpu" if not torch.cuda.is_available() else
+     "invalid choice: 'float16'"),
 ])
 def test_cli_user_errors_are_one_line(args, message, capsys):
-    try:
-        status = hsd.main(args)
-    except SystemExit as e:                                  # argparse's own errors exit from inside parse_args
-        status = e.code
-    assert status == 2
+    assert main_status(hsd.main, args) == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_cli_model_folder_without_a_model_is_one_line(tmp_path):
+    result = run_cli("--model", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "config.json, tokenizer.json and *.safetensors" in result.stderr
 
 
 def test_cli_exit_codes():
@@ -748,7 +1025,7 @@ def test_cli_prints_each_round_before_the_next_is_made(monkeypatch, capsys):
     tok = models.char_tokenizer()
     assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "12"]) == 0
     assert printed[0][1].endswith('output  "') and len(printed) > 3
-    assert all(out == json.dumps(tok.decode(step.tokens))[1:-1] for step, out in printed[1:])
+    assert all(out == json.dumps(tok.decode(step.tokens, skip_special_tokens=False))[1:-1] for step, out in printed[1:])
     printed.clear()
     assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "12", "--trace"]) == 0
     rounds = [out for step, out in printed if step.kind == "round"]
@@ -756,9 +1033,9 @@ def test_cli_prints_each_round_before_the_next_is_made(monkeypatch, capsys):
 
 
 def test_ctrl_c_during_generation_is_one_line():
-    run = subprocess.Popen([sys.executable, "hsd.py", "--model", "tiny-falcon-h1", "--max-new-tokens", "4000"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.Popen([sys.executable, "hsd.py", "--model", "tiny-qwen2.5", "--draft", "layerskip",
+                            "--max-new-tokens", "4000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=HERE)
     assert run.stdout.readline().startswith("model") and run.stdout.readline().startswith("prompt")
     assert run.stdout.read(12).startswith('output  "')                         # generating: 12 characters are out
     run.send_signal(signal.SIGINT)
@@ -776,7 +1053,7 @@ def test_no_numpy_warning_where_numpy_is_not_installed(tmp_path):
     assert "Failed to initialize NumPy" in bare.stderr                   # without the filter, the warning shows
     for args in (["-c", "import models"], ["hsd.py", "--model", "tiny-falcon-h1", "--max-new-tokens", "2"]):
         result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, **env},
-                                cwd=os.path.dirname(os.path.abspath(__file__)))
+                                cwd=HERE)
         assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
@@ -819,19 +1096,20 @@ def chi_square_threshold(df, alpha=FALSE_ALARM):
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-def assert_distributed_as(samples, probabilities, what):
-    """Pearson's chi-square test of sampled token ids against `probabilities` (V,); tokens expected fewer than 5 times
-    are pooled into one category. A token of probability 0 must never be drawn."""
+def distributed_as(samples, probabilities):
+    """Pearson's chi-square test of sampled token ids against `probabilities` (V,), tokens expected fewer than 5 times
+    pooled into one category: (passes, what to say). A token of probability 0 must never be drawn."""
     counts = torch.bincount(torch.tensor(samples), minlength=len(probabilities)).double()
     expected = probabilities.double() * len(samples)
-    assert counts[expected == 0].sum() == 0, f"{what}: drew a token of probability 0"
+    if counts[expected == 0].sum() > 0:
+        return False, "a token of probability 0 was drawn"
     big = expected >= 5
     observed = torch.cat([counts[big], counts[~big].sum()[None]])
     expected = torch.cat([expected[big], expected[~big].sum()[None]])
     observed, expected = observed[expected > 0], expected[expected > 0]
     chi2, df = ((observed - expected) ** 2 / expected).sum().item(), len(expected) - 1
-    assert chi2 < chi_square_threshold(df), (f"{what} is not distributed as plain sampling's: chi-square {chi2:.1f} "
-                                             f"over {df} degrees of freedom, threshold {chi_square_threshold(df):.1f}")
+    return chi2 < chi_square_threshold(df), f"chi-square {chi2:.1f} over {df} degrees of freedom, threshold " \
+                                            f"{chi_square_threshold(df):.1f}"
 
 
 _rows = {}
@@ -843,7 +1121,7 @@ def sampling_rows(name):
     the prompt and each token x (row x); the draft's, Q1 (V,) and Q2 (V, V), for the same positions."""
     if name not in _rows:
         model, prompt = tiny(name), PROMPTS["12-token"]
-        V, skip = model.config.vocab_size, hsd.draft_skip(model.config, "component")
+        V, skip = model.config.vocab_size, TINY_SKIPS[name]["component"]
         with torch.inference_mode():
             after_x = torch.tensor([prompt + [x] for x in range(V)])                       # (V, T+1): prompt, then x
             L1 = model(after_x[:1, :-1])[0, -1]
@@ -894,19 +1172,23 @@ def test_speculative_sampling_is_exact_in_distribution(name):
     one_minus_tv = 1 - 0.5 * (p1 - q1).abs().sum().item()
     assert 0.05 < one_minus_tv < 0.95                      # both accepted and rejected drafts are frequent
     z = (accepted - n * one_minus_tv) / math.sqrt(n * one_minus_tv * (1 - one_minus_tv))
-    assert abs(z) < statistics.NormalDist().inv_cdf(1 - FALSE_ALARM / 2), (
-        f"the first draft was accepted {accepted / n:.4f} of the time; 1 - TV(p, q) = {one_minus_tv:.4f}")
-    assert_distributed_as(first, p1, "the first token")
-    assert_distributed_as(second, p1 @ p2, "the second token")
+    teach(abs(z) < statistics.NormalDist().inv_cdf(1 - FALSE_ALARM / 2),
+          f"the first draft was accepted {accepted / n:.4f} of the time, but 1 - TV(p, q) = {one_minus_tv:.4f}: accept "
+          "draft i with probability min(1, p(d_i) / q(d_i)), p and q both at the temperature")
+    ok, why = distributed_as(first, p1)
+    teach(ok, f"the first token is not distributed as plain sampling's ({why}): a rejected draft is replaced by a "
+              "sample from the residual max(0, p - q), normalised, p and q both at the temperature")
+    ok, why = distributed_as(second, p1 @ p2)
+    teach(ok, f"the second token is not distributed as plain sampling's ({why}): when every draft is accepted, the "
+              "bonus token is sampled from the full model's p after the last draft")
 
 
 def test_draft_tokens_sampled_draws_from_the_drafts_distribution():
     """The q rows are the draft model's distributions at the temperature, step by step from the shared state, and each
     draft is the generator's draw from its row."""
-    model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
-    skip = hsd.draft_skip(model.config, "component")
-    cache = models.Cache(model, 40)
-    hsd.prefill(model, cache, prompt[:-1])
+    prompt = PROMPTS["12-token"]
+    model, cache = filled_cache("tiny-falcon-h1", prompt[:-1])
+    skip = TINY_SKIPS["tiny-falcon-h1"]["component"]
     snap = hsd.snapshot(cache)
     generator = torch.Generator().manual_seed(3)
     drafts, q = hsd.draft_tokens_sampled(model, cache, prompt[-1], skip, 4, TEMPERATURE, generator)
@@ -919,12 +1201,11 @@ def test_draft_tokens_sampled_draws_from_the_drafts_distribution():
 
 
 def test_rounds_and_plain_steps_sample_as_plain_sampling():
-    """The whole round at k = 3 (draft, restore, verify, accept, commit) and plain sampling, 300 times each from the
+    """The whole round at k = 3 (draft, restore, verify, judge, commit) and plain sampling, 300 times each from the
     same state: the first token follows p1."""
-    model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
-    skip = hsd.draft_skip(model.config, "component")
-    cache = models.Cache(model, 40)
-    hsd.prefill(model, cache, prompt[:-1])
+    prompt = PROMPTS["12-token"]
+    model, cache = filled_cache("tiny-falcon-h1", prompt[:-1])
+    skip = TINY_SKIPS["tiny-falcon-h1"]["component"]
     snap, g = hsd.snapshot(cache), torch.Generator().manual_seed(1)
     spec, plain = [], []
     for _ in range(300):
@@ -934,8 +1215,9 @@ def test_rounds_and_plain_steps_sample_as_plain_sampling():
         plain.append(hsd.plain_step(model, cache, prompt[-1], TEMPERATURE, g))
         hsd.restore(cache, snap)
     p1 = hsd.probabilities(sampling_rows("tiny-falcon-h1")[0], TEMPERATURE)
-    assert_distributed_as(spec, p1, "the first token of speculative rounds")
-    assert_distributed_as(plain, p1, "the first token of plain sampling")
+    for samples, what in ((spec, "speculative rounds"), (plain, "plain sampling")):
+        ok, why = distributed_as(samples, p1)
+        assert ok, f"the first token of {what} is not distributed as p: {why}"
 
 
 def test_sampling_is_reproducible_with_a_seed():
@@ -962,9 +1244,7 @@ def test_cli_at_a_temperature_traces_sampled_rounds(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# hsd --eval (hsd_eval.py): the measurements
-
-import hsd_eval  # noqa: E402
+# hsd_eval.py: the measurements
 
 
 def test_statistics_arithmetic():
@@ -979,25 +1259,41 @@ def test_statistics_arithmetic():
     assert s["trace"] == [([1, 2], 2, 3), ([4, 5], 0, 6), ([7, 8], 1, 9), ([1], 1, 2)]
 
 
-def test_bootstrap_interval():
-    assert hsd_eval.bootstrap_ci([0.25] * 50) == (0.25, 0.25)
+def test_bootstrap_gives_a_95_percent_interval():
+    """200 values, half 0 and half 1: the mean's standard error is 0.0354, so a 95% interval is about 1.96 of them
+    either side of 0.5 (the resampled means are multiples of 1/200, hence the tolerance); seeded, so repeatable."""
+    teach(hsd_eval.bootstrap_ci([0.25] * 50) == (0.25, 0.25), "values that are all 0.25: every resample's mean is 0.25, "
+                                                              "and so is the interval")
     low, high = hsd_eval.bootstrap_ci([0.0] * 100 + [1.0] * 100)
-    half_width = 1.96 * math.sqrt(0.25 / 200)                   # the normal approximation
-    assert abs(low - (0.5 - half_width)) < 0.01 and abs(high - (0.5 + half_width)) < 0.01
+    teach(high > low, "the interval has no width: each resample draws n values with replacement, so its mean varies; "
+                      "a permutation of the values always has the same mean")
+    teach(high - low > 0.13, f"[{low:.3f}, {high:.3f}] is narrower than a 95% interval (about 0.139 wide here): the "
+                             "2.5% and 97.5% quantiles of the resampled means")
+    teach(high - low < 0.15, f"[{low:.3f}, {high:.3f}] is wider than a 95% interval (about 0.139 wide here)")
+    teach(abs(low + high - 1) < 0.02, f"[{low:.3f}, {high:.3f}] is not centred on the mean, 0.5")
     values = torch.rand(50, generator=torch.Generator().manual_seed(0)).tolist()
-    assert hsd_eval.bootstrap_ci(values) == hsd_eval.bootstrap_ci(values) != hsd_eval.bootstrap_ci(values, seed=1)
+    teach(hsd_eval.bootstrap_ci(values) == hsd_eval.bootstrap_ci(values), "the same seed must give the same interval: "
+                                                                          "draw with a generator seeded by `seed`")
+    teach(hsd_eval.bootstrap_ci(values) != hsd_eval.bootstrap_ci(values, seed=1), "another seed, the same interval: "
+                                                                                  "the seed is not used")
 
 
 def test_break_even_arithmetic():
-    # gap(L) = (1 + a) t_full - k t_draft - t_verify: -1.0 at L=100 and +1.0 at L=1100 -> from 600 on it pays off
+    """gap(L) = (1 + a) t_full - k t_draft - t_verify, linear in the context L through the two measured contexts."""
     times = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 2.5, "component": 0.9, 2: 2.2}}
-    assert hsd_eval.break_even(times, "component", 2, 1.0, max_context=4096) == 600
-    assert hsd_eval.break_even(times, "component", 2, 1.0, max_context=500) is None        # beyond the model's context
-    assert hsd_eval.break_even(times, "component", 2, 3.0, max_context=4096) == 0          # pays off at both contexts
+    got = hsd_eval.break_even(times, "component", 2, 1.0, max_context=4096)
+    teach(got == 600, f"the gap rises from -1.0 at 100 tokens to +1.0 at 1100, so it crosses 0 at 600, not {got}: "
+                      "interpolate linearly from the first context")
+    got = hsd_eval.break_even(times, "component", 2, 1.0, max_context=500)
+    teach(got is None, f"the crossing at 600 lies beyond the model's context of 500: None, not {got}")
+    got = hsd_eval.break_even(times, "component", 2, 3.0, max_context=4096)
+    teach(got == 0, f"with a = 3 the gap is positive at both contexts: it pays off from the start (0), not {got}")
     flat = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
-    assert hsd_eval.break_even(flat, "component", 2, 1.0, max_context=4096) is None
+    teach(hsd_eval.break_even(flat, "component", 2, 1.0, max_context=4096) is None, "a gap that does not rise never "
+                                                                                    "crosses 0: None")
     falling = {100: {"full": 2.5, "component": 0.9, 2: 2.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
-    assert hsd_eval.break_even(falling, "component", 2, 1.0, max_context=4096) is None     # pays off only below 600
+    teach(hsd_eval.break_even(falling, "component", 2, 1.0, max_context=4096) is None, "a falling gap pays off only "
+                                                                                       "below the crossing: None")
     assert hsd_eval.predicted_speedup(1.0, 2, 0.75, 1.5) == 2 / 3
 
 
@@ -1005,14 +1301,14 @@ def test_break_even_arithmetic():
 def test_divergence_and_nll_against_direct_computation(name):
     """Every position but the last; KL with the authors' 1e-10 inside both logs; chunks that do not divide T."""
     model, ids = tiny(name), torch.tensor([PROMPTS["12-token"] * 3])
-    skips = {"early-exit": hsd.draft_skip(model.config, "early-exit"), "nothing": models.Skip()}
+    skips = {"early-exit": TINY_SKIPS[name]["early-exit"], "skip-nothing": SKIP_NOTHING}
     p = torch.softmax(model(ids)[0, :-1].double(), -1)
     q = torch.softmax(model(ids, skip=skips["early-exit"])[0, :-1].double(), -1)
     sums = hsd_eval.divergence(model, ids, skips, chunk=7)["early-exit"]
     assert math.isclose(sums["tvd"], 0.5 * (p - q).abs().sum().item(), rel_tol=1e-9)
     assert sums["top1"] == (p.argmax(-1) == q.argmax(-1)).sum().item() and sums["positions"] == ids.shape[1] - 1
     assert math.isclose(sums["kl"], (p * ((p + 1e-10).log() - (q + 1e-10).log())).sum().item(), rel_tol=1e-9)
-    assert hsd_eval.divergence(model, ids, skips)["nothing"] == {"tvd": 0, "top1": ids.shape[1] - 1, "kl": 0,
+    assert hsd_eval.divergence(model, ids, skips)["skip-nothing"] == {"tvd": 0, "top1": ids.shape[1] - 1, "kl": 0,
                                                                    "positions": ids.shape[1] - 1}
     targets = ids[0, 1:]
     expected = torch.nn.functional.cross_entropy(model(ids)[0, :-1].double(), targets, reduction="sum").item()
@@ -1029,9 +1325,9 @@ def draft_without_cache(model, ids, skip, k):
     return ids[-k:]
 
 
-@pytest.mark.parametrize("name, draft", [(n, d) for n, ds in APPLICABLE.items() for d in ds[:-1]])
+@pytest.mark.parametrize("name, draft", REAL_DRAFTS)
 def test_independent_single_round_is_the_papers_protocol(name, draft):
-    model, skip = tiny(name), hsd.draft_skip(tiny(name).config, draft)
+    model, skip = tiny(name), TINY_SKIPS[name][draft]
     for text in ["The cat sat on the mat", "A", "Speculative decoding drafts"]:
         prompt = models.char_tokenizer().encode(text).ids
         drafts = draft_without_cache(model, prompt, skip, 5)
@@ -1044,7 +1340,7 @@ def test_independent_single_round_is_the_papers_protocol(name, draft):
 
 
 def test_shared_single_round_is_the_first_round_of_generate():
-    model, skip = tiny("tiny-falcon-h1"), hsd.draft_skip(tiny("tiny-falcon-h1").config, "layerskip")
+    model, skip = tiny("tiny-falcon-h1"), TINY_SKIPS["tiny-falcon-h1"]["layerskip"]
     for text in ["The cat sat on the mat", "Speculative decoding drafts"]:
         prompt = models.char_tokenizer().encode(text).ids
         cache = models.Cache(model, len(prompt) + 6)
@@ -1059,7 +1355,7 @@ def test_shared_single_round_is_the_first_round_of_generate():
 
 def test_single_round_leaves_both_caches_as_they_were():
     model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
-    skip = hsd.draft_skip(model.config, "component")
+    skip = TINY_SKIPS["tiny-qwen3.5"]["component"]
     cache, own = models.Cache(model, 40), models.Cache(model, 40)
     hsd.prefill(model, cache, prompt[:-1])
     hsd.prefill(model, own, prompt[:-1], skip)
@@ -1071,7 +1367,7 @@ def test_single_round_leaves_both_caches_as_they_were():
         for temperature in (0.0, 0.6):
             assert 0 <= hsd_eval.single_round(model, cache, draft_cache, prompt[-1], skip, 5, temperature, g) <= 5
     for c, snap in zip((cache, own), before):
-        assert c.length == snap.length and all(s.ssm is m for s, m in zip(c.layers, snap.ssm))
+        assert c.length == snap.length and all(s.ssm is m.ssm for s, m in zip(c.layers, snap.layers))
 
 
 PAPER_TEXT = [" = Title = ", " ", " " + "a" * 99 + " ", " " + "b" * 101 + " ", "c" * 60, " " + "d" * 201 + " ",
@@ -1145,7 +1441,7 @@ def fake_records(alpha_counts, skips):
 def test_eval_alpha_arithmetic():
     """Acceptance per prompt from single rounds of 8 drafts: alpha_k = mean(min(n, k) / k), histogram of min(n, k)."""
     model = tiny("tiny-falcon-h1")
-    skips = {"component": hsd.draft_skip(model.config, "component")}
+    skips = {"component": TINY_SKIPS["tiny-falcon-h1"]["component"]}
     inputs = {"alpha": [[1, 2], [3, 4]], "divergence": [], "perplexity": [[1, 2, 3]], "speed": []}
     times = {L: {"full": 2.0, "component": 1.0, 2: 2.0, 4: 3.0, 8: 4.0} for L in (10, 20)}
     r = hsd_eval.summarize(model, inputs, skips, fake_records([(0, 8), (3, 5)], skips), (10, 20), times, 0.6)
@@ -1165,7 +1461,7 @@ def test_eval_numbers_against_direct_computations(monkeypatch):
             "logits": 0.001, "prefill": 0.1}
     monkeypatch.setattr(hsd_eval, "step_times", lambda *args: fake)
     inputs = hsd_eval.paper_inputs(hsd_eval.TINY_TEXT, tok, 4096, prompts=2, speed_prompts=1)
-    skips = {d: hsd.draft_skip(model.config, d) for d in ("component", "layerskip", "early-exit")}
+    skips = dict(TINY_SKIPS["tiny-qwen3.5"])
     records = hsd_eval.Records(None, {})
     contexts, times = hsd_eval.measure(model, "tiny-qwen3.5", inputs, skips, records, 6, 0.6, 0)
     r = hsd_eval.summarize(model, inputs, skips, records, contexts, times, 0.6)
@@ -1219,7 +1515,7 @@ def test_records_file_that_is_not_a_results_file(tmp_path):
     for content in (b"no results here\n", b"[1, 2]\n", b'{"header": {}}\n{"phase": 1}\n', b"\xff\xfe\n", b"notes"):
         path = tmp_path / "other.txt"
         path.write_bytes(content)
-        with pytest.raises(models.UsageError, match="is not a results file of hsd --eval"):
+        with pytest.raises(models.UsageError, match="is not a results file of hsd_eval"):
             hsd_eval.Records(str(path), {"model": "m"})
         assert path.read_bytes() == content
     for content in (b"", b'{"header": {"mod'):
@@ -1232,7 +1528,8 @@ def test_records_file_that_is_not_a_results_file(tmp_path):
 
 
 def test_eval_refuses_a_plot_it_could_not_write_before_measuring(tmp_path):
-    result = run_cli("--model", "tiny-falcon-h1", "--eval", "--plot", str(tmp_path / "no such folder" / "a.svg"))
+    result = run_cli("--model", "tiny-falcon-h1", "--plot", str(tmp_path / "no such folder" / "a.svg"),
+                     script="hsd_eval.py")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot write --plot" in result.stderr
     assert "estimate" not in result.stderr                                     # refused before measuring
 
@@ -1242,8 +1539,8 @@ def test_eval_with_one_new_token_and_no_divergence_text(tmp_path, capsys):
     line over 200 characters leaves divergence without positions: both print "-", not a traceback or a zero."""
     text = tmp_path / "short.txt"
     text.write_text("\n".join(line[:190] for line in hsd_eval.TINY_TEXT))
-    assert hsd.main(["--model", "tiny-falcon-h1", "--eval", "--text", str(text), "--prompts", "2", "--speed-prompts",
-                     "1", "--max-new-tokens", "1", "--json"]) == 0
+    assert hsd_eval.main(["--model", "tiny-falcon-h1", "--text", str(text), "--prompts", "2", "--speed-prompts", "1",
+                          "--max-new-tokens", "1", "--json"]) == 0
     out = capsys.readouterr().out.splitlines()
     result = json.loads(out[-1])
     d = result["drafts"]["component"]
@@ -1251,7 +1548,7 @@ def test_eval_with_one_new_token_and_no_divergence_text(tmp_path, capsys):
     assert d["k"]["2"]["predicted_speedup"] is None and d["k"]["2"]["break_even_context"] is None
     assert any(line.startswith("component   TVD -, top-1 agreement -, KL -") for line in out)
 
-EVAL_ARGS = ["--model", "tiny-falcon-h1", "--eval", "--prompts", "3", "--speed-prompts", "1", "--max-new-tokens", "4"]
+EVAL_ARGS = ["--model", "tiny-falcon-h1", "--prompts", "3", "--speed-prompts", "1", "--max-new-tokens", "4"]
 
 
 def eval_numbers(result):
@@ -1263,22 +1560,23 @@ def eval_numbers(result):
 
 
 def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
-    out = tmp_path / "run.jsonl"
-    run = subprocess.Popen([sys.executable, "hsd.py", *EVAL_ARGS, "--out", str(out), "--json"], text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-    while run.poll() is None and (not out.exists() or out.read_text().count('"phase": "alpha"') < 1):
-        time.sleep(0.05)
-    run.send_signal(signal.SIGINT)
-    stdout, stderr = run.communicate()
+    out, progress = tmp_path / "run.jsonl", tmp_path / "stderr.txt"
+    with open(progress, "w") as err:                  # a file, not a pipe: the progress bars would fill a pipe
+        run = subprocess.Popen([sys.executable, "hsd_eval.py", *EVAL_ARGS, "--out", str(out), "--json"], text=True,
+                               stdout=subprocess.PIPE, stderr=err, cwd=HERE)
+        while run.poll() is None and (not out.exists() or out.read_text().count('"phase": "alpha"') < 1):
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        stdout, _ = run.communicate()
+    stderr = progress.read_text()
     assert run.returncode == 130 and stdout == "", stderr
-    message = [line for line in stderr.splitlines() if line.startswith("hsd:") and "estimate" not in line]
+    message = [line for line in stderr.splitlines() if line.startswith("hsd_eval:") and "estimate" not in line]
     assert message == [message[0]] and "run the same command again to resume" in message[0] and "alpha " in message[0]
     saved = out.read_text().count('"phase": "alpha"')
     assert 1 <= saved < 3                                                   # interrupted in the middle of the prompts
-    assert hsd.main([*EVAL_ARGS, "--out", str(out), "--json"]) == 0
+    assert hsd_eval.main([*EVAL_ARGS, "--out", str(out), "--json"]) == 0
     resumed = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert hsd.main([*EVAL_ARGS, "--json"]) == 0
+    assert hsd_eval.main([*EVAL_ARGS, "--json"]) == 0
     uninterrupted = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert eval_numbers(resumed) == eval_numbers(uninterrupted)
     assert resumed["drafts"]["component"]["k"]["2"]["alpha_sampled_shared"] is not None
@@ -1286,7 +1584,7 @@ def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, caps
 
 def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
     plot = tmp_path / "alpha.svg"
-    assert hsd.main([*EVAL_ARGS, "--json", "--plot", str(plot)]) == 0
+    assert hsd_eval.main([*EVAL_ARGS, "--json", "--plot", str(plot)]) == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
     result = json.loads(lines[-1])
@@ -1308,7 +1606,7 @@ def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
         assert any(round(v, decimals) == float(number) for v in leaves), number
     assert set(result["drafts"]) == {"component", "layerskip", "early-exit"}
     assert 0 <= result["drafts"]["component"]["k"]["2"]["alpha_shared"] <= 1
-    assert "hsd: estimate" in captured.err and "%|" in captured.err                 # the estimate, progress: on stderr
+    assert "hsd_eval: estimate" in captured.err and "%|" in captured.err                 # the estimate, progress: on stderr
 
 
 def test_plot_is_well_formed_and_carries_its_numbers():
@@ -1336,257 +1634,219 @@ def test_eval_without_wikitext_names_text(tmp_path):
     cfg = {**QWEN2_TINY_JSON, "vocab_size": 97}
     save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path, cfg)
     models.char_tokenizer().save(str(tmp_path / "tokenizer.json"))
-    result = run_cli("--model", str(tmp_path), "--eval", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    result = run_cli("--model", str(tmp_path), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+                     script="hsd_eval.py")
     assert result.returncode == 2 and "WikiText-2" in result.stderr and "--text FILE" in result.stderr
     text = tmp_path / "text.txt"
     text.write_text("\n".join(hsd_eval.TINY_TEXT))
-    result = run_cli("--model", str(tmp_path), "--eval", "--text", str(text), "--prompts", "1", "--speed-prompts", "1",
-                     "--max-new-tokens", "3")
+    result = run_cli("--model", str(tmp_path), "--text", str(text), "--prompts", "1", "--speed-prompts", "1",
+                     "--max-new-tokens", "3", script="hsd_eval.py")
     assert result.returncode == 0 and "layerskip" in result.stdout and "component" not in result.stdout
 
 
+
+def svg_texts(svg):
+    root = ElementTree.fromstring(svg)
+    return [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+
+
+def test_plot_legend_lists_only_what_is_drawn_and_labels_its_axes():
+    r = {"temperature": 0.6, "prompts": 2, "paper": {}, "drafts": {"component": {"k": {
+        k: {f"{x}_{v}": (0.5 if x == "alpha" else (0.25, 0.75)) for x in ("alpha", "ci")
+            for v in ("shared", "independent", "sampled_shared", "sampled_independent")} for k in (2, 4, 8)}}}}
+    texts = svg_texts(hsd_eval.plot_svg("tiny-falcon-h1", r))
+    assert "paper, greedy" not in texts and "paper, T=0.6" not in texts and "greedy, shared state" in texts
+    assert "acceptance (accepted / k)" in texts and "drafts per round" in texts
+    r["paper"] = hsd_eval.PAPER["falcon-h1-0.5b"]
+    assert "paper, greedy" in svg_texts(hsd_eval.plot_svg("falcon-h1-0.5b", r))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-falcon-h1", "--prompts", "0"], "no prompts"),
+    (["--model", "tiny-falcon-h1", "--temperature", "0"], "needs a --temperature above 0"),
+    (["--model", "tiny-falcon-h1", "--text", "/no/such/file.txt"], "cannot read --text /no/such/file.txt: No such file"),
+    (["--model", "tiny-falcon-h1", "--trace"], "unrecognized arguments: --trace"),
+    (["--model", "no-such-model"], "unknown model"),
+])
+def test_eval_user_errors_are_one_line(args, message, capsys):
+    assert main_status(hsd_eval.main, args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "pass --text" not in err                              # the user did pass one, or did not need to
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Course exercises: what each one asks, the tests that grade it, and typical wrong solutions it must catch
-#
-# python test_hsd.py --exercises [--json]            the catalogue (README, "Exercises")
-# python test_hsd.py --blank NAME[,NAME] --out DIR   a copy of the project with those functions left to write
-# Each exercise's tests are listed by name; its grading command runs just those. The first tests below are the
-# exercises' own: they say what went wrong in the student's terms; the others are the project's proofs.
+# The trained toy models: what they were trained on, that they load as recorded, that they are worth looking at
 
-def close(a, b):
-    return a.shape == b.shape and rel_err(a, b) < 1e-6
+TOYS = list(models.TOYS)
 
 
-def test_causal_conv_reads_its_window():
-    """y_t = silu(bias + sum_j w_j inputs_{t+j}) over inputs = window ++ x; the window is the K-1 inputs before x."""
-    C, K, T = 3, 4, 5
-    g = torch.Generator().manual_seed(1)
-    weight, bias = torch.randn(C, 1, K, generator=g), torch.randn(C, generator=g)
-    x, window = torch.randn(1, T, C, generator=g), torch.randn(1, K - 1, C, generator=g)
-    y, inputs = models.causal_conv(x, window, weight, bias)
-    everything = torch.cat([window, x], dim=1)                                     # (1, K-1+T, C)
-    assert close(inputs, everything), "the second output must be every input seen: the window, then x"
-    taps = torch.stack([everything[:, t:t + K] for t in range(T)], dim=1)          # (1, T, K, C): the K inputs of y_t
-    expected = torch.nn.functional.silu(bias + (taps * weight[:, 0].T).sum(dim=2))
-    if not close(y, expected):
-        without_window = torch.nn.functional.silu(bias + (torch.stack(
-            [torch.cat([torch.zeros(1, K - 1, C), x], 1)[:, t:t + K] for t in range(T)], 1) * weight[:, 0].T).sum(2))
-        flipped = torch.nn.functional.silu(bias + (taps * weight[:, 0].flip(-1).T).sum(dim=2))
-        assert not close(y, without_window), ("y ignores the window: the first K-1 outputs need the K-1 inputs before "
-                                              "this call, which is why the window is part of the recurrent state")
-        assert not close(y, flipped), "the taps are reversed: weight[c, 0, K-1] multiplies the newest input"
-        assert not close(y, bias + (taps * weight[:, 0].T).sum(dim=2)), "the SiLU after the convolution is missing"
-        pytest.fail("y is not silu(bias + sum_j weight[c, 0, j] * inputs[t + j])")
+def training_log(name):
+    with open(os.path.join(models.TOYS[name], "training-log.json")) as f:
+        return json.load(f)
 
 
-def test_mamba_recurrence_token_by_token():
-    """s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T, y_t = s_t C_t; the state passed in stays as it was."""
-    x, dt, A, B, C, s0 = mamba_inputs(3, H=2, P=3, N=4)
-    s0_before = s0.clone()
-    y, states = models.ssd_recurrent(x, dt, A, B, C, s0)
-    assert torch.equal(s0, s0_before), ("the state passed in was changed: the recurrence must make new tensors and "
-                                        "leave the old state as it was (a snapshot is a reference to it)")
-    assert len(states) == 3, f"states must hold the state after each of the 3 tokens, not {len(states)}"
-    s = s0
-    for t in range(3):
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                            # (b, H, 1, 1)
-        update = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]      # (b, H, P, N): dt x B^T
-        expected = decay * s + update
-        if not close(states[t], expected):
-            assert not close(states[t], decay * (s + update)), (
-                f"token {t}: the decay was applied after adding the input; exp(dt A) decays the old state only")
-            assert not close(states[t], s + update), f"token {t}: the old state was not decayed by exp(dt A)"
-            assert not close(states[t], decay * s + update / dt[:, t, :, None, None]), (
-                f"token {t}: the input term lacks dt: it is dt x B^T")
-            pytest.fail(f"the state after token {t} is not exp(dt A) s + dt x B^T")
-        read = torch.einsum("bhpn,bhn->bhp", expected, C[:, t])
-        if not close(y[:, t], read):
-            assert not close(y[:, t], torch.einsum("bhpn,bhn->bhp", s, C[:, t])), (
-                f"y at token {t} read the state before the update: y_t = s_t C_t reads the new state")
-            pytest.fail(f"y at token {t} is not s_t C_t")
-        s = expected
+@pytest.mark.parametrize("name", TOYS)
+def test_the_toys_load_and_give_their_recorded_heldout_loss(name):
+    """Each shipped toy, loaded like an official checkpoint, gives the held-out loss its training log recorded."""
+    log, model = training_log(name), models.load(name)
+    windows = hsd_train.heldout_windows()
+    bits = hsd_train.heldout_bits_per_char(model, windows)
+    assert abs(bits - log["heldout"]["bits_per_char"]["full"]) < 1e-4 * bits, (bits, log["heldout"])
+    assert log["parameters"] == sum(p.numel() for p in model.parameters())
+    assert {"seed", "threads", "torch", "schedule", "characters", "curve"} <= set(log) and log["curve"]["rows"]
 
 
-def test_gated_delta_rule_token_by_token():
-    """Decay, predict with the decayed memory, write beta times the error, read with the updated memory."""
-    q, k, v, g, beta, s0 = deltanet_inputs(3, H=2, dk=4, dv=3)
-    s0_before = s0.clone()
-    o, states = models.gated_delta_rule_recurrent(q, k, v, g, beta, s0)
-    assert torch.equal(s0, s0_before), ("the memory passed in was changed: the rule must make new tensors and leave "
-                                        "the old memory as it was (a snapshot is a reference to it)")
-    assert len(states) == 3, f"states must hold the memory after each of the 3 tokens, not {len(states)}"
-    S = s0
-    for t in range(3):
-        kt, vt, bt = k[:, t, :, :, None], v[:, t, :, None, :], beta[:, t, :, None, None]     # (b, H, dk, 1) ...
-        decayed = torch.exp(g[:, t])[:, :, None, None] * S
-        predicted = (kt.transpose(-1, -2) @ decayed)                                        # (b, H, 1, dv)
-        expected = decayed + kt @ (bt * (vt - predicted))
-        if not close(states[t], expected):
-            assert not close(states[t], decayed + kt @ (bt * (vt - kt.transpose(-1, -2) @ S))), (
-                f"token {t}: the prediction S^T k used the memory before its decay: decay first, then predict")
-            assert not close(states[t], decayed + kt @ (vt - predicted)), (
-                f"token {t}: the write lacks beta: S' + k (beta (v - S'^T k))^T")
-            assert not close(states[t], torch.exp(g[:, t])[:, :, None, None] * (S + kt @ (bt * (vt - kt.transpose(
-                -1, -2) @ S)))), f"token {t}: the decay was applied after the write: decay the old memory, then write"
-            pytest.fail(f"the memory after token {t} is not S' + k (beta (v - S'^T k))^T with S' = exp(g) S")
-        if not close(o[:, t], (q[:, t, :, None, :] @ expected).squeeze(-2)):
-            assert not close(o[:, t], (q[:, t, :, None, :] @ decayed).squeeze(-2)), (
-                f"the output at token {t} read the memory before the write: o_t = S_t^T q_t reads the updated memory")
-            pytest.fail(f"the output at token {t} is not S_t^T q_t")
-        S = expected
+def test_the_toys_share_one_budget():
+    """The same hidden size, layers, tokenizer, text, characters, seed and schedule; parameters within 10%."""
+    logs = {name: training_log(name) for name in TOYS}
+    configs = {name: models.load(name).config for name in TOYS}
+    counts = [log["parameters"] for log in logs.values()]
+    assert max(counts) < 1.1 * min(counts)
+    for field in ("seed", "schedule", "characters", "text_sha256"):
+        assert len({json.dumps(log[field], sort_keys=True) for log in logs.values()}) == 1, field
+    assert len({(c.hidden_size, c.num_layers, c.vocab_size) for c in configs.values()}) == 1
+    assert configs["toy-qwen3.5"].layer_types == ("linear_attention",) * 3 + ("full_attention",) + (
+        "linear_attention",) * 3 + ("full_attention",)                       # 3 Gated DeltaNet layers per attention
+    for name in TOYS:
+        assert models.load_tokenizer(name).to_str() == models.char_tokenizer().to_str()
 
 
-def first_difference_position(a, b):
-    """The first position (dim 1) where a and b differ beyond fp32 rounding."""
-    diff = (a - b).abs().flatten(2).amax(-1).amax(0)                                  # (T,)
-    return int((diff > 1e-4 * (b.abs().max() + 1)).nonzero()[0]) if (diff > 1e-4 * (b.abs().max() + 1)).any() else None
+def test_the_training_text_is_what_the_readme_says():
+    """The text's sha256 (README, "Trained toy models") and its size; the held-out part is not in the training part."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    paragraphs = {}
+    for split in ("train", "heldout"):
+        text = hsd_train.read_text(split)
+        assert hashlib.sha256(text.encode()).hexdigest() in readme, split
+        paragraphs[split] = {line for line in text.splitlines() if len(line) > 200}
+    assert len(hsd_train.read_text("train")) + len(hsd_train.read_text("heldout")) <= 2_000_000
+    assert not paragraphs["train"] & paragraphs["heldout"]
+    weights = sum(os.path.getsize(os.path.join(folder, "model.safetensors")) for folder in models.TOYS.values())
+    assert weights <= 10_000_000, f"the shipped weights take {weights} bytes"
 
 
-@pytest.mark.parametrize("scan", ["ssd", "gated_delta_rule"])
-def test_chunked_scan_agrees_with_its_recurrence_chunk_by_chunk(scan):
-    """Over 3 chunks and a partial fourth: where the chunked form first leaves the recurrence tells which step is
-    wrong."""
-    args = mamba_inputs(53) if scan == "ssd" else deltanet_inputs(53)
-    recurrent = models.ssd_recurrent if scan == "ssd" else models.gated_delta_rule_recurrent
-    chunked = models.ssd_chunked if scan == "ssd" else models.gated_delta_rule_chunked
-    y_ref, states = recurrent(*args)
-    y, final = chunked(*args, chunk_size=16)
-    p = first_difference_position(y, y_ref)
-    assert p is None or p >= 16, (f"the output differs already in the first chunk (position {p}): the part within a "
-                                  "chunk (the decays between its positions, or what it reads from the start state)")
-    assert p is None, (f"the first chunk is right, the output differs from position {p} (chunk {p // 16}) on: what a "
-                       "chunk passes to the next, the decayed state plus the chunk's own writes, is wrong")
-    assert rel_err(final, states[-1]) < 1e-5, ("every output is right but the final state is not: the last partial "
-                                               "chunk's padding must neither decay nor write the state")
+def test_a_short_training_run_lowers_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
+    """A few steps of the real loop on a short schedule lower the held-out loss; interrupted (Ctrl-C) and run again,
+    the run ends with the same weights as one that was never interrupted."""
+    schedule = {**hsd_train.SCHEDULE, "steps": 12, "warmup": 2, "batch_size": 4, "length": 64}
+    log = hsd_train.train("toy-qwen2.5", str(tmp_path / "whole"), 0, schedule, curve_every=4)
+    curve = log["curve"]["rows"]
+    assert curve[-1][2] < curve[0][2] - 0.2, curve                 # held-out bits per character fall
+    real, calls = hsd_train.loss_of, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            signal.raise_signal(signal.SIGINT)                 # Ctrl-C in the middle of a step
+        return real(*args, **kwargs)
+    monkeypatch.setattr(hsd_train, "loss_of", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="run the same command again to resume"):
+        hsd_train.train("toy-qwen2.5", str(tmp_path / "resumed"), 0, schedule, curve_every=4)
+    monkeypatch.setattr(hsd_train, "loss_of", real)
+    hsd_train.train("toy-qwen2.5", str(tmp_path / "resumed"), 0, schedule, curve_every=4)
+    whole, resumed = models.load(str(tmp_path / "whole")), models.load(str(tmp_path / "resumed"))
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+    assert not os.path.exists(tmp_path / "resumed" / "resume.pt")
 
 
-def filled_cache(name, tokens):
-    model = tiny(name)
-    cache = models.Cache(model, 40)
-    hsd.prefill(model, cache, tokens)
-    return model, cache
+@pytest.mark.parametrize("name", TOYS)
+def test_the_toys_give_the_same_logits_in_transformers(name):
+    tf = pytest.importorskip("transformers")
+    hf = tf.AutoModelForCausalLM.from_pretrained(models.TOYS[name], dtype=torch.float32).eval()
+    model = models.load(name)
+    ids = hsd_train.heldout_windows()[:1, :70]
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert rel_err(model(ids), expected) < 1e-4
+    cache = models.Cache(model, max_len=70)
+    assert rel_err(torch.cat([model(ids[:, t:t + 1], cache) for t in range(70)], dim=1), expected) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
-def test_restore_puts_the_snapshot_back(name):
-    """Draft 3 tokens, restore: the length, every conv window and every recurrent state are the snapshot's again."""
-    model, cache = filled_cache(name, PROMPTS["12-token"][:-1])
-    conv, ssm, length = [s.conv for s in cache.layers], [s.ssm for s in cache.layers], cache.length
-    snap = hsd.snapshot(cache)
-    hsd.draft_tokens(model, cache, PROMPTS["12-token"][-1], hsd.draft_skip(model.config, "component"), 3)
-    hsd.restore(cache, snap)
-    assert cache.length == length, (f"after drafting 3 tokens and restoring, the cache holds {cache.length} tokens, "
-                                    f"not the {length} it held: restore must set the length back")
-    for i, state in enumerate(cache.layers):
-        if ssm[i] is not None:
-            assert state.ssm is ssm[i], f"layer {i}: after restore the recurrent state is not the one before drafting"
-            assert state.conv is conv[i], (f"layer {i}: after restore the conv window is not the one before drafting: "
-                                           "the last K-1 conv inputs are part of the state and must be restored too")
+def test_the_falcon_toy_writes_words_and_the_random_tiny_model_does_not():
+    """The README's figures: of the whitespace-separated words of a 300-character continuation of the README's prompt,
+    at least 80% occur in the training text, greedy and at T=0.6, where there are at least ten different ones (greedy
+    decoding of so small a model loops: README, "Trained toy models"); a random tiny model's hardly any."""
+    vocabulary, tok = set(hsd_train.words(hsd_train.read_text("train"))), models.char_tokenizer()
+    for temperature in (0.0, 0.6):
+        text = hsd_train.continuation(models.load("toy-falcon-h1"), tok, hsd_train.README_PROMPT, 300, temperature)
+        rate, different = hsd_train.word_rate(text, vocabulary)
+        assert rate >= 0.8 and (temperature == 0 or different >= 10), (temperature, rate, different, text)
+    rate, _ = hsd_train.word_rate(hsd_train.continuation(models.load("tiny-falcon-h1"), tok, hsd_train.README_PROMPT,
+                                                         300), vocabulary)
+    assert rate < 0.2
 
 
-@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
-def test_commit_keeps_the_state_after_the_last_accepted_token(name):
-    """Verify 4 tokens, keep 2: the length, every recurrent state and every conv window must be those after 2 tokens."""
-    prompt = PROMPTS["12-token"]
-    model, cache = filled_cache(name, prompt[:-1])
-    start, fed = cache.length, [prompt[-1], 10, 20, 30]
-    hsd.verify(model, cache, fed[0], fed[1:])
-    hsd.commit(cache, start, 2)
-    after = {m: fed_one_by_one(model, prompt[:-1] + fed[:m], 40) for m in range(5)}
-    assert cache.length == start + 2, (f"after committing 2 of 4 tokens the cache holds {cache.length - start} of "
-                                       "them: the length must be the start plus the tokens kept")
-    kind = "Mamba" if name == "tiny-falcon-h1" else "DeltaNet"
-    for i, state in enumerate(cache.layers):
-        if state.ssm is None:
-            continue
-        for what, ours, theirs in [("state", state.ssm, lambda m: after[m].layers[i].ssm),
-                                   ("conv window", state.conv, lambda m: after[m].layers[i].conv)]:
-            if ours is None or ours.shape != theirs(2).shape or rel_err(ours, theirs(2)) > 1e-9:
-                same = [m for m in after if ours is not None and ours.shape == theirs(m).shape
-                        and rel_err(ours, theirs(m)) < 1e-9]
-                found = f"equals the {what} after {same[0]} tokens" if same else f"equals no {what} after 0..4 tokens"
-                why = {4: f"commit kept the last recorded {what} instead of the one after the last accepted token",
-                       3: "an off-by-one: the recorded states[n] is the state after n+1 tokens",
-                       1: "an off-by-one: keep the state after the n-th token, states[n-1]",
-                       0: f"the {what} was not taken from the recording at all"}.get(same[0] if same else -1, "")
-                pytest.fail(f"after committing 2 of 4 tokens the {kind} {what} of layer {i} {found}: {why}")
+def test_word_rate_counts_words_as_the_readme_says():
+    vocabulary = set(hsd_train.words("The function returns a value. It returns None, or a list."))
+    assert hsd_train.word_rate("The function returns (a list), zzq None ", vocabulary) == (6 / 7, 7)
+    assert hsd_train.word_rate("returns returns retu", vocabulary) == (1.0, 1)      # the cut last word is left out
 
 
-def test_accept_takes_the_longest_agreeing_prefix():
-    """Drafts against the full model's choices (rows of logits): the agreeing prefix, then row n's choice."""
-    def logits(choices):
-        return torch.nn.functional.one_hot(torch.tensor(choices), 10).float()        # row i chooses choices[i]
-    cases = [([1, 2, 3], [1, 2, 3, 4], (3, 4), "all 3 accepted: the next token is the bonus, row 3's choice"),
-             ([1, 2, 3], [1, 5, 3, 4], (1, 5), "a match after the first mismatch does not count"),
-             ([1, 2, 3], [7, 2, 3, 4], (0, 7), "none accepted: the next token is row 0's choice, the correction"),
-             ([1, 2], [1, 2, 9], (2, 9), "all 2 accepted: the bonus comes from the row after the last draft")]
-    for drafts, choices, expected, why in cases:
-        got = hsd.accept(drafts, logits(choices))
-        assert got == expected, (f"drafts {drafts}, the full model's choices {choices}: expected {expected}, got "
-                                 f"{got}: {why}")
+# ----------------------------------------------------------------------------------------------------------
+# The project as software: imports one way, stands alone, a licence, the README's examples run
+
+def imports_of(module):
+    with open(os.path.join(HERE, module + ".py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return names & {"models", "hsd", "hsd_eval", "hsd_bench", "hsd_train", "test_hsd", "transformers"}
 
 
-@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
-def test_drafts_are_the_draft_models_greedy_tokens(name):
-    """draft_tokens feeds pending, d1 .. d(k-1) (k steps) and returns the draft's k choices; verify feeds all k + 1."""
-    prompt = PROMPTS["12-token"]
-    model, cache = filled_cache(name, prompt[:-1])
-    skip = hsd.draft_skip(model.config, "component")
-    length, snap = cache.length, hsd.snapshot(cache)
-    drafts = hsd.draft_tokens(model, cache, prompt[-1], skip, 3)
-    assert len(drafts) == 3, f"k = 3 drafts expected, got {len(drafts)}"
-    assert cache.length == length + 3, (f"drafting 3 tokens fed {cache.length - length} tokens: it feeds the pending "
-                                        "token and d1, d2; d3 is fed by the verify pass")
-    hsd.restore(cache, snap)
-    expected, token = [], prompt[-1]
-    for _ in range(3):                                         # the draft model, one token at a time, from the state
-        token = int(model(torch.tensor([[token]]), cache, skip=skip)[0, -1].argmax())
-        expected.append(token)
-    assert drafts == expected, f"the drafts {drafts} are not the draft model's greedy tokens {expected}"
-    hsd.restore(cache, snap)
-    logits = hsd.verify(model, cache, prompt[-1], drafts)
-    full = model(torch.tensor([prompt + drafts]))[0, len(prompt) - 1:]
-    assert logits.shape == full.shape, f"verify must return k + 1 = 4 rows of logits, got {tuple(logits.shape)}"
-    assert rel_err(logits, full) < 1e-9, "verify's rows are not the full model's logits at [pending, d1 .. dk]"
-    assert all(s.recorded is not None for s in cache.layers if s.ssm is not None), (
-        "verify must record the recurrent states after every position (record_states=True): commit picks from them")
+def test_imports_run_one_way():
+    """models <- hsd <- hsd_eval <- hsd_bench, and hsd_train beside hsd_eval; the runtime never imports transformers
+    (the benchmark compares with it)."""
+    assert imports_of("models") == set()
+    assert imports_of("hsd") == {"models"}
+    assert imports_of("hsd_eval") == {"models", "hsd"}
+    assert imports_of("hsd_train") == {"models", "hsd"}
+    assert imports_of("hsd_bench") == {"models", "hsd", "hsd_eval", "transformers"}
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_draft_strategies_skip_what_the_paper_skips(name):
-    c = models.TINY[name]
-    n, skipped = c.num_layers, int(0.33 * c.num_layers)
-    layerskip = hsd.draft_skip(c, "layerskip")
-    assert layerskip == models.Skip(layers=frozenset(range(n // 2 - skipped // 2, n // 2 - skipped // 2 + skipped))), (
-        f"layerskip must skip int(0.33 n) = {skipped} contiguous layers from n//2 - skipped//2, got {layerskip}")
-    assert hsd.draft_skip(c, "early-exit") == models.Skip(layers=frozenset(range(n // 2, n))), (
-        "early-exit keeps the first int(0.5 n) layers and skips the rest")
-    if c.family == "qwen3_5":
-        attention = frozenset(i for i, t in enumerate(c.layer_types) if t == "full_attention")
-        assert hsd.draft_skip(c, "component") == models.Skip(layers=attention), (
-            "Qwen3.5's component draft replaces the full-attention layers by identity as whole layers (their MLP too)")
-    if c.family == "falcon_h1":
-        assert hsd.draft_skip(c, "component") == models.Skip(attention=frozenset(range(n))), (
-            "Falcon-H1's component draft drops the attention branch of every layer, keeping its Mamba-2 branch and MLP")
+def tracked_files():
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=HERE,
+                            capture_output=True, text=True)
+    return [name for name in listed.stdout.split("\0") if name] if listed.returncode == 0 else None
 
 
-def test_bootstrap_gives_a_95_percent_interval():
-    """200 values, half 0 and half 1: the mean's standard error is 0.0354, so a 95% interval is about 1.96 of them
-    either side of 0.5 (the resampled means are multiples of 1/200, hence the tolerance)."""
-    low, high = hsd_eval.bootstrap_ci([0.0] * 100 + [1.0] * 100)
-    assert high > low, ("the interval has no width: each resample draws n values with replacement, so its mean "
-                        "varies; a permutation of the values always has the same mean")
-    assert high - low > 0.13, f"[{low:.3f}, {high:.3f}] is narrower than a 95% interval (about 0.139 wide here)"
-    assert high - low < 0.15, f"[{low:.3f}, {high:.3f}] is wider than a 95% interval (about 0.139 wide here)"
-    assert abs(low + high - 1) < 0.02, f"[{low:.3f}, {high:.3f}] is not centred on the mean, 0.5"
+def test_the_project_stands_alone():
+    """Nothing points at the project's notes beside it (a user's clone has only the project); MIT licence, as the
+    README says."""
+    files = tracked_files() or pytest.skip("not a git checkout")
+    for name in files:
+        if name.endswith((".py", ".md", ".txt", ".json", "run")) and not name.startswith("toys/text/"):
+            with open(os.path.join(HERE, name), encoding="utf-8") as f:
+                assert "../" + "shared" not in f.read(), name
+    with open(os.path.join(HERE, "LICENSE"), encoding="utf-8") as f:
+        assert f.read().startswith("MIT License")
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        assert "MIT licence" in f.read()
+
+
+def readme_section(title):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    return readme.split(f"\n## {title}\n")[1].split("\n## ")[0] if f"\n## {title}\n" in readme else None
+
+
+def test_the_readme_python_example_runs():
+    """The README's Python API example, as it stands there, runs and prints what the README shows under it."""
+    section = readme_section("Python API")
+    code, shown = section.split("```python\n")[1].split("```")[0], section.split("```text\n")[1].split("```")[0]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == shown.strip()
 
 
 def test_the_readme_debugger_session_prints_what_the_readme_says():
     """The README's pdb session, fed to python -m pdb line by line: every value and current line it shows is printed
     by pdb after the same command (paths and line numbers, which it leaves out, are not compared)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
-        block = f.read().split("## Stepping through a round in a debugger")[1].split("```")[1].strip().splitlines()
+    section = readme_section("Stepping through a round in a debugger")
+    if "```" not in (section or ""):
+        pytest.skip("this handout's README leaves the session out (it shows the reference of speculative_round)")
+    block = section.split("```")[1].strip().splitlines()
     assert block[0].startswith("$ python -m pdb hsd.py")
     commands, shown = [], []                                   # shown[i]: the lines the README shows after command i
     for line in block[1:]:
@@ -1596,7 +1856,7 @@ def test_the_readme_debugger_session_prints_what_the_readme_says():
         else:
             shown[-1].append(line)
     session = subprocess.run([sys.executable, *shlex.split(block[0])[2:]], input="\n".join(commands) + "\n",
-                             capture_output=True, text=True, cwd=here, timeout=120)
+                             capture_output=True, text=True, cwd=HERE, timeout=120)
     printed = session.stdout.split("(Pdb) ")[1:]                # printed[i]: what pdb printed after command i
     assert len(printed) == len(commands), session.stdout[-2000:]
     for command, expected, output in zip(commands, shown, printed):
@@ -1609,515 +1869,811 @@ def test_the_readme_debugger_session_prints_what_the_readme_says():
                 assert line in lines, f"after {command!r} pdb printed {lines}, the README: {line}"
 
 
-def exercise_lossless(*names):
-    """A few small lossless-decoding tests of the full matrix, by node id."""
-    return [f"test_speculative_equals_greedy[{n}]" for n in names]
+TOY_QWEN25_SKIPS = {"layerskip": models.Skip(layers=frozenset({3, 4})),            # 8 layers: 2 from 3
+                    "early-exit": models.Skip(layers=frozenset({4, 5, 6, 7}))}
 
 
-Exercise = namedtuple("Exercise", "name functions teaches hint minutes tests mistakes")
-# tests: test functions (or parametrized node ids) of this file; mistakes: typical wrong solutions, each a source edit
-# of the reference that the tests must catch: (what it is, file, text of the reference, text of the mistake).
+def test_nll_gives_the_toys_recorded_heldout_loss():
+    """hsd_eval.nll, the summed negative log-likelihood a perplexity divides, on the trained Transformer toy: the held-
+    out loss of the full model and of two drafts, as the toy's training log recorded them (bits per character over 32
+    windows of 512 characters, every position but the first predicted), and the perplexity ratio full -> draft."""
+    model, recorded = models.load("toy-qwen2.5"), training_log("toy-qwen2.5")["heldout"]["bits_per_char"]
+    windows = hsd_train.heldout_windows()
+    positions = windows.shape[0] * (windows.shape[1] - 1)
+    bits = {}
+    with torch.inference_mode():
+        for draft, skip in {"full": None, **TOY_QWEN25_SKIPS}.items():
+            bits[draft] = sum(hsd_eval.nll(model, w[None], skip, chunk=100) for w in windows) / positions / math.log(2)
+    teach(bits["full"] > recorded["full"] / 50, f"nll gives {bits['full']:.5f} bits per character, the training log "
+                                                f"{recorded['full']:.4f}: nll returns the mean; it must be the sum over "
+                                                "the T-1 predicted tokens (a perplexity divides by their number)")
+    teach(math.isclose(bits["full"], recorded["full"], rel_tol=1e-4),
+          f"nll over the held-out windows gives {bits['full']:.4f} bits per character, the toy's training log recorded "
+          f"{recorded['full']:.4f}: the logits at position t predict token t+1 (the first token has no prediction), "
+          "and nll sums -log p in nats")
+    for draft in TOY_QWEN25_SKIPS:
+        teach(not math.isclose(bits[draft], bits["full"], rel_tol=1e-6), f"the {draft} draft's loss equals the full "
+                                                                          "model's: pass the skip to the model")
+        teach(math.isclose(bits[draft], recorded[draft], rel_tol=1e-4), f"the {draft} draft gives {bits[draft]:.4f} "
+                                                                        f"bits per character, recorded {recorded[draft]:.4f}")
+        ratio = 2 ** (bits[draft] - bits["full"])
+        assert ratio > 1.0, f"perplexity full -> {draft}: {ratio:.2f}x (a draft leaves something out)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Course exercises: what each one asks, the tests that grade it, what its grading runs, and typical mistakes
+#
+# python test_hsd.py --exercises [--json]            the catalogue (README, "Exercises")
+# python test_hsd.py --blank NAME[,NAME] --out DIR   a handout: the project with those functions left to write
+#
+# An exercise's grading tests (its `tests`) run its functions and the functions of the exercises it `needs`, and of
+# no other: the suite proves it by grading each exercise with every other exercise blanked. So exercises that do not
+# need each other can be handed out together, and each one is graded on its own.
+
+Exercise = namedtuple("Exercise", "name functions teaches hint minutes tests needs")
+MODEL = ["causal-conv", "mamba-recurrence", "delta-rule-recurrence", "ssd-chunked", "delta-rule-chunked"]
+VERIFY = ["mamba-verify-states", "delta-rule-verify-states"]      # the model's forms for a recording (verify) pass
 EXERCISES = [
     Exercise(
         "causal-conv", ["models.causal_conv"],
         "the causal depthwise convolution of Mamba-2 and Gated DeltaNet, and why its window (the last K-1 inputs) is "
         "part of the recurrent state that a snapshot must keep and a commit must roll back",
         "put the window before x, then each output is a weighted sum of K consecutive inputs", 20,
-        ["test_causal_conv_reads_its_window", "test_causal_conv_window", "test_step_by_step_equals_full_forward",
-         *exercise_lossless("tiny-qwen3.5-component-k3-12-token")],
-        [("the window is ignored", "models.py", "inputs = torch.cat([window, x], dim=1)",
-          "inputs = torch.cat([torch.zeros_like(window), x], dim=1)"),
-         ("the taps are reversed", "models.py", "w = weight[:, 0].to(f32)", "w = weight[:, 0].flip(-1).to(f32)")]),
+        ["test_causal_conv_reads_its_window"], []),
     Exercise(
         "mamba-recurrence", ["models.ssd_step"],
         "Mamba-2's selective state-space recurrence for one token: the definition that decoding runs",
         "decay the old state by exp(dt A), add dt x B^T, read y = s C; make a new tensor, never modify the old one", 20,
-        ["test_mamba_recurrence_token_by_token", "test_ssd_recurrence_is_the_definition",
-         "test_step_by_step_equals_full_forward[tiny-falcon-h1]",
-         *exercise_lossless("tiny-falcon-h1-component-k3-12-token")],
-        [("the decay comes after the input", "models.py",
-          "    state = decay * state                         # a new tensor: the previous state stays as it was\n"
-          "    state.addcmul_(dt_x, B[:, :, None, :])",
-          "    state = decay * (state + dt_x * B[:, :, None, :])"),
-         ("the state is updated in place", "models.py",
-          "    state = decay * state                         # a new tensor: the previous state stays as it was",
-          "    state = state.mul_(decay)"),
-         ("dt is left out of the input term", "models.py",
-          "    dt_x = (dt[:, :, None] * x)[..., None]", "    dt_x = x[..., None]")]),
+        ["test_ssd_recurrence_is_the_definition"], []),
     Exercise(
         "delta-rule-recurrence", ["models.gated_delta_rule_step"],
         "the gated delta rule of Gated DeltaNet for one token: a memory that decays, predicts the value of a key, and "
         "writes the error of that prediction",
         "decay, then predict S'^T k, then add k (beta (v - prediction))^T, then read S^T q", 25,
-        ["test_gated_delta_rule_token_by_token", "test_gated_delta_rule_is_the_definition",
-         "test_step_by_step_equals_full_forward[tiny-qwen3.5]",
-         *exercise_lossless("tiny-qwen3.5-component-k3-12-token")],
-        [("the prediction uses the memory before its decay", "models.py",
-          "    prediction = (k[:, :, None, :] @ state).squeeze(-2)",
-          "    prediction = (k[:, :, None, :] @ (state / torch.exp(g)[:, :, None, None])).squeeze(-2)"),
-         ("beta is left out of the write", "models.py",
-          "    error = beta[:, :, None] * (v - prediction)", "    error = v - prediction")]),
+        ["test_gated_delta_rule_is_the_definition"], []),
     Exercise(
         "ssd-chunked", ["models.ssd_chunked"],
         "(advanced) the chunked SSD algorithm used for prefill: the same recurrence as matrix products within chunks "
         "and a short recurrence across them",
         "four steps: within chunks (segsum decays), each chunk's contribution to the state, the state across chunks, "
         "what each position reads from its chunk's start state", 60,
-        ["test_chunked_scan_agrees_with_its_recurrence_chunk_by_chunk[ssd]", "test_ssd_chunked_equals_recurrent",
-         "test_prefill_then_continue_equals_full_forward[tiny-falcon-h1]",
-         *exercise_lossless("tiny-falcon-h1-component-k3-12-token")],
-        [("the state is not decayed across chunks", "models.py",
-          "        state = torch.exp(a_cum[:, i, :, -1])[..., None, None] * state + chunk_updates[:, i]",
-          "        state = state + chunk_updates[:, i]"),
-         ("positions read the chunk's start state without its decay", "models.py",
-          "    y_off = y_off * torch.exp(a_cum).permute(0, 1, 3, 2)[..., None]\n", "")]),
+        ["test_ssd_chunked_equals_recurrent"], ["mamba-recurrence"]),
     Exercise(
         "delta-rule-chunked", ["models.gated_delta_rule_chunked"],
         "(advanced) the chunked (WY) form of the gated delta rule used for prefill",
         "within a chunk solve (I + M) U = beta v and (I + M) W = beta k exp(c); the values written are U - W S0", 60,
-        ["test_chunked_scan_agrees_with_its_recurrence_chunk_by_chunk[gated_delta_rule]",
-         "test_gated_delta_rule_chunked_equals_recurrent",
-         "test_prefill_then_continue_equals_full_forward[tiny-qwen3.5]",
-         *exercise_lossless("tiny-qwen3.5-component-k3-12-token")],
-        [("the start state's prediction is not subtracted", "models.py",
-          "        u = U[:, i] - W[:, i] @ state", "        u = U[:, i]"),
-         ("the state is not decayed across chunks", "models.py",
-          "        state = c[:, i, :, -1].exp()[..., None, None] * state + (k[:, i] * decay_to_end)",
-          "        state = state + (k[:, i] * decay_to_end)")]),
+        ["test_gated_delta_rule_chunked_equals_recurrent"], ["delta-rule-recurrence"]),
     Exercise(
         "mamba-verify-states", ["models.ssd_states"],
         "(advanced) the state after every token of a verify pass in a few batched operations, whatever k: the "
         "recurrence unrolled (the state-space duality), so that verifying k+1 tokens costs about one step",
         "s_t = exp(a_1 + ... + a_t) s_0 + sum_s exp(a_(s+1) + ... + a_t) dt_s x_s B_s^T; segsum gives the decays", 45,
-        ["test_ssd_states_equal_recurrent", "test_recorded_states_equal_one_token_at_a_time",
-         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-falcon-h1-layerskip-k8-1-token")],
-        [("the start state is left out of the states", "models.py",
-          "StatesAfterEachToken(state, from_start, decay, x_dt, B)",
-          "StatesAfterEachToken(torch.zeros_like(state), from_start, decay, x_dt, B)"),
-         ("the decay from the start leaves out the token's own", "models.py",
-          "    from_start = torch.exp(a.cumsum(dim=-1))",
-          "    from_start = torch.exp(a.cumsum(dim=-1) - a)")]),
+        ["test_ssd_states_equal_recurrent"], ["mamba-recurrence"]),
     Exercise(
         "delta-rule-verify-states", ["models.gated_delta_rule_states"],
         "(advanced) the gated delta rule's state after every token of a verify pass in a few batched operations: "
         "each write depends on the earlier ones, so the values written solve one triangular system",
         "(I + M) u = beta (v - exp(c) S_0^T k), M below the diagonal; then S_t = exp(c_t) S_0 + sum_j exp(c_t - c_j) "
         "k_j u_j^T", 60,
-        ["test_gated_delta_rule_states_equal_recurrent", "test_recorded_states_equal_one_token_at_a_time",
-         *exercise_lossless("tiny-qwen3.5-component-k3-12-token", "tiny-qwen3.5-layerskip-k8-1-token")],
-        [("the start memory's prediction is not subtracted", "models.py",
-          "beta * (v - from_start[..., None] * (k @ state))", "beta * v"),
-         ("the triangular system without its unit diagonal", "models.py",
-          "M, rhs, upper=False, unitriangular=True)", "M, rhs, upper=False, unitriangular=False)")]),
+        ["test_gated_delta_rule_states_equal_recurrent"], ["delta-rule-recurrence"]),
     Exercise(
         "snapshot-restore", ["hsd.snapshot", "hsd.restore"],
         "the snapshot before drafting and the restore after it: drafting must leave no trace, and because no state "
         "tensor is ever written in place, references are a snapshot",
         "remember the length and, per layer, the conv window and the recurrent state; put all three back", 15,
-        ["test_restore_puts_the_snapshot_back", "test_drafting_leaves_no_trace",
-         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k3-12-token")],
-        [("restore leaves the length as drafting left it", "hsd.py", "    cache.length = snap.length\n", ""),
-         ("restore forgets the conv windows", "hsd.py",
-          "        state.conv, state.ssm, state.recorded = conv, ssm, None",
-          "        state.ssm, state.recorded = ssm, None")]),
+        ["test_restore_puts_the_snapshot_back"], MODEL),
     Exercise(
         "commit", ["hsd.commit"],
         "keeping the state after n of the k+1 verified tokens: a recurrent state cannot be cropped like a KV cache, so "
         "the verify pass records the state after every position and commit picks one",
         "the length is start + n; the recurrent state is states[n-1]; the conv window is the K-1 inputs ending at "
         "token n-1", 20,
-        ["test_commit_keeps_the_state_after_the_last_accepted_token", "test_commit_keeps_the_state_after_n_tokens",
-         "test_every_commit_of_a_generation_matches_one_by_one_feeding",
-         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k3-12-token")],
-        [("the last recorded state is kept", "hsd.py", "state.ssm = state.recorded.states[n - 1]",
-          "state.ssm = state.recorded.states[-1]"),
-         ("the conv window is taken from the end", "hsd.py",
-          "state.conv = state.recorded.conv_inputs[:, n:n + state.conv.shape[1]]",
-          "state.conv = state.recorded.conv_inputs[:, -state.conv.shape[1]:]"),
-         ("an off-by-one in the length", "hsd.py", "    cache.length = start + n\n",
-          "    cache.length = start + n - 1\n")]),
+        ["test_commit_keeps_the_state_after_n_tokens"], MODEL + VERIFY),
     Exercise(
         "accept", ["hsd.accept"],
         "greedy verification: the longest prefix of drafts the full model agrees with, then the full model's own next "
         "token (a correction, or a bonus when every draft was accepted)",
         "row i of the logits is the full model's choice after position i; stop at the first disagreement", 10,
-        ["test_accept_takes_the_longest_agreeing_prefix", "test_real_drafts_see_every_kind_of_round",
-         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen2.5-layerskip-k2-1-token")],
-        [("every agreeing draft counts, not only the prefix", "hsd.py",
-          "    while n < len(drafts) and drafts[n] == choices[n]:\n        n += 1",
-          "    n = sum(d == c for d, c in zip(drafts, choices))"),
-         ("the next token comes from the row of the last accepted draft", "hsd.py", "    return n, choices[n]",
-          "    return n, choices[max(n - 1, 0)]")]),
+        ["test_accept_takes_the_longest_agreeing_prefix"], []),
     Exercise(
         "accept-sampled", ["hsd.accept_sampled"],
         "speculative sampling: accept a sampled draft with probability min(1, p/q), replace a rejection by a sample "
         "from the residual max(0, p - q), and the output is distributed exactly as plain sampling from p",
-        "p = probabilities(logits, temperature); one uniform draw per draft; torch.multinomial takes weights", 30,
-        ["test_speculative_sampling_is_exact_in_distribution", "test_rounds_and_plain_steps_sample_as_plain_sampling"],
-        [("accepting with q/p instead of p/q", "hsd.py", "p[i, draft] / q[i, draft]", "q[i, draft] / p[i, draft]"),
-         ("the correction sampled from p instead of the residual", "hsd.py",
-          "torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator)",
-          "torch.multinomial(p[i], 1, generator=generator)"),
-         ("the bonus token taken from the draft", "hsd.py",
-          "    return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))",
-          "    return len(drafts), int(torch.multinomial(q[-1], 1, generator=generator))"),
-         ("the temperature applied to the draft side only", "hsd.py",
-          "    p = probabilities(logits, temperature)", "    p = probabilities(logits, 1.0)")]),
+        "p: the full model's probabilities() at the same temperature; one uniform draw per draft; torch.multinomial "
+        "takes weights", 30,
+        ["test_speculative_sampling_is_exact_in_distribution"], MODEL),
     Exercise(
         "draft-and-verify", ["hsd.draft_tokens", "hsd.verify"],
         "the two model calls of a round: k greedy steps of the draft model from the full model's state, then one "
         "pass of the full model over the pending token and the k drafts, recording every position's state",
-        "the draft feeds pending, d1 .. d(k-1); verify feeds [pending, d1 .. dk] with record_states=True", 15,
-        ["test_drafts_are_the_draft_models_greedy_tokens", "test_commit_keeps_the_state_after_n_tokens",
-         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k3-12-token")],
-        [("verify leaves out the pending token", "hsd.py", "torch.tensor([[pending, *drafts]]",
-          "torch.tensor([[*drafts]]"),
-         ("the draft feeds the full model", "hsd.py",
-          "token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())",
-          "token = int(model(torch.tensor([[token]], device=cache.device), cache)[0, -1].argmax())")]),
+        "the draft feeds pending, d1 .. d(k-1); verify feeds [pending, d1 .. dk] with record_states=True and returns "
+        "what the model returns", 15,
+        ["test_drafts_are_the_draft_models_greedy_tokens"], MODEL + VERIFY),
     Exercise(
         "speculative-round", ["hsd.speculative_round"],
-        "one round, step by step: snapshot, draft, restore, verify, accept, commit",
-        "six calls, in the order of the module docstring; commit keeps the pending token and the accepted drafts", 15,
-        ["test_every_commit_of_a_generation_matches_one_by_one_feeding", "test_real_drafts_see_every_kind_of_round",
-         *exercise_lossless("tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k5-1-token",
-                            "tiny-qwen2.5-layerskip-k2-12-token")],
-        [("no restore before verifying", "hsd.py",
-          "    restore(cache, snap)                                                                       # 3\n", ""),
-         ("commit leaves out the pending token", "hsd.py", "    commit(cache, snap.length, n + 1)",
-          "    commit(cache, snap.length, n)")]),
+        "one round, step by step: snapshot, draft, restore, verify, judge, commit",
+        "six calls, in the order of the module docstring; what verify records goes to commit, which keeps the pending "
+        "token and the accepted drafts", 15,
+        ["test_rounds_commit_what_one_by_one_feeding_gives"],
+        MODEL + VERIFY + ["snapshot-restore", "draft-and-verify", "accept", "commit"]),
     Exercise(
         "draft-strategies", ["hsd.draft_skip"],
         "the paper's draft strategies as data: which layers, or which layers' attention branch, the draft leaves out",
         "return models.Skip(layers=...) or models.Skip(attention=...); see the README's table", 15,
-        ["test_draft_strategies_skip_what_the_paper_skips", "test_draft_strategies_as_in_the_paper",
-         "test_drafts_are_smaller_models"],
-        [("layerskip starts one layer late", "hsd.py", "start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)",
-          "start, skipped = n // 2 - int(0.33 * n) // 2 + 1, int(0.33 * n)"),
-         ("Qwen3.5's attention layers keep their MLP", "hsd.py",
-          "return models.Skip(layers=frozenset(i for i, t in enumerate(config.layer_types)",
-          "return models.Skip(attention=frozenset(i for i, t in enumerate(config.layer_types)")]),
+        ["test_draft_strategies_skip_what_the_paper_skips"], []),
     Exercise(
         "bootstrap", ["hsd_eval.bootstrap_ci"],
         "the 95% bootstrap percentile interval of a mean, as the paper reports acceptance",
         "resample the values with replacement, take the mean of each resample, then the 2.5% and 97.5% quantiles", 15,
-        ["test_bootstrap_gives_a_95_percent_interval", "test_bootstrap_interval"],
-        [("a 90% interval", "hsd_eval.py",
-          "return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()",
-          "return torch.quantile(means, 0.05).item(), torch.quantile(means, 0.95).item()"),
-         ("resampling without replacement", "hsd_eval.py",
-          "v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))]",
-          "v[torch.stack([torch.randperm(len(v), generator=torch.Generator().manual_seed(seed + i)) "
-          "for i in range(resamples)])]")]),
+        ["test_bootstrap_gives_a_95_percent_interval"], []),
     Exercise(
         "break-even", ["hsd_eval.break_even"],
         "the cost model: from step times at two context lengths, the context from which on self-speculation pays off",
         "the gap (1 + a) t_full - k t_draft - t_verify is linear in the context; find where it crosses 0, rising", 20,
-        ["test_break_even_arithmetic"],
-        [("the crossing interpolated from the wrong end", "hsd_eval.py",
-          "crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0)", "crossing = L1 - gap0 * (L1 - L0) / (gap1 - gap0)"),
-         ("a crossing beyond the model's context is reported", "hsd_eval.py",
-          "return round(crossing) if crossing <= max_context else None", "return round(crossing)")]),
+        ["test_break_even_arithmetic"], []),
+    Exercise(
+        "perplexity", ["hsd_eval.nll"],
+        "a measurement on a trained toy: the negative log-likelihood behind perplexity, for the full model and for a "
+        "draft, and the perplexity ratio full -> draft that the paper found to predict a draft's acceptance",
+        "hidden states of every position but the last, logits, log_softmax; the target at position t is token t+1", 20,
+        ["test_nll_gives_the_toys_recorded_heldout_loss"], []),
 ]
+
+Mistake = namedtuple("Mistake", "what function old new message")
+# A typical wrong solution: in `function`, the statements `old` (code of the reference, in any formatting: they are
+# matched as syntax trees) become `new`; `message` is what the failure the student reads first must say.
+MISTAKES = {
+    "causal-conv": [
+        Mistake("the window is ignored", "models.causal_conv", "inputs = torch.cat([window, x], dim=1)",
+                "inputs = torch.cat([torch.zeros_like(window), x], dim=1)", "y ignores the window"),
+        Mistake("the taps are reversed", "models.causal_conv", "w = weight[:, 0].to(f32)",
+                "w = weight[:, 0].flip(-1).to(f32)", "the taps are reversed")],
+    "mamba-recurrence": [
+        Mistake("the decay comes after the input", "models.ssd_step",
+                "state = decay * state\nstate.addcmul_(dt_x, B[:, :, None, :])",
+                "state = decay * (state + dt_x * B[:, :, None, :])", "token 0: the decay was applied after adding"),
+        Mistake("the state is updated in place", "models.ssd_step", "state = decay * state",
+                "state = state.mul_(decay)", "the state passed in was changed"),
+        Mistake("dt is left out of the input term", "models.ssd_step", "dt_x = (dt[:, :, None] * x)[..., None]",
+                "dt_x = x[..., None]", "token 0: the input term lacks dt")],
+    "delta-rule-recurrence": [
+        Mistake("the prediction uses the memory before its decay", "models.gated_delta_rule_step",
+                "prediction = (k[:, :, None, :] @ state).squeeze(-2)",
+                "prediction = (k[:, :, None, :] @ (state / torch.exp(g)[:, :, None, None])).squeeze(-2)",
+                "token 0: the prediction S^T k used the memory before its decay"),
+        Mistake("beta is left out of the write", "models.gated_delta_rule_step",
+                "error = beta[:, :, None] * (v - prediction)", "error = v - prediction", "token 0: the write lacks beta")],
+    "ssd-chunked": [
+        Mistake("the state is not decayed across chunks", "models.ssd_chunked",
+                "state = torch.exp(a_cum[:, i, :, -1])[..., None, None] * state + chunk_updates[:, i]",
+                "state = state + chunk_updates[:, i]", "its start state decayed over the chunk plus its own writes"),
+        Mistake("positions read the chunk's start state without its decay", "models.ssd_chunked",
+                "y_off = y_off * torch.exp(a_cum).permute(0, 1, 3, 2)[..., None]", "",
+                "the output differs already in the first chunk")],
+    "delta-rule-chunked": [
+        Mistake("the start state's prediction is not subtracted", "models.gated_delta_rule_chunked",
+                "u = U[:, i] - W[:, i] @ state", "u = U[:, i]", "the output differs already in the first chunk"),
+        Mistake("the state is not decayed across chunks", "models.gated_delta_rule_chunked",
+                "state = c[:, i, :, -1].exp()[..., None, None] * state + (k[:, i] * decay_to_end).transpose(-1, -2) @ u",
+                "state = state + (k[:, i] * decay_to_end).transpose(-1, -2) @ u",
+                "its start state decayed over the chunk plus its own writes")],
+    "mamba-verify-states": [
+        Mistake("the start state is left out of the states", "models.ssd_states",
+                "return y.transpose(1, 2), StatesAfterEachToken(state, from_start, decay, x_dt, B)",
+                "return y.transpose(1, 2), StatesAfterEachToken(torch.zeros_like(state), from_start, decay, x_dt, B)",
+                "from an empty start state the outputs and states are right"),
+        Mistake("the decay from the start leaves out the token's own", "models.ssd_states",
+                "from_start = torch.exp(a.cumsum(dim=-1))", "from_start = torch.exp(a.cumsum(dim=-1) - a)",
+                "from an empty start state the outputs and states are right")],
+    "delta-rule-verify-states": [
+        Mistake("the start memory's prediction is not subtracted", "models.gated_delta_rule_states",
+                "rhs = beta * (v - from_start[..., None] * (k @ state))", "rhs = beta * v",
+                "from an empty start memory the outputs and states are right"),
+        Mistake("the triangular system without its unit diagonal", "models.gated_delta_rule_states",
+                "u = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)",
+                "u = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=False)",
+                "even from an empty start memory")],
+    "snapshot-restore": [
+        Mistake("restore leaves the length as drafting left it", "hsd.restore", "cache.length = snap.length", "",
+                "after drafting 5 tokens and restoring, the cache holds"),
+        Mistake("restore forgets the conv windows", "hsd.restore", "state.conv, state.ssm = kept.conv, kept.ssm",
+                "state.ssm = kept.ssm", "layer 0: after restore the conv window is not the one before drafting"),
+        Mistake("the snapshot keeps the LayerState objects", "hsd.snapshot",
+                "return Snapshot(cache.length, [models.LayerState(conv=s.conv, ssm=s.ssm) for s in cache.layers])",
+                "return Snapshot(cache.length, list(cache.layers))",
+                "layer 0: after restore the recurrent state is not the one before drafting")],
+    "commit": [
+        Mistake("the last recorded state is kept", "hsd.commit", "state.ssm = layer.states[n - 1]",
+                "state.ssm = layer.states[-1]", "commit kept the last recorded state"),
+        Mistake("the conv window is taken from the end", "hsd.commit",
+                "state.conv = layer.conv_inputs[:, n:n + state.conv.shape[1]]",
+                "state.conv = layer.conv_inputs[:, -state.conv.shape[1]:]", "commit kept the last conv window"),
+        Mistake("the conv window is one token late", "hsd.commit",
+                "state.conv = layer.conv_inputs[:, n:n + state.conv.shape[1]]",
+                "state.conv = layer.conv_inputs[:, n + 1:n + 1 + state.conv.shape[1]]",
+                "the conv window is one token late"),
+        Mistake("an off-by-one in the length", "hsd.commit", "cache.length = start + n", "cache.length = start + n - 1",
+                "after committing 1 of 4 tokens the cache holds 0 of them")],
+    "accept": [
+        Mistake("every agreeing draft counts, not only the prefix", "hsd.accept",
+                "n = 0\nwhile n < len(drafts) and drafts[n] == choices[n]:\n    n += 1",
+                "n = sum(d == c for d, c in zip(drafts, choices))", "a match after the first mismatch does not count"),
+        Mistake("the next token comes from the row of the last accepted draft", "hsd.accept", "return n, choices[n]",
+                "return n, choices[max(n - 1, 0)]", "the next token is the bonus, row 3's choice")],
+    "accept-sampled": [
+        Mistake("accepting with q/p instead of p/q", "hsd.accept_sampled",
+                "if torch.rand((), dtype=torch.float64, generator=generator) >= p[i, token] / q[i, token]:\n"
+                "    return i, int(torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator))",
+                "if torch.rand((), dtype=torch.float64, generator=generator) >= q[i, token] / p[i, token]:\n"
+                "    return i, int(torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator))",
+                "the first draft was accepted"),
+        Mistake("the correction sampled from p instead of the residual", "hsd.accept_sampled",
+                "if torch.rand((), dtype=torch.float64, generator=generator) >= p[i, token] / q[i, token]:\n"
+                "    return i, int(torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator))",
+                "if torch.rand((), dtype=torch.float64, generator=generator) >= p[i, token] / q[i, token]:\n"
+                "    return i, int(torch.multinomial(p[i], 1, generator=generator))",
+                "the first token is not distributed as plain sampling's"),
+        Mistake("the bonus token taken from the draft", "hsd.accept_sampled",
+                "return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))",
+                "return len(drafts), int(torch.multinomial(q[-1], 1, generator=generator))",
+                "the second token is not distributed as plain sampling's"),
+        Mistake("the temperature applied to the draft side only", "hsd.accept_sampled",
+                "p = probabilities(logits, temperature)", "p = probabilities(logits, 1.0)",
+                "p and q both at the temperature")],
+    "draft-and-verify": [
+        Mistake("verify leaves out the pending token", "hsd.verify",
+                "logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, "
+                "record_states=True)",
+                "logits, recorded = model(torch.tensor([[*drafts]], device=cache.device), cache, record_states=True)",
+                "verify must return k + 1 = 4 rows"),
+        Mistake("the draft feeds the full model", "hsd.draft_tokens",
+                "token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())",
+                "token = int(model(torch.tensor([[token]], device=cache.device), cache)[0, -1].argmax())",
+                "are not the draft model's greedy tokens")],
+    "speculative-round": [
+        Mistake("no restore before verifying", "hsd.speculative_round", "restore(cache, snap)", "",
+                "after a round the state is not that of feeding the committed tokens one by one"),
+        Mistake("commit leaves out the pending token", "hsd.speculative_round",
+                "commit(cache, snap.length, n + 1, recorded)", "commit(cache, snap.length, n, recorded)",
+                "after a round that accepted")],
+    "draft-strategies": [
+        Mistake("layerskip starts one layer late", "hsd.draft_skip",
+                "start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)",
+                "start, skipped = n // 2 - int(0.33 * n) // 2 + 1, int(0.33 * n)", "layerskip on tiny-falcon-h1"),
+        Mistake("Qwen3.5's attention layers keep their MLP", "hsd.draft_skip",
+                "return models.Skip(layers=frozenset(i for i, t in enumerate(config.layer_types) if t == "
+                "'full_attention'))",
+                "return models.Skip(attention=frozenset(i for i, t in enumerate(config.layer_types) if t == "
+                "'full_attention'))", "component on tiny-qwen3.5")],
+    "bootstrap": [
+        Mistake("a 90% interval", "hsd_eval.bootstrap_ci",
+                "return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()",
+                "return torch.quantile(means, 0.05).item(), torch.quantile(means, 0.95).item()",
+                "is narrower than a 95% interval"),
+        Mistake("resampling without replacement", "hsd_eval.bootstrap_ci",
+                "means = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))]"
+                ".mean(dim=1)",
+                "means = v[torch.stack([torch.randperm(len(v), generator=torch.Generator().manual_seed(seed + i)) "
+                "for i in range(resamples)])].mean(dim=1)", "the interval has no width")],
+    "break-even": [
+        Mistake("the crossing interpolated from the wrong end", "hsd_eval.break_even",
+                "crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0)", "crossing = L1 - gap0 * (L1 - L0) / (gap1 - gap0)",
+                "so it crosses 0 at 600, not 1600"),
+        Mistake("a crossing beyond the model's context is reported", "hsd_eval.break_even",
+                "return round(crossing) if crossing <= max_context else None", "return round(crossing)",
+                "the crossing at 600 lies beyond the model's context")],
+    "perplexity": [
+        Mistake("the target is the token at the same position", "hsd_eval.nll",
+                "total -= logp.gather(1, ids[0, i + 1:i + 1 + chunk, None]).sum().item()",
+                "total -= logp.gather(1, ids[0, i:i + len(logp), None]).sum().item()",
+                "nll over the held-out windows gives"),
+        Mistake("the draft's skip is not passed", "hsd_eval.nll", "h = model.hidden_states(ids, skip=skip)[0, :-1]",
+                "h = model.hidden_states(ids)[0, :-1]", "the layerskip draft's loss equals the full model's"),
+        Mistake("the mean, not the sum", "hsd_eval.nll", "return total", "return total / len(h)",
+                "nll returns the mean")],
+}
 
 
 def exercise_by_name(name):
     found = [e for e in EXERCISES if e.name == name]
     if not found:
-        raise SystemExit(f"test_hsd.py: error: no exercise {name!r}: see python test_hsd.py --exercises")
+        closest = difflib.get_close_matches(name, [e.name for e in EXERCISES], n=1)
+        hint = f"did you mean {closest[0]}? " if closest else ""
+        raise SystemExit(f"test_hsd.py: error: no exercise {name!r}: {hint}(python test_hsd.py --exercises lists them)")
     return found[0]
 
 
-def grade_command(exercise):
-    """The command that grades an exercise, run from the project's root: just its tests."""
-    return "python -m pytest -q " + " ".join(f"'test_hsd.py::{test}'" for test in exercise.tests)
+def grading_command(exercise):
+    """The command that grades an exercise, run from the project's (or the handout's) root: just its tests, each failure
+    as its message and a short traceback."""
+    return "python -m pytest -q --tb=short --assert=plain " + " ".join(f"'test_hsd.py::{t}'" for t in exercise.tests)
 
 
-def project_files(root):
-    """The project's files, relative to root: those git tracks, or where there is no git, every file but caches and
-    environments."""
-    try:
-        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
-        return [name for name in listed.split("\0") if name]
-    except (OSError, subprocess.CalledProcessError):
-        files = []
-        for folder, dirs, names in os.walk(root):
-            dirs[:] = [d for d in dirs if d not in (".git", ".venv", "__pycache__", ".pytest_cache")]
-            files += [os.path.relpath(os.path.join(folder, name), root) for name in names]
-        return files
+def together(a, b):
+    """Whether exercises a and b can be handed out at once: the grading of neither runs the other's functions."""
+    return a.name not in b.needs and b.name not in a.needs
 
 
-def blank_function(source, qualname, exercise):
-    """source with the body of the function `qualname` ("f" or "Class.f") replaced by a NotImplementedError that names
-    the exercise. ast only finds the body's lines; the text is spliced, so every other line stays as written."""
-    scope = ast.parse(source).body
+# --- The machinery: functions found by their syntax tree, their bodies spliced as text ---------------------------
+def function_node(tree, qualname):
+    """The ast node of the function "f" or "Class.f" in a module's tree."""
+    scope = tree.body
     for part in qualname.split("."):
         node = next(n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
         scope = node.body
+    return node
+
+
+def body_statements(node):
+    """A function's statements after its docstring."""
     has_docstring = isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
-    first = node.body[1] if has_docstring else node.body[0]
+    return node.body[1:] if has_docstring else node.body
+
+
+def splice(source, first, last, indent, code):
+    """source with its lines first..last (1-based, inclusive) replaced by code, indented by indent spaces."""
     lines = source.splitlines(keepends=True)
-    stub = (f'{" " * first.col_offset}raise NotImplementedError("exercise {exercise}: write {qualname}, '
-            'see its docstring and the README, Exercises")\n')
-    return "".join(lines[:first.lineno - 1] + [stub] + lines[node.end_lineno:])
+    new = textwrap.indent(textwrap.dedent(code).strip("\n") or "pass", " " * indent) + "\n"
+    return "".join(lines[:first - 1] + [new] + lines[last:])
 
 
-def copy_project(out, exercises=(), mistake=None):
-    """Copy the project into the folder out, with the functions of the given exercises blanked, or one typical
-    mistake, (file, reference text, mistaken text), written into the reference."""
-    root = os.path.dirname(os.path.abspath(__file__))
+def replace_body(source, qualname, code):
+    """source with the body of qualname (its docstring kept) replaced by code."""
+    statements = body_statements(function_node(ast.parse(source), qualname))
+    return splice(source, statements[0].lineno, statements[-1].end_lineno, statements[0].col_offset, code)
+
+
+def reference_body(source, qualname):
+    """The text of qualname's body after its docstring, dedented: what a student writes."""
+    statements = body_statements(function_node(ast.parse(source), qualname))
+    lines = source.splitlines(keepends=True)[statements[0].lineno - 1:statements[-1].end_lineno]
+    return textwrap.dedent("".join(lines))
+
+
+def starter(exercise, qualname):
+    return (f'raise NotImplementedError("exercise {exercise}: write {qualname}, see its docstring and the README, '
+            f'Exercises")')
+
+
+def apply_mistake(source, mistake):
+    """source with the mistake made: the statements `old` of its function, found as syntax trees, replaced by `new`."""
+    old = [ast.dump(s) for s in ast.parse(textwrap.dedent(mistake.old)).body]
+    found = []
+    for node in ast.walk(function_node(ast.parse(source), mistake.function.split(".", 1)[1])):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                found += [block[i:i + len(old)] for i in range(len(block) - len(old) + 1)
+                          if [ast.dump(s) for s in block[i:i + len(old)]] == old]
+    assert len(found) == 1, f"{mistake.what}: its reference statements are {len(found)} times in {mistake.function}"
+    return splice(source, found[0][0].lineno, found[0][-1].end_lineno, found[0][0].col_offset, mistake.new)
+
+
+# --- Handouts: the project minus the answers ------------------------------------------------------------------------
+TEXT_FILES = (".py", ".md")       # what a handout may change; every other file is copied byte for byte
+REVEALS = re.compile(r"<!-- shows the reference of ([\w., ]+) -->\n.*?<!-- end -->\n", re.S)
+
+
+def project_files(root):
+    """The project's files, relative to root: those git tracks or would track, or where there is no git (a handout),
+    every file but caches and environments."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                            capture_output=True, text=True)
+    if listed.returncode == 0 and os.path.exists(os.path.join(root, ".git")):
+        return sorted(name for name in listed.stdout.split("\0") if name and os.path.isfile(os.path.join(root, name)))
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in (".git", ".venv", "__pycache__", ".pytest_cache")]
+        files += [os.path.relpath(os.path.join(folder, name), root) for name in names]
+    return sorted(files)
+
+
+def project_texts(root):
+    """{file: text} of the project's .py and .md files."""
     texts = {}
     for name in project_files(root):
-        with open(os.path.join(root, name), encoding="utf-8") as f:
-            texts[name] = f.read()
+        if name.endswith(TEXT_FILES):
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                texts[name] = f.read()
+    return texts
+
+
+def set_module_value(source, name, code):
+    """source with the module-level assignment to name replaced by the line `code`."""
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.Assign)
+                and isinstance(n.targets[0], ast.Name) and n.targets[0].id == name)
+    return splice(source, node.lineno, node.end_lineno, 0, code)
+
+
+def handout_texts(texts, exercises):
+    """The handout's .py and .md files: each exercise's functions with a starter body, the grader's self-check data
+    (typical mistakes, other correct solutions) emptied and HANDOUT set, and the README's parts that show a blanked
+    function's reference left out."""
+    texts = dict(texts)
+    blanked = [f for e in exercises for f in e.functions]
     for exercise in exercises:
         for function in exercise.functions:
             module, qualname = function.split(".", 1)
-            texts[module + ".py"] = blank_function(texts[module + ".py"], qualname, exercise.name)
-    if mistake:
-        file, reference, mistaken = mistake
-        assert texts[file].count(reference) == 1, f"a mistake's reference text is not once in {file}: {reference!r}"
-        texts[file] = texts[file].replace(reference, mistaken)
-    for name, text in texts.items():
-        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
-        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-            f.write(text)
+            texts[module + ".py"] = replace_body(texts[module + ".py"], qualname, starter(exercise.name, qualname))
+    tests = texts["test_hsd.py"]
+    for name in ("MISTAKES", "ALTERNATIVES"):                      # wrong and right solutions: the instructor's
+        tests = set_module_value(tests, name, f"{name} = {{}}        # the instructor's: not in handouts")
+    texts["test_hsd.py"] = set_module_value(tests, "HANDOUT", "HANDOUT = True")
+
+    def leave_out(part):
+        functions = [f.strip() for f in part.group(1).split(",")]
+        if not set(functions) & set(blanked):
+            return part.group(0)
+        return (f"*(Left out of this handout: this part shows the reference of {', '.join(functions)}, which you write "
+                "here.)*\n")
+    texts["README.md"] = REVEALS.sub(leave_out, texts["README.md"])
+    return texts
+
+
+def write_project(out, texts, root, link=False):
+    """The project in the folder out: texts as given, every other file copied byte for byte (or, for the grader's
+    scratch copies, linked)."""
+    for name in project_files(root):
+        target = os.path.join(out, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if name in texts:
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(texts[name])
+        elif link:
+            os.symlink(os.path.join(root, name), target)
+        else:
+            shutil.copyfile(os.path.join(root, name), target)
+            shutil.copymode(os.path.join(root, name), target)
 
 
 def blank(names, out):
-    """python test_hsd.py --blank NAME[,NAME] --out DIR: the project with each exercise's functions left to write."""
+    """python test_hsd.py --blank NAME[,NAME] --out DIR: the handout, or one line saying why not."""
+    exercises = [exercise_by_name(name) for name in names]
+    for a in exercises:
+        for b in exercises:
+            if b.name in a.needs:
+                raise SystemExit(f"test_hsd.py: error: {a.name}'s grading runs {', '.join(b.functions)} ({b.name}): "
+                                 f"hand out {b.name} first, then {a.name} (python test_hsd.py --exercises says which "
+                                 "go together)")
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"test_hsd.py: error: {out} is not empty: give a new folder to --out")
-    exercises = [exercise_by_name(name) for name in names]
-    copy_project(out, exercises)
+    write_project(out, handout_texts(project_texts(HERE), exercises), HERE)
     for exercise in exercises:
         print(f"{exercise.name}: write {', '.join(exercise.functions)} in {out}, then grade it there with\n"
-              f"    {grade_command(exercise)}")
+              f"    {grading_command(exercise)}")
+    print(f"When every test passes there, `python -m pytest -q test_hsd.py` in {out} passes too, and "
+          "`python hsd.py --model toy-falcon-h1 --trace --check` decodes with your functions.")
 
 
-def grade_variants(variants):
-    """Run each (folder, test ids) as its own pytest session, one after another in this process, stopping each at its
-    first failure: [(passed, output)]. The project's modules are imported afresh from each folder; torch is imported
-    once, which is most of what a session costs to start."""
+# --- The grader's self-check: in the project, not in handouts ---------------------------------------------------
+def cores():
+    """The cores this process may run on (a shared machine's taskset or cgroup limit counts)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def grade_variants(variants, threads=1):
+    """Run each (folder, test ids, stop at the first failure) as its own pytest session, one after another in this
+    process, as a student's grading command runs them: [(passed, output)]. The project's modules are imported afresh
+    from each folder; torch is imported once, which is most of what a session costs to start."""
     import contextlib
     import io
+    torch.set_num_threads(threads)
     results = []
-    for folder, tests in variants:
-        for module in ("models", "hsd", "hsd_eval", "test_hsd"):
+    for folder, tests, first_only in variants:
+        for module in ("models", "hsd", "hsd_eval", "hsd_train", "hsd_bench", "test_hsd"):
             sys.modules.pop(module, None)
         os.chdir(folder)
         sys.path.insert(0, folder)
         output = io.StringIO()
         with contextlib.redirect_stdout(output):
-            code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", *tests])
+            code = pytest.main(["-q", "--tb=short", "--assert=plain", "-p", "no:cacheprovider", *tests]
+                               + ["-x"] * first_only)
         sys.path.remove(folder)
         results.append((code == 0, output.getvalue()))
     return results
 
 
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory):
-    """Every exercise's grading tests on its starter code (made by the --blank machinery) and on each of its typical
-    mistakes, in two worker processes: {(exercise name, variant): (passed, output)}."""
-    variants = {}
-    for exercise in EXERCISES:
-        variants[exercise.name, "the starter code"] = dict(exercises=[exercise])
-        for what, file, reference, mistaken in exercise.mistakes:
-            variants[exercise.name, what] = dict(mistake=(file, reference, mistaken))
-    jobs = []
-    for i, ((name, what), change) in enumerate(variants.items()):
-        folder = tmp_path_factory.mktemp(f"variant{i}")
-        copy_project(folder, **change)
-        jobs.append((str(folder), [f"test_hsd.py::{test}" for test in exercise_by_name(name).tests]))
-    worker = "import json, sys, test_hsd; print(json.dumps(test_hsd.grade_variants(json.loads(sys.argv[1]))))"
-    here = os.path.dirname(os.path.abspath(__file__))
+def in_workers(jobs):
+    """grade_variants over jobs, split between worker processes whose torch threads add up to this machine's cores."""
+    workers = max(1, min(2, cores(), len(jobs)))
+    threads = max(1, cores() // workers)
+    code = "import json, sys, test_hsd; print(json.dumps(test_hsd.grade_variants(json.loads(sys.argv[1]), int(sys.argv[2]))))"
 
-    def run(half):
-        result = subprocess.run([sys.executable, "-c", worker, json.dumps(half)], cwd=here, capture_output=True,
-                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def run(share):
+        result = subprocess.run([sys.executable, "-c", code, json.dumps(share), str(threads)], cwd=HERE,
+                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.splitlines()[-1])
-    with ThreadPoolExecutor(2) as pool:                       # two workers, one thread each: 2 cores
-        halves = list(pool.map(run, [jobs[0::2], jobs[1::2]]))
+    with ThreadPoolExecutor(workers) as pool:
+        shares = list(pool.map(run, [jobs[i::workers] for i in range(workers)]))
     results = [None] * len(jobs)
-    results[0::2], results[1::2] = halves
-    return dict(zip(variants, results))
+    for i, share in enumerate(shares):
+        results[i::workers] = share
+    return results
+
+
+def first_failure(output):
+    """What a student reads first: the first failure's block of a pytest -q --tb=short report."""
+    blocks = re.split(r"\n_{3,} .* _{3,}\n", output.split(" FAILURES ", 1)[-1])
+    return blocks[1].split("\n=====")[0] if len(blocks) > 1 else ""
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Every exercise's grading tests in scratch copies of the project: on its starter code, on each typical mistake,
+    and with every exercise it does not need blanked. {(exercise, variant): (passed, output)}"""
+    if HANDOUT:
+        pytest.skip("the grader's self-check is the instructor's: it runs in the project, not in handouts")
+    root, texts = HERE, project_texts(HERE)
+    variants = {}
+    for exercise in EXERCISES:
+        variants[exercise.name, "the starter code"] = handout_texts(texts, [exercise])
+        others = [e for e in EXERCISES if e.name not in exercise.needs and e is not exercise]
+        variants[exercise.name, "every exercise it does not need blanked"] = handout_texts(texts, others)
+        for mistake in MISTAKES[exercise.name]:
+            file = mistake.function.split(".")[0] + ".py"
+            variants[exercise.name, mistake.what] = {**texts, file: apply_mistake(texts[file], mistake)}
+    jobs = []
+    for i, ((name, what), variant) in enumerate(variants.items()):
+        folder = tmp_path_factory.mktemp(f"variant{i}")
+        write_project(folder, variant, root, link=True)
+        passes = what == "every exercise it does not need blanked"        # the others must fail: the first counts
+        jobs.append((str(folder), [f"test_hsd.py::{test}" for test in exercise_by_name(name).tests], not passes))
+    return dict(zip(variants, in_workers(jobs)))
 
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
-def test_the_grader_fails_a_blank_exercise_and_typical_mistakes(exercise, graded):
-    """The exercise's tests fail on its starter code and on every typical mistake; that they pass on the reference,
-    the rest of this suite shows."""
-    assert len(exercise.mistakes) >= 2
-    for (name, what), (passed, output) in graded.items():
-        if name != exercise.name:
-            continue
-        assert not passed, f"{exercise.name}: the grading tests pass on {what}"
-        assert "FAILED" in output and not re.search(r"SyntaxError|IndentationError|NameError|ImportError", output), (
-            f"{exercise.name}, {what}: not a failed test but a broken file\n{output[-3000:]}")
-    assert f"NotImplementedError: exercise {exercise.name}" in graded[exercise.name, "the starter code"][1]
+def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own_message(exercise, graded):
+    """The exercise's grading passes on the reference (the rest of this suite shows it) and with every exercise it does
+    not need blanked; it fails on the starter code and on every typical mistake, and the failure a student reads first
+    is the message written for that mistake, with no values or tensors before it."""
+    assert len(MISTAKES[exercise.name]) >= 2
+    passed, output = graded[exercise.name, "every exercise it does not need blanked"]
+    assert passed, f"{exercise.name}'s grading needs more than {exercise.needs}:\n{output[-3000:]}"
+    passed, output = graded[exercise.name, "the starter code"]
+    assert not passed and f"NotImplementedError: exercise {exercise.name}" in first_failure(output), output[-3000:]
+    for mistake in MISTAKES[exercise.name]:
+        passed, output = graded[exercise.name, mistake.what]
+        assert not passed, f"{exercise.name}: the grading tests pass on the mistake '{mistake.what}'"
+        first = first_failure(output)
+        assert mistake.message in first, f"{exercise.name}, '{mistake.what}': the first failure says\n{first[:1500]}"
+        assert "tensor(" not in first and "Traceback" not in first, first[:1500]
+
+
+def code_lines(text):
+    """The lines of text without comments and whitespace: '    n += 1   # next' -> 'n+=1'."""
+    return [re.sub(r"\s+", "", line.split("  #")[0].split("# ")[0] if line.lstrip()[:1] != "#" else "")
+            for line in text.splitlines()]
+
+
+def answer_lines(texts, function):
+    """The lines of a function's reference body that no other code of the project has: what gives the answer away."""
+    module, qualname = function.split(".", 1)
+    own = [line for line in code_lines(reference_body(texts[module + ".py"], qualname)) if len(line) >= 12]
+    others = dict(texts)
+    others[module + ".py"] = replace_body(others[module + ".py"], qualname, "pass")
+    elsewhere = "\n".join(line for name, text in others.items() if name.endswith(".py") and name != "test_hsd.py"
+                          for line in code_lines(text))
+    return [line for line in own if line not in elsewhere]
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
+def test_a_handout_holds_no_answer(exercise):
+    """No file of an exercise's handout (its tests, the typical-mistake data, the README...) holds a line of a blanked
+    function's reference body that no other code of the project holds."""
+    if HANDOUT:
+        pytest.skip("the instructor's check of handouts: it runs in the project")
+    texts = project_texts(HERE)
+    handout = handout_texts(texts, [exercise])
+    for function in exercise.functions:
+        answer = answer_lines(texts, function)
+        assert answer, f"{function}: a body with no line of its own"
+        for name, text in handout.items():
+            shown = set(code_lines(text))
+            found = [line for line in answer if any(line in other for other in shown)]
+            assert not found, f"{name} of the {exercise.name} handout shows {function}'s reference: {found}"
+
+
+def test_exercises_that_need_each_other_are_not_handed_out_together(tmp_path, capsys):
+    """--blank refuses a pair one of which grades with the other's functions, naming an order that works; every
+    pair it allows grades on its own (the self-check grades each exercise with everything it does not need blanked)."""
+    refused = [(a, b) for a in EXERCISES for b in EXERCISES if b.name in a.needs]
+    assert refused and all(together(a, b) == (a.name not in b.needs and b.name not in a.needs)
+                           for a in EXERCISES for b in EXERCISES)
+    for i, (a, b) in enumerate(refused):
+        if i == 0:                                                  # as a user runs it
+            result = run_cli("--blank", f"{a.name},{b.name}", "--out", str(tmp_path / "refused"), script="test_hsd.py")
+            status, err = result.returncode, result.stderr
+        else:
+            status, err = main(["--blank", f"{b.name},{a.name}", "--out", str(tmp_path / "refused")]), capsys.readouterr().err
+        assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"hand out {b.name} first, then {a.name}" in err
+        assert not (tmp_path / "refused").exists()
+    assert together(exercise_by_name("commit"), exercise_by_name("accept"))        # the README's example pair
+    assert main(["--exercises", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    commit = next(e for e in listed if e["name"] == "commit")
+    assert "accept" in commit["together_with"] and "snapshot-restore" in commit["together_with"]
+    assert commit["needs"] == exercise_by_name("commit").needs and commit["grade"] == grading_command(
+        exercise_by_name("commit"))
+
+
+def test_an_unknown_exercise_is_one_line_naming_the_closest():
+    result = run_cli("--blank", "comit", "--out", "nowhere", script="test_hsd.py")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "no exercise 'comit': did you mean commit?" in result.stderr
+
+
+# Correct solutions written otherwise than the reference: a finished handout must go green with them too.
+ALTERNATIVES = {
+    "snapshot-restore": {
+        "hsd.snapshot": "layers = []\nfor state in cache.layers:\n    layers.append(models.LayerState(conv=state.conv, "
+                        "ssm=state.ssm))\nreturn Snapshot(length=cache.length, layers=layers)",
+        "hsd.restore": "for i, kept in enumerate(snap.layers):\n    cache.layers[i].conv = kept.conv\n"
+                       "    cache.layers[i].ssm = kept.ssm\ncache.length = snap.length"},
+    "commit": {
+        "hsd.commit": "for i, layer in enumerate(recorded):\n    if layer is None:\n        continue\n"
+                      "    width = cache.layers[i].conv.shape[1]\n    cache.layers[i].ssm = layer.states[n - 1]\n"
+                      "    cache.layers[i].conv = layer.conv_inputs[:, n:n + width]\ncache.length = start + n"},
+    "accept": {
+        "hsd.accept": "choices = logits.argmax(dim=-1).tolist()\nfor n, (d, c) in enumerate(zip(drafts, choices)):\n"
+                      "    if d != c:\n        return n, c\nreturn len(drafts), choices[len(drafts)]"},
+    "accept-sampled": {
+        "hsd.accept_sampled": "p = probabilities(logits, temperature)\nn = 0\nwhile n < len(drafts):\n"
+                              "    u = torch.rand((), dtype=torch.float64, generator=generator)\n"
+                              "    if u * q[n, drafts[n]] >= p[n, drafts[n]]:\n"
+                              "        residual = torch.clamp(p[n] - q[n], min=0)\n"
+                              "        return n, int(torch.multinomial(residual, 1, generator=generator))\n"
+                              "    n += 1\nreturn n, int(torch.multinomial(p[n], 1, generator=generator))"},
+    "draft-and-verify": {
+        "hsd.draft_tokens": "drafts = []\nfor _ in range(k):\n    last = drafts[-1] if drafts else pending\n"
+                            "    logits = model(torch.tensor([[last]], device=cache.device), cache, skip=skip)\n"
+                            "    drafts.append(int(logits[0, -1].argmax()))\nreturn drafts",
+        "hsd.verify": "ids = torch.tensor([[pending] + list(drafts)], device=cache.device)\n"
+                      "logits, recorded = model(ids, cache, record_states=True)\nreturn logits[0], recorded"},
+    "speculative-round": {
+        "hsd.speculative_round": "snap = snapshot(cache)\n"
+                                 "drafts, q = draft(model, cache, pending, skip, k, temperature=temperature, "
+                                 "generator=generator)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
+                                 "pending, drafts)\naccepted, token = judge(drafts, q, logits, temperature, generator)\n"
+                                 "commit(cache, start=snap.length, n=accepted + 1, recorded=states)\n"
+                                 "return drafts, accepted, token"},
+}
+
+
+def filled(texts, bodies):
+    """texts with the given functions' bodies written in: {"module.function": body}."""
+    texts = dict(texts)
+    for function, body in bodies.items():
+        module, qualname = function.split(".", 1)
+        texts[module + ".py"] = replace_body(texts[module + ".py"], qualname, body)
+    return texts
+
+
+def test_a_finished_handout_is_green(tmp_path):
+    """The README's example as a user runs it: `--blank commit,accept` writes a handout (the toys' weights copied byte
+    for byte) in which commit grades green while accept is still blank and the other way round; with both written,
+    as the reference writes them or otherwise, the round's tests pass, and so does each round exercise's grading
+    with a solution written otherwise than the reference."""
+    if HANDOUT:
+        pytest.skip("the instructor's check of handouts: it runs in the project")
+    hw1 = tmp_path / "hw1"
+    result = run_cli("--blank", "commit,accept", "--out", str(hw1), script="test_hsd.py")
+    assert result.returncode == 0, result.stderr
+    weights = os.path.join("toys", "toy-falcon-h1", "model.safetensors")
+    with open(hw1 / weights, "rb") as a, open(os.path.join(HERE, weights), "rb") as b:
+        assert a.read() == b.read()
+    texts, handout = project_texts(HERE), project_texts(str(hw1))
+    for function in ("hsd.commit", "hsd.accept"):
+        assert "NotImplementedError" in reference_body(handout["hsd.py"], function.split(".")[1])
+    reference = {f: reference_body(texts["hsd.py"], f.split(".")[1]) for f in ("hsd.commit", "hsd.accept")}
+    jobs, round_tests = [], [*(f"test_speculative_equals_greedy[{case}]" for case in (
+        "tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k5-1-token", "tiny-qwen2.5-layerskip-k2-12-token",
+        "tiny-qwen3.5-layerskip-k8-12-token")), "test_rounds_commit_what_one_by_one_feeding_gives",
+        "test_eos_inside_a_round_stops_there[tiny-qwen3.5]", "test_cli_check_json[tiny-falcon-h1]"]
+    for name, base, bodies, tests in [
+            ("commit written, accept blank", handout, {"hsd.commit": reference["hsd.commit"]},
+             exercise_by_name("commit").tests),
+            ("accept written, commit blank", handout, {"hsd.accept": reference["hsd.accept"]},
+             exercise_by_name("accept").tests),
+            ("both written", handout, reference, round_tests),
+            ("both written otherwise", handout, {**ALTERNATIVES["commit"], **ALTERNATIVES["accept"]}, round_tests),
+            *[(f"{e} written otherwise", handout_texts(texts, [exercise_by_name(e)]), ALTERNATIVES[e],
+               exercise_by_name(e).tests) for e in ALTERNATIVES]]:
+        folder = tmp_path / re.sub(r"\W+", "-", name)
+        write_project(folder, filled(base, bodies), str(hw1), link=True)
+        jobs.append((name, str(folder), [f"test_hsd.py::{t}" for t in tests]))
+    results = in_workers([(folder, tests, False) for _, folder, tests in jobs])
+    for (name, _, _), (passed, output) in zip(jobs, results):
+        assert passed, f"{name}:\n{output[-3000:]}"
+
+
+def without_docstrings(source):
+    """The module's syntax tree, dumped, with every docstring left out (a formatter may re-indent them)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def test_the_self_check_holds_on_a_reformatted_project(tmp_path):
+    """The project's .py files reformatted by ruff at another line length: every typical mistake and every starter
+    still applies, and gives the same code (syntax tree) as in the project, so the self-check's verdicts carry over;
+    commit's mistakes are graded there for real."""
+    ruff = shutil.which("ruff") or pytest.skip("ruff is not installed (.ci/run installs it: pip install ruff)")
+    if HANDOUT:
+        pytest.skip("the instructor's check of the self-check: it runs in the project")
+    texts = project_texts(HERE)
+    copy = tmp_path / "reformatted"
+    write_project(copy, texts, HERE, link=True)
+    python = [str(copy / name) for name in texts if name.endswith(".py")]
+    subprocess.run([ruff, "format", "--line-length", "79", "--quiet", *python], check=True)
+    reformatted = project_texts(str(copy))
+    assert any(reformatted[name] != texts[name] for name in texts if name.endswith(".py"))
+    for exercise in EXERCISES:
+        for mistake in MISTAKES[exercise.name]:
+            file = mistake.function.split(".")[0] + ".py"
+            assert without_docstrings(apply_mistake(reformatted[file], mistake)) == without_docstrings(
+                apply_mistake(texts[file], mistake)), mistake.what
+        for function in exercise.functions:                          # its starter code
+            module, qualname = function.split(".", 1)
+            code = starter(exercise.name, qualname)
+            assert without_docstrings(replace_body(texts[module + ".py"], qualname, code)) == without_docstrings(
+                replace_body(reformatted[module + ".py"], qualname, code)), function
+    ours, theirs = handout_texts(texts, []), handout_texts(reformatted, [])       # the self-check data emptied
+    assert without_docstrings(ours["test_hsd.py"]) == without_docstrings(theirs["test_hsd.py"])
+    jobs = []
+    for name in ("commit",):
+        for mistake in MISTAKES[name]:
+            file = mistake.function.split(".")[0] + ".py"
+            folder = tmp_path / f"{name}-{len(jobs)}"
+            write_project(folder, {**reformatted, file: apply_mistake(reformatted[file], mistake)}, str(copy), link=True)
+            jobs.append((str(folder), [f"test_hsd.py::{t}" for t in exercise_by_name(name).tests], mistake))
+    for (folder, tests, mistake), (passed, output) in zip(jobs, in_workers([(f, t, True) for f, t, _ in jobs])):
+        assert not passed and mistake.message in first_failure(output), (mistake.what, output[-2000:])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark, on demand (not a test): python test_hsd.py --bench falcon-h1-0.5b
+# The exercises' command line: python test_hsd.py --exercises [--json] | --blank NAME[,NAME] --out DIR
 
-# Operations that only describe a tensor (views, reshapes, dtype no-ops, type queries): no kernel on a GPU. The same set
-# as ../shared/tools/count_ops.py, so that the counts here are its counts.
-DESCRIBE_ONLY = {
-    "aten::view", "aten::as_strided", "aten::select", "aten::slice", "aten::expand", "aten::unsqueeze", "aten::reshape",
-    "aten::split", "aten::narrow", "aten::t", "aten::transpose", "aten::permute", "aten::_unsafe_view", "aten::detach",
-    "aten::lift", "aten::lift_fresh", "aten::empty", "aten::empty_strided", "aten::squeeze", "aten::alias",
-    "aten::unbind", "aten::_reshape_alias", "aten::chunk", "aten::split_with_sizes", "aten::contiguous", "aten::to",
-    "aten::result_type", "aten::promote_types", "aten::resolve_conj", "aten::resolve_neg", "aten::flatten",
-    "aten::expand_as", "aten::view_as", "aten::_to_copy"}
+def describe_exercises():
+    """The catalogue as --exercises --json prints it."""
+    return [{"name": e.name, "functions": e.functions, "grade": grading_command(e), "teaches": e.teaches,
+             "hint": e.hint, "minutes": e.minutes, "needs": e.needs,
+             "together_with": [o.name for o in EXERCISES if o is not e and together(e, o)]} for e in EXERCISES]
 
 
-def count_ops(fn):
-    """The innermost PyTorch operations that fn() issues (an operation that calls others counts as its children), leaving
-    out those that only describe a tensor: roughly the kernels a GPU would launch."""
-    with torch.inference_mode(), torch.profiler.profile() as prof:
-        fn()
-    return sum(1 for e in prof.events() if not e.cpu_children and e.name not in DESCRIBE_ONLY
-               and e.name.startswith(("aten::", "mkldnn::")))
-
-
-def ops_per_pass(model, ks, context=64):
-    """Operations of one decoding step, and of a verify pass of k+1 tokens for each k, after a prefill of context tokens
-    (the counts do not depend on the context or on the weight values)."""
-    cache = models.Cache(model, context + max(ks) + 2)
-    hsd.prefill(model, cache, list(range(1, context + 1)))
-    snap, token = hsd.snapshot(cache), torch.tensor([[1]])
-
-    def counted(step):
-        n = count_ops(step)
-        hsd.restore(cache, snap)
-        return n
-    return counted(lambda: model(token, cache)), {k: counted(lambda: hsd.verify(model, cache, 1, [1] * k)) for k in ks}
-
-
-def memory_bandwidth(repeats=5):
-    """Bytes per second this machine reads from memory: summing 1 GiB, far more than any cache (median of repeats)."""
-    import time
-    buffer = torch.ones(2**28)
-    seconds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buffer.sum()
-        seconds.append(time.perf_counter() - t0)
-    return buffer.numel() * buffer.element_size() / sorted(seconds)[repeats // 2]
-
-
-def weight_bytes_per_token(model):
-    """Bytes of weights a decoding step reads: every parameter once, but of an untied embedding table only one row."""
-    table = model.model.embed_tokens.weight
-    untied = table is not model.lm_head.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if not (untied and p is table))
-
-
-def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost_repeats=11):
-    """hsd against transformers, and the cost of speculation: random weights of the official config (speed does not
-    depend on the values), saved once in the official layout; transformers and hsd load the same file. Runs alternate
-    between the two; medians are reported. Every ratio printed is of numbers measured in this process."""
-    import statistics as st
-    import tempfile
-    import time
-    import transformers as tf
-    torch.manual_seed(0)
-    cfg = OFFICIAL_CONFIGS[name]
-    path = os.path.join(tempfile.gettempdir(), f"hsd-bench-{name}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        hf = (tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**cfg["text_config"])) if cfg["model_type"] == "qwen3_5" else
-              tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**cfg)))
-        hf.save_pretrained(path)
-        del hf
-    hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = models.load(path)
-    draft = "layerskip" if ours.config.family == "qwen2" else "component"
-    ids = torch.randint(0, 1000, (1, prompt_len))
-    prompt = ids[:, :16]
-
-    def seconds(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    def hf_generate(n):
-        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-    runs = {"hf decode": [], "hsd decode": [], "hf prefill": [], "hsd prefill": [], "spec": []}
-    with torch.inference_mode():
-        hf_generate(2), hsd.generate(ours, prompt[0], 2, draft="none")                       # warm up
-        for _ in range(repeats):
-            # transformers: generate n tokens minus generate 1 token = n - 1 decoding steps
-            runs["hf decode"].append((new_tokens - 1) / (seconds(lambda: hf_generate(new_tokens)) - seconds(lambda: hf_generate(1))))
-            runs["hsd decode"].append(new_tokens / hsd.generate(ours, prompt[0], new_tokens, draft="none")[1]["decode_s"])
-            runs["hf prefill"].append(seconds(lambda: hf(ids, logits_to_keep=1)))
-            runs["hsd prefill"].append(seconds(lambda: ours.logits(ours.hidden_states(ids, models.Cache(ours, prompt_len))[:, -1:])))
-            runs["spec"].append(hsd.generate(ours, prompt[0], new_tokens, draft=draft, k=k)[1])
-        # the state bookkeeping of one round, timed alone: snapshot + restore, and commit after a verify pass
-        cache = models.Cache(ours, prompt_len + k + 2)
-        hsd.prefill(ours, cache, ids[0, :-1].tolist())
-        snap = hsd.snapshot(cache)
-        t_snap = seconds(lambda: [hsd.restore(cache, hsd.snapshot(cache)) for _ in range(1000)]) / 1000
-        t_commit = []
-        for _ in range(20):
-            logits = hsd.verify(ours, cache, 1, [2] * k)
-            t_commit.append(seconds(lambda: hsd.commit(cache, snap.length, hsd.accept([2] * k, logits)[0] + 1)))
-            hsd.restore(cache, snap)
-        del hf, cache                                                 # memory for the measurements below
-        ks = (2, 4, 8)
-        step_ops, verify_ops = ops_per_pass(ours, ks)
-        skips = {d: hsd.draft_skip(ours.config, d) for d in ("component", "layerskip", "early-exit")
-                 if d != "component" or draft == "component"}
-        times = hsd_eval.step_times(ours, skips, ks, context, repeats=cost_repeats)
-        bandwidth = memory_bandwidth()
-    med = {key: st.median(v) for key, v in runs.items() if key != "spec"}
-    spec = runs["spec"]
-    round_s = st.median(s["decode_s"] / s["rounds"] for s in spec)
-    weight_bytes = weight_bytes_per_token(ours)
-    print(f"{name}, random weights, fp32, CPU ({torch.get_num_threads()} threads), {repeats} alternating runs, medians")
-    print(f"decode  {new_tokens} tokens: hsd {med['hsd decode']:.2f} tok/s, transformers {med['hf decode']:.2f} tok/s "
-          f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in runs['hsd decode']]}, "
-          f"transformers {[round(x, 2) for x in runs['hf decode']]})")
-    print(f"prefill {prompt_len} tokens: hsd {med['hsd prefill']:.2f} s, transformers {med['hf prefill']:.2f} s "
-          f"-> {med['hf prefill'] / med['hsd prefill']:.2f}x")
-    print(f"speculative, {draft} draft, k={k}: round {round_s * 1e3:.1f} ms; snapshot+restore {t_snap * 1e6:.1f} us, "
-          f"accept+commit {st.median(t_commit) * 1e6:.1f} us: {(t_snap + st.median(t_commit)) / round_s:.2%} of a round")
-    print(f"ops     decoding step {step_ops}; verify pass " + ", ".join(
-        f"k={k} {n} ({n / step_ops:.2f}x)" for k, n in verify_ops.items()) +
-        f"; from k=2 to k=8 +{(verify_ops[8] - verify_ops[2]) / step_ops:.0%} of a step   (innermost PyTorch operations)")
-    print(f"cost    at {context} tokens, medians of {cost_repeats} interleaved runs: full step {times['full'] * 1e3:.1f} ms; "
-          "c: " + ", ".join(f"{d} {times[d] / times['full']:.2f}" for d in skips) + "; v: " +
-          ", ".join(f"k={k} {times[k] / times['full']:.2f}" for k in ks))
-    limit = bandwidth / weight_bytes
-    print(f"memory  {weight_bytes / 1e9:.2f} GB of weights read per token; memory read at {bandwidth / 1e9:.1f} GB/s (a sum "
-          f"over 1 GiB) bounds decoding at {limit:.1f} tok/s: hsd decodes at {med['hsd decode'] / limit:.0%} of it, "
-          f"transformers at {med['hf decode'] / limit:.0%}")
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="hsd's course exercises (README, 'Exercises').")
+    parser.error = lambda message: parser.exit(2, f"test_hsd.py: error: {message} (see --help)\n")
+    parser.add_argument("--exercises", action="store_true", help="list the exercises: what each needs, its grading")
+    parser.add_argument("--json", action="store_true", help="with --exercises: as one JSON list")
+    parser.add_argument("--blank", help="NAME[,NAME]: write a handout with these exercises' functions left to write")
+    parser.add_argument("--out", help="with --blank: a new folder for the handout")
+    a = parser.parse_args(argv)
+    try:
+        if a.exercises and a.json:
+            print(json.dumps(describe_exercises()))
+        elif a.exercises:
+            for e in describe_exercises():
+                print(f"{e['name']} (about {e['minutes']} min): {', '.join(e['functions'])}\n    {e['teaches']}")
+                print(f"    its grading runs the functions of: {', '.join(e['needs']) or 'no other exercise'}")
+                print(f"    can be handed out with: {', '.join(e['together_with'])}\n    {e['grade']}")
+        elif a.blank and a.out:
+            blank(a.blank.split(","), a.out)
+        else:
+            parser.error("give --exercises, or --blank NAME[,NAME] --out DIR")
+    except SystemExit as e:
+        if isinstance(e.code, str):                                  # one line saying what to do
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+    return 0
 
 
 if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="hsd's course exercises, and its benchmark against transformers")
-    parser.add_argument("--exercises", action="store_true", help="list the exercises: name, functions, grading command")
-    parser.add_argument("--json", action="store_true", help="with --exercises: as one JSON list")
-    parser.add_argument("--blank", help="NAME[,NAME]: write starter code for these exercises into --out")
-    parser.add_argument("--out", help="with --blank: a new folder for the copy of the project")
-    parser.add_argument("--bench", choices=list(OFFICIAL_CONFIGS), help="benchmark hsd against transformers")
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cost-repeats", type=int, default=11, help="runs of each kind of step for c and v")
-    a = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)         # output piped into `head` and the like: stop quietly
-    if a.exercises and a.json:
-        print(json.dumps([{"name": e.name, "functions": e.functions, "grade": grade_command(e), "teaches": e.teaches,
-                           "hint": e.hint, "minutes": e.minutes} for e in EXERCISES]))
-    elif a.exercises:
-        for e in EXERCISES:
-            print(f"{e.name} (about {e.minutes} min): {', '.join(e.functions)}")
-            print(f"    {e.teaches}\n    {grade_command(e)}")
-    elif a.blank and a.out:
-        blank(a.blank.split(","), a.out)
-    elif a.bench:
-        bench(a.bench, new_tokens=a.tokens, repeats=a.repeats, cost_repeats=a.cost_repeats)
-    else:
-        parser.error("give --exercises, --blank NAME --out DIR, or --bench NAME")
+    sys.exit(main())
