@@ -49,7 +49,6 @@ def draft_skip(config, draft):
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
 Snapshot = namedtuple("Snapshot", "length layers")    # committed tokens; per layer a models.LayerState: conv, ssm
-
 def snapshot(cache):
     """Remember the committed state. References, not copies: the models never write a conv window or a recurrent
     state in place (they make new tensors); KV caches are written only beyond their length, all there is to keep."""
@@ -173,7 +172,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft="component", k=2, eo
     skip = draft if isinstance(draft, models.Skip) else None if draft == "none" else draft_skip(model.config, draft)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = models.Cache(model, max_len=len(prompt) + max_new_tokens + k + 1)
+    cache = models.Cache(model, max_len=len(prompt) + max_new_tokens)   # no round drafts past the last new token
     t0 = models.clock(cache.device)
     prefill(model, cache, prompt[:-1])
     yield Step("prefill", [], 0, None, [], models.clock(cache.device) - t0)
@@ -250,7 +249,8 @@ def check(s, model, prompt, max_new_tokens):
     """--check: decode plainly too; say whether the tokens are the same (and the speedup) or where they part."""
     plain, plain_stats = generate(model, prompt, max_new_tokens, draft="none")
     spec = s["new_token_ids"]
-    s["identical_to_greedy"], s["speedup_vs_greedy"] = plain == spec, plain_stats["decode_s"] / s["decode_s"]
+    s["identical_to_greedy"] = plain == spec
+    s["speedup_vs_greedy"] = plain_stats["decode_s"] / s["decode_s"]
     if plain != spec:
         i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)       # EOS ends both alike
         margin, std = models.logit_margin(model, prompt + plain[:i], plain[i], spec[i])
@@ -270,7 +270,7 @@ def run_generate(args, model, tokenizer):
     print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), draft "
           f"{args.draft}, k={args.k}, {sampling}: skips {skips}")
     print(f"prompt  {show(tokenizer, prompt)}")
-    models.warm_up(model, args.k)
+    models.warm_up(model, max(1, min(args.k, args.max_new_tokens - 1)))         # the longest round it will run
     steps, tokens, shown = [], [], ""
     print("" if args.trace else 'output  "', end="", flush=True)
     for step in generate_steps(model, prompt, args.max_new_tokens, args.draft, args.k, None, temperature, seed):
@@ -282,7 +282,8 @@ def run_generate(args, model, tokenizer):
         if not args.trace and not text.endswith("\ufffd"):       # a character whose bytes are not all there yet
             print(json.dumps(text[len(shown):], ensure_ascii=False)[1:-1], end="", flush=True)
             shown = text
-    print(f"output  {show(tokenizer, tokens)}" if args.trace else json.dumps(text[len(shown):])[1:-1] + '"')
+    rest = json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"'        # what the loop has not shown yet
+    print(f"output  {show(tokenizer, tokens)}" if args.trace else rest)
     s = {"model": args.model, "draft": args.draft, "temperature": temperature, "seed": seed, "new_token_ids": tokens,
          "new_text": text, **statistics(args.k, steps)}
     print(*summary(s, args.max_new_tokens, model.config.eos_token_id, tokenizer), sep="\n")
@@ -307,10 +308,9 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="the statistics as one JSON object on the last line")
     args, unknown = p.parse_known_args(argv)
     if unknown:                       # --eval, --out, --text, ...: the measurements have a command of their own
-        p.error(f"unrecognized arguments: {' '.join(unknown)}; the measurements are hsd_eval.py's: python hsd_eval.py"
-                f" --model {args.model} [...]")
-    if args.check and args.temperature:        # sampling is exact in distribution, which the tests prove
-        p.error("--check compares with greedy decoding: leave out --check or --temperature")
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (measurements: hsd_eval.py --model {args.model} ...)")
+    if args.check and (args.temperature or args.max_new_tokens < 1):   # exactness at T > 0: the tests prove it
+        p.error("--check compares with greedy decoding: leave out --temperature, give --max-new-tokens >= 1")
     try:
         model = models.load(args.model, getattr(torch, args.dtype), args.device)
         s = run_generate(args, model, models.load_tokenizer(args.model))

@@ -194,8 +194,7 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
         del hf, cache                                                 # memory for the measurements below
         ks = (2, 4, 8)
         step_ops, verify_ops = ops_per_pass(ours, ks)
-        skips = {d: hsd.draft_skip(ours.config, d) for d in ("component", "layerskip", "early-exit")
-                 if d != "component" or draft == "component"}
+        skips = hsd_eval.drafts_of(ours.config)
         times = hsd_eval.step_times(ours, skips, ks, context, repeats=cost_repeats)
         bandwidth = memory_bandwidth()
     med = {key: statistics.median(v) for key, v in runs.items() if key != "spec"}

@@ -127,17 +127,24 @@ def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
 
 
 # --- The measurements ----------------------------------------------------------------------------------------------
+def drafts_of(config):
+    """{draft name: models.Skip} for every draft strategy that applies to the model (a Transformer has no component
+    draft)."""
+    return {d: hsd.draft_skip(config, d) for d in hsd.DRAFTS
+            if d != "none" and (d != "component" or config.family != "qwen2")}
+
+
 def single_round(model, cache, draft_cache, pending, skip, k, temperature=0.0, generator=None):
     """Drafts accepted in one round of k (the paper's protocol): hsd's steps 1-5 without the commit. cache: the full
     model's state after the prompt but its last token, `pending`. draft_cache: the state the draft starts from, cache
     itself (shared) or the draft model's own prefill of the same tokens (independent). Both are left as they were."""
-    snaps = [(c, hsd.snapshot(c)) for c in (cache, draft_cache)]
+    snap, draft_snap = hsd.snapshot(cache), hsd.snapshot(draft_cache)
     drafts, q = hsd.draft(model, draft_cache, pending, skip, k, temperature, generator)
-    for c, snap in snaps:
-        hsd.restore(c, snap)
+    hsd.restore(draft_cache, draft_snap)
+    hsd.restore(cache, snap)                                   # the same cache when shared
     logits, _ = hsd.verify(model, cache, pending, drafts)
     n, _ = hsd.judge(drafts, q, logits, temperature, generator)
-    hsd.restore(cache, snaps[0][1])
+    hsd.restore(cache, snap)                                   # no commit: the next prompt starts afresh
     return n
 
 
@@ -424,7 +431,7 @@ def summarize(model, inputs, skips, records, contexts, times, temperature):
 
 def run(args, model, tokenizer):
     """Measure (resuming from --out), print the table, draw --plot; returns the JSON object of --json."""
-    if args.temperature is not None and args.temperature <= 0:
+    if args.temperature is not None and not args.temperature > 0:     # NaN too
         raise models.UsageError("the sampled column needs a --temperature above 0 (the greedy column is always there)")
     temperature = TEMPERATURE if args.temperature is None else args.temperature
     seed = SEED if args.seed is None else args.seed
@@ -437,8 +444,7 @@ def run(args, model, tokenizer):
         raise models.UsageError("the multi-round runs need --max-new-tokens >= 1 (or --speed-prompts 0 to leave them out)")
     if len(inputs["perplexity"][0]) < 2:
         raise models.UsageError("the text is too short for perplexity: give a text of at least a few lines")
-    skips = {d: hsd.draft_skip(model.config, d) for d in hsd.DRAFTS
-             if d != "none" and (d != "component" or model.config.family != "qwen2")}    # every draft that applies
+    skips = drafts_of(model.config)
     header = {"model": args.model, "text_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
               "prompts": len(inputs["alpha"]), "speed_prompts": len(inputs["speed"]),
               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "device": args.device,

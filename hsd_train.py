@@ -38,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 from huggingface_hub.utils import tqdm  # noqa: E402
 
 import hsd  # noqa: E402
+import hsd_eval  # noqa: E402
 import models  # noqa: E402
 
 TEXT_DIR = os.path.join(models.TOYS_DIR, "text")
@@ -234,8 +235,7 @@ def train(name, out, seed=0, schedule=SCHEDULE, curve_every=25):
 def training_log(name, seed, schedule, run, model):
     """What a rerun needs to match, what the run took, its loss curve, and the held-out loss of the saved model and of
     each of its drafts (bits per character on heldout_windows())."""
-    windows = heldout_windows()
-    drafts = [d for d in hsd.DRAFTS if d != "none" and (d != "component" or model.config.family != "qwen2")]
+    windows, drafts = heldout_windows(), hsd_eval.drafts_of(model.config)
     return {
         "model": name, "seed": seed, "schedule": schedule, "characters": schedule["steps"] * schedule["batch_size"]
         * schedule["length"], "parameters": sum(p.numel() for p in model.parameters()),
@@ -245,7 +245,7 @@ def training_log(name, seed, schedule, run, model):
         "curve": {"columns": ["step", "train bits/char", "held-out bits/char (first 4 windows)"], "rows": run["curve"]},
         "heldout": {"windows": HELDOUT_WINDOWS, "length": WINDOW, "bits_per_char": {
             "full": heldout_bits_per_char(model, windows),
-            **{d: heldout_bits_per_char(model, windows, hsd.draft_skip(model.config, d)) for d in drafts}}},
+            **{d: heldout_bits_per_char(model, windows, skip) for d, skip in drafts.items()}}},
     }
 
 

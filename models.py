@@ -448,8 +448,7 @@ class StatesAfterEachToken:
         return writes + self.from_start[..., t, None, None] * self.start
 
     def __repr__(self):
-        return (f"StatesAfterEachToken({len(self)} tokens, each state {tuple(self.start.shape)}, computed when "
-                "indexed: states[t] = from_start[t] s_0 + sum_{j<=t} decay[t, j] left_j right_j^T)")
+        return f"StatesAfterEachToken({len(self)} tokens, each state {tuple(self.start.shape)}, computed when indexed)"
 
 
 @dataclass
@@ -535,9 +534,10 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.to(f32))                                        # (H,)
         s0 = state.ssm if state is not None else u.new_zeros(Bsz, H, P, N, dtype=f32)
 
+        recorded = None
         if record:                  # a verify pass: the state after every token, for commit to choose from
             y, states = ssd_states(x, dt, A, Bm, Cm, s0)
-            final = states[-1]
+            final, recorded = states[-1], Recorded(conv_inputs, states)
         elif T == 1:                # decoding: one step of the recurrence
             y, final = ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], s0)
             y = y[:, None]
@@ -551,7 +551,7 @@ class Mamba2Mixer(nn.Module):
             y = (self.norm.weight.to(f32) * y.reshape(Bsz, T, Z))
         if state is not None:
             state.advance(conv_inputs, final, record)
-        return self.out_proj(y.to(u.dtype)), Recorded(conv_inputs, states) if record else None
+        return self.out_proj(y.to(u.dtype)), recorded
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -693,9 +693,10 @@ class GatedDeltaNet(nn.Module):
         g = -torch.exp(self.A_log.to(f32)) * F.softplus(a.to(f32) + self.dt_bias)   # (B, T, Hv), <= 0
         s0 = state.ssm if state is not None else u.new_zeros(Bsz, Hv, dk, dv, dtype=f32)
 
+        recorded = None
         if record:                  # a verify pass: the state after every token, for commit to choose from
             o, states = gated_delta_rule_states(q, k, v, g, beta, s0)
-            final = states[-1]
+            final, recorded = states[-1], Recorded(conv_inputs, states)
         elif T == 1:                # decoding: one step of the rule
             o, final = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0)
             o = o[:, None]
@@ -704,7 +705,7 @@ class GatedDeltaNet(nn.Module):
         o = (self.norm(o.to(u.dtype)) * F.silu(z.to(f32))).to(u.dtype)      # (B, T, Hv, dv)
         if state is not None:
             state.advance(conv_inputs, final, record)
-        return self.out_proj(o.reshape(Bsz, T, Hv * dv)), Recorded(conv_inputs, states) if record else None
+        return self.out_proj(o.reshape(Bsz, T, Hv * dv)), recorded
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -727,10 +728,10 @@ class LayerState:
         """After a recurrent layer's call: conv_inputs (B, K-1+T, C) all conv inputs seen, final the state after the
         last token. New tensors replace the old ones."""
         window = conv_inputs[:, -self.conv.shape[1]:]                    # the last K-1 inputs
+        new_inputs = conv_inputs.shape[1] - window.shape[1]                # T
         # a view of conv_inputs, except after a prefill, where it would keep all T inputs alive (after one token it
         # keeps one input more; after a recording pass, its Recorded keeps them all anyway)
-        prefill = not recording and conv_inputs.shape[1] > window.shape[1] + 1
-        self.conv = window.clone() if prefill else window
+        self.conv = window.clone() if new_inputs > 1 and not recording else window
         self.ssm = final
 
     def __repr__(self):
@@ -847,7 +848,7 @@ def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
     drafting k tokens a round, at a temperature; nothing if all is well."""
     if k < 1:
         raise UsageError(f"k must be at least 1 (got {k})")
-    if temperature < 0:
+    if not temperature >= 0:                                            # NaN too
         raise UsageError(f"the temperature must be at least 0 (got {temperature})")
     if not prompt:
         raise UsageError("the prompt is empty: give at least one token")

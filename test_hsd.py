@@ -21,6 +21,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -860,8 +861,7 @@ def test_the_objects_of_a_round_print_briefly():
     assert repr(snap).startswith("Snapshot(length=11, layers=[LayerState(conv (1, 3, 128), state (1, 4, 16, 16)), ")
     assert "LayerState(nothing)" in repr(snap) and len(repr(snap)) < 500 and "tensor(" not in repr(snap)
     assert repr(recorded[0]) == ("Recorded(conv_inputs (1, 7, 128), StatesAfterEachToken(4 tokens, each state "
-                                 "(1, 4, 16, 16), computed when indexed: states[t] = from_start[t] s_0 + sum_{j<=t} "
-                                 "decay[t, j] left_j right_j^T))")
+                                 "(1, 4, 16, 16), computed when indexed))")
     assert recorded[3] is None and "states[t] = from_start[t] s_0" in models.StatesAfterEachToken.__getitem__.__doc__
 
 
@@ -979,16 +979,18 @@ def test_cli_trace_is_plain_when_piped(capsys):
     (["--model", "tiny-falcon-h1", "--prompt", ""], "prompt is empty"),
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "5000"], "exceed the model's context"),
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "-1"], "at least 0"),
-    (["--model", "tiny-falcon-h1", "--temperature", "0.6", "--check"], "leave out --check or --temperature"),
+    (["--model", "tiny-falcon-h1", "--temperature", "0.6", "--check"], "--check compares with greedy decoding"),
+    (["--model", "tiny-falcon-h1", "--max-new-tokens", "0", "--check"], "give --max-new-tokens >= 1"),
+    (["--model", "tiny-falcon-h1", "--temperature", "nan"], "temperature must be at least 0 (got nan)"),
     (["--model", "tiny-falcon-h1", "--temperature", "-1"], "temperature must be at least 0"),
     (["--model", "tiny-falcon-h1", "--draft", "medusa"], "invalid choice: 'medusa'"),
     (["--model", "tiny-falcon-h1", "-k", "two"], "invalid int value: 'two'"),
-    (["--model", "tiny-falcon-h1", "--eval"], "the measurements are hsd_eval.py's: python hsd_eval.py"),
-    (["--model", "tiny-falcon-h1", "--out", "x.jsonl"], "unrecognized arguments: --out x.jsonl; the measurements"),
-    (["--model", "tiny-falcon-h1", "--text", "t.txt"], "unrecognized arguments: --text t.txt; the measurements"),
-    (["--model", "tiny-falcon-h1", "--plot", "a.svg"], "unrecognized arguments: --plot a.svg; the measurements"),
-    (["--model", "tiny-falcon-h1", "--prompts", "3"], "unrecognized arguments: --prompts 3; the measurements"),
-    (["--model", "tiny-falcon-h1", "--speed-prompts=3"], "--speed-prompts=3; the measurements"),
+    (["--model", "tiny-falcon-h1", "--eval"], "(measurements: hsd_eval.py --model tiny-falcon-h1 ...)"),
+    (["--model", "tiny-falcon-h1", "--out", "x.jsonl"], "unrecognized arguments: --out x.jsonl (measurements: hsd_eval"),
+    (["--model", "tiny-falcon-h1", "--text", "t.txt"], "unrecognized arguments: --text t.txt (measurements: hsd_eval"),
+    (["--model", "tiny-falcon-h1", "--plot", "a.svg"], "unrecognized arguments: --plot a.svg (measurements: hsd_eval"),
+    (["--model", "tiny-falcon-h1", "--prompts", "3"], "unrecognized arguments: --prompts 3 (measurements: hsd_eval"),
+    (["--model", "tiny-falcon-h1", "--speed-prompts=3"], "--speed-prompts=3 (measurements"),
     (["--model", "tiny-falcon-h1", "--device", "cuda"] if not torch.cuda.is_available() else
      ["--model", "tiny-falcon-h1", "--dtype", "float16"], "use --device cpu" if not torch.cuda.is_available() else
      "invalid choice: 'float16'"),
@@ -1664,6 +1666,7 @@ def test_plot_legend_lists_only_what_is_drawn_and_labels_its_axes():
 @pytest.mark.parametrize("args, message", [
     (["--model", "tiny-falcon-h1", "--prompts", "0"], "no prompts"),
     (["--model", "tiny-falcon-h1", "--temperature", "0"], "needs a --temperature above 0"),
+    (["--model", "tiny-falcon-h1", "--temperature", "nan"], "needs a --temperature above 0"),
     (["--model", "tiny-falcon-h1", "--text", "/no/such/file.txt"], "cannot read --text /no/such/file.txt: No such file"),
     (["--model", "tiny-falcon-h1", "--trace"], "unrecognized arguments: --trace"),
     (["--model", "no-such-model"], "unknown model"),
@@ -1796,12 +1799,12 @@ def imports_of(module):
 
 
 def test_imports_run_one_way():
-    """models <- hsd <- hsd_eval <- hsd_bench, and hsd_train beside hsd_eval; the runtime never imports transformers
+    """models <- hsd <- hsd_eval <- hsd_bench, hsd_train; the runtime never imports transformers
     (the benchmark compares with it)."""
     assert imports_of("models") == set()
     assert imports_of("hsd") == {"models"}
     assert imports_of("hsd_eval") == {"models", "hsd"}
-    assert imports_of("hsd_train") == {"models", "hsd"}
+    assert imports_of("hsd_train") == {"models", "hsd", "hsd_eval"}
     assert imports_of("hsd_bench") == {"models", "hsd", "hsd_eval", "transformers"}
 
 
@@ -1880,10 +1883,11 @@ def test_nll_gives_the_toys_recorded_heldout_loss():
     model, recorded = models.load("toy-qwen2.5"), training_log("toy-qwen2.5")["heldout"]["bits_per_char"]
     windows = hsd_train.heldout_windows()
     positions = windows.shape[0] * (windows.shape[1] - 1)
-    bits = {}
-    with torch.inference_mode():
-        for draft, skip in {"full": None, **TOY_QWEN25_SKIPS}.items():
-            bits[draft] = sum(hsd_eval.nll(model, w[None], skip, chunk=100) for w in windows) / positions / math.log(2)
+
+    def bits_per_char(skip):
+        with torch.inference_mode():
+            return sum(hsd_eval.nll(model, w[None], skip, chunk=100) for w in windows) / positions / math.log(2)
+    bits = {"full": bits_per_char(None)}
     teach(bits["full"] > recorded["full"] / 50, f"nll gives {bits['full']:.5f} bits per character, the training log "
                                                 f"{recorded['full']:.4f}: nll returns the mean; it must be the sum over "
                                                 "the T-1 predicted tokens (a perplexity divides by their number)")
@@ -1891,7 +1895,8 @@ def test_nll_gives_the_toys_recorded_heldout_loss():
           f"nll over the held-out windows gives {bits['full']:.4f} bits per character, the toy's training log recorded "
           f"{recorded['full']:.4f}: the logits at position t predict token t+1 (the first token has no prediction), "
           "and nll sums -log p in nats")
-    for draft in TOY_QWEN25_SKIPS:
+    for draft, skip in TOY_QWEN25_SKIPS.items():
+        bits[draft] = bits_per_char(skip)
         teach(not math.isclose(bits[draft], bits["full"], rel_tol=1e-6), f"the {draft} draft's loss equals the full "
                                                                           "model's: pass the skip to the model")
         teach(math.isclose(bits[draft], recorded[draft], rel_tol=1e-4), f"the {draft} draft gives {bits[draft]:.4f} "
@@ -2217,10 +2222,26 @@ def splice(source, first, last, indent, code):
     return "".join(lines[:first - 1] + [new] + lines[last:])
 
 
-def replace_body(source, qualname, code):
-    """source with the body of qualname (its docstring kept) replaced by code."""
-    statements = body_statements(function_node(ast.parse(source), qualname))
-    return splice(source, statements[0].lineno, statements[-1].end_lineno, statements[0].col_offset, code)
+def replace_bodies(source, bodies):
+    """source with the body of each function in bodies ({qualname: code}) replaced by its code, docstrings kept."""
+    tree, spans = ast.parse(source), []
+    for qualname, code in bodies.items():
+        statements = body_statements(function_node(tree, qualname))
+        spans.append((statements[0].lineno, statements[-1].end_lineno, statements[0].col_offset, code))
+    for first, last, indent, code in sorted(spans, reverse=True):     # bottom up: the lines above keep their numbers
+        source = splice(source, first, last, indent, code)
+    return source
+
+
+def filled(texts, bodies):
+    """texts with the given functions' bodies written in: {"module.function": body}."""
+    texts, modules = dict(texts), {}
+    for function, body in bodies.items():
+        module, qualname = function.split(".", 1)
+        modules.setdefault(module + ".py", {})[qualname] = body
+    for file, module_bodies in modules.items():
+        texts[file] = replace_bodies(texts[file], module_bodies)
+    return texts
 
 
 def reference_body(source, qualname):
@@ -2278,27 +2299,25 @@ def project_texts(root):
     return texts
 
 
-def set_module_value(source, name, code):
-    """source with the module-level assignment to name replaced by the line `code`."""
-    node = next(n for n in ast.parse(source).body if isinstance(n, ast.Assign)
-                and isinstance(n.targets[0], ast.Name) and n.targets[0].id == name)
-    return splice(source, node.lineno, node.end_lineno, 0, code)
+def set_module_values(source, lines):
+    """source with each module-level assignment to a name in lines replaced by the line lines[name]."""
+    nodes = [n for n in ast.parse(source).body if isinstance(n, ast.Assign)
+             and isinstance(n.targets[0], ast.Name) and n.targets[0].id in lines]
+    assert len(nodes) == len(lines), f"not one assignment each to {sorted(lines)}"
+    for node in sorted(nodes, key=lambda n: n.lineno, reverse=True):     # bottom up: the lines above keep their numbers
+        source = splice(source, node.lineno, node.end_lineno, 0, lines[node.targets[0].id])
+    return source
 
 
 def handout_texts(texts, exercises):
     """The handout's .py and .md files: each exercise's functions with a starter body, the grader's self-check data
     (typical mistakes, other correct solutions) emptied and HANDOUT set, and the README's parts that show a blanked
     function's reference left out."""
-    texts = dict(texts)
     blanked = [f for e in exercises for f in e.functions]
-    for exercise in exercises:
-        for function in exercise.functions:
-            module, qualname = function.split(".", 1)
-            texts[module + ".py"] = replace_body(texts[module + ".py"], qualname, starter(exercise.name, qualname))
-    tests = texts["test_hsd.py"]
-    for name in ("MISTAKES", "ALTERNATIVES"):                      # wrong and right solutions: the instructor's
-        tests = set_module_value(tests, name, f"{name} = {{}}        # the instructor's: not in handouts")
-    texts["test_hsd.py"] = set_module_value(tests, "HANDOUT", "HANDOUT = True")
+    texts = filled(texts, {f: starter(e.name, f.split(".", 1)[1]) for e in exercises for f in e.functions})
+    texts["test_hsd.py"] = set_module_values(texts["test_hsd.py"], {       # wrong and right solutions: the instructor's
+        **{name: f"{name} = {{}}        # the instructor's: not in handouts" for name in ("MISTAKES", "ALTERNATIVES")},
+        "HANDOUT": "HANDOUT = True"})
 
     def leave_out(part):
         functions = [f.strip() for f in part.group(1).split(",")]
@@ -2351,15 +2370,22 @@ def cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def grade_variants(variants, threads=1):
+def grade_variants(variants, threads=1, claims=None):
     """Run each (folder, test ids, stop at the first failure) as its own pytest session, one after another in this
     process, as a student's grading command runs them: [(passed, output)]. The project's modules are imported afresh
-    from each folder; torch is imported once, which is most of what a session costs to start."""
+    from each folder; torch is imported once, which is most of what a session costs to start. claims: a folder shared
+    with other workers; a variant another worker claimed first is left to it (None in the list)."""
     import contextlib
     import io
     torch.set_num_threads(threads)
     results = []
-    for folder, tests, first_only in variants:
+    for i, (folder, tests, first_only) in enumerate(variants):
+        if claims is not None:
+            try:
+                os.close(os.open(os.path.join(claims, str(i)), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:                                  # another worker is grading it
+                results.append(None)
+                continue
         for module in ("models", "hsd", "hsd_eval", "hsd_train", "hsd_bench", "test_hsd"):
             sys.modules.pop(module, None)
         os.chdir(folder)
@@ -2374,22 +2400,21 @@ def grade_variants(variants, threads=1):
 
 
 def in_workers(jobs):
-    """grade_variants over jobs, split between worker processes whose torch threads add up to this machine's cores."""
+    """grade_variants over jobs in worker processes whose torch threads add up to this machine's cores; each worker
+    takes the next job no other has taken, so that they finish together."""
     workers = max(1, min(2, cores(), len(jobs)))
     threads = max(1, cores() // workers)
-    code = "import json, sys, test_hsd; print(json.dumps(test_hsd.grade_variants(json.loads(sys.argv[1]), int(sys.argv[2]))))"
+    code = ("import json, sys, test_hsd; print(json.dumps(test_hsd.grade_variants(json.loads(sys.argv[1]), "
+            "int(sys.argv[2]), sys.argv[3])))")
 
-    def run(share):
-        result = subprocess.run([sys.executable, "-c", code, json.dumps(share), str(threads)], cwd=HERE,
+    def run(claims):
+        result = subprocess.run([sys.executable, "-c", code, json.dumps(jobs), str(threads), claims], cwd=HERE,
                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.splitlines()[-1])
-    with ThreadPoolExecutor(workers) as pool:
-        shares = list(pool.map(run, [jobs[i::workers] for i in range(workers)]))
-    results = [None] * len(jobs)
-    for i, share in enumerate(shares):
-        results[i::workers] = share
-    return results
+    with tempfile.TemporaryDirectory() as claims, ThreadPoolExecutor(workers) as pool:
+        graded = list(pool.map(run, [claims] * workers))                  # per worker: a result or None per job
+    return [next(result for result in job if result is not None) for job in zip(*graded)]
 
 
 def first_failure(output):
@@ -2451,7 +2476,7 @@ def answer_lines(texts, function):
     module, qualname = function.split(".", 1)
     own = [line for line in code_lines(reference_body(texts[module + ".py"], qualname)) if len(line) >= 12]
     others = dict(texts)
-    others[module + ".py"] = replace_body(others[module + ".py"], qualname, "pass")
+    others[module + ".py"] = replace_bodies(others[module + ".py"], {qualname: "pass"})
     elsewhere = "\n".join(line for name, text in others.items() if name.endswith(".py") and name != "test_hsd.py"
                           for line in code_lines(text))
     return [line for line in own if line not in elsewhere]
@@ -2541,15 +2566,6 @@ ALTERNATIVES = {
 }
 
 
-def filled(texts, bodies):
-    """texts with the given functions' bodies written in: {"module.function": body}."""
-    texts = dict(texts)
-    for function, body in bodies.items():
-        module, qualname = function.split(".", 1)
-        texts[module + ".py"] = replace_body(texts[module + ".py"], qualname, body)
-    return texts
-
-
 def test_a_finished_handout_is_green(tmp_path):
     """The README's example as a user runs it: `--blank commit,accept` writes a handout (the toys' weights copied byte
     for byte) in which commit grades green while accept is still blank and the other way round; with both written,
@@ -2602,7 +2618,8 @@ def test_the_self_check_holds_on_a_reformatted_project(tmp_path):
     """The project's .py files reformatted by ruff at another line length: every typical mistake and every starter
     still applies, and gives the same code (syntax tree) as in the project, so the self-check's verdicts carry over;
     commit's mistakes are graded there for real."""
-    ruff = shutil.which("ruff") or pytest.skip("ruff is not installed (.ci/run installs it: pip install ruff)")
+    ruff = (shutil.which("ruff") or shutil.which("ruff", path=os.path.dirname(sys.executable))      # venv not activated
+            or pytest.skip("ruff is not installed (.ci/run installs it: pip install ruff)"))
     if HANDOUT:
         pytest.skip("the instructor's check of the self-check: it runs in the project")
     texts = project_texts(HERE)
@@ -2620,8 +2637,8 @@ def test_the_self_check_holds_on_a_reformatted_project(tmp_path):
         for function in exercise.functions:                          # its starter code
             module, qualname = function.split(".", 1)
             code = starter(exercise.name, qualname)
-            assert without_docstrings(replace_body(texts[module + ".py"], qualname, code)) == without_docstrings(
-                replace_body(reformatted[module + ".py"], qualname, code)), function
+            assert without_docstrings(replace_bodies(texts[module + ".py"], {qualname: code})) == without_docstrings(
+                replace_bodies(reformatted[module + ".py"], {qualname: code})), function
     ours, theirs = handout_texts(texts, []), handout_texts(reformatted, [])       # the self-check data emptied
     assert without_docstrings(ours["test_hsd.py"]) == without_docstrings(theirs["test_hsd.py"])
     jobs = []
