@@ -1808,17 +1808,10 @@ def test_imports_run_one_way():
     assert imports_of("hsd_bench") == {"models", "hsd", "hsd_eval", "transformers"}
 
 
-def tracked_files():
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=HERE,
-                            capture_output=True, text=True)
-    return [name for name in listed.stdout.split("\0") if name] if listed.returncode == 0 else None
-
-
 def test_the_project_stands_alone():
     """Nothing points at the project's notes beside it (a user's clone has only the project); MIT licence, as the
     README says."""
-    files = tracked_files() or pytest.skip("not a git checkout")
-    for name in files:
+    for name in project_files(HERE):
         if name.endswith((".py", ".md", ".txt", ".json", "run")) and not name.startswith("toys/text/"):
             with open(os.path.join(HERE, name), encoding="utf-8") as f:
                 assert "../" + "shared" not in f.read(), name
@@ -2215,9 +2208,14 @@ def body_statements(node):
     return node.body[1:] if has_docstring else node.body
 
 
+def source_lines(source):
+    """source's lines with their ends, numbered as ast numbers them (str.splitlines would split at a form feed too)."""
+    return re.findall(r"[^\n]*\n|[^\n]+$", source)
+
+
 def splice(source, first, last, indent, code):
     """source with its lines first..last (1-based, inclusive) replaced by code, indented by indent spaces."""
-    lines = source.splitlines(keepends=True)
+    lines = source_lines(source)
     new = textwrap.indent(textwrap.dedent(code).strip("\n") or "pass", " " * indent) + "\n"
     return "".join(lines[:first - 1] + [new] + lines[last:])
 
@@ -2247,7 +2245,7 @@ def filled(texts, bodies):
 def reference_body(source, qualname):
     """The text of qualname's body after its docstring, dedented: what a student writes."""
     statements = body_statements(function_node(ast.parse(source), qualname))
-    lines = source.splitlines(keepends=True)[statements[0].lineno - 1:statements[-1].end_lineno]
+    lines = source_lines(source)[statements[0].lineno - 1:statements[-1].end_lineno]
     return textwrap.dedent("".join(lines))
 
 
@@ -2277,14 +2275,22 @@ REVEALS = re.compile(r"<!-- shows the reference of ([\w., ]+) -->\n.*?<!-- end -
 
 def project_files(root):
     """The project's files, relative to root: those git tracks or would track, or where there is no git (a handout),
-    every file but caches and environments."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
-                            capture_output=True, text=True)
-    if listed.returncode == 0 and os.path.exists(os.path.join(root, ".git")):
-        return sorted(name for name in listed.stdout.split("\0") if name and os.path.isfile(os.path.join(root, name)))
+    every file but caches and environments; never a copy of the project inside it (a handout written there, which
+    holds the answers its own exercises left in)."""
+    def a_copy(folder):
+        return os.path.isfile(os.path.join(root, folder, "test_hsd.py"))
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                                capture_output=True, text=True)
+    except FileNotFoundError:                                        # no git on this machine
+        listed = None
+    if listed is not None and listed.returncode == 0 and os.path.exists(os.path.join(root, ".git")):
+        return sorted(name for name in listed.stdout.split("\0") if name and os.path.isfile(os.path.join(root, name))
+                      and not ("/" in name and a_copy(name.split("/")[0])))
     files = []
     for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in (".git", ".venv", "__pycache__", ".pytest_cache")]
+        dirs[:] = [d for d in dirs if d not in (".git", ".venv", "__pycache__", ".pytest_cache")
+                   and not a_copy(os.path.relpath(os.path.join(folder, d), root))]
         files += [os.path.relpath(os.path.join(folder, name), root) for name in names]
     return sorted(files)
 
@@ -2354,9 +2360,22 @@ def blank(names, out):
                 raise SystemExit(f"test_hsd.py: error: {a.name}'s grading runs {', '.join(b.functions)} ({b.name}): "
                                  f"hand out {b.name} first, then {a.name} (python test_hsd.py --exercises says which "
                                  "go together)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"test_hsd.py: error: {out} is a file: give a new folder to --out")
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"test_hsd.py: error: {out} is not empty: give a new folder to --out")
-    write_project(out, handout_texts(project_texts(HERE), exercises), HERE)
+    texts = handout_texts(project_texts(HERE), exercises)
+    partial = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.partial")
+    try:                                     # written beside it, then renamed: an interrupted run leaves no half
+        shutil.rmtree(partial, ignore_errors=True)
+        write_project(partial, texts, HERE)
+        if os.path.isdir(out):
+            os.rmdir(out)                                            # empty, checked above
+        os.rename(partial, out)
+    except OSError as e:
+        raise SystemExit(f"test_hsd.py: error: cannot write the handout to {out}: {e.strerror or e}")
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     for exercise in exercises:
         print(f"{exercise.name}: write {', '.join(exercise.functions)} in {out}, then grade it there with\n"
               f"    {grading_command(exercise)}")
@@ -2399,21 +2418,32 @@ def grade_variants(variants, threads=1, claims=None):
     return results
 
 
+def worker_threads(cores, jobs):
+    """The torch threads of each worker process: at most two workers (no more than jobs), threads adding up to cores."""
+    workers = max(1, min(2, cores, jobs))
+    return [max(1, cores // workers + (i < cores % workers)) for i in range(workers)]
+
+
+def test_the_workers_threads_add_up_to_the_cores():
+    assert worker_threads(1, 75) == [1] and worker_threads(2, 75) == [1, 1] and worker_threads(3, 75) == [2, 1]
+    assert all(sum(worker_threads(n, 75)) == n for n in range(1, 65)) and worker_threads(8, 1) == [8]
+
+
 def in_workers(jobs):
     """grade_variants over jobs in worker processes whose torch threads add up to this machine's cores; each worker
     takes the next job no other has taken, so that they finish together."""
-    workers = max(1, min(2, cores(), len(jobs)))
-    threads = max(1, cores() // workers)
+    threads = worker_threads(cores(), len(jobs))
+    workers = len(threads)
     code = ("import json, sys, test_hsd; print(json.dumps(test_hsd.grade_variants(json.loads(sys.argv[1]), "
             "int(sys.argv[2]), sys.argv[3])))")
 
-    def run(claims):
+    def run(claims, threads):
         result = subprocess.run([sys.executable, "-c", code, json.dumps(jobs), str(threads), claims], cwd=HERE,
                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.splitlines()[-1])
     with tempfile.TemporaryDirectory() as claims, ThreadPoolExecutor(workers) as pool:
-        graded = list(pool.map(run, [claims] * workers))                  # per worker: a result or None per job
+        graded = list(pool.map(run, [claims] * workers, threads))           # per worker: a result or None per job
     return [next(result for result in job if result is not None) for job in zip(*graded)]
 
 
@@ -2521,6 +2551,46 @@ def test_exercises_that_need_each_other_are_not_handed_out_together(tmp_path, ca
     assert "accept" in commit["together_with"] and "snapshot-restore" in commit["together_with"]
     assert commit["needs"] == exercise_by_name("commit").needs and commit["grade"] == grading_command(
         exercise_by_name("commit"))
+
+
+def test_bodies_are_found_by_the_line_numbers_python_gives():
+    """A form feed (a page break, which PEP 8 allows) is no line end for Python: the spliced lines are the right ones."""
+    source = 'x = 1\n\x0c\ndef f():\n    """doc"""\n    return 1\n'
+    assert replace_bodies(source, {"f": "return 2"}) == source.replace("return 1", "return 2")
+    assert reference_body(source, "f") == "return 1\n"
+
+
+def test_a_handout_written_inside_the_project_is_not_part_of_the_next(tmp_path):
+    """The README's example writes hw1 inside the project: hw1 holds the answers of every other exercise, so no later
+    handout, nor the self-check, may take it for the project's own files (with git or without)."""
+    project = tmp_path / "project"
+    write_project(project, {"hsd.py": "x = 1\n", "test_hsd.py": "y = 2\n"}, str(project), link=False)
+    for name in ("hsd.py", "test_hsd.py", "toys/notes.md", "hw1/hsd.py", "hw1/test_hsd.py", "hw1/toys/a.json"):
+        os.makedirs(os.path.dirname(project / name), exist_ok=True)
+        (project / name).write_text("z = 3\n")
+    assert project_files(str(project)) == ["hsd.py", "test_hsd.py", os.path.join("toys", "notes.md")]
+    if shutil.which("git"):
+        subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+        assert project_files(str(project)) == ["hsd.py", "test_hsd.py", "toys/notes.md"]
+
+
+def test_blank_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys, monkeypatch):
+    """--out a file, or a folder under one: one line, exit 2; Ctrl-C while writing: one line, exit 130, no half-written
+    handout left (the same command then works); --exercises with --blank: one line; names may be spaced."""
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "hw1"):
+        assert main(["--blank", "commit", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("give a new folder to --out" in err or "cannot write the handout" in err), err
+
+    def interrupted(out, *args, **kwargs):
+        os.makedirs(os.path.join(out, "toys"))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sys.modules[__name__], "write_project", interrupted)
+    assert main(["--blank", "commit, accept", "--out", str(tmp_path / "hw1")]) == 130
+    assert "interrupted" in capsys.readouterr().err and os.listdir(tmp_path) == ["a-file"]
+    assert main_status(main, ["--exercises", "--blank", "commit", "--out", str(tmp_path / "hw1")]) == 2
+    assert "give one of them" in capsys.readouterr().err and os.listdir(tmp_path) == ["a-file"]
 
 
 def test_an_unknown_exercise_is_one_line_naming_the_closest():
@@ -2671,6 +2741,8 @@ def main(argv=None):
     parser.add_argument("--blank", help="NAME[,NAME]: write a handout with these exercises' functions left to write")
     parser.add_argument("--out", help="with --blank: a new folder for the handout")
     a = parser.parse_args(argv)
+    if a.exercises and (a.blank or a.out):
+        parser.error("--exercises lists the catalogue, --blank writes a handout: give one of them")
     try:
         if a.exercises and a.json:
             print(json.dumps(describe_exercises()))
@@ -2680,7 +2752,7 @@ def main(argv=None):
                 print(f"    its grading runs the functions of: {', '.join(e['needs']) or 'no other exercise'}")
                 print(f"    can be handed out with: {', '.join(e['together_with'])}\n    {e['grade']}")
         elif a.blank and a.out:
-            blank(a.blank.split(","), a.out)
+            blank([name.strip() for name in a.blank.split(",")], a.out)
         else:
             parser.error("give --exercises, or --blank NAME[,NAME] --out DIR")
     except SystemExit as e:
@@ -2688,6 +2760,9 @@ def main(argv=None):
             print(e.code, file=sys.stderr)
             return 2
         raise
+    except KeyboardInterrupt:
+        print("\ntest_hsd.py: interrupted (nothing was written)", file=sys.stderr)
+        return 130
     return 0
 
 
