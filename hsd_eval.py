@@ -54,6 +54,12 @@ PAPER = {
 # The trained toys are measured beside the paper's numbers for the model of their family.
 PAPER_MODEL = {"toy-falcon-h1": "falcon-h1-0.5b", "toy-qwen3.5": "qwen3.5-0.8b", "toy-qwen2.5": "qwen2.5-0.5b"}
 
+
+def paper_model(name):
+    """The model whose paper numbers a measurement of `name` stands beside (itself, or a toy's family's), or None."""
+    name = PAPER_MODEL.get(name, name)
+    return name if name in PAPER else None
+
 TINY_TEXT = [  # what hsd_eval reads for tiny-* models, offline: lines long enough for every protocol of paper_inputs
     " = Speculative decoding = ",
     " Speculative decoding drafts a few tokens with a cheap model and then checks all of them with the expensive "
@@ -358,7 +364,7 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
         records.add("costs", L, {str(k): v for k, v in step_times(model, skips, KS, L).items()})
     times = {L: {int(k) if k.isdigit() else k: v for k, v in records.saved["costs", L].items()} for L in contexts}
 
-    paper = PAPER.get(PAPER_MODEL.get(model_name, model_name), {})
+    paper = PAPER.get(paper_model(model_name), {})
     todo = {phase: [items[i] for i in records.missing(phase, len(items))] for phase, items in inputs.items()}
 
     def accepted_per_round(draft, k):                     # the paper's greedy alpha where it has one, else 0
@@ -456,9 +462,7 @@ def run(args, model, tokenizer):
     try:
         contexts, times = measure(model, args.model, inputs, skips, records, args.max_new_tokens, temperature, seed)
         result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature),
-                  "seed": seed, "paper": PAPER.get(PAPER_MODEL.get(args.model, args.model), {}),
-                  "paper_model": PAPER_MODEL.get(args.model, args.model) if args.model in PAPER_MODEL or args.model
-                  in PAPER else None}
+                  "seed": seed, "paper": PAPER.get(paper_model(args.model), {}), "paper_model": paper_model(args.model)}
     except KeyboardInterrupt:
         if not args.out:
             raise KeyboardInterrupt("nothing was saved (--out FILE keeps results as they come)") from None

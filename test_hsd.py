@@ -1584,6 +1584,11 @@ def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, caps
     assert resumed["drafts"]["component"]["k"]["2"]["alpha_sampled_shared"] is not None
 
 
+def test_each_toy_stands_beside_the_paper_numbers_of_its_family():
+    assert [hsd_eval.paper_model(name) for name in models.TOYS] == ["falcon-h1-0.5b", "qwen3.5-0.8b", "qwen2.5-0.5b"]
+    assert hsd_eval.paper_model("falcon-h1-3b") == "falcon-h1-3b" and hsd_eval.paper_model("tiny-falcon-h1") is None
+
+
 def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
     plot = tmp_path / "alpha.svg"
     assert hsd_eval.main([*EVAL_ARGS, "--json", "--plot", str(plot)]) == 0
