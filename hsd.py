@@ -9,22 +9,27 @@ committed token is pending (not yet fed). One round:
   3. restore   put the snapshot back: drafting leaves no trace
   4. verify    one full-model pass over [pending, d1..dk]: logits, and the recurrent states after every position
   5. judge     how many drafts the full model accepts (a prefix), and the full model's next token
-  6. commit    keep the recorded state after the accepted tokens; roll the KV caches back by length
+  6. commit    keep the recorded state after the kept tokens (pending + accepted); roll the KV caches back by length
 
 Steps 2 and 5 have two forms: greedy (temperature 0), whose output is plain greedy decoding's, token for token, and
-sampling (speculative sampling, Leviathan et al. 2023), exact in distribution. README: how to run it; hsd_eval.py.
+sampling (speculative sampling, Leviathan et al. 2023), exact in distribution. Which parts a draft leaves out is
+data (a models.Skip): one of the paper's drafts, or a draft file that hsd_search.py found by measurement. With
+k="auto" the draft length changes from round to round (auto_k). README: how to run it; hsd_eval.py: measurements.
 """
 import argparse
+import hashlib
 import json
+import platform
 import signal
+import statistics as stats
 import sys
+import time
 import warnings
 from collections import namedtuple
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
-import torch  # noqa: E402
+import torch
 
-import models  # noqa: E402
+import models
 
 DRAFTS = ("component", "layerskip", "early-exit", "none")     # "none": plain decoding, no draft
 
@@ -44,7 +49,13 @@ def draft_skip(config, draft):
         return models.Skip(layers=frozenset(range(start, start + skipped)))
     if draft == "early-exit":                 # the first int(0.5 n) layers, then the final norm and LM head
         return models.Skip(layers=frozenset(range(int(0.5 * n), n)))
-    raise models.UsageError(f"unknown draft {draft!r}: choose one of {', '.join(DRAFTS[:-1])} (or none: no draft)")
+    raise models.UsageError(f"unknown draft {draft!r}: choose one of {', '.join(DRAFTS[:-1])} (or none: no draft), "
+                            "or give a draft file (.json)")
+
+
+def paper_draft(config):
+    """The paper's draft for the model's family: component for a hybrid, layerskip for the Transformer control."""
+    return "layerskip" if config.family == "qwen2" else "component"
 
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
@@ -60,15 +71,16 @@ def restore(cache, snap):
     for state, kept in zip(cache.layers, snap.layers):
         state.conv, state.ssm = kept.conv, kept.ssm
 
-def commit(cache, start, n, recorded):
-    """Keep the state after the first n tokens of the verify pass that started at position start, from what that pass
-    recorded (verify's second value: per layer a models.Recorded, None for attention layers). A recurrent state cannot
-    be truncated: the conv window becomes the K-1 inputs ending at token n-1, the state states[n-1]. KV: the length."""
-    cache.length = start + n
+def commit(cache, start, kept, recorded):
+    """Make the cache hold the first `kept` tokens of the verify pass that started at position start, and nothing after
+    them; recorded is what that pass recorded (verify's second value: per layer a models.Recorded, None for attention
+    layers). A KV cache is cut back by its length; a recurrent state cannot be cut back, so each recurrent layer takes
+    what the pass recorded after its kept-th token: its conv window and its state."""
+    cache.length = start + kept
     for state, layer in zip(cache.layers, recorded):
         if layer is not None:
-            state.conv = layer.conv_inputs[:, n:n + state.conv.shape[1]]   # the K-1 inputs up to token n-1
-            state.ssm = layer.states[n - 1]
+            state.conv = layer.conv_inputs[:, kept:kept + state.conv.shape[1]]   # the K-1 inputs up to that token
+            state.ssm = layer.states[kept - 1]
 
 
 # --- One round of speculation ------------------------------------------------------------------------------------
@@ -81,47 +93,71 @@ def draft_tokens(model, cache, pending, skip, k):
         drafts.append(token)
     return drafts
 
-def draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator):
-    """k tokens sampled from the draft model at a temperature, as draft_tokens feeds them. Returns the drafts and
-    q (k, V): the draft's whole distribution at each drafted position, which accept_sampled needs."""
+def draft_tokens_until_unsure(model, cache, pending, skip, k, stop):
+    """Up to k greedy tokens, fed as draft_tokens feeds them, ending after the first draft whose probability under the
+    draft model is below `stop` (the draft is unsure of it, so what follows would likely be rejected too)."""
+    drafts, token = [], pending
+    while len(drafts) < k:
+        logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]
+        token = int(logits.argmax())
+        drafts.append(token)
+        if torch.softmax(logits.float(), dim=-1)[token] < stop:
+            break
+    return drafts
+
+def draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator, stop=None):
+    """Up to k tokens sampled from the draft model at a temperature, fed as draft_tokens feeds them (with a stop:
+    ending after the first draft whose probability under the draft is below it). Returns the drafts and q (len, V):
+    the draft's whole distribution at each drafted position, which accept_sampled needs."""
     drafts, q, token = [], [], pending
-    for _ in range(k):
+    while len(drafts) < k:
         logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]
         q.append(probabilities(logits, temperature))
         token = int(torch.multinomial(q[-1], 1, generator=generator))
         drafts.append(token)
+        if stop is not None and q[-1][token] < stop:
+            break
     return drafts, torch.stack(q)
 
 def probabilities(logits, temperature):
     """softmax(logits / temperature) in float64, on the CPU where the sampling generator lives: (..., V)."""
     return torch.softmax(logits.double().cpu() / temperature, dim=-1)
 
-def draft(model, cache, pending, skip, k, temperature=0.0, generator=None):
-    """Step 2, greedy or sampled: (drafts, q), q the drafts' distributions (k, V) when sampling, None when greedy."""
-    if temperature == 0:
+def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None):
+    """Step 2, greedy or sampled, k drafts or fewer with a stop: (drafts, q), q the drafts' distributions (len, V)
+    when sampling, None when greedy. The stop looks only at the draft's own distributions, so the output stays plain
+    greedy decoding's (greedy) or exact in distribution (sampling): how many drafts a round proposes never depends on
+    what the full model will say about them."""
+    if temperature > 0:
+        return draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator, stop)
+    if stop is None:
         return draft_tokens(model, cache, pending, skip, k), None
-    return draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator)
+    return draft_tokens_until_unsure(model, cache, pending, skip, k, stop), None
 
 def verify(model, cache, pending, drafts):
     """One full-model pass over [pending, d1..dk] -> (logits (k+1, V), recorded). Row i of logits predicts the token
     after position i, so rows 0..k-1 judge d1..dk and row k gives the bonus token. recorded: per layer, the states
-    after every position (models.Recorded; None for attention layers), from which commit keeps one."""
+    after every position (models.Recorded; None for attention layers), from which commit keeps one. The pass leaves
+    the cache holding all k+1 tokens (length start + k + 1), as any forward pass would; commit then cuts it back to
+    the tokens kept, since the rejected drafts must not stay in it."""
     logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, record_states=True)
     return logits[0], recorded
 
 def accept(drafts, logits):
-    """(n, next_token): n = the longest prefix of drafts equal to the full model's greedy choices; next_token = the
-    full model's own choice after it (the correction if n < k, the bonus if all k were accepted)."""
+    """(accepted, next_token): accepted = the length of the longest prefix of drafts equal to the full model's greedy
+    choices; next_token = the full model's own choice after it (the correction if accepted < k, the bonus if all k
+    were accepted). Both are ints."""
     choices = logits.argmax(dim=-1).tolist()
-    n = 0
-    while n < len(drafts) and drafts[n] == choices[n]:
-        n += 1
-    return n, choices[n]
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == choices[accepted]:
+        accepted += 1
+    return accepted, choices[accepted]
 
 def accept_sampled(drafts, q, logits, temperature, generator):
-    """(n, next_token) for sampled drafts; q (k, V) the draft's distributions, logits (k+1, V) the verify pass's rows.
-    Draft i is accepted with probability min(1, p(d_i) / q(d_i)), p the full model's distribution at the temperature;
-    the first rejection ends the round, its token drawn from max(0, p - q) (weights); all accepted: the bonus from p."""
+    """(accepted, next_token) for sampled drafts, both ints; q (k, V) the draft's distributions, logits (k+1, V) the
+    verify pass's rows. Draft i is accepted with probability min(1, p(d_i) / q(d_i)), p the full model's distribution
+    at the temperature; the first rejection ends the round, its token drawn from max(0, p - q) (weights); all accepted:
+    the bonus from p."""
     p = probabilities(logits, temperature)                                            # (k+1, V)
     for i, token in enumerate(drafts):
         if torch.rand((), dtype=torch.float64, generator=generator) >= p[i, token] / q[i, token]:     # rejected
@@ -129,21 +165,21 @@ def accept_sampled(drafts, q, logits, temperature, generator):
     return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
 
 def judge(drafts, q, logits, temperature=0.0, generator=None):
-    """Step 5, greedy (accept) or sampled (accept_sampled): (n accepted, the full model's next token)."""
+    """Step 5, greedy (accept) or sampled (accept_sampled): (accepted drafts, the full model's next token)."""
     if temperature == 0:
         return accept(drafts, logits)
     return accept_sampled(drafts, q, logits, temperature, generator)
 
-def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None):
-    """One round (module docstring): (drafts, n accepted, next token). The committed tokens grow by the accepted
-    drafts and the next token, which becomes the new pending token."""
-    snap = snapshot(cache)                                                         # 1
-    drafts, q = draft(model, cache, pending, skip, k, temperature, generator)     # 2
-    restore(cache, snap)                                                           # 3
-    logits, recorded = verify(model, cache, pending, drafts)                       # 4
-    n, next_token = judge(drafts, q, logits, temperature, generator)               # 5
-    commit(cache, snap.length, n + 1, recorded)               # 6: the pending token and the n accepted drafts
-    return drafts, n, next_token
+def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None):
+    """One round (module docstring): (drafts, accepted, next token). The committed tokens grow by the pending token
+    and the accepted drafts; the next token becomes the new pending token."""
+    snap = snapshot(cache)                                                             # 1
+    drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop)   # 2
+    restore(cache, snap)                                                               # 3
+    logits, recorded = verify(model, cache, pending, drafts)                           # 4
+    accepted, next_token = judge(drafts, q, logits, temperature, generator)            # 5
+    commit(cache, snap.length, accepted + 1, recorded)            # 6: kept, the pending token and the accepted drafts
+    return drafts, accepted, next_token
 
 def plain_step(model, cache, pending, temperature=0.0, generator=None):
     """Plain decoding, the baseline: feed the pending token; the next token is judge's with nothing drafted."""
@@ -151,11 +187,162 @@ def plain_step(model, cache, pending, temperature=0.0, generator=None):
     return judge([], None, logits, temperature, generator)[1]
 
 
+# --- k="auto": the draft length, from the rounds already judged ----------------------------------------------------
+AUTO_START, AUTO_MAX, AUTO_STOP = 2, 16, 0.4    # first k, largest k, the stop of a draft that gives none
+Plan = namedtuple("Plan", "k plain backoff")    # draft k next, after `plain` plain steps; backoff: the next pause
+
+def auto_k(plan, drafted, accepted):
+    """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
+    step). All accepted: draft two more next time (up to AUTO_MAX); some rejected: one fewer (at least 1); none
+    accepted: pause speculation for `backoff` plain steps, then try one draft, the pause doubling (up to 64 steps)
+    while such tries fail. A round that accepts nothing costs more than a plain step and gives the same one token, so
+    a draft that rarely agrees soon runs as plain decoding. It looks only at rounds already judged: greedy output stays
+    plain greedy decoding's and sampling stays exact."""
+    if drafted == 0:                                           # a plain step: one less to wait
+        return plan._replace(plain=max(0, plan.plain - 1))
+    if accepted == drafted:                                    # all accepted (a stop may have ended the round early)
+        return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, 4)
+    if accepted > 0:
+        return Plan(max(1, plan.k - 1), 0, 4)
+    return Plan(1, plan.backoff, min(64, 2 * plan.backoff))
+
+
+# --- Draft files: a draft found by measurement (hsd_search.py writes them) -------------------------------------------
+DRAFT_FORMAT = "hsd-draft/1"
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "mamba_n_heads",
+         "mamba_d_head", "mamba_d_state", "mamba_n_groups", "linear_num_key_heads", "linear_num_value_heads",
+         "linear_key_head_dim", "linear_value_head_dim")
+Draft = namedtuple("Draft", "name skip k stop")   # what a generation runs; skip None: plain decoding; stop: a threshold
+
+def weights_fingerprint(model):
+    """sha256 over every parameter's name, shape and up to 4096 evenly spaced values rounded to bfloat16: the same for
+    one checkpoint loaded in float32 or bfloat16, another for other weights (a retrained model); cheap at any size."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name} {tuple(p.shape)}\n".encode() + sample.numpy().tobytes())
+    return h.hexdigest()
+
+def model_identity(model):
+    """What a draft file says of the model it was searched on: the architecture (family, layer types, sizes), which a
+    draft must match, and the weights' fingerprint, which it should."""
+    c = model.config
+    return {"family": c.family, "layer_types": list(c.layer_types), "sizes": {s: getattr(c, s) for s in SIZES},
+            "weights_sha256": weights_fingerprint(model)}
+
+def device_name(device):
+    """The device a draft was searched on, in words: "cuda NVIDIA H200", "cpu AMD EPYC" (costs depend on it)."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"cpu {name}"
+
+def read_draft_file(path, model):
+    """A draft file -> (Draft, warnings): the one-line warnings of a file searched on other weights of the same
+    architecture or on another device. A UsageError for a file that cannot be read, is damaged or no draft file, was
+    searched for another architecture, or names a layer or unit the model does not have."""
+    def bad(what):
+        return models.UsageError(f"{path} is not a valid draft file ({what}): write it again with python "
+                                 "hsd_search.py --model NAME --out FILE")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except OSError as e:
+        raise models.UsageError(f"cannot read the draft file {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise bad(f"damaged: {str(e)[:60]}") from None
+    if not isinstance(spec, dict) or spec.get("format") != DRAFT_FORMAT:
+        raise bad(f'no "format": "{DRAFT_FORMAT}"')
+    if not all(isinstance(spec.get(key), dict) for key in ("model", "skip")):
+        raise bad('"model" and "skip" must be objects')
+    mine, theirs = model_identity(model), spec["model"]
+    different = [key for key in ("family", "layer_types", "sizes") if theirs.get(key) != mine[key]]
+    if different:
+        raise models.UsageError(f"{path} is a draft for another architecture (its {', '.join(different)} differ from "
+                                "this model's): search one for this model with python hsd_search.py --model NAME")
+    fields = ("layers", *models.UNITS)
+    if set(spec["skip"]) - set(fields) or not all(isinstance(v, list) and all(type(i) is int for i in v)
+                                                  for v in spec["skip"].values()):
+        raise bad(f'"skip" holds lists of layer indices under {", ".join(fields)}')
+    skip = models.Skip(**spec["skip"])
+    try:
+        models.check_skip(model.config, skip)
+    except models.UsageError as e:
+        raise models.UsageError(f"{path}: {e}") from None
+    k, stop = spec.get("k"), spec.get("stop")
+    if not (k == "auto" or (type(k) is int and k >= 1)):
+        raise bad(f'"k" must be a number of drafts (at least 1) or "auto", not {k!r}')
+    if not (stop is None or (isinstance(stop, dict) and set(stop) == {"confidence"}
+                             and isinstance(stop["confidence"], (int, float)) and 0 < stop["confidence"] < 1)):
+        raise bad(f'"stop" must be null or {{"confidence": a number between 0 and 1}}, not {stop!r}')
+    warned = []
+    if theirs.get("weights_sha256") != mine["weights_sha256"]:
+        warned.append(f"{path} was searched on other weights of this architecture (a retrained model?): it decodes "
+                      "correctly, as any draft does, but its measured speed may not hold")
+    found_on = spec.get("found_by", {}).get("device") if isinstance(spec.get("found_by"), dict) else None
+    here = device_name(model.lm_head.weight.device)
+    if found_on is not None and found_on != here:
+        warned.append(f"{path} was searched on {found_on}, this run is on {here}: the costs of its parts differ, so it "
+                      "may not be the fastest draft here")
+    return Draft(path, skip, k, stop and stop["confidence"]), warned
+
+def choose_draft(model, draft=None, k=None):
+    """The one place a generation's draft is decided -> a Draft. draft: None (the paper's draft for the model's
+    family), a name from DRAFTS ("none": plain decoding), a models.Skip, the path of a draft file (.json; its warnings
+    as Python warnings) or a Draft. k: drafts per round or "auto"; None: the draft file's, else 2. A draft file keeps
+    its stop rule; a named draft or a Skip stops at AUTO_STOP with k="auto" and never with a fixed k."""
+    if isinstance(draft, Draft):
+        chosen = draft
+    elif isinstance(draft, str) and draft.endswith(".json"):
+        chosen, warned = read_draft_file(draft, model)
+        for line in warned:
+            warnings.warn(line, stacklevel=3)
+    else:
+        if isinstance(draft, models.Skip):
+            models.check_skip(model.config, draft)
+            name, skip = repr(draft), draft
+        else:
+            name = paper_draft(model.config) if draft is None else draft
+            skip = None if name == "none" else draft_skip(model.config, name)
+        chosen = Draft(name, skip, 2, AUTO_STOP if k == "auto" else None)
+    k = chosen.k if k is None else k
+    if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool))):
+        raise models.UsageError(f'k must be a number of drafts or "auto" (got {k!r})')
+    return chosen._replace(k=k)
+
+
 # --- Generation --------------------------------------------------------------------------------------------------
 Step = namedtuple("Step", "kind drafts accepted next_token tokens seconds")
-# kind: "prefill" (no tokens yet), "plain" (a token of plain decoding) or "round" (k drafts, `accepted` of them kept,
+# kind: "prefill" (no tokens yet), "plain" (a token of plain decoding) or "round" (drafts, `accepted` of them kept,
 # then next_token); tokens: what the step adds to the output (cut after EOS); seconds: what the step itself took.
 Round = namedtuple("Round", "drafts accepted next_token")    # an entry of statistics()["trace"]
+
+def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
+    """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
+    drafting k tokens a round (or "auto"), at a temperature; nothing if all is well."""
+    if k != "auto" and k < 1:
+        raise models.UsageError(f"k must be at least 1 (got {k})")
+    if not temperature >= 0:                                            # NaN too
+        raise models.UsageError(f"the temperature must be at least 0 (got {temperature})")
+    if not prompt:
+        raise models.UsageError("the prompt is empty: give at least one token")
+    if not all(0 <= t < config.vocab_size for t in prompt):
+        raise models.UsageError(f"token ids must lie in 0..{config.vocab_size - 1}")
+    if new_tokens < 0:
+        raise models.UsageError(f"the number of new tokens must be at least 0 (got {new_tokens})")
+    if len(prompt) + new_tokens > config.max_position_embeddings:
+        raise models.UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}")
+
+def clock(device):
+    """time.perf_counter(), after waiting for the GPU's queued work if there is a GPU: timings of model calls."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 def prefill(model, cache, tokens, skip=None):
     """Feed tokens with the full model (or, given a skip, the draft model): chunked scans, no logits needed."""
@@ -163,53 +350,63 @@ def prefill(model, cache, tokens, skip=None):
         model.hidden_states(torch.tensor([tokens], device=cache.device), cache, skip=skip)
 
 @torch.inference_mode()
-def generate_steps(model, prompt_ids, max_new_tokens, draft="component", k=2, eos_token_id=None, temperature=0.0,
+def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0,
                    seed=None):
     """generate, one step at a time: yields a Step after the prefill and after every round (or plain step), so that a
     caller can show the tokens as they are committed. Arguments as for generate."""
     prompt = prompt_ids.tolist() if torch.is_tensor(prompt_ids) else list(prompt_ids)
-    models.check_request(model.config, prompt, max_new_tokens, k, temperature)
-    skip = draft if isinstance(draft, models.Skip) else None if draft == "none" else draft_skip(model.config, draft)
+    chosen = choose_draft(model, draft, k)
+    check_request(model.config, prompt, max_new_tokens, chosen.k, temperature)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = models.Cache(model, max_len=len(prompt) + max_new_tokens)   # no round drafts past the last new token
-    t0 = models.clock(cache.device)
+    t0 = clock(cache.device)
     prefill(model, cache, prompt[:-1])
-    yield Step("prefill", [], 0, None, [], models.clock(cache.device) - t0)
-    produced, pending = 0, prompt[-1]
+    yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
+    auto = chosen.k == "auto"
+    produced, pending, plan = 0, prompt[-1], Plan(AUTO_START, 0, 4)
     while produced < max_new_tokens:
-        t0 = models.clock(cache.device)
-        k_round = min(k, max_new_tokens - produced - 1)           # never draft past the last token asked for
-        if skip is None or k_round == 0:
-            drafts, n, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
+        t0 = clock(cache.device)
+        k_round = min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)   # never draft past the last token
+        if chosen.skip is None or k_round == 0 or (auto and plan.plain > 0):
+            drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
         else:
-            drafts, n, pending = speculative_round(model, cache, pending, skip, k_round, temperature, generator)
-        new = drafts[:n] + [pending]
+            drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_round, temperature,
+                                                          generator, chosen.stop)
+        if auto:
+            plan = auto_k(plan, len(drafts), accepted)
+        new = drafts[:accepted] + [pending]
         if eos in new:
             new = new[:new.index(eos) + 1]
         produced += len(new)
-        yield Step("round" if drafts else "plain", drafts, n, pending, new, models.clock(cache.device) - t0)
+        yield Step("round" if drafts else "plain", drafts, accepted, pending, new, clock(cache.device) - t0)
         if eos in new:
             return
 
-def generate(model, prompt_ids, max_new_tokens, draft="component", k=2, eos_token_id=None, temperature=0.0, seed=None):
+def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0, seed=None):
     """Self-speculative decoding: plain greedy decoding's tokens (temperature 0), or at a temperature T > 0 tokens
     distributed as plain sampling's at T (seed: a seeded random stream; None: torch's global one). prompt_ids: 1-D
-    LongTensor or list of ints; draft: a name from DRAFTS ("none": plain decoding) or a models.Skip; eos_token_id:
-    the model's by default. Stops after max_new_tokens or EOS (kept). Returns (new token ids, statistics() dict)."""
-    steps = list(generate_steps(model, prompt_ids, max_new_tokens, draft, k, eos_token_id, temperature, seed))
-    return [t for step in steps for t in step.tokens], statistics(k, steps)
+    LongTensor or list of ints; draft and k: as choose_draft takes them (default: the paper's draft for the family,
+    k=2); eos_token_id: the model's by default. Stops after max_new_tokens or EOS (kept). Returns (new token ids,
+    statistics() dict)."""
+    chosen = choose_draft(model, draft, k)
+    steps = list(generate_steps(model, prompt_ids, max_new_tokens, chosen, k, eos_token_id, temperature, seed))
+    return [t for step in steps for t in step.tokens], statistics(chosen, steps)
 
-def statistics(k, steps):
-    """What a generation did, from its steps; alpha: README, "Acceptance"."""
+def statistics(chosen, steps):
+    """What a generation with the Draft `chosen` did, from its steps; alpha: README, "Acceptance". "k" is the k asked
+    for (a number, or "auto": then "drafts_per_round" says how long the rounds were on average)."""
     rounds = [s for s in steps if s.kind == "round"]
     drafted = sum(len(r.drafts) for r in rounds)
     accepted = sum(r.accepted for r in rounds)
     new_tokens = sum(len(s.tokens) for s in steps)
     decode_s = sum(s.seconds for s in steps if s.kind != "prefill")
-    return {"k": k, "drafted": drafted, "accepted": accepted, "alpha": accepted / drafted if drafted else None,
-            "rounds": len(rounds), "accepted_per_round": accepted / len(rounds) if rounds else None,
-            "accepted_histogram": [sum(r.accepted == a for r in rounds) for a in range(k + 1)],
+    longest = chosen.k if chosen.k != "auto" else max((len(r.drafts) for r in rounds), default=0)
+    return {"draft": chosen.name, "k": chosen.k, "stop": chosen.stop, "drafted": drafted, "accepted": accepted,
+            "alpha": accepted / drafted if drafted else None, "rounds": len(rounds),
+            "plain_steps": sum(s.kind == "plain" for s in steps), "drafts_per_round": drafted / len(rounds) if rounds
+            else None, "accepted_per_round": accepted / len(rounds) if rounds else None,
+            "accepted_histogram": [sum(r.accepted == a for r in rounds) for a in range(longest + 1)],
             "new_tokens": new_tokens, "prefill_s": sum(s.seconds for s in steps if s.kind == "prefill"),
             "decode_s": decode_s, "round_s": sum(r.seconds for r in rounds),
             "tokens_per_s": new_tokens / decode_s if decode_s else None,
@@ -217,6 +414,22 @@ def statistics(k, steps):
 
 
 # --- Command line ------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def warm_up(model, k):
+    """A decoding step and a recording pass of every length up to k+1 on a scratch cache: a process's first calls are
+    slow (memory, kernel selection), and timings should show what decoding costs."""
+    cache = models.Cache(model, k + 2)
+    for n in range(2, k + 2):
+        model(torch.zeros(1, n, dtype=torch.long, device=cache.device), cache, record_states=True)
+        cache.length = 0
+    model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
+
+@torch.inference_mode()
+def logit_margin(model, ids, a, b):
+    """(how far the model's logit of token a lies above b's after the token ids, the std of those logits)."""
+    logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].float()
+    return (logits[a] - logits[b]).item(), logits.std().item()
+
 def show(tokenizer, ids):
     """Token ids as quoted text, whitespace and control characters visible, special tokens by name."""
     return json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)
@@ -239,41 +452,76 @@ def summary(s, max_new_tokens, eos, tokenizer):
            if tokens and tokens[-1] == eos else f"stop    after {len(tokens)} new tokens (--max-new-tokens)")
     if s["rounds"]:
         histogram = ", ".join(f"{a}: {count}" for a, count in enumerate(s["accepted_histogram"]) if count)
+        lengths = (f", {s['drafts_per_round']:.2f} drafted per round (k auto), {s['plain_steps']} plain steps"
+                   if s["k"] == "auto" else "")
         yield (f"alpha   {s['alpha']:.3f}: {s['accepted']} of {s['drafted']} drafts accepted, "
                f"{s['accepted_per_round']:.2f} per round over {s['rounds']} rounds (rounds by drafts accepted: "
-               f"{histogram}), {s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")
+               f"{histogram}){lengths}, {s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")
     yield (f"speed   {s['new_tokens']} tokens in {s['decode_s']:.2f} s: {s['tokens_per_s'] or 0:.2f} tokens/s "
            f"(prefill {s['prefill_s']:.2f} s)")
 
-def check(s, model, prompt, max_new_tokens):
-    """--check: decode plainly too; say whether the tokens are the same (and the speedup) or where they part."""
-    plain, plain_stats = generate(model, prompt, max_new_tokens, draft="none")
+def check(s, model, prompt, max_new_tokens, chosen, repeats):
+    """--check: decode plainly too; say whether the tokens are the same or where they part, and, for a draft, the
+    speedup: the median of `repeats` plain and speculative generations run in turns (and their range)."""
+    plain, _ = generate(model, prompt, max_new_tokens, draft="none")
     spec = s["new_token_ids"]
     s["identical_to_greedy"] = plain == spec
-    s["speedup_vs_greedy"] = plain_stats["decode_s"] / s["decode_s"]
     if plain != spec:
         i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)       # EOS ends both alike
-        margin, std = models.logit_margin(model, prompt + plain[:i], plain[i], spec[i])
-        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {spec[i]}, greedy "
-                f"{plain[i]}, logit margin {margin:.3g} (logit std {std:.3g}; far below it: a near-tie)")
-    note = ("\n        (below 1 is expected on a CPU: README, \"The cost model\", says why and what changes it)"
-            if s["speedup_vs_greedy"] < 1 and model.lm_head.weight.device.type == "cpu" else "")
-    return f"check   identical to plain greedy decoding; speedup {s['speedup_vs_greedy']:.2f}x in this run{note}"
+        margin, std = logit_margin(model, prompt + plain[:i], plain[i], spec[i])
+        near = margin < (0.05 if model.lm_head.weight.dtype == torch.bfloat16 else 1e-3) * std
+        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {spec[i]}, greedy {plain[i]}, "
+                f"the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
+                ("a near-tie, which the rounding of a verify pass and of single steps can flip" if near else
+                 "not a near-tie, so not rounding: please report it"))
+    if chosen.skip is None:
+        return "check   identical to plain greedy decoding (plain decoding: no draft, so no speedup to measure)"
+    ratios = []
+    for _ in range(repeats):                                  # in turns, so that drift affects both alike
+        plain_s = generate(model, prompt, max_new_tokens, draft="none")[1]["decode_s"]
+        ratios.append(plain_s / generate(model, prompt, max_new_tokens, chosen, chosen.k)[1]["decode_s"])
+    s["speedup_vs_greedy"] = median = stats.median(ratios)
+    note = ("\n        (below 1 is expected on a CPU for the official models: RESULTS.md, \"The cost model\", says why "
+            "and what changes it)" if median < 1 and model.lm_head.weight.device.type == "cpu" else "")
+    return (f"check   identical to plain greedy decoding; speedup {median:.2f}x (median of {repeats} runs of each, in "
+            f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}")
+
+def draft_words(chosen, config, default):
+    """The header's words for the draft: its name, why it was chosen, its k and what it leaves out."""
+    if chosen.skip is None:
+        return "draft none: plain decoding"
+    why = f" (the paper's for {config.family})" if default else ""
+    k = "k auto" + (f", stop below {chosen.stop}" if chosen.stop else "") if chosen.k == "auto" else (
+        f"k={chosen.k}" + (f", stop below {chosen.stop}" if chosen.stop else ""))
+    return f"draft {chosen.name}{why}, {k}: skips {chosen.skip}"
 
 def run_generate(args, model, tokenizer):
     """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints."""
     prompt, temperature = tokenizer.encode(args.prompt).ids, args.temperature or 0.0
-    models.check_request(model.config, prompt, args.max_new_tokens, args.k, temperature)
+    if args.draft and args.draft.endswith(".json"):
+        chosen, warned = read_draft_file(args.draft, model)
+        for line in warned:
+            print(f"hsd: warning: {line}", file=sys.stderr)
+    else:
+        chosen = None if args.draft is None else args.draft
+    chosen = choose_draft(model, chosen, args.k)
+    check_request(model.config, prompt, args.max_new_tokens, chosen.k, temperature)
+    lost = sorted(set(args.prompt) - set(tokenizer.decode(prompt, skip_special_tokens=False)))
+    if lost:
+        print(f"hsd: warning: the tokenizer has no token for {', '.join(map(repr, lost))}: the prompt reads "
+              f"{show(tokenizer, prompt)}", file=sys.stderr)
+    if args.seed is not None and temperature == 0:
+        print("hsd: note: --seed has no effect without --temperature (greedy decoding draws nothing)", file=sys.stderr)
     seed = args.seed if args.seed is not None or temperature == 0 else torch.Generator().seed() % 2**31   # printed
-    skips = "nothing: plain decoding" if args.draft == "none" else draft_skip(model.config, args.draft)
     sampling = f"temperature {temperature}, seed {seed}" if temperature > 0 else "greedy"
-    print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), draft "
-          f"{args.draft}, k={args.k}, {sampling}: skips {skips}")
+    print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), {sampling}, "
+          f"{draft_words(chosen, model.config, args.draft is None)}")
     print(f"prompt  {show(tokenizer, prompt)}")
-    models.warm_up(model, max(1, min(args.k, args.max_new_tokens - 1)))         # the longest round it will run
+    longest = AUTO_MAX if chosen.k == "auto" else chosen.k
+    warm_up(model, max(1, min(longest, args.max_new_tokens - 1)))       # every round length it can run
     steps, tokens, shown = [], [], ""
     print("" if args.trace else 'output  "', end="", flush=True)
-    for step in generate_steps(model, prompt, args.max_new_tokens, args.draft, args.k, None, temperature, seed):
+    for step in generate_steps(model, prompt, args.max_new_tokens, chosen, chosen.k, None, temperature, seed):
         steps.append(step)
         tokens += step.tokens
         if args.trace and step.kind == "round":
@@ -284,20 +532,32 @@ def run_generate(args, model, tokenizer):
             shown = text
     rest = json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"'        # what the loop has not shown yet
     print(f"output  {show(tokenizer, tokens)}" if args.trace else rest)
-    s = {"model": args.model, "draft": args.draft, "temperature": temperature, "seed": seed, "new_token_ids": tokens,
-         "new_text": text, **statistics(args.k, steps)}
+    s = {"model": args.model, "temperature": temperature, "seed": seed, "new_token_ids": tokens, "new_text": text,
+         **statistics(chosen, steps)}
     print(*summary(s, args.max_new_tokens, model.config.eos_token_id, tokenizer), sep="\n")
     if args.check:
-        print(check(s, model, prompt, args.max_new_tokens))
+        print(check(s, model, prompt, args.max_new_tokens, chosen, args.repeats))
     return {**s, "trace": [r._asdict() for r in s["trace"]]}
+
+def k_argument(text):
+    """-k: a number of drafts per round, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"-k takes a number of drafts or auto, not {text!r}") from None
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Self-speculative decoding in hybrid language models.")
     p.error = lambda message: p.exit(2, f"hsd: error: {message} (see --help)\n")     # one line, no usage text
-    p.add_argument("--model", required=True, help=", ".join([*models.OFFICIAL, *models.TOYS, *models.TINY, "a folder"]))
-    p.add_argument("--draft", default="component", choices=DRAFTS, help="draft strategy (default: component)")
-    p.add_argument("-k", type=int, default=2, help="drafted tokens per round (default: 2)")
-    p.add_argument("--prompt", default="The function returns")
+    p.add_argument("--model", required=True, help=", ".join([*models.TOYS, *models.OFFICIAL, *models.TINY, "a folder"]))
+    p.add_argument("--draft", help="component, layerskip, early-exit, none (plain decoding), or a draft file (.json) "
+                                   "from hsd_search.py (default: the paper's draft for the family: component for the "
+                                   "hybrids, layerskip for the Transformer)")
+    p.add_argument("-k", type=k_argument, help="drafts per round, or auto: a length that adapts from round to round "
+                                               "(default: the draft file's, else 2)")
+    p.add_argument("--prompt", default="The function returns", help="the text to continue (default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, help="sample at this temperature (default: 0, greedy)")
     p.add_argument("--seed", type=int, help="seed of the sampling (default: a fresh one, printed)")
@@ -305,12 +565,16 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--trace", action="store_true", help="show every round: drafts, accepted, the next token")
     p.add_argument("--check", action="store_true", help="decode plainly too; fail if tokens differ; print the speedup")
+    p.add_argument("--repeats", type=int, default=5, help="--check's timed runs of each kind (default: 5)")
     p.add_argument("--json", action="store_true", help="the statistics as one JSON object on the last line")
     args, unknown = p.parse_known_args(argv)
     if unknown:                       # --eval, --out, --text, ...: the measurements have a command of their own
         p.error(f"unrecognized arguments: {' '.join(unknown)} (measurements: hsd_eval.py --model {args.model} ...)")
-    if args.check and (args.temperature or args.max_new_tokens < 1):   # exactness at T > 0: the tests prove it
-        p.error("--check compares with greedy decoding: leave out --temperature, give --max-new-tokens >= 1")
+    if args.check and (args.temperature or args.max_new_tokens < 1 or args.repeats < 1):
+        p.error("--check compares with greedy decoding: leave out --temperature, give --max-new-tokens >= 1 and "
+                "--repeats >= 1")
+    if args.draft is not None and args.draft not in DRAFTS and not args.draft.endswith(".json"):
+        p.error(f"unknown draft {args.draft!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (.json)")
     try:
         model = models.load(args.model, getattr(torch, args.dtype), args.device)
         s = run_generate(args, model, models.load_tokenizer(args.model))

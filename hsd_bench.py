@@ -16,14 +16,12 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
-import torch  # noqa: E402
+import torch
 
-import hsd  # noqa: E402
-import hsd_eval  # noqa: E402
-import models  # noqa: E402
+import hsd
+import hsd_eval
+import models
 
 # The official config.json files of the supported models (byte-exact copies of the Hub's files; README, "What was
 # verified"). The tests build models from them too.

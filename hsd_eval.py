@@ -20,14 +20,12 @@ import math
 import os
 import signal
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
-import torch  # noqa: E402
-from huggingface_hub.utils import tqdm  # noqa: E402
+import torch
+from huggingface_hub.utils import tqdm
 
-import hsd  # noqa: E402
-import models  # noqa: E402
+import hsd
+import models
 
 KS = (2, 4, 8)                  # the paper's draft lengths
 TEMPERATURE, SEED = 0.6, 0      # the sampled column's temperature, and the seed, unless --temperature / --seed say
@@ -189,9 +187,9 @@ def step_times(model, skips, ks, context, repeats=7):
     cache = models.Cache(model, context + max(ks) + 2)
     tokens = torch.randint(model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
     token = torch.tensor([[1]], device=cache.device)
-    t0 = models.clock(cache.device)
+    t0 = hsd.clock(cache.device)
     hsd.prefill(model, cache, tokens)
-    prefill_s = models.clock(cache.device) - t0                   # once: only the run's estimate needs it
+    prefill_s = hsd.clock(cache.device) - t0                   # once: only the run's estimate needs it
     snap = hsd.snapshot(cache)
     rows = torch.zeros(64, model.config.hidden_size, device=cache.device, dtype=model.lm_head.weight.dtype)
     steps = {"full": lambda: model(token, cache), **{k: lambda k=k: hsd.verify(model, cache, 1, [1] * k) for k in ks},
@@ -200,9 +198,9 @@ def step_times(model, skips, ks, context, repeats=7):
     samples = {name: [] for name in steps}
     for _ in range(repeats):                   # the kinds of step take turns, so that drift affects all alike
         for name, step in steps.items():
-            t0 = models.clock(cache.device)
+            t0 = hsd.clock(cache.device)
             step()
-            samples[name].append(models.clock(cache.device) - t0)
+            samples[name].append(hsd.clock(cache.device) - t0)
             hsd.restore(cache, snap)
     medians = {name: sorted(s)[repeats // 2] for name, s in samples.items()}
     medians["logits"] /= len(rows)
@@ -377,7 +375,7 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
           + ("; what is saved is not measured again)" if records.resumed else ")"),
           file=sys.stderr, flush=True)
 
-    models.warm_up(model, max(KS))
+    hsd.warm_up(model, max(KS))
     phases = {
         "alpha": lambda i, prompt: alpha_record(model, prompt, skips, temperature,
                                                 torch.Generator().manual_seed(seed * 1_000_003 + i)),    # per prompt

@@ -30,16 +30,14 @@ import signal
 import sys
 import time
 import unicodedata
-import warnings
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from huggingface_hub.utils import tqdm  # noqa: E402
+import torch
+import torch.nn.functional as F
+from huggingface_hub.utils import tqdm
 
-import hsd  # noqa: E402
-import hsd_eval  # noqa: E402
-import models  # noqa: E402
+import hsd
+import hsd_eval
+import models
 
 TEXT_DIR = os.path.join(models.TOYS_DIR, "text")
 HELDOUT_WINDOWS, WINDOW = 32, 512      # the held-out loss: the first 32 windows of 512 characters of the held-out text

@@ -8,7 +8,7 @@ Three model families, one building kit:
 Read top to bottom: config, linear layers, norms and rotary embedding, attention, MLP, the causal convolution,
 Mamba-2 (its scan for one token, over T tokens one by one, in chunks for prefill, and batched for a verify pass,
 whose states after each token are a StatesAfterEachToken), Gated DeltaNet (likewise), the per-layer state, the two
-kinds of decoder layer, the model, the built-in tiny models, then loading. Every formula follows transformers 5.23
+kinds of decoder layer, what a draft leaves out (Skip) and the model, the built-in tiny models, then loading. Every formula follows transformers 5.23
 (the official implementation); the tests compare logits with it, and README, "What was verified", says how.
 
 Letters used in shape comments:
@@ -26,12 +26,9 @@ import glob
 import json
 import math
 import os
-import time
-import warnings
 from dataclasses import dataclass
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns when NumPy (unused) is absent
-import torch  # noqa: E402
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -177,20 +174,25 @@ def _number(x):
 # Linear layers, norms, rotary embedding, attention, MLP
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_MIN_WEIGHTS = 2 ** 20       # below about a million weights oneDNN's fixed cost per call outweighs its speed
 
 
 class Linear(nn.Linear):
-    """nn.Linear; on CPU in fp32, when no gradient is needed, the product runs through oneDNN instead of the default
-    BLAS (that oneDNN call has no backward pass, so training goes through F.linear).
+    """nn.Linear; on CPU in fp32, for a large weight matrix and when no gradient is needed, the product runs through
+    oneDNN instead of the default BLAS (that oneDNN call has no backward pass, so training goes through F.linear).
 
-    Same result up to rounding. Why: decoding multiplies 1..k+1 rows by every weight matrix, which is bound by
-    reading the weights. On the 2-core AMD EPYC this project is tested on, F.linear (MKL) streams weights at
-    ~16 GB/s for one row and ~6 GB/s for three; oneDNN at ~27 and ~18 GB/s (see README, "Speed").
+    Same result up to rounding. Why (a speed trick, measured on the 2-core AMD EPYC this project is tested on,
+    2026-12-01, one thread of work per call): decoding multiplies 1..k+1 rows by every weight matrix, which for the
+    official models is bound by reading the weights. For a 3352 x 1024 matrix F.linear (MKL) takes 778 us for one
+    row and 2237 us for three, oneDNN 362 and 831 us. But each oneDNN call costs about 45 us whatever its size: for
+    the toys' 176 x 128 matrices F.linear takes 6 us (one row) and oneDNN 46 us; at 1024 x 1024 the two are even (110
+    and 98 us). So oneDNN is used from ONEDNN_MIN_WEIGHTS weights on.
     """
 
     def forward(self, x):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not needs_grad:
+        if (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not needs_grad
+                and self.weight.numel() >= ONEDNN_MIN_WEIGHTS):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -790,7 +792,7 @@ class Cache:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Decoder layers and the model
+# The two kinds of decoder layer
 
 class ParallelHybridLayer(nn.Module):
     """Falcon-H1: h += ssm_out * Mamba2(u) + attn_out * Attention(u * attn_in), u = norm(h); then h += MLP(norm(h))."""
@@ -804,17 +806,24 @@ class ParallelHybridLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.feed_forward = MLP(c)
 
-    def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
-        """h (B, T, D) -> (h, recorded): recorded, the Mamba-2 branch's Recorded (record=True), else None."""
-        c = self.c
-        u = self.input_layernorm(h)
-        mamba, recorded = self.mamba(u, state, record)
-        mixed = scaled(mamba, c.ssm_out_multiplier)
-        if not skip_attention:          # a draft that drops the attention branch adds nothing here
-            attention = self.self_attn(scaled(u, c.attention_in_multiplier), rope, mask, state, start)
-            mixed = mixed + scaled(attention, c.attention_out_multiplier)
-        h = h + mixed
-        return h + self.feed_forward(self.pre_ff_layernorm(h)), recorded
+    def forward(self, h, rope, mask, state, start, leave_out=frozenset(), record=False):
+        """h (B, T, D) -> (h, recorded): recorded, the Mamba-2 branch's Recorded (record=True), else None. leave_out:
+        the units a draft leaves out of this layer ("attention", "recurrent", "mlp"): each adds nothing to h."""
+        c, mixed, recorded = self.c, None, None
+        if not leave_out >= {"attention", "recurrent"}:
+            u = self.input_layernorm(h)
+        if "recurrent" not in leave_out:       # left out: no Mamba-2 call, its conv window and state untouched
+            mamba, recorded = self.mamba(u, state, record)
+            mixed = scaled(mamba, c.ssm_out_multiplier)
+        if "attention" not in leave_out:       # left out: no QKV computed, the KV cache untouched
+            attention = scaled(self.self_attn(scaled(u, c.attention_in_multiplier), rope, mask, state, start),
+                               c.attention_out_multiplier)
+            mixed = attention if mixed is None else mixed + attention
+        if mixed is not None:
+            h = h + mixed
+        if "mlp" not in leave_out:
+            h = h + self.feed_forward(self.pre_ff_layernorm(h))
+        return h, recorded
 
 
 class SequentialLayer(nn.Module):
@@ -831,72 +840,84 @@ class SequentialLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, unit_offset)
         self.mlp = MLP(c)
 
-    def forward(self, h, rope, mask, state, start, skip_attention=False, record=False):
-        """h (B, T, D) -> (h, recorded): recorded, the Gated DeltaNet's Recorded (record=True), else None."""
-        u = self.input_layernorm(h)
+    def forward(self, h, rope, mask, state, start, leave_out=frozenset(), record=False):
+        """h (B, T, D) -> (h, recorded): recorded, the Gated DeltaNet's Recorded (record=True), else None. leave_out:
+        the units a draft leaves out ("attention" or "recurrent", whichever mixer the layer has, and "mlp")."""
         recorded = None
-        if hasattr(self, "linear_attn"):
-            mixed, recorded = self.linear_attn(u, state, record)
+        if hasattr(self, "linear_attn") and "recurrent" not in leave_out:
+            mixed, recorded = self.linear_attn(self.input_layernorm(h), state, record)
             h = h + mixed
-        elif not skip_attention:
-            h = h + self.self_attn(u, rope, mask, state, start)
-        return h + self.mlp(self.post_attention_layernorm(h)), recorded
+        elif hasattr(self, "self_attn") and "attention" not in leave_out:
+            h = h + self.self_attn(self.input_layernorm(h), rope, mask, state, start)
+        if "mlp" not in leave_out:
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, recorded
 
 
-def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
-    """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
-    drafting k tokens a round, at a temperature; nothing if all is well."""
-    if k < 1:
-        raise UsageError(f"k must be at least 1 (got {k})")
-    if not temperature >= 0:                                            # NaN too
-        raise UsageError(f"the temperature must be at least 0 (got {temperature})")
-    if not prompt:
-        raise UsageError("the prompt is empty: give at least one token")
-    if not all(0 <= t < config.vocab_size for t in prompt):
-        raise UsageError(f"token ids must lie in 0..{config.vocab_size - 1}")
-    if new_tokens < 0:
-        raise UsageError(f"the number of new tokens must be at least 0 (got {new_tokens})")
-    if len(prompt) + new_tokens > config.max_position_embeddings:
-        raise UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}")
+# ----------------------------------------------------------------------------------------------------------
+# What a draft leaves out, and the model
+
+UNITS = ("attention", "recurrent", "mlp")       # the units of a layer a draft can leave out, besides the whole layer
 
 
-def clock(device):
-    """time.perf_counter(), after waiting for the GPU's queued work if there is a GPU: timings of model calls."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-@torch.inference_mode()
-def logit_margin(model, ids, a, b):
-    """(how far the model's logit of token a lies above b's after the token ids, the std of those logits)."""
-    logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].float()
-    return (logits[a] - logits[b]).item(), logits.std().item()
-
-
-@torch.inference_mode()
-def warm_up(model, k):
-    """A decoding step and a recording pass of k+1 tokens on a scratch cache: a process's first calls are slow
-    (memory, kernel selection), and timings should show what decoding costs."""
-    cache = Cache(model, k + 2)
-    model(torch.zeros(1, k + 1, dtype=torch.long, device=cache.device), cache, record_states=True)
-    model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
+def units_of(layer_type):
+    """The units a layer of this type has: Falcon-H1's all three; an attention layer no recurrent mixer; a Gated
+    DeltaNet layer no attention."""
+    return {"hybrid": UNITS, "full_attention": ("attention", "mlp"), "linear_attention": ("recurrent", "mlp")}[layer_type]
 
 
 @dataclass(frozen=True)
 class Skip:
-    """Which parts of the model a forward pass leaves out; a draft model is the full model minus these.
+    """Which parts of the model a forward pass leaves out; a draft model is the full model minus these. Each field is
+    a set of layer indices (sets and lists are taken, kept as frozensets).
 
-    layers: decoder layers replaced by identity (attention, mixer, MLP and norms all skipped).
-    attention: layers whose attention branch contributes nothing (no QKV computed, KV cache untouched).
+    layers:    decoder layers replaced by identity (mixers, MLP and norms all skipped).
+    attention: layers whose attention adds nothing: Falcon-H1's attention branch, or a full-attention layer's attention
+               (its MLP still runs). No QKV is computed and the KV cache is untouched.
+    recurrent: layers whose recurrent mixer adds nothing: Falcon-H1's Mamba-2 branch, or a Gated DeltaNet layer's
+               mixer (its MLP still runs). Its conv window and state are untouched.
+    mlp:       layers whose MLP adds nothing.
     """
     layers: frozenset = frozenset()
     attention: frozenset = frozenset()
+    recurrent: frozenset = frozenset()
+    mlp: frozenset = frozenset()
+
+    def __post_init__(self):
+        for field in ("layers", *UNITS):
+            object.__setattr__(self, field, frozenset(getattr(self, field)))
+
+    def left_out_of(self, i):
+        """The units the draft leaves out of layer i (whole layers are in `layers`): a frozenset of UNITS names."""
+        return frozenset(unit for unit in UNITS if i in getattr(self, unit))
 
     def __str__(self):
-        parts = [f"layers {sorted(self.layers)}"] if self.layers else []
-        parts += [f"the attention branch in {len(self.attention)} layers"] if self.attention else []
-        return ", ".join(parts) or "nothing"
+        names = {"layers": "layers", "attention": "the attention of layers", "recurrent": "the recurrent mixers of "
+                 "layers", "mlp": "the MLPs of layers"}
+        parts = [f"{names[field]} {layer_ranges(sorted(getattr(self, field)))}" for field in names
+                 if getattr(self, field)]
+        return "; ".join(parts) or "nothing"
+
+    def __repr__(self):
+        fields = [f"{field}={{{', '.join(map(str, sorted(getattr(self, field))))}}}" for field in ("layers", *UNITS)
+                  if getattr(self, field)]
+        return f"Skip({', '.join(fields)})"
+
+
+def check_skip(config, skip):
+    """A UsageError naming the first layer or unit of skip that the model does not have; nothing if all is well (a
+    Skip naming them would otherwise leave out nothing without a word)."""
+    n = config.num_layers
+    for field in ("layers", *UNITS):
+        for i in sorted(getattr(skip, field)):
+            if not (isinstance(i, int) and 0 <= i < n):
+                raise UsageError(f"the draft names layer {i!r} ({field}), which the model does not have: its layers "
+                                 f"are 0-{n - 1}")
+            if field != "layers" and field not in units_of(config.layer_types[i]):
+                having = [j for j, t in enumerate(config.layer_types) if field in units_of(t)]
+                raise UsageError(f"the draft leaves out the {field} unit of layer {i}, a {config.layer_types[i]} layer, "
+                                 f"which has none: " + (f"layers with one: {layer_ranges(having)}" if having else
+                                                        f"no layer of this model has one"))
 
 
 class Model(nn.Module):
@@ -928,6 +949,7 @@ class Model(nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
         c, skip = self.config, skip or Skip()
+        check_skip(c, skip)
         start, T = (cache.length if cache is not None else 0), input_ids.shape[1]
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"the cache holds {cache.max_len} positions; {start + T} do not fit: make a larger Cache")
@@ -940,7 +962,7 @@ class Model(nn.Module):
             if i in skip.layers:
                 continue
             state = cache.layers[i] if cache is not None else None
-            h, recorded[i] = layer(h, rope, mask, state, start, skip_attention=i in skip.attention, record=record_states)
+            h, recorded[i] = layer(h, rope, mask, state, start, skip.left_out_of(i), record_states)
         if cache is not None:
             cache.length = start + T
         h = self.model.norm(h)
