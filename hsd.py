@@ -188,23 +188,24 @@ def plain_step(model, cache, pending, temperature=0.0, generator=None):
 
 
 # --- k="auto": the draft length, from the rounds already judged ----------------------------------------------------
-AUTO_START, AUTO_MAX, AUTO_STOP = 2, 16, 0.4    # first k, largest k, the stop of a draft that gives none
-Plan = namedtuple("Plan", "k plain backoff")    # draft k next, after `plain` plain steps; backoff: the next pause
+AUTO_START, AUTO_MAX, AUTO_STOP = 1, 16, 0.5    # first k, largest k, the stop of a draft that brings none
+AUTO_PAUSE, AUTO_LONGEST_PAUSE = 8, 128         # plain steps after a round that accepted nothing, doubling to this
+Plan = namedtuple("Plan", "k plain pause")       # draft k next, after `plain` plain steps; pause: the next pause
 
 def auto_k(plan, drafted, accepted):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
-    step). All accepted: draft two more next time (up to AUTO_MAX); some rejected: one fewer (at least 1); none
-    accepted: pause speculation for `backoff` plain steps, then try one draft, the pause doubling (up to 64 steps)
-    while such tries fail. A round that accepts nothing costs more than a plain step and gives the same one token, so
-    a draft that rarely agrees soon runs as plain decoding. It looks only at rounds already judged: greedy output stays
-    plain greedy decoding's and sampling stays exact."""
+    step). All k accepted: draft two more next time (up to AUTO_MAX); some rejected: one fewer (at least 1); none
+    accepted: `pause` plain steps, then one draft, the pause doubling (up to AUTO_LONGEST_PAUSE) while such tries
+    fail. A round that accepts nothing costs more than a plain step and gives the same one token, so a draft that
+    rarely agrees soon runs as plain decoding. It looks only at rounds already judged: greedy output stays plain
+    greedy decoding's and sampling stays exact."""
     if drafted == 0:                                           # a plain step: one less to wait
         return plan._replace(plain=max(0, plan.plain - 1))
     if accepted == drafted:                                    # all accepted (a stop may have ended the round early)
-        return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, 4)
+        return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, AUTO_PAUSE)
     if accepted > 0:
-        return Plan(max(1, plan.k - 1), 0, 4)
-    return Plan(1, plan.backoff, min(64, 2 * plan.backoff))
+        return Plan(max(1, plan.k - 1), 0, AUTO_PAUSE)
+    return Plan(1, plan.pause, min(AUTO_LONGEST_PAUSE, 2 * plan.pause))
 
 
 # --- Draft files: a draft found by measurement (hsd_search.py writes them) -------------------------------------------
@@ -364,7 +365,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     prefill(model, cache, prompt[:-1])
     yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
     auto = chosen.k == "auto"
-    produced, pending, plan = 0, prompt[-1], Plan(AUTO_START, 0, 4)
+    produced, pending, plan = 0, prompt[-1], Plan(AUTO_START, 0, AUTO_PAUSE)
     while produced < max_new_tokens:
         t0 = clock(cache.device)
         k_round = min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)   # never draft past the last token

@@ -10,6 +10,7 @@ the operations of a decoding step and of verify passes (counted as the innermost
 kernels a GPU would launch), c and v of the cost model, and decoding against the machine's memory-bandwidth limit.
 """
 import argparse
+import json
 import os
 import signal
 import statistics
@@ -222,20 +223,181 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
           f"transformers at {med['hf decode'] / limit:.0%}")
 
 
+# --- Drafts side by side, end to end (the results table), and what each unit costs ---------------------------------
+def cost_per_round(trace, c, v):
+    """What the cost model says a generation's rounds cost, in full steps: each round d c + v[d]."""
+    return sum(len(r.drafts) * c + v[len(r.drafts)] for r in trace)
+
+
+def generations_in_turns(model, prompts, rows, new_tokens, repeats, temperature, seed):
+    """Plain decoding and each row ({label: hsd.Draft}) on every prompt, the rows taking turns, `repeats` turns:
+    {label: (tokens per second of each turn, the statistics of the last turn's generations)}, "plain" first. At a
+    temperature, generation i of a turn is seeded alike for every row."""
+    rows = {"plain": hsd.Draft("none", None, 1, None), **rows}
+    rates, stats = {label: [] for label in rows}, {}
+    for turn in range(repeats):
+        for label, draft in rows.items():
+            runs = [hsd.generate(model, prompt, new_tokens, draft=draft, temperature=temperature,
+                                 seed=seed + 1000 * turn + i if temperature else None)[1]
+                    for i, prompt in enumerate(prompts)]
+            rates[label].append(sum(s["new_tokens"] for s in runs) / sum(s["decode_s"] for s in runs))
+            stats[label] = runs
+    return {label: (rates[label], stats[label]) for label in rows}
+
+
+def row_summary(rates, plain_rates, runs, c, v):
+    """A row of the results table: measured speedup (median of the turns' ratios, and the ratios), acceptance, rounds,
+    and the cost model's prediction from the very rounds it ran: tokens / (sum of d c + v[d] + plain steps)."""
+    ratios = [r / p for r, p in zip(rates, plain_rates)]
+    rounds = sum(s["rounds"] for s in runs)
+    drafted, accepted, made, plain = (sum(s[x] for s in runs) for x in ("drafted", "accepted", "new_tokens",
+                                                                        "plain_steps"))
+    cost = sum(len(r.drafts) * c + v[len(r.drafts)] for s in runs for r in s["trace"]) + plain
+    return {"speedup": statistics.median(ratios), "ratios": ratios, "c": c,
+            "alpha": accepted / drafted if drafted else None, "accepted_per_round": accepted / rounds if rounds else None,
+            "drafted_per_round": drafted / rounds if rounds else None, "plain_steps": plain, "rounds": rounds,
+            "predicted_speedup": made / cost if cost else None}
+
+
+def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, seed=0):
+    """Plain decoding against the paper's drafts at every fixed k in 1..8 and with k="auto", and against each draft
+    file (as the file says, at its best fixed k, and with k="auto"), end to end on the held-out prompts hsd_search
+    confirms on (the last paragraphs of the model's text), in turns in one process; greedy, then at a temperature
+    (the best fixed paper row, the auto rows and the files). Returns ({(label, temperature): row_summary}, costs)."""
+    import hsd_search
+    model, tokenizer = models.load(name), models.load_tokenizer(name)
+    prompts = hsd_search.calibration_texts(hsd_eval.read_lines(None, name), tokenizer, 0, 64, new_tokens, 8, 8).confirm
+    context = 64 + new_tokens // 2
+    costs = hsd_search.measure_costs(model, context, 3 * repeats)
+    paper = hsd_eval.drafts_of(model.config)
+    rows = {f"{d}, k={k}": hsd.Draft(d, skip, k, None) for d, skip in paper.items() for k in range(1, 9)}
+    rows |= {f"{d}, k=auto": hsd.choose_draft(model, d, "auto") for d in paper}
+    for path in files:
+        drafted, _ = hsd.read_draft_file(path, model)
+        with open(path, encoding="utf-8") as f:
+            fixed = json.load(f).get("found_by", {}).get("best_fixed")
+        rows[path] = drafted
+        if fixed and (fixed["k"], fixed["stop"]) != (drafted.k, drafted.stop):
+            rows[f"{path}, k={fixed['k']}"] = drafted._replace(k=fixed["k"], stop=fixed["stop"])
+        if drafted.k != "auto":
+            rows[f"{path}, k=auto"] = drafted._replace(k="auto")
+    hsd.warm_up(model, max(hsd.AUTO_MAX, *(d.k for d in rows.values() if d.k != "auto")))
+    c = {}
+    for draft in rows.values():
+        if repr(draft.skip) not in c:
+            c[repr(draft.skip)] = hsd_search.measured_cost(model, draft.skip, context, 3 * repeats)
+    results = {}
+    greedy = generations_in_turns(model, prompts, rows, new_tokens, repeats, 0.0, seed)
+    for label, draft in rows.items():
+        results[label, 0.0] = row_summary(greedy[label][0], greedy["plain"][0], greedy[label][1], c[repr(draft.skip)],
+                                          costs.v)
+    fixed_paper = [label for label in rows if label.split(", k=")[0] in paper and not label.endswith("auto")]
+    best = max(fixed_paper, key=lambda label: results[label, 0.0]["speedup"])
+    sampled_rows = {label: d for label, d in rows.items() if label == best or label not in fixed_paper}
+    sampled = generations_in_turns(model, prompts, sampled_rows, new_tokens, repeats, temperature, seed)
+    for label, draft in sampled_rows.items():
+        results[label, temperature] = row_summary(sampled[label][0], sampled["plain"][0], sampled[label][1],
+                                                  c[repr(draft.skip)], costs.v)
+    return results, costs, best
+
+
+def break_even_acceptance(c, v, k):
+    """The per-token acceptance p at which k drafts a round of cost c (verify v) just pay off, S = 1: where
+    (1 - p^(k+1)) / (1 - p) = k c + v; None if no p <= 1 does (even accepting every draft would not pay)."""
+    target = k * c + v
+    if target > k + 1:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(50):                                    # tokens per round rise with p: bisect
+        p = (low + high) / 2
+        low, high = (p, high) if sum(p ** i for i in range(k + 1)) < target else (low, p)
+    return high
+
+
+def unit_costs(name, context=256, repeats=7):
+    """What leaving out each kind of unit saves per decoding step on this machine, for a model built from its official
+    configuration with random weights (speed does not depend on the weight values), and the acceptance each paper
+    draft would need for S > 1. Returns (costs, {draft: (c, {k: break-even acceptance})})."""
+    import hsd_search
+    config = models.config_from_hf(OFFICIAL_CONFIGS[name]) if name in OFFICIAL_CONFIGS else models.load(name).config
+    model = models.init_random(models.Model(config)).eval().requires_grad_(False) if name in OFFICIAL_CONFIGS \
+        else models.load(name)
+    hsd.warm_up(model, hsd.AUTO_MAX)
+    costs = hsd_search.measure_costs(model, context, repeats)
+    drafts = {}
+    for draft, skip in hsd_eval.drafts_of(config).items():
+        c = hsd_search.measured_cost(model, skip, context, repeats)
+        drafts[draft] = (c, {k: break_even_acceptance(c, costs.v[k], k) for k in (1, 2, 4, 8)})
+    return costs, drafts
+
+
+def print_side_by_side(name, results, costs, best):
+    print(f"{name}, CPU ({torch.get_num_threads()} threads), fp32; full step {costs.step * 1e3:.2f} ms at "
+          f"{costs.context} tokens; best fixed paper row: {best}")
+    print(f"{'row':52} {'T':>4} {'speedup':>8} {'turns':>17} {'alpha':>6} {'acc/rnd':>7} {'drf/rnd':>7} {'plain':>5} "
+          f"{'c':>5} {'predicted':>9}")
+    for (label, T), r in results.items():
+        print(f"{label[-52:]:52} {T:4.1f} {r['speedup']:7.3f}x {' '.join(f'{x:.2f}' for x in r['ratios']):>17} "
+              f"{r['alpha'] or 0:6.3f} {r['accepted_per_round'] or 0:7.2f} {r['drafted_per_round'] or 0:7.2f} "
+              f"{r['plain_steps']:5d} {r['c']:5.2f} {r['predicted_speedup'] or 0:8.3f}x")
+
+
+def print_unit_costs(name, costs, drafts):
+    print(f"{name}, random weights, CPU ({torch.get_num_threads()} threads), fp32: full step {costs.step * 1e3:.1f} ms at "
+          f"{costs.context} tokens")
+    print("one unit left out saves: " + ", ".join(f"{unit} of a {layer_type} layer {s:.1%}"
+                                                   for (unit, layer_type), s in costs.saves.items()))
+    print("v (verify of d+1 tokens): " + ", ".join(f"d={d} {costs.v[d]:.2f}" for d in (1, 2, 4, 8, 16)))
+    for draft, (c, needed) in drafts.items():
+        print(f"{draft:10} c {c:.2f}; per-token acceptance needed for S > 1: " + ", ".join(
+            f"k={k} {'never' if p is None else f'{p:.2f}'}" for k, p in needed.items()))
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="hsd against transformers, and the cost of speculation (README, 'Speed').")
+    p = argparse.ArgumentParser(description="hsd against transformers, and the cost of speculation; with --units, what "
+                                            "each unit costs; with --drafts, drafts side by side end to end.")
     p.error = lambda message: p.exit(2, f"hsd_bench: error: {message} (see --help)\n")
-    p.add_argument("model", choices=list(OFFICIAL_CONFIGS), help="the official configuration to benchmark")
+    p.add_argument("model", choices=[*OFFICIAL_CONFIGS, *models.TOYS], help="an official configuration (random "
+                   "weights), or a trained toy (--units, --drafts)")
     p.add_argument("--tokens", type=int, default=32, help="new tokens of a decoding run (default: 32)")
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (default: 3)")
     p.add_argument("--cost-repeats", type=int, default=11, help="runs of each kind of step for c and v (default: 11)")
+    p.add_argument("--units", action="store_true", help="what leaving out each kind of unit saves, and the acceptance "
+                                                       "the paper's drafts need to pay off")
+    p.add_argument("--drafts", nargs="*", metavar="FILE", help="plain decoding, the paper's drafts and these draft "
+                                                               "files end to end on held-out prompts (a toy)")
+    p.add_argument("--json", action="store_true", help="with --drafts or --units: the numbers as one JSON line")
     args = p.parse_args(argv)
     try:
-        import transformers  # noqa: F401
-    except ImportError:
-        p.exit(2, "hsd_bench: error: the benchmark compares with transformers: pip install transformers==5.23.0\n")
-    try:
+        if args.drafts is not None:
+            if args.model not in models.TOYS:
+                p.error("--drafts runs on a trained toy (its held-out text): give toy-falcon-h1, toy-qwen3.5 or "
+                        "toy-qwen2.5")
+            results, costs, best = drafts_side_by_side(args.model, args.drafts, repeats=args.repeats)
+            print_side_by_side(args.model, results, costs, best)
+            if args.json:
+                print(json.dumps({"model": args.model, "best_fixed_paper": best, "step_s": costs.step,
+                                  "v": costs.v, "rows": [{"row": label, "temperature": T, **r}
+                                                         for (label, T), r in results.items()]}))
+            return 0
+        if args.units:
+            costs, drafts = unit_costs(args.model, repeats=args.cost_repeats)
+            print_unit_costs(args.model, costs, drafts)
+            if args.json:
+                print(json.dumps({"model": args.model, "step_s": costs.step, "v": costs.v,
+                                  "saves": {f"{u} of a {t} layer": s for (u, t), s in costs.saves.items()},
+                                  "drafts": {d: {"c": c, "break_even": needed} for d, (c, needed) in drafts.items()}}))
+            return 0
+        if args.model not in OFFICIAL_CONFIGS:
+            p.error("the comparison with transformers runs on an official configuration: " + ", ".join(OFFICIAL_CONFIGS))
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            p.exit(2, "hsd_bench: error: the benchmark compares with transformers: pip install transformers==5.23.0\n")
         bench(args.model, new_tokens=args.tokens, repeats=args.repeats, cost_repeats=args.cost_repeats)
+    except models.UsageError as e:
+        print(f"hsd_bench: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nhsd_bench: interrupted", file=sys.stderr)
         return 130

@@ -130,6 +130,26 @@ def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
     }
 
 
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_writable(path, flag):
+    """A UsageError, before anything is measured, unless path can be written as a file: not a folder, and open for
+    appending (which truncates nothing: a resume file stays whole), or created and removed again."""
+    if os.path.isdir(path):
+        raise models.UsageError(f"cannot write {flag} {path}: it is a folder: give a file name")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise models.UsageError(f"cannot write {flag} {path}: {e.strerror}") from None
+    if not existed:
+        os.remove(path)
+
+
 # --- The measurements ----------------------------------------------------------------------------------------------
 def drafts_of(config):
     """{draft name: models.Skip} for every draft strategy that applies to the model (a Transformer has no component
@@ -316,15 +336,20 @@ def perplexity_record(model, ids, skips):
     return {draft: nll(model, ids, skip) for draft, skip in {"full": None, **skips}.items()}
 
 
-def speed_record(model, prompt, skips, new_tokens):
-    """Plain greedy decoding and every draft at every k on one prompt: tokens, time and acceptance of each run."""
+def speed_record(model, prompt, skips, new_tokens, files=None):
+    """Plain greedy decoding and every draft at every k on one prompt, and each draft file ({path: hsd.Draft}) also at
+    its own k and stop ("found"): tokens, time and acceptance of each run."""
     plain = hsd.generate(model, prompt, new_tokens, draft="none")[1]
     result = {"plain": {"new_tokens": plain["new_tokens"], "decode_s": plain["decode_s"]}}
+    keys = ("accepted", "drafted", "rounds", "decode_s", "new_tokens")
     for draft, skip in skips.items():
         result[draft] = {}
         for k in KS:
             s = hsd.generate(model, prompt, new_tokens, draft=skip, k=k)[1]
-            result[draft][str(k)] = {x: s[x] for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
+            result[draft][str(k)] = {x: s[x] for x in keys}
+    for path, found in (files or {}).items():
+        s = hsd.generate(model, prompt, new_tokens, draft=found)[1]
+        result[path]["found"] = {x: s[x] for x in keys}
     return result
 
 
@@ -353,7 +378,7 @@ def duration(seconds):
     return f"{seconds / 60:.0f} min" if seconds > 90 else f"{seconds:.0f} s"
 
 
-def measure(model, model_name, inputs, skips, records, new_tokens, temperature, seed):
+def measure(model, model_name, inputs, skips, records, new_tokens, temperature, seed, files=None):
     """Every phase's records, measuring only what is not saved yet; first the step times, and from them the estimate."""
     c, device = model.config, model.lm_head.weight.device
     L0 = max(1, sum(map(len, inputs["alpha"])) // len(inputs["alpha"]))
@@ -370,8 +395,8 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
     estimate = estimate_seconds({**times[L0], "context": L0}, todo, skips, new_tokens, accepted_per_round)
     print(f"hsd_eval: estimate {duration(sum(estimate.values()))} on this machine ("
           + ", ".join(f"{phase} {duration(s)}" for phase, s in estimate.items())
-          + (", speed at the paper's acceptance, none where it has no value" if paper
-             else ", speed assuming no draft is accepted: at most")
+          + ("; the speed phase at the paper's acceptance, or at none accepted where the paper gives none" if paper
+             else "; the speed phase as if no draft were accepted: at most")
           + ("; what is saved is not measured again)" if records.resumed else ")"),
           file=sys.stderr, flush=True)
 
@@ -381,7 +406,7 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
                                                 torch.Generator().manual_seed(seed * 1_000_003 + i)),    # per prompt
         "divergence": lambda i, ids: divergence(model, torch.tensor([ids], device=device), skips),
         "perplexity": lambda i, ids: perplexity_record(model, torch.tensor([ids], device=device), skips),
-        "speed": lambda i, prompt: speed_record(model, prompt, skips, new_tokens)}
+        "speed": lambda i, prompt: speed_record(model, prompt, skips, new_tokens, files)}
     with torch.inference_mode():
         for phase, run_one in phases.items():
             items = inputs[phase]
@@ -391,7 +416,7 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
     return contexts, times
 
 
-def summarize(model, inputs, skips, records, contexts, times, temperature):
+def summarize(model, inputs, skips, records, contexts, times, temperature, files=None):
     """The measurements' result (README, "Results"): per draft, divergence and perplexity, and per k the acceptance
     of the single-round protocol, the multi-round runs, the cost model. The keys of earlier versions are all kept."""
     c = model.config
@@ -405,7 +430,7 @@ def summarize(model, inputs, skips, records, contexts, times, temperature):
         plain_rate = sum(s["plain"]["new_tokens"] for s in speed) / sum(s["plain"]["decode_s"] for s in speed)
     result = {"prompts": len(alphas), "divergence_texts": len(texts), "perplexity_tokens": tokens + 1,
               "speed_prompts": len(speed), "temperature": temperature, "contexts": contexts, "step_seconds": times,
-              "perplexity_full": math.exp(min(ppl["full"] / tokens, 20)), "drafts": {}}
+              "perplexity_full": math.exp(min(ppl["full"] / tokens, 20)), "drafts": {}, "draft_files": {}}
     for draft in skips:
         positions = sum(x[draft]["positions"] for x in texts)                 # 0 if no line is long enough
         perplexity = math.exp(min(ppl[draft] / tokens, 20))
@@ -430,6 +455,14 @@ def summarize(model, inputs, skips, records, contexts, times, temperature):
             row["predicted_speedup"] = predicted_speedup(a, k, d["c"], row["v"]) if a is not None else None
             row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate if runs else None
             row["break_even_context"] = break_even(times, draft, k, a, c.max_position_embeddings) if a is not None else None
+    for path, found in (files or {}).items():          # a draft file's numbers under their own key
+        d = result["draft_files"][path] = result["drafts"].pop(path)
+        runs = [s[path]["found"] for s in speed]
+        total = {x: sum(r[x] for r in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
+        d["found"] = {"k": found.k, "stop": found.stop,
+                      "alpha_multi": total["accepted"] / total["drafted"] if total["drafted"] else None,
+                      "accepted_per_round": total["accepted"] / total["rounds"] if total["rounds"] else None,
+                      "measured_speedup": total["new_tokens"] / total["decode_s"] / plain_rate if runs else None}
     return result
 
 
@@ -448,18 +481,26 @@ def run(args, model, tokenizer):
         raise models.UsageError("the multi-round runs need --max-new-tokens >= 1 (or --speed-prompts 0 to leave them out)")
     if len(inputs["perplexity"][0]) < 2:
         raise models.UsageError("the text is too short for perplexity: give a text of at least a few lines")
-    skips = drafts_of(model.config)
+    skips, files = drafts_of(model.config), {}
+    for path in args.draft or []:                             # draft files, measured beside the paper's drafts
+        files[path], warned = hsd.read_draft_file(path, model)
+        for line in warned:
+            print(f"hsd_eval: warning: {line}", file=sys.stderr)
+        skips[path] = files[path].skip
     header = {"model": args.model, "text_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
               "prompts": len(inputs["alpha"]), "speed_prompts": len(inputs["speed"]),
               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "device": args.device,
               "temperature": temperature, "seed": seed}
-    plot_folder = os.path.dirname(os.path.abspath(args.plot)) if args.plot else None
-    if plot_folder and not (os.path.isdir(plot_folder) and os.access(plot_folder, os.W_OK)):
-        raise models.UsageError(f"cannot write --plot {args.plot}: {plot_folder} is not a folder this user can write to")
+    if files:                                                 # a resumed run must measure the same files
+        header["draft_files"] = {path: file_sha256(path) for path in files}
+    for path, flag in ((args.plot, "--plot"), (args.out, "--out")):
+        if path:
+            check_writable(path, flag)
     records = Records(args.out, header)
     try:
-        contexts, times = measure(model, args.model, inputs, skips, records, args.max_new_tokens, temperature, seed)
-        result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature),
+        contexts, times = measure(model, args.model, inputs, skips, records, args.max_new_tokens, temperature, seed,
+                                  files)
+        result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature, files),
                   "seed": seed, "paper": PAPER.get(paper_model(args.model), {}), "paper_model": paper_model(args.model)}
     except KeyboardInterrupt:
         if not args.out:
@@ -479,13 +520,21 @@ def interval(row, variant):
     return f"{row['alpha_' + variant]:.3f} [{row['ci_' + variant][0]:.3f}, {row['ci_' + variant][1]:.3f}]"
 
 
-def number(x, form):
-    return "-" if x is None else format(x, form)
+def number(x, form, width):
+    """x formatted, right-aligned in width characters; "-" (aligned alike) where there is no value."""
+    return f"{'-' if x is None else format(x, form):>{width}}"
+
+
+def break_even_words(context):
+    """The break-even column: "any" (it pays at every context measured), "never" (not within the model's context)."""
+    return "never" if context is None else "any" if context == 0 else str(context)
 
 
 def eval_table(name, r):
-    """The table of the measurements, as lines of text."""
+    """The table of the measurements, as lines of text; draft files are named by their number (listed last)."""
     T = r["temperature"]
+    files = {f"file {i + 1}": path for i, path in enumerate(r.get("draft_files", {}))}
+    drafts = {**r["drafts"], **{label: r["draft_files"][path] for label, path in files.items()}}
     yield (f"{name}: {r['prompts']} prompts (single round), {r['divergence_texts']} divergence texts, "
            f"perplexity on {r['perplexity_tokens']} tokens: full model {r['perplexity_full']:.2f}; {r['speed_prompts']} "
            f"speed prompts; c and v at {r['contexts'][0]} tokens, break-even from step times at {r['contexts'][0]} "
@@ -494,23 +543,30 @@ def eval_table(name, r):
         yield f"(the paper's columns: its values for {r['paper_model']}, the model of this toy's family)"
     yield (f"draft        k   greedy shared [95% CI]   greedy indep. [95% CI]  T={T:<4} shared [95% CI]  T={T:<4} "
            "indep. [95% CI]  paper greedy  T=0.6")
-    for draft, d in r["drafts"].items():
+    for draft, d in drafts.items():
         for k, row in d["k"].items():
             paper = r["paper"].get(draft, {})
             greedy, sampled = paper.get("greedy", {}).get(k), paper.get("T=0.6", {}).get(k)
             yield (f"{draft:11} {k:>2} {interval(row, 'shared'):>24} {interval(row, 'independent'):>24} "
                    f"{interval(row, 'sampled_shared'):>24} {interval(row, 'sampled_independent'):>24} "
-                   f"{number(greedy and greedy[0], '.4g'):>13} {number(sampled and sampled[0], '.4g'):>6}")
+                   f"{number(greedy and greedy[0], '.4g', 13)} {number(sampled and sampled[0], '.4g', 6)}")
     yield "draft        k   multi  acc/rnd      c      v  predicted  measured  break-even"
-    for draft, d in r["drafts"].items():
+    for draft, d in drafts.items():
         for k, row in d["k"].items():
-            yield (f"{draft:11} {k:>2} {number(row['alpha_multi'], '7.3f')} {number(row['accepted_per_round'], '8.2f')} "
-                   f"{d['c']:6.2f} {row['v']:6.2f} {number(row['predicted_speedup'], '9.2f')}x "
-                   f"{number(row['measured_speedup'], '8.2f')}x {number(row['break_even_context'], '>11')}")
+            yield (f"{draft:11} {k:>2} {number(row['alpha_multi'], '.3f', 7)} {number(row['accepted_per_round'], '.2f', 8)} "
+                   f"{d['c']:6.2f} {row['v']:6.2f} {number(row['predicted_speedup'], '.2f', 9)}x "
+                   f"{number(row['measured_speedup'], '.2f', 8)}x {break_even_words(row['break_even_context']):>11}")
+        if "found" in d:
+            f = d["found"]
+            yield (f"{draft:11} as found (k={f['k']}, stop {f['stop']}): multi {number(f['alpha_multi'], '.3f', 0)}, "
+                   f"{number(f['accepted_per_round'], '.2f', 0)} per round, measured "
+                   f"{number(f['measured_speedup'], '.2f', 0)}x")
         hist = ", ".join(f"k={k} {x['histogram_shared']} / {x['histogram_independent']}" for k, x in d["k"].items())
-        yield (f"{draft:11} TVD {number(d['tvd'], '.3f')}, top-1 agreement {number(d['top1_agreement'], '.3f')}, KL "
-               f"{number(d['kl'], '.3f')}, perplexity "
+        yield (f"{draft:11} TVD {number(d['tvd'], '.3f', 0)}, top-1 agreement {number(d['top1_agreement'], '.3f', 0)}, "
+               f"KL {number(d['kl'], '.3f', 0)}, perplexity "
                f"{d['perplexity']:.2f} ({d['perplexity_ratio']:.2f}x); greedy accepted 0..k, shared / independent: {hist}")
+    for label, path in files.items():
+        yield f"{label}: {path}"
 
 
 SERIES = [  # (label, where the value comes from, colour, filled)
@@ -588,6 +644,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, help=f"seed of the sampling (default: {SEED})")
     p.add_argument("--out", help="save results to this file as they come; the same command resumes from it")
     p.add_argument("--plot", help="draw acceptance by k to this SVG file")
+    p.add_argument("--draft", action="append", metavar="FILE", help="a draft file (hsd_search.py) to measure beside "
+                                                                   "the paper's drafts; may be given more than once")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", action="store_true", help="the results as one JSON object on the last line")

@@ -936,8 +936,9 @@ class Model(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def hidden_states(self, input_ids, cache=None, skip=None, record_states=False):
-        """The final-normed hidden states (B, T, D) for input_ids (B, T).
+    def hidden_states(self, input_ids, cache=None, skip=None, record_states=False, normed=True):
+        """The final-normed hidden states (B, T, D) for input_ids (B, T) (normed=False: the residual stream after the
+        last layer, before the final norm: what the layers add up to, for analyses such as hsd_search's).
 
         cache: a Cache to continue from and advance (positions start at cache.length), or None for a fresh sequence.
         skip: a Skip describing the parts left out (a draft), or None for the full model.
@@ -965,7 +966,7 @@ class Model(nn.Module):
             h, recorded[i] = layer(h, rope, mask, state, start, skip.left_out_of(i), record_states)
         if cache is not None:
             cache.length = start + T
-        h = self.model.norm(h)
+        h = self.model.norm(h) if normed else h
         return (h, recorded) if record_states else h
 
     def logits(self, h):

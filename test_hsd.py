@@ -533,6 +533,19 @@ TINY_SKIPS = {
                      "early-exit": models.Skip(layers=frozenset({3, 4, 5}))},
 }
 
+# Every unit a draft can leave out, one draft per unit and family, and one mixing them (models.Skip).
+UNIT_SKIPS = {
+    "tiny-falcon-h1": {"attention": models.Skip(attention={0, 2, 4}), "recurrent": models.Skip(recurrent={1, 4}),
+                       "mlp": models.Skip(mlp={0, 3, 5}),
+                       "mixed": models.Skip(layers={2}, attention={0, 1, 3, 4, 5}, recurrent={4}, mlp={1, 5})},
+    "tiny-qwen3.5": {"attention": models.Skip(attention={3, 7}), "recurrent": models.Skip(recurrent={1, 5}),
+                     "mlp": models.Skip(mlp={0, 3, 6}), "mixed": models.Skip(layers={7}, attention={3},
+                                                                             recurrent={0, 5}, mlp={2})},
+    "tiny-qwen2.5": {"attention": models.Skip(attention={1, 4}), "mlp": models.Skip(mlp={2, 3}),
+                     "mixed": models.Skip(layers={5}, attention={2}, mlp={0})},
+}
+UNIT_CASES = [(n, u) for n, units in UNIT_SKIPS.items() for u in units]
+
 _models, _greedy = {}, {}
 
 
@@ -567,6 +580,61 @@ def test_speculative_equals_greedy(name, draft, k, prompt):
     assert tokens == reference_greedy(name, PROMPTS[prompt]), "speculative decoding's tokens are not plain greedy's"
     assert stats["new_tokens"] == NEW_TOKENS and stats["drafted"] >= stats["accepted"]
     assert sum(stats["accepted_histogram"]) == stats["rounds"] > 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 8], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("name, unit", UNIT_CASES)
+def test_every_unit_left_out_is_lossless(name, unit, k):
+    """A draft that leaves out attention, a recurrent mixer or an MLP (or a mix of them and whole layers) in some
+    layers still gives plain greedy decoding's tokens, and is a smaller model: its logits are not the full model's."""
+    skip = UNIT_SKIPS[name][unit]
+    tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=skip, k=k, eos_token_id=-1)
+    assert tokens == reference_greedy(name, PROMPTS["12-token"]), "speculative decoding's tokens are not plain greedy's"
+    ids = torch.tensor([PROMPTS["12-token"]])
+    assert rel_err(tiny(name)(ids, skip=skip), tiny(name)(ids)) > 1e-3 and stats["rounds"] > 0
+
+
+@pytest.mark.parametrize("name, unit", [case for case in UNIT_CASES if case[1] != "mixed"])
+def test_a_unit_left_out_is_not_computed(name, unit):
+    """A draft step leaves the state of the units it leaves out as it was (the recurrent layers' conv windows and
+    states are the same tensors; the attention layers' KV buffers are not written), and advances the others."""
+    model, cache = filled_cache(name, PROMPTS["12-token"])
+    skip, before = UNIT_SKIPS[name][unit], [(s.conv, s.ssm) for s in cache.layers]
+    position = cache.length
+    model(torch.tensor([[5]]), cache, skip=skip)
+    for i, (state, (conv, ssm)) in enumerate(zip(cache.layers, before)):
+        if ssm is not None:
+            assert (state.ssm is ssm and state.conv is conv) == (i in skip.recurrent), (unit, i)
+        if state.keys is not None:
+            written = bool(state.keys[:, :, position].abs().sum() > 0)
+            assert written == (i not in skip.attention), (unit, i)
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("tiny-falcon-h1", models.Skip(layers={99}), "names layer 99 (layers), which the model does not have: its "
+                                                 "layers are 0-5"),
+    ("tiny-falcon-h1", models.Skip(mlp={-1}), "names layer -1 (mlp)"),
+    ("tiny-qwen3.5", models.Skip(attention={0}), "the attention unit of layer 0, a linear_attention layer, which has "
+                                                 "none: layers with one: 3, 7"),
+    ("tiny-qwen3.5", models.Skip(recurrent={3}), "the recurrent unit of layer 3, a full_attention layer"),
+    ("tiny-qwen2.5", models.Skip(recurrent={0}), "no layer of this model has one"),
+])
+def test_a_skip_naming_what_the_model_does_not_have_is_an_error(name, bad, message):
+    """Such a Skip would leave out nothing without a word (its logits would be the full model's)."""
+    for call in (lambda: hsd.generate(tiny(name), [1, 2], 4, draft=bad), lambda: tiny(name)(torch.tensor([[1]]),
+                                                                                              skip=bad)):
+        with pytest.raises(models.UsageError, match=re.escape(message)):
+            call()
+
+
+def test_a_skip_names_its_layers():
+    assert str(models.Skip(layers={3, 7})) == "layers 3, 7"
+    assert str(hsd.draft_skip(models.TINY["tiny-falcon-h1"], "component")) == "the attention of layers 0-5"
+    mixed = UNIT_SKIPS["tiny-falcon-h1"]["mixed"]
+    assert str(mixed) == ("layers 2; the attention of layers 0-1, 3-5; the recurrent mixers of layers 4; the MLPs of "
+                          "layers 1, 5")
+    assert repr(mixed) == "Skip(layers={2}, attention={0, 1, 3, 4, 5}, recurrent={4}, mlp={1, 5})"
+    assert eval(repr(mixed), {"Skip": models.Skip}) == mixed and str(models.Skip()) == "nothing"
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -635,6 +703,49 @@ def test_drafts_are_smaller_models(name, draft):
     ids = torch.tensor([PROMPTS["12-token"]])
     full, drafted = model(ids), model(ids, skip=SKIP_NOTHING if draft == "skip-nothing" else TINY_SKIPS[name][draft])
     assert torch.equal(drafted, full) if draft == "skip-nothing" else rel_err(drafted, full) > 0.05
+
+
+@pytest.mark.parametrize("name, draft", [("tiny-falcon-h1", "component"), ("tiny-qwen3.5", "component"),
+                                         ("tiny-qwen2.5", "layerskip"), ("tiny-falcon-h1", "mixed"),
+                                         ("tiny-qwen3.5", "skip-nothing")])
+def test_auto_k_and_the_stop_are_lossless(name, draft):
+    """k="auto" (its length changing from round to round, its drafts stopping when unsure) and a fixed k with a stop
+    give plain greedy decoding's tokens."""
+    skip = UNIT_SKIPS[name]["mixed"] if draft == "mixed" else SKIP_NOTHING if draft == "skip-nothing" else draft
+    for k, stop in (("auto", None), (3, 0.9), (8, 0.5)):
+        chosen = hsd.choose_draft(tiny(name), skip, k)._replace(stop=stop or hsd.AUTO_STOP)
+        tokens, stats = hsd.generate(tiny(name), PROMPTS["12-token"], NEW_TOKENS, draft=chosen, eos_token_id=-1)
+        assert tokens == reference_greedy(name, PROMPTS["12-token"]), (k, stop)
+        assert stats["k"] == k and stats["drafted"] >= stats["accepted"] and stats["stop"] == (stop or hsd.AUTO_STOP)
+
+
+def test_auto_k_follows_the_rounds_already_judged():
+    """All accepted: two more next time; some rejected: one fewer; none accepted: plain steps, the pause doubling
+    while tries fail; a draft that skips nothing grows to AUTO_MAX."""
+    plan, P = hsd.Plan(hsd.AUTO_START, 0, hsd.AUTO_PAUSE), hsd.AUTO_PAUSE
+    assert hsd.auto_k(plan, 1, 1) == hsd.Plan(3, 0, P) and hsd.auto_k(hsd.Plan(5, 0, P), 5, 3) == hsd.Plan(4, 0, P)
+    assert hsd.auto_k(hsd.Plan(5, 0, P), 3, 3) == hsd.Plan(5, 0, P)            # all accepted, but a stop ended it
+    assert hsd.auto_k(hsd.Plan(5, 0, P), 5, 0) == hsd.Plan(1, P, 2 * P)        # nothing accepted: a pause
+    assert hsd.auto_k(hsd.Plan(1, 4, 16), 0, 0) == hsd.Plan(1, 3, 16)          # a plain step: one less to wait
+    longest = hsd.AUTO_LONGEST_PAUSE
+    assert hsd.auto_k(hsd.Plan(1, 0, longest), 1, 0) == hsd.Plan(1, longest, longest)   # the pause stops doubling
+    model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
+    unstopped = hsd.choose_draft(model, SKIP_NOTHING, "auto")._replace(stop=None)   # a random model is never sure
+    _, stats = hsd.generate(model, prompt, 100, draft=unstopped, eos_token_id=-1)
+    assert [len(r.drafts) for r in stats["trace"]][:4] == [1, 3, 5, 7] and stats["plain_steps"] == 0
+    assert max(len(r.drafts) for r in stats["trace"]) == hsd.AUTO_MAX
+
+
+def test_auto_k_runs_a_draft_that_never_agrees_as_plain_decoding(monkeypatch):
+    """A round that accepts nothing costs more than a plain step: after one, k="auto" pauses for AUTO_PAUSE plain
+    steps, then tries one draft; the pause doubles while tries fail. The tokens stay plain greedy decoding's."""
+    real, reference = hsd.draft, reference_greedy("tiny-falcon-h1", PROMPTS["12-token"], 80)
+    wrong = next(t for t in range(97) if t not in reference)               # a token the full model never chooses
+    monkeypatch.setattr(hsd, "draft", lambda *args, **kwargs: ([wrong] * len(real(*args, **kwargs)[0]), None))
+    tokens, stats = hsd.generate(tiny("tiny-falcon-h1"), PROMPTS["12-token"], 80, draft="component", k="auto",
+                                 eos_token_id=-1)
+    assert tokens == reference and stats["accepted"] == 0 and hsd.AUTO_PAUSE == 8
+    assert (stats["rounds"], stats["plain_steps"]) == (4, 76), stats      # rounds, then 8, 16, 32 and 20 plain steps
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -874,7 +985,7 @@ def test_every_model_call_of_a_round_runs_on_the_meta_device(name, dtype):
     hsd.prefill(model, cache, [1, 2, 3, 4, 5])
     model(torch.tensor([[6]], device="meta"), cache)
     snap = hsd.snapshot(cache)
-    for skip in TINY_SKIPS[name].values():
+    for skip in [*TINY_SKIPS[name].values(), *UNIT_SKIPS[name].values()]:
         model(torch.tensor([[7]], device="meta"), cache, skip=skip)
         hsd.restore(cache, snap)
     logits, recorded = hsd.verify(model, cache, 7, [8, 9, 10])
@@ -1054,6 +1165,78 @@ def test_no_warning_filters_or_import_boilerplate_before_the_code():
             with open(os.path.join(HERE, name), encoding="utf-8") as f:
                 text = f.read()
             assert "filter" "warnings" not in text and "noqa: " "E402" not in text, name      # (split: not found here)
+
+
+def draft_file(tmp_path, name="tiny-falcon-h1", leave_out=None, k=3, stop=None, **changes):
+    """A draft file for a tiny model, as hsd_search.py writes them (its found_by left short), with changes."""
+    model = tiny(name, torch.float32)
+    skip = leave_out or UNIT_SKIPS[name]["mixed"]
+    spec = {"format": "hsd-draft/1", "model": hsd.model_identity(model),
+            "skip": {f: sorted(getattr(skip, f)) for f in ("layers", *models.UNITS)}, "k": k,
+            "stop": stop and {"confidence": stop}, "found_by": {"method": "by hand", "device": hsd.device_name(
+                model.lm_head.weight.device), "dtype": "float32"}}
+    for key, value in changes.items():
+        where, _, field = key.partition("__")
+        if field:
+            spec[where][field] = value
+        else:
+            spec[where] = value
+    path = tmp_path / f"draft-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def test_a_draft_file_is_read_with_its_k_and_stop(tmp_path):
+    """generate(draft=FILE) and hsd.py --draft FILE take the file's skip, k and stop rule; -k (k=) overrides k."""
+    path = draft_file(tmp_path, k=4, stop=0.02)               # the random tiny model is rarely sure: a low stop
+    chosen, warned = hsd.read_draft_file(path, tiny("tiny-falcon-h1", torch.float32))
+    assert (chosen.skip, chosen.k, chosen.stop, warned) == (UNIT_SKIPS["tiny-falcon-h1"]["mixed"], 4, 0.02, [])
+    tokens, stats = hsd.generate(tiny("tiny-falcon-h1"), PROMPTS["12-token"], NEW_TOKENS, draft=path, eos_token_id=-1)
+    assert tokens == reference_greedy("tiny-falcon-h1", PROMPTS["12-token"]) and (stats["k"], stats["stop"]) == (4, 0.02)
+    lengths = {len(r.drafts) for r in stats["trace"]}
+    assert stats["draft"] == path and max(lengths) == 4 and min(lengths) < 4           # k 4, and the stop
+    assert hsd.generate(tiny("tiny-falcon-h1"), [1, 2], 4, draft=path, k="auto", eos_token_id=-1)[1]["k"] == "auto"
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", path, "--check", "--repeats", "1", "--max-new-tokens",
+                     "12")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert f"draft {path}, k=4, stop below 0.02: skips layers 2; the attention of" in result.stdout
+    assert "identical to plain greedy decoding; speedup" in result.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(format="hsd-draft/0"), 'is not a valid draft file (no "format": "hsd-draft/1")'),
+    (dict(model__family="qwen3_5"), "is a draft for another architecture (its family differ"),
+    (dict(model__sizes={"hidden_size": 1}), "is a draft for another architecture (its sizes differ"),
+    (dict(skip={"layers": [99]}), "names layer 99 (layers), which the model does not have"),
+    (dict(skip={"attention": [0], "heads": [1]}), '"skip" holds lists of layer indices under layers, attention'),
+    (dict(k=0), '"k" must be a number of drafts (at least 1) or "auto", not 0'),
+    (dict(stop={"confidence": 2}), '"stop" must be null or {"confidence": a number between 0 and 1}'),
+])
+def test_a_draft_file_that_does_not_fit_is_one_line(tmp_path, change, message):
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", draft_file(tmp_path, **change))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"format": "hsd-dr')
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", str(damaged))
+    assert result.returncode == 2 and "is not a valid draft file (damaged:" in result.stderr
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", str(tmp_path / "missing.json"))
+    assert result.returncode == 2 and "cannot read the draft file" in result.stderr
+
+
+def test_a_draft_file_for_other_weights_or_another_device_is_used_with_a_warning(tmp_path):
+    """A retrained model of the same architecture, or a file searched on another machine: one line each, then the
+    draft runs (every draft decodes correctly; only its speed may not hold)."""
+    path = draft_file(tmp_path, model__weights_sha256="0" * 64, found_by={"device": "cuda NVIDIA H200"})
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", path, "--max-new-tokens", "6")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and len(lines) == 2, result.stderr
+    assert "was searched on other weights of this architecture" in lines[0]
+    assert "was searched on cuda NVIDIA H200, this run is on cpu" in lines[1]
+    with pytest.warns(UserWarning, match="other weights"):
+        hsd.generate(tiny("tiny-falcon-h1", torch.float32), [1, 2], 3, draft=path)
+    model = tiny("tiny-falcon-h1", torch.float32)
+    assert hsd.weights_fingerprint(model) == hsd.weights_fingerprint(models.load("tiny-falcon-h1", torch.bfloat16))
+    assert hsd.weights_fingerprint(model) != hsd.weights_fingerprint(models.load("tiny-qwen3.5"))
 
 
 def test_damaged_files_are_one_line_saying_what_to_do(tmp_path):
