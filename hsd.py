@@ -17,9 +17,7 @@ data (a models.Skip): one of the paper's drafts, or a draft file that hsd_search
 k="auto" the draft length changes from round to round (auto_k). README: how to run it; hsd_eval.py: measurements.
 """
 import argparse
-import hashlib
 import json
-import platform
 import signal
 import statistics as stats
 import sys
@@ -210,38 +208,7 @@ def auto_k(plan, drafted, accepted):
 
 # --- Draft files: a draft found by measurement (hsd_search.py writes them) -------------------------------------------
 DRAFT_FORMAT = "hsd-draft/1"
-SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "mamba_n_heads",
-         "mamba_d_head", "mamba_d_state", "mamba_n_groups", "linear_num_key_heads", "linear_num_value_heads",
-         "linear_key_head_dim", "linear_value_head_dim")
 Draft = namedtuple("Draft", "name skip k stop")   # what a generation runs; skip None: plain decoding; stop: a threshold
-
-def weights_fingerprint(model):
-    """sha256 over every parameter's name, shape and up to 4096 evenly spaced values rounded to bfloat16: the same for
-    one checkpoint loaded in float32 or bfloat16, another for other weights (a retrained model); cheap at any size."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name} {tuple(p.shape)}\n".encode() + sample.numpy().tobytes())
-    return h.hexdigest()
-
-def model_identity(model):
-    """What a draft file says of the model it was searched on: the architecture (family, layer types, sizes), which a
-    draft must match, and the weights' fingerprint, which it should."""
-    c = model.config
-    return {"family": c.family, "layer_types": list(c.layer_types), "sizes": {s: getattr(c, s) for s in SIZES},
-            "weights_sha256": weights_fingerprint(model)}
-
-def device_name(device):
-    """The device a draft was searched on, in words: "cuda NVIDIA H200", "cpu AMD EPYC" (costs depend on it)."""
-    if device.type == "cuda":
-        return f"cuda {torch.cuda.get_device_name(device)}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"cpu {name}"
 
 def read_draft_file(path, model):
     """A draft file -> (Draft, warnings): the one-line warnings of a file searched on other weights of the same
@@ -261,7 +228,7 @@ def read_draft_file(path, model):
         raise bad(f'no "format": "{DRAFT_FORMAT}"')
     if not all(isinstance(spec.get(key), dict) for key in ("model", "skip")):
         raise bad('"model" and "skip" must be objects')
-    mine, theirs = model_identity(model), spec["model"]
+    mine, theirs = models.identity(model), spec["model"]
     different = [key for key in ("family", "layer_types", "sizes") if theirs.get(key) != mine[key]]
     if different:
         raise models.UsageError(f"{path} is a draft for another architecture (its {', '.join(different)} differ from "
@@ -286,7 +253,7 @@ def read_draft_file(path, model):
         warned.append(f"{path} was searched on other weights of this architecture (a retrained model?): it decodes "
                       "correctly, as any draft does, but its measured speed may not hold")
     found_on = spec.get("found_by", {}).get("device") if isinstance(spec.get("found_by"), dict) else None
-    here = device_name(model.lm_head.weight.device)
+    here = models.device_name(model.lm_head.weight.device)
     if found_on is not None and found_on != here:
         warned.append(f"{path} was searched on {found_on}, this run is on {here}: the costs of its parts differ, so it "
                       "may not be the fastest draft here")

@@ -176,7 +176,9 @@ Replay = namedtuple("Replay", "tokens cost rounds drafted accepted")
 def replay(estimates, k, stop, c, v):
     """The rounds greedy decoding runs over the estimated texts, as hsd.generate_steps runs them (k a number or "auto",
     the stop ending a round after a draft less sure than it): tokens made, their cost in full steps, rounds, drafts
-    made and accepted. A round from position j drafts d tokens and keeps min(runs[j], d), then the full model's."""
+    made and accepted. A round from position j drafts d tokens and keeps min(runs[j], d), then the full model's. How
+    sure the draft is is known along the text only, so after its first wrong draft a round is taken to draft on to
+    its k: drafts rejected anyway, counted at their cost (an estimate that errs on the slow side)."""
     tokens = cost = rounds = drafted = accepted = 0
     for e in estimates:
         j, n, plan = 0, len(e.runs), hsd.Plan(hsd.AUTO_START, 0, hsd.AUTO_PAUSE)
@@ -185,9 +187,9 @@ def replay(estimates, k, stop, c, v):
             if k_round == 0 or (k == "auto" and plan.plain > 0):
                 d = a = 0
                 tokens, cost = tokens + 1, cost + 1
-            else:
-                d = 1
-                while d < k_round and not (stop is not None and e.sure[j + d - 1] < stop):
+            else:                  # after its first wrong draft the draft goes on along its own tokens, not the text's,
+                d = 1              # whose confidences the estimate does not know: it is taken to draft on to k_round
+                while d < k_round and (d > e.runs[j] + 1 or not (stop is not None and e.sure[j + d - 1] < stop)):
                     d += 1
                 a = min(e.runs[j], d)
                 tokens, cost, rounds = tokens + a + 1, cost + d * c + v[d], rounds + 1
@@ -229,34 +231,67 @@ def search_units(config):
         layer_type))]
 
 
-def with_unit(skip, unit):
-    """skip, leaving out one more unit (field, layer); a whole layer replaces the units of it left out before."""
+def with_unit(skip, unit, config):
+    """skip, leaving out one more unit (field, layer); a layer all of whose units are left out is left out whole (the
+    same computation, said plainly), and a whole layer replaces the units of it left out before."""
     field, i = unit
-    sets = {f: set(getattr(skip, f)) - ({i} if field == "layers" else set()) for f in ("layers", *models.UNITS)}
+    sets = {f: set(getattr(skip, f)) for f in ("layers", *models.UNITS)}
     sets[field].add(i)
+    if field == "layers" or all(i in sets[u] for u in models.units_of(config.layer_types[i])):
+        sets = {f: s - {i} for f, s in sets.items()}
+        sets["layers"].add(i)
     return models.Skip(**sets)
 
 
-def search(model, data, costs, progress, best_so_far):
+def toggled(skip, unit, config):
+    """skip with one unit (field, layer) left out if it runs, or put back if it is left out."""
+    field, i = unit
+    if i not in getattr(skip, field):
+        return with_unit(skip, unit, config)
+    sets = {f: set(getattr(skip, f)) for f in ("layers", *models.UNITS)}
+    sets[field].discard(i)
+    return models.Skip(**sets)
+
+
+def search(model, data, costs, starts, progress, best_so_far):
     """Greedy, best first: from the full model, leave out the unit that raises the predicted speedup most, until
-    PATIENCE steps in a row find no better draft. best_so_far(candidate, tried) hears of every new best (for Ctrl-C).
-    Returns the best candidate and how many were tried."""
-    current = best = evaluate(model, models.Skip(), data, costs)
-    remaining, misses, tried = search_units(model.config), 0, 1
+    PATIENCE steps in a row find no better draft. Then, from the best of those and of `starts` (the paper's drafts,
+    evaluated, which are the best so far until a better one is found), a local search: leave out or put back the one
+    unit that raises it most, while one does.
+    best_so_far(candidate, tried) hears of every new best (for Ctrl-C). Returns (the best candidate, how many were
+    tried)."""
+    current = evaluate(model, models.Skip(), data, costs)
+    best = max([current, *starts], key=lambda c: c.speedup)
+    remaining, misses, tried = search_units(model.config), 0, 1 + len(starts)
+    best_so_far(best, tried)
+
+    def better(candidate):
+        nonlocal best
+        if candidate.speedup > best.speedup:
+            best = candidate
+            best_so_far(best, tried)
+            progress.set_postfix_str(f"best S {best.speedup:.3f}: {best.skip}"[:70])
+            return True
+        return False
     while remaining and misses < PATIENCE:
-        step = [evaluate(model, with_unit(current.skip, unit), data, costs) for unit in remaining]
+        step = [evaluate(model, with_unit(current.skip, unit, model.config), data, costs) for unit in remaining]
         tried += len(step)
         progress.update(len(step))
         i = max(range(len(step)), key=lambda i: step[i].speedup)
         current, chosen = step[i], remaining[i]
         remaining = [u for u in remaining if u != chosen and not (chosen[0] == "layers" and u[1] == chosen[1])]
-        if current.speedup > best.speedup:
-            best, misses = current, 0
-            best_so_far(best, tried)
-        else:
-            misses += 1
-        progress.set_postfix_str(f"best S {best.speedup:.3f}: {best.skip}"[:70])
-    return best, tried
+        misses = 0 if better(current) else misses + 1
+    units = search_units(model.config)
+    progress.reset(total=tried + len(units))
+    progress.update(tried)
+    while True:                                               # the local search, from the best so far
+        step = [evaluate(model, toggled(best.skip, unit, model.config), data, costs) for unit in units
+                if not (unit[0] != "layers" and unit[1] in best.skip.layers)]
+        tried += len(step)
+        progress.total += len(step)
+        progress.update(len(step))
+        if not better(max(step, key=lambda c: c.speedup)):
+            return best, tried
 
 
 # --- ConfLayers (arXiv 2604.14612, code WA225/ConfLayers), as its code selects layers ------------------------------
@@ -442,7 +477,7 @@ def estimate_error(model, candidate, prompts, tokens, costs, measured):
 # --- 5. The draft file ----------------------------------------------------------------------------------------------
 def draft_file(model, name, candidate, found_by):
     """The draft file's JSON object (hsd.read_draft_file reads it)."""
-    return {"format": hsd.DRAFT_FORMAT, "model": {"name": name, **hsd.model_identity(model)},
+    return {"format": hsd.DRAFT_FORMAT, "model": {"name": name, **models.identity(model)},
             "skip": {field: sorted(getattr(candidate.skip, field)) for field in ("layers", *models.UNITS)},
             "k": candidate.k, "stop": None if candidate.stop is None else {"confidence": candidate.stop},
             "found_by": found_by}
@@ -459,7 +494,7 @@ def write_json(path, value):
 
 def machine(model, dtype):
     device = model.lm_head.weight.device
-    return {"device": hsd.device_name(device), "dtype": dtype, "threads": torch.get_num_threads(),
+    return {"device": models.device_name(device), "dtype": dtype, "threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
 
@@ -507,9 +542,11 @@ def run(args, model, tokenizer):
     units = search_units(model.config)
     try:
         if args.method == "search":
-            bound = len(units) * (len(units) + 1) // 2
-            with tqdm(total=bound, desc="candidates (at most)", file=sys.stderr) as progress:
-                winner, tried = search(model, data, costs, progress, best_so_far)
+            with tqdm(total=len(units) * (len(units) + 1) // 2, desc="candidates (at most)", file=sys.stderr) as progress:
+                starts = [evaluate(model, c.skip, data, costs) for c in paper.values()]    # at any k, any stop
+                winner, tried = search(model, data, costs, starts, progress, best_so_far)
+            fixed = evaluate(model, winner.skip, data, costs, ks=KS)                # its best fixed k, for tables
+            found_by["best_fixed"] = {"k": fixed.k, "stop": fixed.stop, "predicted_speedup": fixed.speedup}
             winner = evaluate(model, winner.skip, data, costs, ks=(winner.k,), stops=(winner.stop,), paragraphs=True)
             log = []
         else:

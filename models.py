@@ -8,8 +8,9 @@ Three model families, one building kit:
 Read top to bottom: config, linear layers, norms and rotary embedding, attention, MLP, the causal convolution,
 Mamba-2 (its scan for one token, over T tokens one by one, in chunks for prefill, and batched for a verify pass,
 whose states after each token are a StatesAfterEachToken), Gated DeltaNet (likewise), the per-layer state, the two
-kinds of decoder layer, what a draft leaves out (Skip) and the model, the built-in tiny models, then loading. Every formula follows transformers 5.23
-(the official implementation); the tests compare logits with it, and README, "What was verified", says how.
+kinds of decoder layer, what a draft leaves out (Skip) and the model, the built-in tiny models, loading, and what
+identifies a model (for draft files). Every formula follows transformers 5.23 (the official implementation); the
+tests compare logits with it, and README, "What was verified", says how.
 
 Letters used in shape comments:
   B batch, T tokens in this call, S tokens already in the cache, D hidden size, V vocabulary,
@@ -23,9 +24,11 @@ old ones is a valid snapshot. KV caches are preallocated buffers that are writte
 by setting `Cache.length`.
 """
 import glob
+import hashlib
 import json
 import math
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -1214,3 +1217,42 @@ def load_tokenizer(name_or_path):
         return Tokenizer.from_file(path)
     except Exception as e:                      # the tokenizers library raises a bare Exception for a broken file
         raise damaged(path, e) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What identifies a model (a draft file names the model it was searched on)
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "mamba_n_heads",
+         "mamba_d_head", "mamba_d_state", "mamba_n_groups", "linear_num_key_heads", "linear_num_value_heads",
+         "linear_key_head_dim", "linear_value_head_dim")
+
+
+def weights_fingerprint(model):
+    """sha256 over every parameter's name, shape and up to 4096 evenly spaced values rounded to bfloat16: the same for
+    one checkpoint loaded in float32 or bfloat16, another for other weights (a retrained model); cheap at any size."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name} {tuple(p.shape)}\n".encode() + sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def identity(model):
+    """What a draft file says of the model it was searched on: the architecture (family, layer types, sizes), which a
+    draft must match, and the weights' fingerprint, which it should."""
+    c = model.config
+    return {"family": c.family, "layer_types": list(c.layer_types), "sizes": {s: getattr(c, s) for s in SIZES},
+            "weights_sha256": weights_fingerprint(model)}
+
+
+def device_name(device):
+    """The device a draft was searched on, in words: "cuda NVIDIA H200", "cpu AMD EPYC" (costs depend on it)."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"cpu {name}"

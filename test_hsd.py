@@ -1171,9 +1171,9 @@ def draft_file(tmp_path, name="tiny-falcon-h1", leave_out=None, k=3, stop=None, 
     """A draft file for a tiny model, as hsd_search.py writes them (its found_by left short), with changes."""
     model = tiny(name, torch.float32)
     skip = leave_out or UNIT_SKIPS[name]["mixed"]
-    spec = {"format": "hsd-draft/1", "model": hsd.model_identity(model),
+    spec = {"format": "hsd-draft/1", "model": models.identity(model),
             "skip": {f: sorted(getattr(skip, f)) for f in ("layers", *models.UNITS)}, "k": k,
-            "stop": stop and {"confidence": stop}, "found_by": {"method": "by hand", "device": hsd.device_name(
+            "stop": stop and {"confidence": stop}, "found_by": {"method": "by hand", "device": models.device_name(
                 model.lm_head.weight.device), "dtype": "float32"}}
     for key, value in changes.items():
         where, _, field = key.partition("__")
@@ -1235,8 +1235,8 @@ def test_a_draft_file_for_other_weights_or_another_device_is_used_with_a_warning
     with pytest.warns(UserWarning, match="other weights"):
         hsd.generate(tiny("tiny-falcon-h1", torch.float32), [1, 2], 3, draft=path)
     model = tiny("tiny-falcon-h1", torch.float32)
-    assert hsd.weights_fingerprint(model) == hsd.weights_fingerprint(models.load("tiny-falcon-h1", torch.bfloat16))
-    assert hsd.weights_fingerprint(model) != hsd.weights_fingerprint(models.load("tiny-qwen3.5"))
+    assert models.weights_fingerprint(model) == models.weights_fingerprint(models.load("tiny-falcon-h1", torch.bfloat16))
+    assert models.weights_fingerprint(model) != models.weights_fingerprint(models.load("tiny-qwen3.5"))
 
 
 def test_damaged_files_are_one_line_saying_what_to_do(tmp_path):
