@@ -437,7 +437,7 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats):
     if plain != spec:
         i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)       # EOS ends both alike
         margin, std = logit_margin(model, prompt + plain[:i], plain[i], spec[i])
-        near = margin < (0.05 if model.lm_head.weight.dtype == torch.bfloat16 else 1e-3) * std
+        near = abs(margin) < (0.05 if model.lm_head.weight.dtype == torch.bfloat16 else 1e-3) * std
         return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {spec[i]}, greedy {plain[i]}, "
                 f"the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
                 ("a near-tie, which the rounding of a verify pass and of single steps can flip" if near else

@@ -520,9 +520,9 @@ def interval(row, variant):
     return f"{row['alpha_' + variant]:.3f} [{row['ci_' + variant][0]:.3f}, {row['ci_' + variant][1]:.3f}]"
 
 
-def number(x, form, width):
-    """x formatted, right-aligned in width characters; "-" (aligned alike) where there is no value."""
-    return f"{'-' if x is None else format(x, form):>{width}}"
+def number(x, form, width, unit=""):
+    """x formatted (and its unit), right-aligned in width characters; "-" (aligned alike) where there is no value."""
+    return f"{'-' if x is None else format(x, form) + unit:>{width}}"
 
 
 def break_even_words(context):
@@ -550,12 +550,13 @@ def eval_table(name, r):
             yield (f"{draft:11} {k:>2} {interval(row, 'shared'):>24} {interval(row, 'independent'):>24} "
                    f"{interval(row, 'sampled_shared'):>24} {interval(row, 'sampled_independent'):>24} "
                    f"{number(greedy and greedy[0], '.4g', 13)} {number(sampled and sampled[0], '.4g', 6)}")
-    yield "draft        k   multi  acc/rnd      c      v  predicted  measured  break-even"
+    yield (f"{'draft':11} {'k':>2} {'multi':>7} {'acc/rnd':>8} {'c':>6} {'v':>6} {'predicted':>10} {'measured':>9} "
+           f"{'break-even':>11}")
     for draft, d in drafts.items():
         for k, row in d["k"].items():
             yield (f"{draft:11} {k:>2} {number(row['alpha_multi'], '.3f', 7)} {number(row['accepted_per_round'], '.2f', 8)} "
-                   f"{d['c']:6.2f} {row['v']:6.2f} {number(row['predicted_speedup'], '.2f', 9)}x "
-                   f"{number(row['measured_speedup'], '.2f', 8)}x {break_even_words(row['break_even_context']):>11}")
+                   f"{d['c']:6.2f} {row['v']:6.2f} {number(row['predicted_speedup'], '.2f', 10, 'x')} "
+                   f"{number(row['measured_speedup'], '.2f', 9, 'x')} {break_even_words(row['break_even_context']):>11}")
         if "found" in d:
             f = d["found"]
             yield (f"{draft:11} as found (k={f['k']}, stop {f['stop']}): multi {number(f['alpha_multi'], '.3f', 0)}, "

@@ -23,6 +23,7 @@ Recurrent states are never modified in place: every step makes new tensors, so k
 old ones is a valid snapshot. KV caches are preallocated buffers that are written in place and rolled back
 by setting `Cache.length`.
 """
+import difflib
 import glob
 import hashlib
 import json
@@ -1079,19 +1080,25 @@ def resolve(name_or_path):
         raise UsageError(f"no such directory: {name_or_path}")
     repo = OFFICIAL.get(name_or_path, name_or_path)
     if repo.count("/") != 1:
-        raise UsageError(f"unknown model {name_or_path!r}: use one of {', '.join([*OFFICIAL, *TINY])}, "
-                        "a Hugging Face repo id (owner/name) or a local directory")
+        close = difflib.get_close_matches(name_or_path, [*TOYS, *OFFICIAL, *TINY], n=1)
+        raise UsageError(f"unknown model {name_or_path!r}: " + (f"did you mean {close[0]}? " if close else "") +
+                         f"use one of {', '.join([*TOYS, *OFFICIAL, *TINY])}, a Hugging Face repo id (owner/name) or a "
+                         "local directory")
+    folder = name_or_path.split("/")[0]           # "toys/nonexistent" reads as a repo id too: say both
+    local_too = f"; nor is there a local folder {name_or_path} (in {folder}/)" if os.path.isdir(folder) else ""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     try:
         return snapshot_download(repo, allow_patterns=DOWNLOAD)
     except RepositoryNotFoundError:
-        raise UsageError(f"{repo} is not a model repository on the Hugging Face Hub (or it needs a login: `hf auth login`)") from None
+        raise UsageError(f"{repo} is not a model repository on the Hugging Face Hub (or it needs a login: `hf auth "
+                         f"login`){local_too}") from None
     except LocalEntryNotFoundError:
-        raise UsageError(f"cannot download {repo}: no connection to the Hugging Face Hub and it is not in the local cache. "
-                        "Connect to the network once, or pass a local directory with config.json and *.safetensors") from None
+        raise UsageError(f"cannot download {repo}: no connection to the Hugging Face Hub and it is not in the local "
+                         f"cache{local_too}. Connect to the network once, or pass a local directory with config.json, "
+                         "tokenizer.json and *.safetensors") from None
     except (HfHubHTTPError, OSError) as e:
-        raise UsageError(f"cannot download {repo}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"cannot download {repo}: {str(e).splitlines()[0]}{local_too}") from None
 
 
 def not_a_model_folder(path, missing):

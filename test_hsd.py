@@ -465,9 +465,11 @@ def test_load_reports_a_misshaped_tensor_by_name(tmp_path):
 @pytest.mark.parametrize("name, message", [
     ("no-such-model", "unknown model 'no-such-model'"),
     ("./no/such/dir", "no such directory"),
+    ("toy-falcon-h2", "unknown model 'toy-falcon-h2': did you mean toy-falcon-h1? use one of toy-falcon-h1, "
+                      "toy-qwen3.5, toy-qwen2.5, falcon-h1-0.5b"),
 ])
 def test_load_rejects_unknown_names(name, message):
-    with pytest.raises(models.UsageError, match=message):
+    with pytest.raises(models.UsageError, match=re.escape(message)):
         models.load(name)
 
 
@@ -487,6 +489,10 @@ def test_download_without_network_says_what_to_do(tmp_path, monkeypatch):
     result = subprocess.run([sys.executable, "-c", "import models; models.load('qwen2.5-0.5b')"],
                             capture_output=True, text=True, env={**os.environ}, cwd=HERE)
     assert "cannot download Qwen/Qwen2.5-0.5B" in result.stderr and "local directory" in result.stderr
+    assert "config.json, tokenizer.json and *.safetensors" in result.stderr and "local folder" not in result.stderr
+    result = subprocess.run([sys.executable, "-c", "import models; models.load('toys/nonexistent')"],
+                            capture_output=True, text=True, env={**os.environ}, cwd=HERE)
+    assert "nor is there a local folder toys/nonexistent (in toys/)" in result.stderr     # a mistyped local path
 
 
 def test_loading_keeps_one_copy_of_the_weights(tmp_path):
@@ -1072,6 +1078,53 @@ def test_cli_check_reports_a_mismatch(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAILED" in out and "new token 0:" in out and "logit margin" in out
     assert json.loads(out.strip().splitlines()[-1])["identical_to_greedy"] is False
+
+
+def test_cli_check_says_near_tie_only_when_it_is_one(monkeypatch, capsys):
+    """A mismatch far above the logits' spread is no rounding: it says so; one within rounding is a near-tie."""
+    real_accept = hsd.accept
+    monkeypatch.setattr(hsd, "accept", lambda drafts, logits: (0, (real_accept(drafts, logits)[1] + 1) % 97))
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "8", "--check"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("check"))
+    assert "not a near-tie, so not rounding" in line and "can flip" not in line
+    monkeypatch.setattr(hsd, "logit_margin", lambda *args: (1e-6, 2.0))
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "8", "--check"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("check"))
+    assert "a near-tie, which the rounding of a verify pass and of single steps can flip" in line
+
+
+def test_cli_check_measures_a_speedup_only_where_there_is_one(capsys):
+    """Plain decoding has no speedup to print, and its header no k; a draft's speedup is the median of runs in turns,
+    with their range."""
+    assert hsd.main(["--model", "tiny-falcon-h1", "--draft", "none", "--check", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "k=" not in out[0] and "draft none: plain decoding" in out[0]
+    assert out[-1] == "check   identical to plain greedy decoding (plain decoding: no draft, so no speedup to measure)"
+    assert hsd.main(["--model", "tiny-falcon-h1", "--check", "--repeats", "3", "--max-new-tokens", "8"]) == 0
+    check = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("check"))
+    assert "speedup" in check and "(median of 3 runs of each, in turns; range " in check
+
+
+def test_the_default_draft_is_the_papers_for_the_family(capsys):
+    """component for the hybrids, layerskip for the Transformer, and the header says which it chose."""
+    for name, expected in (("tiny-qwen2.5", "draft layerskip (the paper's for qwen2)"),
+                           ("tiny-qwen3.5", "draft component (the paper's for qwen3_5)")):
+        assert hsd.main(["--model", name, "--max-new-tokens", "4"]) == 0
+        assert expected in capsys.readouterr().out.splitlines()[0]
+        assert hsd.generate(tiny(name), [1, 2], 4)[1]["draft"] == expected.split()[1]
+
+
+def test_cli_says_what_it_did_not_do(capsys):
+    """A --seed without --temperature does nothing, and a prompt character the tokenizer lacks reads as "?": both are
+    said in one line each; --prompt has a help text."""
+    assert hsd.main(["--model", "tiny-falcon-h1", "--seed", "3", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == ("hsd: note: --seed has no effect without --temperature (greedy decoding draws "
+                                       "nothing)\n")
+    assert hsd.main(["--model", "tiny-falcon-h1", "--prompt", "café €", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err == "hsd: warning: the tokenizer has no token for 'é', '€': the prompt reads \"caf? ?\"\n", err
+    result = run_cli("--help")
+    assert "--prompt PROMPT" in result.stdout and "the text to continue" in result.stdout
 
 
 def test_cli_trace_is_plain_when_piped(capsys):
@@ -1709,11 +1762,29 @@ def test_records_file_that_is_not_a_results_file(tmp_path):
         hsd_eval.Records(str(tmp_path / "no such folder" / "run.jsonl"), {"model": "m"})
 
 
-def test_eval_refuses_a_plot_it_could_not_write_before_measuring(tmp_path):
-    result = run_cli("--model", "tiny-falcon-h1", "--plot", str(tmp_path / "no such folder" / "a.svg"),
-                     script="hsd_eval.py")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot write --plot" in result.stderr
-    assert "estimate" not in result.stderr                                     # refused before measuring
+@pytest.mark.parametrize("flag, where, message", [
+    ("--plot", "no such folder/a.svg", "cannot write --plot"), ("--plot", ".", "it is a folder: give a file name"),
+    ("--plot", "/proc/x.svg", "cannot write --plot /proc/x.svg"), ("--out", ".", "cannot write --out"),
+    ("--out", "/proc/x.jsonl", "cannot write --out /proc/x.jsonl"),
+])
+def test_eval_refuses_an_output_it_could_not_write_before_measuring(tmp_path, flag, where, message, monkeypatch,
+                                                                   capsys):
+    """Every output path is proven writable (a folder, a missing folder, a place even root cannot write, such as
+    /proc) before anything is measured: one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hsd_eval, "measure", lambda *args, **kwargs: pytest.fail("measured before refusing"))
+    assert main_status(hsd_eval.main, ["--model", "tiny-falcon-h1", flag, where]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_checking_an_output_path_truncates_nothing(tmp_path):
+    """A resume file keeps what it holds when the check opens it, and a path that was not there is not left behind."""
+    kept = tmp_path / "run.jsonl"
+    kept.write_text('{"header": {}}\n')
+    hsd_eval.check_writable(str(kept), "--out")
+    hsd_eval.check_writable(str(tmp_path / "new.svg"), "--plot")
+    assert kept.read_text() == '{"header": {}}\n' and not (tmp_path / "new.svg").exists()
 
 
 def test_eval_with_one_new_token_and_no_divergence_text(tmp_path, capsys):
@@ -1729,6 +1800,13 @@ def test_eval_with_one_new_token_and_no_divergence_text(tmp_path, capsys):
     assert result["divergence_texts"] == 0 and d["tvd"] is None and d["kl"] is None
     assert d["k"]["2"]["predicted_speedup"] is None and d["k"]["2"]["break_even_context"] is None
     assert any(line.startswith("component   TVD -, top-1 agreement -, KL -") for line in out)
+    header = next(i for i, line in enumerate(out) if line.startswith("draft        k   multi"))
+    rows = [line for line in out[header + 1:] if line.startswith("component") and "TVD" not in line]
+    columns = [out[header].index(name) + len(name) - 1 for name in ("multi", "acc/rnd", "predicted")]
+    for row in rows:           # "-" stands where a number would, right-aligned in its column
+        assert [row[i] for i in columns] == ["-", "-", "-"] and row.endswith("never"), (out[header], row)
+    assert hsd_eval.break_even_words(0) == "any" and hsd_eval.break_even_words(None) == "never"
+
 
 EVAL_ARGS = ["--model", "tiny-falcon-h1", "--prompts", "3", "--speed-prompts", "1", "--max-new-tokens", "4"]
 
@@ -1794,6 +1872,7 @@ def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
     assert set(result["drafts"]) == {"component", "layerskip", "early-exit"}
     assert 0 <= result["drafts"]["component"]["k"]["2"]["alpha_shared"] <= 1
     assert "hsd_eval: estimate" in captured.err and "%|" in captured.err                 # the estimate, progress: on stderr
+    assert "; the speed phase as if no draft were accepted: at most)" in captured.err    # no paper numbers for tiny
 
 
 def test_plot_is_well_formed_and_carries_its_numbers():
