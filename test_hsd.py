@@ -1198,9 +1198,12 @@ def test_cli_prints_each_round_before_the_next_is_made(monkeypatch, capsys):
 
 
 def test_ctrl_c_during_generation_is_one_line():
-    run = subprocess.Popen([sys.executable, "hsd.py", "--model", "tiny-qwen2.5", "--draft", "layerskip",
-                            "--max-new-tokens", "4000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=HERE)
+    """Ctrl-C while generating: one line, exit 130. The tiny model is told it has no end-of-text token, so that the
+    generation is still running when the signal comes (its continuation would otherwise end after 214 tokens)."""
+    code = ("import dataclasses, sys, hsd, models; models.TINY['tiny-qwen2.5'] = dataclasses.replace("
+            "models.TINY['tiny-qwen2.5'], eos_token_id=-1); sys.exit(hsd.main(sys.argv[1:]))")
+    run = subprocess.Popen([sys.executable, "-c", code, "--model", "tiny-qwen2.5", "--max-new-tokens", "4000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     assert run.stdout.readline().startswith("model") and run.stdout.readline().startswith("prompt")
     assert run.stdout.read(12).startswith('output  "')                         # generating: 12 characters are out
     run.send_signal(signal.SIGINT)
