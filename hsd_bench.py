@@ -229,41 +229,22 @@ def cost_per_round(trace, c, v):
     return sum(len(r.drafts) * c + v[len(r.drafts)] for r in trace)
 
 
-def generations_in_turns(model, prompts, rows, new_tokens, repeats, temperature, seed):
-    """Plain decoding and each row ({label: hsd.Draft}) on every prompt, the rows taking turns, `repeats` turns:
-    {label: (tokens per second of each turn, the statistics of the last turn's generations)}, "plain" first. At a
-    temperature, generation i of a turn is seeded alike for every row."""
-    rows = {"plain": hsd.Draft("none", None, 1, None), **rows}
-    rates, stats = {label: [] for label in rows}, {}
-    for turn in range(repeats):
-        for label, draft in rows.items():
-            runs = [hsd.generate(model, prompt, new_tokens, draft=draft, temperature=temperature,
-                                 seed=seed + 1000 * turn + i if temperature else None)[1]
-                    for i, prompt in enumerate(prompts)]
-            rates[label].append(sum(s["new_tokens"] for s in runs) / sum(s["decode_s"] for s in runs))
-            stats[label] = runs
-    return {label: (rates[label], stats[label]) for label in rows}
-
-
-def row_summary(rates, plain_rates, runs, c, v):
-    """A row of the results table: measured speedup (median of the turns' ratios, and the ratios), acceptance, rounds,
-    and the cost model's prediction from the very rounds it ran: tokens / (sum of d c + v[d] + plain steps)."""
-    ratios = [r / p for r, p in zip(rates, plain_rates)]
-    rounds = sum(s["rounds"] for s in runs)
-    drafted, accepted, made, plain = (sum(s[x] for s in runs) for x in ("drafted", "accepted", "new_tokens",
-                                                                        "plain_steps"))
-    cost = sum(len(r.drafts) * c + v[len(r.drafts)] for s in runs for r in s["trace"]) + plain
-    return {"speedup": statistics.median(ratios), "ratios": ratios, "c": c,
-            "alpha": accepted / drafted if drafted else None, "accepted_per_round": accepted / rounds if rounds else None,
-            "drafted_per_round": drafted / rounds if rounds else None, "plain_steps": plain, "rounds": rounds,
-            "predicted_speedup": made / cost if cost else None}
+def bench_row(rates, plain_rates, runs, c, v):
+    """A row of the results table: what the generations measured (hsd_search.measured_row), c, and the cost model's
+    prediction from the very rounds the row ran: tokens / (sum over its rounds of d c + v[d], plus its plain steps)."""
+    import hsd_search
+    row = hsd_search.measured_row(rates, plain_rates, runs)
+    made = sum(s["new_tokens"] for _, s in runs)
+    cost = sum(len(r.drafts) * c + v[len(r.drafts)] for _, s in runs for r in s["trace"]) + row["plain_steps"]
+    return {**row, "c": c, "predicted_speedup": made / cost}
 
 
 def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, seed=0):
     """Plain decoding against the paper's drafts at every fixed k in 1..8 and with k="auto", and against each draft
     file (as the file says, at its best fixed k, and with k="auto"), end to end on the held-out prompts hsd_search
     confirms on (the last paragraphs of the model's text), in turns in one process; greedy, then at a temperature
-    (the best fixed paper row, the auto rows and the files). Returns ({(label, temperature): row_summary}, costs)."""
+    (the best fixed paper row, the auto rows and the files). Returns ({(label, temperature): bench_row}, costs, the
+    best fixed paper row)."""
     import hsd_search
     model, tokenizer = models.load(name), models.load_tokenizer(name)
     prompts = hsd_search.calibration_texts(hsd_eval.read_lines(None, name), tokenizer, 0, 64, new_tokens, 8, 8).confirm
@@ -287,17 +268,17 @@ def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, 
         if repr(draft.skip) not in c:
             c[repr(draft.skip)] = hsd_search.measured_cost(model, draft.skip, context, 3 * repeats)
     results = {}
-    greedy = generations_in_turns(model, prompts, rows, new_tokens, repeats, 0.0, seed)
+    greedy = hsd_search.generations_in_turns(model, prompts, rows, new_tokens, repeats)
     for label, draft in rows.items():
-        results[label, 0.0] = row_summary(greedy[label][0], greedy["plain"][0], greedy[label][1], c[repr(draft.skip)],
-                                          costs.v)
+        results[label, 0.0] = bench_row(greedy[label][0], greedy["plain"][0], greedy[label][1], c[repr(draft.skip)],
+                                        costs.v)
     fixed_paper = [label for label in rows if label.split(", k=")[0] in paper and not label.endswith("auto")]
     best = max(fixed_paper, key=lambda label: results[label, 0.0]["speedup"])
     sampled_rows = {label: d for label, d in rows.items() if label == best or label not in fixed_paper}
-    sampled = generations_in_turns(model, prompts, sampled_rows, new_tokens, repeats, temperature, seed)
+    sampled = hsd_search.generations_in_turns(model, prompts, sampled_rows, new_tokens, repeats, temperature, seed)
     for label, draft in sampled_rows.items():
-        results[label, temperature] = row_summary(sampled[label][0], sampled["plain"][0], sampled[label][1],
-                                                  c[repr(draft.skip)], costs.v)
+        results[label, temperature] = bench_row(sampled[label][0], sampled["plain"][0], sampled[label][1],
+                                                c[repr(draft.skip)], costs.v)
     return results, costs, best
 
 

@@ -419,37 +419,42 @@ def conflayers(model, prompts, new_tokens, progress):
 
 # --- 4. The confirmation --------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def confirm(model, prompts, drafts, new_tokens, repeats, progress):
-    """End-to-end generations of the prompts with each of drafts ({label: hsd.Draft}) and plain decoding, the labels
-    taking turns, `repeats` turns: per label the speedup over plain decoding (median of the turns' ratios of tokens
-    per second, and the ratios), and over all turns its rounds, drafts and acceptance. "plain" also gives each
-    prompt's continuation (its tokens)."""
+def generations_in_turns(model, prompts, drafts, new_tokens, repeats, temperature=0.0, seed=0, progress=None):
+    """Plain decoding and each of drafts ({label: hsd.Draft}) on every prompt, the labels taking turns, `repeats` turns,
+    so that the machine's drift affects all alike: {label: (tokens per second of each turn, the last turn's
+    (tokens, statistics) per prompt)}, "plain" first. At a temperature, prompt i of a turn is seeded alike for all."""
     labels = {"plain": hsd.Draft("none", None, 1, None), **drafts}
-    rates, runs, tokens = {label: [] for label in labels}, {}, []
+    rates, runs = {label: [] for label in labels}, {}
     for turn in range(repeats):
         for label, draft in labels.items():
-            made = seconds = 0
-            stats = []
-            for prompt in prompts:
-                new, s = hsd.generate(model, prompt, new_tokens, draft=draft)
-                made, seconds = made + s["new_tokens"], seconds + s["decode_s"]
-                stats.append(s)
-                if turn == 0 and label == "plain":
-                    tokens.append(new)
-                progress.update(1)
-            rates[label].append(made / seconds)
-            runs[label] = stats
-    result = {}
-    for label in labels:
-        ratios = [rate / plain for rate, plain in zip(rates[label], rates["plain"])]
-        rounds = sum(s["rounds"] for s in runs[label])
-        drafted, accepted = (sum(s[x] for s in runs[label]) for x in ("drafted", "accepted"))
-        result[label] = {"speedup": statistics.median(ratios), "ratios": ratios,
-                         "tokens_per_s": statistics.median(rates[label]), "rounds": rounds,
-                         "accepted_per_round": accepted / rounds if rounds else None,
-                         "drafted_per_round": drafted / rounds if rounds else None,
-                         "alpha": accepted / drafted if drafted else None}
-    return result, tokens
+            runs[label] = [hsd.generate(model, prompt, new_tokens, draft=draft, temperature=temperature,
+                                        seed=seed + 1000 * turn + i if temperature else None)
+                           for i, prompt in enumerate(prompts)]
+            rates[label].append(sum(s["new_tokens"] for _, s in runs[label]) / sum(s["decode_s"] for _, s in
+                                                                                    runs[label]))
+            if progress is not None:
+                progress.update(len(prompts))
+    return {label: (rates[label], runs[label]) for label in labels}
+
+
+def measured_row(rates, plain_rates, runs):
+    """What generations measured: the speedup over plain decoding (median of the turns' ratios of tokens per second,
+    and the ratios), rounds, drafts per round, accepted per round, alpha, plain steps (k="auto")."""
+    stats = [s for _, s in runs]
+    ratios = [rate / plain for rate, plain in zip(rates, plain_rates)]
+    rounds, drafted, accepted, plain = (sum(s[x] for s in stats) for x in ("rounds", "drafted", "accepted",
+                                                                           "plain_steps"))
+    return {"speedup": statistics.median(ratios), "ratios": ratios, "tokens_per_s": statistics.median(rates),
+            "rounds": rounds, "plain_steps": plain, "accepted_per_round": accepted / rounds if rounds else None,
+            "drafted_per_round": drafted / rounds if rounds else None, "alpha": accepted / drafted if drafted else None}
+
+
+def confirm(model, prompts, drafts, new_tokens, repeats, progress):
+    """End-to-end generations of the confirmation prompts (generations_in_turns): {label: measured_row}, and each
+    prompt's continuation by plain decoding."""
+    runs = generations_in_turns(model, prompts, drafts, new_tokens, repeats, progress=progress)
+    result = {label: measured_row(rates, runs["plain"][0], generated) for label, (rates, generated) in runs.items()}
+    return result, [tokens for tokens, _ in runs["plain"][1]]
 
 
 def estimate_error(model, candidate, prompts, tokens, costs, measured):
