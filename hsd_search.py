@@ -22,9 +22,10 @@ The steps, in the order main runs them:
   1. texts    calibration prompts and paragraphs, drawn (--seed) from the text but its last paragraphs; confirmation
               prompts from those last paragraphs
   2. costs    a full step; steps that leave out each kind of unit in all layers of a type (what one unit saves);
-              verify passes of 1 to hsd.AUTO_MAX drafts
+              verify passes of 1 to longest_round() drafts
   3. search   greedy, best first: from the full model, leave out the unit that raises S most, each candidate at its
-              best k (1..8, or auto) and stop rule; stop after PATIENCE steps without a better draft. --method
+              best k (1..8, or auto) and stop rule, until PATIENCE steps find no better draft; then, from the best
+              of those and of the paper's drafts, leave out or put back one unit while that raises S. --method
               conflayers: ConfLayers' selection of layers instead (conflayers)
   4. confirm  end-to-end generations of the confirmation prompts, in turns with plain decoding: the winner and the
               paper's drafts (each at the fixed k the cost model prefers for it), their measured speedups, acceptance
@@ -87,6 +88,11 @@ Costs = namedtuple("Costs", "step saves v context")
 # step: a full decoding step in seconds; saves[(unit, layer type)]: the share of a step that leaving out one such
 # unit saves ("layers": a whole layer); v[d]: a verify pass of d + 1 tokens, in steps; context: where measured.
 
+def longest_round():
+    """The most drafts a round here can have: k="auto"'s largest, or ConfLayers' (its verify passes are measured)."""
+    return max(hsd.AUTO_MAX, CONFLAYERS["k"])
+
+
 def unit_kinds(config):
     """{(unit, layer type): the layers that have it}, unit one of "layers" and models.UNITS."""
     kinds = {}
@@ -99,7 +105,7 @@ def unit_kinds(config):
 def step_seconds(model, calls, context, repeats):
     """Median seconds of each call(cache) {name: call} at a context, the calls taking turns so that drift affects all
     alike; the cache is put back after each."""
-    cache = models.Cache(model, context + hsd.AUTO_MAX + 2)
+    cache = models.Cache(model, context + longest_round() + 2)
     hsd.prefill(model, cache, [i % model.config.vocab_size for i in range(1, context + 1)])
     snap, samples = hsd.snapshot(cache), {name: [] for name in calls}
     with torch.inference_mode():
@@ -120,10 +126,10 @@ def measure_costs(model, context, repeats):
     calls = {"full": lambda cache: model(token, cache)}
     calls |= {kind: lambda cache, s=models.Skip(**{kind[0]: layers}): model(token, cache, skip=s)
               for kind, layers in kinds.items()}
-    calls |= {d: lambda cache, d=d: hsd.verify(model, cache, 1, [1] * d) for d in range(1, hsd.AUTO_MAX + 1)}
+    calls |= {d: lambda cache, d=d: hsd.verify(model, cache, 1, [1] * d) for d in range(1, longest_round() + 1)}
     t = step_seconds(model, calls, context, repeats)
     saves = {kind: (t["full"] - t[kind]) / len(layers) / t["full"] for kind, layers in kinds.items()}
-    return Costs(t["full"], saves, {d: t[d] / t["full"] for d in range(1, hsd.AUTO_MAX + 1)}, context)
+    return Costs(t["full"], saves, {d: t[d] / t["full"] for d in range(1, longest_round() + 1)}, context)
 
 
 def draft_cost(config, skip, costs):
@@ -148,7 +154,7 @@ def measured_cost(model, skip, context, repeats):
 # --- The estimate: a teacher-forced pass of the draft, and the rounds replayed over it -----------------------------
 Estimate = namedtuple("Estimate", "runs sure")
 # per text and position: runs[j], how many drafts in a row from position j on are the full model's choices (at most
-# hsd.AUTO_MAX); sure[j], the draft's probability of its greedy token at j.
+# longest_round()); sure[j], the draft's probability of its greedy token at j.
 
 def full_choices(model, batch, start):
     """The full model's greedy choice at every position from start - 1 on: what position j's draft must equal."""
@@ -165,7 +171,7 @@ def estimate(model, batch, choices, skip, start):
     for row, probabilities in zip(agrees, sure.tolist()):
         runs, run = [0] * len(row), 0
         for j in reversed(range(len(row))):               # run lengths, read from the end
-            run = min(run + 1, hsd.AUTO_MAX) if row[j] else 0
+            run = min(run + 1, longest_round()) if row[j] else 0
             runs[j] = run
         estimates.append(Estimate(runs, probabilities))
     return estimates
@@ -523,7 +529,7 @@ def run(args, model, tokenizer):
     print(f"hsd_search: {args.model}, method {args.method}, seed {args.seed}: {len(texts.prompts)} calibration prompts "
           f"and paragraphs of {args.prompt_tokens} + {args.new_tokens} tokens, {len(texts.confirm)} confirmation "
           "prompts", file=sys.stderr)
-    hsd.warm_up(model, hsd.AUTO_MAX)
+    hsd.warm_up(model, longest_round())                       # every verify length a round here can use
     costs = measure_costs(model, context, args.repeats * 3)
     start = args.prompt_tokens
     own = continuations(model, texts.prompts, args.new_tokens)

@@ -106,7 +106,7 @@ def test_layer_confidences_leave_the_cache_as_it_was():
     assert cache.length == snap.length and all(s.ssm is k.ssm for s, k in zip(cache.layers, snap.layers))
 
 
-FIXED_COSTS = {"step": 0.01, "v": {d: 1.2 + 0.02 * d for d in range(1, 17)}}
+FIXED_COSTS = {"step": 0.01, "v": {d: 1.2 + 0.02 * d for d in range(1, 26)}}
 
 
 @pytest.fixture
