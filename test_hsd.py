@@ -751,10 +751,12 @@ def test_commit_keeps_the_state_after_n_tokens(name, n):
     _, recorded = model(torch.tensor([fed]), cache, record_states=True)       # the verify pass's model call
     try:
         hsd.commit(cache, start, n, recorded)
-    except IndexError as e:
-        teach(False, f"keeping {n} of 4 tokens, commit asked the recording for something it does not hold "
-                     f"(IndexError: {e}): it holds the state after each of the 4 tokens fed, and the conv inputs "
-                     "from the window before them on")
+        missing = None
+    except IndexError as e:                           # said after the except block: the message alone, no chain
+        missing = e
+    teach(missing is None, f"keeping {n} of 4 tokens, commit asked the recording for something it does not hold "
+                           f"(IndexError: {missing}): it holds the state after each of the 4 tokens fed, and the conv "
+                           "inputs from the window before them on")
     expected = fed_one_by_one(model, prompt[:-1] + fed[:n], 40)
     teach_int(cache.length, "after commit the cache's length")
     teach(cache.length == expected.length, f"after committing {n} of 4 tokens the cache holds {cache.length - start} "
@@ -894,11 +896,13 @@ def test_a_round_drafts_and_judges_as_it_is_asked(name):
         asked = f"at temperature {temperature}" + (f" with stop={stop}" if stop else " without a stop")
         _, cache = filled_cache(name, prompt[:-1])
         try:
-            result = hsd.speculative_round(model, cache, pending, skip, k, temperature, torch.Generator().manual_seed(1),
-                                           stop)
-        except Exception as e:                                        # a step was given what it does not take
-            teach(False, f"{asked} the round failed in {traceback.extract_tb(e.__traceback__)[-1].name} "
-                         f"({type(e).__name__}: {e}): draft and judge take the round's temperature, generator and stop")
+            result, failed = hsd.speculative_round(model, cache, pending, skip, k, temperature,
+                                                   torch.Generator().manual_seed(1), stop), None
+        except Exception as e:                        # a step was given what it does not take: said below, alone
+            result, failed = None, e
+        teach(failed is None, f"{asked} the round failed in {traceback.extract_tb(failed.__traceback__)[-1].name} "
+                              f"({type(failed).__name__}: {failed}): draft and judge take the round's temperature, "
+                              "generator and stop" if failed else "")
         drafts, n, next_token = round_values(result, k)
         generator = torch.Generator().manual_seed(1)
         _, fresh = filled_cache(name, prompt[:-1])
