@@ -170,7 +170,9 @@ def judge(drafts, q, logits, temperature=0.0, generator=None):
 
 def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None):
     """One round (module docstring): (drafts, accepted, next token). The committed tokens grow by the pending token
-    and the accepted drafts; the next token becomes the new pending token."""
+    and the accepted drafts; the next token becomes the new pending token. k drafts at most: with a stop (a confidence
+    threshold) drafting may end early; temperature 0 is greedy, above it the round samples with the generator's
+    random stream; draft and judge take these as the round is given them."""
     snap = snapshot(cache)                                                             # 1
     drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop)   # 2
     restore(cache, snap)                                                               # 3

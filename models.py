@@ -334,7 +334,8 @@ def causal_conv(x, window, weight, bias):
     x: (B, T, C) new inputs; window: (B, K-1, C) the K-1 inputs before them (zeros at the start of a sequence);
     weight: (C, 1, K) as in the checkpoints, tap K-1 multiplies the current input; bias: (C,) or None.
         y[:, t, c] = silu(bias[c] + sum_j weight[c, 0, j] * inputs[:, t + j, c]),  inputs = window ++ x
-    Returns y (B, T, C) and all inputs seen, (B, K-1+T, C): the window after token t is inputs[:, t+1 : t+K].
+    Returns y (B, T, C) and inputs (B, K-1+T, C), every input seen: the window after any of the T tokens, the last
+    K-1 inputs up to it, is part of it.
     """
     T, K = x.shape[1], weight.shape[-1]
     inputs = torch.cat([window, x], dim=1)                         # (B, K-1+T, C)
@@ -460,8 +461,9 @@ class StatesAfterEachToken:
 @dataclass
 class Recorded:
     """What a recurrent layer records in a verify pass (record=True), for commit to keep the state after any prefix:
-    conv_inputs (B, K-1+T, C), the conv window before the pass then the T new inputs (the window after token t is
-    conv_inputs[:, t+1 : t+K]); states, the recurrent state after each token (states[t])."""
+    conv_inputs (B, K-1+T, C), the K-1 inputs of the conv window before the pass, then the pass's T inputs (the conv
+    window after a token is the last K-1 inputs up to it); states, the recurrent state after each token (states[t]
+    is the state after token t, counting from 0)."""
     conv_inputs: torch.Tensor
     states: StatesAfterEachToken
 

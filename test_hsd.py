@@ -1,15 +1,11 @@
-"""Tests for hsd, and the course's exercise tools.
-
-  python -m pytest -q test_hsd.py                     the tests: offline, a few minutes on 2 cores (README)
-  python test_hsd.py --exercises                      the exercises, what each depends on, and its grading command
-  python test_hsd.py --blank NAME[,NAME] --out DIR    a handout: the project with those functions left to write
+"""Tests for hsd: python -m pytest -q test_hsd.py (offline, a few minutes on 2 cores; README).
 
 transformers is a test-only oracle: the tests that compare with it are skipped where it is not installed. The first
-tests of each part are the ones a reader should believe first; the exercises' grading tests are ordinary tests of
-this file whose failure messages speak a student's language (README, "Exercises").
+tests of each part are the ones a reader should believe first. The course's grading tests are ordinary tests of this
+file, beside the tests of the function each one grades, whose failure messages speak a student's language
+(EXERCISES.md); a handout carries this file as it is.
 """
 import ast
-import difflib
 import hashlib
 import json
 import math
@@ -21,11 +17,8 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import textwrap
 import time
-from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 from xml.etree import ElementTree
 
 import pytest
@@ -39,7 +32,6 @@ import hsd_eval
 import hsd_train
 import models
 
-HANDOUT = False        # True in a handout (--blank sets it): the grader's self-check is the instructor's, not there
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAMILIES = list(models.TINY)
 PROMPTS_IDS = models.char_tokenizer().encode("The cat sat on the mat.").ids
@@ -58,6 +50,24 @@ def teach(ok, message):
     """Unless ok, fail with the message alone: no traceback, no values (what a student reads first)."""
     if not ok:
         pytest.fail(message, pytrace=False)
+
+
+def kind_of(value):
+    """What a value is, in a student's words and without its numbers: "an int", "a tensor of shape (4,)", "a tuple"."""
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def teach_int(value, what):
+    """Unless value is a Python int, fail saying what it is: token ids and counts are ints, which the next step
+    compares, prints and writes to JSON (a tensor there fails: "Object of type Tensor is not JSON serializable")."""
+    teach(type(value) is int, f"{what} is {kind_of(value)}, not an int: token ids and counts are Python ints (a "
+                              "tensor cannot be written to JSON, and compares as a tensor); int(x) converts a "
+                              "one-element tensor")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,8 +160,9 @@ def test_causal_conv_reads_its_window():
         teach(False, "y is not silu(bias + sum_j weight[c, 0, j] * inputs[t + j]) over inputs = window ++ x")
     teach(close(inputs, everything), "the second output must be every input seen: the window, then x")
     for t in range(T - 1):
-        rest, _ = models.causal_conv(x[:, t + 1:], inputs[:, t + 1:t + K], weight, bias)
-        teach(close(rest, y[:, t + 1:]), f"restarting after token {t} from its window inputs[:, t+1 : t+K] does not "
+        window_after_t = everything[:, :K + t][:, -(K - 1):]               # the last K-1 inputs up to token t
+        rest, _ = models.causal_conv(x[:, t + 1:], window_after_t, weight, bias)
+        teach(close(rest, y[:, t + 1:]), f"restarting after token {t} from the last K-1 inputs up to it does not "
                                          "continue the output")
 
 
@@ -298,8 +309,9 @@ def test_recorded_states_equal_one_token_at_a_time(name, T):
         model(ids[:, 20 + t:21 + t], stepped)
         for kept, step in zip(recorded, stepped.layers):
             if kept:
-                K1 = step.conv.shape[1]
-                assert rel_err(kept.conv_inputs[:, t + 1:t + 1 + K1], step.conv) < 1e-4, "conv window after token t"
+                K1 = step.conv.shape[1]                   # the window before the pass, then the pass's inputs
+                seen = kept.conv_inputs[:, :K1 + t + 1]                     # every input up to token t
+                assert rel_err(seen[:, -K1:], step.conv) < 1e-4, "conv window after token t"
                 assert rel_err(kept.states[t], step.ssm) < 1e-4, "recurrent state after token t"
 
 
@@ -807,6 +819,13 @@ def test_restore_puts_the_snapshot_back(name, draft):
     length = cache.length
     before = [(s.conv, s.ssm, None if s.keys is None else s.keys[:, :, :length].clone()) for s in cache.layers]
     snap = hsd.snapshot(cache)
+    teach(isinstance(snap, hsd.Snapshot), f"snapshot returned {kind_of(snap)}, not an hsd.Snapshot: the round reads "
+                                          "it by name (snap.length), and the debugger prints it")
+    teach(type(snap.length) is int and snap.length == length, f"the snapshot's length is {snap.length!r}, not the "
+                                                              f"{length} tokens the cache holds")
+    teach(isinstance(snap.layers, list) and len(snap.layers) == len(cache.layers) and all(
+        isinstance(s, models.LayerState) for s in snap.layers), f"the snapshot's layers are {kind_of(snap.layers)}: "
+        f"they must be a list of models.LayerState, one for each of the cache's {len(cache.layers)} layers")
     token = prompt[-1]
     for _ in range(5):                                                 # the draft model's steps advance the cache
         token = int(model(torch.tensor([[token]]), cache, skip=TINY_SKIPS[name][draft])[0, -1].argmax())
@@ -814,6 +833,9 @@ def test_restore_puts_the_snapshot_back(name, draft):
     teach(cache.length == length, f"after drafting 5 tokens and restoring, the cache holds {cache.length} tokens, "
                                   f"not the {length} it held: restore must set the length back")
     for i, (state, (conv, ssm, keys)) in enumerate(zip(cache.layers, before)):
+        teach(keys is None or state.keys is not None, f"layer {i}: after restore the layer has no KV cache: the "
+                                                      "cache's layer states were replaced by the snapshot's, which "
+                                                      "hold no keys or values")
         if ssm is not None:
             teach(state.ssm is ssm, f"layer {i}: after restore the recurrent state is not the one before drafting: the "
                                     "snapshot keeps the state tensors themselves (references), not the LayerState "
@@ -822,6 +844,16 @@ def test_restore_puts_the_snapshot_back(name, draft):
                                       "last K-1 conv inputs are part of the state and must be restored too")
         if keys is not None:
             assert torch.equal(state.keys[:, :, :length], keys), "drafting changed the KV cache below the length"
+
+
+def tokens_that_give(model, prompt, fed, i, what, value):
+    """How many of the tokens fed, fed one by one after the prompt, leave layer i's "state" or "conv window" equal to
+    value; None if no number of them does."""
+    for m in range(len(fed) + 1):
+        layer = fed_one_by_one(model, prompt + fed[:m], 40).layers[i]
+        if rel_err(value, layer.ssm if what == "state" else layer.conv) < 1e-9:
+            return m
+    return None
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4], ids=lambda n: f"keep{n}of4")
@@ -834,51 +866,58 @@ def test_commit_keeps_the_state_after_n_tokens(name, n):
     model, cache = filled_cache(name, prompt[:-1])
     start, fed = cache.length, [prompt[-1], 10, 20, 30]
     _, recorded = model(torch.tensor([fed]), cache, record_states=True)       # the verify pass's model call
-    hsd.commit(cache, start, n, recorded)
-    after = {m: fed_one_by_one(model, prompt[:-1] + fed[:m], 40) for m in range(5)}
-    teach(cache.length == start + n, f"after committing {n} of 4 tokens the cache holds {cache.length - start} of "
-                                     "them: the length must be the start plus the tokens kept")
+    try:
+        hsd.commit(cache, start, n, recorded)
+        missing = None
+    except IndexError as e:                           # said after the except block: the message alone, no chain
+        missing = e
+    teach(missing is None, f"keeping {n} of 4 tokens, commit asked the recording for something it does not hold "
+                           f"(IndexError: {missing}): it holds the state after each of the 4 tokens fed, and the conv "
+                           "inputs from the window before them on")
+    expected = fed_one_by_one(model, prompt[:-1] + fed[:n], 40)
+    teach_int(cache.length, "after commit the cache's length")
+    teach(cache.length == expected.length, f"after committing {n} of 4 tokens the cache holds {cache.length - start} "
+                                           "of them")
     kind = "Mamba" if name == "tiny-falcon-h1" else "DeltaNet"
-    why = {"state": {4: "commit kept the last recorded state instead of the one after the last accepted token",
-                     n + 1: "an off-by-one: the recorded states[n] is the state after n+1 tokens",
-                     n - 1: "an off-by-one: keep the state after the n-th token, states[n-1]",
-                     0: "the state was not taken from the recording at all"},
-           "conv window": {4: "commit kept the last conv window instead of the K-1 inputs ending at token n-1",
-                           n + 1: "the conv window is one token late: after n tokens it is the K-1 inputs ending at "
-                                  "token n-1, conv_inputs[:, n : n+K-1]",
-                           n - 1: "the conv window is one token early: after n tokens it is the K-1 inputs ending at "
-                                  "token n-1, conv_inputs[:, n : n+K-1]",
-                           0: "the conv window was not taken from the recording at all"}}
-    for i, state in enumerate(cache.layers):
+    for i, (state, right) in enumerate(zip(cache.layers, expected.layers)):
         if state.ssm is None:
             continue
-        for what, ours, theirs in [("state", state.ssm, lambda m: after[m].layers[i].ssm),
-                                   ("conv window", state.conv, lambda m: after[m].layers[i].conv)]:
-            if ours is None or ours.shape != theirs(n).shape or rel_err(ours, theirs(n)) > 1e-9:
-                same = [m for m in after if ours is not None and ours.shape == theirs(m).shape
-                        and rel_err(ours, theirs(m)) < 1e-9]
-                found = f"equals the {what} after {same[0]} tokens" if same else f"equals no {what} after 0..4 tokens"
-                teach(False, f"after committing {n} of 4 tokens the {kind} {what} of layer {i} {found}: "
-                             f"{why[what].get(same[0], '') if same else ''}")
-    assert same_state(cache, after[n]), "after commit the KV caches do not hold the committed tokens' entries"
+        for what, ours, theirs in [("state", state.ssm, right.ssm), ("conv window", state.conv, right.conv)]:
+            where = f"after committing {n} of 4 tokens the {kind} {what} of layer {i}"
+            teach(torch.is_tensor(ours) and ours.shape == theirs.shape, f"{where} is {kind_of(ours)}, not "
+                  f"{tuple(theirs.shape)} as the model's {what}s are" + (
+                      f" (a conv window holds K-1 = {theirs.shape[1]} inputs)" if what == "conv window" else ""))
+            if rel_err(ours, theirs) > 1e-9:
+                m = tokens_that_give(model, prompt[:-1], fed, i, what, ours)
+                teach(m is not None, f"{where} equals no {what} after 0..4 tokens")
+                off = "one token" if abs(m - n) == 1 else f"{abs(m - n)} tokens"
+                teach(False, f"{where} is the {what} after {m} tokens, {off} {'late' if m > n else 'early'}" + (
+                    ": commit kept the last one recorded" if m == 4 else
+                    ": the one from before the verify pass, not taken from the recording" if m == 0 else ""))
+    assert same_state(cache, expected), "after commit the KV caches do not hold the committed tokens' entries"
     next_logits = model(torch.tensor([[90]]), cache)                      # and the cache goes on correctly
     assert rel_err(next_logits, model(torch.tensor([prompt[:-1] + fed[:n] + [90]]))[:, -1:]) < 1e-9, (
         "after commit the next token's logits differ from a full forward's")
 
 
 def test_accept_takes_the_longest_agreeing_prefix():
-    """Drafts against the full model's choices (rows of logits): the agreeing prefix, then row n's choice."""
+    """Drafts against the full model's choices (rows of logits): the agreeing prefix, then the full model's own choice
+    after it; both ints, which the round returns, the trace prints and --json writes."""
     def logits(choices):
         return F.one_hot(torch.tensor(choices), 10).float()        # row i chooses choices[i]
-    cases = [([1, 2, 3], [1, 2, 3, 4], (3, 4), "all 3 accepted: the next token is the bonus, row 3's choice"),
+    cases = [([1, 2, 3], [1, 2, 3, 4], (3, 4), "all 3 accepted: the next token is the bonus"),
              ([1, 2, 3], [1, 5, 3, 4], (1, 5), "a match after the first mismatch does not count"),
-             ([1, 2, 3], [7, 2, 3, 4], (0, 7), "none accepted: the next token is row 0's choice, the correction"),
-             ([1, 2], [1, 2, 9], (2, 9), "all 2 accepted: the bonus comes from the row after the last draft"),
-             ([], [6], (0, 6), "nothing drafted: the next token is row 0's choice (plain decoding)")]
+             ([1, 2, 3], [7, 2, 3, 4], (0, 7), "none accepted: the next token is the correction"),
+             ([1, 2], [1, 2, 9], (2, 9), "all 2 accepted: the next token is the bonus"),
+             ([], [6], (0, 6), "nothing drafted: the next token is the full model's choice (plain decoding)")]
     for drafts, choices, expected, why in cases:
         got = hsd.accept(drafts, logits(choices))
+        teach(isinstance(got, (tuple, list)) and len(got) == 2, f"accept returned {kind_of(got)}: it returns two "
+                                                                "values, (accepted, next_token)")
+        teach_int(got[0], "the number of accepted drafts")
+        teach_int(got[1], "the next token")
         teach(tuple(got) == expected, f"drafts {drafts}, the full model's choices {choices}: expected {expected}, got "
-                                      f"{got}: {why}")
+                                      f"{tuple(got)}: {why}")
 
 
 @pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
@@ -889,7 +928,11 @@ def test_drafts_are_the_draft_models_greedy_tokens(name):
     model, cache = filled_cache(name, prompt[:-1])
     skip, length = TINY_SKIPS[name]["component"], cache.length
     drafts = hsd.draft_tokens(model, cache, prompt[-1], skip, 3)
+    teach(type(drafts) is list, f"draft_tokens returned {kind_of(drafts)}, not a list: the round's tokens are lists "
+                                "(generate adds the next token to the accepted drafts: drafts[:n] + [token])")
     teach(len(drafts) == 3, f"k = 3 drafts expected, got {len(drafts)}")
+    for i, d in enumerate(drafts):
+        teach_int(d, f"draft {i + 1}")
     teach(cache.length == length + 3, f"drafting 3 tokens fed {cache.length - length} tokens: it feeds the pending "
                                       "token and d1, d2; d3 is fed by the verify pass")
     _, fresh = filled_cache(name, prompt[:-1])
@@ -897,18 +940,37 @@ def test_drafts_are_the_draft_models_greedy_tokens(name):
     for _ in range(3):                                   # the draft model, one token at a time, from the full state
         token = int(model(torch.tensor([[token]]), fresh, skip=skip)[0, -1].argmax())
         expected.append(token)
-    teach(drafts == expected, f"the drafts {drafts} are not the draft model's greedy tokens {expected}: each step feeds "
-                              "the last token to the model with skip, and takes the argmax")
+    teach(drafts == expected, f"the drafts {drafts} are not the draft model's greedy tokens {expected}, continuing "
+                              "from the full model's state")
     _, fresh = filled_cache(name, prompt[:-1])
-    logits, recorded = hsd.verify(model, fresh, prompt[-1], drafts)
+    verified = hsd.verify(model, fresh, prompt[-1], drafts)
+    teach(isinstance(verified, tuple) and len(verified) == 2, f"verify returned {kind_of(verified)}: it returns two "
+                                                              "values, the logits and what the pass recorded")
+    logits, recorded = verified
     full = model(torch.tensor([prompt + drafts]))[0, len(prompt) - 1:]
-    teach(logits.shape == full.shape, f"verify must return k + 1 = 4 rows of logits, one per position of "
-                                      f"[pending, d1, d2, d3]; got {tuple(logits.shape)}")
+    teach(torch.is_tensor(logits) and logits.shape == full.shape, f"verify must return k + 1 = 4 rows of logits, one "
+          f"per position of [pending, d1, d2, d3], {tuple(full.shape)}; got {kind_of(logits)}")
     teach(rel_err(logits, full) < 1e-9, "verify's rows are not the full model's logits at [pending, d1 .. dk]")
     teach(isinstance(recorded, list) and len(recorded) == model.config.num_layers and all(
         (r is not None) == (s.ssm is not None) for r, s in zip(recorded, fresh.layers)),
         "verify must return, with the logits, what the recording pass recorded (model(..., record_states=True)): "
         "per layer the states commit chooses from")
+
+
+def round_values(result, k):
+    """A round's (drafts, accepted, next token), after checking that they are what the next step takes: a list of at
+    most k drafts and two ints."""
+    teach(isinstance(result, tuple) and len(result) == 3, f"a round returned {kind_of(result)}: it returns three "
+                                                          "values, (drafts, accepted, next token)")
+    drafts, n, token = result
+    teach(type(drafts) is list and len(drafts) <= k, f"a round returns its drafts first, a list of at most k = {k} "
+                                                     f"tokens; its first value is {kind_of(drafts)}")
+    for i, d in enumerate(drafts):
+        teach_int(d, f"the round's draft {i + 1}")
+    teach_int(n, "the round's number of accepted drafts (its second value)")
+    teach_int(token, "the round's next token (its third value)")
+    teach(0 <= n <= len(drafts), f"a round accepted {n} of {len(drafts)} drafts")
+    return drafts, n, token
 
 
 @pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
@@ -918,22 +980,65 @@ def test_rounds_commit_what_one_by_one_feeding_gives(name):
     model, prompt = tiny(name), PROMPTS["12-token"]
     cache = models.Cache(model, 60)
     hsd.prefill(model, cache, prompt[:-1])
+    one_by_one = fed_one_by_one(model, prompt[:-1], 60)                  # fed the committed tokens as they come
     committed, pending, seen = prompt[:-1], prompt[-1], set()
     while len(committed) < 40:
-        drafts, n, next_token = hsd.speculative_round(model, cache, pending, TINY_SKIPS[name]["component"], 3)
-        teach(len(drafts) == 3 and 0 <= n <= 3, "a round returns its k drafts, how many were accepted, the next token")
+        drafts, n, next_token = round_values(hsd.speculative_round(model, cache, pending, TINY_SKIPS[name]["component"],
+                                                                   3), k=3)
         before, committed = len(committed), committed + [pending] + drafts[:n]
         teach(cache.length == len(committed), f"after a round that accepted {n} of 3 drafts the cache holds "
-                                              f"{cache.length - before} more tokens, not {n + 1}: the round commits "
-                                              "the pending token and the accepted drafts, n + 1 tokens")
-        teach(same_state(cache, fed_one_by_one(model, committed, 60)),
-              "after a round the state is not that of feeding the committed tokens one by one: the verify pass starts "
-              "from the snapshot (restore after drafting), and commit keeps what it recorded after the n + 1 tokens")
+                                              f"{cache.length - before} more tokens, not {n + 1}: the pending token "
+                                              f"and the {n} accepted")
+        for token in committed[before:]:
+            model(torch.tensor([[token]]), one_by_one)
+        teach(same_state(cache, one_by_one), f"after a round that accepted {n} of 3 drafts "
+              "the state is not that of feeding the committed tokens one by one (the pending token and the accepted "
+              "drafts after the earlier ones)")
         teach(next_token == int(model(torch.tensor([committed]))[0, -1].argmax()),
               "the next token is not the full model's choice after the committed tokens")
         pending = next_token
         seen.add(n)
     assert seen >= {0, 1}, "the rounds should have accepted none and some drafts"
+
+
+@pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
+def test_a_round_drafts_and_judges_as_it_is_asked(name):
+    """A round passes on what it is asked: greedy or at a temperature with its generator, and with a stop (a
+    confidence threshold: drafting may end early) or without, its drafts are those draft gives from the same state,
+    its verdict is judge's on them, and the cache then holds the committed tokens' state."""
+    model, prompt = tiny(name), PROMPTS["12-token"]
+    skip, pending, k = TINY_SKIPS[name]["component"], prompt[-1], 4
+    torch.manual_seed(0)                        # a round that draws from torch's own random stream does so repeatably
+    for temperature, stop in ((0.0, 0.9), (TEMPERATURE, 0.9), (TEMPERATURE, None)):
+        asked = f"at temperature {temperature}" + (f" with stop={stop}" if stop else " without a stop")
+        _, cache = filled_cache(name, prompt[:-1])
+        try:
+            result, failed = hsd.speculative_round(model, cache, pending, skip, k, temperature,
+                                                   torch.Generator().manual_seed(1), stop), None
+        except Exception as e:                        # a step was given what it does not take: said below, alone
+            result, failed = None, e
+        teach(failed is None, f"{asked} the round failed in {traceback.extract_tb(failed.__traceback__)[-1].name} "
+                              f"({type(failed).__name__}: {failed}): draft and judge take the round's temperature, "
+                              "generator and stop" if failed else "")
+        drafts, n, next_token = round_values(result, k)
+        generator = torch.Generator().manual_seed(1)
+        _, fresh = filled_cache(name, prompt[:-1])
+        expected, q = hsd.draft(model, fresh, pending, skip, k, temperature, generator, stop)
+        teach(len(drafts) == len(expected), f"{asked} the round drafted {len(drafts)} tokens where draft, from the "
+                                            f"same state, drafts {len(expected)}: the round ignored its stop")
+        teach(drafts == expected, f"{asked} the round's drafts are not those draft gives from the same state and a "
+                                  "generator seeded alike: the round ignored its temperature or its generator")
+        _, fresh = filled_cache(name, prompt[:-1])
+        logits, _ = hsd.verify(model, fresh, pending, expected)
+        verdict = hsd.judge(expected, q, logits, temperature, generator)
+        teach((n, next_token) == verdict, f"{asked} the round's verdict (accepted, next token) is {(n, next_token)}, "
+                                          f"judge's on its drafts {verdict}: the round ignored its temperature or its "
+                                          "generator when judging")
+        teach(cache.length == len(prompt) + n, f"{asked}, after a round that accepted {n} of {len(drafts)} drafts "
+                                               f"the cache holds {cache.length - len(prompt) + 1} more tokens, not "
+                                               f"{n + 1}: the pending token and the {n} accepted")
+        teach(same_state(cache, fed_one_by_one(model, prompt[:-1] + [pending] + drafts[:n], 40)),
+              f"{asked} the state after the round is not that of feeding the committed tokens one by one")
 
 
 def test_draft_strategies_skip_what_the_paper_skips():
@@ -1216,7 +1321,7 @@ def test_no_warning_filters_or_import_boilerplate_before_the_code():
     needs a "noqa" for being imported late: a reader meets the imports, then the code."""
     with open(os.path.join(HERE, "requirements.txt"), encoding="utf-8") as f:
         assert any(line.startswith("numpy") for line in f)
-    for name in project_files(HERE):
+    for name in project_files():
         if name.endswith(".py"):
             with open(os.path.join(HERE, name), encoding="utf-8") as f:
                 text = f.read()
@@ -1402,7 +1507,17 @@ def speculative_first_two_tokens(name, n, seed):
 def test_speculative_sampling_is_exact_in_distribution(name):
     """Acceptance with probability min(1, p/q), the correction from the residual max(0, p - q), the bonus from p: then
     the first draft is accepted with probability 1 - TV(p, q), and the first and second tokens are distributed as
-    plain sampling's, p1 and sum_x p1(x) p2(. | x), computed exactly over the whole vocabulary."""
+    plain sampling's, p1 and sum_x p1(x) p2(. | x), computed exactly over the whole vocabulary. First, on rows whose
+    verdict is certain, the two values are ints, which the round returns, the trace prints and --json writes."""
+    q, inf = torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=torch.float64), float("inf")
+    rejected = torch.tensor([[-inf, 0.0, -inf, -inf], [0.0, 0.0, 0.0, 0.0]])      # p(d1) = 0: d1 = 0 is rejected
+    accepted = torch.tensor([[0.0, 0.0, -inf, -inf], [-inf, -inf, 0.0, -inf]])    # p = q: d1 is accepted
+    for logits, what in ((rejected, "the correction"), (accepted, "the bonus token")):
+        got = hsd.accept_sampled([0], q, logits, TEMPERATURE, torch.Generator().manual_seed(0))
+        teach(isinstance(got, (tuple, list)) and len(got) == 2, f"accept_sampled returned {kind_of(got)}: it returns "
+                                                                "two values, (accepted, next_token)")
+        teach_int(got[0], f"the number of accepted drafts (a round ending with {what})")
+        teach_int(got[1], what)
     L1, L2, Q1, _ = sampling_rows(name)
     p1, p2, q1 = (hsd.probabilities(x, TEMPERATURE) for x in (L1, L2, Q1))
     n = 20_000
@@ -2062,12 +2177,13 @@ def imports_of(module):
         tree = ast.parse(f.read())
     names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    return names & {"models", "hsd", "hsd_eval", "hsd_bench", "hsd_train", "test_hsd", "transformers"}
+    return names & {"models", "hsd", "hsd_eval", "hsd_bench", "hsd_train", "test_hsd", "transformers", "exercises"}
 
 
 def test_imports_run_one_way():
     """models <- hsd <- hsd_eval <- hsd_bench, hsd_train; the runtime never imports transformers
-    (the benchmark compares with it)."""
+    (the benchmark compares with it); the tests need nothing a handout leaves out (exercises.py)."""
+    assert imports_of("test_hsd") == {"models", "hsd", "hsd_eval", "hsd_bench", "hsd_train"}
     assert imports_of("models") == set()
     assert imports_of("hsd") == {"models"}
     assert imports_of("hsd_eval") == {"models", "hsd"}
@@ -2075,10 +2191,25 @@ def test_imports_run_one_way():
     assert imports_of("hsd_bench") == {"models", "hsd", "hsd_eval", "transformers"}
 
 
+def project_files():
+    """The project's files, relative to HERE: those git tracks or would track; without git (a handout), every file
+    but git's, caches, virtual environments and a handout written inside the project."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=HERE,
+                            capture_output=True, text=True) if shutil.which("git") else None
+    if listed is not None and listed.returncode == 0 and os.path.exists(os.path.join(HERE, ".git")):
+        return [name for name in listed.stdout.splitlines() if os.path.isfile(os.path.join(HERE, name))]
+    files = []
+    for folder, dirs, names in os.walk(HERE):
+        dirs[:] = [d for d in dirs if d not in (".git", "__pycache__", ".pytest_cache") and not any(
+            os.path.exists(os.path.join(folder, d, mark)) for mark in ("pyvenv.cfg", "test_hsd.py"))]
+        files += [os.path.relpath(os.path.join(folder, name), HERE) for name in names]
+    return files
+
+
 def test_the_project_stands_alone():
     """Nothing points at the project's notes beside it (a user's clone has only the project); MIT licence, as the
     README says."""
-    for name in project_files(HERE):
+    for name in project_files():
         if name.endswith((".py", ".md", ".txt", ".json", "run")) and not name.startswith("toys/text/"):
             with open(os.path.join(HERE, name), encoding="utf-8") as f:
                 assert "../" + "shared" not in f.read(), name
@@ -2108,7 +2239,7 @@ def test_the_readme_debugger_session_prints_what_the_readme_says():
     by pdb after the same command (paths and line numbers, which it leaves out, are not compared)."""
     section = readme_section("Stepping through a round in a debugger")
     if "```" not in (section or ""):
-        pytest.skip("this handout's README leaves the session out (it shows the reference of speculative_round)")
+        pytest.skip("this handout's README leaves the session out (it shows the reference of a function to write)")
     block = section.split("```")[1].strip().splitlines()
     assert block[0].startswith("$ python -m pdb hsd.py")
     commands, shown = [], []                                   # shown[i]: the lines the README shows after command i
@@ -2165,875 +2296,8 @@ def test_nll_gives_the_toys_recorded_heldout_loss():
         assert ratio > 1.0, f"perplexity full -> {draft}: {ratio:.2f}x (a draft leaves something out)"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Course exercises: what each one asks, the tests that grade it, what its grading runs, and typical mistakes
-#
-# python test_hsd.py --exercises [--json]            the catalogue (README, "Exercises")
-# python test_hsd.py --blank NAME[,NAME] --out DIR   a handout: the project with those functions left to write
-#
-# An exercise's grading tests (its `tests`) run its functions and the functions of the exercises it `needs`, and of
-# no other: the suite proves it by grading each exercise with every other exercise blanked. So exercises that do not
-# need each other can be handed out together, and each one is graded on its own.
-
-Exercise = namedtuple("Exercise", "name functions teaches hint minutes tests needs")
-MODEL = ["causal-conv", "mamba-recurrence", "delta-rule-recurrence", "ssd-chunked", "delta-rule-chunked"]
-VERIFY = ["mamba-verify-states", "delta-rule-verify-states"]      # the model's forms for a recording (verify) pass
-EXERCISES = [
-    Exercise(
-        "causal-conv", ["models.causal_conv"],
-        "the causal depthwise convolution of Mamba-2 and Gated DeltaNet, and why its window (the last K-1 inputs) is "
-        "part of the recurrent state that a snapshot must keep and a commit must roll back",
-        "put the window before x, then each output is a weighted sum of K consecutive inputs", 20,
-        ["test_causal_conv_reads_its_window"], []),
-    Exercise(
-        "mamba-recurrence", ["models.ssd_step"],
-        "Mamba-2's selective state-space recurrence for one token: the definition that decoding runs",
-        "decay the old state by exp(dt A), add dt x B^T, read y = s C; make a new tensor, never modify the old one", 20,
-        ["test_ssd_recurrence_is_the_definition"], []),
-    Exercise(
-        "delta-rule-recurrence", ["models.gated_delta_rule_step"],
-        "the gated delta rule of Gated DeltaNet for one token: a memory that decays, predicts the value of a key, and "
-        "writes the error of that prediction",
-        "decay, then predict S'^T k, then add k (beta (v - prediction))^T, then read S^T q", 25,
-        ["test_gated_delta_rule_is_the_definition"], []),
-    Exercise(
-        "ssd-chunked", ["models.ssd_chunked"],
-        "(advanced) the chunked SSD algorithm used for prefill: the same recurrence as matrix products within chunks "
-        "and a short recurrence across them",
-        "four steps: within chunks (segsum decays), each chunk's contribution to the state, the state across chunks, "
-        "what each position reads from its chunk's start state", 60,
-        ["test_ssd_chunked_equals_recurrent"], ["mamba-recurrence"]),
-    Exercise(
-        "delta-rule-chunked", ["models.gated_delta_rule_chunked"],
-        "(advanced) the chunked (WY) form of the gated delta rule used for prefill",
-        "within a chunk solve (I + M) U = beta v and (I + M) W = beta k exp(c); the values written are U - W S0", 60,
-        ["test_gated_delta_rule_chunked_equals_recurrent"], ["delta-rule-recurrence"]),
-    Exercise(
-        "mamba-verify-states", ["models.ssd_states"],
-        "(advanced) the state after every token of a verify pass in a few batched operations, whatever k: the "
-        "recurrence unrolled (the state-space duality), so that verifying k+1 tokens costs about one step",
-        "s_t = exp(a_1 + ... + a_t) s_0 + sum_s exp(a_(s+1) + ... + a_t) dt_s x_s B_s^T; segsum gives the decays", 45,
-        ["test_ssd_states_equal_recurrent"], ["mamba-recurrence"]),
-    Exercise(
-        "delta-rule-verify-states", ["models.gated_delta_rule_states"],
-        "(advanced) the gated delta rule's state after every token of a verify pass in a few batched operations: "
-        "each write depends on the earlier ones, so the values written solve one triangular system",
-        "(I + M) u = beta (v - exp(c) S_0^T k), M below the diagonal; then S_t = exp(c_t) S_0 + sum_j exp(c_t - c_j) "
-        "k_j u_j^T", 60,
-        ["test_gated_delta_rule_states_equal_recurrent"], ["delta-rule-recurrence"]),
-    Exercise(
-        "snapshot-restore", ["hsd.snapshot", "hsd.restore"],
-        "the snapshot before drafting and the restore after it: drafting must leave no trace, and because no state "
-        "tensor is ever written in place, references are a snapshot",
-        "remember the length and, per layer, the conv window and the recurrent state; put all three back", 15,
-        ["test_restore_puts_the_snapshot_back"], MODEL),
-    Exercise(
-        "commit", ["hsd.commit"],
-        "keeping the state after n of the k+1 verified tokens: a recurrent state cannot be cropped like a KV cache, so "
-        "the verify pass records the state after every position and commit picks one",
-        "the length is start + n; the recurrent state is states[n-1]; the conv window is the K-1 inputs ending at "
-        "token n-1", 20,
-        ["test_commit_keeps_the_state_after_n_tokens"], MODEL + VERIFY),
-    Exercise(
-        "accept", ["hsd.accept"],
-        "greedy verification: the longest prefix of drafts the full model agrees with, then the full model's own next "
-        "token (a correction, or a bonus when every draft was accepted)",
-        "row i of the logits is the full model's choice after position i; stop at the first disagreement", 10,
-        ["test_accept_takes_the_longest_agreeing_prefix"], []),
-    Exercise(
-        "accept-sampled", ["hsd.accept_sampled"],
-        "speculative sampling: accept a sampled draft with probability min(1, p/q), replace a rejection by a sample "
-        "from the residual max(0, p - q), and the output is distributed exactly as plain sampling from p",
-        "p: the full model's probabilities() at the same temperature; one uniform draw per draft; torch.multinomial "
-        "takes weights", 30,
-        ["test_speculative_sampling_is_exact_in_distribution"], MODEL),
-    Exercise(
-        "draft-and-verify", ["hsd.draft_tokens", "hsd.verify"],
-        "the two model calls of a round: k greedy steps of the draft model from the full model's state, then one "
-        "pass of the full model over the pending token and the k drafts, recording every position's state",
-        "the draft feeds pending, d1 .. d(k-1); verify feeds [pending, d1 .. dk] with record_states=True and returns "
-        "what the model returns", 15,
-        ["test_drafts_are_the_draft_models_greedy_tokens"], MODEL + VERIFY),
-    Exercise(
-        "speculative-round", ["hsd.speculative_round"],
-        "one round, step by step: snapshot, draft, restore, verify, judge, commit",
-        "six calls, in the order of the module docstring; what verify records goes to commit, which keeps the pending "
-        "token and the accepted drafts", 15,
-        ["test_rounds_commit_what_one_by_one_feeding_gives"],
-        MODEL + VERIFY + ["snapshot-restore", "draft-and-verify", "accept", "commit"]),
-    Exercise(
-        "draft-strategies", ["hsd.draft_skip"],
-        "the paper's draft strategies as data: which layers, or which layers' attention branch, the draft leaves out",
-        "return models.Skip(layers=...) or models.Skip(attention=...); see the README's table", 15,
-        ["test_draft_strategies_skip_what_the_paper_skips"], []),
-    Exercise(
-        "bootstrap", ["hsd_eval.bootstrap_ci"],
-        "the 95% bootstrap percentile interval of a mean, as the paper reports acceptance",
-        "resample the values with replacement, take the mean of each resample, then the 2.5% and 97.5% quantiles", 15,
-        ["test_bootstrap_gives_a_95_percent_interval"], []),
-    Exercise(
-        "break-even", ["hsd_eval.break_even"],
-        "the cost model: from step times at two context lengths, the context from which on self-speculation pays off",
-        "the gap (1 + a) t_full - k t_draft - t_verify is linear in the context; find where it crosses 0, rising", 20,
-        ["test_break_even_arithmetic"], []),
-    Exercise(
-        "perplexity", ["hsd_eval.nll"],
-        "a measurement on a trained toy: the negative log-likelihood behind perplexity, for the full model and for a "
-        "draft, and the perplexity ratio full -> draft that the paper found to predict a draft's acceptance",
-        "hidden states of every position but the last, logits, log_softmax; the target at position t is token t+1", 20,
-        ["test_nll_gives_the_toys_recorded_heldout_loss"], []),
-]
-
-Mistake = namedtuple("Mistake", "what function old new message")
-# A typical wrong solution: in `function`, the statements `old` (code of the reference, in any formatting: they are
-# matched as syntax trees) become `new`; `message` is what the failure the student reads first must say.
-MISTAKES = {
-    "causal-conv": [
-        Mistake("the window is ignored", "models.causal_conv", "inputs = torch.cat([window, x], dim=1)",
-                "inputs = torch.cat([torch.zeros_like(window), x], dim=1)", "y ignores the window"),
-        Mistake("the taps are reversed", "models.causal_conv", "w = weight[:, 0].to(f32)",
-                "w = weight[:, 0].flip(-1).to(f32)", "the taps are reversed")],
-    "mamba-recurrence": [
-        Mistake("the decay comes after the input", "models.ssd_step",
-                "state = decay * state\nstate.addcmul_(dt_x, B[:, :, None, :])",
-                "state = decay * (state + dt_x * B[:, :, None, :])", "token 0: the decay was applied after adding"),
-        Mistake("the state is updated in place", "models.ssd_step", "state = decay * state",
-                "state = state.mul_(decay)", "the state passed in was changed"),
-        Mistake("dt is left out of the input term", "models.ssd_step", "dt_x = (dt[:, :, None] * x)[..., None]",
-                "dt_x = x[..., None]", "token 0: the input term lacks dt")],
-    "delta-rule-recurrence": [
-        Mistake("the prediction uses the memory before its decay", "models.gated_delta_rule_step",
-                "prediction = (k[:, :, None, :] @ state).squeeze(-2)",
-                "prediction = (k[:, :, None, :] @ (state / torch.exp(g)[:, :, None, None])).squeeze(-2)",
-                "token 0: the prediction S^T k used the memory before its decay"),
-        Mistake("beta is left out of the write", "models.gated_delta_rule_step",
-                "error = beta[:, :, None] * (v - prediction)", "error = v - prediction", "token 0: the write lacks beta")],
-    "ssd-chunked": [
-        Mistake("the state is not decayed across chunks", "models.ssd_chunked",
-                "state = torch.exp(a_cum[:, i, :, -1])[..., None, None] * state + chunk_updates[:, i]",
-                "state = state + chunk_updates[:, i]", "its start state decayed over the chunk plus its own writes"),
-        Mistake("positions read the chunk's start state without its decay", "models.ssd_chunked",
-                "y_off = y_off * torch.exp(a_cum).permute(0, 1, 3, 2)[..., None]", "",
-                "the output differs already in the first chunk")],
-    "delta-rule-chunked": [
-        Mistake("the start state's prediction is not subtracted", "models.gated_delta_rule_chunked",
-                "u = U[:, i] - W[:, i] @ state", "u = U[:, i]", "the output differs already in the first chunk"),
-        Mistake("the state is not decayed across chunks", "models.gated_delta_rule_chunked",
-                "state = c[:, i, :, -1].exp()[..., None, None] * state + (k[:, i] * decay_to_end).transpose(-1, -2) @ u",
-                "state = state + (k[:, i] * decay_to_end).transpose(-1, -2) @ u",
-                "its start state decayed over the chunk plus its own writes")],
-    "mamba-verify-states": [
-        Mistake("the start state is left out of the states", "models.ssd_states",
-                "return y.transpose(1, 2), StatesAfterEachToken(state, from_start, decay, x_dt, B)",
-                "return y.transpose(1, 2), StatesAfterEachToken(torch.zeros_like(state), from_start, decay, x_dt, B)",
-                "from an empty start state the outputs and states are right"),
-        Mistake("the decay from the start leaves out the token's own", "models.ssd_states",
-                "from_start = torch.exp(a.cumsum(dim=-1))", "from_start = torch.exp(a.cumsum(dim=-1) - a)",
-                "from an empty start state the outputs and states are right")],
-    "delta-rule-verify-states": [
-        Mistake("the start memory's prediction is not subtracted", "models.gated_delta_rule_states",
-                "rhs = beta * (v - from_start[..., None] * (k @ state))", "rhs = beta * v",
-                "from an empty start memory the outputs and states are right"),
-        Mistake("the triangular system without its unit diagonal", "models.gated_delta_rule_states",
-                "u = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)",
-                "u = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=False)",
-                "even from an empty start memory")],
-    "snapshot-restore": [
-        Mistake("restore leaves the length as drafting left it", "hsd.restore", "cache.length = snap.length", "",
-                "after drafting 5 tokens and restoring, the cache holds"),
-        Mistake("restore forgets the conv windows", "hsd.restore", "state.conv, state.ssm = kept.conv, kept.ssm",
-                "state.ssm = kept.ssm", "layer 0: after restore the conv window is not the one before drafting"),
-        Mistake("the snapshot keeps the LayerState objects", "hsd.snapshot",
-                "return Snapshot(cache.length, [models.LayerState(conv=s.conv, ssm=s.ssm) for s in cache.layers])",
-                "return Snapshot(cache.length, list(cache.layers))",
-                "layer 0: after restore the recurrent state is not the one before drafting")],
-    "commit": [
-        Mistake("the last recorded state is kept", "hsd.commit", "state.ssm = layer.states[kept - 1]",
-                "state.ssm = layer.states[-1]", "commit kept the last recorded state"),
-        Mistake("the conv window is taken from the end", "hsd.commit",
-                "state.conv = layer.conv_inputs[:, kept:kept + state.conv.shape[1]]",
-                "state.conv = layer.conv_inputs[:, -state.conv.shape[1]:]", "commit kept the last conv window"),
-        Mistake("the conv window is one token late", "hsd.commit",
-                "state.conv = layer.conv_inputs[:, kept:kept + state.conv.shape[1]]",
-                "state.conv = layer.conv_inputs[:, kept + 1:kept + 1 + state.conv.shape[1]]",
-                "the conv window is one token late"),
-        Mistake("an off-by-one in the length", "hsd.commit", "cache.length = start + kept", "cache.length = start + kept - 1",
-                "after committing 1 of 4 tokens the cache holds 0 of them")],
-    "accept": [
-        Mistake("every agreeing draft counts, not only the prefix", "hsd.accept",
-                "accepted = 0\nwhile accepted < len(drafts) and drafts[accepted] == choices[accepted]:\n"
-                "    accepted += 1",
-                "accepted = sum(d == c for d, c in zip(drafts, choices))", "a match after the first mismatch does not count"),
-        Mistake("the next token comes from the row of the last accepted draft", "hsd.accept", "return accepted, choices[accepted]",
-                "return accepted, choices[max(accepted - 1, 0)]", "the next token is the bonus, row 3's choice")],
-    "accept-sampled": [
-        Mistake("accepting with q/p instead of p/q", "hsd.accept_sampled",
-                "if torch.rand((), dtype=torch.float64, generator=generator) >= p[i, token] / q[i, token]:\n"
-                "    return i, int(torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator))",
-                "if torch.rand((), dtype=torch.float64, generator=generator) >= q[i, token] / p[i, token]:\n"
-                "    return i, int(torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator))",
-                "the first draft was accepted"),
-        Mistake("the correction sampled from p instead of the residual", "hsd.accept_sampled",
-                "if torch.rand((), dtype=torch.float64, generator=generator) >= p[i, token] / q[i, token]:\n"
-                "    return i, int(torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator))",
-                "if torch.rand((), dtype=torch.float64, generator=generator) >= p[i, token] / q[i, token]:\n"
-                "    return i, int(torch.multinomial(p[i], 1, generator=generator))",
-                "the first token is not distributed as plain sampling's"),
-        Mistake("the bonus token taken from the draft", "hsd.accept_sampled",
-                "return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))",
-                "return len(drafts), int(torch.multinomial(q[-1], 1, generator=generator))",
-                "the second token is not distributed as plain sampling's"),
-        Mistake("the temperature applied to the draft side only", "hsd.accept_sampled",
-                "p = probabilities(logits, temperature)", "p = probabilities(logits, 1.0)",
-                "p and q both at the temperature")],
-    "draft-and-verify": [
-        Mistake("verify leaves out the pending token", "hsd.verify",
-                "logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, "
-                "record_states=True)",
-                "logits, recorded = model(torch.tensor([[*drafts]], device=cache.device), cache, record_states=True)",
-                "verify must return k + 1 = 4 rows"),
-        Mistake("the draft feeds the full model", "hsd.draft_tokens",
-                "token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())",
-                "token = int(model(torch.tensor([[token]], device=cache.device), cache)[0, -1].argmax())",
-                "are not the draft model's greedy tokens")],
-    "speculative-round": [
-        Mistake("no restore before verifying", "hsd.speculative_round", "restore(cache, snap)", "",
-                "after a round the state is not that of feeding the committed tokens one by one"),
-        Mistake("commit leaves out the pending token", "hsd.speculative_round",
-                "commit(cache, snap.length, accepted + 1, recorded)", "commit(cache, snap.length, accepted, recorded)",
-                "after a round that accepted")],
-    "draft-strategies": [
-        Mistake("layerskip starts one layer late", "hsd.draft_skip",
-                "start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)",
-                "start, skipped = n // 2 - int(0.33 * n) // 2 + 1, int(0.33 * n)", "layerskip on tiny-falcon-h1"),
-        Mistake("Qwen3.5's attention layers keep their MLP", "hsd.draft_skip",
-                "return models.Skip(layers=frozenset(i for i, t in enumerate(config.layer_types) if t == "
-                "'full_attention'))",
-                "return models.Skip(attention=frozenset(i for i, t in enumerate(config.layer_types) if t == "
-                "'full_attention'))", "component on tiny-qwen3.5")],
-    "bootstrap": [
-        Mistake("a 90% interval", "hsd_eval.bootstrap_ci",
-                "return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()",
-                "return torch.quantile(means, 0.05).item(), torch.quantile(means, 0.95).item()",
-                "is narrower than a 95% interval"),
-        Mistake("resampling without replacement", "hsd_eval.bootstrap_ci",
-                "means = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))]"
-                ".mean(dim=1)",
-                "means = v[torch.stack([torch.randperm(len(v), generator=torch.Generator().manual_seed(seed + i)) "
-                "for i in range(resamples)])].mean(dim=1)", "the interval has no width")],
-    "break-even": [
-        Mistake("the crossing interpolated from the wrong end", "hsd_eval.break_even",
-                "crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0)", "crossing = L1 - gap0 * (L1 - L0) / (gap1 - gap0)",
-                "so it crosses 0 at 600, not 1600"),
-        Mistake("a crossing beyond the model's context is reported", "hsd_eval.break_even",
-                "return round(crossing) if crossing <= max_context else None", "return round(crossing)",
-                "the crossing at 600 lies beyond the model's context")],
-    "perplexity": [
-        Mistake("the target is the token at the same position", "hsd_eval.nll",
-                "total -= logp.gather(1, ids[0, i + 1:i + 1 + chunk, None]).sum().item()",
-                "total -= logp.gather(1, ids[0, i:i + len(logp), None]).sum().item()",
-                "nll over the held-out windows gives"),
-        Mistake("the draft's skip is not passed", "hsd_eval.nll", "h = model.hidden_states(ids, skip=skip)[0, :-1]",
-                "h = model.hidden_states(ids)[0, :-1]", "the layerskip draft's loss equals the full model's"),
-        Mistake("the mean, not the sum", "hsd_eval.nll", "return total", "return total / len(h)",
-                "nll returns the mean")],
-}
-
-
-def exercise_by_name(name):
-    found = [e for e in EXERCISES if e.name == name]
-    if not found:
-        closest = difflib.get_close_matches(name, [e.name for e in EXERCISES], n=1)
-        hint = f"did you mean {closest[0]}? " if closest else ""
-        raise SystemExit(f"test_hsd.py: error: no exercise {name!r}: {hint}(python test_hsd.py --exercises lists them)")
-    return found[0]
-
-
-def grading_command(exercise):
-    """The command that grades an exercise, run from the project's (or the handout's) root: just its tests, each failure
-    as its message and a short traceback."""
-    return "python -m pytest -q --tb=short --assert=plain " + " ".join(f"'test_hsd.py::{t}'" for t in exercise.tests)
-
-
-def together(a, b):
-    """Whether exercises a and b can be handed out at once: the grading of neither runs the other's functions."""
-    return a.name not in b.needs and b.name not in a.needs
-
-
-# --- The machinery: functions found by their syntax tree, their bodies spliced as text ---------------------------
-def function_node(tree, qualname):
-    """The ast node of the function "f" or "Class.f" in a module's tree."""
-    scope = tree.body
-    for part in qualname.split("."):
-        node = next(n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
-        scope = node.body
-    return node
-
-
-def body_statements(node):
-    """A function's statements after its docstring."""
-    has_docstring = isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
-    return node.body[1:] if has_docstring else node.body
-
-
-def source_lines(source):
-    """source's lines with their ends, numbered as ast numbers them (str.splitlines would split at a form feed too)."""
-    return re.findall(r"[^\n]*\n|[^\n]+$", source)
-
-
-def splice(source, first, last, indent, code):
-    """source with its lines first..last (1-based, inclusive) replaced by code, indented by indent spaces."""
-    lines = source_lines(source)
-    new = textwrap.indent(textwrap.dedent(code).strip("\n") or "pass", " " * indent) + "\n"
-    return "".join(lines[:first - 1] + [new] + lines[last:])
-
-
-def replace_bodies(source, bodies):
-    """source with the body of each function in bodies ({qualname: code}) replaced by its code, docstrings kept."""
-    tree, spans = ast.parse(source), []
-    for qualname, code in bodies.items():
-        statements = body_statements(function_node(tree, qualname))
-        spans.append((statements[0].lineno, statements[-1].end_lineno, statements[0].col_offset, code))
-    for first, last, indent, code in sorted(spans, reverse=True):     # bottom up: the lines above keep their numbers
-        source = splice(source, first, last, indent, code)
-    return source
-
-
-def filled(texts, bodies):
-    """texts with the given functions' bodies written in: {"module.function": body}."""
-    texts, modules = dict(texts), {}
-    for function, body in bodies.items():
-        module, qualname = function.split(".", 1)
-        modules.setdefault(module + ".py", {})[qualname] = body
-    for file, module_bodies in modules.items():
-        texts[file] = replace_bodies(texts[file], module_bodies)
-    return texts
-
-
-def reference_body(source, qualname):
-    """The text of qualname's body after its docstring, dedented: what a student writes."""
-    statements = body_statements(function_node(ast.parse(source), qualname))
-    lines = source_lines(source)[statements[0].lineno - 1:statements[-1].end_lineno]
-    return textwrap.dedent("".join(lines))
-
-
-def starter(exercise, qualname):
-    return (f'raise NotImplementedError("exercise {exercise}: write {qualname}, see its docstring and the README, '
-            f'Exercises")')
-
-
-def apply_mistake(source, mistake):
-    """source with the mistake made: the statements `old` of its function, found as syntax trees, replaced by `new`."""
-    old = [ast.dump(s) for s in ast.parse(textwrap.dedent(mistake.old)).body]
-    found = []
-    for node in ast.walk(function_node(ast.parse(source), mistake.function.split(".", 1)[1])):
-        for field in ("body", "orelse", "finalbody"):
-            block = getattr(node, field, None)
-            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
-                found += [block[i:i + len(old)] for i in range(len(block) - len(old) + 1)
-                          if [ast.dump(s) for s in block[i:i + len(old)]] == old]
-    assert len(found) == 1, f"{mistake.what}: its reference statements are {len(found)} times in {mistake.function}"
-    return splice(source, found[0][0].lineno, found[0][-1].end_lineno, found[0][0].col_offset, mistake.new)
-
-
-# --- Handouts: the project minus the answers ------------------------------------------------------------------------
-TEXT_FILES = (".py", ".md")       # what a handout may change; every other file is copied byte for byte
-REVEALS = re.compile(r"<!-- shows the reference of ([\w., ]+) -->\n.*?<!-- end -->\n", re.S)
-
-
-def project_files(root):
-    """The project's files, relative to root: those git tracks or would track, or where there is no git (a handout),
-    every file but caches and environments; never a copy of the project inside it (a handout written there, which
-    holds the answers its own exercises left in)."""
-    def a_copy(folder):
-        return os.path.isfile(os.path.join(root, folder, "test_hsd.py"))
-    try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
-                                capture_output=True, text=True)
-    except FileNotFoundError:                                        # no git on this machine
-        listed = None
-    if listed is not None and listed.returncode == 0 and os.path.exists(os.path.join(root, ".git")):
-        return sorted(name for name in listed.stdout.split("\0") if name and os.path.isfile(os.path.join(root, name))
-                      and not ("/" in name and a_copy(name.split("/")[0])))
-    files = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in (".git", ".venv", "__pycache__", ".pytest_cache")
-                   and not a_copy(os.path.relpath(os.path.join(folder, d), root))]
-        files += [os.path.relpath(os.path.join(folder, name), root) for name in names]
-    return sorted(files)
-
-
-def project_texts(root):
-    """{file: text} of the project's .py and .md files."""
-    texts = {}
-    for name in project_files(root):
-        if name.endswith(TEXT_FILES):
-            with open(os.path.join(root, name), encoding="utf-8") as f:
-                texts[name] = f.read()
-    return texts
-
-
-def set_module_values(source, lines):
-    """source with each module-level assignment to a name in lines replaced by the line lines[name]."""
-    nodes = [n for n in ast.parse(source).body if isinstance(n, ast.Assign)
-             and isinstance(n.targets[0], ast.Name) and n.targets[0].id in lines]
-    assert len(nodes) == len(lines), f"not one assignment each to {sorted(lines)}"
-    for node in sorted(nodes, key=lambda n: n.lineno, reverse=True):     # bottom up: the lines above keep their numbers
-        source = splice(source, node.lineno, node.end_lineno, 0, lines[node.targets[0].id])
-    return source
-
-
-def handout_texts(texts, exercises):
-    """The handout's .py and .md files: each exercise's functions with a starter body, the grader's self-check data
-    (typical mistakes, other correct solutions) emptied and HANDOUT set, and the README's parts that show a blanked
-    function's reference left out."""
-    blanked = [f for e in exercises for f in e.functions]
-    texts = filled(texts, {f: starter(e.name, f.split(".", 1)[1]) for e in exercises for f in e.functions})
-    texts["test_hsd.py"] = set_module_values(texts["test_hsd.py"], {       # wrong and right solutions: the instructor's
-        **{name: f"{name} = {{}}        # the instructor's: not in handouts" for name in ("MISTAKES", "ALTERNATIVES")},
-        "HANDOUT": "HANDOUT = True"})
-
-    def leave_out(part):
-        functions = [f.strip() for f in part.group(1).split(",")]
-        if not set(functions) & set(blanked):
-            return part.group(0)
-        return (f"*(Left out of this handout: this part shows the reference of {', '.join(functions)}, which you write "
-                "here.)*\n")
-    texts["README.md"] = REVEALS.sub(leave_out, texts["README.md"])
-    return texts
-
-
-def write_project(out, texts, root, link=False):
-    """The project in the folder out: texts as given, every other file copied byte for byte (or, for the grader's
-    scratch copies, linked)."""
-    for name in project_files(root):
-        target = os.path.join(out, name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if name in texts:
-            with open(target, "w", encoding="utf-8") as f:
-                f.write(texts[name])
-        elif link:
-            os.symlink(os.path.join(root, name), target)
-        else:
-            shutil.copyfile(os.path.join(root, name), target)
-            shutil.copymode(os.path.join(root, name), target)
-
-
-def blank(names, out):
-    """python test_hsd.py --blank NAME[,NAME] --out DIR: the handout, or one line saying why not."""
-    exercises = [exercise_by_name(name) for name in names]
-    for a in exercises:
-        for b in exercises:
-            if b.name in a.needs:
-                raise SystemExit(f"test_hsd.py: error: {a.name}'s grading runs {', '.join(b.functions)} ({b.name}): "
-                                 f"hand out {b.name} first, then {a.name} (python test_hsd.py --exercises says which "
-                                 "go together)")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"test_hsd.py: error: {out} is a file: give a new folder to --out")
-    if os.path.exists(out) and os.listdir(out):
-        raise SystemExit(f"test_hsd.py: error: {out} is not empty: give a new folder to --out")
-    texts = handout_texts(project_texts(HERE), exercises)
-    partial = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.partial")
-    try:                                     # written beside it, then renamed: an interrupted run leaves no half
-        shutil.rmtree(partial, ignore_errors=True)
-        write_project(partial, texts, HERE)
-        if os.path.isdir(out):
-            os.rmdir(out)                                            # empty, checked above
-        os.rename(partial, out)
-    except OSError as e:
-        raise SystemExit(f"test_hsd.py: error: cannot write the handout to {out}: {e.strerror or e}")
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    for exercise in exercises:
-        print(f"{exercise.name}: write {', '.join(exercise.functions)} in {out}, then grade it there with\n"
-              f"    {grading_command(exercise)}")
-    print(f"When every test passes there, `python -m pytest -q test_hsd.py` in {out} passes too, and "
-          "`python hsd.py --model toy-falcon-h1 --trace --check` decodes with your functions.")
-
-
-# --- The grader's self-check: in the project, not in handouts ---------------------------------------------------
-def cores():
-    """The cores this process may run on (a shared machine's taskset or cgroup limit counts)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def grade_variants(variants, threads=1, claims=None):
-    """Run each (folder, test ids, stop at the first failure) as its own pytest session, one after another in this
-    process, as a student's grading command runs them: [(passed, output)]. The project's modules are imported afresh
-    from each folder; torch is imported once, which is most of what a session costs to start. claims: a folder shared
-    with other workers; a variant another worker claimed first is left to it (None in the list)."""
-    import contextlib
-    import io
-    torch.set_num_threads(threads)
-    results = []
-    for i, (folder, tests, first_only) in enumerate(variants):
-        if claims is not None:
-            try:
-                os.close(os.open(os.path.join(claims, str(i)), os.O_CREAT | os.O_EXCL))
-            except FileExistsError:                                  # another worker is grading it
-                results.append(None)
-                continue
-        for module in ("models", "hsd", "hsd_eval", "hsd_train", "hsd_bench", "test_hsd"):
-            sys.modules.pop(module, None)
-        os.chdir(folder)
-        sys.path.insert(0, folder)
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            code = pytest.main(["-q", "--tb=short", "--assert=plain", "-p", "no:cacheprovider", *tests]
-                               + ["-x"] * first_only)
-        sys.path.remove(folder)
-        results.append((code == 0, output.getvalue()))
-    return results
-
-
-def worker_threads(cores, jobs):
-    """The torch threads of each worker process: at most two workers (no more than jobs), threads adding up to cores."""
-    workers = max(1, min(2, cores, jobs))
-    return [max(1, cores // workers + (i < cores % workers)) for i in range(workers)]
-
-
-def test_the_workers_threads_add_up_to_the_cores():
-    assert worker_threads(1, 75) == [1] and worker_threads(2, 75) == [1, 1] and worker_threads(3, 75) == [2, 1]
-    assert all(sum(worker_threads(n, 75)) == n for n in range(1, 65)) and worker_threads(8, 1) == [8]
-
-
-def in_workers(jobs):
-    """grade_variants over jobs in worker processes whose torch threads add up to this machine's cores; each worker
-    takes the next job no other has taken, so that they finish together."""
-    threads = worker_threads(cores(), len(jobs))
-    workers = len(threads)
-    code = ("import json, sys, test_hsd; print(json.dumps(test_hsd.grade_variants(json.loads(sys.argv[1]), "
-            "int(sys.argv[2]), sys.argv[3])))")
-
-    def run(claims, threads):
-        result = subprocess.run([sys.executable, "-c", code, json.dumps(jobs), str(threads), claims], cwd=HERE,
-                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.splitlines()[-1])
-    with tempfile.TemporaryDirectory() as claims, ThreadPoolExecutor(workers) as pool:
-        graded = list(pool.map(run, [claims] * workers, threads))           # per worker: a result or None per job
-    return [next(result for result in job if result is not None) for job in zip(*graded)]
-
-
-def first_failure(output):
-    """What a student reads first: the first failure's block of a pytest -q --tb=short report."""
-    blocks = re.split(r"\n_{3,} .* _{3,}\n", output.split(" FAILURES ", 1)[-1])
-    return blocks[1].split("\n=====")[0] if len(blocks) > 1 else ""
-
-
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory):
-    """Every exercise's grading tests in scratch copies of the project: on its starter code, on each typical mistake,
-    and with every exercise it does not need blanked. {(exercise, variant): (passed, output)}"""
-    if HANDOUT:
-        pytest.skip("the grader's self-check is the instructor's: it runs in the project, not in handouts")
-    root, texts = HERE, project_texts(HERE)
-    variants = {}
-    for exercise in EXERCISES:
-        variants[exercise.name, "the starter code"] = handout_texts(texts, [exercise])
-        others = [e for e in EXERCISES if e.name not in exercise.needs and e is not exercise]
-        variants[exercise.name, "every exercise it does not need blanked"] = handout_texts(texts, others)
-        for mistake in MISTAKES[exercise.name]:
-            file = mistake.function.split(".")[0] + ".py"
-            variants[exercise.name, mistake.what] = {**texts, file: apply_mistake(texts[file], mistake)}
-    jobs = []
-    for i, ((name, what), variant) in enumerate(variants.items()):
-        folder = tmp_path_factory.mktemp(f"variant{i}")
-        write_project(folder, variant, root, link=True)
-        passes = what == "every exercise it does not need blanked"        # the others must fail: the first counts
-        jobs.append((str(folder), [f"test_hsd.py::{test}" for test in exercise_by_name(name).tests], not passes))
-    return dict(zip(variants, in_workers(jobs)))
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
-def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own_message(exercise, graded):
-    """The exercise's grading passes on the reference (the rest of this suite shows it) and with every exercise it does
-    not need blanked; it fails on the starter code and on every typical mistake, and the failure a student reads first
-    is the message written for that mistake, with no values or tensors before it."""
-    assert len(MISTAKES[exercise.name]) >= 2
-    passed, output = graded[exercise.name, "every exercise it does not need blanked"]
-    assert passed, f"{exercise.name}'s grading needs more than {exercise.needs}:\n{output[-3000:]}"
-    passed, output = graded[exercise.name, "the starter code"]
-    assert not passed and f"NotImplementedError: exercise {exercise.name}" in first_failure(output), output[-3000:]
-    for mistake in MISTAKES[exercise.name]:
-        passed, output = graded[exercise.name, mistake.what]
-        assert not passed, f"{exercise.name}: the grading tests pass on the mistake '{mistake.what}'"
-        first = first_failure(output)
-        assert mistake.message in first, f"{exercise.name}, '{mistake.what}': the first failure says\n{first[:1500]}"
-        assert "tensor(" not in first and "Traceback" not in first, first[:1500]
-
-
-def code_lines(text):
-    """The lines of text without comments and whitespace: '    n += 1   # next' -> 'n+=1'."""
-    return [re.sub(r"\s+", "", line.split("  #")[0].split("# ")[0] if line.lstrip()[:1] != "#" else "")
-            for line in text.splitlines()]
-
-
-def answer_lines(texts, function):
-    """The lines of a function's reference body that no other code of the project has: what gives the answer away."""
-    module, qualname = function.split(".", 1)
-    own = [line for line in code_lines(reference_body(texts[module + ".py"], qualname)) if len(line) >= 12]
-    others = dict(texts)
-    others[module + ".py"] = replace_bodies(others[module + ".py"], {qualname: "pass"})
-    elsewhere = "\n".join(line for name, text in others.items() if name.endswith(".py") and name != "test_hsd.py"
-                          for line in code_lines(text))
-    return [line for line in own if line not in elsewhere]
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
-def test_a_handout_holds_no_answer(exercise):
-    """No file of an exercise's handout (its tests, the typical-mistake data, the README...) holds a line of a blanked
-    function's reference body that no other code of the project holds."""
-    if HANDOUT:
-        pytest.skip("the instructor's check of handouts: it runs in the project")
-    texts = project_texts(HERE)
-    handout = handout_texts(texts, [exercise])
-    for function in exercise.functions:
-        answer = answer_lines(texts, function)
-        assert answer, f"{function}: a body with no line of its own"
-        for name, text in handout.items():
-            shown = set(code_lines(text))
-            found = [line for line in answer if any(line in other for other in shown)]
-            assert not found, f"{name} of the {exercise.name} handout shows {function}'s reference: {found}"
-
-
-def test_exercises_that_need_each_other_are_not_handed_out_together(tmp_path, capsys):
-    """--blank refuses a pair one of which grades with the other's functions, naming an order that works; every
-    pair it allows grades on its own (the self-check grades each exercise with everything it does not need blanked)."""
-    refused = [(a, b) for a in EXERCISES for b in EXERCISES if b.name in a.needs]
-    assert refused and all(together(a, b) == (a.name not in b.needs and b.name not in a.needs)
-                           for a in EXERCISES for b in EXERCISES)
-    for i, (a, b) in enumerate(refused):
-        if i == 0:                                                  # as a user runs it
-            result = run_cli("--blank", f"{a.name},{b.name}", "--out", str(tmp_path / "refused"), script="test_hsd.py")
-            status, err = result.returncode, result.stderr
-        else:
-            status, err = main(["--blank", f"{b.name},{a.name}", "--out", str(tmp_path / "refused")]), capsys.readouterr().err
-        assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
-        assert f"hand out {b.name} first, then {a.name}" in err
-        assert not (tmp_path / "refused").exists()
-    assert together(exercise_by_name("commit"), exercise_by_name("accept"))        # the README's example pair
-    assert main(["--exercises", "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out)
-    commit = next(e for e in listed if e["name"] == "commit")
-    assert "accept" in commit["together_with"] and "snapshot-restore" in commit["together_with"]
-    assert commit["needs"] == exercise_by_name("commit").needs and commit["grade"] == grading_command(
-        exercise_by_name("commit"))
-
-
-def test_bodies_are_found_by_the_line_numbers_python_gives():
-    """A form feed (a page break, which PEP 8 allows) is no line end for Python: the spliced lines are the right ones."""
-    source = 'x = 1\n\x0c\ndef f():\n    """doc"""\n    return 1\n'
-    assert replace_bodies(source, {"f": "return 2"}) == source.replace("return 1", "return 2")
-    assert reference_body(source, "f") == "return 1\n"
-
-
-def test_a_handout_written_inside_the_project_is_not_part_of_the_next(tmp_path):
-    """The README's example writes hw1 inside the project: hw1 holds the answers of every other exercise, so no later
-    handout, nor the self-check, may take it for the project's own files (with git or without)."""
-    project = tmp_path / "project"
-    write_project(project, {"hsd.py": "x = 1\n", "test_hsd.py": "y = 2\n"}, str(project), link=False)
-    for name in ("hsd.py", "test_hsd.py", "toys/notes.md", "hw1/hsd.py", "hw1/test_hsd.py", "hw1/toys/a.json"):
-        os.makedirs(os.path.dirname(project / name), exist_ok=True)
-        (project / name).write_text("z = 3\n")
-    assert project_files(str(project)) == ["hsd.py", "test_hsd.py", os.path.join("toys", "notes.md")]
-    if shutil.which("git"):
-        subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-        assert project_files(str(project)) == ["hsd.py", "test_hsd.py", "toys/notes.md"]
-
-
-def test_blank_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys, monkeypatch):
-    """--out a file, or a folder under one: one line, exit 2; Ctrl-C while writing: one line, exit 130, no half-written
-    handout left (the same command then works); --exercises with --blank: one line; names may be spaced."""
-    (tmp_path / "a-file").write_text("")
-    for out in (tmp_path / "a-file", tmp_path / "a-file" / "hw1"):
-        assert main(["--blank", "commit", "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and ("give a new folder to --out" in err or "cannot write the handout" in err), err
-
-    def interrupted(out, *args, **kwargs):
-        os.makedirs(os.path.join(out, "toys"))
-        raise KeyboardInterrupt
-    monkeypatch.setattr(sys.modules[__name__], "write_project", interrupted)
-    assert main(["--blank", "commit, accept", "--out", str(tmp_path / "hw1")]) == 130
-    assert "interrupted" in capsys.readouterr().err and os.listdir(tmp_path) == ["a-file"]
-    assert main_status(main, ["--exercises", "--blank", "commit", "--out", str(tmp_path / "hw1")]) == 2
-    assert "give one of them" in capsys.readouterr().err and os.listdir(tmp_path) == ["a-file"]
-
-
-def test_an_unknown_exercise_is_one_line_naming_the_closest():
-    result = run_cli("--blank", "comit", "--out", "nowhere", script="test_hsd.py")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "no exercise 'comit': did you mean commit?" in result.stderr
-
-
-# Correct solutions written otherwise than the reference: a finished handout must go green with them too.
-ALTERNATIVES = {
-    "snapshot-restore": {
-        "hsd.snapshot": "layers = []\nfor state in cache.layers:\n    layers.append(models.LayerState(conv=state.conv, "
-                        "ssm=state.ssm))\nreturn Snapshot(length=cache.length, layers=layers)",
-        "hsd.restore": "for i, kept in enumerate(snap.layers):\n    cache.layers[i].conv = kept.conv\n"
-                       "    cache.layers[i].ssm = kept.ssm\ncache.length = snap.length"},
-    "commit": {
-        "hsd.commit": "for i, layer in enumerate(recorded):\n    if layer is None:\n        continue\n"
-                      "    width = cache.layers[i].conv.shape[1]\n    cache.layers[i].ssm = layer.states[kept - 1]\n"
-                      "    cache.layers[i].conv = layer.conv_inputs[:, kept:kept + width]\ncache.length = start + kept"},
-    "accept": {
-        "hsd.accept": "choices = logits.argmax(dim=-1).tolist()\nfor n, (d, c) in enumerate(zip(drafts, choices)):\n"
-                      "    if d != c:\n        return n, c\nreturn len(drafts), choices[len(drafts)]"},
-    "accept-sampled": {
-        "hsd.accept_sampled": "p = probabilities(logits, temperature)\nn = 0\nwhile n < len(drafts):\n"
-                              "    u = torch.rand((), dtype=torch.float64, generator=generator)\n"
-                              "    if u * q[n, drafts[n]] >= p[n, drafts[n]]:\n"
-                              "        residual = torch.clamp(p[n] - q[n], min=0)\n"
-                              "        return n, int(torch.multinomial(residual, 1, generator=generator))\n"
-                              "    n += 1\nreturn n, int(torch.multinomial(p[n], 1, generator=generator))"},
-    "draft-and-verify": {
-        "hsd.draft_tokens": "drafts = []\nfor _ in range(k):\n    last = drafts[-1] if drafts else pending\n"
-                            "    logits = model(torch.tensor([[last]], device=cache.device), cache, skip=skip)\n"
-                            "    drafts.append(int(logits[0, -1].argmax()))\nreturn drafts",
-        "hsd.verify": "ids = torch.tensor([[pending] + list(drafts)], device=cache.device)\n"
-                      "logits, recorded = model(ids, cache, record_states=True)\nreturn logits[0], recorded"},
-    "speculative-round": {
-        "hsd.speculative_round": "snap = snapshot(cache)\n"
-                                 "drafts, q = draft(model, cache, pending, skip, k, temperature=temperature, "
-                                 "generator=generator, stop=stop)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
-                                 "pending, drafts)\naccepted, token = judge(drafts, q, logits, temperature, generator)\n"
-                                 "commit(cache, start=snap.length, kept=accepted + 1, recorded=states)\n"
-                                 "return drafts, accepted, token"},
-}
-
-
-def test_a_finished_handout_is_green(tmp_path):
-    """The README's example as a user runs it: `--blank commit,accept` writes a handout (the toys' weights copied byte
-    for byte) in which commit grades green while accept is still blank and the other way round; with both written,
-    as the reference writes them or otherwise, the round's tests pass, and so does each round exercise's grading
-    with a solution written otherwise than the reference."""
-    if HANDOUT:
-        pytest.skip("the instructor's check of handouts: it runs in the project")
-    hw1 = tmp_path / "hw1"
-    result = run_cli("--blank", "commit,accept", "--out", str(hw1), script="test_hsd.py")
-    assert result.returncode == 0, result.stderr
-    weights = os.path.join("toys", "toy-falcon-h1", "model.safetensors")
-    with open(hw1 / weights, "rb") as a, open(os.path.join(HERE, weights), "rb") as b:
-        assert a.read() == b.read()
-    texts, handout = project_texts(HERE), project_texts(str(hw1))
-    for function in ("hsd.commit", "hsd.accept"):
-        assert "NotImplementedError" in reference_body(handout["hsd.py"], function.split(".")[1])
-    reference = {f: reference_body(texts["hsd.py"], f.split(".")[1]) for f in ("hsd.commit", "hsd.accept")}
-    jobs, round_tests = [], [*(f"test_speculative_equals_greedy[{case}]" for case in (
-        "tiny-falcon-h1-component-k3-12-token", "tiny-qwen3.5-component-k5-1-token", "tiny-qwen2.5-layerskip-k2-12-token",
-        "tiny-qwen3.5-layerskip-k8-12-token")), "test_rounds_commit_what_one_by_one_feeding_gives",
-        "test_eos_inside_a_round_stops_there[tiny-qwen3.5]", "test_cli_check_json[tiny-falcon-h1]"]
-    for name, base, bodies, tests in [
-            ("commit written, accept blank", handout, {"hsd.commit": reference["hsd.commit"]},
-             exercise_by_name("commit").tests),
-            ("accept written, commit blank", handout, {"hsd.accept": reference["hsd.accept"]},
-             exercise_by_name("accept").tests),
-            ("both written", handout, reference, round_tests),
-            ("both written otherwise", handout, {**ALTERNATIVES["commit"], **ALTERNATIVES["accept"]}, round_tests),
-            *[(f"{e} written otherwise", handout_texts(texts, [exercise_by_name(e)]), ALTERNATIVES[e],
-               exercise_by_name(e).tests) for e in ALTERNATIVES]]:
-        folder = tmp_path / re.sub(r"\W+", "-", name)
-        write_project(folder, filled(base, bodies), str(hw1), link=True)
-        jobs.append((name, str(folder), [f"test_hsd.py::{t}" for t in tests]))
-    results = in_workers([(folder, tests, False) for _, folder, tests in jobs])
-    for (name, _, _), (passed, output) in zip(jobs, results):
-        assert passed, f"{name}:\n{output[-3000:]}"
-
-
-def without_docstrings(source):
-    """The module's syntax tree, dumped, with every docstring left out (a formatter may re-indent them)."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
-
-
-def test_the_self_check_holds_on_a_reformatted_project(tmp_path):
-    """The project's .py files reformatted by ruff at another line length: every typical mistake and every starter
-    still applies, and gives the same code (syntax tree) as in the project, so the self-check's verdicts carry over;
-    commit's mistakes are graded there for real."""
-    ruff = (shutil.which("ruff") or shutil.which("ruff", path=os.path.dirname(sys.executable))      # venv not activated
-            or pytest.skip("ruff is not installed (.ci/run installs it: pip install ruff)"))
-    if HANDOUT:
-        pytest.skip("the instructor's check of the self-check: it runs in the project")
-    texts = project_texts(HERE)
-    copy = tmp_path / "reformatted"
-    write_project(copy, texts, HERE, link=True)
-    python = [str(copy / name) for name in texts if name.endswith(".py")]
-    subprocess.run([ruff, "format", "--line-length", "79", "--quiet", *python], check=True)
-    reformatted = project_texts(str(copy))
-    assert any(reformatted[name] != texts[name] for name in texts if name.endswith(".py"))
-    for exercise in EXERCISES:
-        for mistake in MISTAKES[exercise.name]:
-            file = mistake.function.split(".")[0] + ".py"
-            assert without_docstrings(apply_mistake(reformatted[file], mistake)) == without_docstrings(
-                apply_mistake(texts[file], mistake)), mistake.what
-        for function in exercise.functions:                          # its starter code
-            module, qualname = function.split(".", 1)
-            code = starter(exercise.name, qualname)
-            assert without_docstrings(replace_bodies(texts[module + ".py"], {qualname: code})) == without_docstrings(
-                replace_bodies(reformatted[module + ".py"], {qualname: code})), function
-    ours, theirs = handout_texts(texts, []), handout_texts(reformatted, [])       # the self-check data emptied
-    assert without_docstrings(ours["test_hsd.py"]) == without_docstrings(theirs["test_hsd.py"])
-    jobs = []
-    for name in ("commit",):
-        for mistake in MISTAKES[name]:
-            file = mistake.function.split(".")[0] + ".py"
-            folder = tmp_path / f"{name}-{len(jobs)}"
-            write_project(folder, {**reformatted, file: apply_mistake(reformatted[file], mistake)}, str(copy), link=True)
-            jobs.append((str(folder), [f"test_hsd.py::{t}" for t in exercise_by_name(name).tests], mistake))
-    for (folder, tests, mistake), (passed, output) in zip(jobs, in_workers([(f, t, True) for f, t, _ in jobs])):
-        assert not passed and mistake.message in first_failure(output), (mistake.what, output[-2000:])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The exercises' command line: python test_hsd.py --exercises [--json] | --blank NAME[,NAME] --out DIR
-
-def describe_exercises():
-    """The catalogue as --exercises --json prints it."""
-    return [{"name": e.name, "functions": e.functions, "grade": grading_command(e), "teaches": e.teaches,
-             "hint": e.hint, "minutes": e.minutes, "needs": e.needs,
-             "together_with": [o.name for o in EXERCISES if o is not e and together(e, o)]} for e in EXERCISES]
-
-
-def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description="hsd's course exercises (README, 'Exercises').")
-    parser.error = lambda message: parser.exit(2, f"test_hsd.py: error: {message} (see --help)\n")
-    parser.add_argument("--exercises", action="store_true", help="list the exercises: what each needs, its grading")
-    parser.add_argument("--json", action="store_true", help="with --exercises: as one JSON list")
-    parser.add_argument("--blank", help="NAME[,NAME]: write a handout with these exercises' functions left to write")
-    parser.add_argument("--out", help="with --blank: a new folder for the handout")
-    a = parser.parse_args(argv)
-    if a.exercises and (a.blank or a.out):
-        parser.error("--exercises lists the catalogue, --blank writes a handout: give one of them")
-    try:
-        if a.exercises and a.json:
-            print(json.dumps(describe_exercises()))
-        elif a.exercises:
-            for e in describe_exercises():
-                print(f"{e['name']} (about {e['minutes']} min): {', '.join(e['functions'])}\n    {e['teaches']}")
-                print(f"    its grading runs the functions of: {', '.join(e['needs']) or 'no other exercise'}")
-                print(f"    can be handed out with: {', '.join(e['together_with'])}\n    {e['grade']}")
-        elif a.blank and a.out:
-            blank([name.strip() for name in a.blank.split(",")], a.out)
-        else:
-            parser.error("give --exercises, or --blank NAME[,NAME] --out DIR")
-    except SystemExit as e:
-        if isinstance(e.code, str):                                  # one line saying what to do
-            print(e.code, file=sys.stderr)
-            return 2
-        raise
-    except KeyboardInterrupt:
-        print("\ntest_hsd.py: interrupted (nothing was written)", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)         # output piped into `head` and the like: stop quietly
-    sys.exit(main())
+if __name__ == "__main__":                   # the course's tools were here once: say where they went, in one line
+    moved = shlex.join(["python", "exercises.py", *sys.argv[1:]]) if sys.argv[1:] else "python exercises.py --exercises"
+    print(f"test_hsd.py: error: this file holds the tests (python -m pytest -q test_hsd.py); the exercises moved: "
+          f"{moved}", file=sys.stderr)
+    sys.exit(2)
