@@ -5,10 +5,11 @@
 
 What it maximises: the cost model's predicted speedup of speculative decoding over plain decoding,
 
-    S = tokens the rounds produce / what the rounds cost = sum (accepted + 1) / sum (drafted c + v[drafted])
+    S = tokens the rounds produce / what the rounds cost
 
-over the rounds greedy decoding would run on a calibration text, costs in units of one full decoding step (a plain
-step costs 1): c, one draft step, composed from what leaving out each unit saves; v[d], a verify pass of d + 1
+over the rounds greedy decoding would run on a calibration text (a round makes its accepted drafts and the full
+model's own next token, and costs d c + v[d] for d drafts), costs in units of one full decoding step (a plain step
+costs 1): c, one draft step, composed from what leaving out each unit saves; v[d], a verify pass of d + 1
 tokens; both measured on this machine at the calibration's context. How many tokens a round drafts and keeps comes
 from a cheap estimate: one teacher-forced pass of the draft along the full model's own greedy continuations of
 calibration prompts tells, at every position, whether the draft's greedy token is the full model's and how sure the
