@@ -1373,15 +1373,20 @@ def test_a_draft_file_is_read_with_its_k_and_stop(tmp_path):
     (dict(k=0), '"k" must be a number of drafts (at least 1) or "auto", not 0'),
     (dict(stop={"confidence": 2}), '"stop" must be null or {"confidence": a number between 0 and 1}'),
 ])
-def test_a_draft_file_that_does_not_fit_is_one_line(tmp_path, change, message):
-    result = run_cli("--model", "tiny-falcon-h1", "--draft", draft_file(tmp_path, **change))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+def test_a_draft_file_that_does_not_fit_is_one_line(tmp_path, change, message, capsys):
+    assert hsd.main(["--model", "tiny-falcon-h1", "--draft", draft_file(tmp_path, **change)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_damaged_or_missing_draft_file_is_one_line(tmp_path):
     damaged = tmp_path / "damaged.json"
     damaged.write_text('{"format": "hsd-dr')
-    result = run_cli("--model", "tiny-falcon-h1", "--draft", str(damaged))
-    assert result.returncode == 2 and "is not a valid draft file (damaged:" in result.stderr
-    result = run_cli("--model", "tiny-falcon-h1", "--draft", str(tmp_path / "missing.json"))
-    assert result.returncode == 2 and "cannot read the draft file" in result.stderr
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", str(damaged))           # as a user runs it
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "is not a valid draft file (damaged:" in result.stderr
+    with pytest.raises(models.UsageError, match="cannot read the draft file .*missing.json: No such file"):
+        hsd.generate(tiny("tiny-falcon-h1"), [1, 2], 3, draft=str(tmp_path / "missing.json"))
 
 
 def test_a_draft_file_for_other_weights_or_another_device_is_used_with_a_warning(tmp_path):
