@@ -249,7 +249,7 @@ def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, 
     model, tokenizer = models.load(name), models.load_tokenizer(name)
     prompts = hsd_search.calibration_texts(hsd_eval.read_lines(None, name), tokenizer, 0, 64, new_tokens, 8, 8).confirm
     context = 64 + new_tokens // 2
-    costs = hsd_search.measure_costs(model, context, 3 * repeats)
+    costs = hsd_search.measure_costs(model, context, 7 * repeats)
     paper = hsd_eval.drafts_of(model.config)
     rows = {f"{d}, k={k}": hsd.Draft(d, skip, k, None) for d, skip in paper.items() for k in range(1, 9)}
     rows |= {f"{d}, k=auto": hsd.choose_draft(model, d, "auto") for d in paper}
@@ -266,7 +266,7 @@ def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, 
     c = {}
     for draft in rows.values():
         if repr(draft.skip) not in c:
-            c[repr(draft.skip)] = hsd_search.measured_cost(model, draft.skip, context, 3 * repeats)
+            c[repr(draft.skip)] = hsd_search.measured_cost(model, draft.skip, context, 7 * repeats)
     results = {}
     greedy = hsd_search.generations_in_turns(model, prompts, rows, new_tokens, repeats)
     for label, draft in rows.items():
@@ -347,6 +347,7 @@ def main(argv=None):
                                                        "the paper's drafts need to pay off")
     p.add_argument("--drafts", nargs="*", metavar="FILE", help="plain decoding, the paper's drafts and these draft "
                                                                "files end to end on held-out prompts (a toy)")
+    p.add_argument("--context", type=int, default=256, help="with --units: the tokens in the cache (default: 256)")
     p.add_argument("--json", action="store_true", help="with --drafts or --units: the numbers as one JSON line")
     args = p.parse_args(argv)
     try:
@@ -362,7 +363,7 @@ def main(argv=None):
                                                          for (label, T), r in results.items()]}))
             return 0
         if args.units:
-            costs, drafts = unit_costs(args.model, repeats=args.cost_repeats)
+            costs, drafts = unit_costs(args.model, context=args.context, repeats=args.cost_repeats)
             print_unit_costs(args.model, costs, drafts)
             if args.json:
                 print(json.dumps({"model": args.model, "step_s": costs.step, "v": costs.v,

@@ -103,34 +103,45 @@ def unit_kinds(config):
     return kinds
 
 
-def step_seconds(model, calls, context, repeats):
-    """Median seconds of each call(cache) {name: call} at a context, the calls taking turns so that drift affects all
-    alike; the cache is put back after each."""
+def step_ratios(model, calls, context, repeats):
+    """Each call(cache) {name: call} timed against a full decoding step at a context: (the full step's median seconds,
+    {name: the median over `repeats` turns of the call's time over that turn's full step}). In each turn a full step
+    comes first and last and the calls in between, so that the machine's drift affects a call and the full step it is
+    divided by alike; the cache is put back after each call; two turns warm up."""
     cache = models.Cache(model, context + longest_round() + 2)
     hsd.prefill(model, cache, [i % model.config.vocab_size for i in range(1, context + 1)])
-    snap, samples = hsd.snapshot(cache), {name: [] for name in calls}
+    snap, full, ratios = hsd.snapshot(cache), [], {name: [] for name in calls}
+    token = torch.tensor([[1]], device=cache.device)
+
+    def seconds(call):
+        t0 = hsd.clock(cache.device)
+        call(cache)
+        t = hsd.clock(cache.device) - t0
+        hsd.restore(cache, snap)
+        return t
     with torch.inference_mode():
-        for turn in range(repeats + 2):                                # two turns of warm-up
-            for name, call in calls.items():
-                t0 = hsd.clock(cache.device)
-                call(cache)
-                if turn >= 2:
-                    samples[name].append(hsd.clock(cache.device) - t0)
-                hsd.restore(cache, snap)
-    return {name: statistics.median(s) for name, s in samples.items()}
+        for turn in range(repeats + 2):
+            before = seconds(lambda cache: model(token, cache))
+            times = {name: seconds(call) for name, call in calls.items()}
+            step = (before + seconds(lambda cache: model(token, cache))) / 2
+            if turn >= 2:
+                full.append(step)
+                for name, t in times.items():
+                    ratios[name].append(t / step)
+    return statistics.median(full), {name: statistics.median(r) for name, r in ratios.items()}
 
 
 def measure_costs(model, context, repeats):
-    """Costs at a context: a full step, a step leaving out each kind of unit in all its layers, verify passes."""
+    """Costs at a context: a step leaving out each kind of unit in all its layers, and verify passes, against a full
+    decoding step."""
     token = torch.tensor([[1]], device=model.lm_head.weight.device)
     kinds = unit_kinds(model.config)
-    calls = {"full": lambda cache: model(token, cache)}
-    calls |= {kind: lambda cache, s=models.Skip(**{kind[0]: layers}): model(token, cache, skip=s)
-              for kind, layers in kinds.items()}
+    calls = {kind: lambda cache, s=models.Skip(**{kind[0]: layers}): model(token, cache, skip=s)
+             for kind, layers in kinds.items()}
     calls |= {d: lambda cache, d=d: hsd.verify(model, cache, 1, [1] * d) for d in range(1, longest_round() + 1)}
-    t = step_seconds(model, calls, context, repeats)
-    saves = {kind: (t["full"] - t[kind]) / len(layers) / t["full"] for kind, layers in kinds.items()}
-    return Costs(t["full"], saves, {d: t[d] / t["full"] for d in range(1, longest_round() + 1)}, context)
+    step, r = step_ratios(model, calls, context, repeats)
+    saves = {kind: (1 - r[kind]) / len(layers) for kind, layers in kinds.items()}
+    return Costs(step, saves, {d: r[d] for d in range(1, longest_round() + 1)}, context)
 
 
 def draft_cost(config, skip, costs):
@@ -145,11 +156,9 @@ def draft_cost(config, skip, costs):
 
 
 def measured_cost(model, skip, context, repeats):
-    """c of a draft, measured: a draft step over a full step."""
+    """c of a draft, measured: a draft step over a full step (step_ratios)."""
     token = torch.tensor([[1]], device=model.lm_head.weight.device)
-    t = step_seconds(model, {"full": lambda cache: model(token, cache),
-                             "draft": lambda cache: model(token, cache, skip=skip)}, context, repeats)
-    return t["draft"] / t["full"]
+    return step_ratios(model, {"draft": lambda cache: model(token, cache, skip=skip)}, context, repeats)[1]["draft"]
 
 
 # --- The estimate: a teacher-forced pass of the draft, and the rounds replayed over it -----------------------------
@@ -531,7 +540,7 @@ def run(args, model, tokenizer):
           f"and paragraphs of {args.prompt_tokens} + {args.new_tokens} tokens, {len(texts.confirm)} confirmation "
           "prompts", file=sys.stderr)
     hsd.warm_up(model, longest_round())                       # every verify length a round here can use
-    costs = measure_costs(model, context, args.repeats * 3)
+    costs = measure_costs(model, context, args.repeats * 7)
     start = args.prompt_tokens
     own = continuations(model, texts.prompts, args.new_tokens)
     text = torch.tensor(texts.paragraphs, device=own.device)
@@ -583,7 +592,7 @@ def run(args, model, tokenizer):
     with tqdm(total=args.repeats * len(texts.confirm) * (len(drafts) + 1), desc="confirmation runs",
               file=sys.stderr) as progress:
         measured, tokens = confirm(model, texts.confirm, drafts, args.new_tokens, args.repeats, progress)
-    c_measured = {label: measured_cost(model, c.skip, context, args.repeats * 3) for label, c in labels.items()}
+    c_measured = {label: measured_cost(model, c.skip, context, args.repeats * 7) for label, c in labels.items()}
     errors = {label: estimate_error(model, c, texts.confirm, tokens, costs, measured[label])
               for label, c in labels.items()}
     found_by.update({
