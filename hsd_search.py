@@ -436,20 +436,23 @@ def conflayers(model, prompts, new_tokens, progress):
 # --- 4. The confirmation --------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def generations_in_turns(model, prompts, drafts, new_tokens, repeats, temperature=0.0, seed=0, progress=None):
-    """Plain decoding and each of drafts ({label: hsd.Draft}) on every prompt, the labels taking turns, `repeats` turns,
-    so that the machine's drift affects all alike: {label: (tokens per second of each turn, the last turn's
-    (tokens, statistics) per prompt)}, "plain" first. At a temperature, prompt i of a turn is seeded alike for all."""
+    """Plain decoding and each of drafts ({label: hsd.Draft}) on every prompt, `repeats` turns: in each turn every
+    prompt in turn, and for each prompt every label in turn, so that a label's runs and plain decoding's of the same
+    prompt lie seconds apart and the machine's drift affects both alike. {label: (tokens per second of each turn, the
+    last turn's (tokens, statistics) per prompt)}, "plain" first. At a temperature, prompt i of a turn is seeded alike
+    for all labels."""
     labels = {"plain": hsd.Draft("none", None, 1, None), **drafts}
     rates, runs = {label: [] for label in labels}, {}
     for turn in range(repeats):
-        for label, draft in labels.items():
-            runs[label] = [hsd.generate(model, prompt, new_tokens, draft=draft, temperature=temperature,
-                                        seed=seed + 1000 * turn + i if temperature else None)
-                           for i, prompt in enumerate(prompts)]
-            rates[label].append(sum(s["new_tokens"] for _, s in runs[label]) / sum(s["decode_s"] for _, s in
-                                                                                    runs[label]))
+        runs = {label: [] for label in labels}
+        for i, prompt in enumerate(prompts):
+            for label, draft in labels.items():
+                runs[label].append(hsd.generate(model, prompt, new_tokens, draft=draft, temperature=temperature,
+                                                seed=seed + 1000 * turn + i if temperature else None))
             if progress is not None:
-                progress.update(len(prompts))
+                progress.update(1)
+        for label in labels:
+            rates[label].append(sum(s["new_tokens"] for _, s in runs[label]) / sum(s["decode_s"] for _, s in runs[label]))
     return {label: (rates[label], runs[label]) for label in labels}
 
 
@@ -589,7 +592,7 @@ def run(args, model, tokenizer):
                                 f"{best['candidate'].speedup:.3f}, not confirmed)") from None
     labels = {"found": winner, **{name: c for name, c in paper.items()}}
     drafts = {label: hsd.Draft(label, c.skip, c.k, c.stop) for label, c in labels.items()}
-    with tqdm(total=args.repeats * len(texts.confirm) * (len(drafts) + 1), desc="confirmation runs",
+    with tqdm(total=args.repeats * len(texts.confirm), desc="confirmation runs (prompts)",
               file=sys.stderr) as progress:
         measured, tokens = confirm(model, texts.confirm, drafts, args.new_tokens, args.repeats, progress)
     c_measured = {label: measured_cost(model, c.skip, context, args.repeats * 7) for label, c in labels.items()}
