@@ -58,16 +58,20 @@ def paper_draft(config):
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
 Snapshot = namedtuple("Snapshot", "length layers")    # committed tokens; per layer a models.LayerState: conv, ssm
+
+
 def snapshot(cache):
     """Remember the committed state. References, not copies: the models never write a conv window or a recurrent
     state in place (they make new tensors); KV caches are written only beyond their length, all there is to keep."""
     return Snapshot(cache.length, [models.LayerState(conv=s.conv, ssm=s.ssm) for s in cache.layers])
+
 
 def restore(cache, snap):
     """Put a snapshot back: O(layers), nothing is copied."""
     cache.length = snap.length
     for state, kept in zip(cache.layers, snap.layers):
         state.conv, state.ssm = kept.conv, kept.ssm
+
 
 def commit(cache, start, kept, recorded):
     """Make the cache hold the first `kept` tokens of the verify pass that started at position start, and nothing after
@@ -91,6 +95,7 @@ def draft_tokens(model, cache, pending, skip, k):
         drafts.append(token)
     return drafts
 
+
 def draft_tokens_until_unsure(model, cache, pending, skip, k, stop):
     """Up to k greedy tokens, fed as draft_tokens feeds them, ending after the first draft whose probability under the
     draft model is below `stop` (the draft is unsure of it, so what follows would likely be rejected too)."""
@@ -102,6 +107,7 @@ def draft_tokens_until_unsure(model, cache, pending, skip, k, stop):
         if torch.softmax(logits.float(), dim=-1)[token] < stop:
             break
     return drafts
+
 
 def draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator, stop=None):
     """Up to k tokens sampled from the draft model at a temperature, fed as draft_tokens feeds them (with a stop:
@@ -117,9 +123,11 @@ def draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator,
             break
     return drafts, torch.stack(q)
 
+
 def probabilities(logits, temperature):
     """softmax(logits / temperature) in float64, on the CPU where the sampling generator lives: (..., V)."""
     return torch.softmax(logits.double().cpu() / temperature, dim=-1)
+
 
 def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None):
     """Step 2, greedy or sampled, k drafts or fewer with a stop: (drafts, q), q the drafts' distributions (len, V)
@@ -132,6 +140,7 @@ def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=
         return draft_tokens(model, cache, pending, skip, k), None
     return draft_tokens_until_unsure(model, cache, pending, skip, k, stop), None
 
+
 def verify(model, cache, pending, drafts):
     """One full-model pass over [pending, d1..dk] -> (logits (k+1, V), recorded). Row i of logits predicts the token
     after position i, so rows 0..k-1 judge d1..dk and row k gives the bonus token. recorded: per layer, the states
@@ -140,6 +149,7 @@ def verify(model, cache, pending, drafts):
     the tokens kept, since the rejected drafts must not stay in it."""
     logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, record_states=True)
     return logits[0], recorded
+
 
 def accept(drafts, logits):
     """(accepted, next_token): accepted = the length of the longest prefix of drafts equal to the full model's greedy
@@ -150,6 +160,7 @@ def accept(drafts, logits):
     while accepted < len(drafts) and drafts[accepted] == choices[accepted]:
         accepted += 1
     return accepted, choices[accepted]
+
 
 def accept_sampled(drafts, q, logits, temperature, generator):
     """(accepted, next_token) for sampled drafts, both ints; q (k, V) the draft's distributions, logits (k+1, V) the
@@ -162,11 +173,13 @@ def accept_sampled(drafts, q, logits, temperature, generator):
             return i, int(torch.multinomial((p[i] - q[i]).clamp(min=0), 1, generator=generator))
     return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
 
+
 def judge(drafts, q, logits, temperature=0.0, generator=None):
     """Step 5, greedy (accept) or sampled (accept_sampled): (accepted drafts, the full model's next token)."""
     if temperature == 0:
         return accept(drafts, logits)
     return accept_sampled(drafts, q, logits, temperature, generator)
+
 
 def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None):
     """One round (module docstring): (drafts, accepted, next token). The committed tokens grow by the pending token
@@ -181,6 +194,7 @@ def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator
     commit(cache, snap.length, accepted + 1, recorded)            # 6: kept, the pending token and the accepted drafts
     return drafts, accepted, next_token
 
+
 def plain_step(model, cache, pending, temperature=0.0, generator=None):
     """Plain decoding, the baseline: feed the pending token; the next token is judge's with nothing drafted."""
     logits = model(torch.tensor([[pending]], device=cache.device), cache)[0]          # (1, V)
@@ -191,6 +205,7 @@ def plain_step(model, cache, pending, temperature=0.0, generator=None):
 AUTO_START, AUTO_MAX, AUTO_STOP = 1, 16, 0.5    # first k, largest k, the stop of a draft that brings none
 AUTO_PAUSE, AUTO_LONGEST_PAUSE = 8, 128         # plain steps after a round that accepted nothing, doubling to this
 Plan = namedtuple("Plan", "k plain pause")       # draft k next, after `plain` plain steps; pause: the next pause
+
 
 def auto_k(plan, drafted, accepted):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
@@ -211,6 +226,7 @@ def auto_k(plan, drafted, accepted):
 # --- Draft files: a draft found by measurement (hsd_search.py writes them) -------------------------------------------
 DRAFT_FORMAT = "hsd-draft/1"
 Draft = namedtuple("Draft", "name skip k stop")   # what a generation runs; skip None: plain decoding; stop: a threshold
+
 
 def read_draft_file(path, model):
     """A draft file -> (Draft, warnings): the one-line warnings of a file searched on other weights of the same
@@ -261,6 +277,7 @@ def read_draft_file(path, model):
                       "may not be the fastest draft here")
     return Draft(path, skip, k, stop and stop["confidence"]), warned
 
+
 def choose_draft(model, draft=None, k=None):
     """The one place a generation's draft is decided -> a Draft. draft: None (the paper's draft for the model's
     family), a name from DRAFTS ("none": plain decoding), a models.Skip, the path of a draft file (.json; its warnings
@@ -292,6 +309,7 @@ Step = namedtuple("Step", "kind drafts accepted next_token tokens seconds")
 # then next_token); tokens: what the step adds to the output (cut after EOS); seconds: what the step itself took.
 Round = namedtuple("Round", "drafts accepted next_token")    # an entry of statistics()["trace"]
 
+
 def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
     """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
     drafting k tokens a round (or "auto"), at a temperature; nothing if all is well."""
@@ -308,16 +326,19 @@ def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
     if len(prompt) + new_tokens > config.max_position_embeddings:
         raise models.UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}")
 
+
 def clock(device):
     """time.perf_counter(), after waiting for the GPU's queued work if there is a GPU: timings of model calls."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
+
 def prefill(model, cache, tokens, skip=None):
     """Feed tokens with the full model (or, given a skip, the draft model): chunked scans, no logits needed."""
     if tokens:
         model.hidden_states(torch.tensor([tokens], device=cache.device), cache, skip=skip)
+
 
 @torch.inference_mode()
 def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0,
@@ -353,6 +374,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
         if eos in new:
             return
 
+
 def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0, seed=None):
     """Self-speculative decoding: plain greedy decoding's tokens (temperature 0), or at a temperature T > 0 tokens
     distributed as plain sampling's at T (seed: a seeded random stream; None: torch's global one). prompt_ids: 1-D
@@ -363,8 +385,9 @@ def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id
     steps = list(generate_steps(model, prompt_ids, max_new_tokens, chosen, k, eos_token_id, temperature, seed))
     return [t for step in steps for t in step.tokens], statistics(chosen, steps)
 
+
 def statistics(chosen, steps):
-    """What a generation with the Draft `chosen` did, from its steps; alpha: README, "Acceptance". "k" is the k asked
+    """What a generation with the Draft `chosen` did, from its steps; alpha: RESULTS.md, "Acceptance". "k" is the k asked
     for (a number, or "auto": then "drafts_per_round" says how long the rounds were on average)."""
     rounds = [s for s in steps if s.kind == "round"]
     drafted = sum(len(r.drafts) for r in rounds)
@@ -394,15 +417,18 @@ def warm_up(model, k):
         cache.length = 0
     model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
 
+
 @torch.inference_mode()
 def logit_margin(model, ids, a, b):
     """(how far the model's logit of token a lies above b's after the token ids, the std of those logits)."""
     logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].float()
     return (logits[a] - logits[b]).item(), logits.std().item()
 
+
 def show(tokenizer, ids):
     """Token ids as quoted text, whitespace and control characters visible, special tokens by name."""
     return json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)
+
 
 def trace_line(i, step, tokenizer, color):
     """A round: the drafts (accepted +, rejected -), the full model's next token, and what an end of text cut off."""
@@ -414,6 +440,7 @@ def trace_line(i, step, tokenizer, color):
             f"{'bonus' if n == len(drafts) else 'correction'} {paint('36', show(tokenizer, [step.next_token]))}")
     cut = (drafts[:n] + [step.next_token])[len(step.tokens):]          # what came after the end-of-text token
     return line + (f"  (not output: {show(tokenizer, cut)} came after the end of text)" if cut else "")
+
 
 def summary(s, max_new_tokens, eos, tokenizer):
     """The lines after the output: why generation stopped, acceptance (rounds by drafts accepted), speed."""
@@ -429,6 +456,7 @@ def summary(s, max_new_tokens, eos, tokenizer):
                f"{histogram}){lengths}, {s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")
     yield (f"speed   {s['new_tokens']} tokens in {s['decode_s']:.2f} s: {s['tokens_per_s'] or 0:.2f} tokens/s "
            f"(prefill {s['prefill_s']:.2f} s)")
+
 
 def check(s, model, prompt, max_new_tokens, chosen, repeats):
     """--check: decode plainly too; say whether the tokens are the same or where they part, and, for a draft, the
@@ -456,6 +484,7 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats):
     return (f"check   identical to plain greedy decoding; speedup {median:.2f}x (median of {repeats} runs of each, in "
             f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}")
 
+
 def draft_words(chosen, config, default):
     """The header's words for the draft: its name, why it was chosen, its k and what it leaves out."""
     if chosen.skip is None:
@@ -464,6 +493,7 @@ def draft_words(chosen, config, default):
     k = "k auto" + (f", stop below {chosen.stop}" if chosen.stop else "") if chosen.k == "auto" else (
         f"k={chosen.k}" + (f", stop below {chosen.stop}" if chosen.stop else ""))
     return f"draft {chosen.name}{why}, {k}: skips {chosen.skip}"
+
 
 def run_generate(args, model, tokenizer):
     """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints."""
@@ -509,6 +539,7 @@ def run_generate(args, model, tokenizer):
         print(check(s, model, prompt, args.max_new_tokens, chosen, args.repeats))
     return {**s, "trace": [r._asdict() for r in s["trace"]]}
 
+
 def k_argument(text):
     """-k: a number of drafts per round, or auto."""
     if text == "auto":
@@ -517,6 +548,7 @@ def k_argument(text):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"-k takes a number of drafts or auto, not {text!r}") from None
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Self-speculative decoding in hybrid language models.")

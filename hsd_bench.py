@@ -1,6 +1,6 @@
 """hsd_bench: hsd against transformers, and what speculation costs, on random weights of the real configurations.
 
-  python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # about 5 minutes on 2 CPU cores (README, "Speed")
+  python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # about 5 minutes on 2 CPU cores (RESULTS.md, "Speed")
 
 Speed does not depend on the weight values, so random weights of an official config.json (OFFICIAL_CONFIGS), saved
 once in the official layout, serve both sides: transformers (the official implementation; this benchmark, like the
@@ -19,13 +19,14 @@ import tempfile
 import time
 
 import torch
+from huggingface_hub.utils import tqdm
 
 import hsd
 import hsd_eval
 import models
 
-# The official config.json files of the supported models (byte-exact copies of the Hub's files; README, "What was
-# verified"). The tests build models from them too.
+# The official config.json files of the supported models (byte-exact copies of the Hub's files; RESULTS.md, "What the
+# tests prove"). The tests build models from them too.
 OFFICIAL_CONFIGS = {
     "falcon-h1-0.5b": {
         "architectures": ["FalconH1ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -224,11 +225,6 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
 
 
 # --- Drafts side by side, end to end (the results table), and what each unit costs ---------------------------------
-def cost_per_round(trace, c, v):
-    """What the cost model says a generation's rounds cost, in full steps: each round d c + v[d]."""
-    return sum(len(r.drafts) * c + v[len(r.drafts)] for r in trace)
-
-
 def bench_row(rates, plain_rates, runs, c, v):
     """A row of the results table: what the generations measured (hsd_search.measured_row), c, and the cost model's
     prediction from the very rounds the row ran: tokens / (sum over its rounds of d c + v[d], plus its plain steps)."""
@@ -268,14 +264,18 @@ def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, 
         if repr(draft.skip) not in c:
             c[repr(draft.skip)] = hsd_search.measured_cost(model, draft.skip, context, 7 * repeats)
     results = {}
-    greedy = hsd_search.generations_in_turns(model, prompts, rows, new_tokens, repeats)
+    with tqdm(total=len(prompts) * repeats, desc=f"greedy, {len(rows) + 1} rows (prompts)", file=sys.stderr) as bar:
+        greedy = hsd_search.generations_in_turns(model, prompts, rows, new_tokens, repeats, progress=bar)
     for label, draft in rows.items():
         results[label, 0.0] = bench_row(greedy[label][0], greedy["plain"][0], greedy[label][1], c[repr(draft.skip)],
                                         costs.v)
     fixed_paper = [label for label in rows if label.split(", k=")[0] in paper and not label.endswith("auto")]
     best = max(fixed_paper, key=lambda label: results[label, 0.0]["speedup"])
     sampled_rows = {label: d for label, d in rows.items() if label == best or label not in fixed_paper}
-    sampled = hsd_search.generations_in_turns(model, prompts, sampled_rows, new_tokens, repeats, temperature, seed)
+    with tqdm(total=len(prompts) * repeats, desc=f"T={temperature}, {len(sampled_rows) + 1} rows (prompts)",
+              file=sys.stderr) as bar:
+        sampled = hsd_search.generations_in_turns(model, prompts, sampled_rows, new_tokens, repeats, temperature, seed,
+                                                  bar)
     for label, draft in sampled_rows.items():
         results[label, temperature] = bench_row(sampled[label][0], sampled["plain"][0], sampled[label][1],
                                                 c[repr(draft.skip)], costs.v)

@@ -1,4 +1,4 @@
-"""hsd_eval: the paper's measurements: python hsd_eval.py --model NAME [--out FILE --plot FILE.svg] (README, "Results").
+"""hsd_eval: the paper's measurements: python hsd_eval.py --model NAME [--out FILE --plot FILE.svg] (RESULTS.md).
 
 The run goes through five phases, in this order; every prompt's result is a record that `--out FILE` appends to a
 JSON-lines file as soon as it exists, so that an interrupted run resumes where it stopped:
@@ -10,7 +10,7 @@ JSON-lines file as soon as it exists, so that an interrupted run resumes where i
   divergence  total variation, top-1 agreement and KL between the full model's and the draft's next-token distributions
   perplexity  of the full model and of each draft on 2048 tokens of text
   speed       multi-round generation on a few prompts: acceptance over whole generations, and the measured speedup
-The inputs are built exactly as the authors' code built them (paper_inputs; README, "The paper's inputs"). This
+The inputs are built exactly as the authors' code built them (paper_inputs; RESULTS.md, "The paper's inputs"). This
 module uses hsd's pieces of a round (snapshot, draft, restore, verify, judge); hsd does not import it.
 """
 import argparse
@@ -417,7 +417,7 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
 
 
 def summarize(model, inputs, skips, records, contexts, times, temperature, files=None):
-    """The measurements' result (README, "Results"): per draft, divergence and perplexity, and per k the acceptance
+    """The measurements' result (RESULTS.md): per draft, divergence and perplexity, and per k the acceptance
     of the single-round protocol, the multi-round runs, the cost model. The keys of earlier versions are all kept."""
     c = model.config
     alphas = [records.saved["alpha", i] for i in range(len(inputs["alpha"]))]
@@ -632,7 +632,7 @@ def plot_svg(name, r):
 # --- Command line ------------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description="The paper's measurements: acceptance, divergence, perplexity and the "
-                                            "cost model of every draft (README, \"Results\").")
+                                            "cost model of every draft (RESULTS.md).")
     p.error = lambda message: p.exit(2, f"hsd_eval: error: {message} (see --help)\n")     # one line, no usage text
     p.add_argument("--model", required=True, help=f"{', '.join([*models.OFFICIAL, *models.TOYS, *models.TINY])}, "
                    "a Hugging Face repo id or a folder")

@@ -61,6 +61,7 @@ PATIENCE = 3                             # search steps without a better draft b
 # --- 1. The texts ---------------------------------------------------------------------------------------------------
 Texts = namedtuple("Texts", "prompts paragraphs confirm sha256")
 
+
 def calibration_texts(lines, tokenizer, seed, prompt_tokens, new_tokens, count, confirm):
     """Token ids: `count` calibration prompts (prompt_tokens each) and `count` paragraphs (prompt_tokens + new_tokens),
     drawn at random (seed) from the paragraphs long enough but the last `confirm`, whose beginnings are the
@@ -188,6 +189,7 @@ def estimate(model, batch, choices, skip, start):
 
 
 Replay = namedtuple("Replay", "tokens cost rounds drafted accepted")
+
 
 def replay(estimates, k, stop, c, v):
     """The rounds greedy decoding runs over the estimated texts, as hsd.generate_steps runs them (k a number or "auto",
@@ -318,6 +320,7 @@ def search(model, data, costs, starts, progress, best_so_far):
 # Falcon-H1's attention and Mamba-2 branches together), added to the residual stream as its MLP's output is.
 CONFLAYERS = {"skip_ratio": 0.4, "interval": 30, "max_iterations": 100, "max_score": 0.95, "window": 100,
               "k": 25, "stop": 0.8}
+
 
 def layer_confidences(model, cache, tokens):
     """ConfLayers' confidence of each layer 1..L-2 over tokens fed after the cache (left as it was): for its mixer's and

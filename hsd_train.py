@@ -12,7 +12,7 @@ One budget: hidden size 128, 8 layers, parameter counts within 1% of each other 
 the same character tokenizer (models.char_tokenizer), the same text, the same number of training characters, the
 same seed, initialisation rule and learning-rate schedule. Each toy trains in about 10 minutes on 2 CPU cores:
 
-  python hsd_train.py --model toy-falcon-h1            # writes toys/toy-falcon-h1 (README, "Trained toy models")
+  python hsd_train.py --model toy-falcon-h1            # writes toys/toy-falcon-h1 (toys/README.md)
 
 The text is prose from Python's documentation (toys/text: its source, licence and how it was made are in the
 README); a held-out part, whole documents, is never trained on. A training run shows a progress bar with its ETA, and
@@ -429,7 +429,7 @@ def report():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train hsd's toy models (README, 'Trained toy models').")
+    p = argparse.ArgumentParser(description="Train hsd's toy models (toys/README.md).")
     p.error = lambda message: p.exit(2, f"hsd_train: error: {message} (see --help)\n")
     p.add_argument("--model", choices=list(TOY_CONFIGS), help="train this toy from scratch (or resume its run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batches (default: 0)")

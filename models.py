@@ -10,7 +10,7 @@ Mamba-2 (its scan for one token, over T tokens one by one, in chunks for prefill
 whose states after each token are a StatesAfterEachToken), Gated DeltaNet (likewise), the per-layer state, the two
 kinds of decoder layer, what a draft leaves out (Skip) and the model, the built-in tiny models, loading, and what
 identifies a model (for draft files). Every formula follows transformers 5.23 (the official implementation); the
-tests compare logits with it, and README, "What was verified", says how.
+tests compare logits with it, and RESULTS.md, "What the tests prove", says how.
 
 Letters used in shape comments:
   B batch, T tokens in this call, S tokens already in the cache, D hidden size, V vocabulary,
@@ -898,10 +898,10 @@ class Skip:
         return frozenset(unit for unit in UNITS if i in getattr(self, unit))
 
     def __str__(self):
-        names = {"layers": "layers", "attention": "the attention of layers", "recurrent": "the recurrent mixers of "
-                 "layers", "mlp": "the MLPs of layers"}
-        parts = [f"{names[field]} {layer_ranges(sorted(getattr(self, field)))}" for field in names
-                 if getattr(self, field)]
+        names = {"layers": "", "attention": "the attention of ", "recurrent": "the recurrent mixers of ",
+                 "mlp": "the MLPs of "}
+        parts = [f"{names[field]}layer{'s' * (len(getattr(self, field)) > 1)} "
+                 f"{layer_ranges(sorted(getattr(self, field)))}" for field in names if getattr(self, field)]
         return "; ".join(parts) or "nothing"
 
     def __repr__(self):
