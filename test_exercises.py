@@ -316,8 +316,10 @@ def run(script, *args):
 
 # --- Grading in scratch copies, in worker processes ----------------------------------------------------------------
 def cores():
-    """The cores this process may run on (a shared machine's taskset or cgroup limit counts)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on (a shared machine's taskset or cgroup limit counts), shared with the other
+    workers of `pytest -n` (conftest.py)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, n // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def grade_variants(variants, threads=1, claims=None):
@@ -396,22 +398,23 @@ def graded(tmp_path_factory):
     return dict(zip(variants, in_workers(jobs)))
 
 
-@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
-def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own_message(exercise, graded):
-    """The exercise's grading passes on the reference (test_hsd.py shows it) and with every exercise it does not need
+def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own_message(graded):
+    """Each exercise's grading passes on the reference (test_hsd.py shows it) and with every exercise it does not need
     blanked; it fails on the starter code and on every typical mistake, and the failure a student reads first is the
-    message written for that mistake, with no values or tensors before it."""
-    assert len(MISTAKES[exercise.name]) >= 2 + 2 * (exercise.name in ROUND)      # the round's: of contracts too
-    passed, output = graded[exercise.name, "every exercise it does not need blanked"]
-    assert passed, f"{exercise.name}'s grading needs more than {exercise.needs}:\n{output[-3000:]}"
-    passed, output = graded[exercise.name, "the starter code"]
-    assert not passed and f"NotImplementedError: exercise {exercise.name}" in first_failure(output), output[-3000:]
-    for mistake in MISTAKES[exercise.name]:
-        passed, output = graded[exercise.name, mistake.what]
-        assert not passed, f"{exercise.name}: the grading tests pass on the mistake '{mistake.what}'"
-        first = first_failure(output)
-        assert mistake.message in first, f"{exercise.name}, '{mistake.what}': the first failure says\n{first[:1500]}"
-        assert not re.search(r"tensor\(|Traceback|During handling|\nE   ", first), first[:1500]
+    message written for that mistake, with no values or tensors before it. (One test, not one per exercise: with
+    `pytest -n`, one worker grades every variant, once.)"""
+    for exercise in EXERCISES:
+        assert len(MISTAKES[exercise.name]) >= 2 + 2 * (exercise.name in ROUND)      # the round's: of contracts too
+        passed, output = graded[exercise.name, "every exercise it does not need blanked"]
+        assert passed, f"{exercise.name}'s grading needs more than {exercise.needs}:\n{output[-3000:]}"
+        passed, output = graded[exercise.name, "the starter code"]
+        assert not passed and f"NotImplementedError: exercise {exercise.name}" in first_failure(output), output[-3000:]
+        for mistake in MISTAKES[exercise.name]:
+            passed, output = graded[exercise.name, mistake.what]
+            assert not passed, f"{exercise.name}: the grading tests pass on the mistake '{mistake.what}'"
+            first = first_failure(output)
+            assert mistake.message in first, f"{exercise.name}, '{mistake.what}': the first failure says\n{first[:1500]}"
+            assert not re.search(r"tensor\(|Traceback|During handling|\nE   ", first), first[:1500]
 
 
 # --- Handouts: no answer, none of the grader's machinery -----------------------------------------------------------
@@ -559,9 +562,12 @@ def test_a_finished_handout_is_green(hw1, tmp_path):
         assert passed, f"{name}:\n{output[-3000:]}"
 
 
-def without_docstrings(source):
-    """The module's syntax tree, dumped, with every docstring left out (a formatter may re-indent them)."""
+def without_docstrings(source, qualname=None):
+    """The module's syntax tree (or that of its function qualname), dumped, with every docstring left out (a formatter
+    may re-indent them)."""
     tree = ast.parse(source)
+    if qualname is not None:
+        tree = exercises.function_node(tree, qualname)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
@@ -582,16 +588,20 @@ def test_the_self_check_holds_on_a_reformatted_project(tmp_path):
     subprocess.run([ruff, "format", "--line-length", "79", "--quiet", *python], check=True)
     reformatted = exercises.project_texts(str(copy))
     assert any(reformatted[name] != texts[name] for name in reformatted if name.endswith(".py"))
+    for name in reformatted:                             # the same code; a mistake or a starter changes one function
+        if name.endswith(".py"):
+            assert without_docstrings(reformatted[name]) == without_docstrings(texts[name]), name
     for exercise in EXERCISES:
         for mistake in MISTAKES[exercise.name]:
-            file = mistake.function.split(".")[0] + ".py"
-            assert without_docstrings(apply_mistake(reformatted[file], mistake)) == without_docstrings(
-                apply_mistake(texts[file], mistake)), mistake.what
+            file, qualname = mistake.function.split(".", 1)
+            made = [without_docstrings(apply_mistake(text[file + ".py"], mistake), qualname) for text in (reformatted, texts)]
+            assert made[0] == made[1], mistake.what
         for function in exercise.functions:                          # its starter code
             module, qualname = function.split(".", 1)
             code = exercises.starter(exercise.name, qualname)
-            assert without_docstrings(exercises.replace_bodies(texts[module + ".py"], {qualname: code})) == (
-                without_docstrings(exercises.replace_bodies(reformatted[module + ".py"], {qualname: code}))), function
+            assert without_docstrings(exercises.replace_bodies(texts[module + ".py"], {qualname: code}), qualname) == (
+                without_docstrings(exercises.replace_bodies(reformatted[module + ".py"], {qualname: code}),
+                                   qualname)), function
     jobs = []
     for mistake in MISTAKES["commit"]:
         folder = tmp_path / f"commit-{len(jobs)}"

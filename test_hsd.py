@@ -387,7 +387,7 @@ def test_logits_equal_transformers(official, T):
 def test_bfloat16_logits_equal_transformers(official):
     """In bf16 too, the whole-sequence pass rounds where transformers rounds (the conv sums its taps in fp32, the µP
     factors are bf16 numbers, the Mamba gate's SiLU runs in bf16). Cached decoding deliberately keeps the recurrent
-    updates in fp32 (README, "Precision"), so only the whole sequence is compared."""
+    updates in fp32 (RESULTS.md, "Precision"), so only the whole sequence is compared."""
     hf, path = official
     hf_bf16 = type(hf).from_pretrained(path, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 300, (1, 70), generator=torch.Generator().manual_seed(7))
@@ -649,7 +649,7 @@ def test_a_skip_names_its_layers():
     assert str(models.Skip(layers={3, 7})) == "layers 3, 7"
     assert str(hsd.draft_skip(models.TINY["tiny-falcon-h1"], "component")) == "the attention of layers 0-5"
     mixed = UNIT_SKIPS["tiny-falcon-h1"]["mixed"]
-    assert str(mixed) == ("layers 2; the attention of layers 0-1, 3-5; the recurrent mixers of layers 4; the MLPs of "
+    assert str(mixed) == ("layer 2; the attention of layers 0-1, 3-5; the recurrent mixers of layer 4; the MLPs of "
                           "layers 1, 5")
     assert repr(mixed) == "Skip(layers={2}, attention={0, 1, 3, 4, 5}, recurrent={4}, mlp={1, 5})"
     assert eval(repr(mixed), {"Skip": models.Skip}) == mixed and str(models.Skip()) == "nothing"
@@ -1125,7 +1125,7 @@ def main_status(main, args):
 def test_cli_check_json(name, capsys):
     draft = "layerskip" if name == "tiny-qwen2.5" else "component"
     assert hsd.main(["--model", name, "--draft", draft, "-k", "3", "--max-new-tokens", "20", "--check", "--json",
-                     "--trace"]) == 0
+                     "--trace", "--repeats", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     stats = json.loads(out[-1])
     assert stats["identical_to_greedy"] and stats["new_tokens"] == len(stats["new_token_ids"]) and stats["drafted"] > 0
@@ -1360,7 +1360,7 @@ def test_a_draft_file_is_read_with_its_k_and_stop(tmp_path):
     result = run_cli("--model", "tiny-falcon-h1", "--draft", path, "--check", "--repeats", "1", "--max-new-tokens",
                      "12")
     assert result.returncode == 0 and result.stderr == "", result.stderr
-    assert f"draft {path}, k=4, stop below 0.02: skips layers 2; the attention of" in result.stdout
+    assert f"draft {path}, k=4, stop below 0.02: skips layer 2; the attention of" in result.stdout
     assert "identical to plain greedy decoding; speedup" in result.stdout
 
 
@@ -1398,14 +1398,15 @@ def test_a_draft_file_for_other_weights_or_another_device_is_used_with_a_warning
     assert result.returncode == 0 and len(lines) == 2, result.stderr
     assert "was searched on other weights of this architecture" in lines[0]
     assert "was searched on cuda NVIDIA H200, this run is on cpu" in lines[1]
-    with pytest.warns(UserWarning, match="other weights"):
+    with pytest.warns(UserWarning) as caught:                       # generate: the same two lines, as warnings
         hsd.generate(tiny("tiny-falcon-h1", torch.float32), [1, 2], 3, draft=path)
+    assert ["hsd: warning: " + str(w.message) for w in caught] == lines
     model = tiny("tiny-falcon-h1", torch.float32)
     assert models.weights_fingerprint(model) == models.weights_fingerprint(models.load("tiny-falcon-h1", torch.bfloat16))
     assert models.weights_fingerprint(model) != models.weights_fingerprint(models.load("tiny-qwen3.5"))
 
 
-def test_damaged_files_are_one_line_saying_what_to_do(tmp_path):
+def test_damaged_files_are_one_line_saying_what_to_do(tmp_path, capsys):
     cfg = {**QWEN2_TINY_JSON, "vocab_size": 97}
     save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path, cfg)
     models.char_tokenizer().save(str(tmp_path / "tokenizer.json"))
@@ -1419,13 +1420,14 @@ def test_damaged_files_are_one_line_saying_what_to_do(tmp_path):
     blob.parent.mkdir()
     weights.rename(blob)
     weights.symlink_to(blob)
-    result = run_cli(*args)
-    assert result.returncode == 2 and f"delete {blob} and run the command again" in result.stderr
+    capsys.readouterr()
+    assert main_status(hsd.main, args) == 2                                   # in this process from here on
+    assert f"delete {blob} and run the command again" in capsys.readouterr().err
     save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path / "ok", cfg)
     (tmp_path / "ok" / "tokenizer.json").write_text('{"version": "1.0", "truncat')
-    result = run_cli("--model", str(tmp_path / "ok"), *args[2:])
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert f"{tmp_path / 'ok' / 'tokenizer.json'} is damaged or incomplete" in result.stderr
+    assert main_status(hsd.main, ["--model", str(tmp_path / "ok"), *args[2:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'ok' / 'tokenizer.json'} is damaged or incomplete" in err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1525,7 +1527,7 @@ def test_speculative_sampling_is_exact_in_distribution(name):
         teach_int(got[1], what)
     L1, L2, Q1, _ = sampling_rows(name)
     p1, p2, q1 = (hsd.probabilities(x, TEMPERATURE) for x in (L1, L2, Q1))
-    n = 20_000
+    n = 8_000
     first, second, accepted = speculative_first_two_tokens(name, n, seed=0)
     one_minus_tv = 1 - 0.5 * (p1 - q1).abs().sum().item()
     assert 0.05 < one_minus_tv < 0.95                      # both accepted and rejected drafts are frequent
@@ -1539,6 +1541,52 @@ def test_speculative_sampling_is_exact_in_distribution(name):
     ok, why = distributed_as(second, p1 @ p2)
     teach(ok, f"the second token is not distributed as plain sampling's ({why}): when every draft is accepted, the "
               "bonus token is sampled from the full model's p after the last draft")
+
+
+def first_two_tokens_with_a_stop_or_auto(name, n, seed, rule):
+    """Tokens 1 and 2 of speculative sampling, n times, as generate makes them, with the model's outputs precomputed
+    (sampling_rows). rule "stop": rounds of k = 2 whose drafting stops after a first draft the draft gives less than
+    0.5 (the second draft, if any, proposed from Q2's row of the first: any proposal keeps sampling exact); rule
+    "auto": k="auto"'s first round of one draft, then, after a rejection, its pause: a plain step."""
+    L1, L2, Q1, Q2 = sampling_rows(name)
+    p2, q1, q2 = hsd.probabilities(L2, TEMPERATURE), hsd.probabilities(Q1, TEMPERATURE), hsd.probabilities(Q2, TEMPERATURE)
+    g = torch.Generator().manual_seed(seed)
+    ranked = q1.sort(descending=True).values
+    stop = ranked[int((ranked.cumsum(0) < 0.5).sum())]              # the draft is this sure of half its first drafts
+    first, second = [], []
+    for _ in range(n):
+        d1 = int(torch.multinomial(q1, 1, generator=g))
+        drafts, q, rows = [d1], [q1], [L1, L2[d1]]
+        if rule == "stop" and q1[d1] >= stop:                     # sure of d1: draft a second token
+            drafts.append(int(torch.multinomial(q2[d1], 1, generator=g)))
+            q.append(q2[d1])
+            rows.append(L2[d1])                                    # the bonus row after d2 is never read: a stand-in
+        accepted, token = hsd.accept_sampled(drafts, torch.stack(q), torch.stack(rows), TEMPERATURE, g)
+        made = drafts[:accepted] + [token]
+        if len(made) == 1:                   # rejected at once: token 2 comes from the next step
+            plan = hsd.auto_k(hsd.Plan(hsd.AUTO_START, 0, hsd.AUTO_PAUSE), 1, 0) if rule == "auto" else None
+            if plan is not None and plan.plain > 0:                # auto pauses: a plain step samples from p
+                made.append(int(torch.multinomial(p2[token], 1, generator=g)))
+            else:                                                  # a round of one draft after it
+                d = int(torch.multinomial(q2[token], 1, generator=g))
+                kept, t = hsd.accept_sampled([d], q2[token][None], torch.stack([L2[token], L2[token]]), TEMPERATURE, g)
+                made.append(d if kept else t)
+        first.append(made[0])
+        second.append(made[1])
+    return first, second
+
+
+@pytest.mark.parametrize("rule", ["stop", "auto"])
+def test_a_stop_and_auto_k_sample_as_plain_sampling(rule):
+    """Stopping a round after an unsure draft, and k="auto"'s plain steps after a round that accepted nothing, depend
+    only on the draft's own distribution and on rounds already judged: the first two tokens stay distributed as plain
+    sampling's, p1 and p1 p2."""
+    L1, L2, _, _ = sampling_rows("tiny-falcon-h1")
+    p1, p2 = hsd.probabilities(L1, TEMPERATURE), hsd.probabilities(L2, TEMPERATURE)
+    first, second = first_two_tokens_with_a_stop_or_auto("tiny-falcon-h1", 8_000, seed=1, rule=rule)
+    for tokens, p, which in ((first, p1, "first"), (second, p1 @ p2, "second")):
+        ok, why = distributed_as(tokens, p)
+        assert ok, f"the {which} token is not distributed as plain sampling's ({why})"
 
 
 def test_draft_tokens_sampled_draws_from_the_drafts_distribution():
@@ -1559,14 +1607,14 @@ def test_draft_tokens_sampled_draws_from_the_drafts_distribution():
 
 
 def test_rounds_and_plain_steps_sample_as_plain_sampling():
-    """The whole round at k = 3 (draft, restore, verify, judge, commit) and plain sampling, 300 times each from the
+    """The whole round at k = 3 (draft, restore, verify, judge, commit) and plain sampling, 200 times each from the
     same state: the first token follows p1."""
     prompt = PROMPTS["12-token"]
     model, cache = filled_cache("tiny-falcon-h1", prompt[:-1])
     skip = TINY_SKIPS["tiny-falcon-h1"]["component"]
     snap, g = hsd.snapshot(cache), torch.Generator().manual_seed(1)
     spec, plain = [], []
-    for _ in range(300):
+    for _ in range(200):
         drafts, n, next_token = hsd.speculative_round(model, cache, prompt[-1], skip, 3, TEMPERATURE, g)
         spec.append(drafts[0] if n else next_token)
         hsd.restore(cache, snap)
@@ -2019,7 +2067,7 @@ def test_plot_is_well_formed_and_carries_its_numbers():
     assert len(heights) > 5                                      # the points stand at different heights (their values)
 
 
-def test_eval_without_wikitext_names_text(tmp_path):
+def test_eval_without_wikitext_names_text(tmp_path, capsys):
     cfg = {**QWEN2_TINY_JSON, "vocab_size": 97}
     save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path, cfg)
     models.char_tokenizer().save(str(tmp_path / "tokenizer.json"))
@@ -2028,9 +2076,10 @@ def test_eval_without_wikitext_names_text(tmp_path):
     assert result.returncode == 2 and "WikiText-2" in result.stderr and "--text FILE" in result.stderr
     text = tmp_path / "text.txt"
     text.write_text("\n".join(hsd_eval.TINY_TEXT))
-    result = run_cli("--model", str(tmp_path), "--text", str(text), "--prompts", "1", "--speed-prompts", "1",
-                     "--max-new-tokens", "3", script="hsd_eval.py")
-    assert result.returncode == 0 and "layerskip" in result.stdout and "component" not in result.stdout
+    assert hsd_eval.main(["--model", str(tmp_path), "--text", str(text), "--prompts", "1", "--speed-prompts", "1",
+                          "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layerskip" in out and "component" not in out
 
 
 
@@ -2103,8 +2152,8 @@ def test_the_toys_share_one_budget():
 
 
 def test_the_training_text_is_what_the_readme_says():
-    """The text's sha256 (README, "Trained toy models") and its size; the held-out part is not in the training part."""
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    """The text's sha256 (toys/README.md) and its size; the held-out part is not in the training part."""
+    with open(os.path.join(HERE, "toys", "README.md"), encoding="utf-8") as f:
         readme = f.read()
     paragraphs = {}
     for split in ("train", "heldout"):
@@ -2121,6 +2170,7 @@ def test_a_short_training_run_lowers_the_loss_and_resumes_exactly(tmp_path, monk
     """A few steps of the real loop on a short schedule lower the held-out loss; interrupted (Ctrl-C) and run again,
     the run ends with the same weights as one that was never interrupted."""
     schedule = {**hsd_train.SCHEDULE, "steps": 12, "warmup": 2, "batch_size": 4, "length": 64}
+    monkeypatch.setattr(hsd_train, "HELDOUT_WINDOWS", 8)                  # the log's held-out losses: 8 windows, not 32
     log = hsd_train.train("toy-qwen2.5", str(tmp_path / "whole"), 0, schedule, curve_every=4)
     curve = log["curve"]["rows"]
     assert curve[-1][2] < curve[0][2] - 0.2, curve                 # held-out bits per character fall
@@ -2157,7 +2207,7 @@ def test_the_toys_give_the_same_logits_in_transformers(name):
 def test_the_falcon_toy_writes_words_and_the_random_tiny_model_does_not():
     """The README's figures: of the whitespace-separated words of a 300-character continuation of the README's prompt,
     at least 80% occur in the training text, greedy and at T=0.6, where there are at least ten different ones (greedy
-    decoding of so small a model loops: README, "Trained toy models"); a random tiny model's hardly any."""
+    decoding of so small a model loops: toys/README.md); a random tiny model's hardly any."""
     vocabulary, tok = set(hsd_train.words(hsd_train.read_text("train"))), models.char_tokenizer()
     for temperature in (0.0, 0.6):
         text = hsd_train.continuation(models.load("toy-falcon-h1"), tok, hsd_train.README_PROMPT, 300, temperature)
@@ -2222,6 +2272,29 @@ def test_the_project_stands_alone():
         assert f.read().startswith("MIT License")
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         assert "MIT licence" in f.read()
+
+
+def test_every_link_and_picture_of_every_document_resolves():
+    """Each document's relative links and pictures name a file that exists, from where the document stands, and a
+    heading of it where they name one (GitHub's anchors: lower case, spaces as hyphens, other punctuation left out)."""
+    def anchors(text):
+        return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+                for line in text.splitlines() if line.startswith("#")}
+    documents = [name for name in project_files() if name.endswith(".md")]
+    assert {"README.md", "RESULTS.md", "EXERCISES.md", os.path.join("toys", "README.md")} <= set(documents)
+    for name in documents:
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"\w+:", target):                         # a web address
+                continue
+            file, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(HERE, os.path.dirname(name), file)) if file else os.path.join(HERE,
+                                                                                                                 name)
+            assert os.path.isfile(path), f"{name} links {target}, which is not there"
+            if anchor:
+                with open(path, encoding="utf-8") as f:
+                    assert anchor in anchors(f.read()), f"{name} links {target}: no such heading"
 
 
 def readme_section(title):

@@ -1,0 +1,12 @@
+"""pytest's setup for this folder. With `pytest -n N` (pytest-xdist), the N workers' torch threads add up to the
+cores this machine gives the suite, as one process's threads do without it."""
+import os
+
+import torch
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
