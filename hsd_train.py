@@ -248,13 +248,8 @@ def training_log(name, seed, schedule, run, model):
 
 
 def machine():
-    """The processor, as /proc/cpuinfo names it (else platform's word), and the number of cores."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
+    """The processor (models.cpu_name) and the number of cores."""
+    return f"{models.cpu_name()}, {os.cpu_count()} cores"
 
 
 # --- Saving in the official layout ------------------------------------------------------------------------------

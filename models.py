@@ -923,7 +923,7 @@ def check_skip(config, skip):
                 having = [j for j, t in enumerate(config.layer_types) if field in units_of(t)]
                 raise UsageError(f"the draft leaves out the {field} unit of layer {i}, a {config.layer_types[i]} layer, "
                                  f"which has none: " + (f"layers with one: {layer_ranges(having)}" if having else
-                                                        f"no layer of this model has one"))
+                                                        "no layer of this model has one"))
 
 
 class Model(nn.Module):
@@ -1255,13 +1255,17 @@ def identity(model):
             "weights_sha256": weights_fingerprint(model)}
 
 
+def cpu_name():
+    """The processor, as /proc/cpuinfo names it ("AMD EPYC ..."), else platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def device_name(device):
     """The device a draft was searched on, in words: "cuda NVIDIA H200", "cpu AMD EPYC" (costs depend on it)."""
     if device.type == "cuda":
         return f"cuda {torch.cuda.get_device_name(device)}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"cpu {name}"
+    return f"cpu {cpu_name()}"

@@ -1915,7 +1915,6 @@ def test_records_resume_and_refuse_another_run(tmp_path):
         hsd_eval.Records(path, {"model": "m", "prompts": 4})
 
 
-
 def test_records_file_that_is_not_a_results_file(tmp_path):
     """An --out file that is not hsd's is refused, never overwritten; one cut off before its header starts afresh."""
     for content in (b"no results here\n", b"[1, 2]\n", b'{"header": {}}\n{"phase": 1}\n', b"\xff\xfe\n", b"notes"):
@@ -2080,7 +2079,6 @@ def test_eval_without_wikitext_names_text(tmp_path, capsys):
                           "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "layerskip" in out and "component" not in out
-
 
 
 def svg_texts(svg):
