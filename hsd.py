@@ -21,13 +21,13 @@ import json
 import signal
 import statistics as stats
 import sys
-import time
 import warnings
 from collections import namedtuple
 
 import torch
 
 import models
+from cost_model import clock
 
 DRAFTS = ("component", "layerskip", "early-exit", "none")     # "none": plain decoding, no draft
 
@@ -325,13 +325,6 @@ def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
         raise models.UsageError(f"the number of new tokens must be at least 0 (got {new_tokens})")
     if len(prompt) + new_tokens > config.max_position_embeddings:
         raise models.UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}")
-
-
-def clock(device):
-    """time.perf_counter(), after waiting for the GPU's queued work if there is a GPU: timings of model calls."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def prefill(model, cache, tokens, skip=None):

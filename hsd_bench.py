@@ -21,6 +21,7 @@ import time
 import torch
 from huggingface_hub.utils import tqdm
 
+import cost_model
 import hsd
 import hsd_eval
 import models
@@ -282,19 +283,6 @@ def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, 
     return results, costs, best
 
 
-def break_even_acceptance(c, v, k):
-    """The per-token acceptance p at which k drafts a round of cost c (verify v) just pay off, S = 1: where
-    (1 - p^(k+1)) / (1 - p) = k c + v; None if no p <= 1 does (even accepting every draft would not pay)."""
-    target = k * c + v
-    if target > k + 1:
-        return None
-    low, high = 0.0, 1.0
-    for _ in range(50):                                    # tokens per round rise with p: bisect
-        p = (low + high) / 2
-        low, high = (p, high) if sum(p ** i for i in range(k + 1)) < target else (low, p)
-    return high
-
-
 def unit_costs(name, context=256, repeats=7):
     """What leaving out each kind of unit saves per decoding step on this machine, for a model built from its official
     configuration with random weights (speed does not depend on the weight values), and the acceptance each paper
@@ -308,7 +296,7 @@ def unit_costs(name, context=256, repeats=7):
     drafts = {}
     for draft, skip in hsd_eval.drafts_of(config).items():
         c = hsd_search.measured_cost(model, skip, context, repeats)
-        drafts[draft] = (c, {k: break_even_acceptance(c, costs.v[k], k) for k in (1, 2, 4, 8)})
+        drafts[draft] = (c, {k: cost_model.break_even_acceptance(c, costs.v[k], k) for k in (1, 2, 4, 8)})
     return costs, drafts
 
 
