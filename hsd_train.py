@@ -12,7 +12,8 @@ One budget: hidden size 128, 8 layers, parameter counts within 1% of each other 
 the same character tokenizer (models.char_tokenizer), the same text, the same number of training characters, the
 same seed, initialisation rule and learning-rate schedule. Each toy trains in about 10 minutes on 2 CPU cores:
 
-  python hsd_train.py --model toy-falcon-h1            # writes toys/toy-falcon-h1 (toys/README.md)
+  python hsd_train.py --model toy-falcon-h1 --force    # replaces the shipped toys/toy-falcon-h1 (toys/README.md)
+  python hsd_train.py --model toy-falcon-h1 --out /tmp/falcon     # or writes another folder
 
 The text is prose from Python's documentation (toys/text: its source, licence and how it was made are in the
 README); a held-out part, whole documents, is never trained on. A training run shows a progress bar with its ETA, and
@@ -30,6 +31,9 @@ import signal
 import sys
 import time
 import unicodedata
+
+# OpenMP's waiting threads sleep, not spin: one core busy, 7-14 ms/token, not 21-62 (issue 28); read when torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +82,13 @@ SCHEDULE = {"steps": 500, "batch_size": 8, "length": 512, "lr": 3e-3, "warmup": 
 # --- The text -------------------------------------------------------------------------------------------------------
 def read_text(split):
     """The training ("train") or held-out ("heldout") text: one paragraph per line."""
-    with open(os.path.join(TEXT_DIR, f"{split}.txt"), encoding="ascii") as f:
-        return f.read()
+    path = os.path.join(TEXT_DIR, f"{split}.txt")
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not ASCII text"
+        raise models.UsageError(f"cannot read {path}: {reason} (python hsd_train.py --make-text SOURCES writes it)")
 
 
 def encode(text):
@@ -94,7 +103,16 @@ def encode(text):
 def heldout_windows():
     """The held-out loss's input: the first HELDOUT_WINDOWS windows of WINDOW characters of the held-out text."""
     ids = encode(read_text("heldout"))[:HELDOUT_WINDOWS * WINDOW]
+    refuse_short_text("heldout", len(ids), HELDOUT_WINDOWS * WINDOW,
+                      f"the held-out loss reads {HELDOUT_WINDOWS} windows of {WINDOW}")
     return ids.view(HELDOUT_WINDOWS, WINDOW)                                      # (windows, WINDOW)
+
+
+def refuse_short_text(split, characters, needed, why):
+    """Refuse a text shorter than needed in one line (a text made from the wrong folder, or emptied)."""
+    if characters < needed:
+        raise models.UsageError(f"{os.path.join(TEXT_DIR, split + '.txt')} is too short ({characters:,} characters): "
+                                f"{why}, {needed:,} (python hsd_train.py --make-text SOURCES writes it)")
 
 
 # --- Initial weights --------------------------------------------------------------------------------------------
@@ -177,13 +195,17 @@ def train_step(model, optimizer, windows, lr, clip):
 def train(name, out, seed=0, schedule=SCHEDULE, curve_every=25):
     """Train the toy `name` from scratch (or resume the run saved in out), save it in the official layout in out, and
     return its training log. Ctrl-C finishes the step under way, saves the run in out/resume.pt and raises
-    KeyboardInterrupt; the same call resumes it, and ends as a run that was never interrupted would."""
+    KeyboardInterrupt; the same call resumes it, and ends as a run that was never interrupted would. A text too short
+    to train on, or a folder that cannot be made, is refused before anything is computed."""
+    train_ids, heldout = encode(read_text("train")), heldout_windows()
+    refuse_short_text("train", len(train_ids), schedule["length"] + 2,
+                      f"training takes windows of {schedule['length']} characters and the one after")
+    os.makedirs(out, exist_ok=True)
     config = models.config_from_hf(TOY_CONFIGS[name])
     torch.manual_seed(seed)
     model = init_weights(models.Model(config), seed).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, schedule["weight_decay"]), lr=schedule["lr"],
                                   betas=schedule["betas"])
-    train_ids, heldout = encode(read_text("train")), heldout_windows()
     generator = torch.Generator().manual_seed(seed)
     run = {"step": 0, "seconds": 0.0, "curve": [], "recent": []}
     resume = os.path.join(out, "resume.pt")
@@ -216,7 +238,6 @@ def train(name, out, seed=0, schedule=SCHEDULE, curve_every=25):
         signal.signal(signal.SIGINT, interrupt)
         bar.close()
     if stop:
-        os.makedirs(out, exist_ok=True)
         torch.save({"name": name, "seed": seed, "schedule": schedule, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "run": run}, resume)
         raise KeyboardInterrupt(f"saved step {run['step']} of {schedule['steps']} in {resume}: run the same command "
@@ -375,24 +396,55 @@ def prose(source):
     return out
 
 
-def make_text(sources, train_bytes=1_750_000, heldout_every=10):
-    """toys/text/train.txt and heldout.txt from the documentation's sources: the documents of SECTIONS in order,
-    every heldout_every-th one held out, until the training part reaches train_bytes."""
+def documents_of(sources):
+    """The documentation's sources under the folder sources, in the order of SECTIONS (each a folder of .txt files,
+    or one file)."""
     documents = []
     for section in SECTIONS:
         path = os.path.join(sources, section)
         files = [path] if os.path.isfile(path) else sorted(
             os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names if name.endswith(".txt"))
         documents += files
+    return documents
+
+
+def make_text(sources, folder, train_bytes=1_750_000, heldout_every=10):
+    """train.txt and heldout.txt in folder (the toys': TEXT_DIR) from the documentation's sources: the documents of
+    SECTIONS in order, every heldout_every-th one held out, until the training part reaches train_bytes. Sources that
+    give no training or no held-out paragraph are refused, the files left as they were; each file is written whole
+    beside its place, then renamed into it. Returns {split: characters written}."""
+    documents = documents_of(sources)
+    if not documents:
+        raise models.UsageError(f"{sources} holds none of the documentation's sources (the .txt files of "
+                                f"{', '.join(SECTIONS)}): give the folder _sources of Python's HTML documentation, "
+                                "e.g. /usr/share/doc/python3.11/html/_sources")
     parts = {"train": [], "heldout": []}
     for i, file in enumerate(documents):
         if sum(len(p) + 1 for p in parts["train"]) >= train_bytes:
             break
-        with open(file, encoding="utf-8") as f:
-            parts["heldout" if i % heldout_every == heldout_every - 1 else "train"] += prose(f.read())
+        try:
+            with open(file, encoding="utf-8") as f:
+                parts["heldout" if i % heldout_every == heldout_every - 1 else "train"] += prose(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise models.UsageError(f"cannot read {file}: {e.strerror if isinstance(e, OSError) else 'not UTF-8'}")
     for split, paragraphs in parts.items():
-        with open(os.path.join(TEXT_DIR, f"{split}.txt"), "w", encoding="ascii") as f:
-            f.write("\n".join(paragraphs) + "\n")
+        if not paragraphs:
+            raise models.UsageError(f"{sources} gives no {split} text: its {len(documents)} documents hold no prose "
+                                    f"for it (one document in {heldout_every} is held out)")
+    texts = {split: "\n".join(paragraphs) + "\n" for split, paragraphs in parts.items()}
+    os.makedirs(folder, exist_ok=True)
+    partial = {split: os.path.join(folder, f".{split}.txt.partial") for split in texts}
+    try:
+        for split, text in texts.items():
+            with open(partial[split], "w", encoding="ascii") as f:
+                f.write(text)
+        for split in texts:
+            os.replace(partial[split], os.path.join(folder, f"{split}.txt"))
+    finally:
+        for path in partial.values():
+            if os.path.exists(path):
+                os.remove(path)
+    return {split: len(text) for split, text in texts.items()}
 
 
 # --- Command line -------------------------------------------------------------------------------------------------
@@ -423,23 +475,47 @@ def report():
     return rows
 
 
+def output_folder(name, out=None, force=False):
+    """The folder that training the toy `name` writes: out, else the shipped toy's own, which holds its weights and is
+    replaced only when asked in words (out naming it, or force). A file where the folder should be is refused."""
+    folder = out or models.TOYS[name]
+    if out is None and not force and os.path.exists(os.path.join(folder, "model.safetensors")):
+        shown = os.path.relpath(folder)
+        raise models.UsageError(f"{shown} holds the shipped {name}, which training would replace: --out FOLDER trains "
+                                f"one elsewhere; --out {shown} or --force replaces it")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise models.UsageError(f"--out {folder} is a file, not a folder: give a folder for the checkpoint")
+    return folder
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train hsd's toy models (toys/README.md).")
     p.error = lambda message: p.exit(2, f"hsd_train: error: {message} (see --help)\n")
-    p.add_argument("--model", choices=list(TOY_CONFIGS), help="train this toy from scratch (or resume its run)")
+    p.add_argument("--model", choices=list(TOY_CONFIGS), help="train this toy from scratch, or resume its run "
+                                                              "(no default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batches (default: 0)")
-    p.add_argument("--out", help="folder for the checkpoint (default: toys/NAME, the shipped one)")
+    p.add_argument("--out", metavar="FOLDER", help="folder for the checkpoint (default: toys/NAME, the shipped toy, "
+                                                   "which only --out toys/NAME or --force replaces)")
+    p.add_argument("--force", action="store_true", help="without --out: replace the shipped toy (default: refuse)")
     p.add_argument("--steps", type=int, default=SCHEDULE["steps"],
                    help=f"training steps (default: {SCHEDULE['steps']})")
+    p.add_argument("--threads", type=int, metavar="N", help="torch's threads (default: torch's choice, "
+                                                            f"{torch.get_num_threads()} here)")
     p.add_argument("--lr-check", action="store_true", help="with --model: short runs at three peak learning rates")
     p.add_argument("--report", action="store_true", help="held-out loss and word rates of the toys and tiny models")
-    p.add_argument("--make-text", metavar="SOURCES", help="write toys/text from Python's documentation sources")
+    p.add_argument("--make-text", metavar="SOURCES", help="write toys/text from Python's documentation sources, e.g. "
+                                                          "/usr/share/doc/python3.11/html/_sources (no default)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     args = p.parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 1:
+            raise models.UsageError(f"--threads must be at least 1 (got {args.threads})")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         if args.make_text:
-            make_text(args.make_text)
-            result = {split: len(read_text(split)) for split in ("train", "heldout")}
+            result = make_text(args.make_text, TEXT_DIR)
+            print(f"wrote {os.path.join(TEXT_DIR, 'train.txt')} ({result['train']:,} characters) and heldout.txt "
+                  f"({result['heldout']:,}) from {args.make_text}")
         elif args.report:
             result = report()
             for name, row in result.items():
@@ -452,7 +528,7 @@ def main(argv=None):
         elif args.model:
             if args.steps < 1:
                 raise models.UsageError(f"--steps must be at least 1 (got {args.steps})")
-            out = args.out or models.TOYS[args.model]
+            out = output_folder(args.model, args.out, args.force)
             result = train(args.model, out, args.seed, {**SCHEDULE, "steps": args.steps})
             print(f"{args.model}: {result['seconds'] / 60:.1f} min, held-out bits/char " + ", ".join(
                 f"{d} {b:.3f}" for d, b in result["heldout"]["bits_per_char"].items()) + f"; saved in {out}")
@@ -461,13 +537,16 @@ def main(argv=None):
     except models.UsageError as e:
         print(f"hsd_train: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                                  # a folder that cannot be made, a full disk: one line
+        print(f"hsd_train: error: cannot write {e.filename}: {e.strerror}" if e.filename else f"hsd_train: error: {e}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         print(f"\nhsd_train: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(result))
     return 0
-
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
