@@ -17,6 +17,7 @@ hsd.restore, hsd.verify)); the generations take the generate function (hsd.gener
   break_even_acceptance(c, v, k)                    the per-token acceptance at which k drafts a round just pay off
   break_even(times, draft, k, a, max_context)       the context from which on speculation pays off (an exercise)
   fit_monotone(values)                              least-squares non-decreasing fit (v in d)
+  PAPER                                             the paper's single-round acceptance (Table A)
   measure_costs(model, skips, context, turns, longest, temperature=0.0, *, passes) -> Costs
       step_s, c {label: c}, v [v[0] .. v[longest]] (fitted monotone), v_measured, context, temperature, turns,
       noise {"step": x, "c": {label: x}, "v": {d: x}}: the relative difference of the medians of the turns' halves
@@ -107,6 +108,27 @@ def fit_monotone(values):
             (m1, n1), (m2, n2) = blocks.pop(-2), blocks.pop()
             blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
     return [m for m, n in blocks for _ in range(n)]
+
+
+# The paper's single-round acceptance (Table A; value, 95% interval or None), greedy and at T = 0.6: hsd_eval's
+# figure, and the acceptance hsd_bench --context-sweep predicts the official models' speedups with.
+PAPER = {
+    "falcon-h1-0.5b": {"component": {
+        "greedy": {2: (0.68, (0.62, 0.74)), 4: (0.37, (0.335, 0.405)), 8: (0.186, None)},
+        "T=0.6": {2: (0.56, (0.505, 0.615)), 4: (0.3875, (0.346, 0.43)), 8: (0.224, (0.19, 0.259))}}},
+    "falcon-h1-3b": {"component": {
+        "greedy": {2: (0.59, None), 4: (0.351, None), 8: (0.186, None)},
+        "T=0.6": {2: (0.495, (0.4375, 0.5525)), 4: (0.374, (0.326, 0.424)), 8: (0.2175, (0.186, 0.252))}}},
+    "qwen3.5-0.8b": {
+        "component": {
+            "greedy": {2: (0.0375, None), 4: (0.01875, None), 8: (0.0094, None)},
+            "T=0.6": {2: (0.0725, (0.045, 0.105)), 4: (0.04, (0.0225, 0.06)), 8: (0.0094, (0.0031, 0.0175))}},
+        "layerskip": {"greedy": {4: (0.2325, None)}},
+        "early-exit": {"greedy": {4: (0.0, None)}}},
+    "qwen2.5-0.5b": {"layerskip": {
+        "greedy": {2: (0.52, None), 4: (0.326, None), 8: (0.179, None)},
+        "T=0.6": {2: (0.4275, (0.375, 0.4825)), 4: (0.306, (0.262, 0.351)), 8: (0.191, (0.161, 0.223))}}},
+}
 
 
 # --- The timing harness: c and v at a context --------------------------------------------------------------------
