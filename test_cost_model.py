@@ -90,6 +90,17 @@ def test_costs_are_ratios_to_the_turns_full_step_and_v_is_fitted(monkeypatch, te
     assert (costs.context, costs.temperature, costs.turns) == (16, temperature, 6)
 
 
+def test_a_sampled_rounds_costs_include_its_softmax_and_draws(monkeypatch):
+    """At a temperature every timed call pays sampling_cost on all its rows (a verify pass of d drafts: d + 1 rows),
+    within its time; greedy calls pay an argmax."""
+    seen, real = [], cost_model.sampling_cost
+    monkeypatch.setattr(cost_model, "sampling_cost", lambda logits, T, g: seen.append((len(logits), T)) or real(
+        logits, T, g))
+    fake_costs(monkeypatch, 0.6, {2: 0.0022, 3: 0.0026, 4: 0.0024, 5: 0.003})
+    turn = [(1, 0.6)] * 4 + [(n, 0.6) for n in (2, 3, 4, 5)]                      # full, 2 drafts, full; 4 verify
+    assert sorted(seen) == sorted(turn * 8)
+
+
 def test_the_harness_runs_on_a_real_model_at_both_temperatures():
     model = models.load("tiny-qwen3.5")
     passes = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)
