@@ -1,6 +1,9 @@
-"""hsd_bench: hsd against transformers, and what speculation costs, on random weights of the real configurations.
+"""hsd_bench: hsd against transformers, and what speculation costs and measures; on the cost model (cost_model.py).
 
-  python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # about 5 minutes on 2 CPU cores (RESULTS.md, "Speed")
+  python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # hsd against transformers, about 5 minutes on 2 CPU cores
+  python hsd_bench.py NAME --units                      # what leaving out each kind of unit saves
+  python hsd_bench.py NAME --context-sweep [--out F]    # c, v and the predicted speedup at 64 ... 8,192 tokens
+  python hsd_bench.py TOY --drafts FILES [--out F]      # drafts side by side on the test prompts, greedy and T=0.6
 
 Speed does not depend on the weight values, so random weights of an official config.json (OFFICIAL_CONFIGS), saved
 once in the official layout, serve both sides: transformers (the official implementation; this benchmark, like the
@@ -8,6 +11,8 @@ tests, needs `pip install transformers==5.23.0`) and hsd load the same file. Run
 medians are reported; every ratio printed is of numbers measured in this process. Besides tokens per second it prints
 the operations of a decoding step and of verify passes (counted as the innermost PyTorch operations, roughly the
 kernels a GPU would launch), c and v of the cost model, and decoding against the machine's memory-bandwidth limit.
+--drafts measures the test set of cost_model.split (never the search's calibration paragraphs), every speedup with a
+95% interval over the prompts; every table is printed with the machine's state, and a busy machine is said so.
 """
 import argparse
 import json
@@ -86,6 +91,13 @@ def paper_skips(config):
     draft)."""
     return {d: hsd.draft_skip(config, d) for d in hsd.DRAFTS
             if d != "none" and (d != "component" or config.family != "qwen2")}
+
+
+def warning_lines(state):
+    """The busy machine's warning (cost_model.busy_warning, by the load average), if it is busy."""
+    busy = cost_model.busy_warning(state)
+    if busy:
+        yield f"warning: {busy}"
 
 
 def machine_words(state):
@@ -175,6 +187,7 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
     path = random_checkpoint(name, tf)
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = models.load(path)
+    machine = cost_model.machine_state(ours, "float32")        # before measuring: the load of others, not ours
     draft = "layerskip" if ours.config.family == "qwen2" else "component"
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (1, prompt_len))
@@ -219,8 +232,9 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
     med = {key: statistics.median(v) for key, v in runs.items() if key != "spec"}
     round_s = statistics.median(s["decode_s"] / s["rounds"] for s in runs["spec"])
     weight_bytes = weight_bytes_per_token(ours)
-    print(f"{name}, random weights, fp32, {machine_words(cost_model.machine_state(ours, 'float32'))}, {repeats} "
-          "alternating runs, medians")
+    print(f"{name}, random weights, fp32, {machine_words(machine)}, {repeats} alternating runs, medians")
+    for line in warning_lines(machine):
+        print(line)
     print(f"decode  {new_tokens} tokens: hsd {med['hsd decode']:.2f} tok/s, transformers {med['hf decode']:.2f} tok/s "
           f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in runs['hsd decode']]}, "
           f"transformers {[round(x, 2) for x in runs['hf decode']]})")
@@ -333,7 +347,7 @@ def side_by_side_json(name, r, new_tokens):
     """What --out saves: the table's numbers, the costs, the machine, and every raw run (per label, prompt and turn),
     so that a stranger can bootstrap them again."""
     return {"model": name, "new_tokens": new_tokens, "test_paragraphs": list(r["prompts"]), "machine": r["machine"],
-            "warnings": r["warnings"], "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
+            "warnings": r["warnings"], "unreliable": bool(r["warnings"]), "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
             "costs": {str(T): c._asdict() for T, c in r["costs"].items()},
             "rows": [{"row": label, "temperature": T, **x} for (label, T), x in r["rows"].items()],
             "runs": {str(T): runs for T, runs in r["runs"].items()}}
@@ -372,6 +386,7 @@ def unit_lines(name, units, saves, drafts, machine):
         yield f"{draft:10} c {c:.2f}; per-token acceptance needed for S > 1: " + ", ".join(
             f"k={k} {'never' if p is None else f'{p:.2f}'}"
             for k, p in ((k, cost_model.break_even_acceptance(c, drafts.v[k], k)) for k in (1, 2, 4, 8)))
+    yield from warning_lines(machine)
 
 
 def context_sweep(name, turns=7, temperature=0.0):
@@ -417,6 +432,7 @@ def sweep_lines(name, sweep, rows, machine):
         paper = "" if r["paper_alpha"] is None else f"{r['paper_alpha']:.3f}"
         yield (f"{r['context']:7d} {sweep[r['context']].step_s * 1e3:8.2f} {r['draft']:10} {r['k']:2d} {r['c']:5.2f} "
                f"{r['v']:5.2f} {needs:>6} {paper:>8} {predicted:>9}")
+    yield from warning_lines(machine)
 
 
 # --- Command line ---------------------------------------------------------------------------------------------------
@@ -471,7 +487,9 @@ def main(argv=None):
             sweep, machine = context_sweep(args.model, args.cost_repeats)
             rows = sweep_rows(args.model, sweep)
             print(*sweep_lines(args.model, sweep, rows, machine), sep="\n")
-            saved = {"model": args.model, "machine": machine, "rows": rows,
+            warned = [w[9:] for w in warning_lines(machine)]
+            saved = {"model": args.model, "machine": machine, "warnings": warned, "unreliable": bool(warned),
+                     "rows": rows,
                      "costs": {str(L): c._asdict() for L, c in sweep.items()}}
             if args.out:
                 cost_model.write_json(args.out, saved)
@@ -482,7 +500,8 @@ def main(argv=None):
             units, saves, drafts, machine = unit_costs(args.model, context=args.context, turns=args.cost_repeats)
             print(*unit_lines(args.model, units, saves, drafts, machine), sep="\n")
             if args.json:
-                print(json.dumps({"model": args.model, "machine": machine, "step_s": units.step_s, "v": units.v,
+                print(json.dumps({"model": args.model, "machine": machine, "warnings": [
+                                  w[9:] for w in warning_lines(machine)], "step_s": units.step_s, "v": units.v,
                                   "saves": {f"{u} of a {t} layer": s for (u, t), s in saves.items()},
                                   "drafts": {d: {"c": c, "break_even": {k: cost_model.break_even_acceptance(
                                       c, drafts.v[k], k) for k in (1, 2, 4, 8)}} for d, c in drafts.c.items()}}))
