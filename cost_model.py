@@ -26,10 +26,12 @@ hsd.restore, hsd.verify)); the generations take the generate function (hsd.gener
       -> {label: [per prompt [per turn run]]}, "plain" first; a run: RUN_KEYS of generate's statistics, the tokens and
       the drafts of each step
   measured_row(runs, plain_runs, c=None, v=None)    what generations measured, one key per quantity
+  rate(runs, prompts=None, turn=None)               tokens per second: summed tokens over summed seconds
   speedup(runs, plain_runs); speedup_ci(runs, plain_runs, resamples=10_000, seed=0)   over prompts
   bootstrap_ci(values, resamples=10_000, seed=0)    95% percentile interval of a mean (an exercise)
   repeated_share(tokens, n=4)                       the share of tokens inside an n-gram seen before (loops)
-  read_lines(path, model_name); paragraphs(lines, tokenizer) -> {paragraph index: ids}
+  TINY_TEXT; read_lines(path, model_name)          the text a tool reads (tiny-*: TINY_TEXT; toys: held-out)
+  paragraphs(lines, tokenizer) -> {paragraph index: ids}
   split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP, test_tokens=TEST_TOKENS) -> Split(test,
       calibration): paragraph indices, disjoint; the test set the same for every caller
   check_writable(path, flag); write_json(path, value)
