@@ -49,7 +49,7 @@ import torch
 import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TEST_PROMPTS, TEST_GAP = 24, 50      # the test set: 24 paragraphs spread over the held-out text, >= 50 paragraphs apart,
+TEST_PROMPTS, TEST_GAP = 24, 50      # the test set: 24 paragraphs spread over the held-out text, 50 or more apart,
 TEST_TOKENS = 128                    # each of at least 128 tokens (a 64-token prompt and as much text after it)
 BUSY_SPREAD = 1.15                   # per-turn ratios further apart than this (max / min): the machine is busy
 
@@ -300,7 +300,7 @@ def measured_row(runs, plain_runs, c=None, v=None):
     rounds, drafted, accepted, plain = (sum(r[x] for r in every) for x in ("rounds", "drafted", "accepted",
                                                                             "plain_steps"))
     turns = len(runs[0]) if runs else 0
-    row = {"speedup": speedup(runs, plain_runs), "ci": speedup_ci(runs, plain_runs),
+    row = {"speedup": speedup(runs, plain_runs), "speedup_ci": speedup_ci(runs, plain_runs),
            "turn_speedups": [rate(runs, turn=t) / rate(plain_runs, turn=t) for t in range(turns)],
            "tokens_per_s": rate(runs), "rounds": rounds, "plain_steps": plain,
            "drafts_per_round": drafted / rounds if rounds else None,

@@ -334,7 +334,7 @@ def side_by_side_lines(name, r, new_tokens):
            f"{'drf/rnd':>7} {'plain':>5} {'c':>5} {'predicted':>9} {'loops':>6}")
     for (label, T), x in r["rows"].items():
         loops = f"{x['repeated_4grams']:6.1%}" if T == 0 else f"{'':6}"
-        yield (f"{label[-44:]:44} {T:4.1f} {x['speedup']:7.3f}x [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}] "
+        yield (f"{label[-44:]:44} {T:4.1f} {x['speedup']:7.3f}x [{x['speedup_ci'][0]:.3f}, {x['speedup_ci'][1]:.3f}] "
                f"{x['vs_best_paper']:8.3f} [{x['vs_best_paper_ci'][0]:.3f}, {x['vs_best_paper_ci'][1]:.3f}] "
                f"{x['alpha'] or 0:6.3f} {x['accepted_per_round'] or 0:7.2f} {x['drafts_per_round'] or 0:7.2f} "
                f"{x['plain_steps']:5d} {r['costs'][T].c[label.split(', k=')[0]]:5.2f} "
@@ -347,7 +347,8 @@ def side_by_side_json(name, r, new_tokens):
     """What --out saves: the table's numbers, the costs, the machine, and every raw run (per label, prompt and turn),
     so that a stranger can bootstrap them again."""
     return {"model": name, "new_tokens": new_tokens, "test_paragraphs": list(r["prompts"]), "machine": r["machine"],
-            "warnings": r["warnings"], "unreliable": bool(r["warnings"]), "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
+            "warnings": r["warnings"], "unreliable": bool(r["warnings"]),
+            "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
             "costs": {str(T): c._asdict() for T, c in r["costs"].items()},
             "rows": [{"row": label, "temperature": T, **x} for (label, T), x in r["rows"].items()],
             "runs": {str(T): runs for T, runs in r["runs"].items()}}

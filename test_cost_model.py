@@ -140,7 +140,7 @@ def test_generations_take_turns_and_keep_every_run(monkeypatch):
                                     None, [[10]], {}, 4, 1)
     assert greedy_seeds == [None]                                       # greedy: no seed
     row = cost_model.measured_row(runs["d"], runs["plain"], 0.5, [1.0, 1.1, 1.2])
-    assert row["speedup"] == 2.0 and row["ci"] == (2.0, 2.0) and row["turn_speedups"] == [2.0, 2.0]
+    assert row["speedup"] == 2.0 and row["speedup_ci"] == (2.0, 2.0) and row["turn_speedups"] == [2.0, 2.0]
     assert (row["rounds"], row["plain_steps"], row["drafts_per_round"], row["accepted_per_round"], row["alpha"]) == (
         4, 8, 2.0, 1.0, 0.5)
     assert row["predicted_speedup"] == 16 / (4 * (2 * 0.5 + 1.2) + 8 * 1.0)   # the steps these runs took
