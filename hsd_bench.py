@@ -403,16 +403,22 @@ def context_sweep(name, turns=7, temperature=0.0):
     return sweep, cost_model.machine_state(model, "float32")
 
 
+def paper_column(temperature):
+    """The column of cost_model.PAPER at a temperature: "greedy" at 0, "T=0.6" at the paper's T."""
+    return "greedy" if temperature == 0 else f"T={temperature:g}"
+
+
 def sweep_rows(name, sweep):
     """Per context, draft and k in (2, 4, 8): c, v[k], the break-even acceptance, and where the paper reports an
-    acceptance for this model (greedy, single round: alpha, so that a round keeps alpha k drafts), the speedup it
-    predicts."""
+    acceptance for this model at the costs' temperature (single round, greedy or T=0.6: alpha, so that a round keeps
+    alpha k drafts), the speedup it predicts."""
     paper = cost_model.PAPER.get(name, {})
     rows = []
     for L, costs in sweep.items():
+        column = paper_column(costs.temperature)
         for draft, c in costs.c.items():
             for k in (2, 4, 8):
-                alpha = paper.get(draft, {}).get("greedy", {}).get(k, (None,))[0]
+                alpha = paper.get(draft, {}).get(column, {}).get(k, (None,))[0]
                 rows.append({"context": L, "draft": draft, "k": k, "c": c, "v": costs.v[k],
                              "noise_c": costs.noise["c"][draft],
                              "break_even_acceptance": cost_model.break_even_acceptance(c, costs.v[k], k),
@@ -422,9 +428,11 @@ def sweep_rows(name, sweep):
 
 
 def sweep_lines(name, sweep, rows, machine):
-    yield f"{name}: c, v and the predicted speedup against the context; {machine_words(machine)}"
-    yield ("predicted: at the paper's single-round greedy acceptance for this model (cost_model.PAPER), where it gives "
-           "one" if name in cost_model.PAPER else "no paper acceptance for this model: the acceptance each k needs")
+    T = next(iter(sweep.values())).temperature
+    yield f"{name}: c, v and the predicted speedup against the context, at T={T}; {machine_words(machine)}"
+    yield (f"predicted: at the paper's single-round acceptance ({paper_column(T)}) for this model (cost_model.PAPER), "
+           "where it gives one" if name in cost_model.PAPER else
+           "no paper acceptance for this model: the acceptance each k needs")
     yield (f"{'context':>7} {'step ms':>8} {'draft':10} {'k':>2} {'c':>5} {'v[k]':>5} {'needs':>6} {'paper a':>8} "
            f"{'predicted':>9}")
     for r in rows:
@@ -458,6 +466,9 @@ def main(argv=None):
                                                                f"at {', '.join(map(str, CONTEXTS))} tokens (as far as "
                                                                "the model's context allows)")
     p.add_argument("--context", type=int, default=256, help="with --units: the tokens in the cache (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="with --context-sweep: the costs of a round sampled "
+                                                                   f"at this temperature (the paper's: {PAPER_T}; "
+                                                                   "default: 0, greedy)")
     p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice)")
     p.add_argument("--out", help="with --drafts or --context-sweep: save the numbers, and --drafts' raw per-prompt "
                                  "runs, to this JSON file")
@@ -468,6 +479,8 @@ def main(argv=None):
         if args.threads < 1:
             p.error(f"--threads must be at least 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
+    if not 0 <= args.temperature < float("inf"):                      # NaN too
+        p.error(f"--temperature must be 0 (greedy) or a finite temperature above it (got {args.temperature})")
     try:
         if args.out:
             cost_model.check_writable(args.out, "--out")
@@ -485,7 +498,7 @@ def main(argv=None):
                 print(json.dumps({key: value for key, value in saved.items() if key != "runs"}))
             return 0
         if args.context_sweep:
-            sweep, machine = context_sweep(args.model, args.cost_repeats)
+            sweep, machine = context_sweep(args.model, args.cost_repeats, args.temperature)
             rows = sweep_rows(args.model, sweep)
             print(*sweep_lines(args.model, sweep, rows, machine), sep="\n")
             warned = [w[9:] for w in warning_lines(machine)]

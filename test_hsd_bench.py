@@ -38,8 +38,11 @@ def test_the_sweep_predicts_with_the_papers_acceptance_where_it_has_one():
     lines = list(hsd_bench.sweep_lines("falcon-h1-0.5b", sweep, rows, {
         "device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default", "load_average": 0.5,
         "torch": "2", "commit": None}))
-    assert "1 thread of 2 cores" in lines[0] and "paper's single-round greedy acceptance" in lines[1]
+    assert "1 thread of 2 cores" in lines[0] and "paper's single-round acceptance (greedy)" in lines[1]
     assert not any(line.startswith("warning") for line in lines)
+    sampled = {L: c._replace(temperature=0.6) for L, c in sweep.items()}
+    row = next(r for r in hsd_bench.sweep_rows("falcon-h1-0.5b", sampled) if (r["context"], r["k"]) == (256, 8))
+    assert row["paper_alpha"] == 0.224                                     # the paper's T=0.6 column
 
 
 def test_the_drafts_rows_are_the_papers_at_every_k_and_each_file_as_found():
@@ -66,7 +69,9 @@ def test_the_test_prompts_are_the_splits_test_set():
     (["toy-qwen3.5", "--units", "--threads", "0"], "--threads must be at least 1"),
     (["falcon-h1-0.5b", "--drafts"], "--drafts runs on a trained toy"),
     (["toy-qwen3.5", "--context-sweep", "--out", "."], "cannot write --out .: it is a folder"),
-], ids=["threads", "drafts-official", "out-folder"])
+    (["toy-qwen3.5", "--context-sweep", "--temperature", "nan"], "--temperature must be 0 (greedy) or a finite"),
+    (["toy-qwen3.5", "--context-sweep", "--temperature", "inf"], "--temperature must be 0 (greedy) or a finite"),
+], ids=["threads", "drafts-official", "out-folder", "temperature-nan", "temperature-inf"])
 def test_the_command_line_refuses_in_one_line_before_measuring(args, message, capsys, monkeypatch):
     monkeypatch.setattr(hsd_bench, "bench_model", lambda *a: pytest.fail("measured before refusing"))
     monkeypatch.setattr(hsd_bench, "drafts_side_by_side", lambda *a, **k: pytest.fail("measured before refusing"))
