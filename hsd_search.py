@@ -49,6 +49,7 @@ from collections import namedtuple
 import torch
 from huggingface_hub.utils import tqdm
 
+import cost_model
 import hsd
 import hsd_eval
 import models
@@ -536,8 +537,8 @@ def describe(label, c):
 def run(args, model, tokenizer):
     """The steps of the module docstring; returns what --json prints."""
     if args.out:
-        hsd_eval.check_writable(args.out, "--out")
-    lines = hsd_eval.read_lines(args.text, args.model)
+        cost_model.check_writable(args.out, "--out")
+    lines = cost_model.read_lines(args.text, args.model)
     texts = calibration_texts(lines, tokenizer, args.seed, args.prompt_tokens, args.new_tokens, args.prompts,
                               args.confirm_prompts)
     context = args.prompt_tokens + args.new_tokens // 2
