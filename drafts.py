@@ -134,7 +134,7 @@ def read_json(path, bad):
     except UnicodeDecodeError:
         raise bad("damaged: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise bad(f"damaged: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        raise bad(f"damaged: {e}") from None
     except RecursionError:
         raise bad("damaged: nested too deeply to read") from None
     except ValueError as e:                               # e.g. a number of more digits than Python reads

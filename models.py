@@ -1164,7 +1164,7 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     except UsageError as e:                   # read, but not a configuration hsd runs: say what is wrong
         raise UsageError(f"{path}/config.json: {e}") from None
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path}/config.json is not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        raise UsageError(f"{path}/config.json is not JSON ({e})") from None
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise UsageError(f"cannot read {path}/config.json: {type(e).__name__}: {e}") from None
 

@@ -790,6 +790,19 @@ def test_generate_rejects_bad_requests(kwargs, message):
         hsd.generate(tiny("tiny-falcon-h1"), **args)
 
 
+def test_the_end_of_text_ends_drafting():
+    """The issue's case: a draft proposing the end-of-text token ends its round's drafting there, so no draft after it
+    counts as accepted (statistics, trace); the output is plain greedy decoding's, which the end of text ends."""
+    model, tokenizer = tiny("tiny-qwen3.5"), models.char_tokenizer()
+    prompt = tokenizer.encode("At a temperature the draft samples its tokens, and the full mode").ids
+    eos = model.config.eos_token_id
+    tokens, stats = hsd.generate(model, prompt, 20, draft=models.Skip(attention={7}), k=8)
+    plain, _ = hsd.generate(model, prompt, 20, draft="none")
+    assert tokens == plain == [eos]                                   # the full model ends the text at once
+    assert all(eos not in r.drafts[:-1] for r in stats["trace"])
+    assert (stats["drafted"], stats["accepted"], stats["trace"]) == (1, 1, [hsd.Round([eos], 1, stats["trace"][0][2])])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # hsd: the state, step by step (the exercises of the round grade with these)
 
@@ -1477,6 +1490,43 @@ def test_damaged_files_are_one_line_saying_what_to_do(tmp_path, capsys):
     assert err.count("\n") == 1 and f"{tmp_path / 'ok' / 'tokenizer.json'} is damaged or incomplete" in err
 
 
+def test_k_with_plain_decoding_is_a_note_and_the_run_goes_on(capsys):
+    for k in ("3", "auto"):
+        assert hsd.main(["--model", "tiny-falcon-h1", "--draft", "none", "-k", k, "--max-new-tokens", "3",
+                         "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert err == "hsd: note: -k has no effect with --draft none (plain decoding drafts nothing)\n"
+        assert json.loads(out.splitlines()[-1])["k"] is None
+    assert hsd.generate(tiny("tiny-falcon-h1"), [1, 2], 3, draft="none", k=3)[1]["k"] is None
+
+
+def test_auto_trace_shows_the_plain_steps_between_rounds(capsys, monkeypatch):
+    """-k auto --trace: each run of plain steps is one line where it ran, and they add up to the summary's count."""
+    real, wrong = hsd.draft, 0                                             # a draft that never agrees pauses
+    monkeypatch.setattr(hsd, "draft", lambda *args, **kwargs: ([wrong] * len(real(*args, **kwargs)[0]), None))
+    monkeypatch.setattr(hsd, "default_costs", lambda model, skip: (0.5, {1: 1.1}))
+    assert hsd.main(["--model", "tiny-falcon-h1", "-k", "auto", "--trace", "--max-new-tokens", "30",
+                     "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    kinds = [line.split()[0] for line in lines if line.startswith(("round", "plain"))]
+    assert kinds[:6] == ["round"] * 4 + ["plain", "round"] and "plain     8 steps" in lines, lines
+    stats = json.loads(lines[-1])
+    assert sum(int(line.split()[1]) for line in lines if line.startswith("plain ")) == stats["plain_steps"] > 8
+
+
+def test_help_shows_defaults_and_threads_are_set(capsys):
+    with pytest.raises(SystemExit):
+        hsd.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 64)" in out and "(default: cpu)" in out and "(default: float32)" in out and "a Hub id" in out
+    before = torch.get_num_threads()
+    try:
+        assert hsd.main(["--model", "tiny-falcon-h1", "--threads", "1", "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # hsd at a temperature: speculative sampling is exact in distribution
 #
@@ -1678,6 +1728,17 @@ def test_cli_at_a_temperature_traces_sampled_rounds(capsys):
     again = capsys.readouterr().out.splitlines()
     shown = [x for x in out if x.startswith(("round", "output"))]
     assert [x for x in again if x.startswith(("round", "output"))] == shown
+
+
+def test_a_temperature_without_a_seed_reports_the_seed_it_chose():
+    """generate chooses a seed from torch's global stream and the statistics say which: rerunning with it repeats."""
+    model = tiny("tiny-falcon-h1")
+    torch.manual_seed(5)
+    tokens, stats = hsd.generate(model, PROMPTS["12-token"], 12, temperature=TEMPERATURE, eos_token_id=-1)
+    assert isinstance(stats["seed"], int)
+    assert hsd.generate(model, PROMPTS["12-token"], 12, temperature=TEMPERATURE, seed=stats["seed"],
+                        eos_token_id=-1)[0] == tokens
+    assert hsd.generate(model, PROMPTS["12-token"], 4)[1]["seed"] is None
 
 
 # ----------------------------------------------------------------------------------------------------------
