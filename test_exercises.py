@@ -357,7 +357,7 @@ def grade_variants(variants, threads=1, claims=None):
             except FileExistsError:                                  # another worker is grading it
                 results.append(None)
                 continue
-        for module in ("models", "hsd", "hsd_eval", "hsd_train", "hsd_bench", "test_hsd"):
+        for module in (name[:-3] for name in os.listdir(folder) if name.endswith(".py")):    # the project's own
             sys.modules.pop(module, None)
         os.chdir(folder)
         sys.path.insert(0, folder)
