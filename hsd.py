@@ -84,13 +84,14 @@ def probabilities(logits, temperature):
 
 def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None, eos=None):
     """Step 2: up to k drafts from the draft model (the full model without `skip`), continuing from the cache ->
-    (drafts, q). It feeds pending, d1, ..., d(k-1), one token a step (dk is fed by the verify pass), and so advances the cache:
-    restore() after. Greedy (temperature 0): each draft is the draft model's argmax; at a temperature, a draw with the
-    generator from probabilities(logits, temperature), whose rows make q (len, V), the draft's distributions, which
-    accept_sampled needs (None when greedy). Drafting ends early after a draft the draft model gives a probability
-    below `stop` (unsure of it, so what follows would likely be rejected too), or after the end-of-text token eos
-    (nothing after it is output). Both look only at the draft's own tokens and distributions, never at what the full
-    model will say: greedy output stays plain greedy decoding's, sampling stays exact in distribution."""
+    (drafts, q). It feeds pending, d1, ..., d(k-1), one token a step (dk is fed by the verify pass), and so advances
+    the cache: restore() after. Greedy (temperature 0): each draft is the draft model's argmax; at a temperature, a
+    draw with the generator from probabilities(logits, temperature), whose rows make q (len, V), the draft's
+    distributions, which accept_sampled needs (None when greedy). Drafting ends early after a draft the draft model
+    gives a probability below `stop` (unsure of it, so what follows would likely be rejected too), or after the
+    end-of-text token eos (nothing after it is output). Both look only at the draft's own tokens and distributions,
+    never at what the full model will say: greedy output stays plain greedy decoding's, sampling stays exact in
+    distribution."""
     drafts, q, token = [], [], pending
     while len(drafts) < k:
         logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]      # (V,)
@@ -347,8 +348,8 @@ def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id
 
 def statistics(chosen, steps, seed=None):
     """What a generation with the Draft `chosen` did, from its steps; alpha: RESULTS.md, "Acceptance". "k" is the k
-    asked for (a number, "auto": then "drafts_per_round" says how long the rounds were on average; None: plain decoding);
-    "pause_below": the acceptance below which -k auto pauses drafting; "seed": the sampling's seed."""
+    asked for (a number, "auto": then "drafts_per_round" says how long the rounds were on average; None: plain
+    decoding); "pause_below": the acceptance below which -k auto pauses drafting; "seed": the sampling's seed."""
     rounds = [s for s in steps if s.kind == "round"]
     drafted = sum(len(r.drafts) for r in rounds)
     accepted = sum(r.accepted for r in rounds)
@@ -435,8 +436,8 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats, official=False):
         i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)       # EOS ends both alike
         margin, std = logit_margin(model, prompt + plain[:i], plain[i], spec[i])
         near = abs(margin) < (0.05 if model.lm_head.weight.dtype == torch.bfloat16 else 1e-3) * std
-        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {spec[i]}, greedy {plain[i]}, "
-                f"the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
+        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {spec[i]}, greedy "
+                f"{plain[i]}, the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
                 ("a near-tie, which the rounding of a verify pass and of single steps can flip" if near else
                  "not a near-tie, so not rounding: please report it"))
     if chosen.skip is None:

@@ -122,8 +122,8 @@ def test_a_file_searched_with_other_threads_gets_a_note(tmp_path, falcon):
     path = written(tmp_path, by_hand(model={"name": "tiny-falcon-h1", **drafts.identity(falcon)},
                                      found_by={"threads": threads + 1}))
     _, notes = drafts.read_draft_file(path, falcon)
-    assert notes == [f"{path} was searched with {threads + 1} threads, this run uses {threads}: threads change every "
-                     "cost, so it may not be the fastest draft here"]
+    assert notes == [(f"{path} was searched with {threads + 1} threads, this run uses {threads}: threads change every "
+                      "cost, so it may not be the fastest draft here")]
     assert drafts.read_draft_file(written(tmp_path, by_hand(model={"name": "tiny-falcon-h1", **drafts.identity(
         falcon)}, found_by={"threads": threads})), falcon)[1] == []
 
