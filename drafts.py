@@ -60,10 +60,10 @@ def weights_fingerprint(model):
     """sha256 over every parameter's name, shape and up to 4096 evenly spaced values rounded to bfloat16: the same for
     one checkpoint loaded in float32 or bfloat16, another for other weights (a retrained model); cheap at any size."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name} {tuple(p.shape)}\n".encode() + sample.numpy().tobytes())
+        h.update(f"{name} {tuple(param.shape)}\n".encode() + sample.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -179,6 +179,21 @@ def skip_of(path, fields, model, bad):
     return skip
 
 
+def draft_costs(c, v):
+    """A draft's costs for -k auto, in units of a plain step -> (c, {d: v[d]}): c a draft step, v the verify passes, a
+    dict {d: v[d]} (keys ints or digit strings) or a sequence whose item d is v[d] (item 0, d = 0, unused). A
+    UsageError for anything but positive finite numbers."""
+    try:
+        pairs = v.items() if isinstance(v, dict) else enumerate(v)
+        c, v = float(c), {int(d): float(x) for d, x in pairs if int(d) >= 1}
+    except (TypeError, ValueError):
+        v = None
+    if not v or not all(0 < x < math.inf for x in (c, *v.values())):
+        raise models.UsageError("costs must be (c, v): c a positive number, v a dict {d: v[d]} or a sequence indexed "
+                                "by d, of positive numbers (in units of a plain step)")
+    return c, v
+
+
 def costs_of(found_by, bad):
     """found_by's measured costs -> (c, {d: v[d]}), or None if the file has none. found_by["costs"] holds "c" (older
     files: found_by["c"]["measured"]) and "v": {"1": v[1], ...}, in units of a plain step."""
@@ -186,16 +201,16 @@ def costs_of(found_by, bad):
     if not isinstance(costs, dict) or "v" not in costs:
         return None
     older = found_by.get("c")
-    c, v = costs.get("c", older.get("measured") if isinstance(older, dict) else None), costs["v"]
-
-    def cost(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+    c = costs.get("c", older.get("measured") if isinstance(older, dict) else None)
     if c is None:
         return None
-    if not (cost(c) and isinstance(v, dict) and v and all(d.isdigit() and int(d) >= 1 and cost(x)
-                                                          for d, x in v.items())):
-        raise bad('"found_by": "costs" must hold "c": a positive number and "v": {"1": a positive number, ...}')
-    return float(c), {int(d): float(x) for d, x in v.items()}
+    wrong = bad('"found_by": "costs" must hold "c": a positive number and "v": {"1": a positive number, ...}')
+    if isinstance(c, bool) or not isinstance(costs["v"], dict):
+        raise wrong
+    try:
+        return draft_costs(c, costs["v"])
+    except models.UsageError:
+        raise wrong from None
 
 
 def read_draft_file(path, model):

@@ -29,6 +29,8 @@ Names (one meaning each, here and in drafts.py):
   c, v[d]    costs in units of one plain step: a draft step; a verify pass over the pending token and d drafts
   q, p       the draft's and the full model's distributions at the temperature (sampling)
   plain step one token of plain decoding: the full model fed the pending token, nothing drafted
+  n          the model's number of layers, in the paper's draft rules (drafts.draft_skip)
+  s          a generation's statistics (a dict) in the command line; a step is a Step
 """
 import argparse
 import json
@@ -44,7 +46,7 @@ import torch
 
 import models
 from cost_model import break_even_acceptance, clock
-from drafts import DRAFTS, Draft, draft_skip, paper_draft, read_draft_file
+from drafts import DRAFTS, Draft, draft_costs, draft_skip, paper_draft, read_draft_file
 
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
@@ -206,27 +208,12 @@ def default_costs(model, skip):          # moves to cost_model
     """-k auto's costs when none are given (README, "-k auto"): c, the share of the weights a draft step reads, and
     v[d] = 1 for every d, as where decoding is bound by reading each weight once a step (a verify pass too)."""
     def weights(module):
-        return sum(p.numel() for p in module.parameters())
+        return sum(param.numel() for param in module.parameters())
     left_out = sum(weights(layer) if i in skip.layers else sum(weights(getattr(layer, name)) for unit in
                    skip.left_out_of(i) for name in UNIT_MODULES[unit] if hasattr(layer, name))
                    for i, layer in enumerate(model.model.layers))
     read = weights(model) - (0 if model.config.tie_word_embeddings else model.model.embed_tokens.weight.numel())
     return 1 - left_out / read, {1: 1.0}
-
-
-def as_costs(costs):
-    """generate's costs=(c, v) -> (c, {d: v[d]}): v a dict {d: v[d]} or a sequence whose item d is v[d] (item 0, d = 0,
-    is not used); a UsageError for anything but positive numbers."""
-    try:
-        c, v = costs
-        v = dict(v) if isinstance(v, dict) else dict(enumerate(v))
-        c, v = float(c), {int(d): float(x) for d, x in v.items() if int(d) >= 1}
-    except (TypeError, ValueError):
-        v = None
-    if not v or not all(0 < x < math.inf for x in (c, *v.values())):
-        raise models.UsageError("costs must be (c, v): c a positive number, v a dict {d: v[d]} or a sequence indexed "
-                                "by d, of positive numbers (in units of a plain step)")
-    return c, v
 
 
 def choose_draft(model, asked=None, k=None, costs=None):
@@ -255,7 +242,7 @@ def choose_draft(model, asked=None, k=None, costs=None):
     k = chosen.k if k is None else k
     if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool))):
         raise models.UsageError(f'k must be a number of drafts or "auto" (got {k!r})')
-    costs = as_costs(costs) if costs is not None else chosen.costs or default_costs(model, chosen.skip)
+    costs = draft_costs(*costs) if costs is not None else chosen.costs or default_costs(model, chosen.skip)
     return chosen._replace(k=k, costs=costs)
 
 
@@ -350,19 +337,20 @@ def statistics(chosen, steps, seed=None):
     """What a generation with the Draft `chosen` did, from its steps; alpha: RESULTS.md, "Acceptance". "k" is the k
     asked for (a number, "auto": then "drafts_per_round" says how long the rounds were on average; None: plain
     decoding); "pause_below": the acceptance below which -k auto pauses drafting; "seed": the sampling's seed."""
-    rounds = [s for s in steps if s.kind == "round"]
+    rounds = [step for step in steps if step.kind == "round"]
     drafted = sum(len(r.drafts) for r in rounds)
     accepted = sum(r.accepted for r in rounds)
-    new_tokens = sum(len(s.tokens) for s in steps)
-    decode_s = sum(s.seconds for s in steps if s.kind != "prefill")
+    new_tokens = sum(len(step.tokens) for step in steps)
+    decode_s = sum(step.seconds for step in steps if step.kind != "prefill")
     longest = chosen.k if chosen.k not in ("auto", None) else max((len(r.drafts) for r in rounds), default=0)
     return {"draft": chosen.name, "k": chosen.k, "stop": chosen.stop, "seed": seed, "drafted": drafted,
             "accepted": accepted, "alpha": accepted / drafted if drafted else None, "rounds": len(rounds),
-            "plain_steps": sum(s.kind == "plain" for s in steps), "drafts_per_round": drafted / len(rounds) if rounds
-            else None, "accepted_per_round": accepted / len(rounds) if rounds else None,
+            "plain_steps": sum(step.kind == "plain" for step in steps),
+            "drafts_per_round": drafted / len(rounds) if rounds else None,
+            "accepted_per_round": accepted / len(rounds) if rounds else None,
             "accepted_histogram": [sum(r.accepted == a for r in rounds) for a in range(longest + 1)],
             "pause_below": pause_below(chosen.costs) if chosen.k == "auto" else None,
-            "new_tokens": new_tokens, "prefill_s": sum(s.seconds for s in steps if s.kind == "prefill"),
+            "new_tokens": new_tokens, "prefill_s": sum(step.seconds for step in steps if step.kind == "prefill"),
             "decode_s": decode_s, "round_s": sum(r.seconds for r in rounds),
             "tokens_per_s": new_tokens / decode_s if decode_s else None,
             "trace": [Round(r.drafts, r.accepted, r.next_token) for r in rounds]}
@@ -500,7 +488,8 @@ def run_generate(args, model, tokenizer):
             print(plain_line(plain), flush=True)
             plain = 0
         if args.trace and step.kind == "round":
-            print(trace_line(sum(s.kind == "round" for s in steps), step, tokenizer, sys.stdout.isatty()), flush=True)
+            print(trace_line(sum(done.kind == "round" for done in steps), step, tokenizer, sys.stdout.isatty()),
+                  flush=True)
         text = tokenizer.decode(tokens, skip_special_tokens=False)
         if not args.trace and not text.endswith("\ufffd"):       # a character whose bytes are not all there yet
             print(json.dumps(text[len(shown):], ensure_ascii=False)[1:-1], end="", flush=True)

@@ -99,6 +99,7 @@ def test_a_file_written_by_hand_from_the_readme_runs_with_a_note(tmp_path, capsy
     (by_hand(stop={"confidence": 0}), 'not {"confidence": 0}'),
     ('{"k": ' + "1" * 5000 + "}", "(damaged: Exceeds the limit (4300 digits) for integer string conversion)"),
     ("[" * 100_000 + "]" * 100_000, "(damaged: nested too deeply to read)"),
+    (by_hand(found_by={"costs": {"c": -1, "v": {"1": 1.1}}}), '"found_by": "costs" must hold "c": a positive number'),
     ('{"format": "hsd-dr', "(damaged: Unterminated string starting at: line 1 column 12 (char 11))"),
 ])
 def test_a_draft_file_that_cannot_run_is_one_line(tmp_path, capsys, spec, message):
