@@ -37,10 +37,10 @@ import json
 import math
 import os
 import signal
-import statistics as stats
 import sys
 import warnings
 from collections import namedtuple
+from statistics import median
 
 import torch
 
@@ -418,13 +418,13 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats, official=False):
     speedup: the median of `repeats` plain and speculative generations run in turns (and their range). official:
     the model is one of models.OFFICIAL (whose drafts are expected not to pay on a CPU: the note says why)."""
     plain, _ = generate(model, prompt, max_new_tokens, draft="none")
-    spec = s["new_token_ids"]
-    s["identical_to_greedy"] = plain == spec
-    if plain != spec:
-        i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)       # EOS ends both alike
-        margin, std = logit_margin(model, prompt + plain[:i], plain[i], spec[i])
+    speculative = s["new_token_ids"]
+    s["identical_to_greedy"] = plain == speculative
+    if plain != speculative:
+        i = next(i for i, (a, b) in enumerate(zip(speculative, plain)) if a != b)       # EOS ends both alike
+        margin, std = logit_margin(model, prompt + plain[:i], plain[i], speculative[i])
         near = abs(margin) < (0.05 if model.lm_head.weight.dtype == torch.bfloat16 else 1e-3) * std
-        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {spec[i]}, greedy "
+        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {speculative[i]}, greedy "
                 f"{plain[i]}, the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
                 ("a near-tie, which the rounding of a verify pass and of single steps can flip" if near else
                  "not a near-tie, so not rounding: please report it"))
@@ -435,10 +435,10 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats, official=False):
         plain_s = generate(model, prompt, max_new_tokens, draft="none")[1]["decode_s"]
         ratios.append(plain_s / generate(model, prompt, max_new_tokens, chosen, chosen.k, costs=chosen.costs)[1][
             "decode_s"])
-    s["speedup_vs_greedy"] = median = stats.median(ratios)
+    s["speedup_vs_greedy"] = speedup = median(ratios)
     note = ("\n        (below 1 is expected on a CPU for the official models: RESULTS.md, \"The cost model\", says why "
-            "and what changes it)" if median < 1 and official and model.lm_head.weight.device.type == "cpu" else "")
-    return (f"check   identical to plain greedy decoding; speedup {median:.2f}x (median of {repeats} runs of each, in "
+            "and what changes it)" if speedup < 1 and official and model.lm_head.weight.device.type == "cpu" else "")
+    return (f"check   identical to plain greedy decoding; speedup {speedup:.2f}x (median of {repeats} runs of each, in "
             f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}")
 
 
@@ -447,8 +447,7 @@ def draft_words(chosen, config, default):
     if chosen.skip is None:
         return "draft none: plain decoding"
     why = f" (the paper's for {config.family})" if default else ""
-    k = "k auto" + (f", stop below {chosen.stop}" if chosen.stop else "") if chosen.k == "auto" else (
-        f"k={chosen.k}" + (f", stop below {chosen.stop}" if chosen.stop else ""))
+    k = ("k auto" if chosen.k == "auto" else f"k={chosen.k}") + (f", stop below {chosen.stop}" if chosen.stop else "")
     return f"draft {chosen.name}{why}, {k}: skips {chosen.skip}"
 
 
