@@ -201,7 +201,7 @@ def pause_below(costs):          # moves to cost_model
     acceptance (cost_model.break_even_acceptance); 1 if none does (drafting never pays)."""
     c, v = costs
     even = [break_even_acceptance(c, v.get(d, v[min(v, key=lambda e: abs(e - d))]), d) for d in range(1, AUTO_MAX + 1)]
-    return min((p for p in even if p is not None), default=1.0)
+    return min((acceptance for acceptance in even if acceptance is not None), default=1.0)
 
 
 def default_costs(model, skip):          # moves to cost_model
@@ -242,8 +242,11 @@ def choose_draft(model, asked=None, k=None, costs=None):
     k = chosen.k if k is None else k
     if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool))):
         raise models.UsageError(f'k must be a number of drafts or "auto" (got {k!r})')
-    costs = draft_costs(*costs) if costs is not None else chosen.costs or default_costs(model, chosen.skip)
-    return chosen._replace(k=k, costs=costs)
+    if costs is not None:
+        costs = draft_costs(*costs)
+    elif chosen.costs is None and k == "auto":                          # the default rule
+        costs = default_costs(model, chosen.skip)
+    return chosen._replace(k=k, costs=costs or chosen.costs)
 
 
 # --- Generation --------------------------------------------------------------------------------------------------
