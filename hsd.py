@@ -19,13 +19,15 @@ it; hsd_eval.py: measurements.
 
 Names (one meaning each, here and in drafts.py):
   pending    the last committed token, not yet fed to the model; every round and plain step starts by feeding it
-  drafts     the token ids a round's draft proposed, d1..dk (a list of ints); drafted: how many (a count)
+  drafts     the token ids a round's draft proposed, d1..dk (a list of ints); drafted: how many (a count); the
+             module drafts.py says what a draft is
   accepted   how many of the drafts the full model accepted (a prefix); the next token: its own after them
   kept       what commit keeps of a verify pass: the pending token and the accepted drafts
   Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop and the costs of -k auto
   skip       a models.Skip: which units of which layers the draft model leaves out
   unit       a part of a layer a draft can leave out: its attention, its recurrent mixer or its MLP (models.UNITS)
-  k          the most drafts a round proposes, or "auto"; a stop (a probability) may end drafting earlier
+  k          the most drafts a round proposes, or "auto" (then a Plan says the next k, from the rounds judged)
+  stop, eos  what ends drafting earlier: a draft less probable than stop; the end-of-text token (it ends generation)
   c, v[d]    costs in units of one plain step: a draft step; a verify pass over the pending token and d drafts
   q, p       the draft's and the full model's distributions at the temperature (sampling)
   plain step one token of plain decoding: the full model fed the pending token, nothing drafted
