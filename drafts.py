@@ -154,8 +154,8 @@ def check_architecture(path, theirs, model):
                                 f"this model's{written_for}): search one for this model with python hsd_search.py")
     missing = [key for key in ARCHITECTURE if key not in theirs]
     if missing:
-        return [(f"{path} names no {', '.join(missing)} of a model: used because this model has the layers and units "
-                 "it names, but not checked against an architecture")]
+        return [(f"{path} does not name the model's {', '.join(missing)}: it runs, since this model has the layers "
+                 "and units it names, but was not checked against an architecture")]
     if "weights_sha256" in theirs and theirs["weights_sha256"] != mine["weights_sha256"]:
         return [(f"{path} was searched on other weights of this architecture (a retrained model?): it decodes "
                  "correctly, as any draft does, but its measured speed may not hold")]
