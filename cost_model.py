@@ -46,6 +46,7 @@ from collections import namedtuple
 
 import torch
 
+import drafts
 import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -435,7 +436,7 @@ def machine_state(model, dtype):
     """What every published number is measured on: device, dtype, torch's threads, the OpenMP wait policy, the cores
     this process may use, the load average (1 minute), torch's version, the project's commit."""
     device = model.lm_head.weight.device
-    return {"device": models.device_name(device), "dtype": str(dtype).replace("torch.", ""),
+    return {"device": drafts.device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "load_average": round(os.getloadavg()[0], 2), "torch": torch.__version__, "commit": project_commit()}

@@ -99,21 +99,25 @@ EXERCISES = [
         "takes weights; return ints", 30,
         ["test_speculative_sampling_is_exact_in_distribution"], MODEL),
     Exercise(
-        "draft-and-verify", ["hsd.draft_tokens", "hsd.verify"],
-        "the two model calls of a round: k greedy steps of the draft model from the full model's state, then one "
-        "pass of the full model over the pending token and the k drafts, recording every position's state",
-        "the draft feeds pending, d1 .. d(k-1), one token a step, and returns a list of ints; verify feeds [pending, "
-        "d1 .. dk] in one recording pass (record_states=True)", 15,
+        "draft-and-verify", ["hsd.draft", "hsd.verify"],
+        "the two model calls of a round: up to k steps of the draft model from the full model's state (greedy, or "
+        "sampled at a temperature; ending early when unsure or at the end of text), then one pass of the full model "
+        "over the pending token and the drafts, recording every position's state",
+        "draft(model, cache, pending, skip, k, temperature, generator, stop, eos) feeds pending, d1 .. d(k-1) with "
+        "skip, one token a step: the argmax, or at a temperature a draw with the generator from probabilities(), whose "
+        "rows make q; it ends after a draft less probable than stop, or after eos; it returns (a list of ints, q "
+        "stacked, or None when greedy); verify(model, cache, pending, drafts) feeds [pending, d1 .. dk] in one "
+        "recording pass (record_states=True)", 25,
         ["test_drafts_are_the_draft_models_greedy_tokens"], MODEL + VERIFY),
     Exercise(
         "speculative-round", ["hsd.speculative_round"],
         "one round, step by step: snapshot, draft, restore, verify, judge, commit",
-        "six calls, in the order of the module docstring, each result passed on; the round's temperature, generator "
-        "and stop are those draft and judge take", 15,
+        "six calls, in the order of the module docstring, each result passed on; the round's temperature, generator, "
+        "stop and eos are those draft and judge take", 15,
         ["test_a_round_drafts_and_judges_as_it_is_asked", "test_rounds_commit_what_one_by_one_feeding_gives"],
         MODEL + VERIFY + ["snapshot-restore", "draft-and-verify", "accept", "accept-sampled", "commit"]),
     Exercise(
-        "draft-strategies", ["hsd.draft_skip"],
+        "draft-strategies", ["drafts.draft_skip"],
         "the paper's draft strategies as data: which layers, or which layers' attention branch, the draft leaves out",
         "return models.Skip(layers=...) or models.Skip(attention=...); see the README's table", 15,
         ["test_draft_strategies_skip_what_the_paper_skips"], []),

@@ -13,47 +13,42 @@ committed token is pending (not yet fed). One round:
 
 Steps 2 and 5 have two forms: greedy (temperature 0), whose output is plain greedy decoding's, token for token, and
 sampling (speculative sampling, Leviathan et al. 2023), exact in distribution. Which parts a draft leaves out is
-data (a models.Skip): one of the paper's drafts, or a draft file that hsd_search.py found by measurement. With
-k="auto" the draft length changes from round to round (auto_k). README: how to run it; hsd_eval.py: measurements.
+data (drafts.py): one of the paper's drafts, or a draft file that hsd_search.py found by measurement. With k="auto"
+the draft length changes from round to round and drafting pauses where it does not pay (auto_k). README: how to run
+it; hsd_eval.py: measurements.
+
+Names (one meaning each, here and in drafts.py):
+  pending    the last committed token, not yet fed to the model; every round and plain step starts by feeding it
+  drafts     the token ids a round's draft proposed, d1..dk (a list of ints); drafted: how many (a count); the
+             module drafts.py says what a draft is
+  accepted   how many of the drafts the full model accepted (a prefix); the next token: its own after them
+  kept       what commit keeps of a verify pass: the pending token and the accepted drafts
+  Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop and the costs of -k auto
+  skip       a models.Skip: which units of which layers the draft model leaves out
+  unit       a part of a layer a draft can leave out: its attention, its recurrent mixer or its MLP (models.UNITS)
+  k          the most drafts a round proposes, or "auto" (then a Plan says the next k, from the rounds judged)
+  stop, eos  what ends drafting earlier: a draft less probable than stop; the end-of-text token (it ends generation)
+  c, v[d]    costs in units of one plain step: a draft step; a verify pass over the pending token and d drafts
+  q, p       the draft's and the full model's distributions at the temperature (sampling)
+  plain step one token of plain decoding: the full model fed the pending token, nothing drafted
+  n          the model's number of layers, in the paper's draft rules (drafts.draft_skip)
+  s          a generation's statistics (a dict) in the command line; a step is a Step
 """
 import argparse
 import json
+import math
+import os
 import signal
-import statistics as stats
 import sys
 import warnings
 from collections import namedtuple
+from statistics import median
 
 import torch
 
 import models
-from cost_model import clock
-
-DRAFTS = ("component", "layerskip", "early-exit", "none")     # "none": plain decoding, no draft
-
-
-# --- Draft strategies: plain data saying which parts of the full model the draft leaves out ----------------------
-def draft_skip(config, draft):
-    """The models.Skip of a draft strategy of the paper: "component", "layerskip" or "early-exit"."""
-    n = config.num_layers
-    if draft == "component":
-        if config.family == "falcon_h1":      # parallel hybrid: the attention branch of every layer adds nothing
-            return models.Skip(attention=frozenset(range(n)))
-        if config.family == "qwen3_5":        # sequential hybrid: the full-attention layers become identity
-            return models.Skip(layers=frozenset(i for i, t in enumerate(config.layer_types) if t == "full_attention"))
-        raise models.UsageError("a Transformer (qwen2) has no attention-free part to draft with: use --draft layerskip")
-    if draft == "layerskip":                  # int(0.33 n) contiguous middle layers
-        start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)
-        return models.Skip(layers=frozenset(range(start, start + skipped)))
-    if draft == "early-exit":                 # the first int(0.5 n) layers, then the final norm and LM head
-        return models.Skip(layers=frozenset(range(int(0.5 * n), n)))
-    raise models.UsageError(f"unknown draft {draft!r}: choose one of {', '.join(DRAFTS[:-1])} (or none: no draft), "
-                            "or give a draft file (.json)")
-
-
-def paper_draft(config):
-    """The paper's draft for the model's family: component for a hybrid, layerskip for the Transformer control."""
-    return "layerskip" if config.family == "qwen2" else "component"
+from cost_model import break_even_acceptance, clock
+from drafts import DRAFTS, Draft, draft_costs, draft_skip, paper_draft, read_draft_file
 
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
@@ -86,59 +81,33 @@ def commit(cache, start, kept, recorded):
 
 
 # --- One round of speculation ------------------------------------------------------------------------------------
-def draft_tokens(model, cache, pending, skip, k):
-    """k greedy tokens from the draft model (the full model without `skip`), continuing from the cache.
-    Feeds pending, d1, ..., d(k-1): k steps; dk is fed by the verify pass. Advances the cache: restore() after."""
-    drafts, token = [], pending
-    for _ in range(k):
-        token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())
-        drafts.append(token)
-    return drafts
-
-
-def draft_tokens_until_unsure(model, cache, pending, skip, k, stop):
-    """Up to k greedy tokens, fed as draft_tokens feeds them, ending after the first draft whose probability under the
-    draft model is below `stop` (the draft is unsure of it, so what follows would likely be rejected too)."""
-    drafts, token = [], pending
-    while len(drafts) < k:
-        logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]
-        token = int(logits.argmax())
-        drafts.append(token)
-        if torch.softmax(logits.float(), dim=-1)[token] < stop:
-            break
-    return drafts
-
-
-def draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator, stop=None):
-    """Up to k tokens sampled from the draft model at a temperature, fed as draft_tokens feeds them (with a stop:
-    ending after the first draft whose probability under the draft is below it). Returns the drafts and q (len, V):
-    the draft's whole distribution at each drafted position, which accept_sampled needs."""
-    drafts, q, token = [], [], pending
-    while len(drafts) < k:
-        logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]
-        q.append(probabilities(logits, temperature))
-        token = int(torch.multinomial(q[-1], 1, generator=generator))
-        drafts.append(token)
-        if stop is not None and q[-1][token] < stop:
-            break
-    return drafts, torch.stack(q)
-
-
 def probabilities(logits, temperature):
     """softmax(logits / temperature) in float64, on the CPU where the sampling generator lives: (..., V)."""
     return torch.softmax(logits.double().cpu() / temperature, dim=-1)
 
 
-def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None):
-    """Step 2, greedy or sampled, k drafts or fewer with a stop: (drafts, q), q the drafts' distributions (len, V)
-    when sampling, None when greedy. The stop looks only at the draft's own distributions, so the output stays plain
-    greedy decoding's (greedy) or exact in distribution (sampling): how many drafts a round proposes never depends on
-    what the full model will say about them."""
-    if temperature > 0:
-        return draft_tokens_sampled(model, cache, pending, skip, k, temperature, generator, stop)
-    if stop is None:
-        return draft_tokens(model, cache, pending, skip, k), None
-    return draft_tokens_until_unsure(model, cache, pending, skip, k, stop), None
+def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None, eos=None):
+    """Step 2: up to k drafts from the draft model (the full model without `skip`), continuing from the cache ->
+    (drafts, q). It feeds pending, d1, ..., d(k-1), one token a step (dk is fed by the verify pass), and so advances
+    the cache: restore() after. Greedy (temperature 0): each draft is the draft model's argmax; at a temperature, a
+    draw with the generator from probabilities(logits, temperature), whose rows make q (len, V), the draft's
+    distributions, which accept_sampled needs (None when greedy). Drafting ends early after a draft the draft model
+    gives a probability below `stop` (unsure of it, so what follows would likely be rejected too), or after the
+    end-of-text token eos (nothing after it is output). Both look only at the draft's own tokens and distributions,
+    never at what the full model will say: greedy output stays plain greedy decoding's, sampling stays exact in
+    distribution."""
+    drafts, q, token = [], [], pending
+    while len(drafts) < k:
+        logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]      # (V,)
+        if temperature > 0:
+            q.append(probabilities(logits, temperature))                                          # (V,)
+            token = int(torch.multinomial(q[-1], 1, generator=generator))
+        else:
+            token = int(logits.argmax())
+        drafts.append(token)
+        if token == eos or (stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop):
+            break
+    return drafts, torch.stack(q) if q else None
 
 
 def verify(model, cache, pending, drafts):
@@ -181,17 +150,17 @@ def judge(drafts, q, logits, temperature=0.0, generator=None):
     return accept_sampled(drafts, q, logits, temperature, generator)
 
 
-def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None):
+def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None, eos=None):
     """One round (module docstring): (drafts, accepted, next token). The committed tokens grow by the pending token
-    and the accepted drafts; the next token becomes the new pending token. k drafts at most: with a stop (a confidence
-    threshold) drafting may end early; temperature 0 is greedy, above it the round samples with the generator's
-    random stream; draft and judge take these as the round is given them."""
-    snap = snapshot(cache)                                                             # 1
-    drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop)   # 2
-    restore(cache, snap)                                                               # 3
-    logits, recorded = verify(model, cache, pending, drafts)                           # 4
-    accepted, next_token = judge(drafts, q, logits, temperature, generator)            # 5
-    commit(cache, snap.length, accepted + 1, recorded)            # 6: kept, the pending token and the accepted drafts
+    and the accepted drafts; the next token becomes the new pending token. k drafts at most: a stop (a confidence
+    threshold) or the end-of-text token eos may end drafting early; temperature 0 is greedy, above it the round
+    samples with the generator's random stream; draft and judge take these as the round is given them."""
+    snap = snapshot(cache)                                                                  # 1
+    drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)    # 2
+    restore(cache, snap)                                                                    # 3
+    logits, recorded = verify(model, cache, pending, drafts)                                # 4
+    accepted, next_token = judge(drafts, q, logits, temperature, generator)                 # 5
+    commit(cache, snap.length, accepted + 1, recorded)         # 6: kept, the pending token and the accepted drafts
     return drafts, accepted, next_token
 
 
@@ -201,106 +170,85 @@ def plain_step(model, cache, pending, temperature=0.0, generator=None):
     return judge([], None, logits, temperature, generator)[1]
 
 
-# --- k="auto": the draft length, from the rounds already judged ----------------------------------------------------
+# --- k="auto": the draft length, and whether to draft at all, from the rounds already judged ----------------------
 AUTO_START, AUTO_MAX, AUTO_STOP = 1, 16, 0.5    # first k, largest k, the stop of a draft that brings none
-AUTO_PAUSE, AUTO_LONGEST_PAUSE = 8, 128         # plain steps after a round that accepted nothing, doubling to this
-Plan = namedtuple("Plan", "k plain pause")       # draft k next, after `plain` plain steps; pause: the next pause
+AUTO_MEMORY = 0.875     # the moving acceptance keeps this much of what came before each round: about 8 rounds count
+AUTO_EVIDENCE = 3       # drafts judged (so weighted) before drafting may pause: never on one round alone
+AUTO_PAUSE, AUTO_LONGEST_PAUSE = 8, 128         # plain steps of a pause, doubling to this while tries do not pay
+Plan = namedtuple("Plan", "k plain pause accepted tries", defaults=(0.0, 0.0))
+# draft k next, after `plain` plain steps; pause: the next pause; accepted / tries: the recent acceptance, moving sums
+# of the drafts accepted and of the drafts judged (the accepted ones and the rejected one), AUTO_MEMORY per round
+UNIT_MODULES = {"attention": ("self_attn",), "recurrent": ("mamba", "linear_attn"), "mlp": ("feed_forward", "mlp")}
 
 
-def auto_k(plan, drafted, accepted):
+def auto_k(plan, drafted, accepted, pause_below=0.0):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
-    step). All k accepted: draft two more next time (up to AUTO_MAX); some rejected: one fewer (at least 1); none
-    accepted: `pause` plain steps, then one draft, the pause doubling (up to AUTO_LONGEST_PAUSE) while such tries
-    fail. A round that accepts nothing costs more than a plain step and gives the same one token, so a draft that
-    rarely agrees soon runs as plain decoding. It looks only at rounds already judged: greedy output stays plain
-    greedy decoding's and sampling stays exact."""
+    step). When the recent acceptance falls below pause_below (the break-even acceptance for the draft's c and v:
+    drafting costs more than it makes), `pause` plain steps, then one draft, the pause doubling (up to
+    AUTO_LONGEST_PAUSE) while the acceptance stays below. Otherwise: all k accepted, two more next time (up to
+    AUTO_MAX); some rejected, one fewer (at least 1); none accepted, 1. It looks only at rounds already judged: greedy
+    output stays plain greedy decoding's and sampling stays exact."""
     if drafted == 0:                                           # a plain step: one less to wait
         return plan._replace(plain=max(0, plan.plain - 1))
+    recent = (AUTO_MEMORY * plan.accepted + accepted, AUTO_MEMORY * plan.tries + accepted + (accepted < drafted))
+    if recent[1] >= AUTO_EVIDENCE and recent[0] < pause_below * recent[1]:         # drafting does not pay
+        return Plan(1, plan.pause, min(AUTO_LONGEST_PAUSE, 2 * plan.pause), *recent)
     if accepted == drafted:                                    # all accepted (a stop may have ended the round early)
-        return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, AUTO_PAUSE)
-    if accepted > 0:
-        return Plan(max(1, plan.k - 1), 0, AUTO_PAUSE)
-    return Plan(1, plan.pause, min(AUTO_LONGEST_PAUSE, 2 * plan.pause))
+        return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, AUTO_PAUSE, *recent)
+    return Plan(max(1, plan.k - 1) if accepted else 1, 0, AUTO_PAUSE, *recent)
 
 
-# --- Draft files: a draft found by measurement (hsd_search.py writes them) -------------------------------------------
-DRAFT_FORMAT = "hsd-draft/1"
-Draft = namedtuple("Draft", "name skip k stop")   # what a generation runs; skip None: plain decoding; stop: a threshold
+def pause_below(costs):          # moves to cost_model
+    """The acceptance below which no k up to AUTO_MAX pays off for costs (c, {d: v[d]}): the least break-even
+    acceptance (cost_model.break_even_acceptance); 1 if none does (drafting never pays)."""
+    c, v = costs
+    even = [break_even_acceptance(c, v.get(d, v[min(v, key=lambda e: abs(e - d))]), d) for d in range(1, AUTO_MAX + 1)]
+    return min((acceptance for acceptance in even if acceptance is not None), default=1.0)
 
 
-def read_draft_file(path, model):
-    """A draft file -> (Draft, warnings): the one-line warnings of a file searched on other weights of the same
-    architecture or on another device. A UsageError for a file that cannot be read, is damaged or no draft file, was
-    searched for another architecture, or names a layer or unit the model does not have."""
-    def bad(what):
-        return models.UsageError(f"{path} is not a valid draft file ({what}): write it again with python "
-                                 "hsd_search.py --model NAME --out FILE")
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-    except OSError as e:
-        raise models.UsageError(f"cannot read the draft file {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise bad(f"damaged: {str(e)[:60]}") from None
-    if not isinstance(spec, dict) or spec.get("format") != DRAFT_FORMAT:
-        raise bad(f'no "format": "{DRAFT_FORMAT}"')
-    if not all(isinstance(spec.get(key), dict) for key in ("model", "skip")):
-        raise bad('"model" and "skip" must be objects')
-    mine, theirs = models.identity(model), spec["model"]
-    different = [key for key in ("family", "layer_types", "sizes") if theirs.get(key) != mine[key]]
-    if different:
-        raise models.UsageError(f"{path} is a draft for another architecture (its {', '.join(different)} differ from "
-                                "this model's): search one for this model with python hsd_search.py --model NAME")
-    fields = ("layers", *models.UNITS)
-    if set(spec["skip"]) - set(fields) or not all(isinstance(v, list) and all(type(i) is int for i in v)
-                                                  for v in spec["skip"].values()):
-        raise bad(f'"skip" holds lists of layer indices under {", ".join(fields)}')
-    skip = models.Skip(**spec["skip"])
-    try:
-        models.check_skip(model.config, skip)
-    except models.UsageError as e:
-        raise models.UsageError(f"{path}: {e}") from None
-    k, stop = spec.get("k"), spec.get("stop")
-    if not (k == "auto" or (type(k) is int and k >= 1)):
-        raise bad(f'"k" must be a number of drafts (at least 1) or "auto", not {k!r}')
-    if not (stop is None or (isinstance(stop, dict) and set(stop) == {"confidence"}
-                             and isinstance(stop["confidence"], (int, float)) and 0 < stop["confidence"] < 1)):
-        raise bad(f'"stop" must be null or {{"confidence": a number between 0 and 1}}, not {stop!r}')
-    warned = []
-    if theirs.get("weights_sha256") != mine["weights_sha256"]:
-        warned.append(f"{path} was searched on other weights of this architecture (a retrained model?): it decodes "
-                      "correctly, as any draft does, but its measured speed may not hold")
-    found_on = spec.get("found_by", {}).get("device") if isinstance(spec.get("found_by"), dict) else None
-    here = models.device_name(model.lm_head.weight.device)
-    if found_on is not None and found_on != here:
-        warned.append(f"{path} was searched on {found_on}, this run is on {here}: the costs of its parts differ, so it "
-                      "may not be the fastest draft here")
-    return Draft(path, skip, k, stop and stop["confidence"]), warned
+def default_costs(model, skip):          # moves to cost_model
+    """-k auto's costs when none are given (README, "-k auto"): c, the share of the weights a draft step reads, and
+    v[d] = 1 for every d, as where decoding is bound by reading each weight once a step (a verify pass too)."""
+    def weights(module):
+        return sum(param.numel() for param in module.parameters())
+    left_out = sum(weights(layer) if i in skip.layers else sum(weights(getattr(layer, name)) for unit in
+                   skip.left_out_of(i) for name in UNIT_MODULES[unit] if hasattr(layer, name))
+                   for i, layer in enumerate(model.model.layers))
+    read = weights(model) - (0 if model.config.tie_word_embeddings else model.model.embed_tokens.weight.numel())
+    return 1 - left_out / read, {1: 1.0}
 
 
-def choose_draft(model, draft=None, k=None):
-    """The one place a generation's draft is decided -> a Draft. draft: None (the paper's draft for the model's
-    family), a name from DRAFTS ("none": plain decoding), a models.Skip, the path of a draft file (.json; its warnings
-    as Python warnings) or a Draft. k: drafts per round or "auto"; None: the draft file's, else 2. A draft file keeps
-    its stop rule; a named draft or a Skip stops at AUTO_STOP with k="auto" and never with a fixed k."""
-    if isinstance(draft, Draft):
-        chosen = draft
-    elif isinstance(draft, str) and draft.endswith(".json"):
-        chosen, warned = read_draft_file(draft, model)
-        for line in warned:
+def choose_draft(model, asked=None, k=None, costs=None):
+    """The one place a generation's draft is decided -> a Draft. asked: None (the paper's draft for the model's
+    family), a name from DRAFTS ("none": plain decoding), a models.Skip, a draft file (any other str, or a
+    pathlib.Path; its notes as Python warnings) or a Draft. k: drafts per round or "auto"; None: the draft file's,
+    else 2; None for plain decoding, whatever is asked. A draft file keeps its stop rule; a named draft or a Skip
+    stops at AUTO_STOP with k="auto" and never with a fixed k. costs (c, v) for -k auto: those given, else the draft
+    file's, else default_costs."""
+    if isinstance(asked, Draft):
+        chosen = asked
+    elif isinstance(asked, os.PathLike) or (isinstance(asked, str) and asked not in DRAFTS):
+        chosen, notes = read_draft_file(asked, model)
+        for line in notes:
             warnings.warn(line, stacklevel=3)
     else:
-        if isinstance(draft, models.Skip):
-            models.check_skip(model.config, draft)
-            name, skip = repr(draft), draft
+        if isinstance(asked, models.Skip):
+            models.check_skip(model.config, asked)
+            name, skip = repr(asked), asked
         else:
-            name = paper_draft(model.config) if draft is None else draft
+            name = paper_draft(model.config) if asked is None else asked
             skip = None if name == "none" else draft_skip(model.config, name)
         chosen = Draft(name, skip, 2, AUTO_STOP if k == "auto" else None)
+    if chosen.skip is None:
+        return chosen._replace(k=None, stop=None, costs=None)
     k = chosen.k if k is None else k
     if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool))):
         raise models.UsageError(f'k must be a number of drafts or "auto" (got {k!r})')
-    return chosen._replace(k=k)
+    if costs is not None:
+        costs = draft_costs(*costs)
+    elif chosen.costs is None and k == "auto":                          # the default rule
+        costs = default_costs(model, chosen.skip)
+    return chosen._replace(k=k, costs=costs or chosen.costs)
 
 
 # --- Generation --------------------------------------------------------------------------------------------------
@@ -312,11 +260,11 @@ Round = namedtuple("Round", "drafts accepted next_token")    # an entry of stati
 
 def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
     """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
-    drafting k tokens a round (or "auto"), at a temperature; nothing if all is well."""
-    if k != "auto" and k < 1:
+    drafting k tokens a round (or "auto"; None: plain decoding), at a temperature; nothing if all is well."""
+    if k not in (None, "auto") and k < 1:
         raise models.UsageError(f"k must be at least 1 (got {k})")
-    if not temperature >= 0:                                            # NaN too
-        raise models.UsageError(f"the temperature must be at least 0 (got {temperature})")
+    if not 0 <= temperature < math.inf:                                 # NaN too
+        raise models.UsageError(f"the temperature must be a finite number, at least 0 (got {temperature})")
     if not prompt:
         raise models.UsageError("the prompt is empty: give at least one token")
     if not all(0 <= t < config.vocab_size for t in prompt):
@@ -327,6 +275,14 @@ def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
         raise models.UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}")
 
 
+def choose_seed(temperature, seed=None):
+    """A generation's seed: the one given; at a temperature without one, a fresh one drawn from torch's global random
+    stream (so torch.manual_seed repeats it), which the statistics report; None when greedy and none is given."""
+    if seed is None and temperature > 0:
+        return int(torch.randint(2 ** 31, ()))
+    return seed
+
+
 def prefill(model, cache, tokens, skip=None):
     """Feed tokens with the full model (or, given a skip, the draft model): chunked scans, no logits needed."""
     if tokens:
@@ -335,11 +291,12 @@ def prefill(model, cache, tokens, skip=None):
 
 @torch.inference_mode()
 def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0,
-                   seed=None):
+                   seed=None, costs=None):
     """generate, one step at a time: yields a Step after the prefill and after every round (or plain step), so that a
-    caller can show the tokens as they are committed. Arguments as for generate."""
+    caller can show the tokens as they are committed. Arguments as for generate (seed None at a temperature: torch's
+    global random stream)."""
     prompt = prompt_ids.tolist() if torch.is_tensor(prompt_ids) else list(prompt_ids)
-    chosen = choose_draft(model, draft, k)
+    chosen = choose_draft(model, draft, k, costs)
     check_request(model.config, prompt, max_new_tokens, chosen.k, temperature)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -348,17 +305,18 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     prefill(model, cache, prompt[:-1])
     yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
     auto = chosen.k == "auto"
+    below = pause_below(chosen.costs) if auto else 0.0
     produced, pending, plan = 0, prompt[-1], Plan(AUTO_START, 0, AUTO_PAUSE)
     while produced < max_new_tokens:
         t0 = clock(cache.device)
-        k_round = min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)   # never draft past the last token
-        if chosen.skip is None or k_round == 0 or (auto and plan.plain > 0):
+        k_round = 0 if chosen.skip is None else min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)
+        if k_round == 0 or (auto and plan.plain > 0):                  # never draft past the last token
             drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
         else:
             drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_round, temperature,
-                                                          generator, chosen.stop)
+                                                          generator, chosen.stop, eos)
         if auto:
-            plan = auto_k(plan, len(drafts), accepted)
+            plan = auto_k(plan, len(drafts), accepted, below)
         new = drafts[:accepted] + [pending]
         if eos in new:
             new = new[:new.index(eos) + 1]
@@ -368,32 +326,36 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
             return
 
 
-def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0, seed=None):
+def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0, seed=None,
+             costs=None):
     """Self-speculative decoding: plain greedy decoding's tokens (temperature 0), or at a temperature T > 0 tokens
-    distributed as plain sampling's at T (seed: a seeded random stream; None: torch's global one). prompt_ids: 1-D
-    LongTensor or list of ints; draft and k: as choose_draft takes them (default: the paper's draft for the family,
-    k=2); eos_token_id: the model's by default. Stops after max_new_tokens or EOS (kept). Returns (new token ids,
-    statistics() dict)."""
-    chosen = choose_draft(model, draft, k)
-    steps = list(generate_steps(model, prompt_ids, max_new_tokens, chosen, k, eos_token_id, temperature, seed))
-    return [t for step in steps for t in step.tokens], statistics(chosen, steps)
+    distributed as plain sampling's at T (seed: a seeded random stream; None: choose_seed draws one, and the statistics
+    say which). prompt_ids: 1-D LongTensor or list of ints; draft, k and costs (c, v) of -k auto: as choose_draft takes
+    them (default: the paper's draft for the family, k=2); eos_token_id: the model's by default. Stops after
+    max_new_tokens or EOS (kept). Returns (new token ids, statistics() dict)."""
+    chosen, seed = choose_draft(model, draft, k, costs), choose_seed(temperature, seed)
+    steps = list(generate_steps(model, prompt_ids, max_new_tokens, chosen, chosen.k, eos_token_id, temperature, seed))
+    return [t for step in steps for t in step.tokens], statistics(chosen, steps, seed)
 
 
-def statistics(chosen, steps):
-    """What a generation with the Draft `chosen` did, from its steps; alpha: RESULTS.md, "Acceptance". "k" is the k asked
-    for (a number, or "auto": then "drafts_per_round" says how long the rounds were on average)."""
-    rounds = [s for s in steps if s.kind == "round"]
+def statistics(chosen, steps, seed=None):
+    """What a generation with the Draft `chosen` did, from its steps; alpha: RESULTS.md, "Acceptance". "k" is the k
+    asked for (a number, "auto": then "drafts_per_round" says how long the rounds were on average; None: plain
+    decoding); "pause_below": the acceptance below which -k auto pauses drafting; "seed": the sampling's seed."""
+    rounds = [step for step in steps if step.kind == "round"]
     drafted = sum(len(r.drafts) for r in rounds)
     accepted = sum(r.accepted for r in rounds)
-    new_tokens = sum(len(s.tokens) for s in steps)
-    decode_s = sum(s.seconds for s in steps if s.kind != "prefill")
-    longest = chosen.k if chosen.k != "auto" else max((len(r.drafts) for r in rounds), default=0)
-    return {"draft": chosen.name, "k": chosen.k, "stop": chosen.stop, "drafted": drafted, "accepted": accepted,
-            "alpha": accepted / drafted if drafted else None, "rounds": len(rounds),
-            "plain_steps": sum(s.kind == "plain" for s in steps), "drafts_per_round": drafted / len(rounds) if rounds
-            else None, "accepted_per_round": accepted / len(rounds) if rounds else None,
+    new_tokens = sum(len(step.tokens) for step in steps)
+    decode_s = sum(step.seconds for step in steps if step.kind != "prefill")
+    longest = chosen.k if chosen.k not in ("auto", None) else max((len(r.drafts) for r in rounds), default=0)
+    return {"draft": chosen.name, "k": chosen.k, "stop": chosen.stop, "seed": seed, "drafted": drafted,
+            "accepted": accepted, "alpha": accepted / drafted if drafted else None, "rounds": len(rounds),
+            "plain_steps": sum(step.kind == "plain" for step in steps),
+            "drafts_per_round": drafted / len(rounds) if rounds else None,
+            "accepted_per_round": accepted / len(rounds) if rounds else None,
             "accepted_histogram": [sum(r.accepted == a for r in rounds) for a in range(longest + 1)],
-            "new_tokens": new_tokens, "prefill_s": sum(s.seconds for s in steps if s.kind == "prefill"),
+            "pause_below": pause_below(chosen.costs) if chosen.k == "auto" else None,
+            "new_tokens": new_tokens, "prefill_s": sum(step.seconds for step in steps if step.kind == "prefill"),
             "decode_s": decode_s, "round_s": sum(r.seconds for r in rounds),
             "tokens_per_s": new_tokens / decode_s if decode_s else None,
             "trace": [Round(r.drafts, r.accepted, r.next_token) for r in rounds]}
@@ -405,8 +367,8 @@ def warm_up(model, k):
     """A decoding step and a recording pass of every length up to k+1 on a scratch cache: a process's first calls are
     slow (memory, kernel selection), and timings should show what decoding costs."""
     cache = models.Cache(model, k + 2)
-    for n in range(2, k + 2):
-        model(torch.zeros(1, n, dtype=torch.long, device=cache.device), cache, record_states=True)
+    for length in range(2, k + 2):
+        model(torch.zeros(1, length, dtype=torch.long, device=cache.device), cache, record_states=True)
         cache.length = 0
     model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
 
@@ -426,13 +388,18 @@ def show(tokenizer, ids):
 def trace_line(i, step, tokenizer, color):
     """A round: the drafts (accepted +, rejected -), the full model's next token, and what an end of text cut off."""
     paint = (lambda code, s: f"\033[{code}m{s}\033[0m") if color else (lambda code, s: s)
-    n, drafts = step.accepted, step.drafts
-    marked = [paint("32", "+" + show(tokenizer, [t])) if j < n else paint("31", "-" + show(tokenizer, [t]))
+    accepted, drafts = step.accepted, step.drafts
+    marked = [paint("32", "+" + show(tokenizer, [t])) if j < accepted else paint("31", "-" + show(tokenizer, [t]))
               for j, t in enumerate(drafts)]
-    line = (f"round {i:3d}  accepted {n}/{len(drafts)}  {' '.join(marked)}  -> "
-            f"{'bonus' if n == len(drafts) else 'correction'} {paint('36', show(tokenizer, [step.next_token]))}")
-    cut = (drafts[:n] + [step.next_token])[len(step.tokens):]          # what came after the end-of-text token
+    line = (f"round {i:3d}  accepted {accepted}/{len(drafts)}  {' '.join(marked)}  -> "
+            f"{'bonus' if accepted == len(drafts) else 'correction'} {paint('36', show(tokenizer, [step.next_token]))}")
+    cut = (drafts[:accepted] + [step.next_token])[len(step.tokens):]       # what came after the end-of-text token
     return line + (f"  (not output: {show(tokenizer, cut)} came after the end of text)" if cut else "")
+
+
+def plain_line(steps):
+    """A run of plain steps between rounds (-k auto's pauses, or plain decoding), as the trace shows it."""
+    return f"plain  {steps:4d} step{'s' * (steps != 1)}"
 
 
 def summary(s, max_new_tokens, eos, tokenizer):
@@ -442,8 +409,8 @@ def summary(s, max_new_tokens, eos, tokenizer):
            if tokens and tokens[-1] == eos else f"stop    after {len(tokens)} new tokens (--max-new-tokens)")
     if s["rounds"]:
         histogram = ", ".join(f"{a}: {count}" for a, count in enumerate(s["accepted_histogram"]) if count)
-        lengths = (f", {s['drafts_per_round']:.2f} drafted per round (k auto), {s['plain_steps']} plain steps"
-                   if s["k"] == "auto" else "")
+        lengths = (f", {s['drafts_per_round']:.2f} drafted per round (k auto), {s['plain_steps']} plain steps "
+                   f"(pausing below acceptance {s['pause_below']:.2f})" if s["k"] == "auto" else "")
         yield (f"alpha   {s['alpha']:.3f}: {s['accepted']} of {s['drafted']} drafts accepted, "
                f"{s['accepted_per_round']:.2f} per round over {s['rounds']} rounds (rounds by drafts accepted: "
                f"{histogram}){lengths}, {s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")
@@ -451,18 +418,19 @@ def summary(s, max_new_tokens, eos, tokenizer):
            f"(prefill {s['prefill_s']:.2f} s)")
 
 
-def check(s, model, prompt, max_new_tokens, chosen, repeats):
+def check(s, model, prompt, max_new_tokens, chosen, repeats, official=False):
     """--check: decode plainly too; say whether the tokens are the same or where they part, and, for a draft, the
-    speedup: the median of `repeats` plain and speculative generations run in turns (and their range)."""
+    speedup: the median of `repeats` plain and speculative generations run in turns (and their range). official:
+    the model is one of models.OFFICIAL (whose drafts are expected not to pay on a CPU: the note says why)."""
     plain, _ = generate(model, prompt, max_new_tokens, draft="none")
-    spec = s["new_token_ids"]
-    s["identical_to_greedy"] = plain == spec
-    if plain != spec:
-        i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)       # EOS ends both alike
-        margin, std = logit_margin(model, prompt + plain[:i], plain[i], spec[i])
+    speculative = s["new_token_ids"]
+    s["identical_to_greedy"] = plain == speculative
+    if plain != speculative:
+        i = next(i for i, (a, b) in enumerate(zip(speculative, plain)) if a != b)       # EOS ends both alike
+        margin, std = logit_margin(model, prompt + plain[:i], plain[i], speculative[i])
         near = abs(margin) < (0.05 if model.lm_head.weight.dtype == torch.bfloat16 else 1e-3) * std
-        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {spec[i]}, greedy {plain[i]}, "
-                f"the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
+        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {speculative[i]}, greedy "
+                f"{plain[i]}, the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
                 ("a near-tie, which the rounding of a verify pass and of single steps can flip" if near else
                  "not a near-tie, so not rounding: please report it"))
     if chosen.skip is None:
@@ -470,11 +438,12 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats):
     ratios = []
     for _ in range(repeats):                                  # in turns, so that drift affects both alike
         plain_s = generate(model, prompt, max_new_tokens, draft="none")[1]["decode_s"]
-        ratios.append(plain_s / generate(model, prompt, max_new_tokens, chosen, chosen.k)[1]["decode_s"])
-    s["speedup_vs_greedy"] = median = stats.median(ratios)
+        ratios.append(plain_s / generate(model, prompt, max_new_tokens, chosen, chosen.k, costs=chosen.costs)[1][
+            "decode_s"])
+    s["speedup_vs_greedy"] = speedup = median(ratios)
     note = ("\n        (below 1 is expected on a CPU for the official models: RESULTS.md, \"The cost model\", says why "
-            "and what changes it)" if median < 1 and model.lm_head.weight.device.type == "cpu" else "")
-    return (f"check   identical to plain greedy decoding; speedup {median:.2f}x (median of {repeats} runs of each, in "
+            "and what changes it)" if speedup < 1 and official and model.lm_head.weight.device.type == "cpu" else "")
+    return (f"check   identical to plain greedy decoding; speedup {speedup:.2f}x (median of {repeats} runs of each, in "
             f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}")
 
 
@@ -483,21 +452,20 @@ def draft_words(chosen, config, default):
     if chosen.skip is None:
         return "draft none: plain decoding"
     why = f" (the paper's for {config.family})" if default else ""
-    k = "k auto" + (f", stop below {chosen.stop}" if chosen.stop else "") if chosen.k == "auto" else (
-        f"k={chosen.k}" + (f", stop below {chosen.stop}" if chosen.stop else ""))
+    k = ("k auto" if chosen.k == "auto" else f"k={chosen.k}") + (f", stop below {chosen.stop}" if chosen.stop else "")
     return f"draft {chosen.name}{why}, {k}: skips {chosen.skip}"
 
 
 def run_generate(args, model, tokenizer):
     """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints."""
     prompt, temperature = tokenizer.encode(args.prompt).ids, args.temperature or 0.0
-    if args.draft and args.draft.endswith(".json"):
-        chosen, warned = read_draft_file(args.draft, model)
-        for line in warned:
+    if args.draft is not None and args.draft not in DRAFTS:
+        asked, notes = read_draft_file(args.draft, model)
+        for line in notes:
             print(f"hsd: warning: {line}", file=sys.stderr)
     else:
-        chosen = None if args.draft is None else args.draft
-    chosen = choose_draft(model, chosen, args.k)
+        asked = args.draft
+    chosen = choose_draft(model, asked, args.k)
     check_request(model.config, prompt, args.max_new_tokens, chosen.k, temperature)
     lost = sorted(set(args.prompt) - set(tokenizer.decode(prompt, skip_special_tokens=False)))
     if lost:
@@ -505,31 +473,41 @@ def run_generate(args, model, tokenizer):
               f"{show(tokenizer, prompt)}", file=sys.stderr)
     if args.seed is not None and temperature == 0:
         print("hsd: note: --seed has no effect without --temperature (greedy decoding draws nothing)", file=sys.stderr)
-    seed = args.seed if args.seed is not None or temperature == 0 else torch.Generator().seed() % 2**31   # printed
+    if args.k is not None and chosen.skip is None:
+        print("hsd: note: -k has no effect with --draft none (plain decoding drafts nothing)", file=sys.stderr)
+    seed = choose_seed(temperature, args.seed)                                                       # printed
     sampling = f"temperature {temperature}, seed {seed}" if temperature > 0 else "greedy"
     print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), {sampling}, "
           f"{draft_words(chosen, model.config, args.draft is None)}")
     print(f"prompt  {show(tokenizer, prompt)}")
-    longest = AUTO_MAX if chosen.k == "auto" else chosen.k
+    longest = AUTO_MAX if chosen.k == "auto" else chosen.k or 1
     warm_up(model, max(1, min(longest, args.max_new_tokens - 1)))       # every round length it can run
-    steps, tokens, shown = [], [], ""
+    steps, tokens, shown, plain = [], [], "", 0
     print("" if args.trace else 'output  "', end="", flush=True)
     for step in generate_steps(model, prompt, args.max_new_tokens, chosen, chosen.k, None, temperature, seed):
         steps.append(step)
         tokens += step.tokens
+        plain = plain + 1 if step.kind == "plain" else plain
+        if args.trace and plain and step.kind == "round":
+            print(plain_line(plain), flush=True)
+            plain = 0
         if args.trace and step.kind == "round":
-            print(trace_line(sum(s.kind == "round" for s in steps), step, tokenizer, sys.stdout.isatty()), flush=True)
+            print(trace_line(sum(done.kind == "round" for done in steps), step, tokenizer, sys.stdout.isatty()),
+                  flush=True)
         text = tokenizer.decode(tokens, skip_special_tokens=False)
         if not args.trace and not text.endswith("\ufffd"):       # a character whose bytes are not all there yet
             print(json.dumps(text[len(shown):], ensure_ascii=False)[1:-1], end="", flush=True)
             shown = text
     rest = json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"'        # what the loop has not shown yet
+    if args.trace and plain:
+        print(plain_line(plain))
     print(f"output  {show(tokenizer, tokens)}" if args.trace else rest)
     s = {"model": args.model, "temperature": temperature, "seed": seed, "new_token_ids": tokens, "new_text": text,
-         **statistics(chosen, steps)}
+         **statistics(chosen, steps, seed)}
     print(*summary(s, args.max_new_tokens, model.config.eos_token_id, tokenizer), sep="\n")
     if args.check:
-        print(check(s, model, prompt, args.max_new_tokens, chosen, args.repeats))
+        official = args.model in models.OFFICIAL or args.model in models.OFFICIAL.values()
+        print(check(s, model, prompt, args.max_new_tokens, chosen, args.repeats, official))
     return {**s, "trace": [r._asdict() for r in s["trace"]]}
 
 
@@ -546,18 +524,20 @@ def k_argument(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Self-speculative decoding in hybrid language models.")
     p.error = lambda message: p.exit(2, f"hsd: error: {message} (see --help)\n")     # one line, no usage text
-    p.add_argument("--model", required=True, help=", ".join([*models.TOYS, *models.OFFICIAL, *models.TINY, "a folder"]))
-    p.add_argument("--draft", help="component, layerskip, early-exit, none (plain decoding), or a draft file (.json) "
+    p.add_argument("--model", required=True, help=", ".join([*models.TOYS, *models.OFFICIAL, *models.TINY]) +
+                   ", a Hub id (owner/name) or a folder in the official layout (config.json, *.safetensors)")
+    p.add_argument("--draft", help="component, layerskip, early-exit, none (plain decoding), or a draft file "
                                    "from hsd_search.py (default: the paper's draft for the family: component for the "
                                    "hybrids, layerskip for the Transformer)")
     p.add_argument("-k", type=k_argument, help="drafts per round, or auto: a length that adapts from round to round "
                                                "(default: the draft file's, else 2)")
     p.add_argument("--prompt", default="The function returns", help="the text to continue (default: %(default)r)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default: 64)")
     p.add_argument("--temperature", type=float, help="sample at this temperature (default: 0, greedy)")
     p.add_argument("--seed", type=int, help="seed of the sampling (default: a fresh one, printed)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default: float32)")
+    p.add_argument("--threads", type=int, help="torch's CPU threads, set before anything is timed (default: torch's)")
     p.add_argument("--trace", action="store_true", help="show every round: drafts, accepted, the next token")
     p.add_argument("--check", action="store_true", help="decode plainly too; fail if tokens differ; print the speedup")
     p.add_argument("--repeats", type=int, default=5, help="--check's timed runs of each kind (default: 5)")
@@ -568,8 +548,15 @@ def main(argv=None):
     if args.check and (args.temperature or args.max_new_tokens < 1 or args.repeats < 1):
         p.error("--check compares with greedy decoding: leave out --temperature, give --max-new-tokens >= 1 and "
                 "--repeats >= 1")
-    if args.draft is not None and args.draft not in DRAFTS and not args.draft.endswith(".json"):
-        p.error(f"unknown draft {args.draft!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (.json)")
+    if args.draft is not None and args.draft not in DRAFTS and not os.path.exists(args.draft):
+        p.error(f"unknown draft {args.draft!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (there is no "
+                "such file)")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:
+        p.error(f"the temperature must be a finite number, at least 0 (got {args.temperature})")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads takes a number of threads, at least 1, not {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)                      # before the model is loaded, warmed up or timed
     try:
         model = models.load(args.model, getattr(torch, args.dtype), args.device)
         s = run_generate(args, model, models.load_tokenizer(args.model))

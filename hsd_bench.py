@@ -27,6 +27,7 @@ import torch
 from huggingface_hub.utils import tqdm
 
 import cost_model
+import drafts
 import hsd
 import models
 
@@ -84,13 +85,6 @@ OFFICIAL_CONFIGS = {
 PASSES = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)   # what the cost model times
 PAPER_T = 0.6                                            # the paper's sampling temperature
 CONTEXTS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)   # --context-sweep, as far as each model's context allows
-
-
-def paper_skips(config):
-    """{draft name: models.Skip} of the paper's drafts that apply to the model (a Transformer has no component
-    draft)."""
-    return {d: hsd.draft_skip(config, d) for d in hsd.DRAFTS
-            if d != "none" and (d != "component" or config.family != "qwen2")}
 
 
 def warning_lines(state):
@@ -226,7 +220,7 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
         del hf, cache                                                 # memory for the measurements below
         ks = (2, 4, 8)
         step_ops, verify_ops = ops_per_pass(ours, ks)
-        skips = paper_skips(ours.config)
+        skips = drafts.paper_skips(ours.config)
         costs = cost_model.measure_costs(ours, skips, context, cost_repeats, max(ks), passes=PASSES)
         bandwidth = memory_bandwidth()
     med = {key: statistics.median(v) for key, v in runs.items() if key != "spec"}
@@ -269,7 +263,7 @@ def test_prompts(name, tokenizer, prompt_tokens):
 def draft_rows(model, files):
     """{label: hsd.Draft}: the paper's drafts at every fixed k in 1..8 and with k="auto", and each draft file as it
     says, at its best fixed k (found_by.best_fixed) and with k="auto"; and {label: the skip's label in the costs}."""
-    paper = paper_skips(model.config)
+    paper = drafts.paper_skips(model.config)
     rows = {f"{d}, k={k}": hsd.Draft(d, skip, k, None) for d, skip in paper.items() for k in range(1, 9)}
     rows |= {f"{d}, k=auto": hsd.choose_draft(model, d, "auto") for d in paper}
     skip_of = {label: label.split(", k=")[0] for label in rows}
@@ -310,7 +304,7 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, t
         for label in rows:
             result["rows"][label, T] = cost_model.measured_row(runs[label], runs["plain"], costs.c[skip_of[label]],
                                                                costs.v)
-        fixed_paper = [label for label in rows if skip_of[label] in paper_skips(model.config)
+        fixed_paper = [label for label in rows if skip_of[label] in drafts.paper_skips(model.config)
                        and not label.endswith("auto")]
         best = result["best"][T] = max(fixed_paper, key=lambda label: result["rows"][label, T]["speedup"])
         for label in rows:                                  # each row against the best fixed paper row
@@ -374,7 +368,7 @@ def unit_costs(name, context=256, turns=7):
     units = cost_model.measure_costs(model, cost_model.unit_skips(model.config), context, turns, hsd.AUTO_MAX,
                                      passes=PASSES)
     saves = {kind: (1 - units.c[kind]) / len(layers) for kind, layers in kinds.items()}
-    drafts = cost_model.measure_costs(model, paper_skips(model.config), context, turns, 8, passes=PASSES)
+    drafts = cost_model.measure_costs(model, drafts.paper_skips(model.config), context, turns, 8, passes=PASSES)
     return units, saves, drafts, cost_model.machine_state(model, "float32")
 
 
@@ -399,7 +393,7 @@ def context_sweep(name, turns=7, temperature=0.0):
     contexts = [L for L in CONTEXTS if L + 8 + 2 <= model.config.max_position_embeddings]
     sweep = {}
     for L in tqdm(contexts, desc="contexts", file=sys.stderr):
-        sweep[L] = cost_model.measure_costs(model, paper_skips(model.config), L, turns, 8, temperature, passes=PASSES)
+        sweep[L] = cost_model.measure_costs(model, drafts.paper_skips(model.config), L, turns, 8, temperature, passes=PASSES)
     return sweep, cost_model.machine_state(model, "float32")
 
 

@@ -26,6 +26,7 @@ import torch
 from huggingface_hub.utils import tqdm
 
 import cost_model
+import drafts
 import hsd
 import models
 
@@ -73,13 +74,6 @@ def file_sha256(path):
 
 
 # --- The measurements ----------------------------------------------------------------------------------------------
-def drafts_of(config):
-    """{draft name: models.Skip} for every draft strategy that applies to the model (a Transformer has no component
-    draft)."""
-    return {d: hsd.draft_skip(config, d) for d in hsd.DRAFTS
-            if d != "none" and (d != "component" or config.family != "qwen2")}
-
-
 def single_round(model, cache, draft_cache, pending, skip, k, temperature=0.0, generator=None):
     """Drafts accepted in one round of k (the paper's protocol): hsd's steps 1-5 without the commit. cache: the full
     model's state after the prompt but its last token, `pending`. draft_cache: the state the draft starts from, cache
@@ -370,7 +364,7 @@ def run(args, model, tokenizer):
         raise models.UsageError("the multi-round runs need --max-new-tokens >= 1 (or --speed-prompts 0 to leave them out)")
     if len(inputs["perplexity"][0]) < 2:
         raise models.UsageError("the text is too short for perplexity: give a text of at least a few lines")
-    skips, files = drafts_of(model.config), {}
+    skips, files = drafts.paper_skips(model.config), {}
     for path in args.draft or []:                             # draft files, measured beside the paper's drafts
         files[path], warned = hsd.read_draft_file(path, model)
         for line in warned:

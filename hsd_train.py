@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.utils import tqdm
 
+import drafts
 import hsd
 import models
 
@@ -254,8 +255,7 @@ def training_log(name, seed, schedule, run, model):
     """What a rerun needs to match, what the run took, its loss curve, and the held-out loss of the saved model and of
     each of its drafts (bits per character on heldout_windows())."""
     windows = heldout_windows()
-    drafts = {d: hsd.draft_skip(model.config, d) for d in hsd.DRAFTS       # the paper's drafts that apply
-              if d != "none" and (d != "component" or model.config.family != "qwen2")}
+    skips = drafts.paper_skips(model.config)
     return {
         "model": name, "seed": seed, "schedule": schedule, "characters": schedule["steps"] * schedule["batch_size"]
         * schedule["length"], "parameters": sum(p.numel() for p in model.parameters()),
@@ -265,13 +265,13 @@ def training_log(name, seed, schedule, run, model):
         "curve": {"columns": ["step", "train bits/char", "held-out bits/char (first 4 windows)"], "rows": run["curve"]},
         "heldout": {"windows": HELDOUT_WINDOWS, "length": WINDOW, "bits_per_char": {
             "full": heldout_bits_per_char(model, windows),
-            **{d: heldout_bits_per_char(model, windows, skip) for d, skip in drafts.items()}}},
+            **{d: heldout_bits_per_char(model, windows, skip) for d, skip in skips.items()}}},
     }
 
 
 def machine():
-    """The processor (models.cpu_name) and the number of cores."""
-    return f"{models.cpu_name()}, {os.cpu_count()} cores"
+    """The processor (drafts.cpu_name) and the number of cores."""
+    return f"{drafts.cpu_name()}, {os.cpu_count()} cores"
 
 
 # --- Saving in the official layout ------------------------------------------------------------------------------

@@ -25,11 +25,9 @@ by setting `Cache.length`.
 """
 import difflib
 import glob
-import hashlib
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -890,8 +888,9 @@ class Skip:
     mlp: frozenset = frozenset()
 
     def __post_init__(self):
-        for field in ("layers", *UNITS):
-            object.__setattr__(self, field, frozenset(getattr(self, field)))
+        object.__setattr__(self, "layers", frozenset(self.layers))
+        for field in UNITS:                     # a unit of a layer left out whole is left out already: not named twice
+            object.__setattr__(self, field, frozenset(getattr(self, field)) - self.layers)
 
     def left_out_of(self, i):
         """The units the draft leaves out of layer i (whole layers are in `layers`): a frozenset of UNITS names."""
@@ -1162,6 +1161,10 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
             config = config_from_hf(json.load(f))
     except FileNotFoundError:
         raise not_a_model_folder(path, "config.json") from None
+    except UsageError as e:                   # read, but not a configuration hsd runs: say what is wrong
+        raise UsageError(f"{path}/config.json: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}/config.json is not JSON ({e})") from None
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise UsageError(f"cannot read {path}/config.json: {type(e).__name__}: {e}") from None
 
@@ -1226,46 +1229,3 @@ def load_tokenizer(name_or_path):
         return Tokenizer.from_file(path)
     except Exception as e:                      # the tokenizers library raises a bare Exception for a broken file
         raise damaged(path, e) from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What identifies a model (a draft file names the model it was searched on)
-
-SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "mamba_n_heads",
-         "mamba_d_head", "mamba_d_state", "mamba_n_groups", "linear_num_key_heads", "linear_num_value_heads",
-         "linear_key_head_dim", "linear_value_head_dim")
-
-
-def weights_fingerprint(model):
-    """sha256 over every parameter's name, shape and up to 4096 evenly spaced values rounded to bfloat16: the same for
-    one checkpoint loaded in float32 or bfloat16, another for other weights (a retrained model); cheap at any size."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name} {tuple(p.shape)}\n".encode() + sample.numpy().tobytes())
-    return h.hexdigest()
-
-
-def identity(model):
-    """What a draft file says of the model it was searched on: the architecture (family, layer types, sizes), which a
-    draft must match, and the weights' fingerprint, which it should."""
-    c = model.config
-    return {"family": c.family, "layer_types": list(c.layer_types), "sizes": {s: getattr(c, s) for s in SIZES},
-            "weights_sha256": weights_fingerprint(model)}
-
-
-def cpu_name():
-    """The processor, as /proc/cpuinfo names it ("AMD EPYC ..."), else platform's word for it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def device_name(device):
-    """The device a draft was searched on, in words: "cuda NVIDIA H200", "cpu AMD EPYC" (costs depend on it)."""
-    if device.type == "cuda":
-        return f"cuda {torch.cuda.get_device_name(device)}"
-    return f"cpu {cpu_name()}"

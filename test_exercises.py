@@ -170,16 +170,25 @@ MISTAKES = {
                 "record_states=True)",
                 "logits, recorded = model(torch.tensor([[*drafts]], device=cache.device), cache, record_states=True)",
                 "verify must return k + 1 = 4 rows"),
-        Mistake("the draft feeds the full model", "hsd.draft_tokens",
-                "token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())",
-                "token = int(model(torch.tensor([[token]], device=cache.device), cache)[0, -1].argmax())",
+        Mistake("the draft feeds the full model", "hsd.draft",
+                "logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]",
+                "logits = model(torch.tensor([[token]], device=cache.device), cache)[0, -1]",
                 "are not the draft model's greedy tokens"),
-        Mistake("the drafts are tensors", "hsd.draft_tokens",
-                "token = int(model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax())",
-                "token = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1].argmax()",
+        Mistake("the drafts are tensors", "hsd.draft", "token = int(logits.argmax())", "token = logits.argmax()",
                 "draft 1 is a tensor of shape (), not an int"),
-        Mistake("the drafts are a tuple", "hsd.draft_tokens", "return drafts", "return tuple(drafts)",
-                "draft_tokens returned a tuple, not a list"),
+        Mistake("the drafts are a tuple", "hsd.draft", "return drafts, torch.stack(q) if q else None",
+                "return tuple(drafts), torch.stack(q) if q else None", "draft returned drafts as a tuple, not a list"),
+        Mistake("drafting goes on past the end of text", "hsd.draft",
+                "if token == eos or (stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] "
+                "< stop):\n    break",
+                "if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:\n"
+                "    break", "drafting ends after the end-of-text token"),
+        Mistake("the stop is ignored", "hsd.draft",
+                "if token == eos or (stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] "
+                "< stop):\n    break", "if token == eos:\n    break", "drafting ends after the first draft whose"),
+        Mistake("sampled drafts drawn from torch's own random stream", "hsd.draft",
+                "token = int(torch.multinomial(q[-1], 1, generator=generator))", "token = int(torch.multinomial(q[-1], 1))",
+                "each draft is the generator's draw"),
         Mistake("verify keeps the batch dimension", "hsd.verify", "return logits[0], recorded",
                 "return logits, recorded", "got a tensor of shape (1, 4, 97)"),
         Mistake("verify returns the logits alone", "hsd.verify", "return logits[0], recorded", "return logits[0]",
@@ -191,16 +200,20 @@ MISTAKES = {
                 "commit(cache, snap.length, accepted + 1, recorded)", "commit(cache, snap.length, accepted, recorded)",
                 "more tokens, not"),
         Mistake("the stop is not passed on", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop)",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, eos=eos)",
                 "the round ignored its stop"),
-        Mistake("the drafts are greedy at any temperature", "hsd.speculative_round",
+        Mistake("the end of text is not passed on", "hsd.speculative_round",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
                 "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop)",
-                "drafts, q = draft(model, cache, pending, skip, k, stop=stop)",
+                "the round ignored its eos"),
+        Mistake("the drafts are greedy at any temperature", "hsd.speculative_round",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, stop=stop, eos=eos)",
                 "the round failed in accept_sampled (TypeError"),
         Mistake("the drafts drawn from torch's own random stream", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop)",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, stop=stop)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, stop=stop, eos=eos)",
                 "round's drafts are not those draft gives"),
         Mistake("the verdict is greedy at any temperature", "hsd.speculative_round",
                 "accepted, next_token = judge(drafts, q, logits, temperature, generator)",
@@ -208,10 +221,10 @@ MISTAKES = {
         Mistake("the values returned in another order", "hsd.speculative_round", "return drafts, accepted, next_token",
                 "return accepted, drafts, next_token", "a round returns its drafts first")],
     "draft-strategies": [
-        Mistake("layerskip starts one layer late", "hsd.draft_skip",
+        Mistake("layerskip starts one layer late", "drafts.draft_skip",
                 "start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)",
                 "start, skipped = n // 2 - int(0.33 * n) // 2 + 1, int(0.33 * n)", "layerskip on tiny-falcon-h1"),
-        Mistake("Qwen3.5's attention layers keep their MLP", "hsd.draft_skip",
+        Mistake("Qwen3.5's attention layers keep their MLP", "drafts.draft_skip",
                 "return models.Skip(layers=frozenset(i for i, t in enumerate(config.layer_types) if t == "
                 "'full_attention'))",
                 "return models.Skip(attention=frozenset(i for i, t in enumerate(config.layer_types) if t == "
@@ -267,15 +280,21 @@ ALTERNATIVES = {
                               "        return n, int(torch.multinomial(residual, 1, generator=generator))\n"
                               "    n += 1\nreturn n, int(torch.multinomial(p[n], 1, generator=generator))"},
     "draft-and-verify": {
-        "hsd.draft_tokens": "drafts = []\nfor _ in range(k):\n    last = drafts[-1] if drafts else pending\n"
-                            "    logits = model(torch.tensor([[last]], device=cache.device), cache, skip=skip)\n"
-                            "    drafts.append(logits[0, -1].argmax().item())\nreturn drafts",
+        "hsd.draft": "drafts, rows = [], []\nwhile len(drafts) < k:\n    last = drafts[-1] if drafts else pending\n"
+                     "    logits = model(torch.tensor([[last]], device=cache.device), cache, skip=skip)\n"
+                     "    row = logits[0, -1]\n    if temperature == 0:\n        drafts.append(row.argmax().item())\n"
+                     "        sure = torch.softmax(row.float(), dim=-1)[drafts[-1]]\n    else:\n"
+                     "        rows.append(probabilities(row, temperature))\n"
+                     "        drafts.append(torch.multinomial(rows[-1], 1, generator=generator).item())\n"
+                     "        sure = rows[-1][drafts[-1]]\n    if drafts[-1] == eos:\n        break\n"
+                     "    if stop is not None and sure < stop:\n        break\n"
+                     "return drafts, (torch.stack(rows) if rows else None)",
         "hsd.verify": "ids = torch.tensor([[pending] + list(drafts)], device=cache.device)\n"
                       "logits, recorded = model(ids, cache, record_states=True)\nreturn logits[0], recorded"},
     "speculative-round": {
         "hsd.speculative_round": "snap = snapshot(cache)\n"
                                  "drafts, q = draft(model, cache, pending, skip, k, temperature=temperature, "
-                                 "generator=generator, stop=stop)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
+                                 "generator=generator, stop=stop, eos=eos)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
                                  "pending, drafts)\naccepted, token = judge(drafts, q, logits, temperature, generator)\n"
                                  "commit(cache, start=snap.length, kept=accepted + 1, recorded=states)\n"
                                  "return drafts, accepted, token"},
@@ -338,7 +357,7 @@ def grade_variants(variants, threads=1, claims=None):
             except FileExistsError:                                  # another worker is grading it
                 results.append(None)
                 continue
-        for module in ("models", "cost_model", "hsd", "hsd_eval", "hsd_train", "hsd_bench", "test_hsd"):
+        for module in (name[:-3] for name in os.listdir(folder) if name.endswith(".py")):    # the project's own
             sys.modules.pop(module, None)
         os.chdir(folder)
         sys.path.insert(0, folder)

@@ -1,0 +1,251 @@
+"""drafts: what a draft is. A draft is data, a models.Skip (which units of which layers the full model leaves out),
+with its k (drafts per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
+
+  the paper's drafts   DRAFTS, draft_skip, paper_draft: the three fixed strategies as Skips
+  draft files          DRAFT_FORMAT, read_draft_file, draft_file, write_draft_file: a draft found by measurement
+                       (hsd_search.py writes them) or written by hand (README, "Draft files")
+  identity             SIZES, weights_fingerprint, identity, cpu_name, device_name: what a file is checked against
+
+hsd.py decides which draft a generation runs (choose_draft); this module only says what drafts are.
+"""
+import hashlib
+import json
+import math
+import os
+import platform
+from collections import namedtuple
+
+import torch
+
+import models
+
+DRAFTS = ("component", "layerskip", "early-exit", "none")     # "none": plain decoding, no draft
+Draft = namedtuple("Draft", "name skip k stop costs", defaults=(None,))
+# what a generation runs: skip None is plain decoding (k None then); stop: a confidence threshold or None; costs: (c,
+# {d: v[d]}) in units of a plain step, for -k auto (None: hsd's default rule)
+
+
+# --- The paper's drafts: which parts of the full model the draft leaves out ----------------------------------------
+def draft_skip(config, name):
+    """The models.Skip of a draft strategy of the paper: "component", "layerskip" or "early-exit"."""
+    n = config.num_layers
+    if name == "component":
+        if config.family == "falcon_h1":      # parallel hybrid: the attention branch of every layer adds nothing
+            return models.Skip(attention=frozenset(range(n)))
+        if config.family == "qwen3_5":        # sequential hybrid: the full-attention layers become identity
+            return models.Skip(layers=frozenset(i for i, t in enumerate(config.layer_types) if t == "full_attention"))
+        raise models.UsageError("a Transformer (qwen2) has no attention-free part to draft with: use --draft layerskip")
+    if name == "layerskip":                   # int(0.33 n) contiguous middle layers
+        start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)
+        return models.Skip(layers=frozenset(range(start, start + skipped)))
+    if name == "early-exit":                  # the first int(0.5 n) layers, then the final norm and LM head
+        return models.Skip(layers=frozenset(range(int(0.5 * n), n)))
+    raise models.UsageError(f"unknown draft {name!r}: choose one of {', '.join(DRAFTS[:-1])} (or none: no draft), "
+                            "or give a draft file")
+
+
+def paper_draft(config):
+    """The paper's draft for the model's family: component for a hybrid, layerskip for the Transformer control."""
+    return "layerskip" if config.family == "qwen2" else "component"
+
+
+def paper_skips(config):
+    """{draft name: models.Skip} of the paper's drafts that apply to the model (a Transformer has no component
+    draft): what the tools measure beside a draft of their own."""
+    return {name: draft_skip(config, name) for name in DRAFTS
+            if name != "none" and (name != "component" or config.family != "qwen2")}
+
+
+# --- What identifies a model and a machine (a draft file names those it was searched on) ---------------------------
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "mamba_n_heads",
+         "mamba_d_head", "mamba_d_state", "mamba_n_groups", "linear_num_key_heads", "linear_num_value_heads",
+         "linear_key_head_dim", "linear_value_head_dim")
+ARCHITECTURE = ("family", "layer_types", "sizes")      # what a draft must match; the weights it only should
+
+
+def weights_fingerprint(model):
+    """sha256 over every parameter's name, shape and up to 4096 evenly spaced values rounded to bfloat16: the same for
+    one checkpoint loaded in float32 or bfloat16, another for other weights (a retrained model); cheap at any size."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name} {tuple(param.shape)}\n".encode() + sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def identity(model):
+    """What a draft file says of the model it was searched on: the architecture (family, layer types, sizes), which a
+    draft must match, and the weights' fingerprint, which it should."""
+    config = model.config
+    return {"family": config.family, "layer_types": list(config.layer_types),
+            "sizes": {s: getattr(config, s) for s in SIZES}, "weights_sha256": weights_fingerprint(model)}
+
+
+def cpu_name():
+    """The processor, as /proc/cpuinfo names it ("AMD EPYC ..."), else platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def device_name(device):
+    """The device a draft was searched on, in words: "cuda NVIDIA H200", "cpu AMD EPYC" (costs depend on it)."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return f"cpu {cpu_name()}"
+
+
+# --- Draft files: writing --------------------------------------------------------------------------------------------
+DRAFT_FORMAT = "hsd-draft/1"
+
+
+def draft_file(name, model_identity, skip, k, stop, found_by):
+    """A draft file's JSON object: the model it is for (its name and identity()), the Skip, k, the stop (a confidence
+    threshold or None) and found_by (how it was found; its "costs", "device" and "threads" are read back)."""
+    return {"format": DRAFT_FORMAT, "model": {"name": name, **model_identity},
+            "skip": {field: sorted(getattr(skip, field)) for field in ("layers", *models.UNITS)},
+            "k": k, "stop": None if stop is None else {"confidence": stop}, "found_by": found_by}
+
+
+def write_draft_file(path, spec):
+    """Write a draft file's object as JSON, through a file beside it and a rename: an interrupted write leaves no half
+    file."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(spec, f, indent=1)
+        f.write("\n")
+    os.replace(partial, path)
+
+
+# --- Draft files: reading ------------------------------------------------------------------------------------------
+def words(value):
+    """A JSON value as a message shows it: JSON's words (null, true, {"confidence": 0}), not Python's."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def read_json(path, bad):
+    """The file's JSON value (a byte-order mark tolerated); bad(what) makes the error of a damaged file."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if os.path.splitext(path)[1] or os.sep in str(path):                 # meant as a file
+            raise models.UsageError(f"cannot read the draft file {path}: No such file") from None
+        raise models.UsageError(f"unknown draft {str(path)!r}: choose one of {', '.join(DRAFTS)}, or give a draft file "
+                                "(there is no such file)") from None
+    except OSError as e:
+        raise models.UsageError(f"cannot read the draft file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise bad("damaged: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"damaged: {e}") from None
+    except RecursionError:
+        raise bad("damaged: nested too deeply to read") from None
+    except ValueError as e:                               # e.g. a number of more digits than Python reads
+        raise bad(f"damaged: {str(e).split(':')[0]}") from None
+
+
+def check_architecture(path, theirs, model):
+    """The notes of a file's "model" block against the model: a UsageError if an architecture it names differs; a
+    note if it names none (a file written by hand) or other weights."""
+    if not isinstance(theirs, dict):
+        theirs = {}
+    mine = identity(model)
+    different = [key for key in ARCHITECTURE if key in theirs and theirs[key] != mine[key]]
+    if different:
+        written_for = f"; it was written for {theirs['name']}" if isinstance(theirs.get("name"), str) else ""
+        raise models.UsageError(f"{path} is a draft for another architecture (its {', '.join(different)} differ from "
+                                f"this model's{written_for}): search one for this model with python hsd_search.py")
+    missing = [key for key in ARCHITECTURE if key not in theirs]
+    if missing:
+        return [(f"{path} does not name the model's {', '.join(missing)}: it runs, since this model has the layers "
+                 "and units it names, but was not checked against an architecture")]
+    if "weights_sha256" in theirs and theirs["weights_sha256"] != mine["weights_sha256"]:
+        return [(f"{path} was searched on other weights of this architecture (a retrained model?): it decodes "
+                 "correctly, as any draft does, but its measured speed may not hold")]
+    return []
+
+
+def skip_of(path, fields, model, bad):
+    """The file's "skip" object -> a models.Skip the model has; duplicates and units of whole layers fold away."""
+    names = ("layers", *models.UNITS)
+    if not isinstance(fields, dict) or set(fields) - set(names) or not all(
+            isinstance(v, list) and all(type(i) is int for i in v) for v in fields.values()):
+        raise bad(f'"skip" holds lists of layer indices under {", ".join(names)}')
+    if not any(fields.values()):
+        raise models.UsageError(f"{path} skips nothing: the full model would draft for itself; name at least one "
+                                "layer or unit (or use --draft none for plain decoding)")
+    skip = models.Skip(**fields)
+    try:
+        models.check_skip(model.config, skip)
+    except models.UsageError as e:
+        raise models.UsageError(f"{path}: {e}") from None
+    return skip
+
+
+def draft_costs(c, v):
+    """A draft's costs for -k auto, in units of a plain step -> (c, {d: v[d]}): c a draft step, v the verify passes, a
+    dict {d: v[d]} (keys ints or digit strings) or a sequence whose item d is v[d] (item 0, d = 0, unused). A
+    UsageError for anything but positive finite numbers."""
+    try:
+        pairs = v.items() if isinstance(v, dict) else enumerate(v)
+        c, v = float(c), {int(d): float(x) for d, x in pairs if int(d) >= 1}
+    except (TypeError, ValueError):
+        v = None
+    if not v or not all(0 < x < math.inf for x in (c, *v.values())):
+        raise models.UsageError("costs must be (c, v): c a positive number, v a dict {d: v[d]} or a sequence indexed "
+                                "by d, of positive numbers (in units of a plain step)")
+    return c, v
+
+
+def costs_of(found_by, bad):
+    """found_by's measured costs -> (c, {d: v[d]}), or None if the file has none. found_by["costs"] holds "c" (older
+    files: found_by["c"]["measured"]) and "v": {"1": v[1], ...}, in units of a plain step."""
+    costs = found_by.get("costs")
+    if not isinstance(costs, dict) or "v" not in costs:
+        return None
+    older = found_by.get("c")
+    c = costs.get("c", older.get("measured") if isinstance(older, dict) else None)
+    if c is None:
+        return None
+    wrong = bad('"found_by": "costs" must hold "c": a positive number and "v": {"1": a positive number, ...}')
+    if isinstance(c, bool) or not isinstance(costs["v"], dict):
+        raise wrong
+    try:
+        return draft_costs(c, costs["v"])
+    except models.UsageError:
+        raise wrong from None
+
+
+def read_draft_file(path, model):
+    """A draft file (any name, a str or a pathlib.Path) -> (Draft, notes): one-line notes of a file searched on other
+    weights, another device or another number of threads, or that names no architecture. A UsageError for a file that
+    cannot be read, is damaged or no draft file, names another architecture, skips nothing, or names a layer or unit
+    the model does not have. README, "Draft files", shows the format."""
+    def bad(what):
+        return models.UsageError(f'{path} is not a valid draft file ({what}): README, "Draft files", shows the format')
+    spec = read_json(path, bad)
+    if not isinstance(spec, dict) or spec.get("format") != DRAFT_FORMAT:
+        raise bad(f'no "format": "{DRAFT_FORMAT}"')
+    notes = check_architecture(path, spec.get("model"), model)
+    skip = skip_of(path, spec.get("skip"), model, bad)
+    k, stop = spec.get("k"), spec.get("stop")
+    if not (k == "auto" or (type(k) is int and k >= 1)):
+        raise bad('"k" is missing' if "k" not in spec else
+                  f'"k" must be a number of drafts (at least 1) or "auto", not {words(k)}')
+    if not (stop is None or (isinstance(stop, dict) and set(stop) == {"confidence"}
+                             and isinstance(stop["confidence"], (int, float)) and 0 < stop["confidence"] < 1)):
+        raise bad(f'"stop" must be null or {{"confidence": a number between 0 and 1}}, not {words(stop)}')
+    found_by = spec.get("found_by") if isinstance(spec.get("found_by"), dict) else {}
+    here = device_name(model.lm_head.weight.device)
+    if found_by.get("device") is not None and found_by["device"] != here:
+        notes.append(f"{path} was searched on {found_by['device']}, this run is on {here}: the costs of its parts "
+                     "differ, so it may not be the fastest draft here")
+    threads = found_by.get("threads")
+    if isinstance(threads, int) and threads != torch.get_num_threads():
+        notes.append(f"{path} was searched with {threads} threads, this run uses {torch.get_num_threads()}: threads "
+                     "change every cost, so it may not be the fastest draft here")
+    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad)), notes
