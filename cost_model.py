@@ -232,7 +232,7 @@ def generations_in_turns(generate, model, prompts, drafts, new_tokens, turns, te
     generate is hsd.generate. Returns {label: [per prompt: [per turn: run]]}, "plain" first; a run is a dict of
     RUN_KEYS, "tokens" (the new token ids) and "steps" (the drafts of each step, 0 for a plain step): raw numbers a
     stranger can bootstrap again. At a temperature, prompt i of a turn is seeded alike for all labels. progress: an
-    object with update(1), called after each prompt of a turn."""
+    object with update(n), called after each prompt of a turn with the n generations it ran (plain and every label)."""
     labels = {"plain": "none", **drafts}
     runs = {label: [[] for _ in prompts] for label in labels}
     for turn in range(turns):
@@ -243,7 +243,7 @@ def generations_in_turns(generate, model, prompts, drafts, new_tokens, turns, te
                 steps = [len(r.drafts) for r in s["trace"]] + [0] * s["plain_steps"]
                 runs[label][i].append({**{key: s[key] for key in RUN_KEYS}, "tokens": tokens, "steps": steps})
             if progress is not None:
-                progress.update(1)
+                progress.update(len(labels))
     return runs
 
 

@@ -4,6 +4,7 @@
   python hsd_bench.py NAME --units                      # what leaving out each kind of unit saves
   python hsd_bench.py NAME --context-sweep [--out F]    # c, v and the predicted speedup at 64 ... 8,192 tokens
   python hsd_bench.py TOY --drafts FILES [--out F]      # drafts side by side on the test prompts, greedy and T=0.6
+  python hsd_bench.py TOY --drafts FILES --ks 1,2,4,8 --tokens 48 --repeats 2   # shorter: 4 fixed k, 2 turns
 
 Speed does not depend on the weight values, so random weights of an official config.json (OFFICIAL_CONFIGS), saved
 once in the official layout, serve both sides: transformers (the official implementation; this benchmark, like the
@@ -12,7 +13,9 @@ medians are reported; every ratio printed is of numbers measured in this process
 the operations of a decoding step and of verify passes (counted as the innermost PyTorch operations, roughly the
 kernels a GPU would launch), c and v of the cost model, and decoding against the machine's memory-bandwidth limit.
 --drafts measures the test set of cost_model.split (never the search's calibration paragraphs), every speedup with a
-95% interval over the prompts; every table is printed with the machine's state, and a busy machine is said so.
+95% interval over the prompts (greedy every row; at T=0.6 of the paper's fixed k only the best greedy one's
+neighbourhood: sampled_labels), after an estimate of its duration; every table is printed with the machine's state,
+and a busy machine is said so.
 """
 import argparse
 import json
@@ -260,11 +263,26 @@ def test_prompts(name, tokenizer, prompt_tokens):
     return {i: paragraphs[i][:prompt_tokens] for i in cost_model.split(paragraphs, prompt_tokens).test}
 
 
-def draft_rows(model, files):
-    """{label: hsd.Draft}: the paper's drafts at every fixed k in 1..8 and with k="auto", and each draft file as it
+PAPER_KS = tuple(range(1, 9))                            # the paper's fixed k: --ks chooses among them
+SAMPLED_WINDOW = 3                                       # fixed ks per paper draft at T > 0 (sampled_labels)
+
+
+def parse_ks(text):
+    """--ks "1,2,4,8" -> (1, 2, 4, 8): the fixed k of the paper's drafts, sorted, each once; a UsageError otherwise."""
+    try:
+        ks = sorted({int(k) for k in text.split(",")})
+    except ValueError:
+        ks = []
+    if not ks or not set(ks) <= set(PAPER_KS):
+        raise models.UsageError(f"--ks takes k from 1 to 8 separated by commas, e.g. --ks 1,2,4,8 (got {text!r})")
+    return tuple(ks)
+
+
+def draft_rows(model, files, ks=PAPER_KS):
+    """{label: hsd.Draft}: the paper's drafts at every fixed k of ks and with k="auto", and each draft file as it
     says, at its best fixed k (found_by.best_fixed) and with k="auto"; and {label: the skip's label in the costs}."""
     paper = drafts.paper_skips(model.config)
-    rows = {f"{d}, k={k}": hsd.Draft(d, skip, k, None) for d, skip in paper.items() for k in range(1, 9)}
+    rows = {f"{d}, k={k}": hsd.Draft(d, skip, k, None) for d, skip in paper.items() for k in ks}
     rows |= {f"{d}, k=auto": hsd.choose_draft(model, d, "auto") for d in paper}
     skip_of = {label: label.split(", k=")[0] for label in rows}
     for path in files:
@@ -280,39 +298,98 @@ def draft_rows(model, files):
     return rows, skip_of
 
 
-def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, temperatures=(0.0, PAPER_T), seed=0):
-    """Plain decoding against every row of draft_rows, end to end on the test prompts, in turns in one process
-    (cost_model.generations_in_turns), at each temperature; c and v measured at that temperature at the mean context
-    of a generation. Returns {"prompts", "costs": {T: Costs}, "rows": {(label, T): measured_row}, "best": {T: the
-    best fixed paper row}, "runs": {T: the raw runs}, "machine", "warnings"}."""
+def window(ks, best, width=SAMPLED_WINDOW):
+    """The width consecutive ks (sorted) around best: best and its neighbours, shifted inward at either end."""
+    start = min(max(ks.index(best) - 1, 0), max(len(ks) - width, 0))
+    return ks[start:start + width]
+
+
+def sampled_labels(rows, paper, ks, greedy_speedup):
+    """The labels of rows (draft_rows) run at T > 0: of each paper draft only the fixed ks of window() around its
+    best greedy k (greedy_speedup: {label: measured greedy speedup}; with SAMPLED_WINDOW ks or fewer, all of them):
+    the best k moves little with the temperature, and where the best at T > 0 lies at the window's edge the table says
+    so (unrun_neighbours); every k=auto row and every draft file's row."""
+    keep = set()
+    for d in paper:
+        best = max(ks, key=lambda k: greedy_speedup[f"{d}, k={k}"])
+        keep |= {f"{d}, k={k}" for k in window(ks, best)}
+    fixed_paper = {f"{d}, k={k}" for d in paper for k in ks}
+    return [label for label in rows if label in keep or label not in fixed_paper]
+
+
+def generations(rows, prompts, turns):
+    """Generations of one temperature (rows, prompts: how many): plain decoding and every row, on every prompt, in
+    every turn."""
+    return (rows + 1) * prompts * turns
+
+
+def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, ks=PAPER_KS, out=None, seed=0):
+    """Plain decoding against the rows of draft_rows, end to end on the test prompts, in turns in one process
+    (cost_model.generations_in_turns): greedy every row, at PAPER_T the rows of sampled_labels; c and v measured at
+    each temperature at the mean context of a generation. Prints on stderr an estimate of the run's duration before
+    measuring (estimate_line) and shows one progress bar over the whole run; with out, saves everything measured so
+    far (side_by_side_json, raw runs included) after each temperature. Returns {"prompts", "ks", "ran": {T: labels},
+    "costs": {T: Costs}, "rows": {(label, T): measured_row}, "best": {T: the best fixed paper row}, "runs": {T: the
+    raw runs}, "paper": the paper's drafts, "machine", "warnings", "complete"}."""
     model, tokenizer = models.load(name), models.load_tokenizer(name)
     machine = cost_model.machine_state(model, "float32")       # before measuring: the load of others, not ours
     prompts = test_prompts(name, tokenizer, prompt_tokens)
     context = prompt_tokens + new_tokens // 2
-    rows, skip_of = draft_rows(model, files)
+    rows, skip_of = draft_rows(model, files, ks)
+    paper = drafts.paper_skips(model.config)
     skips = {skip_of[label]: draft.skip for label, draft in rows.items()}
     longest = max(hsd.AUTO_MAX, *(d.k for d in rows.values() if d.k != "auto"))
     hsd.warm_up(model, longest)
-    result = {"prompts": prompts, "costs": {}, "rows": {}, "best": {}, "runs": {}}
-    for T in temperatures:
-        costs = result["costs"][T] = cost_model.measure_costs(model, skips, context, 7 * turns, longest, T,
-                                                              passes=PASSES)
-        with tqdm(total=len(prompts) * turns, desc=f"T={T}, {len(rows) + 1} rows (prompts x turns)",
-                  file=sys.stderr) as bar:
-            runs = result["runs"][T] = cost_model.generations_in_turns(hsd.generate, model, list(prompts.values()),
-                                                                        rows, new_tokens, turns, T, seed, bar)
-        for label in rows:
-            result["rows"][label, T] = cost_model.measured_row(runs[label], runs["plain"], costs.c[skip_of[label]],
-                                                               costs.v)
-        fixed_paper = [label for label in rows if skip_of[label] in drafts.paper_skips(model.config)
-                       and not label.endswith("auto")]
-        best = result["best"][T] = max(fixed_paper, key=lambda label: result["rows"][label, T]["speedup"])
-        for label in rows:                                  # each row against the best fixed paper row
-            result["rows"][label, T]["vs_best_paper"] = cost_model.speedup(runs[label], runs[best])
-            result["rows"][label, T]["vs_best_paper_ci"] = cost_model.speedup_ci(runs[label], runs[best])
+    sampled_rows = len(rows) - len(paper) * (len(ks) - min(SAMPLED_WINDOW, len(ks)))   # as sampled_labels keeps
+    counts = {0.0: generations(len(rows), len(prompts), turns), PAPER_T: generations(sampled_rows, len(prompts), turns)}
+    t0 = time.perf_counter()
+    costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, 0.0, passes=PASSES)
+    costs_s = time.perf_counter() - t0
+    generation_s = seconds(lambda: hsd.generate(model, next(iter(prompts.values())), new_tokens, draft="none"))
+    print(estimate_line(counts, generation_s, costs_s, new_tokens), file=sys.stderr)
+    result = {"prompts": prompts, "ks": ks, "paper": list(paper), "ran": {}, "costs": {}, "rows": {}, "best": {}, "runs": {},
+              "complete": False}
+    with tqdm(total=sum(counts.values()), desc="generations (all rows, both temperatures)", file=sys.stderr) as bar:
+        for T in counts:
+            ran = result["ran"][T] = list(rows) if T == 0 else sampled_labels(
+                rows, paper, ks, {label: result["rows"][label, 0.0]["speedup"] for label in rows})
+            if T != 0:
+                costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, T, passes=PASSES)
+            result["costs"][T] = costs
+            bar.set_postfix_str(f"T={T}, {len(ran) + 1} rows")
+            runs = result["runs"][T] = cost_model.generations_in_turns(
+                hsd.generate, model, list(prompts.values()), {label: rows[label] for label in ran}, new_tokens,
+                turns, T, seed, bar)
+            for label in ran:
+                result["rows"][label, T] = cost_model.measured_row(runs[label], runs["plain"],
+                                                                   costs.c[skip_of[label]], costs.v)
+            fixed_paper = [label for label in ran if skip_of[label] in paper and not label.endswith("auto")]
+            best = result["best"][T] = max(fixed_paper, key=lambda label: result["rows"][label, T]["speedup"])
+            for label in ran:                                  # each row against the best fixed paper row
+                result["rows"][label, T]["vs_best_paper"] = cost_model.speedup(runs[label], runs[best])
+                result["rows"][label, T]["vs_best_paper_ci"] = cost_model.speedup_ci(runs[label], runs[best])
+            result = {**result, **summary(result, machine), "complete": T == PAPER_T}
+            if out:                                            # after each temperature: Ctrl-C keeps what was measured
+                cost_model.write_json(out, side_by_side_json(name, result, new_tokens))
+    return result
+
+
+def estimate_line(counts, generation_s, costs_s, new_tokens):
+    """The run's duration, estimated before measuring: every generation as long as a first plain one (measured,
+    prefill included; a speculative row takes about as long or less when its draft pays, longer when it does not),
+    plus the cost measurement at each temperature as long as the greedy one took."""
+    total = sum(counts.values()) * generation_s + len(counts) * costs_s
+    return (f"hsd_bench: estimate about {total / 60:.1f} min: " + " + ".join(
+            f"{n} generations at T={T}" for T, n in counts.items()) + f", each about {generation_s:.2f} s (a plain "
+            f"generation of {new_tokens} tokens, measured), plus {len(counts)} cost measurements of about "
+            f"{costs_s:.0f} s")
+
+
+def summary(result, machine):
+    """The machine and its warnings for the rows measured so far."""
     spread = max((r["turn_speedups"] for r in result["rows"].values()), key=lambda x: max(x) / min(x))
     busy = cost_model.busy_warning(machine, spread)
-    return {**result, "machine": machine, "warnings": [busy] if busy else []}
+    return {"machine": machine, "warnings": [busy] if busy else []}
 
 
 def side_by_side_lines(name, r, new_tokens):
@@ -322,8 +399,13 @@ def side_by_side_lines(name, r, new_tokens):
            f"text), {new_tokens} new tokens; {machine_words(r['machine'])}")
     for T, costs in r["costs"].items():
         noise = "-" if costs.noise["step"] is None else f"{costs.noise['step']:.1%}"
-        yield (f"T={T}: full step {costs.step_s * 1e3:.2f} ms at {costs.context} tokens (noise {noise}); best fixed "
-               f"paper row (chosen on these prompts): {r['best'][T]}")
+        yield (f"T={T}: full step {costs.step_s * 1e3:.2f} ms at {costs.context} tokens (noise {noise}); ran "
+               f"{ran_words(r, T)}")
+        yield (f"  best fixed paper row: {r['best'][T]}, chosen as the fastest on these same prompts, so its speedup "
+               "leans high and every 'vs best paper' leans low")
+        if unrun_neighbours(r, T):
+            yield (f"  note: its k is at the edge of the ks run at T={T}; k={','.join(map(str, unrun_neighbours(r, T)))}"
+                   " did not run at this temperature and might be faster")
     yield (f"{'row':44} {'T':>4} {'speedup [95% CI]':>22} {'vs best paper [95% CI]':>23} {'alpha':>6} {'acc/rnd':>7} "
            f"{'drf/rnd':>7} {'plain':>5} {'c':>5} {'predicted':>9} {'loops':>6}")
     for (label, T), x in r["rows"].items():
@@ -337,12 +419,38 @@ def side_by_side_lines(name, r, new_tokens):
         yield f"warning: {line}"
 
 
+def unrun_neighbours(r, T):
+    """The ks of --ks next to the best fixed paper row's k at T that did not run at T (its k at the edge of the ks run
+    for its draft): a faster fixed row might lie there."""
+    draft, _, k = r["best"][T].partition(", k=")
+    ran = [x for x in r["ks"] if f"{draft}, k={x}" in r["ran"][T]]
+    i = r["ks"].index(int(k))
+    near = [r["ks"][j] for j in (i - 1, i + 1) if 0 <= j < len(r["ks"])]
+    return [x for x in near if x not in ran]
+
+
+def ran_words(r, T):
+    """What ran at temperature T, in words: which fixed k of the paper's drafts, and the other rows."""
+    fixed = {}
+    for label in r["ran"][T]:
+        draft, _, k = label.partition(", k=")
+        if draft in r["paper"] and k.isdigit():
+            fixed.setdefault(draft, []).append(k)
+    how = (f"--ks {','.join(map(str, r['ks']))}" if T == 0 else
+           f"of --ks {','.join(map(str, r['ks']))} the best greedy k and its neighbours")
+    return ("paper drafts at k " + "; ".join(f"{d} {','.join(ks)}" for d, ks in fixed.items()) + f" ({how}), "
+            "every k=auto row, each file's rows")
+
+
 def side_by_side_json(name, r, new_tokens):
     """What --out saves: the table's numbers, the costs, the machine, and every raw run (per label, prompt and turn),
     so that a stranger can bootstrap them again."""
     return {"model": name, "new_tokens": new_tokens, "test_paragraphs": list(r["prompts"]), "machine": r["machine"],
-            "warnings": r["warnings"], "unreliable": bool(r["warnings"]),
+            "warnings": r["warnings"], "unreliable": bool(r["warnings"]), "complete": r["complete"],
+            "ks": list(r["ks"]), "ran": {str(T): labels for T, labels in r["ran"].items()},
             "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
+            "best_fixed_paper_chosen_on": "these test prompts (the fastest fixed paper row that ran)",
+            "best_fixed_paper_unrun_neighbours": {str(T): unrun_neighbours(r, T) for T in r["best"]},
             "costs": {str(T): c._asdict() for T, c in r["costs"].items()},
             "rows": [{"row": label, "temperature": T, **x} for (label, T), x in r["rows"].items()],
             "runs": {str(T): runs for T, runs in r["runs"].items()}}
@@ -368,19 +476,19 @@ def unit_costs(name, context=256, turns=7):
     units = cost_model.measure_costs(model, cost_model.unit_skips(model.config), context, turns, hsd.AUTO_MAX,
                                      passes=PASSES)
     saves = {kind: (1 - units.c[kind]) / len(layers) for kind, layers in kinds.items()}
-    drafts = cost_model.measure_costs(model, drafts.paper_skips(model.config), context, turns, 8, passes=PASSES)
-    return units, saves, drafts, cost_model.machine_state(model, "float32")
+    paper = cost_model.measure_costs(model, drafts.paper_skips(model.config), context, turns, 8, passes=PASSES)
+    return units, saves, paper, cost_model.machine_state(model, "float32")
 
 
-def unit_lines(name, units, saves, drafts, machine):
+def unit_lines(name, units, saves, paper, machine):
     yield f"{name}: full step {units.step_s * 1e3:.1f} ms at {units.context} tokens; {machine_words(machine)}"
     yield "one unit left out saves: " + ", ".join(f"{unit} of a {layer_type} layer {s:.1%}"
                                                   for (unit, layer_type), s in saves.items())
     yield "v (verify of d+1 tokens): " + ", ".join(f"d={d} {units.v[d]:.2f}" for d in (1, 2, 4, 8, 16))
-    for draft, c in drafts.c.items():
+    for draft, c in paper.c.items():
         yield f"{draft:10} c {c:.2f}; per-token acceptance needed for S > 1: " + ", ".join(
             f"k={k} {'never' if p is None else f'{p:.2f}'}"
-            for k, p in ((k, cost_model.break_even_acceptance(c, drafts.v[k], k)) for k in (1, 2, 4, 8)))
+            for k, p in ((k, cost_model.break_even_acceptance(c, paper.v[k], k)) for k in (1, 2, 4, 8)))
     yield from warning_lines(machine)
 
 
@@ -393,7 +501,8 @@ def context_sweep(name, turns=7, temperature=0.0):
     contexts = [L for L in CONTEXTS if L + 8 + 2 <= model.config.max_position_embeddings]
     sweep = {}
     for L in tqdm(contexts, desc="contexts", file=sys.stderr):
-        sweep[L] = cost_model.measure_costs(model, drafts.paper_skips(model.config), L, turns, 8, temperature, passes=PASSES)
+        sweep[L] = cost_model.measure_costs(model, drafts.paper_skips(model.config), L, turns, 8, temperature,
+                                            passes=PASSES)
     return sweep, cost_model.machine_state(model, "float32")
 
 
@@ -447,7 +556,8 @@ def main(argv=None):
     p.error = lambda message: p.exit(2, f"hsd_bench: error: {message} (see --help)\n")
     p.add_argument("model", choices=[*OFFICIAL_CONFIGS, *models.TOYS], help="an official configuration (random "
                    "weights), or a trained toy (--units, --drafts, --context-sweep)")
-    p.add_argument("--tokens", type=int, default=32, help="new tokens of a decoding run (default: 32; --drafts: 64)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens of a decoding run (default: 32; --drafts: 64, "
+                                                        "e.g. --tokens 48 --repeats 2 for a shorter run)")
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; --drafts: turns over the "
                                                           "test prompts (default: 3)")
     p.add_argument("--cost-repeats", type=int, default=11, help="turns of each kind of step for c and v (default: 11)")
@@ -456,6 +566,9 @@ def main(argv=None):
     p.add_argument("--drafts", nargs="*", metavar="FILE", help="plain decoding, the paper's drafts and these draft "
                                                                "files end to end on the test prompts (a toy), greedy "
                                                                f"and at T={PAPER_T}")
+    p.add_argument("--ks", default=",".join(map(str, PAPER_KS)), help="with --drafts: the fixed k of the paper's "
+                   "drafts, e.g. 1,2,4,8 (default: 1,...,8); greedy runs them all, T=0.6 only the best greedy k of "
+                   "each draft and its neighbours (all of them if 3 or fewer)")
     p.add_argument("--context-sweep", action="store_true", help="c, v and the predicted speedup of the paper's drafts "
                                                                f"at {', '.join(map(str, CONTEXTS))} tokens (as far as "
                                                                "the model's context allows)")
@@ -476,6 +589,9 @@ def main(argv=None):
     if not 0 <= args.temperature < float("inf"):                      # NaN too
         p.error(f"--temperature must be 0 (greedy) or a finite temperature above it (got {args.temperature})")
     try:
+        if args.ks != p.get_default("ks") and args.drafts is None:
+            p.error("--ks goes with --drafts (the fixed k of the paper's drafts in the results table)")
+        ks = parse_ks(args.ks)
         if args.out:
             cost_model.check_writable(args.out, "--out")
         if args.drafts is not None:
@@ -483,11 +599,10 @@ def main(argv=None):
                 p.error("--drafts runs on a trained toy (its held-out text): give toy-falcon-h1, toy-qwen3.5 or "
                         "toy-qwen2.5")
             tokens = 64 if args.tokens == p.get_default("tokens") else args.tokens
-            r = drafts_side_by_side(args.model, args.drafts, new_tokens=tokens, turns=args.repeats)
+            r = drafts_side_by_side(args.model, args.drafts, new_tokens=tokens, turns=args.repeats, ks=ks,
+                                    out=args.out)                  # saves to --out after each temperature
             print(*side_by_side_lines(args.model, r, tokens), sep="\n")
             saved = side_by_side_json(args.model, r, tokens)
-            if args.out:
-                cost_model.write_json(args.out, saved)
             if args.json:
                 print(json.dumps({key: value for key, value in saved.items() if key != "runs"}))
             return 0
@@ -525,7 +640,8 @@ def main(argv=None):
         print(f"hsd_bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nhsd_bench: interrupted", file=sys.stderr)
+        kept = f" ({args.out} holds each temperature measured to its end)" if args.out and args.drafts is not None else ""
+        print(f"\nhsd_bench: interrupted{kept}", file=sys.stderr)
         return 130
     return 0
 

@@ -1,11 +1,14 @@
 """hsd_bench.py on the cost model: the rows it measures, the context sweep's arithmetic, its command line's refusals.
 
 Nothing here is timed: the sweep's costs are given, and the command line is refused before anything is measured."""
+import json
 import math
+import types
 
 import pytest
 
 import cost_model
+import drafts
 import hsd_bench
 import models
 
@@ -65,13 +68,102 @@ def test_the_test_prompts_are_the_splits_test_set():
     assert all(ids == paragraphs[i][:64] and len(ids) == 64 for i, ids in prompts.items())
 
 
+def test_ks_are_parsed_sorted_each_once_and_the_rows_follow_them():
+    assert hsd_bench.parse_ks("8,2,4,2") == (2, 4, 8) and hsd_bench.parse_ks("1") == (1,)
+    for bad in ("0,2", "9", "2,x", "", "2,,4"):
+        with pytest.raises(models.UsageError, match="--ks takes k from 1 to 8"):
+            hsd_bench.parse_ks(bad)
+    rows, _ = hsd_bench.draft_rows(models.load("toy-qwen2.5"), [], (2, 8))
+    assert list(rows) == ["layerskip, k=2", "layerskip, k=8", "early-exit, k=2", "early-exit, k=8",
+                          "layerskip, k=auto", "early-exit, k=auto"]
+
+
+def test_sampling_runs_the_best_greedy_k_and_its_neighbours_every_auto_row_and_each_file():
+    model = models.load("toy-qwen2.5")
+    ks = (1, 2, 4, 8)
+    rows, _ = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], ks)
+    paper = drafts.paper_skips(model.config)
+    best = {"layerskip": 4, "early-exit": 1}                    # the greedy winners: inside and at an end of ks
+    greedy = {label: 2.0 if label in {f"{d}, k={k}" for d, k in best.items()} else 1.0 for label in rows}
+    kept = hsd_bench.sampled_labels(rows, paper, ks, greedy)
+    assert [label for label in kept if not label.endswith("auto") and not label.startswith("toys/")] == [
+        "layerskip, k=2", "layerskip, k=4", "layerskip, k=8", "early-exit, k=1", "early-exit, k=2", "early-exit, k=4"]
+    assert {"layerskip, k=auto", "early-exit, k=auto"} <= set(kept)
+    assert [label for label in rows if label.startswith("toys/")] == [x for x in kept if x.startswith("toys/")]
+    assert hsd_bench.window(ks, 8) == (2, 4, 8) and hsd_bench.window((2, 4), 4) == (2, 4)
+    few, _ = hsd_bench.draft_rows(model, [], (2, 4, 8))
+    assert hsd_bench.sampled_labels(few, paper, (2, 4, 8), dict.fromkeys(few, 1.0)) == list(few)   # 3 ks: all
+
+
+def fake_generate(calls, interrupt_at=None):
+    """hsd.generate's shape with made-up numbers: a draft of k = K saves time as K grows (k=auto as k=3)."""
+    def generate(model, prompt, n, draft=None, temperature=0.0, seed=None):
+        calls.append(temperature)
+        if interrupt_at is not None and temperature == interrupt_at:
+            raise KeyboardInterrupt
+        k = 0 if draft == "none" else 3 if draft.k == "auto" else draft.k
+        rounds = n // (k + 1) if k else 0
+        stats = {"new_tokens": n, "decode_s": 1.0 / (1 + k), "rounds": rounds, "drafted": rounds * k,
+                 "accepted": rounds * k, "plain_steps": n - rounds * (k + 1),
+                 "trace": [types.SimpleNamespace(drafts=[0] * k)] * rounds}
+        return list(range(n)), stats
+    return generate
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """drafts_side_by_side on three prompts of toy-qwen2.5 with made-up costs and generations."""
+    prompts = {5: [1, 2, 3], 9: [4, 5, 6], 13: [7, 8, 9]}
+    monkeypatch.setattr(hsd_bench, "test_prompts", lambda *a: prompts)
+    monkeypatch.setattr(hsd_bench.hsd, "warm_up", lambda *a: None)
+    monkeypatch.setattr(cost_model, "measure_costs", lambda model, skips, *a, **k: costs(
+        dict.fromkeys(skips, 0.5), [1.0 + 0.1 * d for d in range(17)])._replace(temperature=a[3]))
+    return prompts
+
+
+def test_drafts_estimates_its_generations_and_saves_each_temperature_as_it_ends(no_measuring, monkeypatch, tmp_path,
+                                                                                capsys):
+    calls = []
+    monkeypatch.setattr(hsd_bench.hsd, "generate", fake_generate(calls))
+    out = tmp_path / "r.json"
+    r = hsd_bench.drafts_side_by_side("toy-qwen2.5", [], new_tokens=4, turns=2, ks=(1, 2, 4, 8), out=str(out))
+    sampled = ["layerskip, k=2", "layerskip, k=4", "layerskip, k=8", "early-exit, k=2", "early-exit, k=4",
+               "early-exit, k=8", "layerskip, k=auto", "early-exit, k=auto"]   # the fastest greedy k is 8
+    assert r["ran"][0.0][:4] == ["layerskip, k=1", "layerskip, k=2", "layerskip, k=4", "layerskip, k=8"]
+    assert r["ran"][hsd_bench.PAPER_T] == sampled and r["best"][hsd_bench.PAPER_T] == "layerskip, k=8"
+    greedy, at_t = (10 + 1) * 3 * 2, (8 + 1) * 3 * 2        # (rows + plain) x prompts x turns
+    assert calls.count(0.0) == greedy + 1 and calls.count(hsd_bench.PAPER_T) == at_t   # + the estimate's generation
+    err = capsys.readouterr().err
+    assert f"{greedy} generations at T=0.0 + {at_t} generations at T=0.6, each about" in err
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and saved["ks"] == [1, 2, 4, 8] and saved["ran"]["0.6"] == sampled
+    lines = list(hsd_bench.side_by_side_lines("toy-qwen2.5", r, 4))
+    assert any("ran paper drafts at k layerskip 2,4,8; early-exit 2,4,8 (of --ks 1,2,4,8 the best greedy k and its "
+               "neighbours), every k=auto row" in line for line in lines)
+    assert any("chosen as the fastest on these same prompts" in line for line in lines)
+    assert not any("note: its k is at the edge" in line for line in lines)      # k=8: the last of --ks
+    assert hsd_bench.unrun_neighbours({**r, "best": {0.6: "early-exit, k=2"}}, 0.6) == [1]
+    assert saved["best_fixed_paper_unrun_neighbours"] == {"0.0": [], "0.6": []}
+
+    monkeypatch.setattr(hsd_bench.hsd, "generate", fake_generate([], interrupt_at=hsd_bench.PAPER_T))   # Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        hsd_bench.drafts_side_by_side("toy-qwen2.5", [], new_tokens=4, turns=2, ks=(2, 4), out=str(out))
+    saved = json.loads(out.read_text())
+    assert not saved["complete"] and list(saved["runs"]) == ["0.0"] and saved["ks"] == [2, 4]
+    assert len(saved["runs"]["0.0"]["layerskip, k=4"]) == 3 and saved["best_fixed_paper"] == {"0.0": "layerskip, k=4"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["toy-qwen3.5", "--units", "--threads", "0"], "--threads must be at least 1"),
     (["falcon-h1-0.5b", "--drafts"], "--drafts runs on a trained toy"),
     (["toy-qwen3.5", "--context-sweep", "--out", "."], "cannot write --out .: it is a folder"),
     (["toy-qwen3.5", "--context-sweep", "--temperature", "nan"], "--temperature must be 0 (greedy) or a finite"),
     (["toy-qwen3.5", "--context-sweep", "--temperature", "inf"], "--temperature must be 0 (greedy) or a finite"),
-], ids=["threads", "drafts-official", "out-folder", "temperature-nan", "temperature-inf"])
+    (["toy-qwen2.5", "--drafts", "--ks", "0,2"], "--ks takes k from 1 to 8 separated by commas"),
+    (["toy-qwen2.5", "--drafts", "--ks", "two"], "--ks takes k from 1 to 8 separated by commas"),
+    (["toy-qwen2.5", "--units", "--ks", "2,4"], "--ks goes with --drafts"),
+], ids=["threads", "drafts-official", "out-folder", "temperature-nan", "temperature-inf", "ks-range", "ks-word",
+        "ks-alone"])
 def test_the_command_line_refuses_in_one_line_before_measuring(args, message, capsys, monkeypatch):
     monkeypatch.setattr(hsd_bench, "bench_model", lambda *a: pytest.fail("measured before refusing"))
     monkeypatch.setattr(hsd_bench, "drafts_side_by_side", lambda *a, **k: pytest.fail("measured before refusing"))
