@@ -7,7 +7,7 @@ speedup over plain decoding is the tokens made over what the rounds cost. A meas
 against plain decoding's on the same prompts, run in turns in one process (generations_in_turns), with a 95% interval
 that resamples the prompts.
 
-This module imports torch, models and the standard library, never hsd nor a tool: it is given what it runs. The
+This module imports torch, models, drafts and the standard library, never hsd nor a tool: it is given what it runs. The
 timing harness takes the round's passes as a Passes record (a tool writes Passes(hsd.prefill, hsd.snapshot,
 hsd.restore, hsd.verify)); the generations take the generate function (hsd.generate).
 
@@ -15,6 +15,8 @@ hsd.restore, hsd.verify)); the generations take the generate function (hsd.gener
   round_cost(d, c, v) -> d c + v[d]                 a round's cost in full steps (a plain step: d = 0, cost 1)
   predicted_speedup(made, drafts, c, v)             tokens made / the cost of the steps that made them
   break_even_acceptance(c, v, k)                    the per-token acceptance at which k drafts a round just pay off
+  pause_below(costs, longest=16)                    -k auto's pause: below this acceptance no k pays for (c, v)
+  default_costs(model, skip) -> (c, v)              -k auto's costs when none are measured: the weights read
   break_even(times, draft, k, a, max_context)       the context from which on speculation pays off (an exercise)
   fit_monotone(values)                              least-squares non-decreasing fit (v in d)
   PAPER                                             the paper's single-round acceptance (Table A)
@@ -86,6 +88,29 @@ def break_even_acceptance(c, v, k):
         p = (low + high) / 2
         low, high = (p, high) if sum(p ** i for i in range(k + 1)) < target else (low, p)
     return high
+
+
+def pause_below(costs, longest=16):
+    """-k auto's pause: the acceptance below which no k up to longest (-k auto's largest) pays off for costs
+    (c, {d: v[d]}; a d not in v takes the nearest one's v): the least break_even_acceptance; 1 if none does."""
+    c, v = costs
+    even = [break_even_acceptance(c, v.get(d, v[min(v, key=lambda e: abs(e - d))]), d) for d in range(1, longest + 1)]
+    return min((acceptance for acceptance in even if acceptance is not None), default=1.0)
+
+
+UNIT_MODULES = {"attention": ("self_attn",), "recurrent": ("mamba", "linear_attn"), "mlp": ("feed_forward", "mlp")}
+
+
+def default_costs(model, skip):
+    """-k auto's costs when none are given (README, "-k auto"): c, the share of the weights a draft step reads, and
+    v[d] = 1 for every d, as where decoding is bound by reading each weight once a step (a verify pass too)."""
+    def weights(module):
+        return sum(param.numel() for param in module.parameters())
+    left_out = sum(weights(layer) if i in skip.layers else sum(weights(getattr(layer, name)) for unit in
+                   skip.left_out_of(i) for name in UNIT_MODULES[unit] if hasattr(layer, name))
+                   for i, layer in enumerate(model.model.layers))
+    read = weights(model) - (0 if model.config.tie_word_embeddings else model.model.embed_tokens.weight.numel())
+    return 1 - left_out / read, {1: 1.0}
 
 
 def break_even(times, draft, k, a, max_context):

@@ -47,7 +47,8 @@ from statistics import median
 import torch
 
 import models
-from cost_model import break_even_acceptance, clock
+import cost_model
+from cost_model import clock, default_costs, pause_below
 from drafts import DRAFTS, Draft, draft_costs, draft_skip, paper_draft, read_draft_file
 
 
@@ -178,7 +179,6 @@ AUTO_PAUSE, AUTO_LONGEST_PAUSE = 8, 128         # plain steps of a pause, doubli
 Plan = namedtuple("Plan", "k plain pause accepted tries", defaults=(0.0, 0.0))
 # draft k next, after `plain` plain steps; pause: the next pause; accepted / tries: the recent acceptance, moving sums
 # of the drafts accepted and of the drafts judged (the accepted ones and the rejected one), AUTO_MEMORY per round
-UNIT_MODULES = {"attention": ("self_attn",), "recurrent": ("mamba", "linear_attn"), "mlp": ("feed_forward", "mlp")}
 
 
 def auto_k(plan, drafted, accepted, pause_below=0.0):
@@ -196,26 +196,6 @@ def auto_k(plan, drafted, accepted, pause_below=0.0):
     if accepted == drafted:                                    # all accepted (a stop may have ended the round early)
         return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, AUTO_PAUSE, *recent)
     return Plan(max(1, plan.k - 1) if accepted else 1, 0, AUTO_PAUSE, *recent)
-
-
-def pause_below(costs):          # moves to cost_model
-    """The acceptance below which no k up to AUTO_MAX pays off for costs (c, {d: v[d]}): the least break-even
-    acceptance (cost_model.break_even_acceptance); 1 if none does (drafting never pays)."""
-    c, v = costs
-    even = [break_even_acceptance(c, v.get(d, v[min(v, key=lambda e: abs(e - d))]), d) for d in range(1, AUTO_MAX + 1)]
-    return min((acceptance for acceptance in even if acceptance is not None), default=1.0)
-
-
-def default_costs(model, skip):          # moves to cost_model
-    """-k auto's costs when none are given (README, "-k auto"): c, the share of the weights a draft step reads, and
-    v[d] = 1 for every d, as where decoding is bound by reading each weight once a step (a verify pass too)."""
-    def weights(module):
-        return sum(param.numel() for param in module.parameters())
-    left_out = sum(weights(layer) if i in skip.layers else sum(weights(getattr(layer, name)) for unit in
-                   skip.left_out_of(i) for name in UNIT_MODULES[unit] if hasattr(layer, name))
-                   for i, layer in enumerate(model.model.layers))
-    read = weights(model) - (0 if model.config.tie_word_embeddings else model.model.embed_tokens.weight.numel())
-    return 1 - left_out / read, {1: 1.0}
 
 
 def choose_draft(model, asked=None, k=None, costs=None):
@@ -418,7 +398,7 @@ def summary(s, max_new_tokens, eos, tokenizer):
            f"(prefill {s['prefill_s']:.2f} s)")
 
 
-def check(s, model, prompt, max_new_tokens, chosen, repeats, official=False):
+def check(s, model, prompt, max_new_tokens, chosen, repeats, machine, official=False):
     """--check: decode plainly too; say whether the tokens are the same or where they part, and, for a draft, the
     speedup: the median of `repeats` plain and speculative generations run in turns (and their range). official:
     the model is one of models.OFFICIAL (whose drafts are expected not to pay on a CPU: the note says why)."""
@@ -435,16 +415,15 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats, official=False):
                  "not a near-tie, so not rounding: please report it"))
     if chosen.skip is None:
         return "check   identical to plain greedy decoding (plain decoding: no draft, so no speedup to measure)"
-    ratios = []
-    for _ in range(repeats):                                  # in turns, so that drift affects both alike
-        plain_s = generate(model, prompt, max_new_tokens, draft="none")[1]["decode_s"]
-        ratios.append(plain_s / generate(model, prompt, max_new_tokens, chosen, chosen.k, costs=chosen.costs)[1][
-            "decode_s"])
+    runs = cost_model.generations_in_turns(generate, model, [prompt], {"draft": chosen}, max_new_tokens, repeats)
+    ratios = [cost_model.rate(runs["draft"], turn=t) / cost_model.rate(runs["plain"], turn=t) for t in range(repeats)]
     s["speedup_vs_greedy"] = speedup = median(ratios)
+    busy = cost_model.busy_warning(machine, ratios)
+    s["unreliable"] = busy is not None
     note = ("\n        (below 1 is expected on a CPU for the official models: RESULTS.md, \"The cost model\", says why "
             "and what changes it)" if speedup < 1 and official and model.lm_head.weight.device.type == "cpu" else "")
     return (f"check   identical to plain greedy decoding; speedup {speedup:.2f}x (median of {repeats} runs of each, in "
-            f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}")
+            f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}" + (f"\nhsd: warning: {busy}" if busy else ""))
 
 
 def draft_words(chosen, config, default):
@@ -458,6 +437,7 @@ def draft_words(chosen, config, default):
 
 def run_generate(args, model, tokenizer):
     """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints."""
+    machine = cost_model.machine_state(model, args.dtype)          # before decoding: the load of others, not ours
     prompt, temperature = tokenizer.encode(args.prompt).ids, args.temperature or 0.0
     if args.draft is not None and args.draft not in DRAFTS:
         asked, notes = read_draft_file(args.draft, model)
@@ -507,7 +487,7 @@ def run_generate(args, model, tokenizer):
     print(*summary(s, args.max_new_tokens, model.config.eos_token_id, tokenizer), sep="\n")
     if args.check:
         official = args.model in models.OFFICIAL or args.model in models.OFFICIAL.values()
-        print(check(s, model, prompt, args.max_new_tokens, chosen, args.repeats, official))
+        print(check(s, model, prompt, args.max_new_tokens, chosen, args.repeats, machine, official))
     return {**s, "trace": [r._asdict() for r in s["trace"]]}
 
 
