@@ -3,7 +3,8 @@
 Every exercise's starter code and every typical wrong solution fails its grading with the message written for it,
 first; every reference passes, also with every exercise it does not need blanked; correct solutions written otherwise
 pass; a handout holds the project, its tests and the starter code, and neither an answer nor this machinery. The
-grading tests themselves are in test_hsd.py, beside the tests of each function; handouts leave this file out.
+grading tests themselves are ordinary tests of the project's test files (test_models.py, test_hsd.py,
+test_hsd_eval.py), beside the tests of each function; handouts leave this file out.
 """
 import ast
 import json
@@ -338,7 +339,7 @@ def grade_variants(variants, threads=1, claims=None):
             except FileExistsError:                                  # another worker is grading it
                 results.append(None)
                 continue
-        for module in ("models", "hsd", "hsd_eval", "hsd_train", "hsd_bench", "test_hsd"):
+        for module in [name[:-3] for name in os.listdir(folder) if name.endswith(".py")]:     # modules and tests
             sys.modules.pop(module, None)
         os.chdir(folder)
         sys.path.insert(0, folder)
@@ -394,12 +395,12 @@ def graded(tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"variant{i}")
         exercises.write_project(folder, variant, HERE, link=True)
         passes = what == "every exercise it does not need blanked"        # the others must fail: the first counts
-        jobs.append((str(folder), [t if "::" in t else f"test_hsd.py::{t}" for t in tests], not passes))
+        jobs.append((str(folder), [t if "::" in t else exercises.pytest_id(t) for t in tests], not passes))
     return dict(zip(variants, in_workers(jobs)))
 
 
 def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own_message(graded):
-    """Each exercise's grading passes on the reference (test_hsd.py shows it) and with every exercise it does not need
+    """Each exercise's grading passes on the reference (its test file shows it) and with every exercise it does not need
     blanked; it fails on the starter code and on every typical mistake, and the failure a student reads first is the
     message written for that mistake, with no values or tensors before it. (One test, not one per exercise: with
     `pytest -n`, one worker grades every variant, once.)"""
@@ -556,7 +557,7 @@ def test_a_finished_handout_is_green(hw1, tmp_path):
                exercise_by_name(e).tests) for e in ALTERNATIVES]]:
         folder = tmp_path / re.sub(r"\W+", "-", name)
         exercises.write_project(folder, exercises.filled(base, bodies), str(hw1), link=True)
-        jobs.append((name, str(folder), [f"test_hsd.py::{t}" for t in tests]))
+        jobs.append((name, str(folder), [exercises.pytest_id(t) for t in tests]))
     results = in_workers([(folder, tests, False) for _, folder, tests in jobs])
     for (name, _, _), (passed, output) in zip(jobs, results):
         assert passed, f"{name}:\n{output[-3000:]}"
@@ -607,7 +608,7 @@ def test_the_self_check_holds_on_a_reformatted_project(tmp_path):
         folder = tmp_path / f"commit-{len(jobs)}"
         exercises.write_project(folder, with_mistake(reformatted, mistake), str(copy), link=True)
         tests = mistake.only or exercise_by_name("commit").tests
-        jobs.append((str(folder), [t if "::" in t else f"test_hsd.py::{t}" for t in tests], mistake))
+        jobs.append((str(folder), [t if "::" in t else exercises.pytest_id(t) for t in tests], mistake))
     for (folder, tests, mistake), (passed, output) in zip(jobs, in_workers([(f, t, True) for f, t, _ in jobs])):
         assert not passed and mistake.message in first_failure(output), (mistake.what, output[-2000:])
 
@@ -646,9 +647,11 @@ def test_the_catalogue_lists_each_exercise_with_its_grading():
     assert commit["grade"] == ("python -m pytest -q --tb=short --assert=plain "
                                "'test_hsd.py::test_commit_keeps_the_state_after_n_tokens'")
     texts = exercises.project_texts(HERE)
-    tests = {node.name for node in ast.parse(texts["test_hsd.py"]).body if isinstance(node, ast.FunctionDef)}
     for e in EXERCISES:
-        assert set(e.tests) <= tests and all(n in {o.name for o in EXERCISES} for n in e.needs), e.name
+        for test in e.tests:                                     # defined in the one file its command names
+            file, name = exercises.pytest_id(test).split("::")
+            assert name in {node.name for node in ast.parse(texts[file]).body if isinstance(node, ast.FunctionDef)}
+        assert all(n in {o.name for o in EXERCISES} for n in e.needs), e.name
         for function in e.functions:
             module, qualname = function.split(".", 1)
             assert exercises.reference_body(texts[module + ".py"], qualname)
@@ -656,11 +659,18 @@ def test_the_catalogue_lists_each_exercise_with_its_grading():
     assert all(e["grade"] in words and e["name"] in words for e in listed)
 
 
-def test_test_hsd_py_says_where_the_exercises_went():
-    """The course's tools were in test_hsd.py once: the old command answers in one line where they are now."""
-    result = run("test_hsd.py", "--blank", "commit,accept", "--out", "hw1")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "the exercises moved: python exercises.py --blank commit,accept --out hw1" in result.stderr
+def test_a_grading_command_names_the_file_of_each_test(tmp_path):
+    """A grading test may live in any test file (test_models.py for the model's exercises): its command names that
+    file; one defined in no test file, or in two, is an error saying so, not a command that would run nothing."""
+    assert exercises.grading_command(exercise_by_name("causal-conv")) == (
+        "python -m pytest -q --tb=short --assert=plain 'test_models.py::test_causal_conv_reads_its_window'")
+    (tmp_path / "test_a.py").write_text("def test_x():\n    pass\n\n\ndef helper():\n    pass\n")
+    (tmp_path / "test_b.py").write_text("def test_y():\n    pass\n\n\ndef test_x():\n    pass\n")
+    (tmp_path / "test_exercises.py").write_text("def test_z():\n    pass\n")                # the instructor's
+    (tmp_path / "notes.py").write_text("def test_w():\n    pass\n")                         # not a test file
+    assert exercises.files_of_tests(str(tmp_path)) == {"test_x": ["test_a.py", "test_b.py"], "test_y": ["test_b.py"]}
+    with pytest.raises(ValueError, match=r"test_nothing_at_all\[case\] is defined in no test file"):
+        exercises.pytest_id("test_nothing_at_all[case]")
 
 
 def test_bodies_are_found_by_the_line_numbers_python_gives():
