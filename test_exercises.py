@@ -420,9 +420,19 @@ def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own
 
 # --- Handouts: no answer, none of the grader's machinery -----------------------------------------------------------
 def code_lines(text):
-    """The lines of text without comments and whitespace: '    n += 1   # next' -> 'n+=1'."""
-    return [re.sub(r"\s+", "", line.split("  #")[0].split("# ")[0] if line.lstrip()[:1] != "#" else "")
-            for line in text.splitlines()]
+    """The logical lines of text, without comments, whitespace and a trailing comma before a closing bracket: a line
+    that leaves a bracket open goes on with the next ones, so that a statement a formatter broke over lines is one
+    line again and none of its fragments is a line of its own. '    n += 1   # next' -> 'n+=1'; a call broken over
+    the lines 'f(', '    a,' and ')' -> 'f(a)', never 'f('."""
+    lines, pending, depth = [], "", 0
+    for line in text.splitlines():
+        code = re.sub(r"\s+", "", line.split("  #")[0].split("# ")[0] if line.lstrip()[:1] != "#" else "")
+        pending += code
+        depth = max(0, depth + sum(map(code.count, "([{")) - sum(map(code.count, ")]}")))
+        if depth == 0:
+            lines.append(re.sub(r",([)\]}])", r"\1", pending))
+            pending = ""
+    return lines + [pending] * bool(pending)
 
 
 def module_code(texts, function):
@@ -457,19 +467,49 @@ def answer_expressions(texts, function):
     return sorted(e for e in found if e not in elsewhere)
 
 
-@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
-def test_a_handout_holds_no_answer(exercise):
-    """No file of an exercise's handout (its tests, the README, EXERCISES.md...) holds a line of a blanked function's
-    reference body that no other code of the project holds."""
-    texts = exercises.project_texts(HERE)
-    handout = exercises.handout_texts(texts, [exercise])
+def shown_answers(texts, exercise):
+    """Where a file of the exercise's handout (made of texts) shows a line of a blanked function's reference body that
+    no other code of the project holds: one sentence each."""
+    handout, found = exercises.handout_texts(texts, [exercise]), []
     for function in exercise.functions:
         answer = answer_lines(texts, function)
         assert answer, f"{function}: a body with no line of its own"
         for name, text in handout.items():
             shown = set(code_lines(text))
-            found = [line for line in answer if any(line in other for other in shown)]
-            assert not found, f"{name} of the {exercise.name} handout shows {function}'s reference: {found}"
+            lines = [line for line in answer if any(line in other for other in shown)]
+            found += [f"{name} of the {exercise.name} handout shows {function}'s reference: {lines}"] * bool(lines)
+    return found
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
+def test_a_handout_holds_no_answer(exercise):
+    """No file of an exercise's handout (its tests, the README, EXERCISES.md...) holds a line of a blanked function's
+    reference body that no other code of the project holds."""
+    found = shown_answers(exercises.project_texts(HERE), exercise)
+    assert not found, "\n".join(found)
+
+
+def test_a_formatted_course_copy_holds_no_answer_and_its_answers_are_still_seen(tmp_path):
+    """An instructor formats the course copy (ruff format --line-length 88), which breaks statements over lines: a
+    fragment of one that every test of a Skip holds ('layers=frozenset(') is no answer; a reference that a test
+    writes out, broken over lines as the formatter breaks it, still is."""
+    ruff = (shutil.which("ruff") or shutil.which("ruff", path=os.path.dirname(sys.executable))
+            or pytest.skip("ruff is not installed (.ci/run installs it: pip install ruff)"))
+    copy = tmp_path / "formatted"
+    exercises.write_project(copy, exercises.project_texts(HERE), HERE, link=True)
+    python = [str(copy / name) for name in exercises.handout_files(HERE) if name.endswith(".py")]
+    subprocess.run([ruff, "format", "--line-length", "88", "--quiet", *python], check=True)
+    texts = exercises.project_texts(str(copy))
+    skips = exercise_by_name("draft-strategies")
+    file, qualname = skips.functions[0].split(".")
+    assert "layers=frozenset(" in [line.strip() for line in texts[file + ".py"].splitlines()]      # a fragment now
+    for exercise in EXERCISES:
+        found = shown_answers(texts, exercise)
+        assert not found, "\n".join(found)
+    node = exercises.function_node(ast.parse(texts[file + ".py"]), qualname)     # copied into a test, as formatted
+    copied = "".join(exercises.source_lines(texts[file + ".py"])[node.lineno - 1:node.end_lineno])
+    found = shown_answers({**texts, "test_hsd.py": texts["test_hsd.py"] + "\n\n" + copied}, skips)
+    assert found and all(line.startswith("test_hsd.py of the draft-strategies handout") for line in found), found
 
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
