@@ -7,6 +7,7 @@ grading tests themselves are ordinary tests of the project's test files (test_mo
 test_hsd_eval.py), beside the tests of each function; handouts leave this file out.
 """
 import ast
+import functools
 import json
 import os
 import re
@@ -419,6 +420,7 @@ def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own
 
 
 # --- Handouts: no answer, none of the grader's machinery -----------------------------------------------------------
+@functools.cache                                  # the same texts are read for every exercise
 def code_lines(text):
     """The logical lines of text, without comments, whitespace and a trailing comma before a closing bracket: a line
     that leaves a bracket open goes on with the next ones, so that a statement a formatter broke over lines is one
@@ -432,7 +434,7 @@ def code_lines(text):
         if depth == 0:
             lines.append(re.sub(r",([)\]}])", r"\1", pending))
             pending = ""
-    return lines + [pending] * bool(pending)
+    return tuple(lines + [pending] * bool(pending))
 
 
 def module_code(texts, function):
@@ -475,8 +477,8 @@ def shown_answers(texts, exercise):
         answer = answer_lines(texts, function)
         assert answer, f"{function}: a body with no line of its own"
         for name, text in handout.items():
-            shown = set(code_lines(text))
-            lines = [line for line in answer if any(line in other for other in shown)]
+            shown = "\n".join(code_lines(text))                       # an answer line in one of its lines
+            lines = [line for line in answer if line in shown]
             found += [f"{name} of the {exercise.name} handout shows {function}'s reference: {lines}"] * bool(lines)
     return found
 
