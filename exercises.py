@@ -3,14 +3,16 @@
   python exercises.py --exercises [--json]            the catalogue: what each exercise asks, needs, its grading
   python exercises.py --blank NAME[,NAME] --out DIR   a handout: the project with those functions left to write
 
-An exercise's grading tests (its `tests`, in test_hsd.py) run its functions and the functions of the exercises it
-`needs`, and of no other: test_exercises.py proves it by grading each exercise with every other exercise blanked. So
-exercises that do not need each other can be handed out together, and each one is graded on its own. A handout holds
-the project, its tests and the starter code; this file and test_exercises.py, the grader's self-check, stay here.
+An exercise's grading tests (its `tests`: names of tests, in whichever of the project's test files defines each) run
+its functions and the functions of the exercises it `needs`, and of no other: test_exercises.py proves it by grading
+each exercise with every other exercise blanked. So exercises that do not need each other can be handed out together,
+and each one is graded on its own. A handout holds the project, its tests and the starter code; this file and
+test_exercises.py, the grader's self-check, stay here.
 """
 import argparse
 import ast
 import difflib
+import functools
 import json
 import os
 import re
@@ -150,10 +152,34 @@ def exercise_by_name(name):
     return found[0]
 
 
+@functools.cache
+def files_of_tests(root=HERE):
+    """{test function: the test files defining it}, read from the syntax trees of root's test_*.py files (pytest.ini's
+    testpaths) but the grader's self-check: a grading test may live in any test file."""
+    found = {}
+    for name in sorted(os.listdir(root)):
+        if name.startswith("test_") and name.endswith(".py") and name not in INSTRUCTORS:
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in tree.body:
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                    found.setdefault(node.name, []).append(name)
+    return found
+
+
+def pytest_id(test):
+    """A grading test's pytest id, its file named: "test_x[case]" -> "test_models.py::test_x[case]"."""
+    files = files_of_tests().get(test.split("[")[0], [])
+    if len(files) != 1:
+        raise ValueError(f"the grading test {test} is defined in {', '.join(files) or 'no test file'}: it must be in "
+                         "exactly one")
+    return f"{files[0]}::{test}"
+
+
 def grading_command(exercise):
     """The command that grades an exercise, run from the project's (or the handout's) root: just its tests, each failure
     as its message and a short traceback."""
-    return "python -m pytest -q --tb=short --assert=plain " + " ".join(f"'test_hsd.py::{t}'" for t in exercise.tests)
+    return "python -m pytest -q --tb=short --assert=plain " + " ".join(f"'{pytest_id(t)}'" for t in exercise.tests)
 
 
 def together(a, b):

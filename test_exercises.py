@@ -3,9 +3,11 @@
 Every exercise's starter code and every typical wrong solution fails its grading with the message written for it,
 first; every reference passes, also with every exercise it does not need blanked; correct solutions written otherwise
 pass; a handout holds the project, its tests and the starter code, and neither an answer nor this machinery. The
-grading tests themselves are in test_hsd.py, beside the tests of each function; handouts leave this file out.
+grading tests themselves are ordinary tests of the project's test files (test_models.py, test_hsd.py,
+test_hsd_eval.py), beside the tests of each function; handouts leave this file out.
 """
 import ast
+import functools
 import json
 import os
 import re
@@ -357,7 +359,7 @@ def grade_variants(variants, threads=1, claims=None):
             except FileExistsError:                                  # another worker is grading it
                 results.append(None)
                 continue
-        for module in (name[:-3] for name in os.listdir(folder) if name.endswith(".py")):    # the project's own
+        for module in [name[:-3] for name in os.listdir(folder) if name.endswith(".py")]:     # modules and tests
             sys.modules.pop(module, None)
         os.chdir(folder)
         sys.path.insert(0, folder)
@@ -413,12 +415,12 @@ def graded(tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"variant{i}")
         exercises.write_project(folder, variant, HERE, link=True)
         passes = what == "every exercise it does not need blanked"        # the others must fail: the first counts
-        jobs.append((str(folder), [t if "::" in t else f"test_hsd.py::{t}" for t in tests], not passes))
+        jobs.append((str(folder), [t if "::" in t else exercises.pytest_id(t) for t in tests], not passes))
     return dict(zip(variants, in_workers(jobs)))
 
 
 def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own_message(graded):
-    """Each exercise's grading passes on the reference (test_hsd.py shows it) and with every exercise it does not need
+    """Each exercise's grading passes on the reference (its test file shows it) and with every exercise it does not need
     blanked; it fails on the starter code and on every typical mistake, and the failure a student reads first is the
     message written for that mistake, with no values or tensors before it. (One test, not one per exercise: with
     `pytest -n`, one worker grades every variant, once.)"""
@@ -437,10 +439,21 @@ def test_the_grader_fails_the_starter_code_and_each_typical_mistake_with_its_own
 
 
 # --- Handouts: no answer, none of the grader's machinery -----------------------------------------------------------
+@functools.cache                                  # the same texts are read for every exercise
 def code_lines(text):
-    """The lines of text without comments and whitespace: '    n += 1   # next' -> 'n+=1'."""
-    return [re.sub(r"\s+", "", line.split("  #")[0].split("# ")[0] if line.lstrip()[:1] != "#" else "")
-            for line in text.splitlines()]
+    """The logical lines of text, without comments, whitespace and a trailing comma before a closing bracket: a line
+    that leaves a bracket open goes on with the next ones, so that a statement a formatter broke over lines is one
+    line again and none of its fragments is a line of its own. '    n += 1   # next' -> 'n+=1'; a call broken over
+    the lines 'f(', '    a,' and ')' -> 'f(a)', never 'f('."""
+    lines, pending, depth = [], "", 0
+    for line in text.splitlines():
+        code = re.sub(r"\s+", "", line.split("  #")[0].split("# ")[0] if line.lstrip()[:1] != "#" else "")
+        pending += code
+        depth = max(0, depth + sum(map(code.count, "([{")) - sum(map(code.count, ")]}")))
+        if depth == 0:
+            lines.append(re.sub(r",([)\]}])", r"\1", pending))
+            pending = ""
+    return tuple(lines + [pending] * bool(pending))
 
 
 def module_code(texts, function):
@@ -475,19 +488,49 @@ def answer_expressions(texts, function):
     return sorted(e for e in found if e not in elsewhere)
 
 
-@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
-def test_a_handout_holds_no_answer(exercise):
-    """No file of an exercise's handout (its tests, the README, EXERCISES.md...) holds a line of a blanked function's
-    reference body that no other code of the project holds."""
-    texts = exercises.project_texts(HERE)
-    handout = exercises.handout_texts(texts, [exercise])
+def shown_answers(texts, exercise):
+    """Where a file of the exercise's handout (made of texts) shows a line of a blanked function's reference body that
+    no other code of the project holds: one sentence each."""
+    handout, found = exercises.handout_texts(texts, [exercise]), []
     for function in exercise.functions:
         answer = answer_lines(texts, function)
         assert answer, f"{function}: a body with no line of its own"
         for name, text in handout.items():
-            shown = set(code_lines(text))
-            found = [line for line in answer if any(line in other for other in shown)]
-            assert not found, f"{name} of the {exercise.name} handout shows {function}'s reference: {found}"
+            shown = "\n".join(code_lines(text))                       # an answer line in one of its lines
+            lines = [line for line in answer if line in shown]
+            found += [f"{name} of the {exercise.name} handout shows {function}'s reference: {lines}"] * bool(lines)
+    return found
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
+def test_a_handout_holds_no_answer(exercise):
+    """No file of an exercise's handout (its tests, the README, EXERCISES.md...) holds a line of a blanked function's
+    reference body that no other code of the project holds."""
+    found = shown_answers(exercises.project_texts(HERE), exercise)
+    assert not found, "\n".join(found)
+
+
+def test_a_formatted_course_copy_holds_no_answer_and_its_answers_are_still_seen(tmp_path):
+    """An instructor formats the course copy (ruff format --line-length 88), which breaks statements over lines: a
+    fragment of one that every test of a Skip holds ('layers=frozenset(') is no answer; a reference that a test
+    writes out, broken over lines as the formatter breaks it, still is."""
+    ruff = (shutil.which("ruff") or shutil.which("ruff", path=os.path.dirname(sys.executable))
+            or pytest.skip("ruff is not installed (.ci/run installs it: pip install ruff)"))
+    copy = tmp_path / "formatted"
+    exercises.write_project(copy, exercises.project_texts(HERE), HERE, link=True)
+    python = [str(copy / name) for name in exercises.handout_files(HERE) if name.endswith(".py")]
+    subprocess.run([ruff, "format", "--line-length", "88", "--quiet", *python], check=True)
+    texts = exercises.project_texts(str(copy))
+    skips = exercise_by_name("draft-strategies")
+    file, qualname = skips.functions[0].split(".")
+    assert "layers=frozenset(" in [line.strip() for line in texts[file + ".py"].splitlines()]      # a fragment now
+    for exercise in EXERCISES:
+        found = shown_answers(texts, exercise)
+        assert not found, "\n".join(found)
+    node = exercises.function_node(ast.parse(texts[file + ".py"]), qualname)     # copied into a test, as formatted
+    copied = "".join(exercises.source_lines(texts[file + ".py"])[node.lineno - 1:node.end_lineno])
+    found = shown_answers({**texts, "test_hsd.py": texts["test_hsd.py"] + "\n\n" + copied}, skips)
+    assert found and all(line.startswith("test_hsd.py of the draft-strategies handout") for line in found), found
 
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
@@ -575,7 +618,7 @@ def test_a_finished_handout_is_green(hw1, tmp_path):
                exercise_by_name(e).tests) for e in ALTERNATIVES]]:
         folder = tmp_path / re.sub(r"\W+", "-", name)
         exercises.write_project(folder, exercises.filled(base, bodies), str(hw1), link=True)
-        jobs.append((name, str(folder), [f"test_hsd.py::{t}" for t in tests]))
+        jobs.append((name, str(folder), [exercises.pytest_id(t) for t in tests]))
     results = in_workers([(folder, tests, False) for _, folder, tests in jobs])
     for (name, _, _), (passed, output) in zip(jobs, results):
         assert passed, f"{name}:\n{output[-3000:]}"
@@ -626,7 +669,7 @@ def test_the_self_check_holds_on_a_reformatted_project(tmp_path):
         folder = tmp_path / f"commit-{len(jobs)}"
         exercises.write_project(folder, with_mistake(reformatted, mistake), str(copy), link=True)
         tests = mistake.only or exercise_by_name("commit").tests
-        jobs.append((str(folder), [t if "::" in t else f"test_hsd.py::{t}" for t in tests], mistake))
+        jobs.append((str(folder), [t if "::" in t else exercises.pytest_id(t) for t in tests], mistake))
     for (folder, tests, mistake), (passed, output) in zip(jobs, in_workers([(f, t, True) for f, t, _ in jobs])):
         assert not passed and mistake.message in first_failure(output), (mistake.what, output[-2000:])
 
@@ -665,9 +708,11 @@ def test_the_catalogue_lists_each_exercise_with_its_grading():
     assert commit["grade"] == ("python -m pytest -q --tb=short --assert=plain "
                                "'test_hsd.py::test_commit_keeps_the_state_after_n_tokens'")
     texts = exercises.project_texts(HERE)
-    tests = {node.name for node in ast.parse(texts["test_hsd.py"]).body if isinstance(node, ast.FunctionDef)}
     for e in EXERCISES:
-        assert set(e.tests) <= tests and all(n in {o.name for o in EXERCISES} for n in e.needs), e.name
+        for test in e.tests:                                     # defined in the one file its command names
+            file, name = exercises.pytest_id(test).split("::")
+            assert name in {node.name for node in ast.parse(texts[file]).body if isinstance(node, ast.FunctionDef)}
+        assert all(n in {o.name for o in EXERCISES} for n in e.needs), e.name
         for function in e.functions:
             module, qualname = function.split(".", 1)
             assert exercises.reference_body(texts[module + ".py"], qualname)
@@ -675,11 +720,18 @@ def test_the_catalogue_lists_each_exercise_with_its_grading():
     assert all(e["grade"] in words and e["name"] in words for e in listed)
 
 
-def test_test_hsd_py_says_where_the_exercises_went():
-    """The course's tools were in test_hsd.py once: the old command answers in one line where they are now."""
-    result = run("test_hsd.py", "--blank", "commit,accept", "--out", "hw1")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "the exercises moved: python exercises.py --blank commit,accept --out hw1" in result.stderr
+def test_a_grading_command_names_the_file_of_each_test(tmp_path):
+    """A grading test may live in any test file (test_models.py for the model's exercises): its command names that
+    file; one defined in no test file, or in two, is an error saying so, not a command that would run nothing."""
+    assert exercises.grading_command(exercise_by_name("causal-conv")) == (
+        "python -m pytest -q --tb=short --assert=plain 'test_models.py::test_causal_conv_reads_its_window'")
+    (tmp_path / "test_a.py").write_text("def test_x():\n    pass\n\n\ndef helper():\n    pass\n")
+    (tmp_path / "test_b.py").write_text("def test_y():\n    pass\n\n\ndef test_x():\n    pass\n")
+    (tmp_path / "test_exercises.py").write_text("def test_z():\n    pass\n")                # the instructor's
+    (tmp_path / "notes.py").write_text("def test_w():\n    pass\n")                         # not a test file
+    assert exercises.files_of_tests(str(tmp_path)) == {"test_x": ["test_a.py", "test_b.py"], "test_y": ["test_b.py"]}
+    with pytest.raises(ValueError, match=r"test_nothing_at_all\[case\] is defined in no test file"):
+        exercises.pytest_id("test_nothing_at_all[case]")
 
 
 def test_bodies_are_found_by_the_line_numbers_python_gives():

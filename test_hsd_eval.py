@@ -1,0 +1,570 @@
+"""Tests for hsd_eval.py, the paper's measurements: python -m pytest -q test_hsd_eval.py (offline, on the tiny models
+and the trained toys). The grading tests of the measurements' exercises (EXERCISES.md) are ordinary tests here."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from xml.etree import ElementTree
+
+import pytest
+import tokenizers.processors
+import torch
+from safetensors.torch import save_file
+
+import cost_model
+import hsd
+import hsd_eval
+import hsd_train
+import models
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAMILIES = list(models.TINY)
+SKIP_NOTHING = models.Skip()        # a draft that leaves nothing out: it must accept every draft
+PROMPTS = {"1-token": [40], "12-token": models.char_tokenizer().encode("The cat sat ").ids}
+# The paper's drafts for the tiny models, as test_hsd.py's TINY_SKIPS: written out, not hsd.draft_skip's, which the
+# draft-strategies exercise blanks while these measurements grade other exercises.
+TINY_SKIPS = {
+    "tiny-falcon-h1": {"component": models.Skip(attention=frozenset(range(6))),
+                       "layerskip": models.Skip(layers=frozenset({3})),
+                       "early-exit": models.Skip(layers=frozenset({3, 4, 5}))},
+    "tiny-qwen3.5": {"component": models.Skip(layers=frozenset({3, 7})),
+                     "layerskip": models.Skip(layers=frozenset({3, 4})),
+                     "early-exit": models.Skip(layers=frozenset({4, 5, 6, 7}))},
+    "tiny-qwen2.5": {"layerskip": models.Skip(layers=frozenset({3})),
+                     "early-exit": models.Skip(layers=frozenset({3, 4, 5}))},
+}
+REAL_DRAFTS = [(name, draft) for name, skips in TINY_SKIPS.items() for draft in skips]
+QWEN2_TINY_JSON = {"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "tie_word_embeddings": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "eos_token_id": 0}
+
+_models = {}
+
+
+def tiny(name, dtype=torch.float64):
+    """Tiny models in float64 for exact comparisons: a near-tie between two logits cannot flip a choice here."""
+    if (name, dtype) not in _models:
+        _models[name, dtype] = models.load(name, dtype=dtype)
+    return _models[name, dtype]
+
+
+def teach(ok, message):
+    """Unless ok, fail with the message alone: no traceback, no values (what a student reads first)."""
+    if not ok:
+        pytest.fail(message, pytrace=False)
+
+
+def run_cli(*args, env=None, script="hsd.py"):
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=HERE)
+
+
+def main_status(main, args):
+    """A main()'s exit status; argparse's own errors exit from inside parse_args."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return e.code
+
+
+def save_checkpoint(model, path, cfg):
+    """Write model in the official layout (config.json + model.safetensors)."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file({k: v.detach() for k, v in model.named_parameters()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def training_log(name):
+    with open(os.path.join(models.TOYS[name], "training-log.json")) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hsd_eval.py: the measurements
+
+
+def test_bootstrap_gives_a_95_percent_interval():
+    """200 values, half 0 and half 1: the mean's standard error is 0.0354, so a 95% interval is about 1.96 of them
+    either side of 0.5 (the resampled means are multiples of 1/200, hence the tolerance); seeded, so repeatable."""
+    teach(cost_model.bootstrap_ci([0.25] * 50) == (0.25, 0.25), "values that are all 0.25: every resample's mean is 0.25, "
+                                                              "and so is the interval")
+    low, high = cost_model.bootstrap_ci([0.0] * 100 + [1.0] * 100)
+    teach(high > low, "the interval has no width: each resample draws n values with replacement, so its mean varies; "
+                      "a permutation of the values always has the same mean")
+    teach(high - low > 0.13, f"[{low:.3f}, {high:.3f}] is narrower than a 95% interval (about 0.139 wide here): the "
+                             "2.5% and 97.5% quantiles of the resampled means")
+    teach(high - low < 0.15, f"[{low:.3f}, {high:.3f}] is wider than a 95% interval (about 0.139 wide here)")
+    teach(abs(low + high - 1) < 0.02, f"[{low:.3f}, {high:.3f}] is not centred on the mean, 0.5")
+    values = torch.rand(50, generator=torch.Generator().manual_seed(0)).tolist()
+    teach(cost_model.bootstrap_ci(values) == cost_model.bootstrap_ci(values), "the same seed must give the same interval: "
+                                                                          "draw with a generator seeded by `seed`")
+    teach(cost_model.bootstrap_ci(values) != cost_model.bootstrap_ci(values, seed=1), "another seed, the same interval: "
+                                                                                  "the seed is not used")
+
+
+def test_break_even_arithmetic():
+    """gap(L) = (1 + a) t_full - k t_draft - t_verify, linear in the context L through the two measured contexts."""
+    times = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 2.5, "component": 0.9, 2: 2.2}}
+    got = cost_model.break_even(times, "component", 2, 1.0, max_context=4096)
+    teach(got == 600, f"the gap rises from -1.0 at 100 tokens to +1.0 at 1100, so it crosses 0 at 600, not {got}: "
+                      "interpolate linearly from the first context")
+    got = cost_model.break_even(times, "component", 2, 1.0, max_context=500)
+    teach(got is None, f"the crossing at 600 lies beyond the model's context of 500: None, not {got}")
+    got = cost_model.break_even(times, "component", 2, 3.0, max_context=4096)
+    teach(got == 0, f"with a = 3 the gap is positive at both contexts: it pays off from the start (0), not {got}")
+    flat = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
+    teach(cost_model.break_even(flat, "component", 2, 1.0, max_context=4096) is None, "a gap that does not rise never "
+                                                                                    "crosses 0: None")
+    falling = {100: {"full": 2.5, "component": 0.9, 2: 2.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
+    teach(cost_model.break_even(falling, "component", 2, 1.0, max_context=4096) is None, "a falling gap pays off only "
+                                                                                       "below the crossing: None")
+    assert cost_model.predicted_speedup(2.0, [2], 0.75, {2: 1.5}) == 2 / 3
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_divergence_and_nll_against_direct_computation(name):
+    """Every position but the last; KL with the authors' 1e-10 inside both logs; chunks that do not divide T."""
+    model, ids = tiny(name), torch.tensor([PROMPTS["12-token"] * 3])
+    skips = {"early-exit": TINY_SKIPS[name]["early-exit"], "skip-nothing": SKIP_NOTHING}
+    p = torch.softmax(model(ids)[0, :-1].double(), -1)
+    q = torch.softmax(model(ids, skip=skips["early-exit"])[0, :-1].double(), -1)
+    sums = hsd_eval.divergence(model, ids, skips, chunk=7)["early-exit"]
+    assert math.isclose(sums["tvd"], 0.5 * (p - q).abs().sum().item(), rel_tol=1e-9)
+    assert sums["top1"] == (p.argmax(-1) == q.argmax(-1)).sum().item() and sums["positions"] == ids.shape[1] - 1
+    assert math.isclose(sums["kl"], (p * ((p + 1e-10).log() - (q + 1e-10).log())).sum().item(), rel_tol=1e-9)
+    assert hsd_eval.divergence(model, ids, skips)["skip-nothing"] == {"tvd": 0, "top1": ids.shape[1] - 1, "kl": 0,
+                                                                   "positions": ids.shape[1] - 1}
+    targets = ids[0, 1:]
+    expected = torch.nn.functional.cross_entropy(model(ids)[0, :-1].double(), targets, reduction="sum").item()
+    assert math.isclose(hsd_eval.nll(model, ids, chunk=7), expected, rel_tol=1e-9)
+    expected = -q.log().gather(1, targets[:, None]).sum().item()
+    assert math.isclose(hsd_eval.nll(model, ids, skips["early-exit"]), expected, rel_tol=1e-9)
+
+
+def draft_without_cache(model, prompt_ids, skip, k):
+    """The paper's protocol, literally: the draft model recomputes the whole prefix for each of its k tokens."""
+    ids = list(prompt_ids)
+    while len(ids) < len(prompt_ids) + k:
+        ids.append(int(model(torch.tensor([ids]), skip=skip)[0, -1].argmax()))
+    return ids[-k:]
+
+
+@pytest.mark.parametrize("name, draft", REAL_DRAFTS)
+def test_independent_single_round_is_the_papers_protocol(name, draft):
+    model, skip = tiny(name), TINY_SKIPS[name][draft]
+    for text in ["The cat sat on the mat", "A", "Speculative decoding drafts"]:
+        prompt = models.char_tokenizer().encode(text).ids
+        drafts = draft_without_cache(model, prompt, skip, 5)
+        full = model(torch.tensor([prompt + drafts]))[0, len(prompt) - 1:].argmax(-1).tolist()
+        expected = next((i for i in range(5) if drafts[i] != full[i]), 5)
+        cache, own = models.Cache(model, len(prompt) + 6), models.Cache(model, len(prompt) + 6)
+        hsd.prefill(model, cache, prompt[:-1])
+        hsd.prefill(model, own, prompt[:-1], skip)
+        assert hsd_eval.single_round(model, cache, own, prompt[-1], skip, 5) == expected
+
+
+def test_shared_single_round_is_the_first_round_of_generate():
+    model, skip = tiny("tiny-falcon-h1"), TINY_SKIPS["tiny-falcon-h1"]["layerskip"]
+    for text in ["The cat sat on the mat", "Speculative decoding drafts"]:
+        prompt = models.char_tokenizer().encode(text).ids
+        cache = models.Cache(model, len(prompt) + 6)
+        hsd.prefill(model, cache, prompt[:-1])
+        _, stats = hsd.generate(model, prompt, 10, draft=skip, k=5, eos_token_id=-1)
+        assert hsd_eval.single_round(model, cache, cache, prompt[-1], skip, 5) == stats["trace"][0][1]
+        generator = torch.Generator().manual_seed(4)
+        _, sampled = hsd.generate(model, prompt, 10, draft=skip, k=5, eos_token_id=-1, temperature=0.6, seed=4)
+        n = hsd_eval.single_round(model, cache, cache, prompt[-1], skip, 5, 0.6, generator)
+        assert n == sampled["trace"][0][1]                          # the same random stream: the same first round
+
+
+def test_single_round_leaves_both_caches_as_they_were():
+    model, prompt = tiny("tiny-qwen3.5"), PROMPTS["12-token"]
+    skip = TINY_SKIPS["tiny-qwen3.5"]["component"]
+    cache, own = models.Cache(model, 40), models.Cache(model, 40)
+    hsd.prefill(model, cache, prompt[:-1])
+    hsd.prefill(model, own, prompt[:-1], skip)
+    before = [hsd.snapshot(c) for c in (cache, own)]
+    assert hsd_eval.single_round(model, cache, cache, prompt[-1], models.Skip(), 5) == 5      # nothing skipped: all
+    g = torch.Generator().manual_seed(0)
+    assert hsd_eval.single_round(model, cache, cache, prompt[-1], models.Skip(), 5, 0.6, g) == 5     # p = q: all
+    for draft_cache in (cache, own):
+        for temperature in (0.0, 0.6):
+            assert 0 <= hsd_eval.single_round(model, cache, draft_cache, prompt[-1], skip, 5, temperature, g) <= 5
+    for c, snap in zip((cache, own), before):
+        assert c.length == snap.length and all(s.ssm is m.ssm for s, m in zip(c.layers, snap.layers))
+
+
+PAPER_TEXT = [" = Title = ", " ", " " + "a" * 99 + " ", " " + "b" * 101 + " ", "c" * 60, " " + "d" * 201 + " ",
+              "e" * 40, " " + "f" * 150]
+
+
+def test_paper_inputs_follow_the_authors_rules():
+    """Lines are stripped before filtering (WikiText's leading space and trailing " " are gone), lengths are those of
+    stripped lines, prompts carry the tokenizer's default special tokens, perplexity text has none."""
+    tok = models.char_tokenizer()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                  special_tokens=[("<|endoftext|>", 96)])   # a BOS
+    inputs = hsd_eval.paper_inputs(PAPER_TEXT, tok, max_len=4096, prompts=200, speed_prompts=10)
+    decode = lambda ids: tok.decode(ids[1:]) if ids[0] == 96 else None                         # the BOS, then the line
+    assert [decode(x) for x in inputs["alpha"]] == ["b" * 101, "d" * 201, "f" * 150]             # 99 + 2 spaces: out
+    assert [decode(x) for x in inputs["divergence"]] == ["d" * 127]                              # 128 tokens with BOS
+    assert [decode(x) for x in inputs["speed"]] == ["a" * 99, "b" * 101, "c" * 60, "d" * 201, "f" * 150]
+    assert tok.decode(inputs["perplexity"][0]) == "\n".join(line.strip() for line in PAPER_TEXT if line.strip())
+    assert 96 not in inputs["perplexity"][0]
+    short = hsd_eval.paper_inputs(PAPER_TEXT, tok, max_len=120, prompts=2, speed_prompts=1)
+    assert [len(x) for x in short["alpha"]] == [102, 102] and len(short["speed"]) == 1   # cut to max_len - 8 - 10
+
+
+def test_paper_inputs_perplexity_text_is_the_first_2048_tokens():
+    lines = [f" line {i} " + "x" * 990 for i in range(80)]
+    text = models.char_tokenizer().decode(hsd_eval.paper_inputs(lines, models.char_tokenizer(), 4096)["perplexity"][0])
+    assert text == "\n".join(line.strip() for line in lines)[:2048]
+
+
+def test_tiny_text_has_lines_for_every_protocol():
+    lines = [line.strip() for line in cost_model.TINY_TEXT]
+    assert sum(len(x) > 200 for x in lines) >= 3 and sum(len(x) > 100 for x in lines) >= 6
+    assert sum(len(x) > 50 for x in lines) >= 8 and any(x != x.strip() for x in cost_model.TINY_TEXT)
+
+
+def test_prompts_carry_the_special_tokens_transformers_adds(tmp_path):
+    """hsd encodes with tokenizer.json as the tokenizers library reads it: the same ids as a transformers tokenizer
+    call, whose tokenizer_config.json add_bos_token is ignored where a tokenizer.json exists (transformers 5.23)."""
+    tf = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers, processors, trainers
+    tok = Tokenizer(tm.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(cost_model.TINY_TEXT * 5, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    for bos in (True, False):
+        for cls, add_bos in [("PreTrainedTokenizerFast", not bos), ("Qwen2Tokenizer", not bos)]:
+            path = tmp_path / f"{cls}-{bos}"
+            path.mkdir()
+            tok.post_processor = (processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)]) if bos
+                                  else processors.ByteLevel(trim_offsets=False))
+            tok.save(str(path / "tokenizer.json"))
+            (path / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": cls, "bos_token": "<s>", "eos_token": "<|endoftext|>", "add_bos_token": add_bos}))
+            ours, theirs = models.load_tokenizer(str(path)), tf.AutoTokenizer.from_pretrained(str(path))
+            for line in cost_model.TINY_TEXT[1:4]:
+                assert ours.encode(line.strip()).ids == theirs(line.strip())["input_ids"]
+                assert (ours.encode(line.strip()).ids[0] == 1) == bos
+
+
+def fake_records(alpha_counts, skips):
+    """Records of a run whose single rounds accepted the given counts (per prompt: per draft, the same for every
+    variant), and whose other phases are empty."""
+    records = hsd_eval.Records(None, {})
+    for i, n in enumerate(alpha_counts):
+        records.add("alpha", i, {d: {"shared": n[0], "independent": n[1], "sampled_shared": n[0],
+                                     "sampled_independent": n[1]} for d in skips})
+    records.add("perplexity", 0, {d: 1.0 for d in ["full", *skips]})
+    return records
+
+
+def test_eval_alpha_arithmetic():
+    """Acceptance per prompt from single rounds of 8 drafts: alpha_k = mean(min(n, k) / k), histogram of min(n, k)."""
+    model = tiny("tiny-falcon-h1")
+    skips = {"component": TINY_SKIPS["tiny-falcon-h1"]["component"]}
+    inputs = {"alpha": [[1, 2], [3, 4]], "divergence": [], "perplexity": [[1, 2, 3]], "speed": []}
+    times = {L: {"full": 2.0, "component": 1.0, 2: 2.0, 4: 3.0, 8: 4.0} for L in (10, 20)}
+    r = hsd_eval.summarize(model, inputs, skips, fake_records([(0, 8), (3, 5)], skips), (10, 20), times, 0.6)
+    k = r["drafts"]["component"]["k"]
+    assert k[2]["alpha_shared"] == (0 / 2 + 2 / 2) / 2 and k[2]["histogram_shared"] == [1, 0, 1]
+    assert k[4]["alpha_independent"] == (4 / 4 + 4 / 4) / 2 and k[4]["histogram_independent"] == [0, 0, 0, 0, 2]
+    assert k[8]["alpha_shared"] == (0 / 8 + 3 / 8) / 2 and k[8]["alpha_independent"] == (8 / 8 + 5 / 8) / 2
+    assert k[8]["histogram_shared"] == [1, 0, 0, 1, 0, 0, 0, 0, 0] and k[8]["ci_independent"][1] == 1.0
+    assert k[8]["alpha_sampled_independent"] == k[8]["alpha_independent"] and k[2]["alpha_multi"] is None
+    assert r["drafts"]["component"]["c"] == 0.5 and k[4]["v"] == 1.5
+
+
+def test_eval_numbers_against_direct_computations(monkeypatch):
+    """Perplexity = exp(mean cross-entropy); divergence averaged over positions; S = (1 + a) / (k c + v)."""
+    model, tok = tiny("tiny-qwen3.5", torch.float32), models.char_tokenizer()
+    fake = {"full": 2.0, "component": 1.5, "layerskip": 1.0, "early-exit": 0.5, 2: 2.5, 4: 3.0, 8: 4.0,
+            "logits": 0.001, "prefill": 0.1}
+    monkeypatch.setattr(hsd_eval, "step_times", lambda *args: fake)
+    inputs = hsd_eval.paper_inputs(cost_model.TINY_TEXT, tok, 4096, prompts=2, speed_prompts=1)
+    skips = dict(TINY_SKIPS["tiny-qwen3.5"])
+    records = hsd_eval.Records(None, {})
+    contexts, times = hsd_eval.measure(model, "tiny-qwen3.5", inputs, skips, records, 6, 0.6, 0)
+    r = hsd_eval.summarize(model, inputs, skips, records, contexts, times, 0.6)
+    ids = torch.tensor(inputs["perplexity"])
+    for logits, perplexity in [(model(ids), r["perplexity_full"]),
+                               (model(ids, skip=skips["component"]), r["drafts"]["component"]["perplexity"])]:
+        ce = torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:])
+        assert math.isclose(perplexity, math.exp(min(ce.item(), 20)), rel_tol=1e-6)     # the authors' cap at e^20
+    texts = [torch.tensor([x]) for x in inputs["divergence"]]
+    tvd = sum(0.5 * (torch.softmax(model(x)[0, :-1].double(), -1) - torch.softmax(
+        model(x, skip=skips["component"])[0, :-1].double(), -1)).abs().sum().item() for x in texts)
+    d = r["drafts"]["component"]
+    assert math.isclose(d["tvd"], tvd / sum(x.shape[1] - 1 for x in texts), rel_tol=1e-6)
+    for k in (2, 4, 8):
+        row = d["k"][k]
+        assert d["c"] == 0.75 and row["v"] == fake[k] / 2.0
+        assert math.isclose(row["predicted_speedup"], (1 + row["accepted_per_round"]) / (k * 0.75 + fake[k] / 2.0))
+        speed = records.saved["speed", 0]["component"][str(k)]
+        assert row["alpha_multi"] == speed["accepted"] / speed["drafted"]
+
+
+def test_estimate_arithmetic():
+    t = {"full": 1.0, "component": 0.5, 2: 2.0, 4: 3.0, 8: 4.0, "prefill": 10.0, "context": 100, "logits": 0.01}
+    inputs = {"alpha": [[0] * 100], "divergence": [[0] * 50], "perplexity": [[0] * 150], "speed": [[0] * 10]}
+    e = hsd_eval.estimate_seconds(t, inputs, ["component"], 6, lambda d, k: 1.0)
+    assert e["alpha"] == 0.1 * 100 * 1.5 + 4 * (8 * 0.5 + 4.0)                  # passes over the prompt; 4 rounds of 8
+    assert math.isclose(e["divergence and perplexity"], 200 * (0.1 * 1.5 + 0.01 * 2))
+    rounds = sum(6 / 2 * (k * 0.5 + t[k]) + 0.1 * 10 for k in (2, 4, 8))       # 1 + a = 2 tokens a round
+    assert math.isclose(e["speed"], 0.1 * 10 + 6 * 1.0 + rounds)
+
+
+def test_records_resume_and_refuse_another_run(tmp_path):
+    path = str(tmp_path / "run.jsonl")
+    records = hsd_eval.Records(path, {"model": "m", "prompts": 3})
+    records.add("alpha", 0, {"component": {"shared": 1}})
+    records.add("costs", 12, {"full": 1.0})
+    with open(path, "a") as f:
+        f.write('{"phase": "alpha", "index": 1, "res')                  # a crash in the middle of a line
+    again = hsd_eval.Records(path, {"model": "m", "prompts": 3})
+    assert again.saved == {("alpha", 0): {"component": {"shared": 1}}, ("costs", 12): {"full": 1.0}}
+    assert again.missing("alpha", 3) == [1, 2] and again.resumed
+    again.add("alpha", 1, {"component": {"shared": 0}})
+    assert len(open(path).read().splitlines()) == 4                       # the half line is gone, the new one whole
+    with pytest.raises(models.UsageError, match="holds another run \\(prompts 3 there, 4 now\\)"):
+        hsd_eval.Records(path, {"model": "m", "prompts": 4})
+
+
+def test_records_file_that_is_not_a_results_file(tmp_path):
+    """An --out file that is not hsd's is refused, never overwritten; one cut off before its header starts afresh."""
+    for content in (b"no results here\n", b"[1, 2]\n", b'{"header": {}}\n{"phase": 1}\n', b"\xff\xfe\n", b"notes"):
+        path = tmp_path / "other.txt"
+        path.write_bytes(content)
+        with pytest.raises(models.UsageError, match="is not a results file of hsd_eval"):
+            hsd_eval.Records(str(path), {"model": "m"})
+        assert path.read_bytes() == content
+    for content in (b"", b'{"header": {"mod'):
+        path = tmp_path / "cut.jsonl"
+        path.write_bytes(content)
+        records = hsd_eval.Records(str(path), {"model": "m"})
+        assert not records.resumed and path.read_text() == '{"header": {"model": "m"}}\n'
+    with pytest.raises(models.UsageError, match="cannot write --out"):
+        hsd_eval.Records(str(tmp_path / "no such folder" / "run.jsonl"), {"model": "m"})
+
+
+@pytest.mark.parametrize("flag, where, message", [
+    ("--plot", "no such folder/a.svg", "cannot write --plot"), ("--plot", ".", "it is a folder: give a file name"),
+    ("--plot", "/proc/x.svg", "cannot write --plot /proc/x.svg"), ("--out", ".", "cannot write --out"),
+    ("--out", "/proc/x.jsonl", "cannot write --out /proc/x.jsonl"),
+])
+def test_eval_refuses_an_output_it_could_not_write_before_measuring(tmp_path, flag, where, message, monkeypatch,
+                                                                   capsys):
+    """Every output path is proven writable (a folder, a missing folder, a place even root cannot write, such as
+    /proc) before anything is measured: one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hsd_eval, "measure", lambda *args, **kwargs: pytest.fail("measured before refusing"))
+    assert main_status(hsd_eval.main, ["--model", "tiny-falcon-h1", flag, where]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_checking_an_output_path_truncates_nothing(tmp_path):
+    """A resume file keeps what it holds when the check opens it, and a path that was not there is not left behind."""
+    kept = tmp_path / "run.jsonl"
+    kept.write_text('{"header": {}}\n')
+    cost_model.check_writable(str(kept), "--out")
+    cost_model.check_writable(str(tmp_path / "new.svg"), "--plot")
+    assert kept.read_text() == '{"header": {}}\n' and not (tmp_path / "new.svg").exists()
+
+
+def test_eval_with_one_new_token_and_no_divergence_text(tmp_path, capsys):
+    """One new token leaves no round to speculate (no acceptance, no speedup, no break-even), and a text without a
+    line over 200 characters leaves divergence without positions: both print "-", not a traceback or a zero."""
+    text = tmp_path / "short.txt"
+    text.write_text("\n".join(line[:190] for line in cost_model.TINY_TEXT))
+    assert hsd_eval.main(["--model", "tiny-falcon-h1", "--text", str(text), "--prompts", "2", "--speed-prompts", "1",
+                          "--max-new-tokens", "1", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads(out[-1])
+    d = result["drafts"]["component"]
+    assert result["divergence_texts"] == 0 and d["tvd"] is None and d["kl"] is None
+    assert d["k"]["2"]["predicted_speedup"] is None and d["k"]["2"]["break_even_context"] is None
+    assert any(line.startswith("component   TVD -, top-1 agreement -, KL -") for line in out)
+    header = next(i for i, line in enumerate(out) if line.startswith("draft        k   multi"))
+    rows = [line for line in out[header + 1:] if line.startswith("component") and "TVD" not in line]
+    columns = [out[header].index(name) + len(name) - 1 for name in ("multi", "acc/rnd", "predicted")]
+    for row in rows:           # "-" stands where a number would, right-aligned in its column
+        assert [row[i] for i in columns] == ["-", "-", "-"] and row.endswith("never"), (out[header], row)
+    assert hsd_eval.break_even_words(0) == "any" and hsd_eval.break_even_words(None) == "never"
+
+
+EVAL_ARGS = ["--model", "tiny-falcon-h1", "--prompts", "3", "--speed-prompts", "1", "--max-new-tokens", "4"]
+
+
+def eval_numbers(result):
+    """What an interrupted and resumed run must repeat exactly: everything but timings."""
+    return {draft: {"tvd": d["tvd"], "kl": d["kl"], "top1": d["top1_agreement"], "perplexity": d["perplexity"],
+                    "k": {k: {key: v for key, v in row.items() if key.startswith(("alpha", "ci", "histogram"))}
+                          for k, row in d["k"].items()}}
+            for draft, d in result["drafts"].items()} | {"perplexity_full": result["perplexity_full"]}
+
+
+def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
+    out, progress = tmp_path / "run.jsonl", tmp_path / "stderr.txt"
+    with open(progress, "w") as err:                  # a file, not a pipe: the progress bars would fill a pipe
+        run = subprocess.Popen([sys.executable, "hsd_eval.py", *EVAL_ARGS, "--out", str(out), "--json"], text=True,
+                               stdout=subprocess.PIPE, stderr=err, cwd=HERE)
+        while run.poll() is None and (not out.exists() or out.read_text().count('"phase": "alpha"') < 1):
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        stdout, _ = run.communicate()
+    stderr = progress.read_text()
+    assert run.returncode == 130 and stdout == "", stderr
+    message = [line for line in stderr.splitlines() if line.startswith("hsd_eval:") and "estimate" not in line
+               and "warning" not in line]                      # a busy machine is said so
+    assert message == [message[0]] and "run the same command again to resume" in message[0] and "alpha " in message[0]
+    saved = out.read_text().count('"phase": "alpha"')
+    assert 1 <= saved < 3                                                   # interrupted in the middle of the prompts
+    assert hsd_eval.main([*EVAL_ARGS, "--out", str(out), "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert hsd_eval.main([*EVAL_ARGS, "--json"]) == 0
+    uninterrupted = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert eval_numbers(resumed) == eval_numbers(uninterrupted)
+    assert resumed["drafts"]["component"]["k"]["2"]["alpha_sampled_shared"] is not None
+
+
+def test_each_toy_stands_beside_the_paper_numbers_of_its_family():
+    assert [hsd_eval.paper_model(name) for name in models.TOYS] == ["falcon-h1-0.5b", "qwen3.5-0.8b", "qwen2.5-0.5b"]
+    assert hsd_eval.paper_model("falcon-h1-3b") == "falcon-h1-3b" and hsd_eval.paper_model("tiny-falcon-h1") is None
+
+
+def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
+    plot = tmp_path / "alpha.svg"
+    assert hsd_eval.main([*EVAL_ARGS, "--json", "--plot", str(plot)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    result = json.loads(lines[-1])
+    leaves = []
+    def walk(x):
+        if isinstance(x, dict):
+            leaves.extend(float(k) for k in x if k.isdigit())
+            [walk(v) for v in x.values()]
+        elif isinstance(x, (list, tuple)):
+            [walk(v) for v in x]
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            leaves.append(float(x))
+    walk(result)
+    table = [line for line in lines[:-1] if not line.startswith("draft ")]          # all but the column titles
+    printed = [n for line in table for n in re.findall(r"(?<![\w.-])\d+(?:\.\d+)?", line)]
+    assert len(printed) > 50
+    for number in printed:
+        decimals = len(number.split(".")[1]) if "." in number else 0
+        assert any(round(v, decimals) == float(number) for v in leaves), number
+    assert set(result["drafts"]) == {"component", "layerskip", "early-exit"}
+    assert 0 <= result["drafts"]["component"]["k"]["2"]["alpha_shared"] <= 1
+    assert "hsd_eval: estimate" in captured.err and "%|" in captured.err                 # the estimate, progress: on stderr
+    assert "; the speed phase as if no draft were accepted: at most)" in captured.err    # no paper numbers for tiny
+
+
+def test_plot_is_well_formed_and_carries_its_numbers():
+    r = {"temperature": 0.6, "prompts": 2, "paper": cost_model.PAPER["falcon-h1-0.5b"], "drafts": {}}
+    for draft in ("component", "layerskip"):
+        r["drafts"][draft] = {"k": {k: {f"{x}_{v}": (0.125 * j if x == "alpha" else (0.0625 * j, 0.25 * j))
+                                        for x in ("alpha", "ci") for j, v in enumerate(
+                                            ["shared", "independent", "sampled_shared", "sampled_independent"], 1)}
+                                    for k in (2, 4, 8)}}
+    svg = hsd_eval.plot_svg("falcon-h1-0.5b", r)
+    root = ElementTree.fromstring(svg)                                              # well-formed XML
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}title")]
+    assert "component, k=4, greedy, independent state: 0.250 [0.125, 0.500]" in titles
+    assert "layerskip, k=8, sampled, independent state: 0.500 [0.250, 1.000]" in titles
+    assert "component, k=2, paper, greedy: 0.680 [0.620, 0.740]" in titles
+    assert "component, k=8, paper, T=0.6: 0.224 [0.190, 0.259]" in titles
+    assert len(titles) == 2 * 3 * 4 + 3 + 3                                          # the paper has the component only
+    circles = [c for c in root.iter("{http://www.w3.org/2000/svg}circle") if c.get("cx")]
+    heights = {float(c.get("cy")) for c in circles}
+    assert len(heights) > 5                                      # the points stand at different heights (their values)
+
+
+def test_eval_without_wikitext_names_text(tmp_path, capsys):
+    cfg = {**QWEN2_TINY_JSON, "vocab_size": 97}
+    save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path, cfg)
+    models.char_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    result = run_cli("--model", str(tmp_path), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+                     script="hsd_eval.py")
+    assert result.returncode == 2 and "WikiText-2" in result.stderr and "--text FILE" in result.stderr
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(cost_model.TINY_TEXT))
+    assert hsd_eval.main(["--model", str(tmp_path), "--text", str(text), "--prompts", "1", "--speed-prompts", "1",
+                          "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layerskip" in out and "component" not in out
+
+
+def svg_texts(svg):
+    root = ElementTree.fromstring(svg)
+    return [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+
+
+def test_plot_legend_lists_only_what_is_drawn_and_labels_its_axes():
+    r = {"temperature": 0.6, "prompts": 2, "paper": {}, "drafts": {"component": {"k": {
+        k: {f"{x}_{v}": (0.5 if x == "alpha" else (0.25, 0.75)) for x in ("alpha", "ci")
+            for v in ("shared", "independent", "sampled_shared", "sampled_independent")} for k in (2, 4, 8)}}}}
+    texts = svg_texts(hsd_eval.plot_svg("tiny-falcon-h1", r))
+    assert "paper, greedy" not in texts and "paper, T=0.6" not in texts and "greedy, shared state" in texts
+    assert "acceptance (accepted / k)" in texts and "drafts per round" in texts
+    r["paper"] = cost_model.PAPER["falcon-h1-0.5b"]
+    assert "paper, greedy" in svg_texts(hsd_eval.plot_svg("falcon-h1-0.5b", r))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-falcon-h1", "--prompts", "0"], "no prompts"),
+    (["--model", "tiny-falcon-h1", "--temperature", "0"], "needs a --temperature above 0"),
+    (["--model", "tiny-falcon-h1", "--temperature", "nan"], "needs a --temperature above 0"),
+    (["--model", "tiny-falcon-h1", "--text", "/no/such/file.txt"], "cannot read --text /no/such/file.txt: No such file"),
+    (["--model", "tiny-falcon-h1", "--trace"], "unrecognized arguments: --trace"),
+    (["--model", "no-such-model"], "unknown model"),
+])
+def test_eval_user_errors_are_one_line(args, message, capsys):
+    assert main_status(hsd_eval.main, args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "pass --text" not in err                              # the user did pass one, or did not need to
+
+
+TOY_QWEN25_SKIPS = {"layerskip": models.Skip(layers=frozenset({3, 4})),            # 8 layers: 2 from 3
+                    "early-exit": models.Skip(layers=frozenset({4, 5, 6, 7}))}
+
+
+def test_nll_gives_the_toys_recorded_heldout_loss():
+    """hsd_eval.nll, the summed negative log-likelihood a perplexity divides, on the trained Transformer toy: the held-
+    out loss of the full model and of two drafts, as the toy's training log recorded them (bits per character over 32
+    windows of 512 characters, every position but the first predicted), and the perplexity ratio full -> draft."""
+    model, recorded = models.load("toy-qwen2.5"), training_log("toy-qwen2.5")["heldout"]["bits_per_char"]
+    windows = hsd_train.heldout_windows()
+    positions = windows.shape[0] * (windows.shape[1] - 1)
+
+    def bits_per_char(skip):
+        with torch.inference_mode():
+            return sum(hsd_eval.nll(model, w[None], skip, chunk=100) for w in windows) / positions / math.log(2)
+    bits = {"full": bits_per_char(None)}
+    teach(bits["full"] > recorded["full"] / 50, f"nll gives {bits['full']:.5f} bits per character, the training log "
+                                                f"{recorded['full']:.4f}: nll returns the mean; it must be the sum over "
+                                                "the T-1 predicted tokens (a perplexity divides by their number)")
+    teach(math.isclose(bits["full"], recorded["full"], rel_tol=1e-4),
+          f"nll over the held-out windows gives {bits['full']:.4f} bits per character, the toy's training log recorded "
+          f"{recorded['full']:.4f}: the logits at position t predict token t+1 (the first token has no prediction), "
+          "and nll sums -log p in nats")
+    for draft, skip in TOY_QWEN25_SKIPS.items():
+        bits[draft] = bits_per_char(skip)
+        teach(not math.isclose(bits[draft], bits["full"], rel_tol=1e-6), f"the {draft} draft's loss equals the full "
+                                                                          "model's: pass the skip to the model")
+        teach(math.isclose(bits[draft], recorded[draft], rel_tol=1e-4), f"the {draft} draft gives {bits[draft]:.4f} "
+                                                                        f"bits per character, recorded {recorded[draft]:.4f}")
+        ratio = 2 ** (bits[draft] - bits["full"])
+        assert ratio > 1.0, f"perplexity full -> {draft}: {ratio:.2f}x (a draft leaves something out)"
