@@ -246,13 +246,15 @@ def acceptance(logits_p, logits_q, chosen, temperature):
 
 
 @torch.inference_mode()
-def teacher_forced_estimates(model, rows, skip, start, longest, temperature=0.0):
+def teacher_forced_estimates(model, rows, skip, start, longest, temperature=0.0, eos=None, full=None):
     """The cheap estimate: one teacher-forced pass of the draft over rows (B, T), from its own states. Position j's
-    drafts are taken to agree while the text's positions j, j+1, ... agree: [Estimate] per row."""
-    full, drafted = model(rows)[:, start - 1:-1], model(rows, skip=skip)[:, start - 1:-1]          # (B, n, V)
+    drafts are taken to agree while the text's positions j, j+1, ... agree: [Estimate] per row, each up to its first
+    end of text (eos: the model's by default, -1 none). full: the full model's logits over rows, if known."""
+    full = (model(rows) if full is None else full)[:, start - 1:-1]                               # (B, n, V)
+    drafted = model(rows, skip=skip)[:, start - 1:-1]
     chosen = rows[:, start:]
     estimates = []
-    for b, n in enumerate(text_lengths(rows, start, model.config.eos_token_id)):
+    for b, n in enumerate(text_lengths(rows, start, model.config.eos_token_id if eos is None else eos)):
         agree, sure, _ = acceptance(full[b], drafted[b], chosen[b] if temperature else full[b].argmax(-1),
                                     temperature)
         agree, sure = agree.tolist()[:n], sure.tolist()[:n]
@@ -267,17 +269,18 @@ def teacher_forced_estimates(model, rows, skip, start, longest, temperature=0.0)
 
 
 @torch.inference_mode()
-def generation_estimates(model, rows, skip, start, longest, temperature=0.0):
+def generation_estimates(model, rows, skip, start, longest, temperature=0.0, eos=None):
     """The estimate as generation drafts: at every position j past the prompt of rows (B, T), the draft starts from
     the full model's state after the tokens before j (its KV and recurrent states), pending token rows[:, j], and
     drafts up to `longest` tokens; greedy it feeds its own tokens (as hsd.draft does), at a temperature the text's
-    (the sampled continuation: acceptance in expectation). Then the full model takes token j. [Estimate] per row."""
+    (the sampled continuation: acceptance in expectation). Then the full model takes token j. [Estimate] per row,
+    each up to its first end of text (eos: the model's by default, -1 none)."""
     B, T = rows.shape
     full = model(rows)                                                            # (B, T, V): p at every position
     cache = models.Cache(model, T + longest + 1, batch_size=B)
     if start > 1:
         model.hidden_states(rows[:, :start - 1], cache)
-    lengths = text_lengths(rows, start, model.config.eos_token_id)
+    lengths = text_lengths(rows, start, model.config.eos_token_id if eos is None else eos)
     lowest_stop = min(s for s in STOPS if s is not None)
     accept, sure = [[] for _ in range(B)], [[] for _ in range(B)]
     for t in range(start - 1, T - 1):
@@ -382,14 +385,15 @@ def planned(skip, estimates, draft_cost, v, k, stop):
 
 
 # --- 3. The search -------------------------------------------------------------------------------------------------
-Search = namedtuple("Search", "model calibration savings v longest temperature")   # what ranking a draft needs
+Search = namedtuple("Search", "model calibration full savings v longest temperature")
+# what ranking a draft needs: full, the full model's logits over the calibration's continuations (B, T, V)
 
 
 def rank(search, skip, ks=(*KS, "auto"), stops=STOPS):
     """A draft by the cheap estimate and its composed c, at its best k and stop rule: a Candidate."""
     s = search
     estimates = teacher_forced_estimates(s.model, s.calibration.continuations, skip, s.calibration.start, s.longest,
-                                         s.temperature)
+                                         s.temperature, full=s.full)
     return best_plan(skip, estimates, composed_cost(s.model.config, skip, s.savings), s.v, ks, stops)
 
 
@@ -819,22 +823,21 @@ def describe_measured(m, c):
             f"of {m['drafts_per_round'] or 0:.2f} drafts kept per round, c {c:.3f}")
 
 
-def prepare(args, model, tokenizer):
-    """Step 1: (the Split, the Calibration, the test prompts, the text's sha256)."""
+def texts(args, tokenizer):
+    """Step 1's text: ({line index: token ids} of the paragraphs long enough, their Split, the text's sha256)."""
     lines = read_lines(args.text, args.model)
     paragraphs = long_paragraphs(lines, tokenizer, args.prompt_tokens + args.new_tokens)
     split = split_paragraphs(sorted(paragraphs), args.seed, args.prompts, args.test_prompts)
-    calib = calibration(model, paragraphs, split, args.prompt_tokens, args.new_tokens, args.temperature, args.seed)
-    test = [paragraphs[i][:args.prompt_tokens] for i in split.test]
-    return split, calib, test, hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return paragraphs, split, hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def choose(args, model, calib, savings_costs, savings, paper, on_best):
     """Steps 3 and 4: (the winner, {label: Candidate} of the finalists, their Costs, candidates ranked, what
     ConfLayers did or None)."""
     longest = longest_round(args.method)
-    s = Search(model, calib, savings, savings_costs.v, longest, args.temperature)
     rows = calib.continuations
+    with torch.inference_mode():
+        s = Search(model, calib, model(rows), savings, savings_costs.v, longest, args.temperature)
     if args.method == "search":
         stops = STOPS if args.temperature == 0 else (None,)
         starts = [rank(s, skip, stops=stops) for skip in paper.values()]
@@ -887,11 +890,13 @@ def run(args, model, tokenizer):
     """The steps of the module docstring; returns the draft file's object (what --json prints)."""
     if args.out:
         check_writable(args.out, "--out")
-    else:
+    paragraphs, split, sha256 = texts(args, tokenizer)
+    if not args.out:
         print("hsd_search: no --out: the draft is printed, not written (--out FILE writes the draft file)",
               file=sys.stderr)
     t0 = time.time()
-    split, calib, test, sha256 = prepare(args, model, tokenizer)
+    calib = calibration(model, paragraphs, split, args.prompt_tokens, args.new_tokens, args.temperature, args.seed)
+    test = [paragraphs[i][:args.prompt_tokens] for i in split.test]
     print(f"hsd_search: {args.model}, method {args.method}, temperature {args.temperature:g}, seed {args.seed}: "
           f"{len(split.calibration)} calibration prompts and paragraphs of {args.prompt_tokens} + {args.new_tokens} "
           f"tokens, {len(test)} test prompts; costs at {args.context} tokens of context", file=sys.stderr)
