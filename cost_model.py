@@ -1,20 +1,73 @@
-"""cost_model: how a speedup of self-speculative decoding is predicted and measured.
+"""cost_model: how a speedup of self-speculative decoding is predicted and measured; every tool uses this module.
 
-Costs are in units of one full decoding step (a plain step costs 1): c, one draft step; v[d], a verify pass over
-the pending token and d drafts. A round that drafts d tokens costs d c + v[d] and makes its accepted drafts plus
-the full model's next token, so the predicted speedup over plain decoding is tokens made / what the rounds cost.
-This module is given what it runs (models, functions); it imports no tool and not hsd.
+Costs are in units of one full decoding step (a plain step costs 1): c, one draft step; v[d], a verify pass over the
+pending token and d drafts (v[0] = 1: a plain step is a verify pass of one token). A round that drafts d tokens costs
+round_cost(d, c, v) = d c + v[d] and makes its accepted drafts plus the full model's next token, so the predicted
+speedup over plain decoding is the tokens made over what the rounds cost. A measured speedup is tokens per second
+against plain decoding's on the same prompts, run in turns in one process (generations_in_turns), with a 95% interval
+that resamples the prompts.
+
+This module imports torch, models and the standard library, never hsd nor a tool: it is given what it runs. The
+timing harness takes the round's passes as a Passes record (a tool writes Passes(hsd.prefill, hsd.snapshot,
+hsd.restore, hsd.verify)); the generations take the generate function (hsd.generate).
+
+  clock(device)                                     seconds, after the GPU's queued work
+  round_cost(d, c, v) -> d c + v[d]                 a round's cost in full steps (a plain step: d = 0, cost 1)
+  predicted_speedup(made, drafts, c, v)             tokens made / the cost of the steps that made them
+  break_even_acceptance(c, v, k)                    the per-token acceptance at which k drafts a round just pay off
+  break_even(times, draft, k, a, max_context)       the context from which on speculation pays off (an exercise)
+  fit_monotone(values)                              least-squares non-decreasing fit (v in d)
+  PAPER                                             the paper's single-round acceptance (Table A)
+  measure_costs(model, skips, context, turns, longest, temperature=0.0, *, passes) -> Costs
+      step_s, c {label: c}, v [v[0] .. v[longest]] (fitted monotone), v_measured, context, temperature, turns,
+      noise {"step": x, "c": {label: x}, "v": {d: x}}: the relative difference of the medians of the turns' halves
+  unit_kinds(config) -> {(unit, layer type): [layers]}; unit_skips(config) -> {(unit, layer type): models.Skip}
+  generations_in_turns(generate, model, prompts, drafts, new_tokens, turns, temperature=0.0, seed=0, progress=None)
+      -> {label: [per prompt [per turn run]]}, "plain" first; a run: RUN_KEYS of generate's statistics, the tokens and
+      the drafts of each step
+  measured_row(runs, plain_runs, c=None, v=None)    what generations measured, one key per quantity
+  speedup(runs, plain_runs); speedup_ci(runs, plain_runs, resamples=10_000, seed=0)   over prompts
+  bootstrap_ci(values, resamples=10_000, seed=0)    95% percentile interval of a mean (an exercise)
+  repeated_share(tokens, n=4)                       the share of tokens inside an n-gram seen before (loops)
+  read_lines(path, model_name); paragraphs(lines, tokenizer) -> {paragraph index: ids}
+  split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP) -> Split(test, calibration): paragraph indices
+  check_writable(path, flag); write_json(path, value)
+  machine_state(model, dtype) -> dict; busy_warning(state, ratios=()) -> a line or None
 """
+import json
+import os
+import statistics
+import subprocess
 import time
+from collections import namedtuple
 
 import torch
 
+import models
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEST_PROMPTS, TEST_GAP = 24, 50      # the test set: 24 paragraphs spread over the held-out text, >= 50 paragraphs apart
+BUSY_SPREAD = 1.15                   # per-turn ratios further apart than this (max / min): the machine is busy
+
+
+# --- The cost of a round, and the speedup it predicts ---------------------------------------------------------------
 def clock(device):
     """time.perf_counter(), after waiting for the GPU's queued work if there is a GPU: timings of model calls."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def round_cost(d, c, v):
+    """What a round of d drafts costs: d draft steps of cost c and a verify pass over d + 1 tokens, v[d] (in full
+    steps; or in seconds, given c and v in seconds). A plain step is a round of 0 drafts: v[0]."""
+    return d * c + v[d]
+
+
+def predicted_speedup(made, drafts, c, v):
+    """Tokens made over what the steps that made them cost, in full steps: drafts lists each step's drafts (0 for a
+    plain step). One round of k drafts that keeps a of them on average: predicted_speedup(1 + a, [k], c, v)."""
+    return made / sum(round_cost(d, c, v) for d in drafts)
 
 
 def break_even_acceptance(c, v, k):
@@ -28,3 +81,370 @@ def break_even_acceptance(c, v, k):
         p = (low + high) / 2
         low, high = (p, high) if sum(p ** i for i in range(k + 1)) < target else (low, p)
     return high
+
+
+def break_even(times, draft, k, a, max_context):
+    """The context from which on the predicted speedup (1 + a) t_full / (k t_draft + t_verify) exceeds 1, each time
+    linear in L through the two measured contexts: 0 if it does at both, None if not up to max_context. times: {L:
+    {"full": seconds, draft: seconds, k: seconds of a verify pass of k + 1 tokens}} at two contexts L."""
+    (L0, t0), (L1, t1) = times.items()
+    gap0 = (1 + a) * t0["full"] - round_cost(k, t0[draft], t0)        # seconds the round saves (negative: loses)
+    gap1 = (1 + a) * t1["full"] - round_cost(k, t1[draft], t1)
+    if min(gap0, gap1) >= 0:
+        return 0
+    if gap1 <= gap0:                                     # not rising: never pays off beyond the measured contexts
+        return None
+    crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0)
+    return round(crossing) if crossing <= max_context else None
+
+
+def fit_monotone(values):
+    """The non-decreasing sequence closest to values in least squares (pool adjacent violators): a verify pass of
+    more tokens never costs less, so the noise that makes v[10] < v[7] is averaged away before v is used."""
+    blocks = []                                                  # [mean, count], non-decreasing
+    for x in values:
+        blocks.append([x, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(n)]
+
+
+# The paper's single-round acceptance (Table A; value, 95% interval or None), greedy and at T = 0.6: hsd_eval's
+# figure, and the acceptance hsd_bench --context-sweep predicts the official models' speedups with.
+PAPER = {
+    "falcon-h1-0.5b": {"component": {
+        "greedy": {2: (0.68, (0.62, 0.74)), 4: (0.37, (0.335, 0.405)), 8: (0.186, None)},
+        "T=0.6": {2: (0.56, (0.505, 0.615)), 4: (0.3875, (0.346, 0.43)), 8: (0.224, (0.19, 0.259))}}},
+    "falcon-h1-3b": {"component": {
+        "greedy": {2: (0.59, None), 4: (0.351, None), 8: (0.186, None)},
+        "T=0.6": {2: (0.495, (0.4375, 0.5525)), 4: (0.374, (0.326, 0.424)), 8: (0.2175, (0.186, 0.252))}}},
+    "qwen3.5-0.8b": {
+        "component": {
+            "greedy": {2: (0.0375, None), 4: (0.01875, None), 8: (0.0094, None)},
+            "T=0.6": {2: (0.0725, (0.045, 0.105)), 4: (0.04, (0.0225, 0.06)), 8: (0.0094, (0.0031, 0.0175))}},
+        "layerskip": {"greedy": {4: (0.2325, None)}},
+        "early-exit": {"greedy": {4: (0.0, None)}}},
+    "qwen2.5-0.5b": {"layerskip": {
+        "greedy": {2: (0.52, None), 4: (0.326, None), 8: (0.179, None)},
+        "T=0.6": {2: (0.4275, (0.375, 0.4825)), 4: (0.306, (0.262, 0.351)), 8: (0.191, (0.161, 0.223))}}},
+}
+
+
+# --- The timing harness: c and v at a context --------------------------------------------------------------------
+Passes = namedtuple("Passes", "prefill snapshot restore verify")   # the round's functions timed: hsd's, given
+Costs = namedtuple("Costs", "step_s c v v_measured context temperature turns noise")
+# step_s: a full decoding step in seconds (median); c[label]: a draft step of that skip over a full step; v[d]: a
+# verify pass of d + 1 tokens over a full step, fitted monotone, v[0] = 1; v_measured: as measured; context: tokens in
+# the cache; temperature: 0 greedy, > 0 a sampled round's float64 softmax and draws included; turns: how many;
+# noise: per cost, the relative difference between the medians of the first and second half of the turns.
+
+
+def halves_noise(values):
+    """|median of the first half - median of the second half| / median: how far the costs drifted while measured."""
+    half = len(values) // 2
+    if half == 0:
+        return None
+    return abs(statistics.median(values[:half]) - statistics.median(values[half:])) / statistics.median(values)
+
+
+def sampling_cost(logits, temperature, generator):
+    """What a sampled step pays beyond its model pass, on logits (rows, V): the distribution at the temperature in
+    float64 (hsd.probabilities), a uniform draw per drafted row (accept_sampled) and one token drawn. Greedy: an
+    argmax, which every step pays."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    p = torch.softmax(logits.double().cpu() / temperature, dim=-1)                   # (rows, V)
+    torch.rand(len(p) - 1, dtype=torch.float64, generator=generator)
+    return torch.multinomial(p[-1], 1, generator=generator)
+
+
+@torch.inference_mode()
+def measure_costs(model, skips, context, turns, longest, temperature=0.0, *, passes, warm_turns=2):
+    """c of each skip ({label: models.Skip}) and v[d] for d = 0..longest, against a full decoding step at a context,
+    at a temperature. In each turn a full step comes first and last and every call in between, and each call's time
+    is divided by that turn's full step, so that the machine's drift affects a call and the step it is divided by
+    alike; the costs are the medians over `turns` turns (after warm_turns turns that warm up), v then fitted monotone.
+    The cache is put back after each call. Many skips cost one call each per turn: time them together."""
+    cache = models.Cache(model, context + longest + 2)
+    passes.prefill(model, cache, [i % model.config.vocab_size for i in range(1, context + 1)])
+    snap, generator = passes.snapshot(cache), torch.Generator().manual_seed(0)
+    token = torch.tensor([[1]], device=cache.device)
+    calls = {"full": lambda: sampling_cost(model(token, cache)[0], temperature, generator)}
+    calls |= {("c", label): lambda s=s: sampling_cost(model(token, cache, skip=s)[0], temperature, generator)
+              for label, s in skips.items()}
+    calls |= {("v", d): lambda d=d: sampling_cost(passes.verify(model, cache, 1, [1] * d)[0], temperature, generator)
+              for d in range(1, longest + 1)}
+
+    def seconds(call):
+        t0 = clock(cache.device)
+        call()
+        t = clock(cache.device) - t0
+        passes.restore(cache, snap)
+        return t
+    full, ratios = [], {name: [] for name in calls if name != "full"}
+    for turn in range(warm_turns + turns):
+        before = seconds(calls["full"])
+        times = {name: seconds(call) for name, call in calls.items() if name != "full"}
+        step = (before + seconds(calls["full"])) / 2
+        if turn >= warm_turns:
+            full.append(step)
+            for name, t in times.items():
+                ratios[name].append(t / step)
+    median = {name: statistics.median(r) for name, r in ratios.items()}
+    v_measured = [1.0] + [median["v", d] for d in range(1, longest + 1)]
+    v = [1.0] + [max(1.0, x) for x in fit_monotone(v_measured[1:])]        # never below a plain step
+    noise = {"step": halves_noise(full), "c": {label: halves_noise(ratios["c", label]) for label in skips},
+             "v": {d: halves_noise(ratios["v", d]) for d in range(1, longest + 1)}}
+    return Costs(statistics.median(full), {label: median["c", label] for label in skips}, v, v_measured, context,
+                 temperature, turns, noise)
+
+
+def unit_kinds(config):
+    """{(unit, layer type): the layers that have it}, unit one of "layers" (a whole layer) and models.UNITS."""
+    kinds = {}
+    for i, layer_type in enumerate(config.layer_types):
+        for unit in ("layers", *models.units_of(layer_type)):
+            kinds.setdefault((unit, layer_type), []).append(i)
+    return kinds
+
+
+def unit_skips(config):
+    """{(unit, layer type): the Skip leaving out that unit in every layer that has it}: measure_costs of these says
+    what each kind of unit saves, (1 - c) / the number of its layers per layer."""
+    return {kind: models.Skip(**{kind[0]: frozenset(layers)}) for kind, layers in unit_kinds(config).items()}
+
+
+# --- Generations in turns, and what they measured -------------------------------------------------------------------
+RUN_KEYS = ("new_tokens", "decode_s", "rounds", "drafted", "accepted", "plain_steps")
+
+
+@torch.inference_mode()
+def generations_in_turns(generate, model, prompts, drafts, new_tokens, turns, temperature=0.0, seed=0, progress=None):
+    """Plain decoding and each of drafts ({label: what generate takes as draft, e.g. an hsd.Draft}) on every prompt
+    (token ids), `turns` turns: in each turn every prompt in turn, and for each prompt every label in turn, so that a
+    label's runs and plain decoding's of the same prompt lie seconds apart and the machine's drift affects both alike.
+    generate is hsd.generate. Returns {label: [per prompt: [per turn: run]]}, "plain" first; a run is a dict of
+    RUN_KEYS, "tokens" (the new token ids) and "steps" (the drafts of each step, 0 for a plain step): raw numbers a
+    stranger can bootstrap again. At a temperature, prompt i of a turn is seeded alike for all labels. progress: an
+    object with update(1), called after each prompt of a turn."""
+    labels = {"plain": "none", **drafts}
+    runs = {label: [[] for _ in prompts] for label in labels}
+    for turn in range(turns):
+        for i, prompt in enumerate(prompts):
+            for label, draft in labels.items():
+                tokens, s = generate(model, prompt, new_tokens, draft=draft, temperature=temperature,
+                                     seed=seed + 1000 * turn + i if temperature else None)
+                steps = [len(r.drafts) for r in s["trace"]] + [0] * s["plain_steps"]
+                runs[label][i].append({**{key: s[key] for key in RUN_KEYS}, "tokens": tokens, "steps": steps})
+            if progress is not None:
+                progress.update(1)
+    return runs
+
+
+def rate(runs, prompts=None, turn=None):
+    """Tokens per second of runs ({per prompt: [per turn]}): summed tokens over summed seconds, of the given prompts
+    (indices; all by default) and turn (all by default)."""
+    chosen = [runs[i] for i in (range(len(runs)) if prompts is None else prompts)]
+    picked = [r for per_prompt in chosen for t, r in enumerate(per_prompt) if turn is None or t == turn]
+    return sum(r["new_tokens"] for r in picked) / sum(r["decode_s"] for r in picked)
+
+
+def speedup(runs, plain_runs):
+    """The measured speedup: tokens per second of the runs over plain decoding's, over all prompts and turns."""
+    return rate(runs) / rate(plain_runs)
+
+
+def speedup_ci(runs, plain_runs, resamples=10_000, seed=0):
+    """95% percentile interval of speedup(), resampling the prompts with replacement (a prompt keeps all its turns,
+    and its plain runs): the ratio of summed times, so a long prompt weighs as much as it took."""
+    def totals(r):                                       # (prompts, 2): tokens and seconds of each prompt
+        return torch.tensor([[sum(x["new_tokens"] for x in p), sum(x["decode_s"] for x in p)] for p in r],
+                            dtype=torch.float64)
+    ours, plain = totals(runs), totals(plain_runs)
+    drawn = torch.randint(len(ours), (resamples, len(ours)), generator=torch.Generator().manual_seed(seed))
+    a, b = ours[drawn].sum(dim=1), plain[drawn].sum(dim=1)                           # (resamples, 2)
+    ratios = (a[:, 0] / a[:, 1]) / (b[:, 0] / b[:, 1])
+    return torch.quantile(ratios, 0.025).item(), torch.quantile(ratios, 0.975).item()
+
+
+def bootstrap_ci(values, resamples=10_000, seed=0):
+    """95% percentile interval of the mean, resampling the values with replacement."""
+    v = torch.tensor(values, dtype=torch.float64)
+    means = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))].mean(dim=1)
+    return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
+
+
+def repeated_share(tokens, n=4):
+    """The share of tokens that lie inside an n-gram seen before in the same sequence: 0 for text that never repeats
+    itself, near 1 for a loop ("the same of the same of ..."); loops make greedy speedups look better than text."""
+    seen, inside = set(), [False] * len(tokens)
+    for j in range(len(tokens) - n + 1):
+        gram = tuple(tokens[j:j + n])
+        if gram in seen:
+            inside[j:j + n] = [True] * n
+        seen.add(gram)
+    return sum(inside) / len(tokens) if tokens else 0.0
+
+
+def measured_row(runs, plain_runs, c=None, v=None):
+    """What generations (one label's runs and plain decoding's) measured: the speedup over plain decoding with its 95%
+    interval over prompts, each turn's speedup, tokens per second, rounds, plain steps, drafts_per_round,
+    accepted_per_round, alpha, the loop measure (repeated_share of the continuations), and, given c and v, the
+    speedup the cost model predicts from the very steps these runs took."""
+    every = [r for per_prompt in runs for r in per_prompt]
+    rounds, drafted, accepted, plain = (sum(r[x] for r in every) for x in ("rounds", "drafted", "accepted",
+                                                                            "plain_steps"))
+    turns = len(runs[0]) if runs else 0
+    row = {"speedup": speedup(runs, plain_runs), "ci": speedup_ci(runs, plain_runs),
+           "turn_speedups": [rate(runs, turn=t) / rate(plain_runs, turn=t) for t in range(turns)],
+           "tokens_per_s": rate(runs), "rounds": rounds, "plain_steps": plain,
+           "drafts_per_round": drafted / rounds if rounds else None,
+           "accepted_per_round": accepted / rounds if rounds else None,
+           "alpha": accepted / drafted if drafted else None,
+           "repeated_4grams": statistics.mean(repeated_share(r["tokens"]) for r in every)}
+    if c is not None:
+        row["predicted_speedup"] = predicted_speedup(sum(r["new_tokens"] for r in every),
+                                                     [d for r in every for d in r["steps"]], c, v)
+    return row
+
+
+# --- The texts and their splits --------------------------------------------------------------------------------------
+TINY_TEXT = [  # what the tools read for tiny-* models, offline: lines long enough for every protocol of paper_inputs
+    " = Speculative decoding = ",
+    " Speculative decoding drafts a few tokens with a cheap model and then checks all of them with the expensive "
+    "model in a single pass. The longest prefix that the expensive model agrees with is kept, and one more token "
+    "comes from the expensive model itself. ",
+    " A hybrid language model mixes recurrent layers such as Mamba-2 or Gated DeltaNet with a few layers of softmax "
+    "attention, so that most of the sequence is summarised in a state of fixed size. ",
+    " Because a recurrent state summarises everything seen so far, it cannot be cut back the way a cache of keys and "
+    "values can. The decoder keeps a snapshot before drafting and the state after every verified position, and picks "
+    "the one after the last accepted token. ",
+    " The draft model inside a hybrid is the same network with its attention switched off, sharing every weight. ",
+    "",
+    " = = Measurements = = ",
+    " Acceptance is the share of drafted tokens that the full model keeps; it is not a speedup, since a draft step and "
+    "a verify pass both cost time. The cost model divides the tokens a round yields by what the round costs. ",
+    " Perplexity with the attention removed says how much of the model's knowledge lives in its attention layers, and "
+    "the paper found that this ratio predicts whether the draft is any good. ",
+    " Divergence compares the two next-token distributions at every position of a text. ",
+    " At a temperature the draft samples its tokens, and the full model accepts each with a probability that makes the "
+    "output follow its own distribution exactly, whatever the draft proposed. ",
+]
+
+
+def read_lines(path, model_name):
+    """The raw lines of the text: a file; for tiny-* models their built-in text, for the toys their held-out text;
+    else WikiText-2 raw validation (the paper's)."""
+    if model_name in models.TINY and not path:
+        return list(TINY_TEXT)
+    path = path or (os.path.join(models.TOYS_DIR, "text", "heldout.txt") if model_name in models.TOYS else None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
+            raise models.UsageError(f"cannot read --text {path}: {reason}") from None
+    try:
+        import pyarrow.parquet as pq
+        from huggingface_hub import hf_hub_download
+        file = hf_hub_download("Salesforce/wikitext", "wikitext-2-raw-v1/validation-00000-of-00001.parquet",
+                               repo_type="dataset")
+        return [line.rstrip("\n") for line in pq.read_table(file).column("text").to_pylist()]
+    except Exception as e:      # no network and nothing cached, or no pyarrow to read the parquet file
+        raise models.UsageError(f"cannot read WikiText-2 (it needs the Hub and `pip install pyarrow`): "
+                                f"{type(e).__name__}: {str(e)[:80]}; or pass --text FILE") from None
+
+
+def paragraphs(lines, tokenizer):
+    """{paragraph index: token ids}: the text's non-empty lines (stripped), numbered in the order of the text; the
+    index names a paragraph in every split and record."""
+    return {i: tokenizer.encode(line).ids for i, line in enumerate(line.strip() for line in lines if line.strip())}
+
+
+Split = namedtuple("Split", "test calibration")   # paragraph indices, disjoint; test spread over the text
+
+
+def split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP):
+    """The test and the calibration paragraphs, by index, among those of at least `tokens` tokens: `count` test
+    paragraphs spread evenly over the text (the first long enough one at or after each of count even marks), each at
+    least `gap` paragraphs after the one before; every other long enough paragraph for calibration (a search draws
+    from these). A UsageError if the text cannot give `count` such test paragraphs."""
+    total = max(paragraphs, default=-1) + 1
+    long = [i for i in sorted(paragraphs) if len(paragraphs[i]) >= tokens]
+    test = []
+    for mark in range(count):
+        after = max(mark * total // count, test[-1] + gap if test else 0)
+        chosen = next((i for i in long if i >= after), None)
+        if chosen is None:
+            break
+        test.append(chosen)
+    if len(test) < count:
+        raise models.UsageError(f"the text has {len(long)} paragraphs of at least {tokens} tokens, not {count} spread "
+                                f"{gap} paragraphs apart for the test set: give a longer --text")
+    chosen = set(test)
+    return Split(test, [i for i in long if i not in chosen])
+
+
+# --- Output files, and the machine the numbers were measured on --------------------------------------------------
+def check_writable(path, flag):
+    """A UsageError, before anything is measured, unless path can be written as a file: not a folder, and open for
+    appending (which truncates nothing: a resume file stays whole), or created and removed again."""
+    if os.path.isdir(path):
+        raise models.UsageError(f"cannot write {flag} {path}: it is a folder: give a file name")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise models.UsageError(f"cannot write {flag} {path}: {e.strerror}") from None
+    if not existed:
+        os.remove(path)
+
+
+def write_json(path, value):
+    """Write value to path as JSON, through a file beside it and a rename: an interrupted write leaves no half file."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+        f.write("\n")
+    os.replace(partial, path)
+
+
+def project_commit():
+    """The project's git commit (with "+changes" if files differ from it), or None where there is no git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10,
+                              check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def machine_state(model, dtype):
+    """What every published number is measured on: device, dtype, torch's threads, the OpenMP wait policy, the cores
+    this process may use, the load average (1 minute), torch's version, the project's commit."""
+    device = model.lm_head.weight.device
+    return {"device": models.device_name(device), "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "load_average": round(os.getloadavg()[0], 2), "torch": torch.__version__, "commit": project_commit()}
+
+
+def busy_warning(state, ratios=()):
+    """One line when the machine is too busy for its speedups to be trusted, else None: the per-turn speedups
+    `ratios` more than BUSY_SPREAD apart (max / min), or a load average above the cores but one."""
+    reasons = []
+    if ratios and max(ratios) > BUSY_SPREAD * min(ratios):
+        reasons.append(f"the turns' speedups range {min(ratios):.2f}-{max(ratios):.2f}x (more than "
+                       f"{BUSY_SPREAD - 1:.0%} apart)")
+    if state["load_average"] > state["cores"] - 1:
+        reasons.append(f"the load average is {state['load_average']:.2f} on {state['cores']} cores")
+    if not reasons:
+        return None
+    return "the machine is busy (" + "; ".join(reasons) + "): its speedups are unreliable"

@@ -118,12 +118,12 @@ EXERCISES = [
         "return models.Skip(layers=...) or models.Skip(attention=...); see the README's table", 15,
         ["test_draft_strategies_skip_what_the_paper_skips"], []),
     Exercise(
-        "bootstrap", ["hsd_eval.bootstrap_ci"],
+        "bootstrap", ["cost_model.bootstrap_ci"],
         "the 95% bootstrap percentile interval of a mean, as the paper reports acceptance",
         "resample the values with replacement, take the mean of each resample, then the 2.5% and 97.5% quantiles", 15,
         ["test_bootstrap_gives_a_95_percent_interval"], []),
     Exercise(
-        "break-even", ["hsd_eval.break_even"],
+        "break-even", ["cost_model.break_even"],
         "the cost model: from step times at two context lengths, the context from which on self-speculation pays off",
         "the gap (1 + a) t_full - k t_draft - t_verify is linear in the context; find where it crosses 0, rising", 20,
         ["test_break_even_arithmetic"], []),

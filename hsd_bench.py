@@ -23,7 +23,6 @@ from huggingface_hub.utils import tqdm
 
 import cost_model
 import hsd
-import hsd_eval
 import models
 
 # The official config.json files of the supported models (byte-exact copies of the Hub's files; RESULTS.md, "What the
@@ -75,6 +74,25 @@ OFFICIAL_CONFIGS = {
         "transformers_version": "4.40.1", "use_cache": True, "use_mrope": False, "use_sliding_window": False,
         "vocab_size": 151936},
 }
+
+
+PASSES = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)   # what the cost model times
+PAPER_T = 0.6                                            # the paper's sampling temperature
+CONTEXTS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)   # --context-sweep, as far as each model's context allows
+
+
+def paper_skips(config):
+    """{draft name: models.Skip} of the paper's drafts that apply to the model (a Transformer has no component
+    draft)."""
+    return {d: hsd.draft_skip(config, d) for d in hsd.DRAFTS
+            if d != "none" and (d != "component" or config.family != "qwen2")}
+
+
+def machine_words(state):
+    """The machine's state in a few words, printed with every number."""
+    threads = f"{state['threads']} thread" + ("s" if state["threads"] != 1 else "")
+    return (f"{state['device']}, {threads} of {state['cores']} cores, OMP_WAIT_POLICY {state['omp_wait_policy']}, "
+            f"load {state['load_average']:.2f}, torch {state['torch']}, commit {(state['commit'] or '?')[:12]}")
 
 
 # --- Operations -------------------------------------------------------------------------------------------------
@@ -195,13 +213,14 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
         del hf, cache                                                 # memory for the measurements below
         ks = (2, 4, 8)
         step_ops, verify_ops = ops_per_pass(ours, ks)
-        skips = hsd_eval.drafts_of(ours.config)
-        times = hsd_eval.step_times(ours, skips, ks, context, repeats=cost_repeats)
+        skips = paper_skips(ours.config)
+        costs = cost_model.measure_costs(ours, skips, context, cost_repeats, max(ks), passes=PASSES)
         bandwidth = memory_bandwidth()
     med = {key: statistics.median(v) for key, v in runs.items() if key != "spec"}
     round_s = statistics.median(s["decode_s"] / s["rounds"] for s in runs["spec"])
     weight_bytes = weight_bytes_per_token(ours)
-    print(f"{name}, random weights, fp32, CPU ({torch.get_num_threads()} threads), {repeats} alternating runs, medians")
+    print(f"{name}, random weights, fp32, {machine_words(cost_model.machine_state(ours, 'float32'))}, {repeats} "
+          "alternating runs, medians")
     print(f"decode  {new_tokens} tokens: hsd {med['hsd decode']:.2f} tok/s, transformers {med['hf decode']:.2f} tok/s "
           f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in runs['hsd decode']]}, "
           f"transformers {[round(x, 2) for x in runs['hf decode']]})")
@@ -214,10 +233,9 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
         f"k={k} {n} ({n / step_ops:.2f}x)" for k, n in verify_ops.items()) +
         f"; from k=2 to k=8 +{(verify_ops[8] - verify_ops[2]) / step_ops:.0%} of a step   (innermost PyTorch "
         "operations)")
-    print(f"cost    at {context} tokens, medians of {cost_repeats} interleaved runs: full step "
-          f"{times['full'] * 1e3:.1f} ms; "
-          "c: " + ", ".join(f"{d} {times[d] / times['full']:.2f}" for d in skips) + "; v: " +
-          ", ".join(f"k={k} {times[k] / times['full']:.2f}" for k in ks))
+    print(f"cost    at {context} tokens, medians of {cost_repeats} turns (cost_model.measure_costs): full step "
+          f"{costs.step_s * 1e3:.1f} ms; c: " + ", ".join(f"{d} {costs.c[d]:.2f}" for d in skips) + "; v: " +
+          ", ".join(f"k={k} {costs.v[k]:.2f}" for k in ks))
     limit = bandwidth / weight_bytes
     print(f"memory  {weight_bytes / 1e9:.2f} GB of weights read per token; memory read at {bandwidth / 1e9:.1f} GB/s "
           "(a sum "
@@ -225,31 +243,22 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
           f"transformers at {med['hf decode'] / limit:.0%}")
 
 
-# --- Drafts side by side, end to end (the results table), and what each unit costs ---------------------------------
-def bench_row(rates, plain_rates, runs, c, v):
-    """A row of the results table: what the generations measured (hsd_search.measured_row), c, and the cost model's
-    prediction from the very rounds the row ran: tokens / (sum over its rounds of d c + v[d], plus its plain steps)."""
-    import hsd_search
-    row = hsd_search.measured_row(rates, plain_rates, runs)
-    made = sum(s["new_tokens"] for _, s in runs)
-    cost = sum(len(r.drafts) * c + v[len(r.drafts)] for _, s in runs for r in s["trace"]) + row["plain_steps"]
-    return {**row, "c": c, "predicted_speedup": made / cost}
+# --- Drafts side by side, end to end on the test set (the results table) ----------------------------------------
+def test_prompts(name, tokenizer, prompt_tokens):
+    """The test set (cost_model.split: TEST_PROMPTS paragraphs of the held-out text, spread over it and named by
+    paragraph index, none of them a calibration paragraph): ({paragraph index: prompt ids}), each cut to
+    prompt_tokens."""
+    paragraphs = cost_model.paragraphs(cost_model.read_lines(None, name), tokenizer)
+    return {i: paragraphs[i][:prompt_tokens] for i in cost_model.split(paragraphs, prompt_tokens).test}
 
 
-def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, seed=0):
-    """Plain decoding against the paper's drafts at every fixed k in 1..8 and with k="auto", and against each draft
-    file (as the file says, at its best fixed k, and with k="auto"), end to end on the held-out prompts hsd_search
-    confirms on (the last paragraphs of the model's text), in turns in one process; greedy, then at a temperature
-    (the best fixed paper row, the auto rows and the files). Returns ({(label, temperature): bench_row}, costs, the
-    best fixed paper row)."""
-    import hsd_search
-    model, tokenizer = models.load(name), models.load_tokenizer(name)
-    prompts = hsd_search.calibration_texts(hsd_eval.read_lines(None, name), tokenizer, 0, 64, new_tokens, 8, 8).confirm
-    context = 64 + new_tokens // 2
-    costs = hsd_search.measure_costs(model, context, 7 * repeats)
-    paper = hsd_eval.drafts_of(model.config)
+def draft_rows(model, files):
+    """{label: hsd.Draft}: the paper's drafts at every fixed k in 1..8 and with k="auto", and each draft file as it
+    says, at its best fixed k (found_by.best_fixed) and with k="auto"; and {label: the skip's label in the costs}."""
+    paper = paper_skips(model.config)
     rows = {f"{d}, k={k}": hsd.Draft(d, skip, k, None) for d, skip in paper.items() for k in range(1, 9)}
     rows |= {f"{d}, k=auto": hsd.choose_draft(model, d, "auto") for d in paper}
+    skip_of = {label: label.split(", k=")[0] for label in rows}
     for path in files:
         drafted, _ = hsd.read_draft_file(path, model)
         with open(path, encoding="utf-8") as f:
@@ -259,104 +268,224 @@ def drafts_side_by_side(name, files, new_tokens=64, repeats=3, temperature=0.6, 
             rows[f"{path}, k={fixed['k']}"] = drafted._replace(k=fixed["k"], stop=fixed["stop"])
         if drafted.k != "auto":
             rows[f"{path}, k=auto"] = drafted._replace(k="auto")
-    hsd.warm_up(model, max(hsd.AUTO_MAX, *(d.k for d in rows.values() if d.k != "auto")))
-    c = {}
-    for draft in rows.values():
-        if repr(draft.skip) not in c:
-            c[repr(draft.skip)] = hsd_search.measured_cost(model, draft.skip, context, 7 * repeats)
-    results = {}
-    with tqdm(total=len(prompts) * repeats, desc=f"greedy, {len(rows) + 1} rows (prompts)", file=sys.stderr) as bar:
-        greedy = hsd_search.generations_in_turns(model, prompts, rows, new_tokens, repeats, progress=bar)
-    for label, draft in rows.items():
-        results[label, 0.0] = bench_row(greedy[label][0], greedy["plain"][0], greedy[label][1], c[repr(draft.skip)],
-                                        costs.v)
-    fixed_paper = [label for label in rows if label.split(", k=")[0] in paper and not label.endswith("auto")]
-    best = max(fixed_paper, key=lambda label: results[label, 0.0]["speedup"])
-    sampled_rows = {label: d for label, d in rows.items() if label == best or label not in fixed_paper}
-    with tqdm(total=len(prompts) * repeats, desc=f"T={temperature}, {len(sampled_rows) + 1} rows (prompts)",
-              file=sys.stderr) as bar:
-        sampled = hsd_search.generations_in_turns(model, prompts, sampled_rows, new_tokens, repeats, temperature, seed,
-                                                  bar)
-    for label, draft in sampled_rows.items():
-        results[label, temperature] = bench_row(sampled[label][0], sampled["plain"][0], sampled[label][1],
-                                                c[repr(draft.skip)], costs.v)
-    return results, costs, best
+        skip_of |= {label: path for label in rows if label.startswith(path)}
+    return rows, skip_of
 
 
-def unit_costs(name, context=256, repeats=7):
-    """What leaving out each kind of unit saves per decoding step on this machine, for a model built from its official
-    configuration with random weights (speed does not depend on the weight values), and the acceptance each paper
-    draft would need for S > 1. Returns (costs, {draft: (c, {k: break-even acceptance})})."""
-    import hsd_search
-    config = models.config_from_hf(OFFICIAL_CONFIGS[name]) if name in OFFICIAL_CONFIGS else models.load(name).config
-    model = models.init_random(models.Model(config)).eval().requires_grad_(False) if name in OFFICIAL_CONFIGS \
-        else models.load(name)
+def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, temperatures=(0.0, PAPER_T), seed=0):
+    """Plain decoding against every row of draft_rows, end to end on the test prompts, in turns in one process
+    (cost_model.generations_in_turns), at each temperature; c and v measured at that temperature at the mean context
+    of a generation. Returns {"prompts", "costs": {T: Costs}, "rows": {(label, T): measured_row}, "best": {T: the
+    best fixed paper row}, "runs": {T: the raw runs}, "machine", "warnings"}."""
+    model, tokenizer = models.load(name), models.load_tokenizer(name)
+    machine = cost_model.machine_state(model, "float32")       # before measuring: the load of others, not ours
+    prompts = test_prompts(name, tokenizer, prompt_tokens)
+    context = prompt_tokens + new_tokens // 2
+    rows, skip_of = draft_rows(model, files)
+    skips = {skip_of[label]: draft.skip for label, draft in rows.items()}
+    longest = max(hsd.AUTO_MAX, *(d.k for d in rows.values() if d.k != "auto"))
+    hsd.warm_up(model, longest)
+    result = {"prompts": prompts, "costs": {}, "rows": {}, "best": {}, "runs": {}}
+    for T in temperatures:
+        costs = result["costs"][T] = cost_model.measure_costs(model, skips, context, 7 * turns, longest, T,
+                                                              passes=PASSES)
+        with tqdm(total=len(prompts) * turns, desc=f"T={T}, {len(rows) + 1} rows (prompts x turns)",
+                  file=sys.stderr) as bar:
+            runs = result["runs"][T] = cost_model.generations_in_turns(hsd.generate, model, list(prompts.values()),
+                                                                        rows, new_tokens, turns, T, seed, bar)
+        for label in rows:
+            result["rows"][label, T] = cost_model.measured_row(runs[label], runs["plain"], costs.c[skip_of[label]],
+                                                               costs.v)
+        fixed_paper = [label for label in rows if skip_of[label] in paper_skips(model.config)
+                       and not label.endswith("auto")]
+        best = result["best"][T] = max(fixed_paper, key=lambda label: result["rows"][label, T]["speedup"])
+        for label in rows:                                  # each row against the best fixed paper row
+            result["rows"][label, T]["vs_best_paper"] = cost_model.speedup(runs[label], runs[best])
+            result["rows"][label, T]["vs_best_paper_ci"] = cost_model.speedup_ci(runs[label], runs[best])
+    spread = max((r["turn_speedups"] for r in result["rows"].values()), key=lambda x: max(x) / min(x))
+    busy = cost_model.busy_warning(machine, spread)
+    return {**result, "machine": machine, "warnings": [busy] if busy else []}
+
+
+def side_by_side_lines(name, r, new_tokens):
+    """The results table: every speedup with its 95% interval over the test prompts; greedy rows with the loop
+    measure (the share of the continuations' tokens inside a 4-gram seen before in the same continuation)."""
+    yield (f"{name}: {len(r['prompts'])} test prompts (paragraphs {', '.join(map(str, r['prompts']))} of the held-out "
+           f"text), {new_tokens} new tokens; {machine_words(r['machine'])}")
+    for T, costs in r["costs"].items():
+        noise = "-" if costs.noise["step"] is None else f"{costs.noise['step']:.1%}"
+        yield (f"T={T}: full step {costs.step_s * 1e3:.2f} ms at {costs.context} tokens (noise {noise}); best fixed "
+               f"paper row (chosen on these prompts): {r['best'][T]}")
+    yield (f"{'row':44} {'T':>4} {'speedup [95% CI]':>22} {'vs best paper [95% CI]':>23} {'alpha':>6} {'acc/rnd':>7} "
+           f"{'drf/rnd':>7} {'plain':>5} {'c':>5} {'predicted':>9} {'loops':>6}")
+    for (label, T), x in r["rows"].items():
+        loops = f"{x['repeated_4grams']:6.1%}" if T == 0 else f"{'':6}"
+        yield (f"{label[-44:]:44} {T:4.1f} {x['speedup']:7.3f}x [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}] "
+               f"{x['vs_best_paper']:8.3f} [{x['vs_best_paper_ci'][0]:.3f}, {x['vs_best_paper_ci'][1]:.3f}] "
+               f"{x['alpha'] or 0:6.3f} {x['accepted_per_round'] or 0:7.2f} {x['drafts_per_round'] or 0:7.2f} "
+               f"{x['plain_steps']:5d} {r['costs'][T].c[label.split(', k=')[0]]:5.2f} "
+               f"{x['predicted_speedup']:8.3f}x {loops}")
+    for line in r["warnings"]:
+        yield f"warning: {line}"
+
+
+def side_by_side_json(name, r, new_tokens):
+    """What --out saves: the table's numbers, the costs, the machine, and every raw run (per label, prompt and turn),
+    so that a stranger can bootstrap them again."""
+    return {"model": name, "new_tokens": new_tokens, "test_paragraphs": list(r["prompts"]), "machine": r["machine"],
+            "warnings": r["warnings"], "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
+            "costs": {str(T): c._asdict() for T, c in r["costs"].items()},
+            "rows": [{"row": label, "temperature": T, **x} for (label, T), x in r["rows"].items()],
+            "runs": {str(T): runs for T, runs in r["runs"].items()}}
+
+
+# --- What each unit costs, and the cost against the context ---------------------------------------------------------
+def bench_model(name):
+    """A model to time: an official configuration with random weights (speed does not depend on the weight values),
+    or a trained toy."""
+    if name in OFFICIAL_CONFIGS:
+        return models.init_random(models.Model(models.config_from_hf(OFFICIAL_CONFIGS[name]))).eval().requires_grad_(
+            False)
+    return models.load(name)
+
+
+def unit_costs(name, context=256, turns=7):
+    """What leaving out each kind of unit saves per decoding step on this machine (cost_model.unit_skips, one
+    measure_costs), and c of each paper draft with the per-token acceptance it would need for S > 1. Returns (unit
+    costs, {(unit, layer type): saved per layer}, paper draft costs)."""
+    model = bench_model(name)
     hsd.warm_up(model, hsd.AUTO_MAX)
-    costs = hsd_search.measure_costs(model, context, repeats)
-    drafts = {}
-    for draft, skip in hsd_eval.drafts_of(config).items():
-        c = hsd_search.measured_cost(model, skip, context, repeats)
-        drafts[draft] = (c, {k: cost_model.break_even_acceptance(c, costs.v[k], k) for k in (1, 2, 4, 8)})
-    return costs, drafts
+    kinds = cost_model.unit_kinds(model.config)
+    units = cost_model.measure_costs(model, cost_model.unit_skips(model.config), context, turns, hsd.AUTO_MAX,
+                                     passes=PASSES)
+    saves = {kind: (1 - units.c[kind]) / len(layers) for kind, layers in kinds.items()}
+    drafts = cost_model.measure_costs(model, paper_skips(model.config), context, turns, 8, passes=PASSES)
+    return units, saves, drafts, cost_model.machine_state(model, "float32")
 
 
-def print_side_by_side(name, results, costs, best):
-    print(f"{name}, CPU ({torch.get_num_threads()} threads), fp32; full step {costs.step * 1e3:.2f} ms at "
-          f"{costs.context} tokens; best fixed paper row: {best}")
-    print(f"{'row':52} {'T':>4} {'speedup':>8} {'turns':>17} {'alpha':>6} {'acc/rnd':>7} {'drf/rnd':>7} {'plain':>5} "
-          f"{'c':>5} {'predicted':>9}")
-    for (label, T), r in results.items():
-        print(f"{label[-52:]:52} {T:4.1f} {r['speedup']:7.3f}x {' '.join(f'{x:.2f}' for x in r['ratios']):>17} "
-              f"{r['alpha'] or 0:6.3f} {r['accepted_per_round'] or 0:7.2f} {r['drafted_per_round'] or 0:7.2f} "
-              f"{r['plain_steps']:5d} {r['c']:5.2f} {r['predicted_speedup'] or 0:8.3f}x")
+def unit_lines(name, units, saves, drafts, machine):
+    yield f"{name}: full step {units.step_s * 1e3:.1f} ms at {units.context} tokens; {machine_words(machine)}"
+    yield "one unit left out saves: " + ", ".join(f"{unit} of a {layer_type} layer {s:.1%}"
+                                                  for (unit, layer_type), s in saves.items())
+    yield "v (verify of d+1 tokens): " + ", ".join(f"d={d} {units.v[d]:.2f}" for d in (1, 2, 4, 8, 16))
+    for draft, c in drafts.c.items():
+        yield f"{draft:10} c {c:.2f}; per-token acceptance needed for S > 1: " + ", ".join(
+            f"k={k} {'never' if p is None else f'{p:.2f}'}"
+            for k, p in ((k, cost_model.break_even_acceptance(c, drafts.v[k], k)) for k in (1, 2, 4, 8)))
 
 
-def print_unit_costs(name, costs, drafts):
-    print(f"{name}, random weights, CPU ({torch.get_num_threads()} threads), fp32: full step {costs.step * 1e3:.1f} ms at "
-          f"{costs.context} tokens")
-    print("one unit left out saves: " + ", ".join(f"{unit} of a {layer_type} layer {s:.1%}"
-                                                   for (unit, layer_type), s in costs.saves.items()))
-    print("v (verify of d+1 tokens): " + ", ".join(f"d={d} {costs.v[d]:.2f}" for d in (1, 2, 4, 8, 16)))
-    for draft, (c, needed) in drafts.items():
-        print(f"{draft:10} c {c:.2f}; per-token acceptance needed for S > 1: " + ", ".join(
-            f"k={k} {'never' if p is None else f'{p:.2f}'}" for k, p in needed.items()))
+def context_sweep(name, turns=7, temperature=0.0):
+    """c, v and the predicted speedup of the paper's drafts at every context of CONTEXTS the model's context allows:
+    {context: Costs}; the speedups (sweep_rows) use the paper's acceptance (cost_model.PAPER) for the official models,
+    labelled as such, and the acceptance each k needs to pay off for every model."""
+    model = bench_model(name)
+    hsd.warm_up(model, 8)
+    contexts = [L for L in CONTEXTS if L + 8 + 2 <= model.config.max_position_embeddings]
+    sweep = {}
+    for L in tqdm(contexts, desc="contexts", file=sys.stderr):
+        sweep[L] = cost_model.measure_costs(model, paper_skips(model.config), L, turns, 8, temperature, passes=PASSES)
+    return sweep, cost_model.machine_state(model, "float32")
 
 
+def sweep_rows(name, sweep):
+    """Per context, draft and k in (2, 4, 8): c, v[k], the break-even acceptance, and where the paper reports an
+    acceptance for this model (greedy, single round: alpha, so that a round keeps alpha k drafts), the speedup it
+    predicts."""
+    paper = cost_model.PAPER.get(name, {})
+    rows = []
+    for L, costs in sweep.items():
+        for draft, c in costs.c.items():
+            for k in (2, 4, 8):
+                alpha = paper.get(draft, {}).get("greedy", {}).get(k, (None,))[0]
+                rows.append({"context": L, "draft": draft, "k": k, "c": c, "v": costs.v[k],
+                             "noise_c": costs.noise["c"][draft],
+                             "break_even_acceptance": cost_model.break_even_acceptance(c, costs.v[k], k),
+                             "paper_alpha": alpha, "predicted_speedup_at_paper_alpha": None if alpha is None else
+                             cost_model.predicted_speedup(1 + alpha * k, [k], c, costs.v)})
+    return rows
+
+
+def sweep_lines(name, sweep, rows, machine):
+    yield f"{name}: c, v and the predicted speedup against the context; {machine_words(machine)}"
+    yield ("predicted: at the paper's single-round greedy acceptance for this model (cost_model.PAPER), where it gives "
+           "one" if name in cost_model.PAPER else "no paper acceptance for this model: the acceptance each k needs")
+    yield (f"{'context':>7} {'step ms':>8} {'draft':10} {'k':>2} {'c':>5} {'v[k]':>5} {'needs':>6} {'paper a':>8} "
+           f"{'predicted':>9}")
+    for r in rows:
+        needs = "never" if r["break_even_acceptance"] is None else f"{r['break_even_acceptance']:.2f}"
+        predicted = "" if r["paper_alpha"] is None else f"{r['predicted_speedup_at_paper_alpha']:8.3f}x"
+        paper = "" if r["paper_alpha"] is None else f"{r['paper_alpha']:.3f}"
+        yield (f"{r['context']:7d} {sweep[r['context']].step_s * 1e3:8.2f} {r['draft']:10} {r['k']:2d} {r['c']:5.2f} "
+               f"{r['v']:5.2f} {needs:>6} {paper:>8} {predicted:>9}")
+
+
+# --- Command line ---------------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description="hsd against transformers, and the cost of speculation; with --units, what "
-                                            "each unit costs; with --drafts, drafts side by side end to end.")
+                                            "each unit costs; with --drafts, drafts side by side end to end on the "
+                                            "test prompts; with --context-sweep, c, v and the predicted speedup "
+                                            "against the context.")
     p.error = lambda message: p.exit(2, f"hsd_bench: error: {message} (see --help)\n")
     p.add_argument("model", choices=[*OFFICIAL_CONFIGS, *models.TOYS], help="an official configuration (random "
-                   "weights), or a trained toy (--units, --drafts)")
-    p.add_argument("--tokens", type=int, default=32, help="new tokens of a decoding run (default: 32)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (default: 3)")
-    p.add_argument("--cost-repeats", type=int, default=11, help="runs of each kind of step for c and v (default: 11)")
+                   "weights), or a trained toy (--units, --drafts, --context-sweep)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens of a decoding run (default: 32; --drafts: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; --drafts: turns over the "
+                                                          "test prompts (default: 3)")
+    p.add_argument("--cost-repeats", type=int, default=11, help="turns of each kind of step for c and v (default: 11)")
     p.add_argument("--units", action="store_true", help="what leaving out each kind of unit saves, and the acceptance "
                                                        "the paper's drafts need to pay off")
     p.add_argument("--drafts", nargs="*", metavar="FILE", help="plain decoding, the paper's drafts and these draft "
-                                                               "files end to end on held-out prompts (a toy)")
+                                                               "files end to end on the test prompts (a toy), greedy "
+                                                               f"and at T={PAPER_T}")
+    p.add_argument("--context-sweep", action="store_true", help="c, v and the predicted speedup of the paper's drafts "
+                                                               f"at {', '.join(map(str, CONTEXTS))} tokens (as far as "
+                                                               "the model's context allows)")
     p.add_argument("--context", type=int, default=256, help="with --units: the tokens in the cache (default: 256)")
-    p.add_argument("--json", action="store_true", help="with --drafts or --units: the numbers as one JSON line")
+    p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice)")
+    p.add_argument("--out", help="with --drafts or --context-sweep: save the numbers, and --drafts' raw per-prompt "
+                                 "runs, to this JSON file")
+    p.add_argument("--json", action="store_true", help="with --drafts, --units or --context-sweep: the numbers as one "
+                                                       "JSON line")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be at least 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
     try:
+        if args.out:
+            cost_model.check_writable(args.out, "--out")
         if args.drafts is not None:
             if args.model not in models.TOYS:
                 p.error("--drafts runs on a trained toy (its held-out text): give toy-falcon-h1, toy-qwen3.5 or "
                         "toy-qwen2.5")
-            results, costs, best = drafts_side_by_side(args.model, args.drafts, repeats=args.repeats)
-            print_side_by_side(args.model, results, costs, best)
+            tokens = 64 if args.tokens == p.get_default("tokens") else args.tokens
+            r = drafts_side_by_side(args.model, args.drafts, new_tokens=tokens, turns=args.repeats)
+            print(*side_by_side_lines(args.model, r, tokens), sep="\n")
+            saved = side_by_side_json(args.model, r, tokens)
+            if args.out:
+                cost_model.write_json(args.out, saved)
             if args.json:
-                print(json.dumps({"model": args.model, "best_fixed_paper": best, "step_s": costs.step,
-                                  "v": costs.v, "rows": [{"row": label, "temperature": T, **r}
-                                                         for (label, T), r in results.items()]}))
+                print(json.dumps({key: value for key, value in saved.items() if key != "runs"}))
+            return 0
+        if args.context_sweep:
+            sweep, machine = context_sweep(args.model, args.cost_repeats)
+            rows = sweep_rows(args.model, sweep)
+            print(*sweep_lines(args.model, sweep, rows, machine), sep="\n")
+            saved = {"model": args.model, "machine": machine, "rows": rows,
+                     "costs": {str(L): c._asdict() for L, c in sweep.items()}}
+            if args.out:
+                cost_model.write_json(args.out, saved)
+            if args.json:
+                print(json.dumps(saved))
             return 0
         if args.units:
-            costs, drafts = unit_costs(args.model, context=args.context, repeats=args.cost_repeats)
-            print_unit_costs(args.model, costs, drafts)
+            units, saves, drafts, machine = unit_costs(args.model, context=args.context, turns=args.cost_repeats)
+            print(*unit_lines(args.model, units, saves, drafts, machine), sep="\n")
             if args.json:
-                print(json.dumps({"model": args.model, "step_s": costs.step, "v": costs.v,
-                                  "saves": {f"{u} of a {t} layer": s for (u, t), s in costs.saves.items()},
-                                  "drafts": {d: {"c": c, "break_even": needed} for d, (c, needed) in drafts.items()}}))
+                print(json.dumps({"model": args.model, "machine": machine, "step_s": units.step_s, "v": units.v,
+                                  "saves": {f"{u} of a {t} layer": s for (u, t), s in saves.items()},
+                                  "drafts": {d: {"c": c, "break_even": {k: cost_model.break_even_acceptance(
+                                      c, drafts.v[k], k) for k in (1, 2, 4, 8)}} for d, c in drafts.c.items()}}))
             return 0
         if args.model not in OFFICIAL_CONFIGS:
             p.error("the comparison with transformers runs on an official configuration: " + ", ".join(OFFICIAL_CONFIGS))

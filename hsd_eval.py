@@ -11,7 +11,8 @@ JSON-lines file as soon as it exists, so that an interrupted run resumes where i
   perplexity  of the full model and of each draft on 2048 tokens of text
   speed       multi-round generation on a few prompts: acceptance over whole generations, and the measured speedup
 The inputs are built exactly as the authors' code built them (paper_inputs; RESULTS.md, "The paper's inputs"). This
-module uses hsd's pieces of a round (snapshot, draft, restore, verify, judge); hsd does not import it.
+module uses hsd's pieces of a round (snapshot, draft, restore, verify, judge) and the cost model (cost_model.py: the
+timing of c and v, the predicted speedup, break-even, the bootstrap, the texts); no tool imports it.
 """
 import argparse
 import hashlib
@@ -24,30 +25,13 @@ import sys
 import torch
 from huggingface_hub.utils import tqdm
 
+import cost_model
 import hsd
 import models
 
 KS = (2, 4, 8)                  # the paper's draft lengths
 TEMPERATURE, SEED = 0.6, 0      # the sampled column's temperature, and the seed, unless --temperature / --seed say
-
-# The paper's single-round acceptance (Table A; value, 95% interval or None), greedy and at T = 0.6, for the figure.
-PAPER = {
-    "falcon-h1-0.5b": {"component": {
-        "greedy": {2: (0.68, (0.62, 0.74)), 4: (0.37, (0.335, 0.405)), 8: (0.186, None)},
-        "T=0.6": {2: (0.56, (0.505, 0.615)), 4: (0.3875, (0.346, 0.43)), 8: (0.224, (0.19, 0.259))}}},
-    "falcon-h1-3b": {"component": {
-        "greedy": {2: (0.59, None), 4: (0.351, None), 8: (0.186, None)},
-        "T=0.6": {2: (0.495, (0.4375, 0.5525)), 4: (0.374, (0.326, 0.424)), 8: (0.2175, (0.186, 0.252))}}},
-    "qwen3.5-0.8b": {
-        "component": {
-            "greedy": {2: (0.0375, None), 4: (0.01875, None), 8: (0.0094, None)},
-            "T=0.6": {2: (0.0725, (0.045, 0.105)), 4: (0.04, (0.0225, 0.06)), 8: (0.0094, (0.0031, 0.0175))}},
-        "layerskip": {"greedy": {4: (0.2325, None)}},
-        "early-exit": {"greedy": {4: (0.0, None)}}},
-    "qwen2.5-0.5b": {"layerskip": {
-        "greedy": {2: (0.52, None), 4: (0.326, None), 8: (0.179, None)},
-        "T=0.6": {2: (0.4275, (0.375, 0.4825)), 4: (0.306, (0.262, 0.351)), 8: (0.191, (0.161, 0.223))}}},
-}
+PASSES = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)   # what the cost model times
 
 # The trained toys are measured beside the paper's numbers for the model of their family.
 PAPER_MODEL = {"toy-falcon-h1": "falcon-h1-0.5b", "toy-qwen3.5": "qwen3.5-0.8b", "toy-qwen2.5": "qwen2.5-0.5b"}
@@ -56,56 +40,9 @@ PAPER_MODEL = {"toy-falcon-h1": "falcon-h1-0.5b", "toy-qwen3.5": "qwen3.5-0.8b",
 def paper_model(name):
     """The model whose paper numbers a measurement of `name` stands beside (itself, or a toy's family's), or None."""
     name = PAPER_MODEL.get(name, name)
-    return name if name in PAPER else None
-
-TINY_TEXT = [  # what hsd_eval reads for tiny-* models, offline: lines long enough for every protocol of paper_inputs
-    " = Speculative decoding = ",
-    " Speculative decoding drafts a few tokens with a cheap model and then checks all of them with the expensive "
-    "model in a single pass. The longest prefix that the expensive model agrees with is kept, and one more token "
-    "comes from the expensive model itself. ",
-    " A hybrid language model mixes recurrent layers such as Mamba-2 or Gated DeltaNet with a few layers of softmax "
-    "attention, so that most of the sequence is summarised in a state of fixed size. ",
-    " Because a recurrent state summarises everything seen so far, it cannot be cut back the way a cache of keys and "
-    "values can. The decoder keeps a snapshot before drafting and the state after every verified position, and picks "
-    "the one after the last accepted token. ",
-    " The draft model inside a hybrid is the same network with its attention switched off, sharing every weight. ",
-    "",
-    " = = Measurements = = ",
-    " Acceptance is the share of drafted tokens that the full model keeps; it is not a speedup, since a draft step and "
-    "a verify pass both cost time. The cost model divides the tokens a round yields by what the round costs. ",
-    " Perplexity with the attention removed says how much of the model's knowledge lives in its attention layers, and "
-    "the paper found that this ratio predicts whether the draft is any good. ",
-    " Divergence compares the two next-token distributions at every position of a text. ",
-    " At a temperature the draft samples its tokens, and the full model accepts each with a probability that makes the "
-    "output follow its own distribution exactly, whatever the draft proposed. ",
-]
-
+    return name if name in cost_model.PAPER else None
 
 # --- The inputs: the authors' text handling, exactly -------------------------------------------------------------
-def read_lines(path, model_name):
-    """The raw lines of the text: a file; for tiny-* models their built-in text, for the toys their held-out text;
-    else WikiText-2 raw validation (the paper's)."""
-    if model_name in models.TINY and not path:
-        return list(TINY_TEXT)
-    path = path or (os.path.join(models.TOYS_DIR, "text", "heldout.txt") if model_name in models.TOYS else None)
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
-            raise models.UsageError(f"cannot read --text {path}: {reason}") from None
-    try:
-        import pyarrow.parquet as pq
-        from huggingface_hub import hf_hub_download
-        file = hf_hub_download("Salesforce/wikitext", "wikitext-2-raw-v1/validation-00000-of-00001.parquet",
-                               repo_type="dataset")
-        return [line.rstrip("\n") for line in pq.read_table(file).column("text").to_pylist()]
-    except Exception as e:      # no network and nothing cached, or no pyarrow to read the parquet file
-        raise models.UsageError(f"cannot read WikiText-2 (it needs the Hub and `pip install pyarrow`): "
-                                f"{type(e).__name__}: {str(e)[:80]}; or pass --text FILE") from None
-
-
 def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
     """The token ids of every protocol, as the authors' code made them. Every line is stripped first (WikiText's
     lines start with a space and end with " "); lengths are those of stripped lines; encode() adds the special tokens
@@ -133,21 +70,6 @@ def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def check_writable(path, flag):
-    """A UsageError, before anything is measured, unless path can be written as a file: not a folder, and open for
-    appending (which truncates nothing: a resume file stays whole), or created and removed again."""
-    if os.path.isdir(path):
-        raise models.UsageError(f"cannot write {flag} {path}: it is a folder: give a file name")
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise models.UsageError(f"cannot write {flag} {path}: {e.strerror}") from None
-    if not existed:
-        os.remove(path)
 
 
 # --- The measurements ----------------------------------------------------------------------------------------------
@@ -202,55 +124,20 @@ def nll(model, ids, skip=None, chunk=256):
 
 
 def step_times(model, skips, ks, context, repeats=7):
-    """Median seconds at a context: a full decoding step ("full"), a draft step (by name), a verify pass (by k), and,
-    for the run's estimate, the logits of one position ("logits") and the prefill of the context ("prefill", once)."""
-    cache = models.Cache(model, context + max(ks) + 2)
-    tokens = torch.randint(model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
-    token = torch.tensor([[1]], device=cache.device)
-    t0 = hsd.clock(cache.device)
-    hsd.prefill(model, cache, tokens)
-    prefill_s = hsd.clock(cache.device) - t0                   # once: only the run's estimate needs it
-    snap = hsd.snapshot(cache)
+    """Seconds at a context, from the cost model's harness (cost_model.measure_costs, greedy, `repeats` turns): a full
+    decoding step ("full"), a draft step (by name), a verify pass (by k, k drafts); and, for the run's estimate only,
+    the logits of one position ("logits") and the prefill of the context ("prefill", once)."""
+    costs = cost_model.measure_costs(model, skips, context, repeats, max(ks), passes=PASSES)
+    cache = models.Cache(model, context)
+    t0 = cost_model.clock(cache.device)
+    hsd.prefill(model, cache, [i % model.config.vocab_size for i in range(1, context + 1)])
+    prefill_s = cost_model.clock(cache.device) - t0
     rows = torch.zeros(64, model.config.hidden_size, device=cache.device, dtype=model.lm_head.weight.dtype)
-    steps = {"full": lambda: model(token, cache), **{k: lambda k=k: hsd.verify(model, cache, 1, [1] * k) for k in ks},
-             **{d: lambda s=s: model(token, cache, skip=s) for d, s in skips.items()},
-             "logits": lambda: model.logits(rows)}
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):                   # the kinds of step take turns, so that drift affects all alike
-        for name, step in steps.items():
-            t0 = hsd.clock(cache.device)
-            step()
-            samples[name].append(hsd.clock(cache.device) - t0)
-            hsd.restore(cache, snap)
-    medians = {name: sorted(s)[repeats // 2] for name, s in samples.items()}
-    medians["logits"] /= len(rows)
-    return {**medians, "prefill": prefill_s}
-
-
-def bootstrap_ci(values, resamples=10_000, seed=0):
-    """95% percentile interval of the mean, resampling the values with replacement."""
-    v = torch.tensor(values, dtype=torch.float64)
-    means = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))].mean(dim=1)
-    return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
-
-
-def predicted_speedup(a, k, c, v):
-    """Tokens per round over a round's cost in full decoding steps: (1 + a) / (k c + v), a = accepted drafts per round."""
-    return (1 + a) / (k * c + v)
-
-
-def break_even(times, draft, k, a, max_context):
-    """The context from which on the predicted speedup (1 + a) t_full / (k t_draft + t_verify) exceeds 1, each time
-    linear in L through the two measured contexts: 0 if it does at both, None if not up to max_context."""
-    (L0, t0), (L1, t1) = times.items()
-    gap0 = (1 + a) * t0["full"] - k * t0[draft] - t0[k]
-    gap1 = (1 + a) * t1["full"] - k * t1[draft] - t1[k]
-    if min(gap0, gap1) >= 0:
-        return 0
-    if gap1 <= gap0:                                     # not rising: never pays off beyond the measured contexts
-        return None
-    crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0)
-    return round(crossing) if crossing <= max_context else None
+    t0 = cost_model.clock(cache.device)
+    model.logits(rows)
+    logits_s = (cost_model.clock(cache.device) - t0) / len(rows)
+    return {"full": costs.step_s, **{d: costs.c[d] * costs.step_s for d in skips},
+            **{k: costs.v[k] * costs.step_s for k in ks}, "logits": logits_s, "prefill": prefill_s}
 
 
 # --- A run that survives interruption: its records, saved as they come ---------------------------------------------
@@ -387,7 +274,7 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
         records.add("costs", L, {str(k): v for k, v in step_times(model, skips, KS, L).items()})
     times = {L: {int(k) if k.isdigit() else k: v for k, v in records.saved["costs", L].items()} for L in contexts}
 
-    paper = PAPER.get(paper_model(model_name), {})
+    paper = cost_model.PAPER.get(paper_model(model_name), {})
     todo = {phase: [items[i] for i in records.missing(phase, len(items))] for phase, items in inputs.items()}
 
     def accepted_per_round(draft, k):                     # the paper's greedy alpha where it has one, else 0
@@ -445,16 +332,18 @@ def summarize(model, inputs, skips, records, contexts, times, temperature, files
             for variant in ("shared", "independent", "sampled_shared", "sampled_independent"):
                 accepted = [min(a[draft][variant], k) / k for a in alphas]
                 row[f"alpha_{variant}"] = sum(accepted) / len(accepted)
-                row[f"ci_{variant}"] = bootstrap_ci(accepted)
+                row[f"ci_{variant}"] = cost_model.bootstrap_ci(accepted)
                 row[f"histogram_{variant}"] = [sum(min(a[draft][variant], k) == n for a in alphas) for n in range(k + 1)]
             runs = [s[draft][str(k)] for s in speed]
             total = {x: sum(r[x] for r in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
             row["alpha_multi"] = total["accepted"] / total["drafted"] if total["drafted"] else None
             row["accepted_per_round"] = a = total["accepted"] / total["rounds"] if total["rounds"] else None
             row["v"] = times[contexts[0]][k] / times[contexts[0]]["full"]
-            row["predicted_speedup"] = predicted_speedup(a, k, d["c"], row["v"]) if a is not None else None
+            row["predicted_speedup"] = (cost_model.predicted_speedup(1 + a, [k], d["c"], {k: row["v"]})
+                                        if a is not None else None)          # a round of k makes 1 + a tokens
             row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate if runs else None
-            row["break_even_context"] = break_even(times, draft, k, a, c.max_position_embeddings) if a is not None else None
+            row["break_even_context"] = (cost_model.break_even(times, draft, k, a, c.max_position_embeddings)
+                                         if a is not None else None)
     for path, found in (files or {}).items():          # a draft file's numbers under their own key
         d = result["draft_files"][path] = result["drafts"].pop(path)
         runs = [s[path]["found"] for s in speed]
@@ -472,7 +361,7 @@ def run(args, model, tokenizer):
         raise models.UsageError("the sampled column needs a --temperature above 0 (the greedy column is always there)")
     temperature = TEMPERATURE if args.temperature is None else args.temperature
     seed = SEED if args.seed is None else args.seed
-    lines = read_lines(args.text, args.model)
+    lines = cost_model.read_lines(args.text, args.model)
     inputs = paper_inputs(lines, tokenizer, model.config.max_position_embeddings, max(args.prompts, 0),
                           max(args.speed_prompts, 0))
     if not inputs["alpha"]:
@@ -495,13 +384,18 @@ def run(args, model, tokenizer):
         header["draft_files"] = {path: file_sha256(path) for path in files}
     for path, flag in ((args.plot, "--plot"), (args.out, "--out")):
         if path:
-            check_writable(path, flag)
+            cost_model.check_writable(path, flag)
     records = Records(args.out, header)
+    machine = cost_model.machine_state(model, args.dtype)          # before measuring: the load of others, not ours
+    busy = cost_model.busy_warning(machine)
+    if busy:
+        print(f"hsd_eval: warning: {busy}", file=sys.stderr)
     try:
         contexts, times = measure(model, args.model, inputs, skips, records, args.max_new_tokens, temperature, seed,
                                   files)
         result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature, files),
-                  "seed": seed, "paper": PAPER.get(paper_model(args.model), {}), "paper_model": paper_model(args.model)}
+                  "seed": seed, "paper": cost_model.PAPER.get(paper_model(args.model), {}),
+                  "paper_model": paper_model(args.model), "machine": machine, "warnings": [busy] if busy else []}
     except KeyboardInterrupt:
         if not args.out:
             raise KeyboardInterrupt("nothing was saved (--out FILE keeps results as they come)") from None
@@ -649,8 +543,14 @@ def main(argv=None):
                                                                    "the paper's drafts; may be given more than once")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice; timings on a busy machine "
+                                               "are steadier with 1)")
     p.add_argument("--json", action="store_true", help="the results as one JSON object on the last line")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be at least 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
     try:
         model = models.load(args.model, getattr(torch, args.dtype), args.device)
         result = run(args, model, models.load_tokenizer(args.model))

@@ -43,11 +43,9 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import namedtuple
@@ -67,42 +65,23 @@ TEMPERATURES = (0.0, 0.6)                # the temperatures a draft file predict
 
 
 # --- 1. The calibration --------------------------------------------------------------------------------------------
-Split = namedtuple("Split", "calibration paragraphs test")
-# paragraph indices (lines of the text): calibration prompts, paragraphs followed along, test prompts; disjoint
+Drawn = namedtuple("Drawn", "calibration paragraphs test")
+# paragraph indices (cost_model.paragraphs'): calibration prompts and paragraphs followed along, drawn from the
+# calibration side of cost_model.split, and the test prompts the search confirms on, from its test side
 Calibration = namedtuple("Calibration", "continuations paragraphs start")
 # continuations: (B, T) token ids, each calibration prompt and the full model's continuation of it (greedy, or sampled
 # at the search's temperature); paragraphs: (B, T), real paragraphs of the text; start: the prompts' length
 
 
-def read_lines(path, model_name):  # belongs in cost_model (the texts)
-    """The raw lines of the text: a file; for toys and tiny-* models the toys' held-out text."""
-    path = path or (os.path.join(models.TOYS_DIR, "text", "heldout.txt")
-                    if model_name in models.TOYS or model_name in models.TINY else None)
-    if not path:
-        raise models.UsageError("give the text to search on with --text FILE (a paragraph per line)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise models.UsageError(f"cannot read --text {path}: "
-                                f"{e.strerror if isinstance(e, OSError) else 'it is not UTF-8 text'}") from None
-
-
-def long_paragraphs(lines, tokenizer, length):
-    """{line index: token ids} of the paragraphs of at least `length` tokens."""
-    ids = {i: tokenizer.encode(line.strip()).ids for i, line in enumerate(lines) if line.strip()}
-    return {i: t for i, t in ids.items() if len(t) >= length}
-
-
-def split_paragraphs(indices, seed, count, test):  # belongs in cost_model (the splits)
-    """Split: the last `test` paragraphs are the test prompts; `count` calibration prompts and `count` paragraphs
-    are drawn (seed) from the others."""
-    if len(indices) < 2 * count + test:
-        raise models.UsageError(f"the text has {len(indices)} paragraphs long enough; the search needs "
-                                f"{2 * count + test}: give a longer --text, or fewer --prompts")
-    rest, held = indices[:-test], indices[-test:]
-    drawn = random.Random(seed).sample(rest, 2 * count)
-    return Split(drawn[:count], drawn[count:], held)
+def draw(split, seed, count, test):
+    """Drawn from a cost_model.Split: `count` calibration prompts and `count` paragraphs (seed) from its calibration
+    side, and `test` of its test paragraphs spread evenly over them (the search's short confirmation)."""
+    if len(split.calibration) < 2 * count:
+        raise models.UsageError(f"the text has {len(split.calibration)} calibration paragraphs long enough; the search "
+                                f"needs {2 * count}: give a longer --text, or fewer --prompts")
+    drawn = random.Random(seed).sample(split.calibration, 2 * count)
+    step = len(split.test) / min(test, len(split.test))
+    return Drawn(drawn[:count], drawn[count:], [split.test[int(i * step)] for i in range(min(test, len(split.test)))])
 
 
 @torch.inference_mode()
@@ -114,95 +93,33 @@ def continuations(model, prompts, new_tokens, temperature, seed):
     return torch.tensor(rows, device=model.lm_head.weight.device)
 
 
-def calibration(model, paragraphs, split, prompt_tokens, new_tokens, temperature, seed):
-    """The Calibration of a split: the continuations of its prompts, and its paragraphs cut to one length."""
-    prompts = [paragraphs[i][:prompt_tokens] for i in split.calibration]
-    text = torch.tensor([paragraphs[i][:prompt_tokens + new_tokens] for i in split.paragraphs],
+def calibration(model, paragraphs, drawn, prompt_tokens, new_tokens, temperature, seed):
+    """The Calibration of what was drawn: the continuations of its prompts, and its paragraphs cut to one length."""
+    prompts = [paragraphs[i][:prompt_tokens] for i in drawn.calibration]
+    text = torch.tensor([paragraphs[i][:prompt_tokens + new_tokens] for i in drawn.paragraphs],
                         device=model.lm_head.weight.device)
     return Calibration(continuations(model, prompts, new_tokens, temperature, seed), text, prompt_tokens)
 
 
 # --- 2. The costs --------------------------------------------------------------------------------------------------
-Costs = namedtuple("Costs", "step_s c v noise context")
-# step_s: a full decoding step in seconds; c[label]: a draft step over a full step; v[d]: a verify pass of d + 1
-# tokens over a full step, non-decreasing in d; noise[label]: c's relative difference between the two halves of the
-# turns; context: the tokens of context they were measured at
-
-
 def longest_round(method):
     """The most drafts a round can have: k="auto"'s largest, or ConfLayers' (its verify passes are measured too)."""
     return CONFLAYERS["k"] if method == "conflayers" else hsd.AUTO_MAX
 
 
-def monotone(values):  # belongs in cost_model (v fitted monotone)
-    """The non-decreasing sequence closest to values in least squares (pool adjacent violators)."""
-    blocks = []                                              # [mean, size]
-    for x in values:
-        blocks.append([x, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (a, n), (b, m) = blocks.pop(-2), blocks.pop()
-            blocks.append([(a * n + b * m) / (n + m), n + m])
-    return [mean for mean, size in blocks for _ in range(size)]
+PASSES = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)   # the round's passes the costs time
 
 
-def half_difference(ratios):  # belongs in cost_model (a cost's noise)
-    """The relative difference between the medians of the first and the second half of the turns."""
-    half = len(ratios) // 2
-    return abs(statistics.median(ratios[:half]) - statistics.median(ratios[half:])) / statistics.median(ratios)
+def measure_costs(model, skips, context, turns, longest, temperature):
+    """cost_model.measure_costs of hsd's passes: c of each of skips ({label: Skip}), v, their noise."""
+    return cost_model.measure_costs(model, skips, context, turns, longest, temperature, passes=PASSES)
 
 
-@torch.inference_mode()
-def measure_costs(model, skips, context, turns, longest):  # belongs in cost_model (measure_costs)
-    """Costs at a context for the drafts skips ({label: models.Skip}) and verify passes of 1..longest drafts: in each
-    turn a full step first and last and every call between them, each call over that turn's full step (the machine's
-    drift affects both alike), the median over turns (two more warm up); the cache put back after each call."""
-    cache = models.Cache(model, context + longest + 2)
-    hsd.prefill(model, cache, [i % model.config.vocab_size for i in range(1, context + 1)])
-    snap, token = hsd.snapshot(cache), torch.tensor([[1]], device=cache.device)
-    calls = {label: lambda s=skip: model(token, cache, skip=s) for label, skip in skips.items()}
-    calls |= {d: lambda d=d: hsd.verify(model, cache, 1, [1] * d) for d in range(1, longest + 1)}
-    steps, ratios = [], {name: [] for name in calls}
-
-    def seconds(call):
-        t0 = cost_model.clock(cache.device)
-        call()
-        t = cost_model.clock(cache.device) - t0
-        hsd.restore(cache, snap)
-        return t
-    for turn in range(turns + 2):
-        before = seconds(lambda: model(token, cache))
-        times = {name: seconds(call) for name, call in calls.items()}
-        step = (before + seconds(lambda: model(token, cache))) / 2
-        if turn >= 2:
-            steps.append(step)
-            for name, t in times.items():
-                ratios[name].append(t / step)
-    v = monotone([statistics.median(ratios[d]) for d in range(1, longest + 1)])
-    return Costs(statistics.median(steps), {label: statistics.median(ratios[label]) for label in skips},
-                 dict(zip(range(1, longest + 1), v)), {label: half_difference(ratios[label]) for label in skips},
-                 context)
-
-
-def round_cost(d, c, v):  # belongs in cost_model (round_cost)
-    """What a round drafting d tokens costs in full steps: d draft steps and a verify pass of d + 1 tokens."""
-    return d * c + v[d]
-
-
-def component_kinds(config):
-    """{(what is left out, layer type): the layers that have it}: "layers" (a whole layer) and models.UNITS."""
-    kinds = {}
-    for i, layer_type in enumerate(config.layer_types):
-        for part in ("layers", *models.units_of(layer_type)):
-            kinds.setdefault((part, layer_type), []).append(i)
-    return kinds
-
-
-def unit_savings(model, context, turns, longest):
-    """(Costs of the full model, {(part, layer type): the share of a step leaving out one such part saves}): from
-    steps leaving it out of all layers of its type."""
-    kinds = component_kinds(model.config)
-    costs = measure_costs(model, {kind: models.Skip(**{kind[0]: layers}) for kind, layers in kinds.items()}, context,
-                          turns, longest)
+def unit_savings(model, context, turns, longest, temperature):
+    """(Costs of steps leaving out each kind of unit in all layers of its type, {(unit, layer type): the share of a
+    step leaving out one such unit saves}): what composed_cost composes."""
+    kinds = cost_model.unit_kinds(model.config)
+    costs = measure_costs(model, cost_model.unit_skips(model.config), context, turns, longest, temperature)
     return costs, {kind: (1 - costs.c[kind]) / len(layers) for kind, layers in kinds.items()}
 
 
@@ -351,7 +268,7 @@ def replay(estimates, k, stop, c, v):
             else:
                 d = drafts_in_round(e.sure[i], k_round, stop)
                 a = expected_accepted(e.accept[i], d)
-                tokens, cost, rounds = tokens + a + 1, cost + round_cost(d, c, v), rounds + 1
+                tokens, cost, rounds = tokens + a + 1, cost + cost_model.round_cost(d, c, v), rounds + 1
                 drafted, accepted = drafted + d, accepted + a
             if k == "auto":
                 plan = hsd.auto_k(plan, d, round(a))
@@ -359,7 +276,8 @@ def replay(estimates, k, stop, c, v):
     return Replay(tokens, cost, rounds, drafted, accepted)
 
 
-def speedup(r):  # belongs in cost_model (predicted_speedup)
+def speedup(r):
+    """The speedup a Replay predicts: tokens made over what their rounds cost (cost_model's predicted speedup)."""
     return r.tokens / r.cost
 
 
@@ -653,46 +571,6 @@ def refine(model, rows, start, skips, costs, longest, temperature, progress, pla
 
 
 # --- 5. Confirm: generations of the test prompts ------------------------------------------------------------------
-@torch.inference_mode()
-def generations_in_turns(model, prompts, drafts, new_tokens, repeats, temperature, seed, progress):
-    # belongs in cost_model (generations_in_turns)
-    """Plain decoding and each of drafts ({label: hsd.Draft}) on every prompt, `repeats` turns: in each turn every
-    prompt in turn, and for each prompt every label in turn, so that a label's runs and plain decoding's of the same
-    prompt lie seconds apart. {label: [per prompt: [per turn: statistics]]}, "plain" first; at a temperature, prompt
-    i of a turn is seeded alike for all labels."""
-    labels = {"plain": hsd.Draft("none", None, 1, None), **drafts}
-    runs = {label: [[] for _ in prompts] for label in labels}
-    for turn in range(repeats):
-        for i, prompt in enumerate(prompts):
-            for label, draft in labels.items():
-                _, stats = hsd.generate(model, prompt, new_tokens, draft=draft, temperature=temperature,
-                                        seed=seed + 1000 * turn + i if temperature else None)
-                runs[label][i].append(stats)
-            progress(turn * len(prompts) + i + 1, repeats * len(prompts))
-    return runs
-
-
-def bootstrap_ci(values, samples=2000, seed=0):  # belongs in cost_model (bootstrap_ci)
-    """A 95% interval of the mean of values, resampled."""
-    rng = random.Random(seed)
-    means = sorted(statistics.mean(rng.choices(values, k=len(values))) for _ in range(samples))
-    return [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
-
-
-def measured_row(runs, plain):  # belongs in cost_model (measured_row)
-    """What generations of a label measured against plain decoding's: the speedup (per prompt the ratio of its
-    median tokens per second to plain's; their mean and 95% interval over prompts), rounds, drafts and accepted per
-    round, alpha."""
-    ratios = [statistics.median(s["tokens_per_s"] for s in r) / statistics.median(s["tokens_per_s"] for s in p)
-              for r, p in zip(runs, plain)]
-    last = [r[-1] for r in runs]
-    rounds, drafted, accepted = (sum(s[x] for s in last) for x in ("rounds", "drafted", "accepted"))
-    return {"speedup": statistics.mean(ratios), "interval": bootstrap_ci(ratios), "per_prompt": ratios,
-            "rounds": rounds, "plain_steps": sum(s["plain_steps"] for s in last),
-            "accepted_per_round": accepted / rounds if rounds else None,
-            "drafts_per_round": drafted / rounds if rounds else None, "alpha": accepted / drafted if drafted else None}
-
-
 def estimate_error(predicted, measured):
     """The estimate against the confirmation: accepted drafts per round and S, predicted and measured, and the
     relative error of each."""
@@ -707,11 +585,11 @@ def estimate_error(predicted, measured):
 
 def contradicted(predicted, measured):
     """Whether a measurement contradicts a prediction: outside the measurement's interval and more than 10% off."""
-    low, high = measured["interval"]
+    low, high = measured["ci"]
     return not low <= predicted <= high and abs(predicted - measured["speedup"]) > 0.1 * measured["speedup"]
 
 
-def warnings_of(winner, runner_up, measured, paper_labels, costs):
+def warnings_of(winner, runner_up, measured, paper_labels, costs, state):
     """The loud warnings of a search: its draft measured below plain decoding or below a paper draft it measured, its
     prediction contradicted by its measurement, costs too noisy to rank the finalists, a busy machine."""
     found, said = measured["found"], []
@@ -722,59 +600,16 @@ def warnings_of(winner, runner_up, measured, paper_labels, costs):
             said.append(f"the draft measured {found['speedup']:.3f}x, the paper's {label} draft "
                         f"{measured[label]['speedup']:.3f}x: a paper draft is faster")
     if contradicted(winner.speedup, found):
-        low, high = found["interval"]
+        low, high = found["ci"]
         said.append(f"predicted {winner.speedup:.3f}x, measured {found['speedup']:.3f}x [{low:.3f}, {high:.3f}]: the "
                     "prediction does not hold")
-    noise = max(costs.noise.values())
+    noise = max(costs.noise["c"].values())
     if runner_up is not None and winner.speedup - runner_up.speedup < noise * winner.speedup:
         said.append(f"costs moved by up to {noise:.1%} between the halves of their turns, more than the "
                     f"{1 - runner_up.speedup / winner.speedup:.1%} between the two best drafts' predicted speedups: "
                     "the machine is too busy to rank them")
-    busy = busy_warning()
+    busy = cost_model.busy_warning(state, found["turn_speedups"])
     return said + ([busy] if busy else [])
-
-
-def busy_warning():  # belongs in cost_model (busy_warning)
-    """One line if the load average says another process competes for the cores, else None."""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > max(1, cores - 1):
-        return f"load average {load:.1f} on {cores} cores: the machine is busy and its timings are unreliable"
-    return None
-
-
-def machine_state(model, dtype):  # belongs in cost_model (machine_state)
-    device = model.lm_head.weight.device
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"device": models.device_name(device), "dtype": dtype, "threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average": list(os.getloadavg()),
-            "torch": torch.__version__, "commit": commit}
-
-
-def check_writable(path, flag):  # belongs in cost_model (check_writable)
-    """A UsageError, before anything is measured, unless path can be written as a file."""
-    if os.path.isdir(path):
-        raise models.UsageError(f"cannot write {flag} {path}: it is a folder: give a file name")
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise models.UsageError(f"cannot write {flag} {path}: {e.strerror}") from None
-    if not existed:
-        os.remove(path)
-
-
-def write_json(path, value):  # belongs in cost_model (write_json)
-    """Write value to path as JSON, through a file beside it and a rename: an interrupted write leaves no half file."""
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-        f.write("\n")
-    os.replace(partial, path)
 
 
 # --- 6. The draft file ---------------------------------------------------------------------------------------------
@@ -795,19 +630,32 @@ def paper_drafts(config):
 
 # --- The command line ----------------------------------------------------------------------------------------------
 class Progress:
-    """A progress line on stderr: `label: done/total (percent), about N s left`. The callers' done only grows and
-    their total only falls, so the line never goes back."""
+    """A progress line on stderr: `label: done/total (percent), about N s left`, or with bounded=True (a total that
+    is a bound, which falls as the work learns it needs less) `label: done of at most total, at most N s left`. The
+    callers' done only grows and their total only falls, so the line never goes back. Called as progress(done,
+    total), or update(n) with a total given at the start (cost_model.generations_in_turns calls update(1))."""
 
-    def __init__(self, label, stream=sys.stderr):
-        self.label, self.stream, self.t0, self.shown = label, stream, time.time(), (0, 0)
+    def __init__(self, label, total=None, bounded=False, stream=None):
+        self.label, self.total, self.bounded, self.done = label, total, bounded, 0
+        self.stream = stream or sys.stderr
+        self.t0 = time.time()
 
     def __call__(self, done, total):
-        elapsed = time.time() - self.t0
-        left = f", about {elapsed / done * (total - done):.0f} s left" if 0 < done < total else ""
-        self.stream.write(f"\r{self.label}: {done}/{total} ({done / max(1, total):.0%}){left}   ")
+        self.done, self.total, elapsed = done, total, time.time() - self.t0
         if done >= total:
-            self.stream.write(f"\r{self.label}: {done}/{total} in {elapsed:.0f} s{' ' * 20}\n")
+            self.stream.write(f"\r{self.label}: {done} in {elapsed:.0f} s{' ' * 40}\n")
+        else:
+            left = elapsed / done * (total - done) if done else None
+            if self.bounded:
+                self.stream.write(f"\r{self.label}: {done} of at most {total}"
+                                  f"{f', at most about {left:.0f} s left' if left is not None else ''}   ")
+            else:
+                self.stream.write(f"\r{self.label}: {done}/{total} ({done / total:.0%})"
+                                  f"{f', about {left:.0f} s left' if left is not None else ''}   ")
         self.stream.flush()
+
+    def update(self, n):
+        self(self.done + n, self.total)
 
 
 def describe_candidate(label, cand):
@@ -818,17 +666,19 @@ def describe_candidate(label, cand):
 
 
 def describe_measured(m, c):
-    low, high = m["interval"]
+    low, high = m["ci"]
     return (f"{'':12} measured: speedup {m['speedup']:.3f} [{low:.3f}, {high:.3f}], {m['accepted_per_round'] or 0:.2f} "
             f"of {m['drafts_per_round'] or 0:.2f} drafts kept per round, c {c:.3f}")
 
 
 def texts(args, tokenizer):
-    """Step 1's text: ({line index: token ids} of the paragraphs long enough, their Split, the text's sha256)."""
-    lines = read_lines(args.text, args.model)
-    paragraphs = long_paragraphs(lines, tokenizer, args.prompt_tokens + args.new_tokens)
-    split = split_paragraphs(sorted(paragraphs), args.seed, args.prompts, args.test_prompts)
-    return paragraphs, split, hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    """Step 1's text: ({paragraph index: token ids}, the cost_model.Split, what the search Drawn from it, the text's
+    sha256)."""
+    lines = cost_model.read_lines(args.text, args.model)
+    paragraphs = cost_model.paragraphs(lines, tokenizer)
+    split = cost_model.split(paragraphs, args.prompt_tokens + args.new_tokens)
+    drawn = draw(split, args.seed, args.prompts, args.test_prompts)
+    return paragraphs, split, drawn, hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def choose(args, model, calib, savings_costs, savings, paper, on_best):
@@ -841,19 +691,19 @@ def choose(args, model, calib, savings_costs, savings, paper, on_best):
     if args.method == "search":
         stops = STOPS if args.temperature == 0 else (None,)
         starts = [rank(s, skip, stops=stops) for skip in paper.values()]
-        ranked, _ = search(s, starts, Progress("search (candidates ranked, of at most)"), on_best)
+        ranked, _ = search(s, starts, Progress("search: candidates ranked", bounded=True), on_best)
         skips, plans, ran = finalists(ranked, paper, REFINED), None, None
     else:
         ran = conflayers(model, [row[:calib.start] for row in rows.tolist()], args.conflayers_tokens,
-                         Progress("ConfLayers (tokens generated)"))
+                         Progress("ConfLayers: tokens generated", bounded=True))
         skips = {"conflayers": models.Skip(layers=ran.layers), **paper}
         plans, ranked = {"conflayers": (CONFLAYERS["k"], CONFLAYERS["stop"])}, {}
         on_best(planned(skips["conflayers"], teacher_forced_estimates(model, rows, skips["conflayers"], calib.start,
                                                                       longest, args.temperature),
                         composed_cost(model.config, skips["conflayers"], savings), s.v, *plans["conflayers"]), 1)
-    costs = measure_costs(model, skips, args.context, args.repeats * 7, longest)
+    costs = measure_costs(model, skips, args.context, args.repeats * 7, longest, args.temperature)
     refined = refine(model, rows, calib.start, skips, costs, longest, args.temperature,
-                     Progress("refine (drafts estimated as generation runs them)"), plans)
+                     Progress("refine: finalists estimated as generation drafts"), plans)
     own = {label: cand for label, cand in refined.items() if label not in paper}
     winner = max(own.values(), key=lambda cand: cand.speedup)
     return winner, refined, costs, len(ranked) or 1, ran
@@ -876,9 +726,11 @@ def confirm(args, model, test, labelled, costs):
     """Step 5: generations of the test prompts ({label: measured_row}) and the estimate made on the test prompts'
     own continuations ({label: Candidate}), whose error is the estimator's own."""
     drafts = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop) for label, cand in labelled.items()}
-    runs = generations_in_turns(model, test, drafts, args.new_tokens, args.repeats, args.temperature, args.seed,
-                                Progress("confirm (test prompts x turns)"))
-    measured = {label: measured_row(runs[label], runs["plain"]) for label in drafts}
+    runs = cost_model.generations_in_turns(hsd.generate, model, test, drafts, args.new_tokens, args.repeats,
+                                           args.temperature, args.seed,
+                                           Progress("confirm: test prompts x turns", args.repeats * len(test)))
+    measured = {label: cost_model.measured_row(runs[label], runs["plain"], cand.draft_cost, costs.v)
+                for label, cand in labelled.items()}
     rows = continuations(model, test, args.new_tokens, args.temperature, args.seed + 10_000)
     there = {label: planned(cand.skip, generation_estimates(model, rows, cand.skip, len(test[0]),
                                                             longest_round(args.method), args.temperature),
@@ -889,22 +741,23 @@ def confirm(args, model, test, labelled, costs):
 def run(args, model, tokenizer):
     """The steps of the module docstring; returns the draft file's object (what --json prints)."""
     if args.out:
-        check_writable(args.out, "--out")
-    paragraphs, split, sha256 = texts(args, tokenizer)
+        cost_model.check_writable(args.out, "--out")
+    paragraphs, split, drawn, sha256 = texts(args, tokenizer)
     if not args.out:
         print("hsd_search: no --out: the draft is printed, not written (--out FILE writes the draft file)",
               file=sys.stderr)
     t0 = time.time()
-    calib = calibration(model, paragraphs, split, args.prompt_tokens, args.new_tokens, args.temperature, args.seed)
-    test = [paragraphs[i][:args.prompt_tokens] for i in split.test]
+    calib = calibration(model, paragraphs, drawn, args.prompt_tokens, args.new_tokens, args.temperature, args.seed)
+    test = [paragraphs[i][:args.prompt_tokens] for i in drawn.test]
     print(f"hsd_search: {args.model}, method {args.method}, temperature {args.temperature:g}, seed {args.seed}: "
-          f"{len(split.calibration)} calibration prompts and paragraphs of {args.prompt_tokens} + {args.new_tokens} "
+          f"{len(drawn.calibration)} calibration prompts and paragraphs of {args.prompt_tokens} + {args.new_tokens} "
           f"tokens, {len(test)} test prompts; costs at {args.context} tokens of context", file=sys.stderr)
     longest = longest_round(args.method)
     hsd.warm_up(model, longest)                               # every verify length a round here can use
-    savings_costs, savings = unit_savings(model, args.context, args.repeats * 7, longest)
+    savings_costs, savings = unit_savings(model, args.context, args.repeats * 7, longest, args.temperature)
     paper = paper_drafts(model.config)
-    found_by = found_by_start(args, model, split, sha256)
+    state = cost_model.machine_state(model, args.dtype)
+    found_by = found_by_start(args, state, split, drawn, sha256)
     best = {}
     try:
         winner, refined, costs, tried, ran = choose(args, model, calib, savings_costs, savings, paper,
@@ -917,25 +770,27 @@ def run(args, model, tokenizer):
     at, along = predictions(args, model, winner, calib, costs, label)
     others = sorted((cand for lab, cand in refined.items() if lab not in paper and cand is not winner),
                     key=lambda cand: -cand.speedup)
-    said = warnings_of(winner, others[0] if others else None, measured, list(paper), costs)
+    said = warnings_of(winner, others[0] if others else None, measured, list(paper), costs, state)
     composed = {lab: composed_cost(model.config, cand.skip, savings) for lab, cand in refined.items()}
     found_by.update(found_by_end(args, winner, label, refined, costs, composed, measured, there, at, along, tried, ran,
                                  said, paper, time.time() - t0))
     spec = draft_file(model, args.model, winner, found_by)
     if args.out:
-        write_json(args.out, spec)
+        cost_model.write_json(args.out, spec)
     report(labelled, {"found": costs.c[label], **{name: costs.c[name] for name in paper}}, measured, ran, said, tried,
            t0, args.out)
     return spec
 
 
-def found_by_start(args, model, split, sha256):
-    """What the draft file records of how it was searched, known before the search."""
-    return {"method": args.method, "seed": args.seed, "temperature": args.temperature,
-            **machine_state(model, args.dtype), "date": time.strftime("%Y-%m-%d"),
-            "calibration": {"text_sha256": sha256, "calibration_paragraphs": split.calibration,
-                            "followed_paragraphs": split.paragraphs, "test_paragraphs": split.test,
-                            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}}
+def found_by_start(args, state, split, drawn, sha256):
+    """What the draft file records of how it was searched, known before the search: paragraphs by index
+    (cost_model.paragraphs'), the test split's whole and the part of it the search confirmed on."""
+    return {"method": args.method, "seed": args.seed, "temperature": args.temperature, **state,
+            "date": time.strftime("%Y-%m-%d"),
+            "calibration": {"text_sha256": sha256, "calibration_paragraphs": drawn.calibration,
+                            "followed_paragraphs": drawn.paragraphs, "confirmed_on_paragraphs": drawn.test,
+                            "test_paragraphs": split.test, "prompt_tokens": args.prompt_tokens,
+                            "new_tokens": args.new_tokens}}
 
 
 def found_by_end(args, winner, label, refined, costs, composed, measured, there, at, along, tried, ran, said, paper,
@@ -943,17 +798,17 @@ def found_by_end(args, winner, label, refined, costs, composed, measured, there,
     """What the draft file records of what the search found, measured and warned of."""
     return {
         "candidates_tried": tried, "seconds": round(seconds, 1),
-        "costs": {"c": costs.c[label], "v": {str(d): v for d, v in costs.v.items()}, "context": costs.context,
-                  "temperature": args.temperature, "threads": torch.get_num_threads(),
-                  "noise": costs.noise[label], "composed_c": composed[label], "step_ms": costs.step_s * 1e3},
+        "costs": {"c": costs.c[label], "v": {str(d): costs.v[d] for d in range(1, len(costs.v))},
+                  "context": costs.context, "temperature": args.temperature, "threads": torch.get_num_threads(),
+                  "noise": costs.noise["c"][label], "composed_c": composed[label], "step_ms": costs.step_s * 1e3},
         "predicted_speedup": at, "predicted_speedup_along_paragraphs": along,
         "measured": {**measured["found"], "set": "test prompts (a short confirmation: hsd_bench.py measures)",
-                     "prompts": len(measured["found"]["per_prompt"]), "new_tokens": args.new_tokens,
+                     "prompts": args.test_prompts, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "temperature": args.temperature},
         "estimate": {"from_calibration": estimate_error(winner, measured["found"]),
                      "on_the_test_prompts": estimate_error(there["found"], measured["found"])},
         "finalists": {lab: {"skip": str(cand.skip), "k": cand.k, "stop": cand.stop, "c": costs.c[lab],
-                            "c_noise": costs.noise[lab], "composed_c": composed[lab], "predicted_speedup": cand.speedup}
+                            "c_noise": costs.noise["c"][lab], "composed_c": composed[lab], "predicted_speedup": cand.speedup}
                       for lab, cand in refined.items()},
         "paper_drafts": {name: {"k": refined[name].k, "stop": refined[name].stop, "c": costs.c[name],
                                 "predicted_speedup": refined[name].speedup, "measured": measured[name],
@@ -972,7 +827,7 @@ def interrupted(args, model, found_by, best):
         raise KeyboardInterrupt("nothing was written" + ("" if args.out else " (--out FILE saves the best draft "
                                                                             "found so far)")) from None
     found_by.update(interrupted=True, candidates_tried=best["tried"], predicted_speedup_cheap=best["candidate"].speedup)
-    write_json(args.out, draft_file(model, args.model, best["candidate"], found_by))
+    cost_model.write_json(args.out, draft_file(model, args.model, best["candidate"], found_by))
     raise KeyboardInterrupt(f"wrote the best draft found so far to {args.out} (predicted speedup "
                             f"{best['candidate'].speedup:.3f}, not confirmed)") from None
 
@@ -998,7 +853,8 @@ def main(argv=None):
     p.error = lambda message: p.exit(2, f"hsd_search: error: {message} (see --help)\n")
     p.add_argument("--model", required=True, help=f"{', '.join([*models.TOYS, *models.OFFICIAL, *models.TINY])}, a "
                                                    "Hugging Face repo id or a folder")
-    p.add_argument("--text", help="a UTF-8 text, a paragraph per line (default: the toys' held-out text)")
+    p.add_argument("--text", help="a UTF-8 text, a paragraph per line (default: as cost_model.read_lines reads: the "
+                                  "toys' held-out text, WikiText-2 for the others)")
     p.add_argument("--out", help="write the draft file here (hsd.py --draft FILE); without it nothing is written")
     p.add_argument("--json", action="store_true", help="the draft file's object as one JSON line on stdout")
     p.add_argument("--method", default="search", choices=["search", "conflayers"],
@@ -1011,7 +867,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="which calibration prompts and paragraphs are drawn")
     p.add_argument("--prompts", type=int, default=8, help="calibration prompts, and as many paragraphs")
-    p.add_argument("--test-prompts", type=int, default=8, help="held-out prompts of the confirmation")
+    p.add_argument("--test-prompts", type=int, default=8, help="prompts of the confirmation, spread over the test "
+                                                                 f"split's {cost_model.TEST_PROMPTS} (hsd_bench.py "
+                                                                 "measures them all)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="tokens of each calibration and test prompt")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens continuing each prompt")
     p.add_argument("--conflayers-tokens", type=int, default=320, help="tokens ConfLayers generates per prompt")

@@ -217,20 +217,20 @@ MISTAKES = {
                 "return models.Skip(attention=frozenset(i for i, t in enumerate(config.layer_types) if t == "
                 "'full_attention'))", "component on tiny-qwen3.5")],
     "bootstrap": [
-        Mistake("a 90% interval", "hsd_eval.bootstrap_ci",
+        Mistake("a 90% interval", "cost_model.bootstrap_ci",
                 "return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()",
                 "return torch.quantile(means, 0.05).item(), torch.quantile(means, 0.95).item()",
                 "is narrower than a 95% interval"),
-        Mistake("resampling without replacement", "hsd_eval.bootstrap_ci",
+        Mistake("resampling without replacement", "cost_model.bootstrap_ci",
                 "means = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))]"
                 ".mean(dim=1)",
                 "means = v[torch.stack([torch.randperm(len(v), generator=torch.Generator().manual_seed(seed + i)) "
                 "for i in range(resamples)])].mean(dim=1)", "the interval has no width")],
     "break-even": [
-        Mistake("the crossing interpolated from the wrong end", "hsd_eval.break_even",
+        Mistake("the crossing interpolated from the wrong end", "cost_model.break_even",
                 "crossing = L0 - gap0 * (L1 - L0) / (gap1 - gap0)", "crossing = L1 - gap0 * (L1 - L0) / (gap1 - gap0)",
                 "so it crosses 0 at 600, not 1600"),
-        Mistake("a crossing beyond the model's context is reported", "hsd_eval.break_even",
+        Mistake("a crossing beyond the model's context is reported", "cost_model.break_even",
                 "return round(crossing) if crossing <= max_context else None", "return round(crossing)",
                 "the crossing at 600 lies beyond the model's context")],
     "perplexity": [
@@ -338,7 +338,7 @@ def grade_variants(variants, threads=1, claims=None):
             except FileExistsError:                                  # another worker is grading it
                 results.append(None)
                 continue
-        for module in ("models", "hsd", "hsd_eval", "hsd_train", "hsd_bench", "test_hsd"):
+        for module in ("models", "cost_model", "hsd", "hsd_eval", "hsd_train", "hsd_bench", "test_hsd"):
             sys.modules.pop(module, None)
         os.chdir(folder)
         sys.path.insert(0, folder)

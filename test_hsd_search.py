@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import cost_model
 import hsd
 import hsd_search
 import models
@@ -19,18 +20,19 @@ V = {d: 1.0 + d / 10 for d in range(1, 26)}
 
 
 def test_calibration_and_test_paragraphs_are_disjoint_and_named_by_index():
-    """The test prompts are the last paragraphs; calibration prompts and followed paragraphs are drawn from the
-    others, by paragraph index; another seed draws other ones, never the test's."""
-    indices = list(range(3, 60, 2))
-    split = hsd_search.split_paragraphs(indices, 0, 5, 4)
-    assert split == hsd_search.split_paragraphs(indices, 0, 5, 4) and split.test == indices[-4:]
-    assert len(split.calibration) == len(split.paragraphs) == 5
-    assert not set(split.calibration) & set(split.paragraphs) and not (set(split.calibration)
-                                                                       | set(split.paragraphs)) & set(split.test)
-    other = hsd_search.split_paragraphs(indices, 1, 5, 4)
-    assert other.calibration != split.calibration and other.test == split.test
-    with pytest.raises(models.UsageError, match="the search needs 14"):
-        hsd_search.split_paragraphs(indices[:13], 0, 5, 4)
+    """From cost_model's split, by paragraph index: calibration prompts and followed paragraphs are drawn from its
+    calibration side, the confirmation's prompts spread over its test side; another seed draws other calibration
+    paragraphs, never the test's."""
+    split = cost_model.Split(test=[100, 200, 300, 400, 500, 600], calibration=list(range(3, 60, 2)))
+    drawn = hsd_search.draw(split, 0, 5, 3)
+    assert drawn == hsd_search.draw(split, 0, 5, 3) and drawn.test == [100, 300, 500]
+    assert len(drawn.calibration) == len(drawn.paragraphs) == 5
+    assert not set(drawn.calibration) & set(drawn.paragraphs)
+    assert set(drawn.calibration) | set(drawn.paragraphs) <= set(split.calibration)
+    other = hsd_search.draw(split, 1, 5, 3)
+    assert other.calibration != drawn.calibration and other.test == drawn.test
+    with pytest.raises(models.UsageError, match="the search needs 60"):
+        hsd_search.draw(split, 0, 30, 3)
 
 
 def greedy_row(model, prompt, new):
@@ -120,11 +122,6 @@ def test_the_replay_stops_and_costs_as_the_cost_model_says():
     assert expected.accepted / expected.rounds == pytest.approx(0.75)
 
 
-def test_v_is_fitted_non_decreasing():
-    assert hsd_search.monotone([1.0, 1.2, 1.1, 1.3, 1.25, 1.5]) == pytest.approx([1.0, 1.15, 1.15, 1.275, 1.275, 1.5])
-    assert hsd_search.monotone([1.0, 2.0]) == [1.0, 2.0]
-
-
 def test_a_part_added_or_taken_back():
     config = models.TINY["tiny-qwen3.5"]
     skip = hsd_search.with_part(models.Skip(), ("attention", 3), config)
@@ -146,7 +143,7 @@ def test_the_search_progress_never_goes_back():
     """The search's progress: candidates ranked only grow, the bound only falls, and it ends at 100%."""
     model = models.load("tiny-qwen3.5")
     rows = greedy_row(model, [40, 41, 42, 43, 44, 45], 10)
-    kinds = hsd_search.component_kinds(model.config)
+    kinds = cost_model.unit_kinds(model.config)
     savings = {kind: 0.6 / model.config.num_layers / (1 if kind[0] == "layers" else 3) for kind in kinds}
     s = hsd_search.Search(model, hsd_search.Calibration(rows, rows, 6), None, savings, V, 16, 0.0)
     seen, best = [], []
@@ -183,35 +180,44 @@ def test_layer_confidences_leave_the_cache_as_it_was():
 
 
 def row(speedup, low, high, accepted=1.0):
-    return {"speedup": speedup, "interval": [low, high], "accepted_per_round": accepted}
+    return {"speedup": speedup, "ci": (low, high), "accepted_per_round": accepted, "turn_speedups": [speedup]}
 
 
-def test_the_warnings_say_when_a_draft_is_worse_or_its_prediction_fails(monkeypatch):
-    monkeypatch.setattr(hsd_search, "busy_warning", lambda: None)
-    costs = hsd_search.Costs(0.01, {"a": 0.5, "b": 0.5}, V, {"a": 0.01, "b": 0.01}, 64)
+def costs_of(c, noise, longest=25):
+    return cost_model.Costs(0.01, c, [1.0, *(V[d] for d in range(1, longest + 1))], None, 64, 0.0, 7,
+                            {"step": 0.0, "c": noise, "v": {}})
+
+
+IDLE = {"load_average": 0.1, "cores": 2}
+
+
+def test_the_warnings_say_when_a_draft_is_worse_or_its_prediction_fails():
+    costs = costs_of({"a": 0.5, "b": 0.5}, {"a": 0.01, "b": 0.01})
     r = hsd_search.Replay(10, 8, 4, 8, 4)
     winner, runner = (hsd_search.Candidate(models.Skip(), 0.5, 2, None, s, r) for s in (1.30, 1.10))
     fine = {"found": row(1.25, 1.18, 1.32), "component": row(1.1, 1.0, 1.2)}
-    assert hsd_search.warnings_of(winner, runner, fine, ["component"], costs) == []
+    assert hsd_search.warnings_of(winner, runner, fine, ["component"], costs, IDLE) == []
     slow = {"found": row(0.95, 0.9, 1.0), "component": row(1.1, 1.0, 1.2)}
-    said = hsd_search.warnings_of(winner, runner, slow, ["component"], costs)
+    said = hsd_search.warnings_of(winner, runner, slow, ["component"], costs, IDLE)
     assert len(said) == 3 and "slower than no draft" in said[0] and "a paper draft is faster" in said[1]
     assert "does not hold" in said[2]
     assert not hsd_search.contradicted(1.30, row(1.2, 1.0, 1.4))        # inside the interval
     assert not hsd_search.contradicted(1.30, row(1.25, 1.24, 1.26))     # outside, but within 10%
-    noisy = costs._replace(noise={"a": 0.2, "b": 0.01})
-    assert "too busy to rank" in hsd_search.warnings_of(winner, runner, fine, ["component"], noisy)[0]
+    noisy = costs._replace(noise={"step": 0.0, "c": {"a": 0.2, "b": 0.01}, "v": {}})
+    assert "too busy to rank" in hsd_search.warnings_of(winner, runner, fine, ["component"], noisy, IDLE)[0]
+    assert "the machine is busy" in hsd_search.warnings_of(winner, runner, fine, ["component"], costs,
+                                                           {"load_average": 3.5, "cores": 2})[0]
 
 
 @pytest.fixture
 def fixed_costs(monkeypatch):
     """Costs that do not depend on this machine's mood."""
-    def measure_costs(model, skips, context, turns, longest):
-        return hsd_search.Costs(0.01, {label: fixed_c(model.config, skip) for label, skip in skips.items()},
-                                {d: 1.2 + 0.02 * d for d in range(1, longest + 1)}, {label: 0.0 for label in skips},
-                                context)
+    def measure_costs(model, skips, context, turns, longest, temperature):
+        return cost_model.Costs(0.01, {label: fixed_c(model.config, skip) for label, skip in skips.items()},
+                                [1.0, *(1.2 + 0.02 * d for d in range(1, longest + 1))], None, context, temperature,
+                                turns, {"step": 0.0, "c": {label: 0.0 for label in skips}, "v": {}})
     monkeypatch.setattr(hsd_search, "measure_costs", measure_costs)
-    monkeypatch.setattr(hsd_search, "busy_warning", lambda: None)
+    monkeypatch.setattr(cost_model, "busy_warning", lambda state, ratios=(): None)
 
 
 SMALL = ["--text", TEXT, "--prompts", "2", "--test-prompts", "1", "--prompt-tokens", "8", "--new-tokens", "8",
