@@ -848,8 +848,7 @@ def report(labelled, measured_c, measured, ran, said, tried, t0, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Choose a draft by measurement: the units to leave out, k and the stop "
-                                            "rule that maximise the cost model's predicted speedup.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "rule that maximise the cost model's predicted speedup.")
     p.error = lambda message: p.exit(2, f"hsd_search: error: {message} (see --help)\n")
     p.add_argument("--model", required=True, help=f"{', '.join([*models.TOYS, *models.OFFICIAL, *models.TINY])}, a "
                                                    "Hugging Face repo id or a folder")
@@ -858,24 +857,29 @@ def main(argv=None):
     p.add_argument("--out", help="write the draft file here (hsd.py --draft FILE); without it nothing is written")
     p.add_argument("--json", action="store_true", help="the draft file's object as one JSON line on stdout")
     p.add_argument("--method", default="search", choices=["search", "conflayers"],
-                   help="search: greedy then local search over units, by the cost model; conflayers: ConfLayers' "
-                        "selection rule, offline, chain verification (a baseline)")
+                   help="search: greedy, then local search over the units, by the cost model; conflayers: "
+                        "ConfLayers' selection rule, offline, chain verification, a baseline (default: search)")
     p.add_argument("--temperature", type=float, default=0.0, help="the temperature the draft is searched and "
-                                                                   "measured at (0: greedy; the paper's other: 0.6)")
+                                                                   "measured at: 0 greedy, the paper's other 0.6 "
+                                                                   "(default: 0)")
     p.add_argument("--context", type=int, help="tokens of context the costs are measured at (default: the prompt "
                                                "tokens + half the new tokens)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="which calibration prompts and paragraphs are drawn")
-    p.add_argument("--prompts", type=int, default=8, help="calibration prompts, and as many paragraphs")
+    p.add_argument("--threads", type=int, help="torch's threads (default: torch's own choice)")
+    p.add_argument("--seed", type=int, default=0, help="which calibration prompts and paragraphs are drawn "
+                                                       "(default: 0)")
+    p.add_argument("--prompts", type=int, default=8, help="calibration prompts, and as many paragraphs (default: 8)")
     p.add_argument("--test-prompts", type=int, default=8, help="prompts of the confirmation, spread over the test "
                                                                  f"split's {cost_model.TEST_PROMPTS} (hsd_bench.py "
-                                                                 "measures them all)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="tokens of each calibration and test prompt")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens continuing each prompt")
-    p.add_argument("--conflayers-tokens", type=int, default=320, help="tokens ConfLayers generates per prompt")
-    p.add_argument("--repeats", type=int, default=3, help="turns of the confirmation runs (cost turns: 7 times it)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+                                                                 "measures them all) (default: 8)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="tokens of each calibration and test prompt "
+                                                                 "(default: 64)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens continuing each prompt (default: 64)")
+    p.add_argument("--conflayers-tokens", type=int, default=320, help="tokens ConfLayers generates per calibration "
+                                                                      "prompt (default: 320)")
+    p.add_argument("--repeats", type=int, default=3, help="turns of the confirmation runs; the costs take 7 turns "
+                                                          "per repeat (default: 3)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default: float32)")
     args = p.parse_args(argv)
     if min(args.prompts, args.test_prompts, args.prompt_tokens, args.new_tokens, args.repeats) < 1:
         p.error("--prompts, --test-prompts, --prompt-tokens, --new-tokens and --repeats must be at least 1")
