@@ -68,9 +68,14 @@ TEMPERATURES = (0.0, 0.6)                # the temperatures a draft file predict
 Drawn = namedtuple("Drawn", "calibration paragraphs test")
 # paragraph indices (cost_model.paragraphs'): calibration prompts and paragraphs followed along, drawn from the
 # calibration side of cost_model.split, and the test prompts the search confirms on, from its test side
-Calibration = namedtuple("Calibration", "continuations paragraphs start")
-# continuations: (B, T) token ids, each calibration prompt and the full model's continuation of it (greedy, or sampled
-# at the search's temperature); paragraphs: (B, T), real paragraphs of the text; start: the prompts' length
+class Calibration(namedtuple("Calibration", "continuations paragraphs start")):
+    """continuations: (B, T) token ids, each calibration prompt and the full model's continuation of it (greedy, or
+    sampled at the search's temperature); paragraphs: (B, T), real paragraphs of the text; start: the prompts'
+    length."""
+
+    def __repr__(self):
+        return (f"Calibration(continuations {tuple(self.continuations.shape)}, paragraphs "
+                f"{tuple(self.paragraphs.shape)}, start {self.start})")
 
 
 def draw(split, seed, count, test):
@@ -136,10 +141,14 @@ def composed_cost(config, skip, savings):
 
 
 # --- The acceptance estimate ---------------------------------------------------------------------------------------
-Estimate = namedtuple("Estimate", "accept sure")
-# one text, from each position j on (a round whose pending token is the text's token j past the prompt):
-# accept[j][m], the probability that draft m + 1 is accepted given drafts 1..m were (greedy: 1 or 0); sure[j][m],
-# the draft's probability of its token m + 1 (1.0 where the cheap estimate does not know it: taken to draft on)
+class Estimate(namedtuple("Estimate", "accept sure")):
+    """One text, from each position j on (a round whose pending token is the text's token j past the prompt):
+    accept[j][m], the probability that draft m + 1 is accepted given drafts 1..m were (greedy: 1 or 0); sure[j][m],
+    the draft's probability of its token m + 1 (1.0 where the cheap estimate does not know it: taken to draft on)."""
+
+    def __repr__(self):
+        first = [round(expected_accepted(a, len(a)), 2) for a in self.accept[:4]]
+        return f"Estimate({len(self.accept)} positions; accepted in a row from the first: {first} ...)"
 
 
 def text_lengths(rows, start, eos):
@@ -303,8 +312,13 @@ def planned(skip, estimates, draft_cost, v, k, stop):
 
 
 # --- 3. The search -------------------------------------------------------------------------------------------------
-Search = namedtuple("Search", "model calibration full savings v longest temperature")
-# what ranking a draft needs: full, the full model's logits over the calibration's continuations (B, T, V)
+class Search(namedtuple("Search", "model calibration full savings v longest temperature")):
+    """What ranking a draft needs: full, the full model's logits over the calibration's continuations (B, T, V);
+    savings, unit_savings'; v, the verify passes' costs; longest, the most drafts a round makes."""
+
+    def __repr__(self):
+        return (f"Search({self.calibration!r}, {len(self.savings)} unit savings, longest {self.longest}, temperature "
+                f"{self.temperature:g})")
 
 
 def rank(search, skip, ks=(*KS, "auto"), stops=STOPS):
@@ -710,14 +724,17 @@ def choose(args, model, calib, savings_costs, savings, paper, on_best):
 
 
 def predictions(args, model, winner, calib, costs, label):
-    """The winner's predicted speedup at each of TEMPERATURES (continuations sampled there for the others) and along
-    the calibration's paragraphs: ({"0": S, "0.6": S}, {"0": S along paragraphs})."""
+    """The winner's predicted speedup at each of TEMPERATURES (at the others, along continuations sampled there and
+    with costs measured there) and along the calibration's paragraphs: ({"0": S, "0.6": S}, {"0": S along
+    paragraphs})."""
     longest, at = longest_round(args.method), {}
     for t in TEMPERATURES:
+        here = costs if t == args.temperature else measure_costs(model, {label: winner.skip}, args.context,
+                                                                 args.repeats * 7, longest, t)
         rows = calib.continuations if t == args.temperature else continuations(
             model, [row[:calib.start] for row in calib.continuations.tolist()], args.new_tokens, t, args.seed)
         estimates = generation_estimates(model, rows, winner.skip, calib.start, longest, t)
-        at[f"{t:g}"] = planned(winner.skip, estimates, costs.c[label], costs.v, winner.k, winner.stop).speedup
+        at[f"{t:g}"] = planned(winner.skip, estimates, here.c[label], here.v, winner.k, winner.stop).speedup
     along = generation_estimates(model, calib.paragraphs, winner.skip, calib.start, longest, 0.0)
     return at, {"0": planned(winner.skip, along, costs.c[label], costs.v, winner.k, winner.stop).speedup}
 
