@@ -195,12 +195,13 @@ def teacher_forced_estimates(model, rows, skip, start, longest, temperature=0.0,
 
 
 @torch.inference_mode()
-def generation_estimates(model, rows, skip, start, longest, temperature=0.0, eos=None):
+def generation_estimates(model, rows, skip, start, longest, temperature=0.0, eos=None, along_text=False):
     """The estimate as generation drafts: at every position j past the prompt of rows (B, T), the draft starts from
     the full model's state after the tokens before j (its KV and recurrent states), pending token rows[:, j], and
-    drafts up to `longest` tokens; greedy it feeds its own tokens (as hsd.draft does), at a temperature the text's
-    (the sampled continuation: acceptance in expectation). Then the full model takes token j. [Estimate] per row,
-    each up to its first end of text (eos: the model's by default, -1 none)."""
+    drafts up to `longest` tokens; greedy it feeds its own tokens (as hsd.draft does), at a temperature or
+    along_text the text's (a sampled continuation: acceptance in expectation; a real paragraph: the full model's
+    choices along it, which its own continuation would not follow). Then the full model takes token j. [Estimate]
+    per row, each up to its first end of text (eos: the model's by default, -1 none)."""
     B, T = rows.shape
     full = model(rows)                                                            # (B, T, V): p at every position
     cache = models.Cache(model, T + longest + 1, batch_size=B)
@@ -218,14 +219,15 @@ def generation_estimates(model, rows, skip, start, longest, temperature=0.0, eos
             logits = model(token[:, None], cache, skip=skip)[:, -1]               # (B, V) draft m + 1
             chosen = rows[:, t + m + 1] if temperature else full[:, t + m].argmax(-1)
             agree, probability, guess = acceptance(full[:, t + m], logits, chosen, temperature)
-            for b in range(B):
-                a[b].append(agree[b].item())
-                s[b].append(probability[b].item())
+            agree, probability = agree.cpu(), probability.cpu()
+            for b, (x, y) in enumerate(zip(agree.tolist(), probability.tolist())):
+                a[b].append(x)
+                s[b].append(y)
             going, wrong = going * agree, wrong | (agree == 0)
-            unsure |= probability.cpu() < lowest_stop
+            unsure |= probability < lowest_stop
             if bool(((wrong & unsure) if temperature == 0 else going < 1e-4).all()):   # nothing more can count
                 break
-            token = guess if temperature == 0 else rows[:, t + m + 1]
+            token = rows[:, t + m + 1] if temperature or along_text else guess
         hsd.restore(cache, snap)
         model(rows[:, t:t + 1], cache)                                            # the full model takes token t
         for b in range(B):
@@ -735,7 +737,7 @@ def predictions(args, model, winner, calib, costs, label):
             model, [row[:calib.start] for row in calib.continuations.tolist()], args.new_tokens, t, args.seed)
         estimates = generation_estimates(model, rows, winner.skip, calib.start, longest, t)
         at[f"{t:g}"] = planned(winner.skip, estimates, here.c[label], here.v, winner.k, winner.stop).speedup
-    along = generation_estimates(model, calib.paragraphs, winner.skip, calib.start, longest, 0.0)
+    along = generation_estimates(model, calib.paragraphs, winner.skip, calib.start, longest, 0.0, along_text=True)
     return at, {"0": planned(winner.skip, along, costs.c[label], costs.v, winner.k, winner.stop).speedup}
 
 
@@ -825,7 +827,8 @@ def found_by_end(args, winner, label, refined, costs, composed, measured, there,
         "estimate": {"from_calibration": estimate_error(winner, measured["found"]),
                      "on_the_test_prompts": estimate_error(there["found"], measured["found"])},
         "finalists": {lab: {"skip": str(cand.skip), "k": cand.k, "stop": cand.stop, "c": costs.c[lab],
-                            "c_noise": costs.noise["c"][lab], "composed_c": composed[lab], "predicted_speedup": cand.speedup}
+                            "c_noise": costs.noise["c"][lab], "composed_c": composed[lab],
+                            "predicted_speedup": cand.speedup}
                       for lab, cand in refined.items()},
         "paper_drafts": {name: {"k": refined[name].k, "stop": refined[name].stop, "c": costs.c[name],
                                 "predicted_speedup": refined[name].speedup, "measured": measured[name],

@@ -269,7 +269,8 @@ def test_ctrl_c_writes_the_best_draft_so_far(tmp_path, fixed_costs, monkeypatch,
     out = tmp_path / "draft.json"
     assert hsd_search.main(["--model", "tiny-falcon-h1", *SMALL, "--out", str(out)]) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"hsd_search: interrupted: wrote the best draft found so far to {out}") and "not confirmed" in err
+    assert err.startswith(f"hsd_search: interrupted: wrote the best draft found so far to {out}")
+    assert "not confirmed" in err
     spec = json.loads(out.read_text())
     assert spec["found_by"]["interrupted"] and hsd.read_draft_file(str(out), models.load("tiny-falcon-h1"))[1] == []
 
