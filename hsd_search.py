@@ -571,19 +571,20 @@ def finalists(ranked, paper, count):
 
 
 def refine(model, rows, start, skips, costs, longest, temperature, progress, plans=None):
-    """Each of skips ({label: Skip}) estimated as generation drafts along rows, with its measured c: {label:
-    Candidate} at its best k and stop rule (at a temperature without stops: the estimate of a stop there is rough),
-    or at plans[label] = (k, stop) where given."""
-    refined = {}
+    """Each of skips ({label: Skip}) estimated as generation drafts along rows, with its measured c: ({label:
+    Candidate at its best k and stop rule, or at plans[label] = (k, stop) where given}, {label: Candidate at its best
+    fixed k}); at a temperature without stops (the estimate of a stop there is rough)."""
+    refined, fixed = {}, {}
     stops = STOPS if temperature == 0 else (None,)
     for i, (label, skip) in enumerate(skips.items()):
         estimates = generation_estimates(model, rows, skip, start, longest, temperature)
+        fixed[label] = best_plan(skip, estimates, costs.c[label], costs.v, KS, stops)
         if plans and label in plans:
             refined[label] = planned(skip, estimates, costs.c[label], costs.v, *plans[label])
         else:
             refined[label] = best_plan(skip, estimates, costs.c[label], costs.v, (*KS, "auto"), stops)
         progress(i + 1, len(skips))
-    return refined
+    return refined, fixed
 
 
 # --- 5. Confirm: generations of the test prompts ------------------------------------------------------------------
@@ -698,8 +699,8 @@ def texts(args, tokenizer):
 
 
 def choose(args, model, calib, savings_costs, savings, paper, on_best):
-    """Steps 3 and 4: (the winner, {label: Candidate} of the finalists, their Costs, candidates ranked, what
-    ConfLayers did or None)."""
+    """Steps 3 and 4: (the winner's label, {label: Candidate} of the finalists, the winner at its best fixed k, their
+    Costs, candidates ranked, what ConfLayers did or None)."""
     longest = longest_round(args.method)
     rows = calib.continuations
     with torch.inference_mode():
@@ -718,11 +719,11 @@ def choose(args, model, calib, savings_costs, savings, paper, on_best):
                                                                       longest, args.temperature),
                         composed_cost(model.config, skips["conflayers"], savings), s.v, *plans["conflayers"]), 1)
     costs = measure_costs(model, skips, args.context, args.repeats * 7, longest, args.temperature)
-    refined = refine(model, rows, calib.start, skips, costs, longest, args.temperature,
-                     Progress("refine: finalists estimated as generation drafts"), plans)
+    refined, fixed = refine(model, rows, calib.start, skips, costs, longest, args.temperature,
+                            Progress("refine: finalists estimated as generation drafts"), plans)
     own = {label: cand for label, cand in refined.items() if label not in paper}
-    winner = max(own.values(), key=lambda cand: cand.speedup)
-    return winner, refined, costs, len(ranked) or 1, ran
+    label = max(own, key=lambda label: own[label].speedup)
+    return label, refined, fixed[label], costs, len(ranked) or 1, ran
 
 
 def predictions(args, model, winner, calib, costs, label):
@@ -779,11 +780,11 @@ def run(args, model, tokenizer):
     found_by = found_by_start(args, state, split, drawn, sha256)
     best = {}
     try:
-        winner, refined, costs, tried, ran = choose(args, model, calib, savings_costs, savings, paper,
-                                                    lambda cand, tried: best.update(candidate=cand, tried=tried))
+        label, refined, fixed, costs, tried, ran = choose(args, model, calib, savings_costs, savings, paper,
+                                                          lambda cand, tried: best.update(candidate=cand, tried=tried))
     except KeyboardInterrupt:
         interrupted(args, model, found_by, best)
-    label = next(label for label, cand in refined.items() if cand is winner)
+    winner = refined[label]
     labelled = {"found": winner, **{name: refined[name] for name in paper}}
     measured, there = confirm(args, model, test, labelled, costs)
     at, along = predictions(args, model, winner, calib, costs, label)
@@ -793,6 +794,7 @@ def run(args, model, tokenizer):
     composed = {lab: composed_cost(model.config, cand.skip, savings) for lab, cand in refined.items()}
     found_by.update(found_by_end(args, winner, label, refined, costs, composed, measured, there, at, along, tried, ran,
                                  said, paper, time.time() - t0))
+    found_by["best_fixed"] = {"k": fixed.k, "stop": fixed.stop, "predicted_speedup": fixed.speedup}   # hsd_bench
     spec = draft_file(model, args.model, winner, found_by)
     if args.out:
         cost_model.write_json(args.out, spec)
@@ -831,6 +833,7 @@ def found_by_end(args, winner, label, refined, costs, composed, measured, there,
                             "predicted_speedup": cand.speedup}
                       for lab, cand in refined.items()},
         "paper_drafts": {name: {"k": refined[name].k, "stop": refined[name].stop, "c": costs.c[name],
+                                "c_noise": costs.noise["c"][name],
                                 "predicted_speedup": refined[name].speedup, "measured": measured[name],
                                 "estimate": estimate_error(refined[name], measured[name])} for name in paper},
         **({"conflayers": {"described": CONFLAYERS_DESCRIBED, "converged": ran.converged,

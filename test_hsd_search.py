@@ -241,6 +241,7 @@ def test_the_search_writes_a_draft_file_hsd_reads(tmp_path, fixed_costs, capsys)
     cal = found["calibration"]
     assert not set(cal["calibration_paragraphs"]) & set(cal["test_paragraphs"])
     assert isinstance(found["warnings"], list) and len(found["finalists"]) >= 3
+    assert found["best_fixed"]["k"] in range(1, 9)
     model = models.load("tiny-falcon-h1")
     draft, warned = hsd.read_draft_file(str(out), model)
     assert warned == [] and draft.k == spec["k"]
