@@ -25,15 +25,17 @@ A small model's greedy text loops, which inflates acceptance, so the estimate al
 reported beside it, and the winner is confirmed end to end on test prompts, paragraphs the search never saw.
 
 The steps, in the order run() calls them:
-  1. calibration  calibration and test paragraphs of the text, disjoint (split by paragraph index); the full model's
-                  continuations of the calibration prompts
+  1. calibration  cost_model's split of the text by paragraph index (its test paragraphs spread over the text);
+                  calibration prompts and paragraphs drawn (--seed) from its calibration side, --test-prompts of its
+                  test side; the full model's continuations of the calibration prompts (sampled at --temperature)
   2. unit costs   what leaving out each kind of unit saves (composed c: ranking only)
   3. search       greedy, best first, by the cheap estimate: from the full model, leave out the unit that raises S
                   most, each candidate at its best k (1..8, or auto) and stop rule, until PATIENCE steps find no
                   better draft; then leave out or put back one unit while that raises S (at most LOCAL_STEPS).
                   --method conflayers: ConfLayers' selection rule instead (its own section below)
-  4. refine       the best REFINED candidates and the paper's drafts: c measured, estimated as generation drafts; the
-                  winner is the best of them
+  4. refine       the best REFINED candidates and the paper's drafts: c measured (cost_model.measure_costs, with
+                  its noise), estimated as generation drafts; the winner is the best of them; its prediction at the
+                  other temperature of TEMPERATURES and along paragraphs
   5. confirm      end-to-end generations of the test prompts, in turns with plain decoding: the winner and the
                   paper's drafts, their measured speedups with 95% intervals, the estimate's error in S; warnings
   6. write        the draft file (--out), which hsd.py --draft FILE reads
@@ -786,8 +788,8 @@ def run(args, model, tokenizer):
         interrupted(args, model, found_by, best)
     winner = refined[label]
     labelled = {"found": winner, **{name: refined[name] for name in paper}}
-    measured, there = confirm(args, model, test, labelled, costs)
     at, along = predictions(args, model, winner, calib, costs, label)
+    measured, there = confirm(args, model, test, labelled, costs)
     others = sorted((cand for lab, cand in refined.items() if lab not in paper and cand is not winner),
                     key=lambda cand: -cand.speedup)
     said = warnings_of(winner, others[0] if others else None, measured, list(paper), costs, state)
