@@ -41,7 +41,7 @@ def greedy_row(model, prompt, new):
 
 
 @pytest.mark.parametrize("draft, k, stop", [("component", 3, None), ("layerskip", 4, 0.6), ("layerskip", "auto", None),
-                                            ("early-exit", 2, 0.4)])
+                                            ("early-exit", 4, 0.6)])
 @pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
 def test_the_generation_estimate_replays_the_rounds_generate_runs(name, draft, k, stop):
     """Drafting from the full model's state, the replay over the estimate is the very run hsd.generate makes on the
