@@ -608,9 +608,11 @@ def contradicted(predicted, measured):
     return not low <= predicted <= high and abs(predicted - measured["speedup"]) > 0.1 * measured["speedup"]
 
 
-def warnings_of(winner, runner_up, measured, paper_labels, costs, state):
+def warnings_of(winner, runner_up, measured, paper_labels, costs, state, composed_c):
     """The loud warnings of a search: its draft measured below plain decoding or below a paper draft it measured, its
-    prediction contradicted by its measurement, costs too noisy to rank the finalists, a busy machine."""
+    prediction contradicted by its measurement, its measured c far from its composed one (one measurement gone wrong:
+    the winner of many noisy measurements is often the luckiest), costs too noisy to rank the finalists, a busy
+    machine."""
     found, said = measured["found"], []
     if found["speedup"] < 1:
         said.append(f"the draft measured {found['speedup']:.3f}x plain decoding: slower than no draft")
@@ -622,6 +624,9 @@ def warnings_of(winner, runner_up, measured, paper_labels, costs, state):
         low, high = found["ci"]
         said.append(f"predicted {winner.speedup:.3f}x, measured {found['speedup']:.3f}x [{low:.3f}, {high:.3f}]: the "
                     "prediction does not hold")
+    if abs(winner.draft_cost - composed_c) > 0.25 * composed_c:
+        said.append(f"the draft's c measured {winner.draft_cost:.3f}, composed from its units {composed_c:.3f}: one of "
+                    "them is wrong (a busy machine?); search again on an idle one")
     noise = max(costs.noise["c"].values())
     if runner_up is not None and winner.speedup - runner_up.speedup < noise * winner.speedup:
         said.append(f"costs moved by up to {noise:.1%} between the halves of their turns, more than the "
@@ -792,8 +797,8 @@ def run(args, model, tokenizer):
     measured, there = confirm(args, model, test, labelled, costs)
     others = sorted((cand for lab, cand in refined.items() if lab not in paper and cand is not winner),
                     key=lambda cand: -cand.speedup)
-    said = warnings_of(winner, others[0] if others else None, measured, list(paper), costs, state)
     composed = {lab: composed_cost(model.config, cand.skip, savings) for lab, cand in refined.items()}
+    said = warnings_of(winner, others[0] if others else None, measured, list(paper), costs, state, composed[label])
     found_by.update(found_by_end(args, winner, label, refined, costs, composed, measured, there, at, along, tried, ran,
                                  said, paper, time.time() - t0))
     found_by["best_fixed"] = {"k": fixed.k, "stop": fixed.stop, "predicted_speedup": fixed.speedup}   # hsd_bench

@@ -196,17 +196,19 @@ def test_the_warnings_say_when_a_draft_is_worse_or_its_prediction_fails():
     r = hsd_search.Replay(10, 8, 4, 8, 4)
     winner, runner = (hsd_search.Candidate(models.Skip(), 0.5, 2, None, s, r) for s in (1.30, 1.10))
     fine = {"found": row(1.25, 1.18, 1.32), "component": row(1.1, 1.0, 1.2)}
-    assert hsd_search.warnings_of(winner, runner, fine, ["component"], costs, IDLE) == []
+    assert hsd_search.warnings_of(winner, runner, fine, ["component"], costs, IDLE, 0.5) == []
     slow = {"found": row(0.95, 0.9, 1.0), "component": row(1.1, 1.0, 1.2)}
-    said = hsd_search.warnings_of(winner, runner, slow, ["component"], costs, IDLE)
+    said = hsd_search.warnings_of(winner, runner, slow, ["component"], costs, IDLE, 0.5)
     assert len(said) == 3 and "slower than no draft" in said[0] and "a paper draft is faster" in said[1]
     assert "does not hold" in said[2]
     assert not hsd_search.contradicted(1.30, row(1.2, 1.0, 1.4))        # inside the interval
     assert not hsd_search.contradicted(1.30, row(1.25, 1.24, 1.26))     # outside, but within 10%
     noisy = costs._replace(noise={"step": 0.0, "c": {"a": 0.2, "b": 0.01}, "v": {}})
-    assert "too busy to rank" in hsd_search.warnings_of(winner, runner, fine, ["component"], noisy, IDLE)[0]
+    assert "too busy to rank" in hsd_search.warnings_of(winner, runner, fine, ["component"], noisy, IDLE, 0.5)[0]
     assert "the machine is busy" in hsd_search.warnings_of(winner, runner, fine, ["component"], costs,
-                                                           {"load_average": 3.5, "cores": 2})[0]
+                                                           {"load_average": 3.5, "cores": 2}, 0.5)[0]
+    assert "composed from its units 0.800" in hsd_search.warnings_of(winner, runner, fine, ["component"], costs,
+                                                                     IDLE, 0.8)[0]
 
 
 @pytest.fixture
