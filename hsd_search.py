@@ -779,11 +779,13 @@ def run(args, model, tokenizer):
     print(f"hsd_search: {args.model}, method {args.method}, temperature {args.temperature:g}, seed {args.seed}: "
           f"{len(drawn.calibration)} calibration prompts and paragraphs of {args.prompt_tokens} + {args.new_tokens} "
           f"tokens, {len(test)} test prompts; costs at {args.context} tokens of context", file=sys.stderr)
+    state = cost_model.machine_state(model, args.dtype)      # before measuring: the load of others, not ours
+    if cost_model.busy_warning(state):
+        print(f"hsd_search: WARNING: {cost_model.busy_warning(state)}", file=sys.stderr)
     longest = longest_round(args.method)
     hsd.warm_up(model, longest)                               # every verify length a round here can use
     savings_costs, savings = unit_savings(model, args.context, args.repeats * 7, longest, args.temperature)
     paper = paper_drafts(model.config)
-    state = cost_model.machine_state(model, args.dtype)
     found_by = found_by_start(args, state, split, drawn, sha256)
     best = {}
     try:
