@@ -398,10 +398,11 @@ def search(s, starts, progress, on_best):
         remaining = [p for p in remaining if p != chosen and not (chosen[0] == "layers" and p[1] == chosen[1])]
         done += len(step)
         progress(done, done + greedy_bound(len(remaining)) + LOCAL_STEPS * len(parts))
-        misses = 0 if current.speedup > best.speedup else misses + 1
         if current.speedup > best.speedup:
-            best = current
+            best, misses = current, 0
             on_best(best, len(ranked))
+        else:
+            misses += 1
     for steps_left in reversed(range(LOCAL_STEPS)):
         step = ranked_step([toggled(best.skip, part, s.model.config) for part in parts
                             if not within_skipped_layer(part, best.skip)])
