@@ -17,7 +17,7 @@ continuations of calibration prompts (greedy, or sampled at --temperature), in t
     hsd.speculative_round does; greedy: how many of its drafts in a row are the full model's tokens, and how sure it
     is of each; at a temperature T: each draft's expected acceptance 1 - TV(p_T, q_T). Replaying rounds over that
     (replay) gives every k, stop rule and k="auto" (hsd.auto_k itself); greedy, the replay is the rounds
-    hsd.generate runs.
+    hsd.generate runs on the same continuation (up to near-ties that batched and single-row numerics break apart).
   - cheap (teacher_forced_estimates): one teacher-forced pass of the draft along the text, from its own states
     (SWIFT's "matchness"), which ranks the many candidates of the search; it is biased (either sign), so only the
     best REFINED of them and the paper's drafts go on to the first form and to measured costs.
