@@ -26,11 +26,14 @@ hsd.restore, hsd.verify)); the generations take the generate function (hsd.gener
       -> {label: [per prompt [per turn run]]}, "plain" first; a run: RUN_KEYS of generate's statistics, the tokens and
       the drafts of each step
   measured_row(runs, plain_runs, c=None, v=None)    what generations measured, one key per quantity
+  rate(runs, prompts=None, turn=None)               tokens per second: summed tokens over summed seconds
   speedup(runs, plain_runs); speedup_ci(runs, plain_runs, resamples=10_000, seed=0)   over prompts
   bootstrap_ci(values, resamples=10_000, seed=0)    95% percentile interval of a mean (an exercise)
   repeated_share(tokens, n=4)                       the share of tokens inside an n-gram seen before (loops)
-  read_lines(path, model_name); paragraphs(lines, tokenizer) -> {paragraph index: ids}
-  split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP) -> Split(test, calibration): paragraph indices
+  TINY_TEXT; read_lines(path, model_name)          the text a tool reads (tiny-*: TINY_TEXT; toys: held-out)
+  paragraphs(lines, tokenizer) -> {paragraph index: ids}
+  split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP, test_tokens=TEST_TOKENS) -> Split(test,
+      calibration): paragraph indices, disjoint; the test set the same for every caller
   check_writable(path, flag); write_json(path, value)
   machine_state(model, dtype) -> dict; busy_warning(state, ratios=()) -> a line or None
 """
@@ -46,7 +49,8 @@ import torch
 import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TEST_PROMPTS, TEST_GAP = 24, 50      # the test set: 24 paragraphs spread over the held-out text, >= 50 paragraphs apart
+TEST_PROMPTS, TEST_GAP = 24, 50      # the test set: 24 paragraphs spread over the held-out text, 50 or more apart,
+TEST_TOKENS = 128                    # each of at least 128 tokens (a 64-token prompt and as much text after it)
 BUSY_SPREAD = 1.15                   # per-turn ratios further apart than this (max / min): the machine is busy
 
 
@@ -296,7 +300,7 @@ def measured_row(runs, plain_runs, c=None, v=None):
     rounds, drafted, accepted, plain = (sum(r[x] for r in every) for x in ("rounds", "drafted", "accepted",
                                                                             "plain_steps"))
     turns = len(runs[0]) if runs else 0
-    row = {"speedup": speedup(runs, plain_runs), "ci": speedup_ci(runs, plain_runs),
+    row = {"speedup": speedup(runs, plain_runs), "speedup_ci": speedup_ci(runs, plain_runs),
            "turn_speedups": [rate(runs, turn=t) / rate(plain_runs, turn=t) for t in range(turns)],
            "tokens_per_s": rate(runs), "rounds": rounds, "plain_steps": plain,
            "drafts_per_round": drafted / rounds if rounds else None,
@@ -366,13 +370,14 @@ def paragraphs(lines, tokenizer):
 Split = namedtuple("Split", "test calibration")   # paragraph indices, disjoint; test spread over the text
 
 
-def split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP):
-    """The test and the calibration paragraphs, by index, among those of at least `tokens` tokens: `count` test
-    paragraphs spread evenly over the text (the first long enough one at or after each of count even marks), each at
-    least `gap` paragraphs after the one before; every other long enough paragraph for calibration (a search draws
-    from these). A UsageError if the text cannot give `count` such test paragraphs."""
+def split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP, test_tokens=TEST_TOKENS):
+    """The test and the calibration paragraphs ({index: ids}), by index. Test: `count` paragraphs of at least
+    test_tokens tokens spread evenly over the text (the first long enough one at or after each of count even marks),
+    each at least `gap` paragraphs after the one before; it does not depend on `tokens`, so that the search confirms
+    on the very prompts the benchmark measures. Calibration: every other paragraph of at least `tokens` tokens (a
+    search draws from these). A UsageError if the text cannot give the test set."""
     total = max(paragraphs, default=-1) + 1
-    long = [i for i in sorted(paragraphs) if len(paragraphs[i]) >= tokens]
+    long = [i for i in sorted(paragraphs) if len(paragraphs[i]) >= test_tokens]
     test = []
     for mark in range(count):
         after = max(mark * total // count, test[-1] + gap if test else 0)
@@ -381,10 +386,10 @@ def split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP):
             break
         test.append(chosen)
     if len(test) < count:
-        raise models.UsageError(f"the text has {len(long)} paragraphs of at least {tokens} tokens, not {count} spread "
-                                f"{gap} paragraphs apart for the test set: give a longer --text")
+        raise models.UsageError(f"the text has {len(long)} paragraphs of at least {test_tokens} tokens, not {count} "
+                                f"spread {gap} paragraphs apart for the test set: give a longer --text")
     chosen = set(test)
-    return Split(test, [i for i in long if i not in chosen])
+    return Split(test, [i for i in sorted(paragraphs) if len(paragraphs[i]) >= tokens and i not in chosen])
 
 
 # --- Output files, and the machine the numbers were measured on --------------------------------------------------

@@ -1,6 +1,9 @@
-"""hsd_bench: hsd against transformers, and what speculation costs, on random weights of the real configurations.
+"""hsd_bench: hsd against transformers, and what speculation costs and measures; on the cost model (cost_model.py).
 
-  python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # about 5 minutes on 2 CPU cores (RESULTS.md, "Speed")
+  python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # hsd against transformers, about 5 minutes on 2 CPU cores
+  python hsd_bench.py NAME --units                      # what leaving out each kind of unit saves
+  python hsd_bench.py NAME --context-sweep [--out F]    # c, v and the predicted speedup at 64 ... 8,192 tokens
+  python hsd_bench.py TOY --drafts FILES [--out F]      # drafts side by side on the test prompts, greedy and T=0.6
 
 Speed does not depend on the weight values, so random weights of an official config.json (OFFICIAL_CONFIGS), saved
 once in the official layout, serve both sides: transformers (the official implementation; this benchmark, like the
@@ -8,6 +11,8 @@ tests, needs `pip install transformers==5.23.0`) and hsd load the same file. Run
 medians are reported; every ratio printed is of numbers measured in this process. Besides tokens per second it prints
 the operations of a decoding step and of verify passes (counted as the innermost PyTorch operations, roughly the
 kernels a GPU would launch), c and v of the cost model, and decoding against the machine's memory-bandwidth limit.
+--drafts measures the test set of cost_model.split (never the search's calibration paragraphs), every speedup with a
+95% interval over the prompts; every table is printed with the machine's state, and a busy machine is said so.
 """
 import argparse
 import json
@@ -86,6 +91,13 @@ def paper_skips(config):
     draft)."""
     return {d: hsd.draft_skip(config, d) for d in hsd.DRAFTS
             if d != "none" and (d != "component" or config.family != "qwen2")}
+
+
+def warning_lines(state):
+    """The busy machine's warning (cost_model.busy_warning, by the load average), if it is busy."""
+    busy = cost_model.busy_warning(state)
+    if busy:
+        yield f"warning: {busy}"
 
 
 def machine_words(state):
@@ -175,6 +187,7 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
     path = random_checkpoint(name, tf)
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = models.load(path)
+    machine = cost_model.machine_state(ours, "float32")        # before measuring: the load of others, not ours
     draft = "layerskip" if ours.config.family == "qwen2" else "component"
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (1, prompt_len))
@@ -219,8 +232,9 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
     med = {key: statistics.median(v) for key, v in runs.items() if key != "spec"}
     round_s = statistics.median(s["decode_s"] / s["rounds"] for s in runs["spec"])
     weight_bytes = weight_bytes_per_token(ours)
-    print(f"{name}, random weights, fp32, {machine_words(cost_model.machine_state(ours, 'float32'))}, {repeats} "
-          "alternating runs, medians")
+    print(f"{name}, random weights, fp32, {machine_words(machine)}, {repeats} alternating runs, medians")
+    for line in warning_lines(machine):
+        print(line)
     print(f"decode  {new_tokens} tokens: hsd {med['hsd decode']:.2f} tok/s, transformers {med['hf decode']:.2f} tok/s "
           f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in runs['hsd decode']]}, "
           f"transformers {[round(x, 2) for x in runs['hf decode']]})")
@@ -320,7 +334,7 @@ def side_by_side_lines(name, r, new_tokens):
            f"{'drf/rnd':>7} {'plain':>5} {'c':>5} {'predicted':>9} {'loops':>6}")
     for (label, T), x in r["rows"].items():
         loops = f"{x['repeated_4grams']:6.1%}" if T == 0 else f"{'':6}"
-        yield (f"{label[-44:]:44} {T:4.1f} {x['speedup']:7.3f}x [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}] "
+        yield (f"{label[-44:]:44} {T:4.1f} {x['speedup']:7.3f}x [{x['speedup_ci'][0]:.3f}, {x['speedup_ci'][1]:.3f}] "
                f"{x['vs_best_paper']:8.3f} [{x['vs_best_paper_ci'][0]:.3f}, {x['vs_best_paper_ci'][1]:.3f}] "
                f"{x['alpha'] or 0:6.3f} {x['accepted_per_round'] or 0:7.2f} {x['drafts_per_round'] or 0:7.2f} "
                f"{x['plain_steps']:5d} {r['costs'][T].c[label.split(', k=')[0]]:5.2f} "
@@ -333,7 +347,8 @@ def side_by_side_json(name, r, new_tokens):
     """What --out saves: the table's numbers, the costs, the machine, and every raw run (per label, prompt and turn),
     so that a stranger can bootstrap them again."""
     return {"model": name, "new_tokens": new_tokens, "test_paragraphs": list(r["prompts"]), "machine": r["machine"],
-            "warnings": r["warnings"], "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
+            "warnings": r["warnings"], "unreliable": bool(r["warnings"]),
+            "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
             "costs": {str(T): c._asdict() for T, c in r["costs"].items()},
             "rows": [{"row": label, "temperature": T, **x} for (label, T), x in r["rows"].items()],
             "runs": {str(T): runs for T, runs in r["runs"].items()}}
@@ -372,6 +387,7 @@ def unit_lines(name, units, saves, drafts, machine):
         yield f"{draft:10} c {c:.2f}; per-token acceptance needed for S > 1: " + ", ".join(
             f"k={k} {'never' if p is None else f'{p:.2f}'}"
             for k, p in ((k, cost_model.break_even_acceptance(c, drafts.v[k], k)) for k in (1, 2, 4, 8)))
+    yield from warning_lines(machine)
 
 
 def context_sweep(name, turns=7, temperature=0.0):
@@ -387,16 +403,22 @@ def context_sweep(name, turns=7, temperature=0.0):
     return sweep, cost_model.machine_state(model, "float32")
 
 
+def paper_column(temperature):
+    """The column of cost_model.PAPER at a temperature: "greedy" at 0, "T=0.6" at the paper's T."""
+    return "greedy" if temperature == 0 else f"T={temperature:g}"
+
+
 def sweep_rows(name, sweep):
     """Per context, draft and k in (2, 4, 8): c, v[k], the break-even acceptance, and where the paper reports an
-    acceptance for this model (greedy, single round: alpha, so that a round keeps alpha k drafts), the speedup it
-    predicts."""
+    acceptance for this model at the costs' temperature (single round, greedy or T=0.6: alpha, so that a round keeps
+    alpha k drafts), the speedup it predicts."""
     paper = cost_model.PAPER.get(name, {})
     rows = []
     for L, costs in sweep.items():
+        column = paper_column(costs.temperature)
         for draft, c in costs.c.items():
             for k in (2, 4, 8):
-                alpha = paper.get(draft, {}).get("greedy", {}).get(k, (None,))[0]
+                alpha = paper.get(draft, {}).get(column, {}).get(k, (None,))[0]
                 rows.append({"context": L, "draft": draft, "k": k, "c": c, "v": costs.v[k],
                              "noise_c": costs.noise["c"][draft],
                              "break_even_acceptance": cost_model.break_even_acceptance(c, costs.v[k], k),
@@ -406,9 +428,11 @@ def sweep_rows(name, sweep):
 
 
 def sweep_lines(name, sweep, rows, machine):
-    yield f"{name}: c, v and the predicted speedup against the context; {machine_words(machine)}"
-    yield ("predicted: at the paper's single-round greedy acceptance for this model (cost_model.PAPER), where it gives "
-           "one" if name in cost_model.PAPER else "no paper acceptance for this model: the acceptance each k needs")
+    T = next(iter(sweep.values())).temperature
+    yield f"{name}: c, v and the predicted speedup against the context, at T={T}; {machine_words(machine)}"
+    yield (f"predicted: at the paper's single-round acceptance ({paper_column(T)}) for this model (cost_model.PAPER), "
+           "where it gives one" if name in cost_model.PAPER else
+           "no paper acceptance for this model: the acceptance each k needs")
     yield (f"{'context':>7} {'step ms':>8} {'draft':10} {'k':>2} {'c':>5} {'v[k]':>5} {'needs':>6} {'paper a':>8} "
            f"{'predicted':>9}")
     for r in rows:
@@ -417,6 +441,7 @@ def sweep_lines(name, sweep, rows, machine):
         paper = "" if r["paper_alpha"] is None else f"{r['paper_alpha']:.3f}"
         yield (f"{r['context']:7d} {sweep[r['context']].step_s * 1e3:8.2f} {r['draft']:10} {r['k']:2d} {r['c']:5.2f} "
                f"{r['v']:5.2f} {needs:>6} {paper:>8} {predicted:>9}")
+    yield from warning_lines(machine)
 
 
 # --- Command line ---------------------------------------------------------------------------------------------------
@@ -441,6 +466,9 @@ def main(argv=None):
                                                                f"at {', '.join(map(str, CONTEXTS))} tokens (as far as "
                                                                "the model's context allows)")
     p.add_argument("--context", type=int, default=256, help="with --units: the tokens in the cache (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="with --context-sweep: the costs of a round sampled "
+                                                                   f"at this temperature (the paper's: {PAPER_T}; "
+                                                                   "default: 0, greedy)")
     p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice)")
     p.add_argument("--out", help="with --drafts or --context-sweep: save the numbers, and --drafts' raw per-prompt "
                                  "runs, to this JSON file")
@@ -451,6 +479,8 @@ def main(argv=None):
         if args.threads < 1:
             p.error(f"--threads must be at least 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
+    if not 0 <= args.temperature < float("inf"):                      # NaN too
+        p.error(f"--temperature must be 0 (greedy) or a finite temperature above it (got {args.temperature})")
     try:
         if args.out:
             cost_model.check_writable(args.out, "--out")
@@ -468,10 +498,12 @@ def main(argv=None):
                 print(json.dumps({key: value for key, value in saved.items() if key != "runs"}))
             return 0
         if args.context_sweep:
-            sweep, machine = context_sweep(args.model, args.cost_repeats)
+            sweep, machine = context_sweep(args.model, args.cost_repeats, args.temperature)
             rows = sweep_rows(args.model, sweep)
             print(*sweep_lines(args.model, sweep, rows, machine), sep="\n")
-            saved = {"model": args.model, "machine": machine, "rows": rows,
+            warned = [w[9:] for w in warning_lines(machine)]
+            saved = {"model": args.model, "machine": machine, "warnings": warned, "unreliable": bool(warned),
+                     "rows": rows,
                      "costs": {str(L): c._asdict() for L, c in sweep.items()}}
             if args.out:
                 cost_model.write_json(args.out, saved)
@@ -482,7 +514,8 @@ def main(argv=None):
             units, saves, drafts, machine = unit_costs(args.model, context=args.context, turns=args.cost_repeats)
             print(*unit_lines(args.model, units, saves, drafts, machine), sep="\n")
             if args.json:
-                print(json.dumps({"model": args.model, "machine": machine, "step_s": units.step_s, "v": units.v,
+                print(json.dumps({"model": args.model, "machine": machine, "warnings": [
+                                  w[9:] for w in warning_lines(machine)], "step_s": units.step_s, "v": units.v,
                                   "saves": {f"{u} of a {t} layer": s for (u, t), s in saves.items()},
                                   "drafts": {d: {"c": c, "break_even": {k: cost_model.break_even_acceptance(
                                       c, drafts.v[k], k) for k in (1, 2, 4, 8)}} for d, c in drafts.c.items()}}))

@@ -1,0 +1,234 @@
+"""cost_model.py: the round's cost, the timing harness, generations in turns, intervals, the texts' split, the machine.
+
+Timings here are of a fake clock: no test asserts anything about how fast this machine is."""
+import math
+from collections import namedtuple
+
+import pytest
+import torch
+
+import cost_model
+import hsd
+import models
+
+
+# --- The cost of a round, and the speedup it predicts ---------------------------------------------------------------
+def test_a_round_costs_its_draft_steps_and_its_verify_pass():
+    v = [1.0, 1.1, 1.25, 1.5]
+    assert cost_model.round_cost(3, 0.5, v) == 3 * 0.5 + 1.5
+    assert cost_model.round_cost(0, 0.5, v) == 1.0                                  # a plain step
+    assert cost_model.predicted_speedup(5, [0] * 5, 0.5, v) == 1.0                  # plain decoding: 1 by definition
+    assert cost_model.predicted_speedup(1 + 2, [3], 0.5, v) == 3 / 3.0              # 3 tokens for 1.5 + 1.5 steps
+    assert math.isclose(cost_model.predicted_speedup(4 + 1, [2, 0], 0.25, v), 5 / (0.5 + 1.25 + 1.0))
+
+
+def test_break_even_acceptance_is_where_a_round_just_pays():
+    p = cost_model.break_even_acceptance(0.5, 1.0, 1)                 # 1 + p tokens for 1.5 steps: p = 0.5
+    assert abs(p - 0.5) < 1e-9
+    p = cost_model.break_even_acceptance(0.3, 1.2, 4)
+    assert abs(sum(p ** i for i in range(5)) - cost_model.round_cost(4, 0.3, {4: 1.2})) < 1e-9
+    assert cost_model.break_even_acceptance(0.9, 1.5, 2) is None      # 3.3 steps for at most 3 tokens: never
+
+
+@pytest.mark.parametrize("values, fitted", [
+    ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]),                              # already non-decreasing: unchanged
+    ([1.0, 3.0, 2.0, 4.0], [1.0, 2.5, 2.5, 4.0]),                    # one violation: its pair pooled
+    ([3.0, 2.0, 1.0], [2.0, 2.0, 2.0]),                              # all pooled
+    ([1.39, 1.376, 1.5, 1.45], [1.383, 1.383, 1.475, 1.475]),
+    ([1.39, 1.376, 1.4, 1.2], [1.3415] * 4),                         # a pool below the one before: pooled with it
+], ids=["monotone", "one-pair", "falling", "two-pools", "pools-merge"])
+def test_v_is_fitted_non_decreasing_in_least_squares(values, fitted):
+    got = cost_model.fit_monotone(values)
+    assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(got, fitted)) and len(got) == len(values)
+    assert math.isclose(sum(got), sum(values))                        # pooling keeps each block's mean
+
+
+# --- The timing harness, on a fake clock ---------------------------------------------------------------------------
+class FakeModel:
+    """A tiny model's config and weights, whose calls only advance a fake clock: a full step by `step` seconds, a draft
+    step by `draft[skip]`, a pass over n tokens by `passes[n]`, all times the turn's drift (1 + the turn)."""
+
+    def __init__(self, config, lm_head, step, draft, passes):
+        self.config, self.lm_head = config, lm_head
+        self.step, self.draft, self.passes = step, draft, passes
+        self.now, self.full_calls = 0.0, 0
+
+    def __call__(self, tokens, cache, skip=None, record_states=False):
+        n = tokens.shape[1]
+        if skip is None and n == 1:
+            self.full_calls += 1
+        drift = 1 + (self.full_calls - 1) // 2                   # a turn starts and ends with a full step
+        self.now += drift * (self.draft[skip] if skip is not None else self.step if n == 1 else self.passes[n])
+        return torch.zeros(1, n, self.config.vocab_size)
+
+
+def fake_costs(monkeypatch, temperature, passes):
+    real = models.load("tiny-falcon-h1")
+    skips = {"component": hsd.draft_skip(real.config, "component"), "early-exit": hsd.draft_skip(real.config,
+                                                                                                   "early-exit")}
+    model = FakeModel(real.config, real.lm_head, 0.002, {skips["component"]: 0.0015, skips["early-exit"]: 0.001},
+                      passes)
+    monkeypatch.setattr(cost_model, "clock", lambda device: model.now)
+    given = cost_model.Passes(lambda model, cache, tokens: None, hsd.snapshot, hsd.restore,
+                              lambda model, cache, pending, drafts: (model(torch.tensor([[pending, *drafts]]),
+                                                                           cache)[0], None))
+    return cost_model.measure_costs(model, skips, 16, 6, 4, temperature, passes=given)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
+def test_costs_are_ratios_to_the_turns_full_step_and_v_is_fitted(monkeypatch, temperature):
+    """The machine slows down every turn (drift), by the same factor for every call of the turn: c and v, ratios to
+    the turn's full step, come out exact; v[3] measured below v[2] is pooled with it."""
+    passes = {2: 0.0022, 3: 0.0026, 4: 0.0024, 5: 0.003}                   # v: 1.1, 1.3, 1.2 (noise), 1.5
+    costs = fake_costs(monkeypatch, temperature, passes)
+    assert math.isclose(costs.c["component"], 0.75) and math.isclose(costs.c["early-exit"], 0.5)
+    assert [round(x, 9) for x in costs.v_measured] == [1.0, 1.1, 1.3, 1.2, 1.5]
+    assert [round(x, 9) for x in costs.v] == [1.0, 1.1, 1.25, 1.25, 1.5]
+    assert math.isclose(costs.step_s, 0.002 * 5.5)                    # median of the turns' drift 3..8 (2 warm up)
+    assert costs.noise["c"]["component"] < 1e-12 and costs.noise["v"][3] < 1e-12  # ratios: no drift left in them
+    assert costs.noise["step"] > 0.5                                          # the seconds themselves drift
+    assert (costs.context, costs.temperature, costs.turns) == (16, temperature, 6)
+
+
+def test_a_sampled_rounds_costs_include_its_softmax_and_draws(monkeypatch):
+    """At a temperature every timed call pays sampling_cost on all its rows (a verify pass of d drafts: d + 1 rows),
+    within its time; greedy calls pay an argmax."""
+    seen, real = [], cost_model.sampling_cost
+    monkeypatch.setattr(cost_model, "sampling_cost", lambda logits, T, g: seen.append((len(logits), T)) or real(
+        logits, T, g))
+    fake_costs(monkeypatch, 0.6, {2: 0.0022, 3: 0.0026, 4: 0.0024, 5: 0.003})
+    turn = [(1, 0.6)] * 4 + [(n, 0.6) for n in (2, 3, 4, 5)]                      # full, 2 drafts, full; 4 verify
+    assert sorted(seen) == sorted(turn * 8)
+
+
+def test_the_harness_runs_on_a_real_model_at_both_temperatures():
+    model = models.load("tiny-qwen3.5")
+    passes = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)
+    skips = cost_model.unit_skips(model.config)
+    for temperature in (0.0, 0.6):
+        costs = cost_model.measure_costs(model, skips, 8, 2, 3, temperature, passes=passes, warm_turns=0)
+        assert set(costs.c) == set(skips) and len(costs.v) == 4 and costs.v[0] == 1.0
+        assert all(a <= b for a, b in zip(costs.v, costs.v[1:])) and min(costs.v) >= 1.0
+    assert set(skips) == {(unit, t) for t in ("linear_attention", "full_attention")
+                          for unit in ("layers", *models.units_of(t))}
+    assert skips["attention", "full_attention"] == models.Skip(attention=frozenset(
+        i for i, t in enumerate(model.config.layer_types) if t == "full_attention"))
+
+
+# --- Generations in turns and what they measured ----------------------------------------------------------------
+Round = namedtuple("Round", "drafts accepted next_token")
+
+
+def test_generations_take_turns_and_keep_every_run(monkeypatch):
+    calls = []
+
+    def generate(model, prompt, new_tokens, draft, temperature, seed):
+        calls.append((prompt[0], draft, seed))
+        trace = [] if draft == "none" else [Round([7, 7], 1, 7)]
+        s = {"new_tokens": new_tokens, "decode_s": 1.0 if draft == "none" else 0.5, "rounds": len(trace),
+             "drafted": 2 * len(trace), "accepted": len(trace), "plain_steps": new_tokens - 2 * len(trace),
+             "trace": trace}
+        return [prompt[0]] * new_tokens, s
+    runs = cost_model.generations_in_turns(generate, None, [[10], [20]], {"d": "a draft"}, 4, 2, 0.6, seed=5)
+    assert calls == [(10, "none", 5), (10, "a draft", 5), (20, "none", 6), (20, "a draft", 6),
+                     (10, "none", 1005), (10, "a draft", 1005), (20, "none", 1006), (20, "a draft", 1006)]
+    assert list(runs) == ["plain", "d"] and [len(p) for p in runs["d"]] == [2, 2]
+    assert runs["d"][1][0] == {"new_tokens": 4, "decode_s": 0.5, "rounds": 1, "drafted": 2, "accepted": 1,
+                               "plain_steps": 2, "tokens": [20] * 4, "steps": [2, 0, 0]}
+    greedy_seeds = []
+    cost_model.generations_in_turns(lambda *a, seed, **k: greedy_seeds.append(seed) or generate(*a, seed=seed, **k),
+                                    None, [[10]], {}, 4, 1)
+    assert greedy_seeds == [None]                                       # greedy: no seed
+    row = cost_model.measured_row(runs["d"], runs["plain"], 0.5, [1.0, 1.1, 1.2])
+    assert row["speedup"] == 2.0 and row["speedup_ci"] == (2.0, 2.0) and row["turn_speedups"] == [2.0, 2.0]
+    assert (row["rounds"], row["plain_steps"], row["drafts_per_round"], row["accepted_per_round"], row["alpha"]) == (
+        4, 8, 2.0, 1.0, 0.5)
+    assert row["predicted_speedup"] == 16 / (4 * (2 * 0.5 + 1.2) + 8 * 1.0)   # the steps these runs took
+    assert row["repeated_4grams"] == 0.0                                       # [20] * 4: one 4-gram, seen once
+
+
+def test_generations_with_hsd_generate_are_greedy_decoding():
+    model = models.load("tiny-falcon-h1")
+    drafts = {"component k=3": hsd.choose_draft(model, "component", 3)}
+    runs = cost_model.generations_in_turns(hsd.generate, model, [[1, 2, 3], [4, 5]], drafts, 6, 2)
+    for i, prompt in enumerate([[1, 2, 3], [4, 5]]):
+        plain = hsd.generate(model, prompt, 6, draft="none")[0]
+        assert all(turn["tokens"] == plain for label in runs for turn in runs[label][i])
+    assert all(sum(r["steps"]) == r["drafted"] for p in runs["component k=3"] for r in p)
+
+
+def run(tokens, seconds):
+    return {"new_tokens": tokens, "decode_s": seconds}
+
+
+def test_the_speedup_is_of_summed_times_and_its_interval_resamples_prompts():
+    """Two prompts: twice as fast on a short one, the same on a long one: the speedup weighs each by its time
+    (20 tokens in 11 s against 12 s), not the mean of the ratios (1.5)."""
+    ours, plain = [[run(10, 1.0)], [run(10, 10.0)]], [[run(10, 2.0)], [run(10, 10.0)]]
+    assert math.isclose(cost_model.speedup(ours, plain), 12 / 11)
+    low, high = cost_model.speedup_ci(ours, plain)
+    assert math.isclose(low, 1.0) and math.isclose(high, 2.0)              # resamples of prompts: all B .. all A
+    same = [[run(8, 1.0), run(8, 1.2)] for _ in range(5)]
+    twice = [[run(8, 2.0), run(8, 2.4)] for _ in range(5)]
+    assert all(math.isclose(x, 2.0) for x in cost_model.speedup_ci(same, twice))
+    many = [[run(10, 1.0 + (i % 3) / 10)] for i in range(30)]
+    low, high = cost_model.speedup_ci(many, [[run(10, 1.2)]] * 30)
+    assert low < cost_model.speedup(many, [[run(10, 1.2)]] * 30) < high and high - low < 0.15
+
+
+def test_the_loop_measure_counts_tokens_inside_repeated_ngrams():
+    assert cost_model.repeated_share([1, 2, 3, 4, 1, 2, 3, 4]) == 0.5
+    assert cost_model.repeated_share([1, 2, 3, 4, 5, 6, 7, 8]) == 0.0
+    assert cost_model.repeated_share([5] * 10) == 0.9                   # all but the first 4-gram's first token
+    assert cost_model.repeated_share([1, 2, 1, 2, 3], n=2) == 2 / 5 and cost_model.repeated_share([]) == 0.0
+
+
+# --- The texts and their split ---------------------------------------------------------------------------------
+def test_paragraphs_are_numbered_by_their_place_in_the_text():
+    lines = ["first", "", "  second  ", "", "", "third"]
+    got = cost_model.paragraphs(lines, models.char_tokenizer())
+    assert list(got) == [0, 1, 2] and models.char_tokenizer().decode(got[1]) == "second"
+
+
+def test_the_split_is_disjoint_by_index_and_spread_over_the_text():
+    lengths = {i: 10 if i % 7 == 3 else 100 if i % 7 == 5 else 200 for i in range(1449)}     # some too short
+    paragraphs = {i: [0] * n for i, n in lengths.items()}
+    test, calibration = cost_model.split(paragraphs, 64)
+    assert len(test) == 24 and not set(test) & set(calibration)
+    assert all(lengths[i] >= cost_model.TEST_TOKENS for i in test)
+    assert set(test) | set(calibration) == {i for i, n in lengths.items() if n >= 64}
+    assert cost_model.split(paragraphs, 150).test == test                     # whatever the calibration needs
+    assert all(b - a >= 50 for a, b in zip(test, test[1:]))
+    assert test[0] < 1449 / 24 and test[-1] >= 1449 - 2 * 1449 / 24             # from the start to the end
+    with pytest.raises(models.UsageError, match="not 24 spread 50 paragraphs apart"):
+        cost_model.split({i: [0] * 200 for i in range(1000)}, 64)               # 24 x 50 > 1000
+
+
+def test_the_heldout_text_gives_the_test_set():
+    """toys/text/heldout.txt has 1,449 paragraphs: 24 of at least 128 tokens 50 apart, for every toy's tokens."""
+    lines = cost_model.read_lines(None, "toy-qwen3.5")
+    for name in models.TOYS:
+        test, calibration = cost_model.split(cost_model.paragraphs(lines, models.load_tokenizer(name)), 64 + 64)
+        assert len(test) == 24 and len(calibration) >= 200
+
+
+# --- The machine --------------------------------------------------------------------------------------------------
+def test_a_busy_machine_is_said_so_in_one_line():
+    idle = {"load_average": 0.4, "cores": 2}
+    assert cost_model.busy_warning(idle, [1.0, 1.1, 1.14]) is None
+    line = cost_model.busy_warning(idle, [1.0, 1.2])
+    assert "busy" in line and "1.00-1.20x" in line and "\n" not in line
+    assert cost_model.busy_warning({"load_average": 1.0, "cores": 2}) is None       # our own process: 1 core
+    assert "load average is 1.50 on 2 cores" in cost_model.busy_warning({"load_average": 1.5, "cores": 2})
+    state = cost_model.machine_state(models.load("tiny-falcon-h1"), torch.float32)
+    assert state["threads"] == torch.get_num_threads() and state["dtype"] == "float32"
+    assert {"omp_wait_policy", "load_average", "cores", "torch", "commit", "device"} <= set(state)
+
+
+def test_write_json_leaves_no_half_file(tmp_path):
+    path = tmp_path / "out.json"
+    cost_model.write_json(str(path), {"a": [1, 2]})
+    assert path.read_text() == '{\n "a": [\n  1,\n  2\n ]\n}\n' and not (tmp_path / "out.json.partial").exists()
+    with pytest.raises(TypeError):
+        cost_model.write_json(str(path), {"a": object()})
+    assert path.read_text().startswith('{\n "a": [')                              # the old file stays whole
