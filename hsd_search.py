@@ -605,7 +605,7 @@ def estimate_error(predicted, measured):
 
 def contradicted(predicted, measured):
     """Whether a measurement contradicts a prediction: outside the measurement's interval and more than 10% off."""
-    low, high = measured["ci"]
+    low, high = measured["speedup_ci"]
     return not low <= predicted <= high and abs(predicted - measured["speedup"]) > 0.1 * measured["speedup"]
 
 
@@ -622,7 +622,7 @@ def warnings_of(winner, runner_up, measured, paper_labels, costs, state, compose
             said.append(f"the draft measured {found['speedup']:.3f}x, the paper's {label} draft "
                         f"{measured[label]['speedup']:.3f}x: a paper draft is faster")
     if contradicted(winner.speedup, found):
-        low, high = found["ci"]
+        low, high = found["speedup_ci"]
         said.append(f"predicted {winner.speedup:.3f}x, measured {found['speedup']:.3f}x [{low:.3f}, {high:.3f}]: the "
                     "prediction does not hold")
     if abs(winner.draft_cost - composed_c) > 0.25 * composed_c:
@@ -691,7 +691,7 @@ def describe_candidate(label, cand):
 
 
 def describe_measured(m, c):
-    low, high = m["ci"]
+    low, high = m["speedup_ci"]
     return (f"{'':12} measured: speedup {m['speedup']:.3f} [{low:.3f}, {high:.3f}], {m['accepted_per_round'] or 0:.2f} "
             f"of {m['drafts_per_round'] or 0:.2f} drafts kept per round, c {c:.3f}")
 
@@ -703,6 +703,9 @@ def texts(args, tokenizer):
     paragraphs = cost_model.paragraphs(lines, tokenizer)
     split = cost_model.split(paragraphs, args.prompt_tokens + args.new_tokens)
     drawn = draw(split, args.seed, args.prompts, args.test_prompts)
+    if any(len(paragraphs[i]) < args.prompt_tokens for i in drawn.test):
+        raise models.UsageError(f"--prompt-tokens {args.prompt_tokens} is longer than a test paragraph: give at most "
+                                f"{min(len(paragraphs[i]) for i in drawn.test)}")
     return paragraphs, split, drawn, hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 

@@ -180,7 +180,7 @@ def test_layer_confidences_leave_the_cache_as_it_was():
 
 
 def row(speedup, low, high, accepted=1.0):
-    return {"speedup": speedup, "ci": (low, high), "accepted_per_round": accepted, "turn_speedups": [speedup]}
+    return {"speedup": speedup, "speedup_ci": (low, high), "accepted_per_round": accepted, "turn_speedups": [speedup]}
 
 
 def costs_of(c, noise, longest=25):
@@ -289,6 +289,7 @@ def test_ctrl_c_writes_the_best_draft_so_far(tmp_path, fixed_costs, monkeypatch,
     (["--context", "0"], "--context must lie in 1.."),
     (["--context", "100000"], "--context must lie in 1.."),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--prompt-tokens", "400"], "is longer than a test paragraph"),
 ])
 def test_search_errors_are_one_line_before_anything_is_measured(args, message, capsys, monkeypatch):
     monkeypatch.setattr(hsd_search, "measure_costs", lambda *a: pytest.fail("measured before the error"))
