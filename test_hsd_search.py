@@ -49,7 +49,7 @@ def test_the_generation_estimate_replays_the_rounds_generate_runs(name, draft, k
     if name == "tiny-qwen3.5" and draft == "component":
         draft = "early-exit"
     model = models.load(name, torch.float64)
-    prompt, new = [40, 41, 42, 43, 44, 45, 46, 47], 28
+    prompt, new = [40, 41, 42, 43, 44, 45, 46, 47], 24
     skip = hsd.draft_skip(model.config, draft)
     rows = greedy_row(model, prompt, new)
     _, stats = hsd.generate(model, prompt, new, draft=hsd.Draft(draft, skip, k, stop), eos_token_id=-1)
@@ -142,10 +142,10 @@ def fixed_c(config, skip):
 def test_the_search_progress_never_goes_back():
     """The search's progress: candidates ranked only grow, the bound only falls, and it ends at 100%."""
     model = models.load("tiny-qwen3.5")
-    rows = greedy_row(model, [40, 41, 42, 43, 44, 45], 10)
+    rows = greedy_row(model, [40, 41, 42, 43], 6)
     kinds = cost_model.unit_kinds(model.config)
     savings = {kind: 0.6 / model.config.num_layers / (1 if kind[0] == "layers" else 3) for kind in kinds}
-    s = hsd_search.Search(model, hsd_search.Calibration(rows, rows, 6), None, savings, V, 16, 0.0)
+    s = hsd_search.Search(model, hsd_search.Calibration(rows, rows, 4), None, savings, V, 8, 0.0)
     seen, best = [], []
     ranked, winner = hsd_search.search(s, [], lambda done, total: seen.append((done, total)),
                                        lambda cand, tried: best.append(cand.speedup))
@@ -220,6 +220,7 @@ def fixed_costs(monkeypatch):
                                 turns, {"step": 0.0, "c": {label: 0.0 for label in skips}, "v": {}})
     monkeypatch.setattr(hsd_search, "measure_costs", measure_costs)
     monkeypatch.setattr(cost_model, "busy_warning", lambda state, ratios=(): None)
+    monkeypatch.setattr(hsd_search, "REFINED", 3)                   # fewer finalists: the same steps, sooner
 
 
 SMALL = ["--text", TEXT, "--prompts", "2", "--test-prompts", "1", "--prompt-tokens", "8", "--new-tokens", "8",
