@@ -294,7 +294,7 @@ def speedup(r):
     return r.tokens / r.cost
 
 
-Candidate = namedtuple("Candidate", "skip draft_cost k stop speedup rounds")
+Candidate = namedtuple("Candidate", "skip draft_cost k stop speedup replayed")
 # a draft, the c its prediction used, the k and stop rule it is best at, its predicted speedup there, and the Replay
 # behind that prediction
 
@@ -596,7 +596,8 @@ def estimate_error(predicted, measured):
     relative error of each."""
     def error(p, m):
         return (p - m) / m if p is not None and m else None
-    p_accepted = predicted.rounds.accepted / predicted.rounds.rounds if predicted.rounds.rounds else None
+    r = predicted.replayed
+    p_accepted = r.accepted / r.rounds if r.rounds else None
     return {"accepted_per_round": {"predicted": p_accepted, "measured": measured["accepted_per_round"],
                                    "relative_error": error(p_accepted, measured["accepted_per_round"])},
             "speedup": {"predicted": predicted.speedup, "measured": measured["speedup"],
@@ -685,7 +686,7 @@ class Progress:
 
 def describe_candidate(label, cand):
     k = f"k={cand.k}" + (f", stop below {cand.stop}" if cand.stop is not None else "")
-    r = cand.rounds
+    r = cand.replayed
     return (f"{label:12} S {cand.speedup:.3f}; c {cand.draft_cost:.3f}, {k}, {r.accepted / max(1, r.rounds):.2f} of "
             f"{r.drafted / max(1, r.rounds):.2f} drafts kept per round: skips {cand.skip}")
 
