@@ -67,7 +67,7 @@ TEMPERATURES = (0.0, 0.6)                # the temperatures a draft file predict
 
 
 # --- 1. The calibration --------------------------------------------------------------------------------------------
-Drawn = namedtuple("Drawn", "calibration paragraphs test")
+Drawn = namedtuple("Drawn", "calibration followed test")
 # paragraph indices (cost_model.paragraphs'): calibration prompts and paragraphs followed along, drawn from the
 # calibration side of cost_model.split, and the test prompts the search confirms on, from its test side
 class Calibration(namedtuple("Calibration", "continuations paragraphs start")):
@@ -103,7 +103,7 @@ def continuations(model, prompts, new_tokens, temperature, seed):
 def calibration(model, paragraphs, drawn, prompt_tokens, new_tokens, temperature, seed):
     """The Calibration of what was drawn: the continuations of its prompts, and its paragraphs cut to one length."""
     prompts = [paragraphs[i][:prompt_tokens] for i in drawn.calibration]
-    text = torch.tensor([paragraphs[i][:prompt_tokens + new_tokens] for i in drawn.paragraphs],
+    text = torch.tensor([paragraphs[i][:prompt_tokens + new_tokens] for i in drawn.followed],
                         device=model.lm_head.weight.device)
     return Calibration(continuations(model, prompts, new_tokens, temperature, seed), text, prompt_tokens)
 
@@ -757,8 +757,8 @@ def predictions(args, model, winner, calib, costs, label):
 def confirm(args, model, test, labelled, costs):
     """Step 5: generations of the test prompts ({label: measured_row}) and the estimate made on the test prompts'
     own continuations ({label: Candidate}), whose error is the estimator's own."""
-    drafts = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop) for label, cand in labelled.items()}
-    runs = cost_model.generations_in_turns(hsd.generate, model, test, drafts, args.new_tokens, args.repeats,
+    draft_of = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop) for label, cand in labelled.items()}
+    runs = cost_model.generations_in_turns(hsd.generate, model, test, draft_of, args.new_tokens, args.repeats,
                                            args.temperature, args.seed,
                                            Progress("confirm: test prompts x turns", args.repeats * len(test)))
     measured = {label: cost_model.measured_row(runs[label], runs["plain"], cand.draft_cost, costs.v)
@@ -823,7 +823,7 @@ def found_by_start(args, state, split, drawn, sha256):
     return {"method": args.method, "seed": args.seed, "temperature": args.temperature, **state,
             "date": time.strftime("%Y-%m-%d"),
             "calibration": {"text_sha256": sha256, "calibration_paragraphs": drawn.calibration,
-                            "followed_paragraphs": drawn.paragraphs, "confirmed_on_paragraphs": drawn.test,
+                            "followed_paragraphs": drawn.followed, "confirmed_on_paragraphs": drawn.test,
                             "test_paragraphs": split.test, "prompt_tokens": args.prompt_tokens,
                             "new_tokens": args.new_tokens}}
 

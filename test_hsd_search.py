@@ -26,9 +26,9 @@ def test_calibration_and_test_paragraphs_are_disjoint_and_named_by_index():
     split = cost_model.Split(test=[100, 200, 300, 400, 500, 600], calibration=list(range(3, 60, 2)))
     drawn = hsd_search.draw(split, 0, 5, 3)
     assert drawn == hsd_search.draw(split, 0, 5, 3) and drawn.test == [100, 300, 500]
-    assert len(drawn.calibration) == len(drawn.paragraphs) == 5
-    assert not set(drawn.calibration) & set(drawn.paragraphs)
-    assert set(drawn.calibration) | set(drawn.paragraphs) <= set(split.calibration)
+    assert len(drawn.calibration) == len(drawn.followed) == 5
+    assert not set(drawn.calibration) & set(drawn.followed)
+    assert set(drawn.calibration) | set(drawn.followed) <= set(split.calibration)
     other = hsd_search.draw(split, 1, 5, 3)
     assert other.calibration != drawn.calibration and other.test == drawn.test
     with pytest.raises(models.UsageError, match="the search needs 60"):
