@@ -479,4 +479,5 @@ def busy_warning(state, ratios=()):
         reasons.append(f"the load average is {state['load_average']:.2f} on {state['cores']} cores")
     if not reasons:
         return None
-    return "the machine is busy (" + "; ".join(reasons) + "): its speedups are unreliable"
+    return ("the machine is busy (" + "; ".join(reasons) + "): its speedups are unreliable; on a shared machine "
+            "--threads 1 keeps other work from slowing every step (RESULTS.md, \"A busy machine\")")

@@ -32,9 +32,6 @@ import sys
 import time
 import unicodedata
 
-# OpenMP's waiting threads sleep, not spin: one core busy, 7-14 ms/token, not 21-62 (issue 28); read when torch loads
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 import torch.nn.functional as F
 from huggingface_hub.utils import tqdm

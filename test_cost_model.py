@@ -217,7 +217,7 @@ def test_a_busy_machine_is_said_so_in_one_line():
     idle = {"load_average": 0.4, "cores": 2}
     assert cost_model.busy_warning(idle, [1.0, 1.1, 1.14]) is None
     line = cost_model.busy_warning(idle, [1.0, 1.2])
-    assert "busy" in line and "1.00-1.20x" in line and "\n" not in line
+    assert "busy" in line and "1.00-1.20x" in line and "--threads 1" in line and "\n" not in line
     assert cost_model.busy_warning({"load_average": 1.0, "cores": 2}) is None       # our own process: 1 core
     assert "load average is 1.50 on 2 cores" in cost_model.busy_warning({"load_average": 1.5, "cores": 2})
     state = cost_model.machine_state(models.load("tiny-falcon-h1"), torch.float32)

@@ -4,7 +4,6 @@ destroys data: --make-text and training refuse in one line (exit status 2) befor
 point the text folder (hsd_train.TEXT_DIR) at a temporary one: the shipped toys/text is never written, and training
 is replaced by a recorder where only the decision before it is tested.
 """
-import ast
 import builtins
 import hashlib
 import json
@@ -288,18 +287,3 @@ def test_every_option_says_what_it_does_and_its_default(capsys, monkeypatch):
         assert text.strip(), f"{option} has no help"
         if len(option.split()) > 1:                                     # --seed SEED: it takes a value
             assert "default" in text, f"{option} does not say its default: {text.strip()}"
-
-
-# --- The wait policy of OpenMP, set before torch starts it --------------------------------------------------------
-def test_waiting_threads_sleep_unless_the_user_says_otherwise():
-    """hsd_train sets OMP_WAIT_POLICY=PASSIVE, a default a user's own setting overrides, before it imports torch or
-    anything that does (OpenMP reads it once, when torch loads it)."""
-    with open(os.path.join(HERE, "hsd_train.py"), encoding="utf-8") as f:
-        body = ast.parse(f.read()).body
-    sets = [i for i, node in enumerate(body) if isinstance(node, ast.Expr) and ast.unparse(node)
-            == "os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')"]
-    imports = [i for i, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
-        (alias.name if isinstance(node, ast.Import) else node.module).split(".")[0] in {"torch", "models", "hsd",
-                                                                                        "hsd_eval", "huggingface_hub"}
-        for alias in node.names)]
-    assert sets and imports and sets[0] < min(imports), (sets, imports)
