@@ -8,8 +8,8 @@ against plain decoding's on the same prompts, run in turns in one process (gener
 that resamples the prompts.
 
 This module imports torch, models, drafts and the standard library, never hsd nor a tool: it is given what it runs. The
-timing harness takes the round's passes as a Passes record (a tool writes Passes(hsd.prefill, hsd.snapshot,
-hsd.restore, hsd.verify)); the generations take the generate function (hsd.generate).
+timing harness takes the round's functions as a Passes record (a tool passes hsd.PASSES) and times them as generation
+runs them; the generations take the generate function (hsd.generate).
 
   clock(device)                                     seconds, after the GPU's queued work
   round_cost(d, c, v) -> d c + v[d]                 a round's cost in full steps (a plain step: d = 0, cost 1)
@@ -163,12 +163,15 @@ PAPER = {
 
 
 # --- The timing harness: c and v at a context --------------------------------------------------------------------
-Passes = namedtuple("Passes", "prefill snapshot restore verify")   # the round's functions timed: hsd's, given
+Passes = namedtuple("Passes", "prefill snapshot restore plain_step draft verify judge commit")
+# the round's functions, timed as generation runs them: a tool passes hsd.PASSES, hsd's own
 Costs = namedtuple("Costs", "step_s c v v_measured context temperature turns noise")
-# step_s: a full decoding step in seconds (median); c[label]: a draft step of that skip over a full step; v[d]: a
-# verify pass of d + 1 tokens over a full step, fitted monotone, v[0] = 1; v_measured: as measured; context: tokens in
-# the cache; temperature: 0 greedy, > 0 a sampled round's float64 softmax and draws included; turns: how many;
-# noise: per cost, the relative difference between the medians of the first and second half of the turns.
+# step_s: a plain decoding step in seconds (median); c[label]: a draft step of that skip over a plain step; v[d]: what
+# a round does after drafting d tokens (a verify pass of d + 1 tokens, the judgement, the commit) over a plain step,
+# fitted monotone, v[0] = 1; v_measured: as measured; context: tokens in the cache; temperature: 0 greedy, > 0 the
+# sampled round's float64 softmax and draws included, as generation pays them; turns: how many; noise: per cost, the
+# relative difference between the medians of the first and second half of the turns.
+DRAFT_STEPS = 4                 # draft steps of one timed draft call: c is its time over 4 (one step is too short)
 
 
 def halves_noise(values):
@@ -179,33 +182,30 @@ def halves_noise(values):
     return abs(statistics.median(values[:half]) - statistics.median(values[half:])) / statistics.median(values)
 
 
-def sampling_cost(logits, temperature, generator):
-    """What a sampled step pays beyond its model pass, on logits (rows, V): the distribution at the temperature in
-    float64 (hsd.probabilities), a uniform draw per drafted row (accept_sampled) and one token drawn. Greedy: an
-    argmax, which every step pays."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    p = torch.softmax(logits.double().cpu() / temperature, dim=-1)                   # (rows, V)
-    torch.rand(len(p) - 1, dtype=torch.float64, generator=generator)
-    return torch.multinomial(p[-1], 1, generator=generator)
-
-
 @torch.inference_mode()
 def measure_costs(model, skips, context, turns, longest, temperature=0.0, *, passes, warm_turns=2):
-    """c of each skip ({label: models.Skip}) and v[d] for d = 0..longest, against a full decoding step at a context,
-    at a temperature. In each turn a full step comes first and last and every call in between, and each call's time
-    is divided by that turn's full step, so that the machine's drift affects a call and the step it is divided by
-    alike; the costs are the medians over `turns` turns (after warm_turns turns that warm up), v then fitted monotone.
-    The cache is put back after each call. Many skips cost one call each per turn: time them together."""
-    cache = models.Cache(model, context + longest + 2)
+    """c of each skip ({label: models.Skip}) and v[d] for d = 0..longest, against a plain decoding step at a context,
+    at a temperature, each timed through the functions generation runs (passes: hsd.PASSES): a plain step is
+    plain_step; a draft step, draft (DRAFT_STEPS of them a call); v[d], verify, judge and commit of a round of d
+    drafts; so the Python work around each model call is in the costs, as it is in a generation. In each turn a plain
+    step comes first and last and every call in between, and each call's time is divided by that turn's plain step,
+    so that the machine's drift affects a call and the step it is divided by alike; the costs are the medians over
+    `turns` turns (after warm_turns turns that warm up), v then fitted monotone. The cache is put back after each
+    call. Many skips cost one call each per turn: time them together."""
+    cache = models.Cache(model, context + max(longest, DRAFT_STEPS) + 2)
     passes.prefill(model, cache, [i % model.config.vocab_size for i in range(1, context + 1)])
     snap, generator = passes.snapshot(cache), torch.Generator().manual_seed(0)
-    token = torch.tensor([[1]], device=cache.device)
-    calls = {"full": lambda: sampling_cost(model(token, cache)[0], temperature, generator)}
-    calls |= {("c", label): lambda s=s: sampling_cost(model(token, cache, skip=s)[0], temperature, generator)
+    vocab = model.config.vocab_size
+
+    def round_tail(d):                      # after drafting d tokens: verify, judge (q: some draft distribution), commit
+        logits, recorded = passes.verify(model, cache, 1, [1] * d)
+        q = torch.full((d, vocab), 1 / vocab, dtype=torch.float64) if temperature > 0 else None
+        passes.judge([1] * d, q, logits, temperature, generator)
+        passes.commit(cache, context, d + 1, recorded)
+    calls = {"full": lambda: passes.plain_step(model, cache, 1, temperature, generator)}
+    calls |= {("c", label): lambda s=s: passes.draft(model, cache, 1, s, DRAFT_STEPS, temperature, generator)
               for label, s in skips.items()}
-    calls |= {("v", d): lambda d=d: sampling_cost(passes.verify(model, cache, 1, [1] * d)[0], temperature, generator)
-              for d in range(1, longest + 1)}
+    calls |= {("v", d): lambda d=d: round_tail(d) for d in range(1, longest + 1)}
 
     def seconds(call):
         t0 = clock(cache.device)
@@ -221,7 +221,7 @@ def measure_costs(model, skips, context, turns, longest, temperature=0.0, *, pas
         if turn >= warm_turns:
             full.append(step)
             for name, t in times.items():
-                ratios[name].append(t / step)
+                ratios[name].append(t / step / (DRAFT_STEPS if name[0] == "c" else 1))
     median = {name: statistics.median(r) for name, r in ratios.items()}
     v_measured = [1.0] + [median["v", d] for d in range(1, longest + 1)]
     v = [1.0] + [max(1.0, x) for x in fit_monotone(v_measured[1:])]        # never below a plain step

@@ -269,6 +269,10 @@ def prefill(model, cache, tokens, skip=None):
         model.hidden_states(torch.tensor([tokens], device=cache.device), cache, skip=skip)
 
 
+PASSES = cost_model.Passes(prefill, snapshot, restore, plain_step, draft, verify, judge, commit)
+# the round's functions, which cost_model.measure_costs times as generation runs them
+
+
 @torch.inference_mode()
 def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0,
                    seed=None, costs=None):

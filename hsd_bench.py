@@ -36,7 +36,6 @@ import models
 
 
 
-PASSES = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)   # what the cost model times
 PAPER_T = 0.6                                            # the paper's sampling temperature
 CONTEXTS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)   # --context-sweep, as far as each model's context allows
 
@@ -175,7 +174,7 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
         ks = (2, 4, 8)
         step_ops, verify_ops = ops_per_pass(ours, ks)
         skips = drafts.paper_skips(ours.config)
-        costs = cost_model.measure_costs(ours, skips, context, cost_repeats, max(ks), passes=PASSES)
+        costs = cost_model.measure_costs(ours, skips, context, cost_repeats, max(ks), passes=hsd.PASSES)
         bandwidth = memory_bandwidth()
     med = {key: statistics.median(v) for key, v in runs.items() if key != "spec"}
     round_s = statistics.median(s["decode_s"] / s["rounds"] for s in runs["spec"])
@@ -294,7 +293,7 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
     sampled_rows = len(rows) - len(paper) * (len(ks) - min(SAMPLED_WINDOW, len(ks)))   # as sampled_labels keeps
     counts = {0.0: generations(len(rows), len(prompts), turns), PAPER_T: generations(sampled_rows, len(prompts), turns)}
     t0 = time.perf_counter()
-    costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, 0.0, passes=PASSES)
+    costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, 0.0, passes=hsd.PASSES)
     costs_s = time.perf_counter() - t0
     generation_s = seconds(lambda: hsd.generate(model, next(iter(prompts.values())), new_tokens, draft="none"))
     print(estimate_line(counts, generation_s, costs_s, new_tokens), file=sys.stderr)
@@ -305,7 +304,7 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
             ran = result["ran"][T] = list(rows) if T == 0 else sampled_labels(
                 rows, paper, ks, {label: result["rows"][label, 0.0]["speedup"] for label in rows})
             if T != 0:
-                costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, T, passes=PASSES)
+                costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, T, passes=hsd.PASSES)
             result["costs"][T] = costs
             bar.set_postfix_str(f"T={T}, {len(ran) + 1} rows")
             runs = result["runs"][T] = cost_model.generations_in_turns(
@@ -425,9 +424,9 @@ def unit_costs(name, context=256, turns=7):
     hsd.warm_up(model, hsd.AUTO_MAX)
     kinds = cost_model.unit_kinds(model.config)
     units = cost_model.measure_costs(model, cost_model.unit_skips(model.config), context, turns, hsd.AUTO_MAX,
-                                     passes=PASSES)
+                                     passes=hsd.PASSES)
     saves = {kind: (1 - units.c[kind]) / len(layers) for kind, layers in kinds.items()}
-    paper = cost_model.measure_costs(model, drafts.paper_skips(model.config), context, turns, 8, passes=PASSES)
+    paper = cost_model.measure_costs(model, drafts.paper_skips(model.config), context, turns, 8, passes=hsd.PASSES)
     return units, saves, paper, cost_model.machine_state(model, "float32")
 
 
@@ -453,7 +452,7 @@ def context_sweep(name, turns=7, temperature=0.0):
     sweep = {}
     for L in tqdm(contexts, desc="contexts", file=sys.stderr):
         sweep[L] = cost_model.measure_costs(model, drafts.paper_skips(model.config), L, turns, 8, temperature,
-                                            passes=PASSES)
+                                            passes=hsd.PASSES)
     return sweep, cost_model.machine_state(model, "float32")
 
 

@@ -32,7 +32,6 @@ import models
 
 KS = (2, 4, 8)                  # the paper's draft lengths
 TEMPERATURE, SEED = 0.6, 0      # the sampled column's temperature, and the seed, unless --temperature / --seed say
-PASSES = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)   # what the cost model times
 
 # The trained toys are measured beside the paper's numbers for the model of their family.
 PAPER_MODEL = {"toy-falcon-h1": "falcon-h1-0.5b", "toy-qwen3.5": "qwen3.5-0.8b", "toy-qwen2.5": "qwen2.5-0.5b"}
@@ -121,7 +120,7 @@ def step_times(model, skips, ks, context, repeats=7):
     """Seconds at a context, from the cost model's harness (cost_model.measure_costs, greedy, `repeats` turns): a full
     decoding step ("full"), a draft step (by name), a verify pass (by k, k drafts); and, for the run's estimate only,
     the logits of one position ("logits") and the prefill of the context ("prefill", once)."""
-    costs = cost_model.measure_costs(model, skips, context, repeats, max(ks), passes=PASSES)
+    costs = cost_model.measure_costs(model, skips, context, repeats, max(ks), passes=hsd.PASSES)
     cache = models.Cache(model, context)
     t0 = cost_model.clock(cache.device)
     hsd.prefill(model, cache, [i % model.config.vocab_size for i in range(1, context + 1)])

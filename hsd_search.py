@@ -115,12 +115,11 @@ def longest_round(method):
     return CONFLAYERS["k"] if method == "conflayers" else hsd.AUTO_MAX
 
 
-PASSES = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)   # the round's passes the costs time
 
 
 def measure_costs(model, skips, context, turns, longest, temperature):
     """cost_model.measure_costs of hsd's passes: c of each of skips ({label: Skip}), v, their noise."""
-    return cost_model.measure_costs(model, skips, context, turns, longest, temperature, passes=PASSES)
+    return cost_model.measure_costs(model, skips, context, turns, longest, temperature, passes=hsd.PASSES)
 
 
 def unit_savings(model, context, turns, longest, temperature):

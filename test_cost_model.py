@@ -69,9 +69,10 @@ def fake_costs(monkeypatch, temperature, passes):
     model = FakeModel(real.config, real.lm_head, 0.002, {skips["component"]: 0.0015, skips["early-exit"]: 0.001},
                       passes)
     monkeypatch.setattr(cost_model, "clock", lambda device: model.now)
-    given = cost_model.Passes(lambda model, cache, tokens: None, hsd.snapshot, hsd.restore,
-                              lambda model, cache, pending, drafts: (model(torch.tensor([[pending, *drafts]]),
-                                                                           cache)[0], None))
+    given = hsd.PASSES._replace(prefill=lambda model, cache, tokens: None,       # hsd's own functions but these
+                                verify=lambda model, cache, pending, drafts: (model(torch.tensor([[pending, *drafts]]),
+                                                                                    cache)[0], None),
+                                commit=lambda cache, start, kept, recorded: None)
     return cost_model.measure_costs(model, skips, 16, 6, 4, temperature, passes=given)
 
 
@@ -90,20 +91,22 @@ def test_costs_are_ratios_to_the_turns_full_step_and_v_is_fitted(monkeypatch, te
     assert (costs.context, costs.temperature, costs.turns) == (16, temperature, 6)
 
 
-def test_a_sampled_rounds_costs_include_its_softmax_and_draws(monkeypatch):
-    """At a temperature every timed call pays sampling_cost on all its rows (a verify pass of d drafts: d + 1 rows),
-    within its time; greedy calls pay an argmax."""
-    seen, real = [], cost_model.sampling_cost
-    monkeypatch.setattr(cost_model, "sampling_cost", lambda logits, T, g: seen.append((len(logits), T)) or real(
-        logits, T, g))
+def test_costs_time_the_functions_generation_runs(monkeypatch):
+    """A plain step is hsd.plain_step, a draft step hsd.draft (DRAFT_STEPS a call), v[d] verify, judge and commit of d
+    drafts: at a temperature each pays its float64 softmax and draws within its time, as in a generation."""
+    seen = []
+    for name in ("plain_step", "draft", "judge"):
+        real = getattr(hsd.PASSES, name)
+        monkeypatch.setattr(hsd, "PASSES", hsd.PASSES._replace(**{name: lambda *a, real=real, name=name: seen.append(
+            (name, a[-2])) or real(*a)}))
     fake_costs(monkeypatch, 0.6, {2: 0.0022, 3: 0.0026, 4: 0.0024, 5: 0.003})
-    turn = [(1, 0.6)] * 4 + [(n, 0.6) for n in (2, 3, 4, 5)]                      # full, 2 drafts, full; 4 verify
-    assert sorted(seen) == sorted(turn * 8)
+    turn = [("plain_step", 0.6)] * 2 + [("draft", 0.6)] * 2 + [("judge", 0.6)] * 4     # each judged at T = 0.6
+    assert sorted(seen) == sorted(turn * 8)                                             # 2 warm-up + 6 turns
 
 
 def test_the_harness_runs_on_a_real_model_at_both_temperatures():
     model = models.load("tiny-qwen3.5")
-    passes = cost_model.Passes(hsd.prefill, hsd.snapshot, hsd.restore, hsd.verify)
+    passes = hsd.PASSES
     skips = cost_model.unit_skips(model.config)
     for temperature in (0.0, 0.6):
         costs = cost_model.measure_costs(model, skips, 8, 2, 3, temperature, passes=passes, warm_turns=0)
