@@ -68,9 +68,11 @@ TEMPERATURES = (0.0, 0.6)                # the temperatures a draft file predict
 
 
 # --- 1. The calibration --------------------------------------------------------------------------------------------
-Drawn = namedtuple("Drawn", "calibration followed test")
-# paragraph indices (cost_model.paragraphs'): calibration prompts and paragraphs followed along, drawn from the
-# calibration side of cost_model.split, and the test prompts the search confirms on, from its test side
+Drawn = namedtuple("Drawn", "calibration followed held test")
+# paragraph indices (cost_model.paragraphs'): calibration prompts and paragraphs followed along, and prompts held out
+# of the search for its prediction (the winner of many candidates scores best on the prompts that chose it, so its
+# score there is too high: its prediction is made on others), drawn from the calibration side of cost_model.split;
+# and the test prompts the search confirms on, from its test side
 class Calibration(namedtuple("Calibration", "continuations paragraphs start")):
     """continuations: (B, T) token ids, each calibration prompt and the full model's continuation of it (greedy, or
     sampled at the search's temperature); paragraphs: (B, T), real paragraphs of the text; start: the prompts'
@@ -82,14 +84,16 @@ class Calibration(namedtuple("Calibration", "continuations paragraphs start")):
 
 
 def draw(split, seed, count, test):
-    """Drawn from a cost_model.Split: `count` calibration prompts and `count` paragraphs (seed) from its calibration
-    side, and `test` of its test paragraphs spread evenly over them (the search's short confirmation)."""
-    if len(split.calibration) < 2 * count:
+    """Drawn from a cost_model.Split: `count` calibration prompts, `count` paragraphs and `count` held-out prompts
+    (seed) from its calibration side, and `test` of its test paragraphs spread evenly over them (the search's short
+    confirmation)."""
+    if len(split.calibration) < 3 * count:
         raise models.UsageError(f"the text has {len(split.calibration)} calibration paragraphs long enough; the search "
-                                f"needs {2 * count}: give a longer --text, or fewer --prompts")
-    drawn = random.Random(seed).sample(split.calibration, 2 * count)
+                                f"needs {3 * count}: give a longer --text, or fewer --prompts")
+    drawn = random.Random(seed).sample(split.calibration, 3 * count)
     step = len(split.test) / min(test, len(split.test))
-    return Drawn(drawn[:count], drawn[count:], [split.test[int(i * step)] for i in range(min(test, len(split.test)))])
+    return Drawn(drawn[:count], drawn[count:2 * count], drawn[2 * count:],
+                 [split.test[int(i * step)] for i in range(min(test, len(split.test)))])
 
 
 @torch.inference_mode()
@@ -612,11 +616,11 @@ def contradicted(predicted, measured):
     return not low <= predicted <= high and abs(predicted - measured["speedup"]) > 0.1 * measured["speedup"]
 
 
-def warnings_of(winner, runner_up, measured, paper_labels, costs, state, composed_c):
+def warnings_of(winner, predicted, runner_up, measured, paper_labels, costs, state, composed_c):
     """The loud warnings of a search: its draft measured below plain decoding or below a paper draft it measured, its
     prediction contradicted by its measurement, its measured c far from its composed one (one measurement gone wrong:
     the winner of many noisy measurements is often the luckiest), costs too noisy to rank the finalists, a busy
-    machine."""
+    machine. predicted: the draft file's prediction (made on prompts held out of the search)."""
     found, said = measured["found"], []
     if found["speedup"] < 1:
         said.append(f"the draft measured {found['speedup']:.3f}x plain decoding: slower than no draft")
@@ -624,9 +628,9 @@ def warnings_of(winner, runner_up, measured, paper_labels, costs, state, compose
         if measured[label]["speedup"] > found["speedup"]:
             said.append(f"the draft measured {found['speedup']:.3f}x, the paper's {label} draft "
                         f"{measured[label]['speedup']:.3f}x: a paper draft is faster")
-    if contradicted(winner.speedup, found):
+    if contradicted(predicted, found):
         low, high = found["speedup_ci"]
-        said.append(f"predicted {winner.speedup:.3f}x, measured {found['speedup']:.3f}x [{low:.3f}, {high:.3f}]: the "
+        said.append(f"predicted {predicted:.3f}x, measured {found['speedup']:.3f}x [{low:.3f}, {high:.3f}]: the "
                     "prediction does not hold")
     if abs(winner.draft_cost - composed_c) > 0.25 * composed_c:
         said.append(f"the draft's c measured {winner.draft_cost:.3f}, composed from its units {composed_c:.3f}: one of "
@@ -730,20 +734,20 @@ def choose(args, model, calib, savings_costs, savings, paper, on_best):
     return label, refined, fixed[label], costs, len(ranked) or 1, ran
 
 
-def predictions(args, model, winner, calib, costs, label):
-    """The winner's predicted speedup at each of TEMPERATURES (at the others, along continuations sampled there and
-    with costs measured there) and along the calibration's paragraphs: ({"0": S, "0.6": S}, {"0": S along
-    paragraphs})."""
-    longest, at = longest_round(args.method), {}
+def predictions(args, model, winner, calib, held, label):
+    """The winner's predicted speedup at each of TEMPERATURES, made on what did not choose it: along the full
+    model's continuations of the held-out prompts (greedy, or sampled at that temperature) with its costs measured
+    afresh there (the finalists' own measurement favours the luckiest); and along the calibration's paragraphs:
+    ({"0": S, "0.6": S}, {"0": S along paragraphs}, {temperature: Costs})."""
+    longest, at, fresh = longest_round(args.method), {}, {}
     for t in TEMPERATURES:
-        here = costs if t == args.temperature else measure_costs(model, {label: winner.skip}, args.context,
-                                                                 args.repeats * 7, longest, t)
-        rows = calib.continuations if t == args.temperature else continuations(
-            model, [row[:calib.start] for row in calib.continuations.tolist()], args.new_tokens, t, args.seed)
+        here = fresh[t] = measure_costs(model, {label: winner.skip}, args.context, args.repeats * 7, longest, t)
+        rows = continuations(model, held, args.new_tokens, t, args.seed + 20_000)
         estimates = generation_estimates(model, rows, winner.skip, calib.start, longest, t)
         at[f"{t:g}"] = planned(winner.skip, estimates, here.c[label], here.v, winner.k, winner.stop).speedup
+    costs = fresh[args.temperature]
     along = generation_estimates(model, calib.paragraphs, winner.skip, calib.start, longest, 0.0, along_text=True)
-    return at, {"0": planned(winner.skip, along, costs.c[label], costs.v, winner.k, winner.stop).speedup}
+    return at, {"0": planned(winner.skip, along, costs.c[label], costs.v, winner.k, winner.stop).speedup}, fresh
 
 
 def confirm(args, model, test, labelled, costs):
@@ -792,18 +796,22 @@ def run(args, model, tokenizer):
         interrupted(args, model, found_by, best)
     winner = refined[label]
     labelled = {"found": winner, **{name: refined[name] for name in paper}}
-    at, along = predictions(args, model, winner, calib, costs, label)
+    held = [paragraphs[i][:args.prompt_tokens] for i in drawn.held]
+    at, along, fresh = predictions(args, model, winner, calib, held, label)
     measured, there = confirm(args, model, test, labelled, costs)
     others = sorted((cand for lab, cand in refined.items() if lab not in paper and cand is not winner),
                     key=lambda cand: -cand.speedup)
     composed = {lab: composed_cost(model.config, cand.skip, savings) for lab, cand in refined.items()}
-    said = warnings_of(winner, others[0] if others else None, measured, list(paper), costs, state, composed[label])
-    found_by.update(found_by_end(args, winner, label, refined, costs, composed, measured, there, at, along, tried, ran,
-                                 said, paper, time.time() - t0))
+    said = warnings_of(winner, at[f"{args.temperature:g}"], others[0] if others else None, measured, list(paper),
+                       costs, state, composed[label])
+    found_by.update(found_by_end(args, winner, label, refined, costs, fresh[args.temperature], composed, measured,
+                                 there, at, along, tried, ran, said, paper, time.time() - t0))
     found_by["best_fixed"] = {"k": fixed.k, "stop": fixed.stop, "predicted_speedup": fixed.speedup}   # hsd_bench
     spec = draft_file(model, args.model, winner, found_by)
     if args.out:
         drafts.write_draft_file(args.out, spec)
+    print(f"hsd_search: the file's prediction, on {len(held)} prompts held out of the search with its costs measured "
+          "afresh: " + ", ".join(f"{speedup:.3f}x at T={t}" for t, speedup in at.items()))
     report(labelled, {"found": costs.c[label], **{name: costs.c[name] for name in paper}}, measured, ran, said, tried,
            t0, args.out)
     return spec
@@ -815,24 +823,32 @@ def found_by_start(args, state, split, drawn, sha256):
     return {"method": args.method, "seed": args.seed, "temperature": args.temperature, **state,
             "date": time.strftime("%Y-%m-%d"),
             "calibration": {"text_sha256": sha256, "calibration_paragraphs": drawn.calibration,
-                            "followed_paragraphs": drawn.followed, "confirmed_on_paragraphs": drawn.test,
+                            "followed_paragraphs": drawn.followed, "predicted_on_paragraphs": drawn.held,
+                            "confirmed_on_paragraphs": drawn.test,
                             "test_paragraphs": split.test, "prompt_tokens": args.prompt_tokens,
                             "new_tokens": args.new_tokens}}
 
 
-def found_by_end(args, winner, label, refined, costs, composed, measured, there, at, along, tried, ran, said, paper,
-                 seconds):
-    """What the draft file records of what the search found, measured and warned of."""
+def found_by_end(args, winner, label, refined, costs, fresh, composed, measured, there, at, along, tried, ran, said,
+                 paper, seconds):
+    """What the draft file records of what the search found, measured and warned of; its costs (which -k auto reads)
+    and its prediction those measured afresh after the search chose it (fresh), the finalists' those they were
+    chosen by (costs)."""
     return {
         "candidates_tried": tried, "seconds": round(seconds, 1),
-        "costs": {"c": costs.c[label], "v": {str(d): costs.v[d] for d in range(1, len(costs.v))},
-                  "context": costs.context, "temperature": args.temperature, "threads": torch.get_num_threads(),
-                  "noise": costs.noise["c"][label], "composed_c": composed[label], "step_ms": costs.step_s * 1e3},
+        "costs": {"c": fresh.c[label], "v": {str(d): fresh.v[d] for d in range(1, len(fresh.v))},
+                  "context": fresh.context, "temperature": args.temperature, "threads": torch.get_num_threads(),
+                  "noise": fresh.noise["c"][label], "composed_c": composed[label], "step_ms": fresh.step_s * 1e3,
+                  "c_when_chosen": costs.c[label]},
         "predicted_speedup": at, "predicted_speedup_along_paragraphs": along,
         "measured": {**measured["found"], "set": "test prompts (a short confirmation: hsd_bench.py measures)",
                      "prompts": args.test_prompts, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "temperature": args.temperature},
         "estimate": {"from_calibration": estimate_error(winner, measured["found"]),
+                     "held_out": {"speedup": {"predicted": at[f"{args.temperature:g}"],
+                                              "measured": measured["found"]["speedup"],
+                                              "relative_error": at[f"{args.temperature:g}"] /
+                                              measured["found"]["speedup"] - 1}},
                      "on_the_test_prompts": estimate_error(there["found"], measured["found"])},
         "finalists": {lab: {"skip": str(cand.skip), "k": cand.k, "stop": cand.stop, "c": costs.c[lab],
                             "c_noise": costs.noise["c"][lab], "composed_c": composed[lab],

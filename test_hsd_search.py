@@ -27,12 +27,13 @@ def test_calibration_and_test_paragraphs_are_disjoint_and_named_by_index():
     split = cost_model.Split(test=[100, 200, 300, 400, 500, 600], calibration=list(range(3, 60, 2)))
     drawn = hsd_search.draw(split, 0, 5, 3)
     assert drawn == hsd_search.draw(split, 0, 5, 3) and drawn.test == [100, 300, 500]
-    assert len(drawn.calibration) == len(drawn.followed) == 5
-    assert not set(drawn.calibration) & set(drawn.followed)
-    assert set(drawn.calibration) | set(drawn.followed) <= set(split.calibration)
+    assert len(drawn.calibration) == len(drawn.followed) == len(drawn.held) == 5
+    assert not set(drawn.calibration) & set(drawn.followed) and not set(drawn.held) & (set(drawn.calibration) | set(
+        drawn.followed))                                            # the prediction's prompts chose nothing
+    assert set(drawn.calibration) | set(drawn.followed) | set(drawn.held) <= set(split.calibration)
     other = hsd_search.draw(split, 1, 5, 3)
     assert other.calibration != drawn.calibration and other.test == drawn.test
-    with pytest.raises(models.UsageError, match="the search needs 60"):
+    with pytest.raises(models.UsageError, match="the search needs 90"):
         hsd_search.draw(split, 0, 30, 3)
 
 
@@ -200,18 +201,20 @@ def test_the_warnings_say_when_a_draft_is_worse_or_its_prediction_fails():
     r = hsd_search.Replay(10, 8, 4, 8, 4)
     winner, runner = (hsd_search.Candidate(models.Skip(), 0.5, 2, None, s, r) for s in (1.30, 1.10))
     fine = {"found": row(1.25, 1.18, 1.32), "component": row(1.1, 1.0, 1.2)}
-    assert hsd_search.warnings_of(winner, runner, fine, ["component"], costs, IDLE, 0.5) == []
+    assert hsd_search.warnings_of(winner, winner.speedup, runner, fine, ["component"], costs, IDLE, 0.5) == []
     slow = {"found": row(0.95, 0.9, 1.0), "component": row(1.1, 1.0, 1.2)}
-    said = hsd_search.warnings_of(winner, runner, slow, ["component"], costs, IDLE, 0.5)
+    said = hsd_search.warnings_of(winner, winner.speedup, runner, slow, ["component"], costs, IDLE, 0.5)
     assert len(said) == 3 and "slower than no draft" in said[0] and "a paper draft is faster" in said[1]
     assert "does not hold" in said[2]
+    held = hsd_search.warnings_of(winner, 1.0, runner, slow, ["component"], costs, IDLE, 0.5)   # held-out 1.0x
+    assert len(held) == 2 and not any("does not hold" in line for line in held)    # the file's prediction is judged
     assert not hsd_search.contradicted(1.30, row(1.2, 1.0, 1.4))        # inside the interval
     assert not hsd_search.contradicted(1.30, row(1.25, 1.24, 1.26))     # outside, but within 10%
     noisy = costs._replace(noise={"step": 0.0, "c": {"a": 0.2, "b": 0.01}, "v": {}})
-    assert "too busy to rank" in hsd_search.warnings_of(winner, runner, fine, ["component"], noisy, IDLE, 0.5)[0]
-    assert "the machine is busy" in hsd_search.warnings_of(winner, runner, fine, ["component"], costs,
+    assert "too busy to rank" in hsd_search.warnings_of(winner, winner.speedup, runner, fine, ["component"], noisy, IDLE, 0.5)[0]
+    assert "the machine is busy" in hsd_search.warnings_of(winner, winner.speedup, runner, fine, ["component"], costs,
                                                            {"load_average": 3.5, "cores": 2}, 0.5)[0]
-    assert "composed from its units 0.800" in hsd_search.warnings_of(winner, runner, fine, ["component"], costs,
+    assert "composed from its units 0.800" in hsd_search.warnings_of(winner, winner.speedup, runner, fine, ["component"], costs,
                                                                      IDLE, 0.8)[0]
 
 
