@@ -220,9 +220,10 @@ def costs_of(found_by, bad):
         raise wrong from None
 
 
-def read_draft_file(path, model):
+def read_draft_file(path, model, temperature=None, context=None):
     """A draft file (any name, a str or a pathlib.Path) -> (Draft, notes): one-line notes of a file searched on other
-    weights, another device or another number of threads, or that names no architecture. A UsageError for a file that
+    weights, another device or another number of threads, at another temperature or context than the run's (when
+    given: its temperature, and its context, the prompt and half the new tokens), or that names no architecture. A UsageError for a file that
     cannot be read, is damaged or no draft file, names another architecture, skips nothing, or names a layer or unit
     the model does not have. README, "Draft files", shows the format."""
     def bad(what):
@@ -248,4 +249,22 @@ def read_draft_file(path, model):
     if isinstance(threads, int) and threads != torch.get_num_threads():
         notes.append(f"{path} was searched with {threads} threads, this run uses {torch.get_num_threads()}: threads "
                      "change every cost, so it may not be the fastest draft here")
+    notes += run_notes(path, found_by, temperature, context)
     return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad)), notes
+
+
+def run_notes(path, found_by, temperature, context):
+    """Notes of a draft file used at a temperature or a context it was not searched for (found_by["costs"]): a draft
+    that pays greedy may not at T = 0.6, and costs move with the context (RESULTS.md, "Cost against context")."""
+    costs = found_by.get("costs") if isinstance(found_by.get("costs"), dict) else {}
+    searched_t, searched_context, notes = costs.get("temperature"), costs.get("context"), []
+    if isinstance(searched_t, (int, float)) and temperature is not None and not math.isclose(searched_t, temperature):
+        predicted = found_by.get("predicted_speedup")
+        said = predicted.get(f"{temperature:g}") if isinstance(predicted, dict) else None
+        notes.append(f"{path} was searched at temperature {searched_t:g}, this run samples at {temperature:g}" +
+                     (f": its prediction here is {said:.2f}x" if isinstance(said, (int, float)) else
+                      ": it decodes correctly, but may not be the fastest draft here"))
+    if isinstance(searched_context, int) and context and not searched_context / 2 <= context <= 2 * searched_context:
+        notes.append(f"{path} was searched at a context of {searched_context} tokens, this run's is about {context}: "
+                     "costs move with the context, so it may not be the fastest draft here")
+    return notes

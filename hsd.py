@@ -198,17 +198,17 @@ def auto_k(plan, drafted, accepted, pause_below=0.0):
     return Plan(max(1, plan.k - 1) if accepted else 1, 0, AUTO_PAUSE, *recent)
 
 
-def choose_draft(model, asked=None, k=None, costs=None):
+def choose_draft(model, asked=None, k=None, costs=None, temperature=None, context=None):
     """The one place a generation's draft is decided -> a Draft. asked: None (the paper's draft for the model's
     family), a name from DRAFTS ("none": plain decoding), a models.Skip, a draft file (any other str, or a
     pathlib.Path; its notes as Python warnings) or a Draft. k: drafts per round or "auto"; None: the draft file's,
     else 2; None for plain decoding, whatever is asked. A draft file keeps its stop rule; a named draft or a Skip
     stops at AUTO_STOP with k="auto" and never with a fixed k. costs (c, v) for -k auto: those given, else the draft
-    file's, else default_costs."""
+    file's, else default_costs. temperature, context: the run's, for a draft file's notes (drafts.run_notes)."""
     if isinstance(asked, Draft):
         chosen = asked
     elif isinstance(asked, os.PathLike) or (isinstance(asked, str) and asked not in DRAFTS):
-        chosen, notes = read_draft_file(asked, model)
+        chosen, notes = read_draft_file(asked, model, temperature, context)
         for line in notes:
             warnings.warn(line, stacklevel=3)
     else:
@@ -317,7 +317,8 @@ def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id
     say which). prompt_ids: 1-D LongTensor or list of ints; draft, k and costs (c, v) of -k auto: as choose_draft takes
     them (default: the paper's draft for the family, k=2); eos_token_id: the model's by default. Stops after
     max_new_tokens or EOS (kept). Returns (new token ids, statistics() dict)."""
-    chosen, seed = choose_draft(model, draft, k, costs), choose_seed(temperature, seed)
+    context = len(prompt_ids) + max_new_tokens // 2                      # a draft file's note compares its own
+    chosen, seed = choose_draft(model, draft, k, costs, temperature, context), choose_seed(temperature, seed)
     steps = list(generate_steps(model, prompt_ids, max_new_tokens, chosen, chosen.k, eos_token_id, temperature, seed))
     return [t for step in steps for t in step.tokens], statistics(chosen, steps, seed)
 
@@ -444,7 +445,7 @@ def run_generate(args, model, tokenizer):
     machine = cost_model.machine_state(model, args.dtype)          # before decoding: the load of others, not ours
     prompt, temperature = tokenizer.encode(args.prompt).ids, args.temperature or 0.0
     if args.draft is not None and args.draft not in DRAFTS:
-        asked, notes = read_draft_file(args.draft, model)
+        asked, notes = read_draft_file(args.draft, model, temperature, len(prompt) + args.max_new_tokens // 2)
         for line in notes:
             print(f"hsd: warning: {line}", file=sys.stderr)
     else:

@@ -129,6 +129,23 @@ def test_a_file_searched_with_other_threads_gets_a_note(tmp_path, falcon):
         falcon)}, found_by={"threads": threads})), falcon)[1] == []
 
 
+def test_a_file_used_at_another_temperature_or_context_gets_a_note(tmp_path, falcon, capsys):
+    """A draft searched greedy at a context of 96 tokens: at T = 0.6 a note gives its prediction there, at about
+    300 tokens a note says costs move with the context; at its own temperature and near its context, none."""
+    found_by = {"costs": {"c": 0.6, "v": {"1": 1.2}, "context": 96, "temperature": 0.0},
+                "predicted_speedup": {"0": 1.2, "0.6": 1.05}}
+    path = written(tmp_path, by_hand(model={"name": "tiny-falcon-h1", **drafts.identity(falcon)}, found_by=found_by))
+    assert drafts.read_draft_file(path, falcon, 0.0, 120)[1] == []
+    assert drafts.read_draft_file(path, falcon, 0.6, 96)[1] == [
+        f"{path} was searched at temperature 0, this run samples at 0.6: its prediction here is 1.05x"]
+    assert drafts.read_draft_file(path, falcon, 0.0, 300)[1] == [
+        f"{path} was searched at a context of 96 tokens, this run's is about 300: costs move with the context, so it "
+        "may not be the fastest draft here"]
+    assert hsd.main(["--model", "tiny-falcon-h1", "--draft", path, "--temperature", "0.6", "--seed", "1",
+                     "--max-new-tokens", "4"]) == 0
+    assert "searched at temperature 0, this run samples at 0.6: its prediction here is 1.05x" in capsys.readouterr().err
+
+
 def test_a_config_hsd_does_not_run_says_what_is_wrong(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(models.UsageError) as caught:
