@@ -13,31 +13,31 @@ runs them; the generations take the generate function (hsd.generate).
 
   clock(device)                                     seconds, after the GPU's queued work
   round_cost(d, c, v) -> d c + v[d]                 a round's cost in full steps (a plain step: d = 0, cost 1)
-  predicted_speedup(made, drafts, c, v)             tokens made / the cost of the steps that made them
+  predicted_speedup(made, steps, c, v)              tokens made / the cost of the steps that made them
   break_even_acceptance(c, v, k)                    the per-token acceptance at which k drafts a round just pay off
   pause_below(costs, longest=16)                    -k auto's pause: below this acceptance no k pays for (c, v)
   default_costs(model, skip) -> (c, v)              -k auto's costs when none are measured: the weights read
   break_even(times, draft, k, a, max_context)       the context from which on speculation pays off (an exercise)
   fit_monotone(values)                              least-squares non-decreasing fit (v in d)
   PAPER                                             the paper's single-round acceptance (Table A)
-  measure_costs(model, skips, context, turns, longest, temperature=0.0, *, passes) -> Costs
+  measure_costs(model, skips, context, turns, longest, temperature=0.0, *, passes, warm_turns=2) -> Costs
       step_s, c {label: c}, v [v[0] .. v[longest]] (fitted monotone), v_measured, context, temperature, turns,
       noise {"step": x, "c": {label: x}, "v": {d: x}}: the relative difference of the medians of the turns' halves
-  unit_kinds(config) -> {(unit, layer type): [layers]}; unit_skips(config) -> {(unit, layer type): models.Skip}
-  generations_in_turns(generate, model, prompts, drafts, new_tokens, turns, temperature=0.0, seed=0, progress=None)
+  part_kinds(config) -> {(field, layer type): [layers]}; part_skips(config) -> {(field, layer type): models.Skip}
+  generations_in_turns(generate, model, prompts, labelled, new_tokens, turns, temperature=0.0, seed=0, progress=None)
       -> {label: [per prompt [per turn run]]}, "plain" first; a run: RUN_KEYS of generate's statistics, the tokens and
-      the drafts of each step
+      how many tokens each step drafted
   measured_row(runs, plain_runs, c=None, v=None)    what generations measured, one key per quantity
   rate(runs, prompts=None, turn=None)               tokens per second: summed tokens over summed seconds
   speedup(runs, plain_runs); speedup_ci(runs, plain_runs, resamples=10_000, seed=0)   over prompts
   bootstrap_ci(values, resamples=10_000, seed=0)    95% percentile interval of a mean (an exercise)
-  repeated_share(tokens, n=4)                       the share of tokens inside an n-gram seen before (loops)
+  repeated_share(tokens, gram=4)                    the share of tokens inside a gram-token window seen before (loops)
   TINY_TEXT; read_lines(path, model_name)          the text a tool reads (tiny-*: TINY_TEXT; toys: held-out)
   paragraphs(lines, tokenizer) -> {paragraph index: ids}
   split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP, test_tokens=TEST_TOKENS) -> Split(test,
       calibration): paragraph indices, disjoint; the test set the same for every caller
   check_writable(path, flag); write_json(path, value)
-  machine_state(model, dtype) -> dict; busy_warning(state, ratios=()) -> a line or None
+  machine_state(model, dtype) -> machine (a dict); busy_warning(machine, ratios=()) -> a line or None
 """
 import json
 import os
@@ -71,10 +71,11 @@ def round_cost(d, c, v):
     return d * c + v[d]
 
 
-def predicted_speedup(made, drafts, c, v):
-    """Tokens made over what the steps that made them cost, in full steps: drafts lists each step's drafts (0 for a
-    plain step). One round of k drafts that keeps a of them on average: predicted_speedup(1 + a, [k], c, v)."""
-    return made / sum(round_cost(d, c, v) for d in drafts)
+def predicted_speedup(made, steps, c, v):
+    """Tokens made over what the steps that made them cost, in full steps: steps lists how many tokens each step
+    drafted (0 for a plain step). One round of k drafts that keeps a of them on average: predicted_speedup(1 + a, [k],
+    c, v)."""
+    return made / sum(round_cost(d, c, v) for d in steps)
 
 
 def break_even_acceptance(c, v, k):
@@ -136,9 +137,9 @@ def fit_monotone(values):
     for x in values:
         blocks.append([x, 1])
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m1, n1), (m2, n2) = blocks.pop(-2), blocks.pop()
-            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
-    return [m for m, n in blocks for _ in range(n)]
+            (mean1, count1), (mean2, count2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(mean1 * count1 + mean2 * count2) / (count1 + count2), count1 + count2])
+    return [mean for mean, count in blocks for _ in range(count)]
 
 
 # The paper's single-round acceptance (Table A; value, 95% interval or None), greedy and at T = 0.6: hsd_eval's
@@ -231,19 +232,23 @@ def measure_costs(model, skips, context, turns, longest, temperature=0.0, *, pas
                  temperature, turns, noise)
 
 
-def unit_kinds(config):
-    """{(unit, layer type): the layers that have it}, unit one of "layers" (a whole layer) and models.UNITS."""
+def part_kinds(config):
+    """{(field, layer type): the layers that have it}: the kinds of part a draft can leave out, field a models.Skip
+    field: "layers" (a whole layer) or a unit of models.UNITS (a unit the layer type has)."""
     kinds = {}
     for i, layer_type in enumerate(config.layer_types):
-        for unit in ("layers", *models.units_of(layer_type)):
-            kinds.setdefault((unit, layer_type), []).append(i)
+        for field in ("layers", *models.units_of(layer_type)):
+            kinds.setdefault((field, layer_type), []).append(i)
     return kinds
 
 
-def unit_skips(config):
-    """{(unit, layer type): the Skip leaving out that unit in every layer that has it}: measure_costs of these says
-    what each kind of unit saves, (1 - c) / the number of its layers per layer."""
-    return {kind: models.Skip(**{kind[0]: frozenset(layers)}) for kind, layers in unit_kinds(config).items()}
+def part_skips(config):
+    """{(field, layer type): the Skip leaving out that part in every layer that has it}: measure_costs of these says
+    what each kind of part saves, (1 - c) / the number of its layers per layer."""
+    return {kind: models.Skip(**{kind[0]: frozenset(layers)}) for kind, layers in part_kinds(config).items()}
+
+
+unit_kinds, unit_skips = part_kinds, part_skips      # their former names, which hsd_search.py still calls
 
 
 # --- Generations in turns, and what they measured -------------------------------------------------------------------
@@ -251,15 +256,16 @@ RUN_KEYS = ("new_tokens", "decode_s", "rounds", "drafted", "accepted", "plain_st
 
 
 @torch.inference_mode()
-def generations_in_turns(generate, model, prompts, drafts, new_tokens, turns, temperature=0.0, seed=0, progress=None):
-    """Plain decoding and each of drafts ({label: what generate takes as draft, e.g. an hsd.Draft}) on every prompt
-    (token ids), `turns` turns: in each turn every prompt in turn, and for each prompt every label in turn, so that a
-    label's runs and plain decoding's of the same prompt lie seconds apart and the machine's drift affects both alike.
-    generate is hsd.generate. Returns {label: [per prompt: [per turn: run]]}, "plain" first; a run is a dict of
-    RUN_KEYS, "tokens" (the new token ids) and "steps" (the drafts of each step, 0 for a plain step): raw numbers a
-    stranger can bootstrap again. At a temperature, prompt i of a turn is seeded alike for all labels. progress: an
-    object with update(n), called after each prompt of a turn with the n generations it ran (plain and every label)."""
-    labels = {"plain": "none", **drafts}
+def generations_in_turns(generate, model, prompts, labelled, new_tokens, turns, temperature=0.0, seed=0, progress=None):
+    """Plain decoding and each of labelled ({label: what generate takes as draft, e.g. a drafts.Draft}) on every
+    prompt (token ids), `turns` turns: in each turn every prompt in turn, and for each prompt every label in turn, so
+    that a label's runs and plain decoding's of the same prompt lie seconds apart and the machine's drift affects both
+    alike. generate is hsd.generate. Returns {label: [per prompt: [per turn: run]]}, "plain" first; a run is a dict
+    of RUN_KEYS, "tokens" (the new token ids) and "steps" (how many tokens each step drafted, 0 for a plain step): raw
+    numbers a stranger can bootstrap again. At a temperature, prompt i of a turn is seeded alike for all labels.
+    progress: an object with update(count), called after each prompt of a turn with how many generations it ran
+    (plain and every label)."""
+    labels = {"plain": "none", **labelled}
     runs = {label: [[] for _ in prompts] for label in labels}
     for turn in range(turns):
         for i, prompt in enumerate(prompts):
@@ -306,15 +312,16 @@ def bootstrap_ci(values, resamples=10_000, seed=0):
     return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
 
 
-def repeated_share(tokens, n=4):
-    """The share of tokens that lie inside an n-gram seen before in the same sequence: 0 for text that never repeats
-    itself, near 1 for a loop ("the same of the same of ..."); loops make greedy speedups look better than text."""
+def repeated_share(tokens, gram=4):
+    """The share of tokens that lie inside a window of `gram` tokens (a 4-gram) seen before in the same sequence: 0
+    for text that never repeats itself, near 1 for a loop ("the same of the same of ..."); loops make greedy speedups
+    look better than text."""
     seen, inside = set(), [False] * len(tokens)
-    for j in range(len(tokens) - n + 1):
-        gram = tuple(tokens[j:j + n])
-        if gram in seen:
-            inside[j:j + n] = [True] * n
-        seen.add(gram)
+    for j in range(len(tokens) - gram + 1):
+        window = tuple(tokens[j:j + gram])
+        if window in seen:
+            inside[j:j + gram] = [True] * gram
+        seen.add(window)
     return sum(inside) / len(tokens) if tokens else 0.0
 
 
@@ -468,15 +475,15 @@ def machine_state(model, dtype):
             "load_average": round(os.getloadavg()[0], 2), "torch": torch.__version__, "commit": project_commit()}
 
 
-def busy_warning(state, ratios=()):
+def busy_warning(machine, ratios=()):
     """One line when the machine is too busy for its speedups to be trusted, else None: the per-turn speedups
     `ratios` more than BUSY_SPREAD apart (max / min), or a load average above the cores but one."""
     reasons = []
     if ratios and max(ratios) > BUSY_SPREAD * min(ratios):
         reasons.append(f"the turns' speedups range {min(ratios):.2f}-{max(ratios):.2f}x (more than "
                        f"{BUSY_SPREAD - 1:.0%} apart)")
-    if state["load_average"] > state["cores"] - 1:
-        reasons.append(f"the load average is {state['load_average']:.2f} on {state['cores']} cores")
+    if machine["load_average"] > machine["cores"] - 1:
+        reasons.append(f"the load average is {machine['load_average']:.2f} on {machine['cores']} cores")
     if not reasons:
         return None
     return ("the machine is busy (" + "; ".join(reasons) + "): its speedups are unreliable; on a shared machine "

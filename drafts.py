@@ -1,9 +1,10 @@
 """drafts: what a draft is. A draft is data, a models.Skip (which units of which layers the full model leaves out),
 with its k (drafts per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
 
-  the paper's drafts   DRAFTS, draft_skip, paper_draft: the three fixed strategies as Skips
+  the paper's drafts   DRAFTS, draft_skip, paper_draft, paper_skips: the three fixed strategies as Skips
   draft files          DRAFT_FORMAT, read_draft_file, draft_file, write_draft_file: a draft found by measurement
-                       (hsd_search.py writes them) or written by hand (README, "Draft files")
+                       (hsd_search.py writes them) or written by hand (README, "Draft files"); draft_costs: the costs
+                       (c, {d: v[d]}) a Draft carries for -k auto
   identity             SIZES, weights_fingerprint, identity, cpu_name, device_name: what a file is checked against
 
 hsd.py decides which draft a generation runs (choose_draft); this module only says what drafts are.
@@ -121,7 +122,7 @@ def write_draft_file(path, spec):
 
 
 # --- Draft files: reading ------------------------------------------------------------------------------------------
-def words(value):
+def json_words(value):
     """A JSON value as a message shows it: JSON's words (null, true, {"confidence": 0}), not Python's."""
     return json.dumps(value, ensure_ascii=False)
 
@@ -173,7 +174,7 @@ def skip_of(path, fields, model, bad):
     """The file's "skip" object -> a models.Skip the model has; duplicates and units of whole layers fold away."""
     names = ("layers", *models.UNITS)
     if not isinstance(fields, dict) or set(fields) - set(names) or not all(
-            isinstance(v, list) and all(type(i) is int for i in v) for v in fields.values()):
+            isinstance(layers, list) and all(type(i) is int for i in layers) for layers in fields.values()):
         raise bad(f'"skip" holds lists of layer indices under {", ".join(names)}')
     if not any(fields.values()):
         raise models.UsageError(f"{path} skips nothing: the full model would draft for itself; name at least one "
@@ -236,10 +237,10 @@ def read_draft_file(path, model, temperature=None, context=None):
     k, stop = spec.get("k"), spec.get("stop")
     if not (k == "auto" or (type(k) is int and k >= 1)):
         raise bad('"k" is missing' if "k" not in spec else
-                  f'"k" must be a number of drafts (at least 1) or "auto", not {words(k)}')
+                  f'"k" must be a number of drafts (at least 1) or "auto", not {json_words(k)}')
     if not (stop is None or (isinstance(stop, dict) and set(stop) == {"confidence"}
                              and isinstance(stop["confidence"], (int, float)) and 0 < stop["confidence"] < 1)):
-        raise bad(f'"stop" must be null or {{"confidence": a number between 0 and 1}}, not {words(stop)}')
+        raise bad(f'"stop" must be null or {{"confidence": a number between 0 and 1}}, not {json_words(stop)}')
     found_by = spec.get("found_by") if isinstance(spec.get("found_by"), dict) else {}
     here = device_name(model.lm_head.weight.device)
     if found_by.get("device") is not None and found_by["device"] != here:

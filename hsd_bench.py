@@ -1,7 +1,7 @@
 """hsd_bench: hsd against transformers, and what speculation costs and measures; on the cost model (cost_model.py).
 
   python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # hsd against transformers, about 5 minutes on 2 CPU cores
-  python hsd_bench.py NAME --units                      # what leaving out each kind of unit saves
+  python hsd_bench.py NAME --units                      # what leaving out each kind of part (layer, unit) saves
   python hsd_bench.py NAME --context-sweep [--out F]    # c, v and the predicted speedup at 64 ... 8,192 tokens
   python hsd_bench.py TOY --drafts FILES [--out F]      # drafts side by side on the test prompts, greedy and T=0.6
   python hsd_bench.py TOY --drafts FILES --ks 1,2,4,8 --tokens 48 --repeats 2   # shorter: 4 fixed k, 2 turns
@@ -40,23 +40,24 @@ PAPER_T = 0.6                                            # the paper's sampling 
 CONTEXTS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)   # --context-sweep, as far as each model's context allows
 
 
-def warning_lines(state):
+def warning_lines(machine):
     """The busy machine's warning (cost_model.busy_warning, by the load average), if it is busy."""
-    busy = cost_model.busy_warning(state)
+    busy = cost_model.busy_warning(machine)
     if busy:
         yield f"warning: {busy}"
 
 
-def machine_words(state):
-    """The machine's state in a few words, printed with every number."""
-    threads = f"{state['threads']} thread" + ("s" if state["threads"] != 1 else "")
-    return (f"{state['device']}, {threads} of {state['cores']} cores, OMP_WAIT_POLICY {state['omp_wait_policy']}, "
-            f"load {state['load_average']:.2f}, torch {state['torch']}, commit {(state['commit'] or '?')[:12]}")
+def machine_words(machine):
+    """The machine (cost_model.machine_state) in a few words, printed with every number."""
+    threads = f"{machine['threads']} thread" + ("s" if machine["threads"] != 1 else "")
+    return (f"{machine['device']}, {threads} of {machine['cores']} cores, OMP_WAIT_POLICY "
+            f"{machine['omp_wait_policy']}, load {machine['load_average']:.2f}, torch {machine['torch']}, commit "
+            f"{(machine['commit'] or '?')[:12]}")
 
 
 # --- Operations -------------------------------------------------------------------------------------------------
-# Operations that only describe a tensor (views, reshapes, dtype no-ops, type queries): no kernel on a GPU.
-DESCRIBE_ONLY = {
+# Operations that launch no kernel on a GPU: views, reshapes, dtype no-ops, type queries.
+NO_KERNEL = {
     "aten::view", "aten::as_strided", "aten::select", "aten::slice", "aten::expand", "aten::unsqueeze", "aten::reshape",
     "aten::split", "aten::narrow", "aten::t", "aten::transpose", "aten::permute", "aten::_unsafe_view", "aten::detach",
     "aten::lift", "aten::lift_fresh", "aten::empty", "aten::empty_strided", "aten::squeeze", "aten::alias",
@@ -67,10 +68,10 @@ DESCRIBE_ONLY = {
 
 def count_ops(fn):
     """The innermost PyTorch operations that fn() issues (an operation that calls others counts as its children),
-    leaving out those that only describe a tensor: roughly the kernels a GPU would launch."""
+    leaving out those that launch no kernel (NO_KERNEL): roughly the kernels a GPU would launch."""
     with torch.inference_mode(), torch.profiler.profile() as prof:
         fn()
-    return sum(1 for e in prof.events() if not e.cpu_children and e.name not in DESCRIBE_ONLY
+    return sum(1 for e in prof.events() if not e.cpu_children and e.name not in NO_KERNEL
                and e.name.startswith(("aten::", "mkldnn::")))
 
 
@@ -82,9 +83,9 @@ def ops_per_pass(model, ks, context=64):
     snap, token = hsd.snapshot(cache), torch.tensor([[1]])
 
     def counted(step):
-        n = count_ops(step)
+        ops = count_ops(step)
         hsd.restore(cache, snap)
-        return n
+        return ops
     return counted(lambda: model(token, cache)), {k: counted(lambda: hsd.verify(model, cache, 1, [1] * k)) for k in ks}
 
 
@@ -135,29 +136,29 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = models.load(path)
     machine = cost_model.machine_state(ours, "float32")        # before measuring: the load of others, not ours
-    draft = "layerskip" if ours.config.family == "qwen2" else "component"
+    draft = drafts.paper_draft(ours.config)
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (1, prompt_len))
     prompt = ids[:, :16]
 
-    def hf_generate(n):
-        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    def hf_generate(tokens):
+        return hf.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
     def hsd_prefill():                                   # the prompt through a fresh cache, the last row's logits
         return ours.logits(ours.hidden_states(ids, models.Cache(ours, prompt_len))[:, -1:])
 
-    runs = {"hf decode": [], "hsd decode": [], "hf prefill": [], "hsd prefill": [], "spec": []}
+    timed = {"hf decode": [], "hsd decode": [], "hf prefill": [], "hsd prefill": [], "spec": []}
     with torch.inference_mode():
         hf_generate(2), hsd.generate(ours, prompt[0], 2, draft="none")                       # warm up
         for _ in range(repeats):
-            # transformers: generate n tokens minus generate 1 token = n - 1 decoding steps
+            # transformers: generating new_tokens tokens minus generating 1 = new_tokens - 1 decoding steps
             hf_steps = seconds(lambda: hf_generate(new_tokens)) - seconds(lambda: hf_generate(1))
-            runs["hf decode"].append((new_tokens - 1) / hf_steps)
+            timed["hf decode"].append((new_tokens - 1) / hf_steps)
             plain = hsd.generate(ours, prompt[0], new_tokens, draft="none")[1]
-            runs["hsd decode"].append(new_tokens / plain["decode_s"])
-            runs["hf prefill"].append(seconds(lambda: hf(ids, logits_to_keep=1)))
-            runs["hsd prefill"].append(seconds(hsd_prefill))
-            runs["spec"].append(hsd.generate(ours, prompt[0], new_tokens, draft=draft, k=k)[1])
+            timed["hsd decode"].append(new_tokens / plain["decode_s"])
+            timed["hf prefill"].append(seconds(lambda: hf(ids, logits_to_keep=1)))
+            timed["hsd prefill"].append(seconds(hsd_prefill))
+            timed["spec"].append(hsd.generate(ours, prompt[0], new_tokens, draft=draft, k=k)[1])
         # the state bookkeeping of one round, timed alone: snapshot + restore, and accept + commit after a verify pass
         cache = models.Cache(ours, prompt_len + k + 2)
         hsd.prefill(ours, cache, ids[0, :-1].tolist())
@@ -170,33 +171,33 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
                 hsd.commit(cache, snap.length, hsd.accept([2] * k, logits)[0] + 1, recorded)
             t_commit.append(seconds(accept_and_commit))
             hsd.restore(cache, snap)
-        del hf, cache                                                 # memory for the measurements below
+        hf = cache = None                                             # memory for the measurements below
         ks = (2, 4, 8)
         step_ops, verify_ops = ops_per_pass(ours, ks)
         skips = drafts.paper_skips(ours.config)
         costs = cost_model.measure_costs(ours, skips, context, cost_repeats, max(ks), passes=hsd.PASSES)
         bandwidth = memory_bandwidth()
-    med = {key: statistics.median(v) for key, v in runs.items() if key != "spec"}
-    round_s = statistics.median(s["decode_s"] / s["rounds"] for s in runs["spec"])
+    med = {key: statistics.median(x) for key, x in timed.items() if key != "spec"}
+    round_s = statistics.median(s["decode_s"] / s["rounds"] for s in timed["spec"])
     weight_bytes = weight_bytes_per_token(ours)
     print(f"{name}, random weights, fp32, {machine_words(machine)}, {repeats} alternating runs, medians")
     for line in warning_lines(machine):
         print(line)
     print(f"decode  {new_tokens} tokens: hsd {med['hsd decode']:.2f} tok/s, transformers {med['hf decode']:.2f} tok/s "
-          f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in runs['hsd decode']]}, "
-          f"transformers {[round(x, 2) for x in runs['hf decode']]})")
+          f"-> {med['hsd decode'] / med['hf decode']:.2f}x   (runs: hsd {[round(x, 2) for x in timed['hsd decode']]}, "
+          f"transformers {[round(x, 2) for x in timed['hf decode']]})")
     print(f"prefill {prompt_len} tokens: hsd {med['hsd prefill']:.2f} s, transformers {med['hf prefill']:.2f} s "
           f"-> {med['hf prefill'] / med['hsd prefill']:.2f}x")
     print(f"speculative, {draft} draft, k={k}: round {round_s * 1e3:.1f} ms; snapshot+restore {t_snap * 1e6:.1f} us, "
           f"accept+commit {statistics.median(t_commit) * 1e6:.1f} us: "
           f"{(t_snap + statistics.median(t_commit)) / round_s:.2%} of a round")
     print(f"ops     decoding step {step_ops}; verify pass " + ", ".join(
-        f"k={k} {n} ({n / step_ops:.2f}x)" for k, n in verify_ops.items()) +
+        f"k={k} {ops} ({ops / step_ops:.2f}x)" for k, ops in verify_ops.items()) +
         f"; from k=2 to k=8 +{(verify_ops[8] - verify_ops[2]) / step_ops:.0%} of a step   (innermost PyTorch "
         "operations)")
     print(f"cost    at {context} tokens, medians of {cost_repeats} turns (cost_model.measure_costs): full step "
-          f"{costs.step_s * 1e3:.1f} ms; c: " + ", ".join(f"{d} {costs.c[d]:.2f}" for d in skips) + "; v: " +
-          ", ".join(f"k={k} {costs.v[k]:.2f}" for k in ks))
+          f"{costs.step_s * 1e3:.1f} ms; c: " + ", ".join(f"{label} {costs.c[label]:.2f}" for label in skips)
+          + "; v: " + ", ".join(f"k={k} {costs.v[k]:.2f}" for k in ks))
     limit = bandwidth / weight_bytes
     print(f"memory  {weight_bytes / 1e9:.2f} GB of weights read per token; memory read at {bandwidth / 1e9:.1f} GB/s "
           "(a sum "
@@ -229,23 +230,24 @@ def parse_ks(text):
 
 
 def draft_rows(model, files, ks=PAPER_KS):
-    """{label: hsd.Draft}: the paper's drafts at every fixed k of ks and with k="auto", and each draft file as it
-    says, at its best fixed k (found_by.best_fixed) and with k="auto"; and {label: the skip's label in the costs}."""
+    """(rows, skip_label): rows {label: drafts.Draft}, the paper's drafts at every fixed k of ks and with k="auto",
+    and each draft file as it says, at its best fixed k (found_by.best_fixed) and with k="auto"; skip_label {label:
+    the label of its skip in the costs} (the paper draft's name, or the file's path)."""
     paper = drafts.paper_skips(model.config)
-    rows = {f"{d}, k={k}": hsd.Draft(d, skip, k, None) for d, skip in paper.items() for k in ks}
-    rows |= {f"{d}, k=auto": hsd.choose_draft(model, d, "auto") for d in paper}
-    skip_of = {label: label.split(", k=")[0] for label in rows}
+    rows = {f"{draft}, k={k}": drafts.Draft(draft, skip, k, None) for draft, skip in paper.items() for k in ks}
+    rows |= {f"{draft}, k=auto": hsd.choose_draft(model, draft, "auto") for draft in paper}
+    skip_label = {label: label.split(", k=")[0] for label in rows}
     for path in files:
-        drafted, _ = hsd.read_draft_file(path, model)
+        found, _ = drafts.read_draft_file(path, model)
         with open(path, encoding="utf-8") as f:
             fixed = json.load(f).get("found_by", {}).get("best_fixed")
-        rows[path] = drafted
-        if fixed and (fixed["k"], fixed["stop"]) != (drafted.k, drafted.stop):
-            rows[f"{path}, k={fixed['k']}"] = drafted._replace(k=fixed["k"], stop=fixed["stop"])
-        if drafted.k != "auto":
-            rows[f"{path}, k=auto"] = drafted._replace(k="auto")
-        skip_of |= {label: path for label in rows if label.startswith(path)}
-    return rows, skip_of
+        rows[path] = found
+        if fixed and (fixed["k"], fixed["stop"]) != (found.k, found.stop):
+            rows[f"{path}, k={fixed['k']}"] = found._replace(k=fixed["k"], stop=fixed["stop"])
+        if found.k != "auto":
+            rows[f"{path}, k=auto"] = found._replace(k="auto")
+        skip_label |= {label: path for label in rows if label.startswith(path)}
+    return rows, skip_label
 
 
 def window(ks, best, width=SAMPLED_WINDOW):
@@ -260,10 +262,10 @@ def sampled_labels(rows, paper, ks, greedy_speedup):
     the best k moves little with the temperature, and where the best at T > 0 lies at the window's edge the table says
     so (unrun_neighbours); every k=auto row and every draft file's row."""
     keep = set()
-    for d in paper:
-        best = max(ks, key=lambda k: greedy_speedup[f"{d}, k={k}"])
-        keep |= {f"{d}, k={k}" for k in window(ks, best)}
-    fixed_paper = {f"{d}, k={k}" for d in paper for k in ks}
+    for draft in paper:
+        best = max(ks, key=lambda k: greedy_speedup[f"{draft}, k={k}"])
+        keep |= {f"{draft}, k={k}" for k in window(ks, best)}
+    fixed_paper = {f"{draft}, k={k}" for draft in paper for k in ks}
     return [label for label in rows if label in keep or label not in fixed_paper]
 
 
@@ -277,7 +279,7 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
     """Plain decoding against the rows of draft_rows, end to end on the test prompts, in turns in one process
     (cost_model.generations_in_turns): greedy every row, at PAPER_T the rows of sampled_labels; c and v measured at
     each temperature at the mean context of a generation. Prints on stderr an estimate of the run's duration before
-    measuring (estimate_line) and shows one progress bar over the whole run; with out, saves everything measured so
+    measuring (duration_line) and shows one progress bar over the whole run; with out, saves everything measured so
     far (side_by_side_json, raw runs included) after each temperature. Returns {"prompts", "ks", "ran": {T: labels},
     "costs": {T: Costs}, "rows": {(label, T): measured_row}, "best": {T: the best fixed paper row}, "runs": {T: the
     raw runs}, "paper": the paper's drafts, "machine", "warnings", "complete"}."""
@@ -285,10 +287,10 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
     machine = cost_model.machine_state(model, "float32")       # before measuring: the load of others, not ours
     prompts = test_prompts(name, tokenizer, prompt_tokens)
     context = prompt_tokens + new_tokens // 2
-    rows, skip_of = draft_rows(model, files, ks)
+    rows, skip_label = draft_rows(model, files, ks)
     paper = drafts.paper_skips(model.config)
-    skips = {skip_of[label]: draft.skip for label, draft in rows.items()}
-    longest = max(hsd.AUTO_MAX, *(d.k for d in rows.values() if d.k != "auto"))
+    skips = {skip_label[label]: rows[label].skip for label in rows}
+    longest = max(hsd.AUTO_MAX, *(rows[label].k for label in rows if rows[label].k != "auto"))
     hsd.warm_up(model, longest)
     sampled_rows = len(rows) - len(paper) * (len(ks) - min(SAMPLED_WINDOW, len(ks)))   # as sampled_labels keeps
     counts = {0.0: generations(len(rows), len(prompts), turns), PAPER_T: generations(sampled_rows, len(prompts), turns)}
@@ -296,7 +298,7 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
     costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, 0.0, passes=hsd.PASSES)
     costs_s = time.perf_counter() - t0
     generation_s = seconds(lambda: hsd.generate(model, next(iter(prompts.values())), new_tokens, draft="none"))
-    print(estimate_line(counts, generation_s, costs_s, new_tokens), file=sys.stderr)
+    print(duration_line(counts, generation_s, costs_s, new_tokens), file=sys.stderr)
     result = {"prompts": prompts, "ks": ks, "paper": list(paper), "ran": {}, "costs": {}, "rows": {}, "best": {}, "runs": {},
               "complete": False}
     with tqdm(total=sum(counts.values()), desc="generations (all rows, both temperatures)", file=sys.stderr) as bar:
@@ -312,8 +314,8 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
                 turns, T, seed, bar)
             for label in ran:
                 result["rows"][label, T] = cost_model.measured_row(runs[label], runs["plain"],
-                                                                   costs.c[skip_of[label]], costs.v)
-            fixed_paper = [label for label in ran if skip_of[label] in paper and not label.endswith("auto")]
+                                                                   costs.c[skip_label[label]], costs.v)
+            fixed_paper = [label for label in ran if skip_label[label] in paper and not label.endswith("auto")]
             best = result["best"][T] = max(fixed_paper, key=lambda label: result["rows"][label, T]["speedup"])
             for label in ran:                                  # each row against the best fixed paper row
                 result["rows"][label, T]["vs_best_paper"] = cost_model.speedup(runs[label], runs[best])
@@ -324,14 +326,14 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
     return result
 
 
-def estimate_line(counts, generation_s, costs_s, new_tokens):
+def duration_line(counts, generation_s, costs_s, new_tokens):
     """The run's duration, estimated before measuring: every generation as long as a first plain one (measured,
     prefill included; a speculative row takes about as long or less when its draft pays, longer when it does not),
     plus the cost measurement at each temperature as long as the greedy one took."""
     total = sum(counts.values()) * generation_s + len(counts) * costs_s
     return (f"hsd_bench: estimate about {total / 60:.1f} min: " + " + ".join(
-            f"{n} generations at T={T}" for T, n in counts.items()) + f", each about {generation_s:.2f} s (a plain "
-            f"generation of {new_tokens} tokens, measured), plus {len(counts)} cost measurements of about "
+            f"{count} generations at T={T}" for T, count in counts.items()) + f", each about {generation_s:.2f} s (a "
+            f"plain generation of {new_tokens} tokens, measured), plus {len(counts)} cost measurements of about "
             f"{costs_s:.0f} s")
 
 
@@ -388,7 +390,7 @@ def ran_words(r, T):
             fixed.setdefault(draft, []).append(k)
     how = (f"--ks {','.join(map(str, r['ks']))}" if T == 0 else
            f"of --ks {','.join(map(str, r['ks']))} the best greedy k and its neighbours")
-    return ("paper drafts at k " + "; ".join(f"{d} {','.join(ks)}" for d, ks in fixed.items()) + f" ({how}), "
+    return ("paper drafts at k " + "; ".join(f"{draft} {','.join(ks)}" for draft, ks in fixed.items()) + f" ({how}), "
             "every k=auto row, each file's rows")
 
 
@@ -401,12 +403,12 @@ def side_by_side_json(name, r, new_tokens):
             "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
             "best_fixed_paper_chosen_on": "these test prompts (the fastest fixed paper row that ran)",
             "best_fixed_paper_unrun_neighbours": {str(T): unrun_neighbours(r, T) for T in r["best"]},
-            "costs": {str(T): c._asdict() for T, c in r["costs"].items()},
+            "costs": {str(T): costs._asdict() for T, costs in r["costs"].items()},
             "rows": [{"row": label, "temperature": T, **x} for (label, T), x in r["rows"].items()],
             "runs": {str(T): runs for T, runs in r["runs"].items()}}
 
 
-# --- What each unit costs, and the cost against the context ---------------------------------------------------------
+# --- What each part costs (--units), and the cost against the context -----------------------------------------------
 def bench_model(name):
     """A model to time: an official configuration with random weights (speed does not depend on the weight values),
     or a trained toy."""
@@ -417,24 +419,25 @@ def bench_model(name):
 
 
 def unit_costs(name, context=256, turns=7):
-    """What leaving out each kind of unit saves per decoding step on this machine (cost_model.unit_skips, one
-    measure_costs), and c of each paper draft with the per-token acceptance it would need for S > 1. Returns (unit
-    costs, {(unit, layer type): saved per layer}, paper draft costs)."""
+    """What leaving out each kind of part (a whole layer, or a unit) saves per decoding step on this machine
+    (cost_model.part_skips, one measure_costs), and c of each paper draft with the per-token acceptance it would need
+    for S > 1. Returns (the parts' Costs, {(field, layer type): saved per layer}, the paper drafts' Costs, the
+    machine)."""
     model = bench_model(name)
     hsd.warm_up(model, hsd.AUTO_MAX)
-    kinds = cost_model.unit_kinds(model.config)
-    units = cost_model.measure_costs(model, cost_model.unit_skips(model.config), context, turns, hsd.AUTO_MAX,
+    kinds = cost_model.part_kinds(model.config)
+    parts = cost_model.measure_costs(model, cost_model.part_skips(model.config), context, turns, hsd.AUTO_MAX,
                                      passes=hsd.PASSES)
-    saves = {kind: (1 - units.c[kind]) / len(layers) for kind, layers in kinds.items()}
+    saves = {kind: (1 - parts.c[kind]) / len(layers) for kind, layers in kinds.items()}
     paper = cost_model.measure_costs(model, drafts.paper_skips(model.config), context, turns, 8, passes=hsd.PASSES)
-    return units, saves, paper, cost_model.machine_state(model, "float32")
+    return parts, saves, paper, cost_model.machine_state(model, "float32")
 
 
-def unit_lines(name, units, saves, paper, machine):
-    yield f"{name}: full step {units.step_s * 1e3:.1f} ms at {units.context} tokens; {machine_words(machine)}"
-    yield "one unit left out saves: " + ", ".join(f"{unit} of a {layer_type} layer {s:.1%}"
-                                                  for (unit, layer_type), s in saves.items())
-    yield "v (verify of d+1 tokens): " + ", ".join(f"d={d} {units.v[d]:.2f}" for d in (1, 2, 4, 8, 16))
+def unit_lines(name, parts, saves, paper, machine):
+    yield f"{name}: full step {parts.step_s * 1e3:.1f} ms at {parts.context} tokens; {machine_words(machine)}"
+    yield "one unit left out saves: " + ", ".join(f"{field} of a {layer_type} layer {s:.1%}"
+                                                  for (field, layer_type), s in saves.items())
+    yield "v (verify of d+1 tokens): " + ", ".join(f"d={d} {parts.v[d]:.2f}" for d in (1, 2, 4, 8, 16))
     for draft, c in paper.c.items():
         yield f"{draft:10} c {c:.2f}; per-token acceptance needed for S > 1: " + ", ".join(
             f"k={k} {'never' if p is None else f'{p:.2f}'}"
@@ -563,21 +566,21 @@ def main(argv=None):
             warned = [w[9:] for w in warning_lines(machine)]
             saved = {"model": args.model, "machine": machine, "warnings": warned, "unreliable": bool(warned),
                      "rows": rows,
-                     "costs": {str(L): c._asdict() for L, c in sweep.items()}}
+                     "costs": {str(L): costs._asdict() for L, costs in sweep.items()}}
             if args.out:
                 cost_model.write_json(args.out, saved)
             if args.json:
                 print(json.dumps(saved))
             return 0
         if args.units:
-            units, saves, drafts, machine = unit_costs(args.model, context=args.context, turns=args.cost_repeats)
-            print(*unit_lines(args.model, units, saves, drafts, machine), sep="\n")
+            parts, saves, paper, machine = unit_costs(args.model, context=args.context, turns=args.cost_repeats)
+            print(*unit_lines(args.model, parts, saves, paper, machine), sep="\n")
             if args.json:
                 print(json.dumps({"model": args.model, "machine": machine, "warnings": [
-                                  w[9:] for w in warning_lines(machine)], "step_s": units.step_s, "v": units.v,
+                                  w[9:] for w in warning_lines(machine)], "step_s": parts.step_s, "v": parts.v,
                                   "saves": {f"{u} of a {t} layer": s for (u, t), s in saves.items()},
-                                  "drafts": {d: {"c": c, "break_even": {k: cost_model.break_even_acceptance(
-                                      c, drafts.v[k], k) for k in (1, 2, 4, 8)}} for d, c in drafts.c.items()}}))
+                                  "drafts": {draft: {"c": c, "break_even": {k: cost_model.break_even_acceptance(
+                                      c, paper.v[k], k) for k in (1, 2, 4, 8)}} for draft, c in paper.c.items()}}))
             return 0
         if args.model not in models.OFFICIAL_CONFIGS:
             p.error("the comparison with transformers runs on an official configuration: "

@@ -42,6 +42,7 @@ def paper_model(name):
     name = PAPER_MODEL.get(name, name)
     return name if name in cost_model.PAPER else None
 
+
 # --- The inputs: the authors' text handling, exactly -------------------------------------------------------------
 def paper_inputs(lines, tokenizer, max_len, prompts=200, speed_prompts=10):
     """The token ids of every protocol, as the authors' code made them. Every line is stripped first (WikiText's
@@ -82,9 +83,9 @@ def single_round(model, cache, draft_cache, pending, skip, k, temperature=0.0, g
     hsd.restore(draft_cache, draft_snap)
     hsd.restore(cache, snap)                                   # the same cache when shared
     logits, _ = hsd.verify(model, cache, pending, drafts)
-    n, _ = hsd.judge(drafts, q, logits, temperature, generator)
+    accepted, _ = hsd.judge(drafts, q, logits, temperature, generator)
     hsd.restore(cache, snap)                                   # no commit: the next prompt starts afresh
-    return n
+    return accepted
 
 
 def divergence(model, ids, skips, chunk=256):
@@ -129,7 +130,7 @@ def step_times(model, skips, ks, context, repeats=7):
     t0 = cost_model.clock(cache.device)
     model.logits(rows)
     logits_s = (cost_model.clock(cache.device) - t0) / len(rows)
-    return {"full": costs.step_s, **{d: costs.c[d] * costs.step_s for d in skips},
+    return {"full": costs.step_s, **{draft: costs.c[draft] * costs.step_s for draft in skips},
             **{k: costs.v[k] * costs.step_s for k in ks}, "logits": logits_s, "prefill": prefill_s}
 
 
@@ -217,8 +218,8 @@ def perplexity_record(model, ids, skips):
 
 
 def speed_record(model, prompt, skips, new_tokens, files=None):
-    """Plain greedy decoding and every draft at every k on one prompt, and each draft file ({path: hsd.Draft}) also at
-    its own k and stop ("found"): tokens, time and acceptance of each run."""
+    """Plain greedy decoding and every draft at every k on one prompt, and each draft file ({path: drafts.Draft})
+    also at its own k and stop ("found"): tokens, time and acceptance of each run."""
     plain = hsd.generate(model, prompt, new_tokens, draft="none")[1]
     result = {"plain": {"new_tokens": plain["new_tokens"], "decode_s": plain["decode_s"]}}
     keys = ("accepted", "drafted", "rounds", "decode_s", "new_tokens")
@@ -235,20 +236,23 @@ def speed_record(model, prompt, skips, new_tokens, files=None):
 
 def estimate_seconds(t, inputs, skips, new_tokens, accepted_per_round):
     """How long each phase takes, from the step times t (step_times) at a context of t["context"] tokens: a pass over
-    n tokens costs n prefill tokens' time (and n rows of logits where they are needed), a round of k drafts k draft
-    steps and a verify pass, a generation of n tokens n / (1 + a) rounds. accepted_per_round(draft, k) -> a."""
-    per_token, c = t["prefill"] / t["context"], {d: t[d] / t["full"] for d in skips}
-    all_passes = 1 + sum(c.values())                             # a pass of the full model, and one of every draft
+    some tokens costs as many prefill tokens' time (and as many rows of logits where they are needed), a round of k
+    drafts k draft steps and a verify pass, a generation new_tokens / (1 + a) rounds. accepted_per_round(draft, k) ->
+    a."""
+    per_token = t["prefill"] / t["context"]
+    all_passes = 1 + sum(t[draft] / t["full"] for draft in skips)   # a pass of the full model, and one of every draft
     k = max(KS)
-    alpha = sum(per_token * len(p) * all_passes + 4 * sum(k * t[d] + t[k] for d in skips) for p in inputs["alpha"])
+    alpha = sum(per_token * len(prompt) * all_passes + 4 * sum(k * t[draft] + t[k] for draft in skips)
+                for prompt in inputs["alpha"])
     passes = sum(len(ids) * (per_token * all_passes + t["logits"] * (1 + len(skips)))
                  for ids in inputs["divergence"] + inputs["perplexity"])
     speed = 0.0
     for prompt in inputs["speed"]:
         speed += per_token * len(prompt) + new_tokens * t["full"]
-        for d in skips:
+        for draft in skips:
             for k in KS:
-                speed += per_token * len(prompt) + new_tokens / (1 + accepted_per_round(d, k)) * (k * t[d] + t[k])
+                speed += (per_token * len(prompt)
+                          + new_tokens / (1 + accepted_per_round(draft, k)) * (k * t[draft] + t[k]))
     return {"alpha": alpha, "divergence and perplexity": passes, "speed": speed}
 
 
@@ -260,21 +264,22 @@ def duration(seconds):
 
 def measure(model, model_name, inputs, skips, records, new_tokens, temperature, seed, files=None):
     """Every phase's records, measuring only what is not saved yet; first the step times, and from them the estimate."""
-    c, device = model.config, model.lm_head.weight.device
+    config, device = model.config, model.lm_head.weight.device
     L0 = max(1, sum(map(len, inputs["alpha"])) // len(inputs["alpha"]))
-    contexts = (L0, max(2 * L0, min(8192, c.max_position_embeddings // 2)))
+    contexts = (L0, max(2 * L0, min(8192, config.max_position_embeddings // 2)))
     for L in tqdm([L for L in contexts if ("costs", L) not in records.saved], desc="step times", leave=False):
-        records.add("costs", L, {str(k): v for k, v in step_times(model, skips, KS, L).items()})
-    times = {L: {int(k) if k.isdigit() else k: v for k, v in records.saved["costs", L].items()} for L in contexts}
+        records.add("costs", L, {str(key): seconds for key, seconds in step_times(model, skips, KS, L).items()})
+    times = {L: {int(key) if key.isdigit() else key: seconds for key, seconds in records.saved["costs", L].items()}
+             for L in contexts}                                   # step_times at each L, its k ints again
 
     paper = cost_model.PAPER.get(paper_model(model_name), {})
-    todo = {phase: [items[i] for i in records.missing(phase, len(items))] for phase, items in inputs.items()}
+    unmeasured = {phase: [items[i] for i in records.missing(phase, len(items))] for phase, items in inputs.items()}
 
     def accepted_per_round(draft, k):                     # the paper's greedy alpha where it has one, else 0
         return k * paper.get(draft, {}).get("greedy", {}).get(k, (0.0,))[0]
-    estimate = estimate_seconds({**times[L0], "context": L0}, todo, skips, new_tokens, accepted_per_round)
-    print(f"hsd_eval: estimate {duration(sum(estimate.values()))} on this machine ("
-          + ", ".join(f"{phase} {duration(s)}" for phase, s in estimate.items())
+    phase_s = estimate_seconds({**times[L0], "context": L0}, unmeasured, skips, new_tokens, accepted_per_round)
+    print(f"hsd_eval: estimate {duration(sum(phase_s.values()))} on this machine ("
+          + ", ".join(f"{phase} {duration(s)}" for phase, s in phase_s.items())
           + ("; the speed phase at the paper's acceptance, or at none accepted where the paper gives none" if paper
              else "; the speed phase as if no draft were accepted: at most")
           + ("; what is saved is not measured again)" if records.resumed else ")"),
@@ -299,7 +304,7 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
 def summarize(model, inputs, skips, records, contexts, times, temperature, files=None):
     """The measurements' result (RESULTS.md): per draft, divergence and perplexity, and per k the acceptance
     of the single-round protocol, the multi-round runs, the cost model. The keys of earlier versions are all kept."""
-    c = model.config
+    config = model.config
     alphas = [records.saved["alpha", i] for i in range(len(inputs["alpha"]))]
     texts = [records.saved["divergence", i] for i in range(len(inputs["divergence"]))]
     speed = [records.saved["speed", i] for i in range(len(inputs["speed"]))]
@@ -307,44 +312,46 @@ def summarize(model, inputs, skips, records, contexts, times, temperature, files
     tokens = max(1, len(inputs["perplexity"][0]) - 1)
     plain_rate = None                                                  # tokens/s of plain greedy decoding
     if speed:
-        plain_rate = sum(s["plain"]["new_tokens"] for s in speed) / sum(s["plain"]["decode_s"] for s in speed)
+        plain_rate = (sum(record["plain"]["new_tokens"] for record in speed)
+                      / sum(record["plain"]["decode_s"] for record in speed))
     result = {"prompts": len(alphas), "divergence_texts": len(texts), "perplexity_tokens": tokens + 1,
               "speed_prompts": len(speed), "temperature": temperature, "contexts": contexts, "step_seconds": times,
               "perplexity_full": math.exp(min(ppl["full"] / tokens, 20)), "drafts": {}, "draft_files": {}}
     for draft in skips:
         positions = sum(x[draft]["positions"] for x in texts)                 # 0 if no line is long enough
         perplexity = math.exp(min(ppl[draft] / tokens, 20))
-        d = result["drafts"][draft] = {
+        entry = result["drafts"][draft] = {
             "tvd": sum(x[draft]["tvd"] for x in texts) / positions if positions else None,
             "top1_agreement": sum(x[draft]["top1"] for x in texts) / positions if positions else None,
             "kl": sum(x[draft]["kl"] for x in texts) / positions if positions else None,
             "perplexity": perplexity, "perplexity_ratio": perplexity / result["perplexity_full"],
             "c": times[contexts[0]][draft] / times[contexts[0]]["full"], "k": {}}
         for k in KS:     # a round of k drafts is a prefix of a round of max(KS): its first k drafts, judged the same way
-            row = d["k"][k] = {}
+            row = entry["k"][k] = {}
             for variant in ("shared", "independent", "sampled_shared", "sampled_independent"):
-                accepted = [min(a[draft][variant], k) / k for a in alphas]
-                row[f"alpha_{variant}"] = sum(accepted) / len(accepted)
-                row[f"ci_{variant}"] = cost_model.bootstrap_ci(accepted)
-                row[f"histogram_{variant}"] = [sum(min(a[draft][variant], k) == n for a in alphas) for n in range(k + 1)]
-            runs = [s[draft][str(k)] for s in speed]
+                shares = [min(record[draft][variant], k) / k for record in alphas]
+                row[f"alpha_{variant}"] = sum(shares) / len(shares)
+                row[f"ci_{variant}"] = cost_model.bootstrap_ci(shares)
+                row[f"histogram_{variant}"] = [sum(min(record[draft][variant], k) == accepted for record in alphas)
+                                               for accepted in range(k + 1)]
+            runs = [record[draft][str(k)] for record in speed]
             total = {x: sum(r[x] for r in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
             row["alpha_multi"] = total["accepted"] / total["drafted"] if total["drafted"] else None
             row["accepted_per_round"] = a = total["accepted"] / total["rounds"] if total["rounds"] else None
             row["v"] = times[contexts[0]][k] / times[contexts[0]]["full"]
-            row["predicted_speedup"] = (cost_model.predicted_speedup(1 + a, [k], d["c"], {k: row["v"]})
+            row["predicted_speedup"] = (cost_model.predicted_speedup(1 + a, [k], entry["c"], {k: row["v"]})
                                         if a is not None else None)          # a round of k makes 1 + a tokens
             row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate if runs else None
-            row["break_even_context"] = (cost_model.break_even(times, draft, k, a, c.max_position_embeddings)
+            row["break_even_context"] = (cost_model.break_even(times, draft, k, a, config.max_position_embeddings)
                                          if a is not None else None)
     for path, found in (files or {}).items():          # a draft file's numbers under their own key
-        d = result["draft_files"][path] = result["drafts"].pop(path)
-        runs = [s[path]["found"] for s in speed]
+        entry = result["draft_files"][path] = result["drafts"].pop(path)
+        runs = [record[path]["found"] for record in speed]
         total = {x: sum(r[x] for r in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
-        d["found"] = {"k": found.k, "stop": found.stop,
-                      "alpha_multi": total["accepted"] / total["drafted"] if total["drafted"] else None,
-                      "accepted_per_round": total["accepted"] / total["rounds"] if total["rounds"] else None,
-                      "measured_speedup": total["new_tokens"] / total["decode_s"] / plain_rate if runs else None}
+        entry["found"] = {"k": found.k, "stop": found.stop,
+                          "alpha_multi": total["accepted"] / total["drafted"] if total["drafted"] else None,
+                          "accepted_per_round": total["accepted"] / total["rounds"] if total["rounds"] else None,
+                          "measured_speedup": total["new_tokens"] / total["decode_s"] / plain_rate if runs else None}
     return result
 
 
@@ -365,7 +372,7 @@ def run(args, model, tokenizer):
         raise models.UsageError("the text is too short for perplexity: give a text of at least a few lines")
     skips, files = drafts.paper_skips(model.config), {}
     for path in args.draft or []:                             # draft files, measured beside the paper's drafts
-        files[path], warned = hsd.read_draft_file(path, model)
+        files[path], warned = drafts.read_draft_file(path, model)
         for line in warned:
             print(f"hsd_eval: warning: {line}", file=sys.stderr)
         skips[path] = files[path].skip
@@ -407,9 +414,10 @@ def interval(row, variant):
     return f"{row['alpha_' + variant]:.3f} [{row['ci_' + variant][0]:.3f}, {row['ci_' + variant][1]:.3f}]"
 
 
-def number(x, form, width, unit=""):
-    """x formatted (and its unit), right-aligned in width characters; "-" (aligned alike) where there is no value."""
-    return f"{'-' if x is None else format(x, form) + unit:>{width}}"
+def number(x, form, width, suffix=""):
+    """x formatted (and suffix, e.g. "x"), right-aligned in width characters; "-" (aligned alike) where there is no
+    value."""
+    return f"{'-' if x is None else format(x, form) + suffix:>{width}}"
 
 
 def break_even_words(context):
@@ -421,7 +429,7 @@ def eval_table(name, r):
     """The table of the measurements, as lines of text; draft files are named by their number (listed last)."""
     T = r["temperature"]
     files = {f"file {i + 1}": path for i, path in enumerate(r.get("draft_files", {}))}
-    drafts = {**r["drafts"], **{label: r["draft_files"][path] for label, path in files.items()}}
+    measured = {**r["drafts"], **{label: r["draft_files"][path] for label, path in files.items()}}
     yield (f"{name}: {r['prompts']} prompts (single round), {r['divergence_texts']} divergence texts, "
            f"perplexity on {r['perplexity_tokens']} tokens: full model {r['perplexity_full']:.2f}; {r['speed_prompts']} "
            f"speed prompts; c and v at {r['contexts'][0]} tokens, break-even from step times at {r['contexts'][0]} "
@@ -430,8 +438,8 @@ def eval_table(name, r):
         yield f"(the paper's columns: its values for {r['paper_model']}, the model of this toy's family)"
     yield (f"draft        k   greedy shared [95% CI]   greedy indep. [95% CI]  T={T:<4} shared [95% CI]  T={T:<4} "
            "indep. [95% CI]  paper greedy  T=0.6")
-    for draft, d in drafts.items():
-        for k, row in d["k"].items():
+    for draft, entry in measured.items():
+        for k, row in entry["k"].items():
             paper = r["paper"].get(draft, {})
             greedy, sampled = paper.get("greedy", {}).get(k), paper.get("T=0.6", {}).get(k)
             yield (f"{draft:11} {k:>2} {interval(row, 'shared'):>24} {interval(row, 'independent'):>24} "
@@ -439,20 +447,21 @@ def eval_table(name, r):
                    f"{number(greedy and greedy[0], '.4g', 13)} {number(sampled and sampled[0], '.4g', 6)}")
     yield (f"{'draft':11} {'k':>2} {'multi':>7} {'acc/rnd':>8} {'c':>6} {'v':>6} {'predicted':>10} {'measured':>9} "
            f"{'break-even':>11}")
-    for draft, d in drafts.items():
-        for k, row in d["k"].items():
+    for draft, entry in measured.items():
+        for k, row in entry["k"].items():
             yield (f"{draft:11} {k:>2} {number(row['alpha_multi'], '.3f', 7)} {number(row['accepted_per_round'], '.2f', 8)} "
-                   f"{d['c']:6.2f} {row['v']:6.2f} {number(row['predicted_speedup'], '.2f', 10, 'x')} "
+                   f"{entry['c']:6.2f} {row['v']:6.2f} {number(row['predicted_speedup'], '.2f', 10, 'x')} "
                    f"{number(row['measured_speedup'], '.2f', 9, 'x')} {break_even_words(row['break_even_context']):>11}")
-        if "found" in d:
-            f = d["found"]
+        if "found" in entry:
+            f = entry["found"]
             yield (f"{draft:11} as found (k={f['k']}, stop {f['stop']}): multi {number(f['alpha_multi'], '.3f', 0)}, "
                    f"{number(f['accepted_per_round'], '.2f', 0)} per round, measured "
                    f"{number(f['measured_speedup'], '.2f', 0)}x")
-        hist = ", ".join(f"k={k} {x['histogram_shared']} / {x['histogram_independent']}" for k, x in d["k"].items())
-        yield (f"{draft:11} TVD {number(d['tvd'], '.3f', 0)}, top-1 agreement {number(d['top1_agreement'], '.3f', 0)}, "
-               f"KL {number(d['kl'], '.3f', 0)}, perplexity "
-               f"{d['perplexity']:.2f} ({d['perplexity_ratio']:.2f}x); greedy accepted 0..k, shared / independent: {hist}")
+        hist = ", ".join(f"k={k} {x['histogram_shared']} / {x['histogram_independent']}" for k, x in entry["k"].items())
+        yield (f"{draft:11} TVD {number(entry['tvd'], '.3f', 0)}, top-1 agreement "
+               f"{number(entry['top1_agreement'], '.3f', 0)}, KL {number(entry['kl'], '.3f', 0)}, perplexity "
+               f"{entry['perplexity']:.2f} ({entry['perplexity_ratio']:.2f}x); greedy accepted 0..k, shared / "
+               f"independent: {hist}")
     for label, path in files.items():
         yield f"{label}: {path}"
 
@@ -483,7 +492,7 @@ def plot_svg(name, r):
     out.append(f'<text transform="translate(12 {(top + bottom) / 2}) rotate(-90)" text-anchor="middle">'
                'acceptance (accepted / k)</text>')
     drawn = set()                                                     # the series with at least one point
-    for p, (draft, d) in enumerate(r["drafts"].items()):
+    for p, (draft, entry) in enumerate(r["drafts"].items()):
         left = 40 + p * panel
         out.append(f'<text x="{left + 120}" y="{top - 8}" text-anchor="middle" font-weight="bold">{draft}</text>')
         out.append(f'<text x="{left + 120}" y="{bottom + 30}" text-anchor="middle">drafts per round</text>')
@@ -498,7 +507,7 @@ def plot_svg(name, r):
                 if key in ("greedy", "T=0.6"):
                     value, ci = r["paper"].get(draft, {}).get(key, {}).get(k, (None, None))
                 else:
-                    value, ci = d["k"][k]["alpha_" + key], d["k"][k]["ci_" + key]
+                    value, ci = entry["k"][k]["alpha_" + key], entry["k"][k]["ci_" + key]
                 if value is None:
                     continue
                 x = center + (s - 2.5) * 8

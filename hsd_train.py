@@ -257,17 +257,17 @@ def training_log(name, seed, schedule, run, model):
         "model": name, "seed": seed, "schedule": schedule, "characters": schedule["steps"] * schedule["batch_size"]
         * schedule["length"], "parameters": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "seconds": round(run["seconds"], 1),
+        "machine": processor(), "date": time.strftime("%Y-%m-%d"), "seconds": round(run["seconds"], 1),
         "text_sha256": {split: hashlib.sha256(read_text(split).encode()).hexdigest() for split in ("train", "heldout")},
         "curve": {"columns": ["step", "train bits/char", "held-out bits/char (first 4 windows)"], "rows": run["curve"]},
         "heldout": {"windows": HELDOUT_WINDOWS, "length": WINDOW, "bits_per_char": {
             "full": heldout_bits_per_char(model, windows),
-            **{d: heldout_bits_per_char(model, windows, skip) for d, skip in skips.items()}}},
+            **{draft: heldout_bits_per_char(model, windows, skip) for draft, skip in skips.items()}}},
     }
 
 
-def machine():
-    """The processor (drafts.cpu_name) and the number of cores."""
+def processor():
+    """The processor (drafts.cpu_name) and the number of cores: the training log's "machine"."""
     return f"{drafts.cpu_name()}, {os.cpu_count()} cores"
 
 
@@ -529,7 +529,8 @@ def main(argv=None):
             out = output_folder(args.model, args.out, args.force)
             result = train(args.model, out, args.seed, {**SCHEDULE, "steps": args.steps})
             print(f"{args.model}: {result['seconds'] / 60:.1f} min, held-out bits/char " + ", ".join(
-                f"{d} {b:.3f}" for d, b in result["heldout"]["bits_per_char"].items()) + f"; saved in {out}")
+                f"{label} {bits:.3f}" for label, bits in result["heldout"]["bits_per_char"].items())
+                + f"; saved in {out}")
         else:
             raise models.UsageError("give --model NAME (to train), --report or --make-text SOURCES")
     except models.UsageError as e:
@@ -545,6 +546,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result))
     return 0
+
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)

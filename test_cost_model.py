@@ -45,21 +45,21 @@ def test_v_is_fitted_non_decreasing_in_least_squares(values, fitted):
 
 # --- The timing harness, on a fake clock ---------------------------------------------------------------------------
 class FakeModel:
-    """A tiny model's config and weights, whose calls only advance a fake clock: a full step by `step` seconds, a draft
-    step by `draft[skip]`, a pass over n tokens by `passes[n]`, all times the turn's drift (1 + the turn)."""
+    """A tiny model's config and weights, whose calls only advance a fake clock: a full step by `step_s` seconds, a
+    draft step by `draft_s[skip]`, a pass over T tokens by `passes[T]`, all times the turn's drift (1 + the turn)."""
 
-    def __init__(self, config, lm_head, step, draft, passes):
+    def __init__(self, config, lm_head, step_s, draft_s, passes):
         self.config, self.lm_head = config, lm_head
-        self.step, self.draft, self.passes = step, draft, passes
+        self.step_s, self.draft_s, self.passes = step_s, draft_s, passes
         self.now, self.full_calls = 0.0, 0
 
     def __call__(self, tokens, cache, skip=None, record_states=False):
-        n = tokens.shape[1]
-        if skip is None and n == 1:
+        T = tokens.shape[1]
+        if skip is None and T == 1:
             self.full_calls += 1
         drift = 1 + (self.full_calls - 1) // 2                   # a turn starts and ends with a full step
-        self.now += drift * (self.draft[skip] if skip is not None else self.step if n == 1 else self.passes[n])
-        return torch.zeros(1, n, self.config.vocab_size)
+        self.now += drift * (self.draft_s[skip] if skip is not None else self.step_s if T == 1 else self.passes[T])
+        return torch.zeros(1, T, self.config.vocab_size)
 
 
 def fake_costs(monkeypatch, temperature, passes):
@@ -107,13 +107,13 @@ def test_costs_time_the_functions_generation_runs(monkeypatch):
 def test_the_harness_runs_on_a_real_model_at_both_temperatures():
     model = models.load("tiny-qwen3.5")
     passes = hsd.PASSES
-    skips = cost_model.unit_skips(model.config)
+    skips = cost_model.part_skips(model.config)
     for temperature in (0.0, 0.6):
         costs = cost_model.measure_costs(model, skips, 8, 2, 3, temperature, passes=passes, warm_turns=0)
         assert set(costs.c) == set(skips) and len(costs.v) == 4 and costs.v[0] == 1.0
         assert all(a <= b for a, b in zip(costs.v, costs.v[1:])) and min(costs.v) >= 1.0
-    assert set(skips) == {(unit, t) for t in ("linear_attention", "full_attention")
-                          for unit in ("layers", *models.units_of(t))}
+    assert set(skips) == {(field, t) for t in ("linear_attention", "full_attention")
+                          for field in ("layers", *models.units_of(t))}
     assert skips["attention", "full_attention"] == models.Skip(attention=frozenset(
         i for i, t in enumerate(model.config.layer_types) if t == "full_attention"))
 
@@ -152,8 +152,8 @@ def test_generations_take_turns_and_keep_every_run(monkeypatch):
 
 def test_generations_with_hsd_generate_are_greedy_decoding():
     model = models.load("tiny-falcon-h1")
-    drafts = {"component k=3": hsd.choose_draft(model, "component", 3)}
-    runs = cost_model.generations_in_turns(hsd.generate, model, [[1, 2, 3], [4, 5]], drafts, 6, 2)
+    labelled = {"component k=3": hsd.choose_draft(model, "component", 3)}
+    runs = cost_model.generations_in_turns(hsd.generate, model, [[1, 2, 3], [4, 5]], labelled, 6, 2)
     for i, prompt in enumerate([[1, 2, 3], [4, 5]]):
         plain = hsd.generate(model, prompt, 6, draft="none")[0]
         assert all(turn["tokens"] == plain for label in runs for turn in runs[label][i])
@@ -183,7 +183,7 @@ def test_the_loop_measure_counts_tokens_inside_repeated_ngrams():
     assert cost_model.repeated_share([1, 2, 3, 4, 1, 2, 3, 4]) == 0.5
     assert cost_model.repeated_share([1, 2, 3, 4, 5, 6, 7, 8]) == 0.0
     assert cost_model.repeated_share([5] * 10) == 0.9                   # all but the first 4-gram's first token
-    assert cost_model.repeated_share([1, 2, 1, 2, 3], n=2) == 2 / 5 and cost_model.repeated_share([]) == 0.0
+    assert cost_model.repeated_share([1, 2, 1, 2, 3], gram=2) == 2 / 5 and cost_model.repeated_share([]) == 0.0
 
 
 # --- The texts and their split ---------------------------------------------------------------------------------
@@ -195,11 +195,11 @@ def test_paragraphs_are_numbered_by_their_place_in_the_text():
 
 def test_the_split_is_disjoint_by_index_and_spread_over_the_text():
     lengths = {i: 10 if i % 7 == 3 else 100 if i % 7 == 5 else 200 for i in range(1449)}     # some too short
-    paragraphs = {i: [0] * n for i, n in lengths.items()}
+    paragraphs = {i: [0] * length for i, length in lengths.items()}
     test, calibration = cost_model.split(paragraphs, 64)
     assert len(test) == 24 and not set(test) & set(calibration)
     assert all(lengths[i] >= cost_model.TEST_TOKENS for i in test)
-    assert set(test) | set(calibration) == {i for i, n in lengths.items() if n >= 64}
+    assert set(test) | set(calibration) == {i for i, length in lengths.items() if length >= 64}
     assert cost_model.split(paragraphs, 150).test == test                     # whatever the calibration needs
     assert all(b - a >= 50 for a, b in zip(test, test[1:]))
     assert test[0] < 1449 / 24 and test[-1] >= 1449 - 2 * 1449 / 24             # from the start to the end

@@ -77,7 +77,7 @@ def test_auto_takes_its_costs_from_the_file_or_the_caller(tmp_path, falcon):
 def test_a_file_written_by_hand_from_the_readme_runs_with_a_note(tmp_path, capsys, falcon):
     """Without a "model" block, or with only its name, a file is used for any model whose layers and units it names,
     with a one-line note that it was not checked against an architecture; any file name; a pathlib.Path; a BOM."""
-    for spec in (by_hand(), {key: v for key, v in by_hand().items() if key != "model"}):
+    for spec in (by_hand(), {key: value for key, value in by_hand().items() if key != "model"}):
         for name in ("att2.txt", "ATT2.JSON"):
             path = written(tmp_path, spec, name, bom=name == "att2.txt")
             assert hsd.main(["--model", "tiny-falcon-h1", "--draft", path, "--max-new-tokens", "4"]) == 0
@@ -94,7 +94,7 @@ def test_a_file_written_by_hand_from_the_readme_runs_with_a_note(tmp_path, capsy
      "is a draft for another architecture (its family differ from this model's; it was written for toy-qwen3.5)"),
     (by_hand(skip={}), "skips nothing: the full model would draft for itself"),
     (by_hand(skip={"layers": [], "mlp": []}), "skips nothing"),
-    ({key: v for key, v in by_hand().items() if key != "k"}, '"k" is missing'),
+    ({key: value for key, value in by_hand().items() if key != "k"}, '"k" is missing'),
     (by_hand(k=None), '"k" must be a number of drafts (at least 1) or "auto", not null'),
     (by_hand(stop={"confidence": 0}), 'not {"confidence": 0}'),
     ('{"k": ' + "1" * 5000 + "}", "(damaged: Exceeds the limit (4300 digits) for integer string conversion)"),

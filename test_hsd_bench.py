@@ -20,8 +20,9 @@ def exit_status(args):
         return e.code
 
 
-def costs(c, v, context=256):
-    return cost_model.Costs(0.01, c, v, v, context, 0.0, 7, {"step": 0.01, "c": {d: 0.02 for d in c}, "v": {}})
+def costs(c_of, v, context=256):
+    """A Costs at a context: c_of {label: c}, v; made-up noise."""
+    return cost_model.Costs(0.01, c_of, v, v, context, 0.0, 7, {"step": 0.01, "c": dict.fromkeys(c_of, 0.02), "v": {}})
 
 
 def test_the_sweep_predicts_with_the_papers_acceptance_where_it_has_one():
@@ -43,19 +44,19 @@ def test_the_sweep_predicts_with_the_papers_acceptance_where_it_has_one():
         "torch": "2", "commit": None}))
     assert "1 thread of 2 cores" in lines[0] and "paper's single-round acceptance (greedy)" in lines[1]
     assert not any(line.startswith("warning") for line in lines)
-    sampled = {L: c._replace(temperature=0.6) for L, c in sweep.items()}
+    sampled = {L: each._replace(temperature=0.6) for L, each in sweep.items()}
     row = next(r for r in hsd_bench.sweep_rows("falcon-h1-0.5b", sampled) if (r["context"], r["k"]) == (256, 8))
     assert row["paper_alpha"] == 0.224                                     # the paper's T=0.6 column
 
 
 def test_the_drafts_rows_are_the_papers_at_every_k_and_each_file_as_found():
     model = models.load("toy-qwen2.5")
-    rows, skip_of = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"])
+    rows, skip_label = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"])
     paper = [label for label in rows if not label.startswith("toys/")]
-    assert paper == [f"{d}, k={k}" for d in ("layerskip", "early-exit") for k in range(1, 9)] + [
+    assert paper == [f"{draft}, k={k}" for draft in ("layerskip", "early-exit") for k in range(1, 9)] + [
         "layerskip, k=auto", "early-exit, k=auto"]                              # a Transformer: no component draft
     files = [label for label in rows if label.startswith("toys/")]
-    assert files[0] == "toys/toy-qwen2.5/draft.json" and all(skip_of[label] == files[0] for label in files)
+    assert files[0] == "toys/toy-qwen2.5/draft.json" and all(skip_label[label] == files[0] for label in files)
     assert rows["layerskip, k=3"].k == 3 and rows["early-exit, k=auto"].k == "auto"
     assert len({rows[label].skip for label in files}) == 1
 
@@ -84,7 +85,7 @@ def test_sampling_runs_the_best_greedy_k_and_its_neighbours_every_auto_row_and_e
     rows, _ = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], ks)
     paper = drafts.paper_skips(model.config)
     best = {"layerskip": 4, "early-exit": 1}                    # the greedy winners: inside and at an end of ks
-    greedy = {label: 2.0 if label in {f"{d}, k={k}" for d, k in best.items()} else 1.0 for label in rows}
+    greedy = {label: 2.0 if label in {f"{draft}, k={k}" for draft, k in best.items()} else 1.0 for label in rows}
     kept = hsd_bench.sampled_labels(rows, paper, ks, greedy)
     assert [label for label in kept if not label.endswith("auto") and not label.startswith("toys/")] == [
         "layerskip, k=2", "layerskip, k=4", "layerskip, k=8", "early-exit, k=1", "early-exit, k=2", "early-exit, k=4"]
@@ -97,16 +98,16 @@ def test_sampling_runs_the_best_greedy_k_and_its_neighbours_every_auto_row_and_e
 
 def fake_generate(calls, interrupt_at=None):
     """hsd.generate's shape with made-up numbers: a draft of k = K saves time as K grows (k=auto as k=3)."""
-    def generate(model, prompt, n, draft=None, temperature=0.0, seed=None):
+    def generate(model, prompt, new_tokens, draft=None, temperature=0.0, seed=None):
         calls.append(temperature)
         if interrupt_at is not None and temperature == interrupt_at:
             raise KeyboardInterrupt
         k = 0 if draft == "none" else 3 if draft.k == "auto" else draft.k
-        rounds = n // (k + 1) if k else 0
-        stats = {"new_tokens": n, "decode_s": 1.0 / (1 + k), "rounds": rounds, "drafted": rounds * k,
-                 "accepted": rounds * k, "plain_steps": n - rounds * (k + 1),
+        rounds = new_tokens // (k + 1) if k else 0
+        stats = {"new_tokens": new_tokens, "decode_s": 1.0 / (1 + k), "rounds": rounds, "drafted": rounds * k,
+                 "accepted": rounds * k, "plain_steps": new_tokens - rounds * (k + 1),
                  "trace": [types.SimpleNamespace(drafts=[0] * k)] * rounds}
-        return list(range(n)), stats
+        return list(range(new_tokens)), stats
     return generate
 
 
@@ -173,8 +174,8 @@ def test_the_command_line_refuses_in_one_line_before_measuring(args, message, ca
 
 
 def test_a_machine_of_one_thread_is_said_in_words():
-    state = {"device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "PASSIVE", "load_average": 1.5,
-             "torch": "2", "commit": "abc"}
-    assert "1 thread of 2 cores, OMP_WAIT_POLICY PASSIVE" in hsd_bench.machine_words(state)
-    assert "2 threads" in hsd_bench.machine_words({**state, "threads": 2})
-    assert list(hsd_bench.warning_lines(state)) == [f"warning: {cost_model.busy_warning(state)}"]
+    machine = {"device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "PASSIVE", "load_average": 1.5,
+               "torch": "2", "commit": "abc"}
+    assert "1 thread of 2 cores, OMP_WAIT_POLICY PASSIVE" in hsd_bench.machine_words(machine)
+    assert "2 threads" in hsd_bench.machine_words({**machine, "threads": 2})
+    assert list(hsd_bench.warning_lines(machine)) == [f"warning: {cost_model.busy_warning(machine)}"]

@@ -76,7 +76,7 @@ def save_checkpoint(model, path, cfg):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    save_file({k: v.detach() for k, v in model.named_parameters()}, os.path.join(path, "model.safetensors"),
+    save_file({name: param.detach() for name, param in model.named_parameters()}, os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
 
 
@@ -179,8 +179,8 @@ def test_shared_single_round_is_the_first_round_of_generate():
         assert hsd_eval.single_round(model, cache, cache, prompt[-1], skip, 5) == stats["trace"][0][1]
         generator = torch.Generator().manual_seed(4)
         _, sampled = hsd.generate(model, prompt, 10, draft=skip, k=5, eos_token_id=-1, temperature=0.6, seed=4)
-        n = hsd_eval.single_round(model, cache, cache, prompt[-1], skip, 5, 0.6, generator)
-        assert n == sampled["trace"][0][1]                          # the same random stream: the same first round
+        accepted = hsd_eval.single_round(model, cache, cache, prompt[-1], skip, 5, 0.6, generator)
+        assert accepted == sampled["trace"][0][1]                    # the same random stream: the same first round
 
 
 def test_single_round_leaves_both_caches_as_they_were():
@@ -189,15 +189,15 @@ def test_single_round_leaves_both_caches_as_they_were():
     cache, own = models.Cache(model, 40), models.Cache(model, 40)
     hsd.prefill(model, cache, prompt[:-1])
     hsd.prefill(model, own, prompt[:-1], skip)
-    before = [hsd.snapshot(c) for c in (cache, own)]
+    before = [hsd.snapshot(each) for each in (cache, own)]
     assert hsd_eval.single_round(model, cache, cache, prompt[-1], models.Skip(), 5) == 5      # nothing skipped: all
     g = torch.Generator().manual_seed(0)
     assert hsd_eval.single_round(model, cache, cache, prompt[-1], models.Skip(), 5, 0.6, g) == 5     # p = q: all
     for draft_cache in (cache, own):
         for temperature in (0.0, 0.6):
             assert 0 <= hsd_eval.single_round(model, cache, draft_cache, prompt[-1], skip, 5, temperature, g) <= 5
-    for c, snap in zip((cache, own), before):
-        assert c.length == snap.length and all(s.ssm is m.ssm for s, m in zip(c.layers, snap.layers))
+    for each, snap in zip((cache, own), before):
+        assert each.length == snap.length and all(s.ssm is m.ssm for s, m in zip(each.layers, snap.layers))
 
 
 PAPER_TEXT = [" = Title = ", " ", " " + "a" * 99 + " ", " " + "b" * 101 + " ", "c" * 60, " " + "d" * 201 + " ",
@@ -261,15 +261,16 @@ def fake_records(alpha_counts, skips):
     """Records of a run whose single rounds accepted the given counts (per prompt: per draft, the same for every
     variant), and whose other phases are empty."""
     records = hsd_eval.Records(None, {})
-    for i, n in enumerate(alpha_counts):
-        records.add("alpha", i, {d: {"shared": n[0], "independent": n[1], "sampled_shared": n[0],
-                                     "sampled_independent": n[1]} for d in skips})
-    records.add("perplexity", 0, {d: 1.0 for d in ["full", *skips]})
+    for i, (shared, independent) in enumerate(alpha_counts):
+        records.add("alpha", i, {draft: {"shared": shared, "independent": independent, "sampled_shared": shared,
+                                         "sampled_independent": independent} for draft in skips})
+    records.add("perplexity", 0, dict.fromkeys(["full", *skips], 1.0))
     return records
 
 
 def test_eval_alpha_arithmetic():
-    """Acceptance per prompt from single rounds of 8 drafts: alpha_k = mean(min(n, k) / k), histogram of min(n, k)."""
+    """Acceptance per prompt from single rounds of 8 drafts: alpha_k = mean(min(accepted, k) / k), histogram of
+    min(accepted, k)."""
     model = tiny("tiny-falcon-h1")
     skips = {"component": TINY_SKIPS["tiny-falcon-h1"]["component"]}
     inputs = {"alpha": [[1, 2], [3, 4]], "divergence": [], "perplexity": [[1, 2, 3]], "speed": []}
@@ -303,11 +304,11 @@ def test_eval_numbers_against_direct_computations(monkeypatch):
     texts = [torch.tensor([x]) for x in inputs["divergence"]]
     tvd = sum(0.5 * (torch.softmax(model(x)[0, :-1].double(), -1) - torch.softmax(
         model(x, skip=skips["component"])[0, :-1].double(), -1)).abs().sum().item() for x in texts)
-    d = r["drafts"]["component"]
-    assert math.isclose(d["tvd"], tvd / sum(x.shape[1] - 1 for x in texts), rel_tol=1e-6)
+    entry = r["drafts"]["component"]
+    assert math.isclose(entry["tvd"], tvd / sum(x.shape[1] - 1 for x in texts), rel_tol=1e-6)
     for k in (2, 4, 8):
-        row = d["k"][k]
-        assert d["c"] == 0.75 and row["v"] == fake[k] / 2.0
+        row = entry["k"][k]
+        assert entry["c"] == 0.75 and row["v"] == fake[k] / 2.0
         assert math.isclose(row["predicted_speedup"], (1 + row["accepted_per_round"]) / (k * 0.75 + fake[k] / 2.0))
         speed = records.saved["speed", 0]["component"][str(k)]
         assert row["alpha_multi"] == speed["accepted"] / speed["drafted"]
@@ -316,11 +317,11 @@ def test_eval_numbers_against_direct_computations(monkeypatch):
 def test_estimate_arithmetic():
     t = {"full": 1.0, "component": 0.5, 2: 2.0, 4: 3.0, 8: 4.0, "prefill": 10.0, "context": 100, "logits": 0.01}
     inputs = {"alpha": [[0] * 100], "divergence": [[0] * 50], "perplexity": [[0] * 150], "speed": [[0] * 10]}
-    e = hsd_eval.estimate_seconds(t, inputs, ["component"], 6, lambda d, k: 1.0)
-    assert e["alpha"] == 0.1 * 100 * 1.5 + 4 * (8 * 0.5 + 4.0)                  # passes over the prompt; 4 rounds of 8
-    assert math.isclose(e["divergence and perplexity"], 200 * (0.1 * 1.5 + 0.01 * 2))
+    phase_s = hsd_eval.estimate_seconds(t, inputs, ["component"], 6, lambda draft, k: 1.0)
+    assert phase_s["alpha"] == 0.1 * 100 * 1.5 + 4 * (8 * 0.5 + 4.0)            # passes over the prompt; 4 rounds of 8
+    assert math.isclose(phase_s["divergence and perplexity"], 200 * (0.1 * 1.5 + 0.01 * 2))
     rounds = sum(6 / 2 * (k * 0.5 + t[k]) + 0.1 * 10 for k in (2, 4, 8))       # 1 + a = 2 tokens a round
-    assert math.isclose(e["speed"], 0.1 * 10 + 6 * 1.0 + rounds)
+    assert math.isclose(phase_s["speed"], 0.1 * 10 + 6 * 1.0 + rounds)
 
 
 def test_records_resume_and_refuse_another_run(tmp_path):
@@ -390,9 +391,9 @@ def test_eval_with_one_new_token_and_no_divergence_text(tmp_path, capsys):
                           "--max-new-tokens", "1", "--json"]) == 0
     out = capsys.readouterr().out.splitlines()
     result = json.loads(out[-1])
-    d = result["drafts"]["component"]
-    assert result["divergence_texts"] == 0 and d["tvd"] is None and d["kl"] is None
-    assert d["k"]["2"]["predicted_speedup"] is None and d["k"]["2"]["break_even_context"] is None
+    entry = result["drafts"]["component"]
+    assert result["divergence_texts"] == 0 and entry["tvd"] is None and entry["kl"] is None
+    assert entry["k"]["2"]["predicted_speedup"] is None and entry["k"]["2"]["break_even_context"] is None
     assert any(line.startswith("component   TVD -, top-1 agreement -, KL -") for line in out)
     header = next(i for i, line in enumerate(out) if line.startswith("draft        k   multi"))
     rows = [line for line in out[header + 1:] if line.startswith("component") and "TVD" not in line]
@@ -407,10 +408,11 @@ EVAL_ARGS = ["--model", "tiny-falcon-h1", "--prompts", "3", "--speed-prompts", "
 
 def eval_numbers(result):
     """What an interrupted and resumed run must repeat exactly: everything but timings."""
-    return {draft: {"tvd": d["tvd"], "kl": d["kl"], "top1": d["top1_agreement"], "perplexity": d["perplexity"],
-                    "k": {k: {key: v for key, v in row.items() if key.startswith(("alpha", "ci", "histogram"))}
-                          for k, row in d["k"].items()}}
-            for draft, d in result["drafts"].items()} | {"perplexity_full": result["perplexity_full"]}
+    return {draft: {"tvd": entry["tvd"], "kl": entry["kl"], "top1": entry["top1_agreement"],
+                    "perplexity": entry["perplexity"],
+                    "k": {k: {key: x for key, x in row.items() if key.startswith(("alpha", "ci", "histogram"))}
+                          for k, row in entry["k"].items()}}
+            for draft, entry in result["drafts"].items()} | {"perplexity_full": result["perplexity_full"]}
 
 
 def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
@@ -451,19 +453,19 @@ def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
     leaves = []
     def walk(x):
         if isinstance(x, dict):
-            leaves.extend(float(k) for k in x if k.isdigit())
-            [walk(v) for v in x.values()]
+            leaves.extend(float(key) for key in x if key.isdigit())
+            [walk(value) for value in x.values()]
         elif isinstance(x, (list, tuple)):
-            [walk(v) for v in x]
+            [walk(value) for value in x]
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
             leaves.append(float(x))
     walk(result)
     table = [line for line in lines[:-1] if not line.startswith("draft ")]          # all but the column titles
-    printed = [n for line in table for n in re.findall(r"(?<![\w.-])\d+(?:\.\d+)?", line)]
+    printed = [found for line in table for found in re.findall(r"(?<![\w.-])\d+(?:\.\d+)?", line)]
     assert len(printed) > 50
     for number in printed:
         decimals = len(number.split(".")[1]) if "." in number else 0
-        assert any(round(v, decimals) == float(number) for v in leaves), number
+        assert any(round(leaf, decimals) == float(number) for leaf in leaves), number
     assert set(result["drafts"]) == {"component", "layerskip", "early-exit"}
     assert 0 <= result["drafts"]["component"]["k"]["2"]["alpha_shared"] <= 1
     assert "hsd_eval: estimate" in captured.err and "%|" in captured.err                 # the estimate, progress: on stderr
@@ -473,8 +475,8 @@ def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
 def test_plot_is_well_formed_and_carries_its_numbers():
     r = {"temperature": 0.6, "prompts": 2, "paper": cost_model.PAPER["falcon-h1-0.5b"], "drafts": {}}
     for draft in ("component", "layerskip"):
-        r["drafts"][draft] = {"k": {k: {f"{x}_{v}": (0.125 * j if x == "alpha" else (0.0625 * j, 0.25 * j))
-                                        for x in ("alpha", "ci") for j, v in enumerate(
+        r["drafts"][draft] = {"k": {k: {f"{x}_{variant}": (0.125 * j if x == "alpha" else (0.0625 * j, 0.25 * j))
+                                        for x in ("alpha", "ci") for j, variant in enumerate(
                                             ["shared", "independent", "sampled_shared", "sampled_independent"], 1)}
                                     for k in (2, 4, 8)}}
     svg = hsd_eval.plot_svg("falcon-h1-0.5b", r)
@@ -486,8 +488,8 @@ def test_plot_is_well_formed_and_carries_its_numbers():
     assert "component, k=2, paper, greedy: 0.680 [0.620, 0.740]" in titles
     assert "component, k=8, paper, T=0.6: 0.224 [0.190, 0.259]" in titles
     assert len(titles) == 2 * 3 * 4 + 3 + 3                                          # the paper has the component only
-    circles = [c for c in root.iter("{http://www.w3.org/2000/svg}circle") if c.get("cx")]
-    heights = {float(c.get("cy")) for c in circles}
+    circles = [circle for circle in root.iter("{http://www.w3.org/2000/svg}circle") if circle.get("cx")]
+    heights = {float(circle.get("cy")) for circle in circles}
     assert len(heights) > 5                                      # the points stand at different heights (their values)
 
 
@@ -513,8 +515,8 @@ def svg_texts(svg):
 
 def test_plot_legend_lists_only_what_is_drawn_and_labels_its_axes():
     r = {"temperature": 0.6, "prompts": 2, "paper": {}, "drafts": {"component": {"k": {
-        k: {f"{x}_{v}": (0.5 if x == "alpha" else (0.25, 0.75)) for x in ("alpha", "ci")
-            for v in ("shared", "independent", "sampled_shared", "sampled_independent")} for k in (2, 4, 8)}}}}
+        k: {f"{x}_{variant}": (0.5 if x == "alpha" else (0.25, 0.75)) for x in ("alpha", "ci")
+            for variant in ("shared", "independent", "sampled_shared", "sampled_independent")} for k in (2, 4, 8)}}}}
     texts = svg_texts(hsd_eval.plot_svg("tiny-falcon-h1", r))
     assert "paper, greedy" not in texts and "paper, T=0.6" not in texts and "greedy, shared state" in texts
     assert "acceptance (accepted / k)" in texts and "drafts per round" in texts

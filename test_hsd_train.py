@@ -55,7 +55,7 @@ def test_the_toys_share_one_budget():
     assert max(counts) < 1.1 * min(counts)
     for field in ("seed", "schedule", "characters", "text_sha256"):
         assert len({json.dumps(log[field], sort_keys=True) for log in logs.values()}) == 1, field
-    assert len({(c.hidden_size, c.num_layers, c.vocab_size) for c in configs.values()}) == 1
+    assert len({(config.hidden_size, config.num_layers, config.vocab_size) for config in configs.values()}) == 1
     assert configs["toy-qwen3.5"].layer_types == ("linear_attention",) * 3 + ("full_attention",) + (
         "linear_attention",) * 3 + ("full_attention",)                       # 3 Gated DeltaNet layers per attention
     for name in TOYS:
