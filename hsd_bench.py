@@ -5,6 +5,7 @@
   python hsd_bench.py NAME --context-sweep [--out F]    # c, v and the predicted speedup at 64 ... 8,192 tokens
   python hsd_bench.py TOY --drafts FILES [--out F]      # drafts side by side on the test prompts, greedy and T=0.6
   python hsd_bench.py TOY --drafts FILES --ks 1,2,4,8 --tokens 48 --repeats 2   # shorter: 4 fixed k, 2 turns
+  python hsd_bench.py TOY --busy                        # a busy core: default threads, passive wait, 1 thread
 
 Speed does not depend on the weight values, so random weights of an official config.json (models.OFFICIAL_CONFIGS) saved
 once in the official layout, serve both sides: transformers (the official implementation; this benchmark, like the
@@ -22,6 +23,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -501,6 +503,70 @@ def sweep_lines(name, sweep, rows, machine):
 
 
 # --- Command line ---------------------------------------------------------------------------------------------------
+# --- A busy machine: torch's threads, OpenMP's wait policy and one other busy core ----------------------------------
+BUSY_SETTINGS = ("default", "passive", "1-thread")   # torch's default threads; OMP_WAIT_POLICY=PASSIVE; --threads 1
+BUSY_PROMPTS = ("The function returns", "A list is a sequence of", "If the file does not exist,")
+
+
+def busy_child(name, setting):
+    """One measurement of --busy, in a process started with the setting's environment: plain decoding's ms per token
+    (48 new tokens of each of BUSY_PROMPTS) and the README demo's ms per round (the paper's draft, k=3, 24 tokens,
+    two runs), printed as one JSON line."""
+    if setting == "1-thread":
+        torch.set_num_threads(1)
+    model, tokenizer = models.load(name), models.load_tokenizer(name)
+    hsd.generate(model, tokenizer.encode(BUSY_PROMPTS[0]).ids, 8, draft="none")                 # warm-up, not timed
+    plain = [hsd.generate(model, tokenizer.encode(p).ids, 48, draft="none")[1] for p in BUSY_PROMPTS]
+    demo = [hsd.generate(model, tokenizer.encode(BUSY_PROMPTS[0]).ids, 24, k=3)[1] for _ in range(2)]
+    print(json.dumps({"plain_ms_per_token": statistics.median(s["decode_s"] / s["new_tokens"] * 1e3 for s in plain),
+                      "demo_ms_per_round": statistics.median(s["round_s"] / s["rounds"] * 1e3 for s in demo),
+                      "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
+
+
+def busy_measurement(name, setting, busy):
+    """busy_child in a fresh process (OpenMP reads its wait policy once, when torch loads), a second process spinning
+    in pure Python beside it when busy: the child's numbers."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    if setting == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        if spinner:
+            time.sleep(0.5)                                           # let it take its core
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), name, "--busy-child", setting], env=env,
+                              capture_output=True, text=True)
+    finally:
+        if spinner:
+            spinner.kill()
+            spinner.wait()
+    if done.returncode != 0:
+        raise models.UsageError(f"the {setting} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def busy_study(name, repeats=4):
+    """--busy: plain decoding and the README demo under each of BUSY_SETTINGS, idle and with one other core busy,
+    each a fresh process, the six interleaved, `repeats` times -> {"setting/load": {quantity: (median, min, max)}}."""
+    runs, plan = {}, [(s, busy) for busy in (False, True) for s in BUSY_SETTINGS]
+    with tqdm(total=repeats * len(plan), desc="--busy: measurements (fresh processes)", file=sys.stderr) as bar:
+        for _ in range(repeats):
+            for setting, busy in plan:
+                runs.setdefault(f"{setting}/{'busy' if busy else 'idle'}", []).append(
+                    busy_measurement(name, setting, busy))
+                bar.update(1)
+    return {key: {q: (statistics.median(r[q] for r in rows), min(r[q] for r in rows), max(r[q] for r in rows))
+                  for q in ("plain_ms_per_token", "demo_ms_per_round")} | {"threads": rows[0]["threads"]}
+            for key, rows in runs.items()}
+
+
+def busy_lines(name, study):
+    yield f"{name}, fp32: median (min-max) over the repeats, each in a fresh process"
+    yield f"{'configuration':18} {'threads':>7}  {'plain decoding, ms per token':>30}  {'demo, ms per round':>26}"
+    for key, row in study.items():
+        cells = [f"{m:.2f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in (row["plain_ms_per_token"], row["demo_ms_per_round"])]
+        yield f"{key:18} {row['threads']:>7}  {cells[0]:>30}  {cells[1]:>26}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="hsd against transformers, and the cost of speculation; with --units, what "
                                             "each unit costs; with --drafts, drafts side by side end to end on the "
@@ -529,6 +595,10 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="with --context-sweep: the costs of a round sampled "
                                                                    f"at this temperature (the paper's: {PAPER_T}; "
                                                                    "default: 0, greedy)")
+    p.add_argument("--busy", action="store_true", help="on a toy: plain decoding and the README demo with torch's "
+                   "default threads, OMP_WAIT_POLICY=PASSIVE and 1 thread, idle and with one other core busy (fresh "
+                   "processes; a few minutes)")
+    p.add_argument("--busy-child", choices=BUSY_SETTINGS, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice)")
     p.add_argument("--out", help="with --drafts or --context-sweep: save the numbers, and --drafts' raw per-prompt "
                                  "runs, to this JSON file")
@@ -547,6 +617,17 @@ def main(argv=None):
         ks = parse_ks(args.ks)
         if args.out:
             cost_model.check_writable(args.out, "--out")
+        if args.busy_child:
+            busy_child(args.model, args.busy_child)
+            return 0
+        if args.busy:
+            if args.model not in models.TOYS:
+                p.error("--busy runs on a trained toy: give toy-falcon-h1, toy-qwen3.5 or toy-qwen2.5")
+            study = busy_study(args.model, args.repeats if args.repeats != p.get_default("repeats") else 4)
+            print(*busy_lines(args.model, study), sep="\n")
+            if args.out:
+                cost_model.write_json(args.out, {"model": args.model, "date": time.strftime("%Y-%m-%d"), "study": study})
+            return 0
         if args.drafts is not None:
             if args.model not in models.TOYS:
                 p.error("--drafts runs on a trained toy (its held-out text): give toy-falcon-h1, toy-qwen3.5 or "

@@ -179,3 +179,25 @@ def test_a_machine_of_one_thread_is_said_in_words():
     assert "1 thread of 2 cores, OMP_WAIT_POLICY PASSIVE" in hsd_bench.machine_words(machine)
     assert "2 threads" in hsd_bench.machine_words({**machine, "threads": 2})
     assert list(hsd_bench.warning_lines(machine)) == [f"warning: {cost_model.busy_warning(machine)}"]
+
+
+
+def test_the_busy_study_interleaves_fresh_processes_and_summarises_each_configuration(monkeypatch, capsys):
+    """--busy: every configuration (3 settings x idle / one core busy) once per repeat, in that order, each its own
+    measurement; per configuration the median, min and max of each quantity; the CLI refuses an official model."""
+    calls = []
+
+    def measured(name, setting, busy):
+        calls.append((setting, busy))
+        return {"plain_ms_per_token": float(len(calls)), "demo_ms_per_round": 10.0 * len(calls),
+                "threads": 1 if setting == "1-thread" else 2, "omp_wait_policy": None}
+    monkeypatch.setattr(hsd_bench, "busy_measurement", measured)
+    study = hsd_bench.busy_study("toy-falcon-h1", repeats=3)
+    plan = [(s, b) for b in (False, True) for s in hsd_bench.BUSY_SETTINGS]
+    assert calls == plan * 3
+    assert study["passive/busy"]["plain_ms_per_token"] == (11.0, 5.0, 17.0)        # calls 5, 11, 17
+    assert study["1-thread/idle"]["threads"] == 1 and list(study) == [f"{s}/{'busy' if b else 'idle'}" for s, b in plan]
+    assert len(list(hsd_bench.busy_lines("toy-falcon-h1", study))) == 2 + len(plan)
+    with pytest.raises(SystemExit) as e:
+        hsd_bench.main(["falcon-h1-0.5b", "--busy"])
+    assert e.value.code == 2 and "--busy runs on a trained toy" in capsys.readouterr().err
