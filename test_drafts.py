@@ -1,7 +1,10 @@
 """Tests for drafts.py: draft files (read, written, written by hand), the costs they carry for -k auto, and Skips as
 a draft file gives them. In-process, on the tiny models: python -m pytest -q test_drafts.py."""
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import drafts
 import hsd
 import models
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT = models.char_tokenizer().encode("The cat sat on the mat.").ids
 
 
@@ -152,3 +156,104 @@ def test_a_config_hsd_does_not_run_says_what_is_wrong(tmp_path):
         models.load(str(tmp_path))
     assert str(caught.value) == (f"{tmp_path}/config.json: model_type 'llama' is not supported: hsd implements "
                                  "falcon_h1, qwen3_5 and qwen2")
+
+
+# --- Draft files as the search writes them, read by generate and by hsd.py ---------------------------------------
+MIXED = models.Skip(layers={2}, attention={0, 1, 3, 4, 5}, recurrent={4}, mlp={1, 5})   # of every kind, tiny Falcon-H1
+PROMPT_12 = models.char_tokenizer().encode("The cat sat ").ids
+NEW_TOKENS = 23
+
+
+def tiny(name, dtype=torch.float64):
+    return models.load(name, dtype=dtype)
+
+
+def reference_greedy(name, prompt, n=NEW_TOKENS):
+    """Plain greedy decoding by repeated full forwards, no cache at all."""
+    model, ids = tiny(name), list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "hsd.py", *args], capture_output=True, text=True, cwd=HERE)
+
+
+def draft_file(tmp_path, name="tiny-falcon-h1", leave_out=None, k=3, stop=None, **changes):
+    """A draft file for a tiny model, as hsd_search.py writes them (its found_by left short), with changes."""
+    model = tiny(name, torch.float32)
+    skip = leave_out or MIXED
+    spec = {"format": "hsd-draft/1", "model": drafts.identity(model),
+            "skip": {f: sorted(getattr(skip, f)) for f in ("layers", *models.UNITS)}, "k": k,
+            "stop": stop and {"confidence": stop}, "found_by": {"method": "by hand", "device": drafts.device_name(
+                model.lm_head.weight.device), "dtype": "float32"}}
+    for key, value in changes.items():
+        where, _, field = key.partition("__")
+        if field:
+            spec[where][field] = value
+        else:
+            spec[where] = value
+    path = tmp_path / f"draft-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def test_a_draft_file_is_read_with_its_k_and_stop(tmp_path):
+    """generate(draft=FILE) and hsd.py --draft FILE take the file's skip, k and stop rule; -k (k=) overrides k."""
+    path = draft_file(tmp_path, k=4, stop=0.02)               # the random tiny model is rarely sure: a low stop
+    chosen, warned = hsd.read_draft_file(path, tiny("tiny-falcon-h1", torch.float32))
+    assert (chosen.skip, chosen.k, chosen.stop, warned) == (MIXED, 4, 0.02, [])
+    tokens, stats = hsd.generate(tiny("tiny-falcon-h1"), PROMPT_12, NEW_TOKENS, draft=path, eos_token_id=-1)
+    assert tokens == reference_greedy("tiny-falcon-h1", PROMPT_12) and (stats["k"], stats["stop"]) == (4, 0.02)
+    lengths = {len(r.drafts) for r in stats["trace"]}
+    assert stats["draft"] == path and max(lengths) == 4 and min(lengths) < 4           # k 4, and the stop
+    assert hsd.generate(tiny("tiny-falcon-h1"), [1, 2], 4, draft=path, k="auto", eos_token_id=-1)[1]["k"] == "auto"
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", path, "--check", "--repeats", "1", "--max-new-tokens",
+                     "12")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert f"draft {path}, k=4, stop below 0.02: skips layer 2; the attention of" in result.stdout
+    assert "identical to plain greedy decoding; speedup" in result.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(format="hsd-draft/0"), 'is not a valid draft file (no "format": "hsd-draft/1")'),
+    (dict(model__family="qwen3_5"), "is a draft for another architecture (its family differ"),
+    (dict(model__sizes={"hidden_size": 1}), "is a draft for another architecture (its sizes differ"),
+    (dict(skip={"layers": [99]}), "names layer 99 (layers), which the model does not have"),
+    (dict(skip={"attention": [0], "heads": [1]}), '"skip" holds lists of layer indices under layers, attention'),
+    (dict(k=0), '"k" must be a number of drafts (at least 1) or "auto", not 0'),
+    (dict(stop={"confidence": 2}), '"stop" must be null or {"confidence": a number between 0 and 1}'),
+])
+def test_a_draft_file_that_does_not_fit_is_one_line(tmp_path, change, message, capsys):
+    assert hsd.main(["--model", "tiny-falcon-h1", "--draft", draft_file(tmp_path, **change)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_damaged_or_missing_draft_file_is_one_line(tmp_path):
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"format": "hsd-dr')
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", str(damaged))           # as a user runs it
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "is not a valid draft file (damaged:" in result.stderr
+    with pytest.raises(models.UsageError, match="cannot read the draft file .*missing.json: No such file"):
+        hsd.generate(tiny("tiny-falcon-h1"), [1, 2], 3, draft=str(tmp_path / "missing.json"))
+
+
+def test_a_draft_file_for_other_weights_or_another_device_is_used_with_a_warning(tmp_path):
+    """A retrained model of the same architecture, or a file searched on another machine: one line each, then the
+    draft runs (every draft decodes correctly; only its speed may not hold)."""
+    path = draft_file(tmp_path, model__weights_sha256="0" * 64, found_by={"device": "cuda NVIDIA H200"})
+    result = run_cli("--model", "tiny-falcon-h1", "--draft", path, "--max-new-tokens", "6")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and len(lines) == 2, result.stderr
+    assert "was searched on other weights of this architecture" in lines[0]
+    assert "was searched on cuda NVIDIA H200, this run is on cpu" in lines[1]
+    with pytest.warns(UserWarning) as caught:                       # generate: the same two lines, as warnings
+        hsd.generate(tiny("tiny-falcon-h1", torch.float32), [1, 2], 3, draft=path)
+    assert ["hsd: warning: " + str(w.message) for w in caught] == lines
+    model = tiny("tiny-falcon-h1", torch.float32)
+    assert drafts.weights_fingerprint(model) == drafts.weights_fingerprint(models.load("tiny-falcon-h1", torch.bfloat16))
+    assert drafts.weights_fingerprint(model) != drafts.weights_fingerprint(models.load("tiny-qwen3.5"))
