@@ -178,3 +178,17 @@ def test_a_machine_of_one_thread_is_said_in_words():
     assert "1 thread of 2 cores, OMP_WAIT_POLICY PASSIVE" in hsd_bench.machine_words(state)
     assert "2 threads" in hsd_bench.machine_words({**state, "threads": 2})
     assert list(hsd_bench.warning_lines(state)) == [f"warning: {cost_model.busy_warning(state)}"]
+
+
+def test_the_paper_drafts_auto_rows_pause_by_the_costs_measured_there():
+    """-k auto of a paper draft runs with the c and v the benchmark measured (what a caller passes to generate), not
+    the default rule; fixed rows and a draft file's rows are run as they are."""
+    model = models.load("toy-qwen2.5")
+    rows, skip_of = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], (1, 2))
+    paper = drafts.paper_skips(model.config)
+    costs = cost_model.Costs(0.01, {label: 0.4 for label in set(skip_of.values())}, [1.0, 1.3, 1.4], None, 64, 0.0, 2,
+                             {})
+    auto = hsd_bench.measured_auto(rows["layerskip, k=auto"], "layerskip, k=auto", paper, skip_of, costs)
+    assert auto.costs == (0.4, {1: 1.3, 2: 1.4}) and rows["layerskip, k=auto"].costs != auto.costs
+    for label in ("layerskip, k=2", "toys/toy-qwen2.5/draft.json"):
+        assert hsd_bench.measured_auto(rows[label], label, paper, skip_of, costs) is rows[label]
