@@ -252,6 +252,14 @@ def draft_rows(model, files, ks=PAPER_KS):
     return rows, skip_label
 
 
+def measured_auto(draft, label, paper, skip_label, costs):
+    """A paper draft with k="auto" pauses by the c and v measured here (as a caller passes them: hsd.generate's
+    costs), not by the default rule; a draft file's row keeps the file's costs, as hsd.py --draft FILE runs it."""
+    if draft.k != "auto" or skip_label[label] not in paper:
+        return draft
+    return draft._replace(costs=drafts.draft_costs(costs.c[skip_label[label]], costs.v))
+
+
 def window(ks, best, width=SAMPLED_WINDOW):
     """The width consecutive ks (sorted) around best: best and its neighbours, shifted inward at either end."""
     start = min(max(ks.index(best) - 1, 0), max(len(ks) - width, 0))
@@ -312,8 +320,9 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
             result["costs"][T] = costs
             bar.set_postfix_str(f"T={T}, {len(ran) + 1} rows")
             runs = result["runs"][T] = cost_model.generations_in_turns(
-                hsd.generate, model, list(prompts.values()), {label: rows[label] for label in ran}, new_tokens,
-                turns, T, seed, bar)
+                hsd.generate, model, list(prompts.values()), {label: measured_auto(rows[label], label, paper, skip_label,
+                                                                                   costs) for label in ran},
+                new_tokens, turns, T, seed, bar)
             for label in ran:
                 result["rows"][label, T] = cost_model.measured_row(runs[label], runs["plain"],
                                                                    costs.c[skip_label[label]], costs.v)

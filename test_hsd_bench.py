@@ -181,7 +181,6 @@ def test_a_machine_of_one_thread_is_said_in_words():
     assert list(hsd_bench.warning_lines(machine)) == [f"warning: {cost_model.busy_warning(machine)}"]
 
 
-
 def test_the_busy_study_interleaves_fresh_processes_and_summarises_each_configuration(monkeypatch, capsys):
     """--busy: every configuration (3 settings x idle / one core busy) once per repeat, in that order, each its own
     measurement; per configuration the median, min and max of each quantity; the CLI refuses an official model."""
@@ -201,3 +200,18 @@ def test_the_busy_study_interleaves_fresh_processes_and_summarises_each_configur
     with pytest.raises(SystemExit) as e:
         hsd_bench.main(["falcon-h1-0.5b", "--busy"])
     assert e.value.code == 2 and "--busy runs on a trained toy" in capsys.readouterr().err
+
+
+
+def test_the_paper_drafts_auto_rows_pause_by_the_costs_measured_there():
+    """-k auto of a paper draft runs with the c and v the benchmark measured (what a caller passes to generate), not
+    the default rule; fixed rows and a draft file's rows are run as they are."""
+    model = models.load("toy-qwen2.5")
+    rows, skip_of = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], (1, 2))
+    paper = drafts.paper_skips(model.config)
+    costs = cost_model.Costs(0.01, {label: 0.4 for label in set(skip_of.values())}, [1.0, 1.3, 1.4], None, 64, 0.0, 2,
+                             {})
+    auto = hsd_bench.measured_auto(rows["layerskip, k=auto"], "layerskip, k=auto", paper, skip_of, costs)
+    assert auto.costs == (0.4, {1: 1.3, 2: 1.4}) and rows["layerskip, k=auto"].costs != auto.costs
+    for label in ("layerskip, k=2", "toys/toy-qwen2.5/draft.json"):
+        assert hsd_bench.measured_auto(rows[label], label, paper, skip_of, costs) is rows[label]
