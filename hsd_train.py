@@ -477,6 +477,11 @@ def output_folder(name, out=None, force=False):
     """The folder that training the toy `name` writes: out, else the shipped toy's own, which holds its weights and is
     replaced only when asked in words (out naming it, or force). A file where the folder should be is refused."""
     folder = out or models.TOYS[name]
+    other = next((toy for toy, path in models.TOYS.items() if toy != name and os.path.exists(folder)
+                  and os.path.samefile(path, folder)), None)
+    if other and not force:                               # --out naming another toy's folder asks for that toy only
+        raise models.UsageError(f"{os.path.relpath(folder)} holds the shipped {other}, which training {name} would "
+                                "replace: --out FOLDER trains one elsewhere; --force replaces it")
     if out is None and not force and os.path.exists(os.path.join(folder, "model.safetensors")):
         shown = os.path.relpath(folder)
         raise models.UsageError(f"{shown} holds the shipped {name}, which training would replace: --out FOLDER trains "

@@ -231,6 +231,8 @@ def test_training_never_replaces_a_shipped_toy_unless_asked_in_words(monkeypatch
     err = one_line_error(capsys)
     assert "--force" in err and "--out" in err and os.path.join("toys", "toy-qwen2.5") in err, err
     assert calls == []
+    assert hsd_train.main(["--model", "toy-qwen2.5", "--steps", "2", "--out", models.TOYS["toy-falcon-h1"]]) == 2
+    assert "holds the shipped toy-falcon-h1, which training toy-qwen2.5 would replace" in one_line_error(capsys)
     threads = torch.get_num_threads()
     try:
         assert hsd_train.main(["--model", "toy-qwen2.5", "--steps", "3", "--out", shipped]) == 0
