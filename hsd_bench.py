@@ -240,12 +240,16 @@ def draft_rows(model, files, ks=PAPER_KS):
     rows |= {f"{draft}, k=auto": hsd.choose_draft(model, draft, "auto") for draft in paper}
     skip_label = {label: label.split(", k=")[0] for label in rows}
     for path in files:
-        found, _ = drafts.read_draft_file(path, model)
-        with open(path, encoding="utf-8") as f:
-            fixed = json.load(f).get("found_by", {}).get("best_fixed")
+        found, notes = drafts.read_draft_file(path, model)
+        for line in notes:
+            print(f"hsd_bench: note: {line}", file=sys.stderr)
+        found_by = drafts.read_json(path, lambda what: models.UsageError(f"{path}: {what}")).get("found_by")
+        fixed = found_by.get("best_fixed") if isinstance(found_by, dict) else None
+        if not (isinstance(fixed, dict) and (fixed.get("k") == "auto" or type(fixed.get("k")) is int)):
+            fixed = None                                  # a file written by hand has no best fixed k
         rows[path] = found
-        if fixed and (fixed["k"], fixed["stop"]) != (found.k, found.stop):
-            rows[f"{path}, k={fixed['k']}"] = found._replace(k=fixed["k"], stop=fixed["stop"])
+        if fixed and (fixed["k"], fixed.get("stop")) != (found.k, found.stop):
+            rows[f"{path}, k={fixed['k']}"] = found._replace(k=fixed["k"], stop=fixed.get("stop"))
         if found.k != "auto":
             rows[f"{path}, k=auto"] = found._replace(k="auto")
         skip_label |= {label: path for label in rows if label.startswith(path)}

@@ -215,3 +215,12 @@ def test_the_paper_drafts_auto_rows_pause_by_the_costs_measured_there():
     assert auto.costs == (0.4, {1: 1.3, 2: 1.4}) and rows["layerskip, k=auto"].costs != auto.costs
     for label in ("layerskip, k=2", "toys/toy-qwen2.5/draft.json"):
         assert hsd_bench.measured_auto(rows[label], label, paper, skip_of, costs) is rows[label]
+
+
+def test_a_draft_file_written_by_hand_runs_in_the_benchmark(tmp_path):
+    """A file with a byte-order mark and a found_by of its own words (no best fixed k): read once, by drafts.py."""
+    path = tmp_path / "mine.json"
+    path.write_bytes("\ufeff".encode() + json.dumps({"format": "hsd-draft/1", "skip": {"attention": [3]}, "k": 3,
+                                                     "found_by": "by hand"}).encode())
+    rows, skip_label = hsd_bench.draft_rows(models.load("toy-qwen2.5"), [str(path)], (1,))
+    assert rows[str(path)].k == 3 and f"{path}, k=auto" in rows and skip_label[f"{path}, k=auto"] == str(path)
