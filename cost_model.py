@@ -12,6 +12,7 @@ timing harness takes the round's functions as a Passes record (a tool passes hsd
 runs them; the generations take the generate function (hsd.generate).
 
   clock(device)                                     seconds, after the GPU's queued work
+  warm_up(model, longest)                           the first calls, which are slow, made before anything is timed
   round_cost(d, c, v) -> d c + v[d]                 a round's cost in full steps (a plain step: d = 0, cost 1)
   predicted_speedup(made, steps, c, v)              tokens made / the cost of the steps that made them
   break_even_acceptance(c, v, k)                    the per-token acceptance at which k drafts a round just pay off
@@ -63,6 +64,18 @@ def clock(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+@torch.inference_mode()
+def warm_up(model, longest):
+    """A decoding step and a recording pass of every length up to longest + 1 (a verify pass of `longest` drafts) on
+    a scratch cache: a process's first calls are slow (memory, kernel selection), and timings should show what
+    decoding costs."""
+    cache = models.Cache(model, longest + 2)
+    for length in range(2, longest + 2):
+        model(torch.zeros(1, length, dtype=torch.long, device=cache.device), cache, record_states=True)
+        cache.length = 0
+    model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
 
 
 def round_cost(d, c, v):

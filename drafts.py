@@ -2,9 +2,10 @@
 with its k (drafts per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
 
   the paper's drafts   DRAFTS, draft_skip, paper_draft, paper_skips: the three fixed strategies as Skips
-  draft files          DRAFT_FORMAT, read_draft_file, draft_file, write_draft_file: a draft found by measurement
-                       (hsd_search.py writes them) or written by hand (README, "Draft files"); draft_costs: the costs
-                       (c, {d: v[d]}) a Draft carries for -k auto
+  in words             draft_words: the line hsd.py's command line shows for a Draft
+  draft files          DRAFT_FORMAT, is_draft_file, read_draft_file, draft_file, write_draft_file: a draft found by
+                       measurement (hsd_search.py writes them) or written by hand (README, "Draft files"); draft_costs:
+                       the costs (c, {d: v[d]}) a Draft carries for -k auto
   identity             SIZES, weights_fingerprint, identity, cpu_name, device_name: what a file is checked against
 
 hsd.py decides which draft a generation runs (choose_draft); this module only says what drafts are.
@@ -48,6 +49,16 @@ def draft_skip(config, name):
 def paper_draft(config):
     """The paper's draft for the model's family: component for a hybrid, layerskip for the Transformer control."""
     return "layerskip" if config.family == "qwen2" else "component"
+
+
+def draft_words(chosen, config, default):
+    """A Draft in the command line's words: its name, why it was chosen (default: it is the paper's for the model's
+    family), its k and stop and what it leaves out; "draft none: plain decoding" for no draft."""
+    if chosen.skip is None:
+        return "draft none: plain decoding"
+    why = f" (the paper's for {config.family})" if default else ""
+    k = ("k auto" if chosen.k == "auto" else f"k={chosen.k}") + (f", stop below {chosen.stop}" if chosen.stop else "")
+    return f"draft {chosen.name}{why}, {k}: skips {chosen.skip}"
 
 
 def paper_skips(config):
@@ -122,6 +133,11 @@ def write_draft_file(path, spec):
 
 
 # --- Draft files: reading ------------------------------------------------------------------------------------------
+def is_draft_file(asked):
+    """Whether a draft asked for names a draft file: a pathlib.Path, or a str that is not one of DRAFTS."""
+    return isinstance(asked, os.PathLike) or (isinstance(asked, str) and asked not in DRAFTS)
+
+
 def json_words(value):
     """A JSON value as a message shows it: JSON's words (null, true, {"confidence": 0}), not Python's."""
     return json.dumps(value, ensure_ascii=False)

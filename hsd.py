@@ -23,7 +23,8 @@ Names (one meaning each, here and in drafts.py):
              module drafts.py says what a draft is
   accepted   how many of the drafts the full model accepted (a prefix); the next token: its own after them
   kept       what commit keeps of a verify pass: the pending token and the accepted drafts
-  Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop and the costs of -k auto
+  Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop and the costs of -k auto; chosen: the
+             Draft choose_draft decided on; asked: what it was asked for (a name, a Skip, a draft file or a Draft)
   skip       a models.Skip: which units of which layers the draft model leaves out
   unit       a part of a layer a draft can leave out: its attention, its recurrent mixer or its MLP (models.UNITS)
   k          the most drafts a round proposes, or "auto" (then a Plan says the next k, from the rounds judged)
@@ -46,10 +47,10 @@ from statistics import median
 
 import torch
 
-import models
 import cost_model
+import models
 from cost_model import clock, default_costs, pause_below
-from drafts import DRAFTS, Draft, draft_costs, draft_skip, paper_draft, read_draft_file
+from drafts import DRAFTS, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft, read_draft_file
 
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
@@ -181,17 +182,17 @@ Plan = namedtuple("Plan", "k plain pause accepted tries", defaults=(0.0, 0.0))
 # of the drafts accepted and of the drafts judged (the accepted ones and the rejected one), AUTO_MEMORY per round
 
 
-def auto_k(plan, drafted, accepted, pause_below=0.0):
+def auto_k(plan, drafted, accepted, below=0.0):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
-    step). When the recent acceptance falls below pause_below (the break-even acceptance for the draft's c and v:
-    drafting costs more than it makes), `pause` plain steps, then one draft, the pause doubling (up to
-    AUTO_LONGEST_PAUSE) while the acceptance stays below. Otherwise: all k accepted, two more next time (up to
-    AUTO_MAX); some rejected, one fewer (at least 1); none accepted, 1. It looks only at rounds already judged: greedy
-    output stays plain greedy decoding's and sampling stays exact."""
+    step). When the recent acceptance falls below `below` (pause_below of the draft's c and v: under it drafting costs
+    more than it makes), `pause` plain steps, then a round of one draft, the pause doubling (up to AUTO_LONGEST_PAUSE)
+    while the acceptance stays below. Otherwise: all k accepted, two more next time (up to AUTO_MAX); some rejected,
+    one fewer (at least 1); none accepted, 1. It looks only at rounds already judged: greedy output stays plain greedy
+    decoding's and sampling stays exact."""
     if drafted == 0:                                           # a plain step: one less to wait
         return plan._replace(plain=max(0, plan.plain - 1))
     recent = (AUTO_MEMORY * plan.accepted + accepted, AUTO_MEMORY * plan.tries + accepted + (accepted < drafted))
-    if recent[1] >= AUTO_EVIDENCE and recent[0] < pause_below * recent[1]:         # drafting does not pay
+    if recent[1] >= AUTO_EVIDENCE and recent[0] < below * recent[1]:                # drafting does not pay
         return Plan(1, plan.pause, min(AUTO_LONGEST_PAUSE, 2 * plan.pause), *recent)
     if accepted == drafted:                                    # all accepted (a stop may have ended the round early)
         return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, AUTO_PAUSE, *recent)
@@ -207,7 +208,7 @@ def choose_draft(model, asked=None, k=None, costs=None, temperature=None, contex
     file's, else default_costs. temperature, context: the run's, for a draft file's notes (drafts.run_notes)."""
     if isinstance(asked, Draft):
         chosen = asked
-    elif isinstance(asked, os.PathLike) or (isinstance(asked, str) and asked not in DRAFTS):
+    elif is_draft_file(asked):
         chosen, notes = read_draft_file(asked, model, temperature, context)
         for line in notes:
             warnings.warn(line, stacklevel=3)
@@ -233,8 +234,8 @@ def choose_draft(model, asked=None, k=None, costs=None, temperature=None, contex
 
 # --- Generation --------------------------------------------------------------------------------------------------
 Step = namedtuple("Step", "kind drafts accepted next_token tokens seconds")
-# kind: "prefill" (no tokens yet), "plain" (a token of plain decoding) or "round" (drafts, `accepted` of them kept,
-# then next_token); tokens: what the step adds to the output (cut after EOS); seconds: what the step itself took.
+# kind: "prefill" (no tokens yet), "plain" (a token of plain decoding) or "round" (drafts, the first `accepted` of
+# them accepted, then next_token); tokens: what the step adds to the output (cut after EOS); seconds: its own time.
 Round = namedtuple("Round", "drafts accepted next_token")    # an entry of statistics()["trace"]
 
 
@@ -294,7 +295,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     while produced < max_new_tokens:
         t0 = clock(cache.device)
         k_round = 0 if chosen.skip is None else min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)
-        if k_round == 0 or (auto and plan.plain > 0):                  # never draft past the last token
+        if k_round == 0 or (auto and plan.plain > 0):       # plain decoding, the last new token, or a pause
             drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
         else:
             drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_round, temperature,
@@ -347,24 +348,6 @@ def statistics(chosen, steps, seed=None):
 
 
 # --- Command line ------------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def warm_up(model, k):
-    """A decoding step and a recording pass of every length up to k+1 on a scratch cache: a process's first calls are
-    slow (memory, kernel selection), and timings should show what decoding costs."""
-    cache = models.Cache(model, k + 2)
-    for length in range(2, k + 2):
-        model(torch.zeros(1, length, dtype=torch.long, device=cache.device), cache, record_states=True)
-        cache.length = 0
-    model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
-
-
-@torch.inference_mode()
-def logit_margin(model, ids, a, b):
-    """(how far the model's logit of token a lies above b's after the token ids, the std of those logits)."""
-    logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].float()
-    return (logits[a] - logits[b]).item(), logits.std().item()
-
-
 def show(tokenizer, ids):
     """Token ids as quoted text, whitespace and control characters visible, special tokens by name."""
     return json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)
@@ -372,7 +355,7 @@ def show(tokenizer, ids):
 
 def trace_line(i, step, tokenizer, color):
     """A round: the drafts (accepted +, rejected -), the full model's next token, and what an end of text cut off."""
-    paint = (lambda code, s: f"\033[{code}m{s}\033[0m") if color else (lambda code, s: s)
+    paint = (lambda code, text: f"\033[{code}m{text}\033[0m") if color else (lambda code, text: text)
     accepted, drafts = step.accepted, step.drafts
     marked = [paint("32", "+" + show(tokenizer, [t])) if j < accepted else paint("31", "-" + show(tokenizer, [t]))
               for j, t in enumerate(drafts)]
@@ -382,9 +365,9 @@ def trace_line(i, step, tokenizer, color):
     return line + (f"  (not output: {show(tokenizer, cut)} came after the end of text)" if cut else "")
 
 
-def plain_line(steps):
-    """A run of plain steps between rounds (-k auto's pauses, or plain decoding), as the trace shows it."""
-    return f"plain  {steps:4d} step{'s' * (steps != 1)}"
+def plain_line(count):
+    """A run of `count` plain steps between rounds (-k auto's pauses, or plain decoding), as the trace shows it."""
+    return f"plain  {count:4d} step{'s' * (count != 1)}"
 
 
 def summary(s, max_new_tokens, eos, tokenizer):
@@ -403,19 +386,26 @@ def summary(s, max_new_tokens, eos, tokenizer):
            f"(prefill {s['prefill_s']:.2f} s)")
 
 
+@torch.inference_mode()
+def logit_margin(model, ids, a, b):
+    """(how far the model's logit of token a lies above b's after the token ids, the std of those logits)."""
+    logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].float()
+    return (logits[a] - logits[b]).item(), logits.std().item()
+
+
 def check(s, model, prompt, max_new_tokens, chosen, repeats, machine, official=False):
     """--check: decode plainly too; say whether the tokens are the same or where they part, and, for a draft, the
     speedup: the median of `repeats` plain and speculative generations run in turns (and their range). official:
     the model is one of models.OFFICIAL (whose drafts are expected not to pay on a CPU: the note says why)."""
-    plain, _ = generate(model, prompt, max_new_tokens, draft="none")
+    greedy, _ = generate(model, prompt, max_new_tokens, draft="none")
     speculative = s["new_token_ids"]
-    s["identical_to_greedy"] = plain == speculative
-    if plain != speculative:
-        i = next(i for i, (a, b) in enumerate(zip(speculative, plain)) if a != b)       # EOS ends both alike
-        margin, std = logit_margin(model, prompt + plain[:i], plain[i], speculative[i])
+    s["identical_to_greedy"] = greedy == speculative
+    if greedy != speculative:
+        i = next(i for i, (a, b) in enumerate(zip(speculative, greedy)) if a != b)       # EOS ends both alike
+        margin, std = logit_margin(model, prompt + greedy[:i], greedy[i], speculative[i])
         near = abs(margin) < (0.05 if model.lm_head.weight.dtype == torch.bfloat16 else 1e-3) * std
         return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {speculative[i]}, greedy "
-                f"{plain[i]}, the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
+                f"{greedy[i]}, the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
                 ("a near-tie, which the rounding of a verify pass and of single steps can flip" if near else
                  "not a near-tie, so not rounding: please report it"))
     if chosen.skip is None:
@@ -431,25 +421,15 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats, machine, official=F
             f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}" + (f"\nhsd: warning: {busy}" if busy else ""))
 
 
-def draft_words(chosen, config, default):
-    """The header's words for the draft: its name, why it was chosen, its k and what it leaves out."""
-    if chosen.skip is None:
-        return "draft none: plain decoding"
-    why = f" (the paper's for {config.family})" if default else ""
-    k = ("k auto" if chosen.k == "auto" else f"k={chosen.k}") + (f", stop below {chosen.stop}" if chosen.stop else "")
-    return f"draft {chosen.name}{why}, {k}: skips {chosen.skip}"
-
-
 def run_generate(args, model, tokenizer):
     """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints."""
     machine = cost_model.machine_state(model, args.dtype)          # before decoding: the load of others, not ours
     prompt, temperature = tokenizer.encode(args.prompt).ids, args.temperature or 0.0
-    if args.draft is not None and args.draft not in DRAFTS:
+    asked = args.draft
+    if is_draft_file(args.draft):             # read here: its notes print as hsd's warnings, not as Python's
         asked, notes = read_draft_file(args.draft, model, temperature, len(prompt) + args.max_new_tokens // 2)
         for line in notes:
             print(f"hsd: warning: {line}", file=sys.stderr)
-    else:
-        asked = args.draft
     chosen = choose_draft(model, asked, args.k)
     check_request(model.config, prompt, args.max_new_tokens, chosen.k, temperature)
     lost = sorted(set(args.prompt) - set(tokenizer.decode(prompt, skip_special_tokens=False)))
@@ -466,16 +446,16 @@ def run_generate(args, model, tokenizer):
           f"{draft_words(chosen, model.config, args.draft is None)}")
     print(f"prompt  {show(tokenizer, prompt)}")
     longest = AUTO_MAX if chosen.k == "auto" else chosen.k or 1
-    warm_up(model, max(1, min(longest, args.max_new_tokens - 1)))       # every round length it can run
-    steps, tokens, shown, plain = [], [], "", 0
+    cost_model.warm_up(model, max(1, min(longest, args.max_new_tokens - 1)))     # every round length it can run
+    steps, tokens, shown, plain_run = [], [], "", 0            # plain_run: plain steps since the trace's last round
     print("" if args.trace else 'output  "', end="", flush=True)
     for step in generate_steps(model, prompt, args.max_new_tokens, chosen, chosen.k, None, temperature, seed):
         steps.append(step)
         tokens += step.tokens
-        plain = plain + 1 if step.kind == "plain" else plain
-        if args.trace and plain and step.kind == "round":
-            print(plain_line(plain), flush=True)
-            plain = 0
+        plain_run = plain_run + 1 if step.kind == "plain" else plain_run
+        if args.trace and plain_run and step.kind == "round":
+            print(plain_line(plain_run), flush=True)
+            plain_run = 0
         if args.trace and step.kind == "round":
             print(trace_line(sum(done.kind == "round" for done in steps), step, tokenizer, sys.stdout.isatty()),
                   flush=True)
@@ -484,8 +464,8 @@ def run_generate(args, model, tokenizer):
             print(json.dumps(text[len(shown):], ensure_ascii=False)[1:-1], end="", flush=True)
             shown = text
     rest = json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"'        # what the loop has not shown yet
-    if args.trace and plain:
-        print(plain_line(plain))
+    if args.trace and plain_run:
+        print(plain_line(plain_run))
     print(f"output  {show(tokenizer, tokens)}" if args.trace else rest)
     s = {"model": args.model, "temperature": temperature, "seed": seed, "new_token_ids": tokens, "new_text": text,
          **statistics(chosen, steps, seed)}
@@ -533,7 +513,7 @@ def main(argv=None):
     if args.check and (args.temperature or args.max_new_tokens < 1 or args.repeats < 1):
         p.error("--check compares with greedy decoding: leave out --temperature, give --max-new-tokens >= 1 and "
                 "--repeats >= 1")
-    if args.draft is not None and args.draft not in DRAFTS and not os.path.exists(args.draft):
+    if is_draft_file(args.draft) and not os.path.exists(args.draft):
         p.error(f"unknown draft {args.draft!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (there is no "
                 "such file)")
     if args.temperature is not None and not 0 <= args.temperature < math.inf:

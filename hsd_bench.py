@@ -305,7 +305,7 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
     paper = drafts.paper_skips(model.config)
     skips = {skip_label[label]: rows[label].skip for label in rows}
     longest = max(hsd.AUTO_MAX, *(rows[label].k for label in rows if rows[label].k != "auto"))
-    hsd.warm_up(model, longest)
+    cost_model.warm_up(model, longest)
     sampled_rows = len(rows) - len(paper) * (len(ks) - min(SAMPLED_WINDOW, len(ks)))   # as sampled_labels keeps
     counts = {0.0: generations(len(rows), len(prompts), turns), PAPER_T: generations(sampled_rows, len(prompts), turns)}
     t0 = time.perf_counter()
@@ -439,7 +439,7 @@ def unit_costs(name, context=256, turns=7):
     for S > 1. Returns (the parts' Costs, {(field, layer type): saved per layer}, the paper drafts' Costs, the
     machine)."""
     model = bench_model(name)
-    hsd.warm_up(model, hsd.AUTO_MAX)
+    cost_model.warm_up(model, hsd.AUTO_MAX)
     kinds = cost_model.part_kinds(model.config)
     parts = cost_model.measure_costs(model, cost_model.part_skips(model.config), context, turns, hsd.AUTO_MAX,
                                      passes=hsd.PASSES)
@@ -465,7 +465,7 @@ def context_sweep(name, turns=7, temperature=0.0):
     {context: Costs}; the speedups (sweep_rows) use the paper's acceptance (cost_model.PAPER) for the official models,
     labelled as such, and the acceptance each k needs to pay off for every model."""
     model = bench_model(name)
-    hsd.warm_up(model, 8)
+    cost_model.warm_up(model, 8)
     contexts = [L for L in CONTEXTS if L + 8 + 2 <= model.config.max_position_embeddings]
     sweep = {}
     for L in tqdm(contexts, desc="contexts", file=sys.stderr):

@@ -285,7 +285,7 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
           + ("; what is saved is not measured again)" if records.resumed else ")"),
           file=sys.stderr, flush=True)
 
-    hsd.warm_up(model, max(KS))
+    cost_model.warm_up(model, max(KS))
     phases = {
         "alpha": lambda i, prompt: alpha_record(model, prompt, skips, temperature,
                                                 torch.Generator().manual_seed(seed * 1_000_003 + i)),    # per prompt

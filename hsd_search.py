@@ -784,7 +784,7 @@ def run(args, model, tokenizer):
     if cost_model.busy_warning(state):
         print(f"hsd_search: WARNING: {cost_model.busy_warning(state)}", file=sys.stderr)
     longest = longest_round(args.method)
-    hsd.warm_up(model, longest)                               # every verify length a round here can use
+    cost_model.warm_up(model, longest)                        # every verify length a round here can use
     savings_costs, savings = unit_savings(model, args.context, args.repeats * 7, longest, args.temperature)
     paper = drafts.paper_skips(model.config)
     found_by = found_by_start(args, state, split, drawn, sha256)

@@ -116,7 +116,7 @@ def no_measuring(monkeypatch):
     """drafts_side_by_side on three prompts of toy-qwen2.5 with made-up costs and generations."""
     prompts = {5: [1, 2, 3], 9: [4, 5, 6], 13: [7, 8, 9]}
     monkeypatch.setattr(hsd_bench, "test_prompts", lambda *a: prompts)
-    monkeypatch.setattr(hsd_bench.hsd, "warm_up", lambda *a: None)
+    monkeypatch.setattr(cost_model, "warm_up", lambda *a: None)
     monkeypatch.setattr(cost_model, "measure_costs", lambda model, skips, *a, **k: costs(
         dict.fromkeys(skips, 0.5), [1.0 + 0.1 * d for d in range(17)])._replace(temperature=a[3]))
     return prompts
