@@ -1,6 +1,6 @@
 """Tests of hsd_search: the estimates and their replay against real generation, the split, the search's moves and
-progress, ConfLayers' selection, the warnings, and the command line on a tiny model (costs fixed, so that its
-choices repeat)."""
+progress, the warnings, and the command line on a tiny model (costs fixed, so that its choices repeat); ConfLayers'
+rule has test_conflayers.py."""
 import itertools
 import json
 import math
@@ -155,32 +155,8 @@ def test_the_search_progress_never_goes_back():
     assert len(seen) > 3 and seen[-1][0] == seen[-1][1]
     assert all(d1 <= d2 and t1 >= t2 and d1 / t1 <= d2 / t2 for (d1, t1), (d2, t2) in itertools.pairwise(seen)), seen
     assert best == sorted(best) and winner.speedup == best[-1] == max(
-        c.speedup for skip, c in ranked.items() if skip != models.Skip())          # the full model is no draft
+        cand.speedup for skip, cand in ranked.items() if skip != models.Skip())    # the full model is no draft
     assert hsd_search.search(s, [], lambda *a: None, lambda *a: None)[1] == winner     # the same draft again
-
-
-def test_conflayers_skips_a_layer_below_its_neighbours():
-    """ConfLayers' rule on hand-made confidences: flat ones skip nothing; a layer far below the others is skipped;
-    a larger lambda asks for a deeper dip; lambda starts at eval.sh's 0.25 and moves by 0.05 to keep the band."""
-    flat = {i: 1.0 for i in range(1, 7)}
-    assert hsd_search.conflayers_selection(flat, 0.0, 8, qwen=False) == []
-    dip = {**flat, 4: 0.2}
-    assert hsd_search.conflayers_selection(dip, 0.0, 8, qwen=False) == [4]
-    dips = {1: 1.0, 2: 0.8, 3: 1.1, 4: 0.55, 5: 0.95, 6: 1.05}
-    assert hsd_search.conflayers_selection(dips, 0.0, 8, qwen=False) == [2, 4]
-    assert hsd_search.conflayers_selection(dips, 5.0, 8, qwen=False) == []
-    assert hsd_search.CONFLAYERS["lambda"] == 0.25
-    assert [hsd_search.next_lambda(0.25, share) for share in (0.2, 0.5, 0.7)] == pytest.approx([0.2, 0.25, 0.3])
-
-
-def test_layer_confidences_leave_the_cache_as_it_was():
-    model = models.load("tiny-falcon-h1")
-    cache = models.Cache(model, 40)
-    hsd.prefill(model, cache, list(range(30, 40)))
-    snap = hsd.snapshot(cache)
-    confidences = hsd_search.layer_confidences(model, cache, list(range(50, 60)))
-    assert sorted(confidences) == [1, 2, 3, 4] and all(0 < c < 2 for c in confidences.values())
-    assert cache.length == snap.length and all(s.ssm is k.ssm for s, k in zip(cache.layers, snap.layers))
 
 
 def row(speedup, low, high, accepted=1.0):
