@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import conflayers
 import cost_model
 import drafts
 import hsd
@@ -230,6 +231,23 @@ def test_the_search_writes_a_draft_file_hsd_reads(tmp_path, fixed_costs, capsys)
     assert warned == [] and draft.k == spec["k"]
     tokens, _ = hsd.generate(model, [40, 41, 42], 12, draft=str(out), eos_token_id=-1)
     assert tokens == hsd.generate(model, [40, 41, 42], 12, draft="none", eos_token_id=-1)[0]
+
+
+def test_the_conflayers_method_writes_its_selection_at_its_own_k(tmp_path, fixed_costs, monkeypatch, capsys):
+    """--method conflayers: the layers ConfLayers' loop selected, at its k and stop, with what it did and its budget
+    beside the paper's; hsd.py reads the file."""
+    monkeypatch.setattr(conflayers, "WINDOW", 4)                    # rounds count, and sets are selected, sooner
+    out = tmp_path / "draft.json"
+    assert hsd_search.main(["--model", "tiny-falcon-h1", *SMALL, "--method", "conflayers", "--conflayers-tokens", "12",
+                            "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    ran = spec["found_by"]["conflayers"]
+    assert (spec["k"], spec["stop"]) == (conflayers.K, {"confidence": conflayers.STOP})
+    assert spec["skip"]["attention"] == spec["skip"]["mlp"] == [] and set(spec["skip"]["layers"]) <= {1, 2, 3, 4}
+    assert ran["described"] == conflayers.WHAT_RUNS and ran["iterations"] >= 1 and len(ran["log"]) == ran["iterations"] + 1
+    assert ran["budget"] == {"prompts": 2, "new_tokens": 12} and ran["paper_budget"]["prompts"] == 100
+    assert "ConfLayers (" in capsys.readouterr().out
+    assert hsd.read_draft_file(str(out), models.load("tiny-falcon-h1"))[1] == []
 
 
 def test_without_out_it_says_so_at_the_start(monkeypatch, capsys):
