@@ -146,10 +146,8 @@ def prompt_rounds(model, prompt, new_tokens, loop, progress):
     tokens generated of this prompt's. Returns (the Loop after them, the tokens generated)."""
     cache = models.Cache(model, len(prompt) + new_tokens + K + 1)
     hsd.prefill(model, cache, prompt[:-1])
-    before_last = hsd.snapshot(cache)
-    hsd.prefill(model, cache, prompt[-1:])               # the prompt's state, all of it, for the confidence passes
-    after_prompt = hsd.snapshot(cache)
-    hsd.restore(cache, before_last)
+    prompt_state = models.Cache(model, len(prompt) + new_tokens + 1)   # the prompt's state, all of it, for the
+    hsd.prefill(model, prompt_state, prompt)        # confidence passes: a cache of its own, as they write KV after it
     least, generated, pending = least_skipped(model.config.num_layers), [], prompt[-1]
     while len(generated) < new_tokens - 1 and loop.stopped is None:
         k = min(K, new_tokens - 1 - len(generated))      # a round makes at most k + 1 tokens: never past new_tokens
@@ -160,7 +158,7 @@ def prompt_rounds(model, prompt, new_tokens, loop, progress):
         if len(generated) > WINDOW + 1:                  # past the first WINDOW new tokens: the round counts
             loop, anew = assess(loop._replace(counted=[*loop.counted, (accepted, len(drafts))]), least)
             if anew:
-                loop = reselect(model, cache, after_prompt, generated[-WINDOW:], loop)
+                loop = reselect(model, prompt_state, generated[-WINDOW:], loop)
     return loop, generated
 
 
@@ -185,14 +183,11 @@ def assess(loop, least):
     return loop, True
 
 
-def reselect(model, cache, after_prompt, tokens, loop):
-    """Step 3: a new set from the confidences of tokens fed after the prompt (after_prompt, a snapshot of its state;
-    the cache is left as it was), lambda moved for the next; its counted rounds start anew. The MAX_ITERATIONS-th
-    selection stops the loop with the best set seen instead."""
-    snap = hsd.snapshot(cache)
-    hsd.restore(cache, after_prompt)
-    confidences = layer_confidences(model, cache, tokens)
-    hsd.restore(cache, snap)
+def reselect(model, prompt_state, tokens, loop):
+    """Step 3: a new set from the confidences of tokens fed after the prompt (prompt_state, a Cache holding the
+    prompt's state, is left as it was), lambda moved for the next; its counted rounds start anew. The
+    MAX_ITERATIONS-th selection stops the loop with the best set seen instead."""
+    confidences = layer_confidences(model, prompt_state, tokens)
     L = model.config.num_layers
     skipped = find_skip_layers(confidences, loop.lam, L, qwen=model.config.family in ("qwen2", "qwen3_5"))
     share = len(skipped) / (L - 2)

@@ -1,6 +1,7 @@
 """Tests of conflayers, ConfLayers' selection rule as hsd_search runs it: the rule on hand-made confidences, the
 confidence passes, and the loop's steps on hand-made rounds."""
 import pytest
+import torch
 
 import conflayers
 import hsd
@@ -69,13 +70,28 @@ def test_the_last_selection_and_the_end_take_the_best_set_seen():
     cache = models.Cache(model, 40)
     hsd.prefill(model, cache, list(range(30, 40)))
     loop = judged([], iterations=conflayers.MAX_ITERATIONS - 1, best=conflayers.Best([4, 2], 1.5))
-    last = conflayers.reselect(model, cache, hsd.snapshot(cache), list(range(50, 60)), loop)
+    last = conflayers.reselect(model, cache, list(range(50, 60)), loop)
     assert (last.skipped, last.stopped, last.iterations) == ([4, 2], "iterations", conflayers.MAX_ITERATIONS)
     assert last.log[-1] == f"{conflayers.MAX_ITERATIONS} iterations: the best set seen, [4, 2]"
     assert conflayers.result(last).layers == [2, 4] and not conflayers.result(last).converged
-    again = conflayers.reselect(model, cache, hsd.snapshot(cache), list(range(50, 60)), judged([(0, 4)]))
+    again = conflayers.reselect(model, cache, list(range(50, 60)), judged([(0, 4)]))
     assert again.iterations == 2 and again.counted == [] and again.stopped is None
     ran_out = conflayers.result(judged([], skipped=(3,), best=conflayers.Best([1, 2], 2.0)))
     assert ran_out.layers == [1, 2] and ran_out.log[-1].startswith("the calibration prompts ran out")
     assert conflayers.result(judged([], skipped=(3, 1))).layers == [1, 3]
     assert conflayers.result(judged([], skipped=(3, 1))._replace(stopped="converged")).converged
+
+
+def test_its_rounds_are_greedy_decoding_while_it_selects_anew(monkeypatch):
+    """The rounds ConfLayers judges are real speculative rounds: a prompt's tokens are plain greedy decoding's, new sets
+    selected mid-prompt included (their confidence passes write KV after the prompt: in a cache of their own, never
+    over the generation's)."""
+    monkeypatch.setattr(conflayers, "WINDOW", 4)
+    monkeypatch.setattr(conflayers, "INTERVAL", 2)
+    monkeypatch.setattr(conflayers, "K", 4)
+    model = models.load("tiny-falcon-h1", torch.float64)
+    prompt = [40, 41, 42, 43, 44, 45, 46, 47]
+    loop, tokens = conflayers.prompt_rounds(model, prompt, 32, conflayers.start(model.config.num_layers),
+                                            lambda n: None)
+    assert loop.iterations >= 2 and len(tokens) >= 31
+    assert tokens == hsd.generate(model, prompt, len(tokens), draft="none", eos_token_id=-1)[0]
