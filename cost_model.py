@@ -261,7 +261,6 @@ def part_skips(config):
     return {kind: models.Skip(**{kind[0]: frozenset(layers)}) for kind, layers in part_kinds(config).items()}
 
 
-unit_kinds, unit_skips = part_kinds, part_skips      # their former names, which hsd_search.py still calls
 
 
 # --- Generations in turns, and what they measured -------------------------------------------------------------------

@@ -24,22 +24,23 @@ continuations of calibration prompts (greedy, or sampled at --temperature), in t
 A small model's greedy text loops, which inflates acceptance, so the estimate along real paragraphs of the text is
 reported beside it, and the winner is confirmed end to end on test prompts, paragraphs the search never saw.
 
-The steps, in the order run() calls them:
-  1. calibration  cost_model's split of the text by paragraph index (its test paragraphs spread over the text);
-                  calibration prompts and paragraphs drawn (--seed) from its calibration side, --test-prompts of its
-                  test side; the full model's continuations of the calibration prompts (sampled at --temperature)
-  2. unit costs   what leaving out each kind of unit saves (composed c: ranking only)
-  3. search       greedy, best first, by the cheap estimate: from the full model, leave out the unit that raises S
-                  most, each candidate at its best k (1..8, or auto) and stop rule, until PATIENCE steps find no
-                  better draft; then leave out or put back one unit while that raises S (at most LOCAL_STEPS).
-                  --method conflayers: ConfLayers' selection rule instead (its own section below)
+The steps, in the order run() calls them (a part is a (field of models.Skip, layer): a whole layer or one unit of it):
+  1. calibration  read_text: cost_model's split of the text by paragraph index (its test paragraphs spread over the
+                  text), calibration prompts and paragraphs drawn (--seed) from its calibration side, --test-prompts
+                  of its test side; calibration: the full model's continuations of the calibration prompts (sampled
+                  at --temperature)
+  2. unit costs   unit_savings: what leaving out each kind of unit saves (composed c: ranking only)
+  3. candidates   search: greedy, best first, by the cheap estimate: from the full model, leave out the part that
+                  raises S most, each candidate at its best k (1..8, or auto) and stop rule, until PATIENCE steps find
+                  no better draft; then leave out or put back one part while that raises S (at most LOCAL_STEPS).
+                  --method conflayers: ConfLayers' selection rule instead (conflayers.py)
   4. refine       the best REFINED candidates and the paper's drafts: c measured (cost_model.measure_costs, with
-                  its noise), estimated as generation drafts; the winner is the best of them; its prediction at the
-                  other temperature of TEMPERATURES and along paragraphs
+                  its noise), estimated as generation drafts; the winner is the best of them (Finalists); predictions:
+                  its speedup at the other temperature of TEMPERATURES and along paragraphs
   5. confirm      end-to-end generations of the test prompts, in turns with plain decoding: the winner and the
-                  paper's drafts, their measured speedups with 95% intervals, the estimate's error in S; warnings
+                  paper's drafts, their measured speedups with 95% intervals, the estimate's error in S; warnings_of
   6. write        the draft file (--out), which hsd.py --draft FILE reads
-Ctrl-C during the search writes the best draft found so far (unconfirmed) to --out and says so.
+Ctrl-C during steps 3 and 4 writes the best draft found so far (unconfirmed) to --out and says so.
 """
 import argparse
 import hashlib
@@ -47,13 +48,13 @@ import json
 import math
 import random
 import signal
-import statistics
 import sys
 import time
 from collections import namedtuple
 
 import torch
 
+import conflayers
 import cost_model
 import drafts
 import hsd
@@ -73,6 +74,17 @@ Drawn = namedtuple("Drawn", "calibration followed held test")
 # of the search for its prediction (the winner of many candidates scores best on the prompts that chose it, so its
 # score there is too high: its prediction is made on others), drawn from the calibration side of cost_model.split;
 # and the test prompts the search confirms on, from its test side
+
+
+class Text(namedtuple("Text", "paragraphs split drawn sha256")):
+    """The text the search reads: paragraphs, {paragraph index: token ids} (cost_model.paragraphs'); split, its
+    cost_model.Split; drawn, what the search Drawn from it; sha256, the text's."""
+
+    def __repr__(self):
+        return (f"Text({len(self.paragraphs)} paragraphs, {len(self.split.calibration)} for calibration, "
+                f"{len(self.split.test)} for tests; {self.drawn})")
+
+
 class Calibration(namedtuple("Calibration", "continuations paragraphs start")):
     """continuations: (B, T) token ids, each calibration prompt and the full model's continuation of it (greedy, or
     sampled at the search's temperature); paragraphs: (B, T), real paragraphs of the text; start: the prompts'
@@ -81,6 +93,19 @@ class Calibration(namedtuple("Calibration", "continuations paragraphs start")):
     def __repr__(self):
         return (f"Calibration(continuations {tuple(self.continuations.shape)}, paragraphs "
                 f"{tuple(self.paragraphs.shape)}, start {self.start})")
+
+
+def read_text(args, tokenizer):
+    """Step 1's Text: --text read and split, calibration and test paragraphs drawn (its errors come before anything
+    is measured)."""
+    lines = cost_model.read_lines(args.text, args.model)
+    paragraphs = cost_model.paragraphs(lines, tokenizer)
+    split = cost_model.split(paragraphs, args.prompt_tokens + args.new_tokens)
+    drawn = draw(split, args.seed, args.prompts, args.test_prompts)
+    if any(len(paragraphs[i]) < args.prompt_tokens for i in drawn.test):
+        raise models.UsageError(f"--prompt-tokens {args.prompt_tokens} is longer than a test paragraph: give at most "
+                                f"{min(len(paragraphs[i]) for i in drawn.test)}")
+    return Text(paragraphs, split, drawn, hashlib.sha256("\n".join(lines).encode()).hexdigest())
 
 
 def draw(split, seed, count, test):
@@ -108,15 +133,20 @@ def continuations(model, prompts, new_tokens, temperature, seed):
 def calibration(model, paragraphs, drawn, prompt_tokens, new_tokens, temperature, seed):
     """The Calibration of what was drawn: the continuations of its prompts, and its paragraphs cut to one length."""
     prompts = [paragraphs[i][:prompt_tokens] for i in drawn.calibration]
-    text = torch.tensor([paragraphs[i][:prompt_tokens + new_tokens] for i in drawn.followed],
-                        device=model.lm_head.weight.device)
-    return Calibration(continuations(model, prompts, new_tokens, temperature, seed), text, prompt_tokens)
+    followed = torch.tensor([paragraphs[i][:prompt_tokens + new_tokens] for i in drawn.followed],
+                            device=model.lm_head.weight.device)
+    return Calibration(continuations(model, prompts, new_tokens, temperature, seed), followed, prompt_tokens)
+
+
+def confirmation_prompts(text, prompt_tokens):
+    """The prompts step 5 confirms on: the first prompt_tokens of each test paragraph drawn."""
+    return [text.paragraphs[i][:prompt_tokens] for i in text.drawn.test]
 
 
 # --- 2. The costs --------------------------------------------------------------------------------------------------
 def longest_round(method):
     """The most drafts a round can have: k="auto"'s largest, or ConfLayers' (its verify passes are measured too)."""
-    return CONFLAYERS["k"] if method == "conflayers" else hsd.AUTO_MAX
+    return conflayers.K if method == "conflayers" else hsd.AUTO_MAX
 
 
 
@@ -127,10 +157,10 @@ def measure_costs(model, skips, context, turns, longest, temperature):
 
 
 def unit_savings(model, context, turns, longest, temperature):
-    """(Costs of steps leaving out each kind of unit in all layers of its type, {(unit, layer type): the share of a
-    step leaving out one such unit saves}): what composed_cost composes."""
-    kinds = cost_model.unit_kinds(model.config)
-    costs = measure_costs(model, cost_model.unit_skips(model.config), context, turns, longest, temperature)
+    """(Costs of steps leaving out each kind of part in all layers of its type, {(field of models.Skip, layer type):
+    the share of a step leaving out one such part saves}): what composed_cost composes (cost_model.part_kinds)."""
+    kinds = cost_model.part_kinds(model.config)
+    costs = measure_costs(model, cost_model.part_skips(model.config), context, turns, longest, temperature)
     return costs, {kind: (1 - costs.c[kind]) / len(layers) for kind, layers in kinds.items()}
 
 
@@ -191,11 +221,11 @@ def teacher_forced_estimates(model, rows, skip, start, longest, temperature=0.0,
                                     temperature)
         agree, sure = agree.tolist()[:n], sure.tolist()[:n]
         accept, known = [agree[j:j + longest] for j in range(n)], []
-        for a, s in zip(accept, (sure[j:j + longest] for j in range(n))):
-            if temperature == 0 and 0.0 in a:             # past its first wrong draft a round drafts its own tokens,
-                w = a.index(0.0)                          # whose confidences this pass does not see
-                s = s[:w + 1] + [1.0] * (len(s) - w - 1)
-            known.append(s)
+        for accept_j, sure_j in zip(accept, (sure[j:j + longest] for j in range(n))):
+            if temperature == 0 and 0.0 in accept_j:      # past its first wrong draft a round drafts its own tokens,
+                wrong = accept_j.index(0.0)               # whose confidences this pass does not see
+                sure_j = sure_j[:wrong + 1] + [1.0] * (len(sure_j) - wrong - 1)
+            known.append(sure_j)
         estimates.append(Estimate(accept, known))
     return estimates
 
@@ -214,21 +244,21 @@ def generation_estimates(model, rows, skip, start, longest, temperature=0.0, eos
     if start > 1:
         model.hidden_states(rows[:, :start - 1], cache)
     lengths = text_lengths(rows, start, model.config.eos_token_id if eos is None else eos)
-    lowest_stop = min(s for s in STOPS if s is not None)
+    lowest_stop = min(stop for stop in STOPS if stop is not None)
     accept, sure = [[] for _ in range(B)], [[] for _ in range(B)]
     for t in range(start - 1, T - 1):
         snap, token = hsd.snapshot(cache), rows[:, t]
-        a, s = [[] for _ in range(B)], [[] for _ in range(B)]
-        going, wrong, unsure = torch.ones(B, dtype=torch.double), torch.zeros(B, dtype=torch.bool), torch.zeros(
-            B, dtype=torch.bool)
+        accept_t, sure_t = [[] for _ in range(B)], [[] for _ in range(B)]       # per row, from position t on
+        going, wrong, unsure = (torch.ones(B, dtype=torch.double), torch.zeros(B, dtype=torch.bool),
+                                torch.zeros(B, dtype=torch.bool))
         for m in range(min(longest, T - 1 - t)):
             logits = model(token[:, None], cache, skip=skip)[:, -1]               # (B, V) draft m + 1
             chosen = rows[:, t + m + 1] if temperature else full[:, t + m].argmax(-1)
             agree, probability, guess = acceptance(full[:, t + m], logits, chosen, temperature)
             agree, probability = agree.cpu(), probability.cpu()
             for b, (x, y) in enumerate(zip(agree.tolist(), probability.tolist())):
-                a[b].append(x)
-                s[b].append(y)
+                accept_t[b].append(x)
+                sure_t[b].append(y)
             going, wrong = going * agree, wrong | (agree == 0)
             unsure |= probability < lowest_stop
             if bool(((wrong & unsure) if temperature == 0 else going < 1e-4).all()):   # nothing more can count
@@ -237,8 +267,8 @@ def generation_estimates(model, rows, skip, start, longest, temperature=0.0, eos
         hsd.restore(cache, snap)
         model(rows[:, t:t + 1], cache)                                            # the full model takes token t
         for b in range(B):
-            accept[b].append(a[b])
-            sure[b].append(s[b])
+            accept[b].append(accept_t[b])
+            sure[b].append(sure_t[b])
     return [Estimate(accept[b][:n], sure[b][:n]) for b, n in enumerate(lengths)]
 
 
@@ -320,7 +350,12 @@ def planned(skip, estimates, draft_cost, v, k, stop):
     return best_plan(skip, estimates, draft_cost, v, (k,), (stop,))
 
 
-# --- 3. The search -------------------------------------------------------------------------------------------------
+def is_better(candidate, best):
+    """Whether a candidate predicts a higher speedup than the best so far (None: none yet)."""
+    return best is None or candidate.speedup > best.speedup
+
+
+# --- 3. The candidates: the search ---------------------------------------------------------------------------------
 class Search(namedtuple("Search", "model calibration full savings v longest temperature")):
     """What ranking a draft needs: full, the full model's logits over the calibration's continuations (B, T, V);
     savings, unit_savings'; v, the verify passes' costs; longest, the most drafts a round makes."""
@@ -330,38 +365,45 @@ class Search(namedtuple("Search", "model calibration full savings v longest temp
                 f"{self.temperature:g})")
 
 
-def rank(search, skip, ks=(*KS, "auto"), stops=STOPS):
+def rank(s, skip, ks=(*KS, "auto"), stops=STOPS):
     """A draft by the cheap estimate and its composed c, at its best k and stop rule: a Candidate."""
-    s = search
     estimates = teacher_forced_estimates(s.model, s.calibration.continuations, skip, s.calibration.start, s.longest,
                                          s.temperature, full=s.full)
     return best_plan(skip, estimates, composed_cost(s.model.config, skip, s.savings), s.v, ks, stops)
 
 
+def rank_into(ranked, s, skips):
+    """Each of skips ranked (rank) and recorded in ranked ({Skip: Candidate}): the Candidates, in the order given."""
+    step = [rank(s, skip) for skip in skips]
+    ranked.update((cand.skip, cand) for cand in step)
+    return step
+
+
 def leavable(config):
-    """Every (field of models.Skip, layer) a draft can leave out: whole layers and their units."""
+    """Every part (field of models.Skip, layer) a draft can leave out: whole layers and their units."""
     return [(field, i) for i, layer_type in enumerate(config.layer_types)
             for field in ("layers", *models.units_of(layer_type))]
 
 
 def fields_of(skip):
+    """{field of models.Skip: the set of layers it names}, to change and make a Skip of again."""
     return {field: set(getattr(skip, field)) for field in ("layers", *models.UNITS)}
 
 
 def with_part(skip, part, config):
-    """skip, leaving out one more part (field, layer); a layer all of whose units are left out is left out whole (the
-    same computation, said plainly), and a whole layer replaces the units of it left out before."""
+    """skip, leaving out one more part; a layer all of whose units are left out is left out whole (the same
+    computation, said plainly), and a whole layer replaces the units of it left out before."""
     field, i = part
     sets = fields_of(skip)
     sets[field].add(i)
     if field == "layers" or all(i in sets[u] for u in models.units_of(config.layer_types[i])):
-        sets = {f: s - {i} for f, s in sets.items()}
+        sets = {f: layers - {i} for f, layers in sets.items()}
         sets["layers"].add(i)
     return models.Skip(**sets)
 
 
 def toggled(skip, part, config):
-    """skip with one part (field, layer) left out if it runs, or put back if it is left out."""
+    """skip with one part left out if it runs, or put back if it is left out."""
     field, i = part
     if i not in getattr(skip, field):
         return with_part(skip, part, config)
@@ -375,52 +417,9 @@ def within_skipped_layer(part, skip):
     return part[0] != "layers" and part[1] in skip.layers
 
 
-def search(s, starts, progress, on_best):
-    """Greedy, best first: from the full model, leave out the part that raises the predicted speedup most, until
-    PATIENCE steps in a row find no better draft. Then, from the best of those and of `starts` (the paper's drafts,
-    ranked), a local search: leave out or put back the one part that raises it most, while one does (at most
-    LOCAL_STEPS steps). progress(done, total) hears how many candidates were ranked of at most how many (the bound
-    only falls, so the share done only grows); on_best(candidate, tried) hears of every new best (for Ctrl-C).
-    Returns ({skip: Candidate} of every candidate ranked, the best)."""
-    parts, ranked, done = leavable(s.model.config), {}, 0
-    bound = 1 + greedy_bound(len(parts)) + LOCAL_STEPS * len(parts)
-
-    def ranked_step(skips):
-        step = [rank(s, skip) for skip in skips]
-        ranked.update((cand.skip, cand) for cand in step)
-        return step
-    current = ranked_step([models.Skip()])[0]
-    done += 1
-    progress(done, bound)
-    ranked.update((cand.skip, cand) for cand in starts)
-    best = max(starts, key=lambda cand: cand.speedup, default=None)   # the full model is the search's start, no draft
-    if best is not None:
-        on_best(best, len(ranked))
-    remaining, misses = parts, 0
-    while remaining and misses < PATIENCE:
-        step = ranked_step([with_part(current.skip, part, s.model.config) for part in remaining])
-        i = max(range(len(step)), key=lambda i: step[i].speedup)
-        current, chosen = step[i], remaining[i]
-        remaining = [p for p in remaining if p != chosen and not (chosen[0] == "layers" and p[1] == chosen[1])]
-        done += len(step)
-        progress(done, done + greedy_bound(len(remaining)) + LOCAL_STEPS * len(parts))
-        if best is None or current.speedup > best.speedup:
-            best, misses = current, 0
-            on_best(best, len(ranked))
-        else:
-            misses += 1
-    for steps_left in reversed(range(LOCAL_STEPS)):
-        step = ranked_step([toggled(best.skip, part, s.model.config) for part in parts
-                            if not within_skipped_layer(part, best.skip)])
-        done += len(step)
-        challenger = max(step, key=lambda cand: cand.speedup)
-        if challenger.speedup <= best.speedup:
-            break
-        best = challenger
-        on_best(best, len(ranked))
-        progress(done, done + steps_left * len(parts))
-    progress(done, done)
-    return ranked, best
+def left_out_with(part, chosen):
+    """Whether leaving out the part `chosen` leaves out `part` too: it is chosen, or a unit of the layer chosen whole."""
+    return part == chosen or (chosen[0] == "layers" and part[1] == chosen[1])
 
 
 def greedy_bound(remaining):
@@ -428,150 +427,83 @@ def greedy_bound(remaining):
     return remaining * (remaining + 1) // 2
 
 
-# --- ConfLayers (arXiv 2604.14612, code WA225/ConfLayers), a baseline: its selection rule, offline -------------------
-# What runs here: its rule for choosing layers, run once before decoding on the calibration prompts, with hsd's chain
-# verification (its code verifies a tree, re-selects at the start of every prompt and adapts during evaluation).
-# Its settings (eval.sh and its code's defaults): skip ratio 0.4, lambda starting at 0.25 (eval.sh's LAMBDA), a
-# search interval of 30 rounds, at most 100 optimisations, stop when rounds accept more than 4 drafts at a rate above
-# 0.95, confidences over the last 100 tokens, drafts of at most 25 tokens that stop below a confidence of 0.8; the
-# paper's budget: 100 prompts of 512 new tokens. It knows whole layers only, and never the first or the last; a
-# layer's "attention output" is here its token mixer's output (attention, Gated DeltaNet, or Falcon-H1's attention and
-# Mamba-2 branches together), added to the residual stream as its MLP's output is.
-CONFLAYERS = {"skip_ratio": 0.4, "lambda": 0.25, "interval": 30, "max_iterations": 100, "max_score": 0.95,
-              "window": 100, "k": 25, "stop": 0.8, "paper_prompts": 100, "paper_new_tokens": 512}
-CONFLAYERS_DESCRIBED = "ConfLayers' selection rule, offline, chain verification"
+def search(s, starts, progress, on_best):
+    """Greedy, best first, then a local search (greedy_steps, local_steps), from the full model and from the best of
+    `starts` (the paper's drafts, ranked). progress(done, total) hears how many candidates were ranked of at most how
+    many (the bound only falls, so the share done only grows); on_best(candidate, tried) hears of every new best (for
+    Ctrl-C). Returns ({skip: Candidate} of every candidate ranked, in the order ranked; the best)."""
+    parts, ranked = leavable(s.model.config), {}
+    full_model = rank_into(ranked, s, [models.Skip()])[0]        # the search's start, itself no draft
+    progress(1, 1 + greedy_bound(len(parts)) + LOCAL_STEPS * len(parts))
+    ranked.update((cand.skip, cand) for cand in starts)
+    best = max(starts, key=lambda cand: cand.speedup, default=None)
+    if best is not None:
+        on_best(best, len(ranked))
+    best, done = greedy_steps(s, parts, full_model, best, ranked, 1, progress, on_best)
+    best, done = local_steps(s, parts, best, ranked, done, progress, on_best)
+    progress(done, done)
+    return ranked, best
 
 
-def layer_confidences(model, cache, tokens):
-    """ConfLayers' confidence of each layer 1..L-2 over tokens fed after the cache (left as it was): for its mixer's and
-    its MLP's outputs h (T, D), 1 - H(softmax(h)) / log D, the entropy averaged over tokens; the two summed."""
-    L, D = model.config.num_layers, model.config.hidden_size
-    ids, snap, confidences = torch.tensor([tokens], device=cache.device), hsd.snapshot(cache), {}
-
-    def residual(skip):                                       # the residual stream after the layers that run
-        h = model.hidden_states(ids, cache, skip=skip, normed=False)[0].float()
-        hsd.restore(cache, snap)
-        return h
-
-    def confidence(h):
-        p = torch.softmax(h, dim=-1)
-        return 1 - (-(p * torch.log(p + 1e-12)).sum(-1)).mean().item() / math.log(D)
-    for i in range(1, L - 1):
-        before = residual(models.Skip(layers=range(i, L)))
-        mixed = residual(models.Skip(layers=range(i + 1, L), mlp={i}))
-        after = residual(models.Skip(layers=range(i + 1, L)))
-        confidences[i] = confidence(mixed - before) + confidence(after - mixed)
-    return confidences
+def greedy_steps(s, parts, current, best, ranked, done, progress, on_best):
+    """From current, leave out the part that raises the predicted speedup most, step by step, until PATIENCE steps in
+    a row find nothing better than best. done: candidates ranked before. Returns (the best, candidates ranked)."""
+    remaining, misses = parts, 0
+    while remaining and misses < PATIENCE:
+        step = rank_into(ranked, s, [with_part(current.skip, part, s.model.config) for part in remaining])
+        i = max(range(len(step)), key=lambda i: step[i].speedup)
+        current, chosen = step[i], remaining[i]
+        remaining = [part for part in remaining if not left_out_with(part, chosen)]
+        done += len(step)
+        progress(done, done + greedy_bound(len(remaining)) + LOCAL_STEPS * len(parts))
+        if is_better(current, best):
+            best, misses = current, 0
+            on_best(best, len(ranked))
+        else:
+            misses += 1
+    return best, done
 
 
-def conflayers_selection(confidences, lam, num_layers, qwen):
-    """ConfLayers' find_skip_layers: the layers whose z-normalised confidence lies below their local window's mean
-    minus lam standard deviations, the window widened where the confidence curve bends (its second derivative)."""
-    layers = sorted(confidences)
-    x = torch.tensor([confidences[i] for i in layers], dtype=torch.float64)
-    x = (x - x.mean()) / (x.std(unbiased=False) + 1e-6)
-    grad = torch.gradient(torch.gradient(x)[0])[0]
-    count = next((j for j in range(len(grad)) if grad[j] != grad[0]), 0) or len(grad)   # leading equal values
-    grad = (grad - grad.min()) / (grad.max() - grad.min() + 1e-8)
-    mu, low, high = grad.mean(), grad.min(), grad.max()                                 # their adjust_to_mean_half
-    if math.isclose(low, high):
-        grad = torch.full_like(grad, 0.5)
-    else:
-        a = min(0.5 / (high - mu), -0.5 / (low - mu))
-        grad = (a * grad + 0.5 - a * mu).clamp(0, 1)
-    alpha = min(num_layers // 3, 5 * count) if qwen else 5 * count
-    skipped = []
-    for i in range(len(x)):
-        half = (2 + int(alpha * grad[i] * ((i + 1) / num_layers))) // 2
-        window = torch.cat([x[max(0, i - half):i], x[i + 1:i + half + 1]])
-        threshold = window.mean() - lam * window.std(unbiased=False) if len(window) else 0
-        if x[i] < threshold:
-            skipped.append(layers[i])
-    return skipped
+def local_steps(s, parts, best, ranked, done, progress, on_best):
+    """From best, leave out or put back the one part that raises the predicted speedup most, while one does (at most
+    LOCAL_STEPS steps). done: candidates ranked before. Returns (the best, candidates ranked)."""
+    for steps_left in reversed(range(LOCAL_STEPS)):
+        step = rank_into(ranked, s, [toggled(best.skip, part, s.model.config) for part in parts
+                                     if not within_skipped_layer(part, best.skip)])
+        done += len(step)
+        challenger = max(step, key=lambda cand: cand.speedup)
+        if not is_better(challenger, best):
+            break
+        best = challenger
+        on_best(best, len(ranked))
+        progress(done, done + steps_left * len(parts))
+    return best, done
 
 
-def next_lambda(lam, share):
-    """ConfLayers' lambda after a selection that skipped `share` of the eligible layers: up 0.05 above the band
-    (skip ratio + 0.25), down 0.05 below the skip ratio."""
-    s = CONFLAYERS
-    return lam + 0.05 if share > s["skip_ratio"] + 0.25 else lam - 0.05 if share < s["skip_ratio"] else lam
+def candidates(args, s, paper, on_best):
+    """Step 3, by --method: ({label: Skip} of the finalists, {label: (k, stop)} of those whose method fixes their
+    plan, candidates ranked, ConfLayers' conflayers.Selection or None)."""
+    if args.method == "conflayers":
+        return conflayers_candidates(args, s, paper, on_best)
+    stops = STOPS if s.temperature == 0 else (None,)
+    starts = [rank(s, skip, stops=stops) for skip in paper.values()]
+    ranked, _ = search(s, starts, Progress("search: candidates ranked", bounded=True), on_best)
+    return finalist_skips(ranked, paper, REFINED), {}, len(ranked), None
 
 
-ConfLayersResult = namedtuple("ConfLayersResult", "layers converged iterations log")
-
-
-@torch.inference_mode()
-def conflayers(model, prompts, new_tokens, progress):
-    """ConfLayers' loop: generate the calibration prompts speculatively with the current set of skipped layers; after
-    the first `window` new tokens of a prompt, each round's acceptance counts; a new set comes from the confidences
-    of the last `window` tokens whenever the counted rounds ask for one (mean accepted below 1 after half an
-    interval, or an interval done); after an interval with more than 4 accepted per round at a rate above max_score
-    it stops (converged), and after max_iterations it takes the best set seen. progress(done, total): tokens
-    generated of the calibration's. Returns a ConfLayersResult."""
-    s, L = CONFLAYERS, model.config.num_layers
-    skipped, lam, iterations, best, best_accepted = list(range(1, L - 1, 2)), s["lambda"], 0, [], 0.0
-    least, optimise, done, log = int((L - 2) * s["skip_ratio"]) + 1, True, False, []
-    scores, accepted_counts, converged = [], [], False
-    qwen = model.config.family in ("qwen2", "qwen3_5")
-    total, made = len(prompts) * new_tokens, 0
-    for prompt in prompts:
-        cache = models.Cache(model, len(prompt) + new_tokens + s["k"] + 1)
-        hsd.prefill(model, cache, prompt[:-1])
-        prompt_state = hsd.snapshot(cache)
-        generated, pending = [], prompt[-1]
-        hsd.prefill(model, cache, [pending])             # the prompt's state, all of it, for the confidence passes
-        after_prompt = hsd.snapshot(cache)
-        hsd.restore(cache, prompt_state)
-        while len(generated) < new_tokens and not done:
-            k = min(s["k"], new_tokens - len(generated) - 1)
-            if k < 1:
-                break
-            drafts, a, pending = hsd.speculative_round(model, cache, pending, models.Skip(layers=skipped), k,
-                                                       stop=s["stop"])
-            generated += drafts[:a] + [pending]
-            progress(made + len(generated), total)
-            if len(generated) <= s["window"] + 1:
-                continue
-            scores.append(a / len(drafts))
-            accepted_counts.append(a)
-            if iterations and len(scores) == s["interval"] // 2 and len(skipped) >= least and \
-                    statistics.mean(accepted_counts) < 1:
-                scores, accepted_counts, optimise = [], [], True
-            if iterations and len(scores) > s["interval"]:
-                if len(skipped) >= least:
-                    mean_accepted, rate = statistics.mean(accepted_counts), statistics.mean(scores)
-                    if mean_accepted > 4 and rate > s["max_score"]:
-                        done = converged = True
-                        log.append(f"stopped: {mean_accepted:.2f} accepted per round at a rate of {rate:.3f}")
-                    elif mean_accepted > best_accepted:
-                        best, best_accepted = list(skipped), mean_accepted
-                optimise = not done
-                scores, accepted_counts = [], []
-            if (optimise or len(skipped) < least) and not done:
-                snap = hsd.snapshot(cache)
-                hsd.restore(cache, after_prompt)
-                confidences = layer_confidences(model, cache, generated[-s["window"]:])
-                hsd.restore(cache, snap)
-                skipped = conflayers_selection(confidences, lam, L, qwen)
-                share = len(skipped) / (L - 2)
-                lam = next_lambda(lam, share)
-                iterations += 1
-                log.append(f"iteration {iterations}: skip {skipped} ({share:.0%} of layers 1..{L - 2}), lambda "
-                           f"{lam:.2f}")
-                if iterations >= s["max_iterations"]:
-                    skipped, done = best, True
-                    log.append(f"{iterations} iterations: the best set seen, {best}")
-                scores, accepted_counts, optimise = [], [], False
-        made += new_tokens
-    progress(total, total)
-    if not done:
-        log.append(f"the calibration prompts ran out before it stopped: the best set seen ({best or skipped})")
-        skipped = best or skipped
-    return ConfLayersResult(sorted(skipped), converged, iterations, log)
+def conflayers_candidates(args, s, paper, on_best):
+    """Step 3 by ConfLayers' selection rule (conflayers.select) on the calibration prompts: its layers, at its own k
+    and stop, beside the paper's drafts; as step 3 returns."""
+    prompts = [row[:s.calibration.start] for row in s.calibration.continuations.tolist()]
+    selection = conflayers.select(s.model, prompts, args.conflayers_tokens,
+                                  Progress("ConfLayers: tokens generated", bounded=True))
+    skip, plan = models.Skip(layers=selection.layers), (conflayers.K, conflayers.STOP)
+    on_best(rank(s, skip, ks=(conflayers.K,), stops=(conflayers.STOP,)), 1)
+    return {"conflayers": skip, **paper}, {"conflayers": plan}, 1, selection
 
 
 # --- 4. Refine: the finalists estimated as generation drafts, with measured costs ---------------------------------
-def finalists(ranked, paper, count):
+def finalist_skips(ranked, paper, count):
     """The best `count` distinct drafts ranked by the cheap estimate, then the paper's drafts: {label: Skip}."""
     best = sorted(ranked.values(), key=lambda cand: -cand.speedup)
     labels = {f"candidate {i + 1}": cand.skip for i, cand in enumerate(
@@ -579,7 +511,7 @@ def finalists(ranked, paper, count):
     return {**labels, **paper}
 
 
-def refine(model, rows, start, skips, costs, longest, temperature, progress, plans=None):
+def refine(model, rows, start, skips, costs, longest, temperature, progress, plans):
     """Each of skips ({label: Skip}) estimated as generation drafts along rows, with its measured c: ({label:
     Candidate at its best k and stop rule, or at plans[label] = (k, stop) where given}, {label: Candidate at its best
     fixed k}); at a temperature without stops (the estimate of a stop there is rough)."""
@@ -588,7 +520,7 @@ def refine(model, rows, start, skips, costs, longest, temperature, progress, pla
     for i, (label, skip) in enumerate(skips.items()):
         estimates = generation_estimates(model, rows, skip, start, longest, temperature)
         fixed[label] = best_plan(skip, estimates, costs.c[label], costs.v, KS, stops)
-        if plans and label in plans:
+        if label in plans:
             refined[label] = planned(skip, estimates, costs.c[label], costs.v, *plans[label])
         else:
             refined[label] = best_plan(skip, estimates, costs.c[label], costs.v, (*KS, "auto"), stops)
@@ -596,7 +528,90 @@ def refine(model, rows, start, skips, costs, longest, temperature, progress, pla
     return refined, fixed
 
 
+class Finalists(namedtuple("Finalists", "label candidates best_fixed costs composed paper_labels tried selection")):
+    """Steps 3 and 4: label, the winner's; candidates, {label: Candidate} of the finalists, estimated as generation
+    drafts with measured costs: the search's best ("candidate 1", ...; ConfLayers': "conflayers") and the paper's
+    drafts (paper_labels); best_fixed, the winner at its best fixed k; costs, the finalists' measured Costs;
+    composed, {label: c composed from the unit costs}; tried, candidates ranked; selection, what ConfLayers did (a
+    conflayers.Selection) or None."""
+
+    def __repr__(self):
+        return (f"Finalists(winner {self.label!r} S {self.winner.speedup:.3f} of {len(self.candidates)}, {self.tried} "
+                f"candidates ranked)")
+
+    @property
+    def winner(self):
+        return self.candidates[self.label]
+
+    def confirmed(self):
+        """The drafts step 5 confirms: {"found": the winner, each paper draft's label: its Candidate}."""
+        return {"found": self.winner, **{name: self.candidates[name] for name in self.paper_labels}}
+
+    def runner_up(self):
+        """The best of the search's own finalists after the winner, or None."""
+        own = [cand for label, cand in self.candidates.items() if label not in self.paper_labels and label != self.label]
+        return max(own, key=lambda cand: cand.speedup, default=None)
+
+
+def choose(args, model, calib, unit_costs, savings, paper, on_best):
+    """Steps 3 and 4: the candidates (candidates), their finalists' costs measured and refined: Finalists."""
+    longest = longest_round(args.method)
+    with torch.inference_mode():
+        s = Search(model, calib, model(calib.continuations), savings, unit_costs.v, longest, args.temperature)
+    skips, plans, tried, selection = candidates(args, s, paper, on_best)
+    costs = measure_costs(model, skips, args.context, args.repeats * 7, longest, args.temperature)
+    refined, fixed = refine(model, calib.continuations, calib.start, skips, costs, longest, args.temperature,
+                            Progress("refine: finalists estimated as generation drafts"), plans)
+    label = max((label for label in refined if label not in paper), key=lambda label: refined[label].speedup)
+    composed = {label: composed_cost(model.config, cand.skip, savings) for label, cand in refined.items()}
+    return Finalists(label, refined, fixed[label], costs, composed, list(paper), tried, selection)
+
+
+Predicted = namedtuple("Predicted", "at along fresh")
+# the draft file's prediction: at, {"0": S, "0.6": S}; along, {"0": S along the calibration's paragraphs}; fresh,
+# {temperature: the winner's Costs measured afresh there}
+
+
+def predictions(args, model, finalists, calib, held):
+    """The winner's predicted speedup at each of TEMPERATURES, made on what did not choose it: along the full
+    model's continuations of the held-out prompts (greedy, or sampled at that temperature) with its costs measured
+    afresh there (the finalists' own measurement favours the luckiest); and along the calibration's paragraphs
+    (greedy costs): a Predicted."""
+    winner, label = finalists.winner, finalists.label
+    longest, at, fresh = longest_round(args.method), {}, {}
+    for t in TEMPERATURES:
+        here = fresh[t] = measure_costs(model, {label: winner.skip}, args.context, args.repeats * 7, longest, t)
+        rows = continuations(model, held, args.new_tokens, t, args.seed + 20_000)
+        estimates = generation_estimates(model, rows, winner.skip, calib.start, longest, t)
+        at[f"{t:g}"] = planned(winner.skip, estimates, here.c[label], here.v, winner.k, winner.stop).speedup
+    greedy = fresh[0.0]
+    along = generation_estimates(model, calib.paragraphs, winner.skip, calib.start, longest, 0.0, along_text=True)
+    return Predicted(at, {"0": planned(winner.skip, along, greedy.c[label], greedy.v, winner.k, winner.stop).speedup},
+                     fresh)
+
+
 # --- 5. Confirm: generations of the test prompts ------------------------------------------------------------------
+def confirm(args, model, test, finalists):
+    """Step 5: generations of the test prompts by the drafts finalists.confirmed() names, in turns with plain decoding
+    ({label: measured_row}), and the estimate made on the test prompts' own continuations ({label: Candidate}), whose
+    error is the estimator's own."""
+    confirmed, costs = finalists.confirmed(), finalists.costs
+    v = {d: costs.v[d] for d in range(1, len(costs.v))}
+    draft_of = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop, (cand.draft_cost, v))    # -k auto pauses by
+                for label, cand in confirmed.items()}                                        # the costs it was planned by
+    runs = cost_model.generations_in_turns(hsd.generate, model, test, draft_of, args.new_tokens, args.repeats,
+                                           args.temperature, args.seed,
+                                           Progress("confirm: generations", args.repeats * len(test) * (1 + len(
+                                               draft_of))))
+    measured = {label: cost_model.measured_row(runs[label], runs["plain"], cand.draft_cost, costs.v)
+                for label, cand in confirmed.items()}
+    rows = continuations(model, test, args.new_tokens, args.temperature, args.seed + 10_000)
+    there = {label: planned(cand.skip, generation_estimates(model, rows, cand.skip, len(test[0]),
+                                                            longest_round(args.method), args.temperature),
+                            cand.draft_cost, costs.v, cand.k, cand.stop) for label, cand in confirmed.items()}
+    return measured, there
+
+
 def estimate_error(predicted, measured):
     """The estimate against the confirmation: accepted drafts per round and S, predicted and measured, and the
     relative error of each."""
@@ -616,11 +631,11 @@ def contradicted(predicted, measured):
     return not low <= predicted <= high and abs(predicted - measured["speedup"]) > 0.1 * measured["speedup"]
 
 
-def warnings_of(winner, predicted, runner_up, measured, paper_labels, costs, state, composed_c):
+def warnings_of(winner, predicted, runner_up, measured, paper_labels, costs, machine, composed_c):
     """The loud warnings of a search: its draft measured below plain decoding or below a paper draft it measured, its
     prediction contradicted by its measurement, its measured c far from its composed one (one measurement gone wrong:
     the winner of many noisy measurements is often the luckiest), costs too noisy to rank the finalists, a busy
-    machine. predicted: the draft file's prediction (made on prompts held out of the search)."""
+    machine (machine: cost_model.machine_state's). predicted: the draft file's prediction (on held-out prompts)."""
     found, said = measured["found"], []
     if found["speedup"] < 1:
         said.append(f"the draft measured {found['speedup']:.3f}x plain decoding: slower than no draft")
@@ -640,7 +655,7 @@ def warnings_of(winner, predicted, runner_up, measured, paper_labels, costs, sta
         said.append(f"costs moved by up to {noise:.1%} between the halves of their turns, more than the "
                     f"{1 - runner_up.speedup / winner.speedup:.1%} between the two best drafts' predicted speedups: "
                     "the machine is too busy to rank them")
-    busy = cost_model.busy_warning(state, found["turn_speedups"])
+    busy = cost_model.busy_warning(machine, found["turn_speedups"])
     return said + ([busy] if busy else [])
 
 
@@ -650,6 +665,72 @@ def draft_file(model, name, candidate, found_by):
     return drafts.draft_file(name, drafts.identity(model), candidate.skip, candidate.k, candidate.stop, found_by)
 
 
+def found_by_start(args, machine, text):
+    """What the draft file records of how it was searched, known before the search: paragraphs by index
+    (cost_model.paragraphs'), the test split's whole and the part of it the search confirmed on."""
+    return {"method": args.method, "seed": args.seed, "temperature": args.temperature, **machine,
+            "date": time.strftime("%Y-%m-%d"),
+            "calibration": {"text_sha256": text.sha256, "calibration_paragraphs": text.drawn.calibration,
+                            "followed_paragraphs": text.drawn.followed, "predicted_on_paragraphs": text.drawn.held,
+                            "confirmed_on_paragraphs": text.drawn.test,
+                            "test_paragraphs": text.split.test, "prompt_tokens": args.prompt_tokens,
+                            "new_tokens": args.new_tokens}}
+
+
+def found_by_end(args, finalists, predicted, measured, there, said, seconds, prompts):
+    """What the draft file records of what the search found (finalists: a Finalists; predicted: a Predicted),
+    measured (on `prompts` test prompts) and warned of. Its costs (which -k auto reads) and its prediction are those
+    measured afresh after the search chose it; the finalists' are those they were chosen by."""
+    f, costs, winner = finalists, finalists.costs, finalists.winner
+    fresh, at = predicted.fresh[args.temperature], predicted.at[f"{args.temperature:g}"]
+    return {
+        "candidates_tried": f.tried, "seconds": round(seconds, 1),
+        "costs": {"c": fresh.c[f.label], "v": {str(d): fresh.v[d] for d in range(1, len(fresh.v))},
+                  "context": fresh.context, "temperature": args.temperature, "threads": torch.get_num_threads(),
+                  "noise": fresh.noise["c"][f.label], "composed_c": f.composed[f.label],
+                  "step_ms": fresh.step_s * 1e3, "c_when_chosen": costs.c[f.label]},
+        "predicted_speedup": predicted.at, "predicted_speedup_along_paragraphs": predicted.along,
+        "measured": {**measured["found"], "set": "test prompts (a short confirmation: hsd_bench.py measures)",
+                     "prompts": prompts, "new_tokens": args.new_tokens,
+                     "repeats": args.repeats, "temperature": args.temperature},
+        "estimate": {"from_calibration": estimate_error(winner, measured["found"]),
+                     "held_out": {"speedup": {"predicted": at, "measured": measured["found"]["speedup"],
+                                              "relative_error": at / measured["found"]["speedup"] - 1}},
+                     "on_the_test_prompts, cost model only": estimate_error(there["found"], measured["found"])},
+        "finalists": {label: {"skip": str(cand.skip), "k": cand.k, "stop": cand.stop, "c": costs.c[label],
+                              "c_noise": costs.noise["c"][label], "composed_c": f.composed[label],
+                              "predicted_speedup": cand.speedup}
+                      for label, cand in f.candidates.items()},
+        "paper_drafts": {name: {"k": f.candidates[name].k, "stop": f.candidates[name].stop, "c": costs.c[name],
+                                "c_noise": costs.noise["c"][name], "predicted_speedup": f.candidates[name].speedup,
+                                "measured": measured[name], "estimate": estimate_error(f.candidates[name],
+                                                                                       measured[name])}
+                         for name in f.paper_labels},
+        **({"conflayers": conflayers_record(args, f.selection)} if f.selection else {}),
+        "warnings": said,
+        "best_fixed": {"k": f.best_fixed.k, "stop": f.best_fixed.stop,                  # hsd_bench reads it
+                       "predicted_speedup": f.best_fixed.speedup}}
+
+
+def conflayers_record(args, selection):
+    """What the draft file records of ConfLayers' run: what runs, whether it converged, its log, its budget."""
+    return {"described": conflayers.WHAT_RUNS, "converged": selection.converged, "iterations": selection.iterations,
+            "log": selection.log, "budget": {"prompts": args.prompts, "new_tokens": args.conflayers_tokens},
+            "paper_budget": {"prompts": conflayers.PAPER_PROMPTS, "new_tokens": conflayers.PAPER_NEW_TOKENS}}
+
+
+def interrupted(args, model, found_by, best):
+    """Ctrl-C during steps 3 and 4: the best draft so far (best: a BestSoFar) written to --out (unconfirmed), then
+    KeyboardInterrupt."""
+    if not (args.out and best.candidate):
+        raise KeyboardInterrupt("nothing was written" + ("" if args.out else " (--out FILE saves the best draft "
+                                                                            "found so far)")) from None
+    found_by.update(interrupted=True, candidates_tried=best.tried, predicted_speedup_cheap=best.candidate.speedup)
+    drafts.write_draft_file(args.out, draft_file(model, args.model, best.candidate, found_by))
+    raise KeyboardInterrupt(f"wrote the best draft found so far to {args.out} (predicted speedup "
+                            f"{best.candidate.speedup:.3f}, not confirmed)") from None
+
+
 # --- The command line ----------------------------------------------------------------------------------------------
 class Progress:
     """A progress line on stderr: `label: done/total (percent), about N s left`, or with bounded=True (a total that
@@ -657,30 +738,43 @@ class Progress:
     callers' done only grows and their total only falls, so the line never goes back. Called as progress(done,
     total), or update(n) with a total given at the start (cost_model.generations_in_turns calls update(1))."""
 
-    def __init__(self, label, total=None, bounded=False, stream=None):
+    def __init__(self, label, total=None, bounded=False):
         self.label, self.total, self.bounded, self.done = label, total, bounded, 0
-        self.stream = stream or sys.stderr
         self.t0 = time.time()
 
     def __call__(self, done, total):
         self.done, self.total, elapsed = done, total, time.time() - self.t0
         if done >= total:
-            self.stream.write(f"\r{self.label}: {done} in {elapsed:.0f} s{' ' * 40}\n")
+            sys.stderr.write(f"\r{self.label}: {done} in {elapsed:.0f} s{' ' * 40}\n")
         else:
             left = elapsed / done * (total - done) if done else None
             if self.bounded:
-                self.stream.write(f"\r{self.label}: {done} of at most {total}"
-                                  f"{f', at most about {left:.0f} s left' if left is not None else ''}   ")
+                sys.stderr.write(f"\r{self.label}: {done} of at most {total}"
+                                 f"{f', at most about {left:.0f} s left' if left is not None else ''}   ")
             else:
-                self.stream.write(f"\r{self.label}: {done}/{total} ({done / total:.0%})"
-                                  f"{f', about {left:.0f} s left' if left is not None else ''}   ")
-        self.stream.flush()
+                sys.stderr.write(f"\r{self.label}: {done}/{total} ({done / total:.0%})"
+                                 f"{f', about {left:.0f} s left' if left is not None else ''}   ")
+        sys.stderr.flush()
 
     def update(self, n):
         self(self.done + n, self.total)
 
 
+class BestSoFar:
+    """The search's on_best callback: the best candidate found so far and how many were ranked then (for Ctrl-C)."""
+
+    def __init__(self):
+        self.candidate, self.tried = None, 0
+
+    def __call__(self, candidate, tried):
+        self.candidate, self.tried = candidate, tried
+
+    def __repr__(self):
+        return f"BestSoFar({self.candidate.speedup if self.candidate else None}, {self.tried} tried)"
+
+
 def describe_candidate(label, cand):
+    """A line of what a Candidate predicts."""
     k = f"k={cand.k}" + (f", stop below {cand.stop}" if cand.stop is not None else "")
     r = cand.replayed
     return (f"{label:12} S {cand.speedup:.3f}; c {cand.draft_cost:.3f}, {k}, {r.accepted / max(1, r.rounds):.2f} of "
@@ -688,207 +782,73 @@ def describe_candidate(label, cand):
 
 
 def describe_measured(m, c):
+    """A line of what a confirmation measured (m, a measured_row) of a draft of cost c."""
     low, high = m["speedup_ci"]
     return (f"{'':12} measured: speedup {m['speedup']:.3f} [{low:.3f}, {high:.3f}], {m['accepted_per_round'] or 0:.2f} "
             f"of {m['drafts_per_round'] or 0:.2f} drafts kept per round, c {c:.3f}")
 
 
-def texts(args, tokenizer):
-    """Step 1's text: ({paragraph index: token ids}, the cost_model.Split, what the search Drawn from it, the text's
-    sha256)."""
-    lines = cost_model.read_lines(args.text, args.model)
-    paragraphs = cost_model.paragraphs(lines, tokenizer)
-    split = cost_model.split(paragraphs, args.prompt_tokens + args.new_tokens)
-    drawn = draw(split, args.seed, args.prompts, args.test_prompts)
-    if any(len(paragraphs[i]) < args.prompt_tokens for i in drawn.test):
-        raise models.UsageError(f"--prompt-tokens {args.prompt_tokens} is longer than a test paragraph: give at most "
-                                f"{min(len(paragraphs[i]) for i in drawn.test)}")
-    return paragraphs, split, drawn, hashlib.sha256("\n".join(lines).encode()).hexdigest()
+def announce(args, model, text):
+    """The search's first lines on stderr: what it runs, and a warning if the machine is busy. Returns the machine's
+    state (cost_model.machine_state), taken before measuring: the load of others, not ours."""
+    print(f"hsd_search: {args.model}, method {args.method}, temperature {args.temperature:g}, seed {args.seed}: "
+          f"{len(text.drawn.calibration)} calibration prompts and paragraphs of {args.prompt_tokens} + "
+          f"{args.new_tokens} tokens, {len(text.drawn.test)} test prompts; costs at {args.context} tokens of context",
+          file=sys.stderr)
+    machine = cost_model.machine_state(model, args.dtype)
+    if cost_model.busy_warning(machine):
+        print(f"hsd_search: WARNING: {cost_model.busy_warning(machine)}", file=sys.stderr)
+    return machine
 
 
-def choose(args, model, calib, savings_costs, savings, paper, on_best):
-    """Steps 3 and 4: (the winner's label, {label: Candidate} of the finalists, the winner at its best fixed k, their
-    Costs, candidates ranked, what ConfLayers did or None)."""
-    longest = longest_round(args.method)
-    rows = calib.continuations
-    with torch.inference_mode():
-        s = Search(model, calib, model(rows), savings, savings_costs.v, longest, args.temperature)
-    if args.method == "search":
-        stops = STOPS if args.temperature == 0 else (None,)
-        starts = [rank(s, skip, stops=stops) for skip in paper.values()]
-        ranked, _ = search(s, starts, Progress("search: candidates ranked", bounded=True), on_best)
-        skips, plans, ran = finalists(ranked, paper, REFINED), None, None
-    else:
-        ran = conflayers(model, [row[:calib.start] for row in rows.tolist()], args.conflayers_tokens,
-                         Progress("ConfLayers: tokens generated", bounded=True))
-        skips = {"conflayers": models.Skip(layers=ran.layers), **paper}
-        plans, ranked = {"conflayers": (CONFLAYERS["k"], CONFLAYERS["stop"])}, {}
-        on_best(planned(skips["conflayers"], teacher_forced_estimates(model, rows, skips["conflayers"], calib.start,
-                                                                      longest, args.temperature),
-                        composed_cost(model.config, skips["conflayers"], savings), s.v, *plans["conflayers"]), 1)
-    costs = measure_costs(model, skips, args.context, args.repeats * 7, longest, args.temperature)
-    refined, fixed = refine(model, rows, calib.start, skips, costs, longest, args.temperature,
-                            Progress("refine: finalists estimated as generation drafts"), plans)
-    own = {label: cand for label, cand in refined.items() if label not in paper}
-    label = max(own, key=lambda label: own[label].speedup)
-    return label, refined, fixed[label], costs, len(ranked) or 1, ran
-
-
-def predictions(args, model, winner, calib, held, label):
-    """The winner's predicted speedup at each of TEMPERATURES, made on what did not choose it: along the full
-    model's continuations of the held-out prompts (greedy, or sampled at that temperature) with its costs measured
-    afresh there (the finalists' own measurement favours the luckiest); and along the calibration's paragraphs:
-    ({"0": S, "0.6": S}, {"0": S along paragraphs}, {temperature: Costs})."""
-    longest, at, fresh = longest_round(args.method), {}, {}
-    for t in TEMPERATURES:
-        here = fresh[t] = measure_costs(model, {label: winner.skip}, args.context, args.repeats * 7, longest, t)
-        rows = continuations(model, held, args.new_tokens, t, args.seed + 20_000)
-        estimates = generation_estimates(model, rows, winner.skip, calib.start, longest, t)
-        at[f"{t:g}"] = planned(winner.skip, estimates, here.c[label], here.v, winner.k, winner.stop).speedup
-    costs = fresh[args.temperature]
-    along = generation_estimates(model, calib.paragraphs, winner.skip, calib.start, longest, 0.0, along_text=True)
-    return at, {"0": planned(winner.skip, along, costs.c[label], costs.v, winner.k, winner.stop).speedup}, fresh
-
-
-def confirm(args, model, test, labelled, costs):
-    """Step 5: generations of the test prompts ({label: measured_row}) and the estimate made on the test prompts'
-    own continuations ({label: Candidate}), whose error is the estimator's own."""
-    draft_of = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop) for label, cand in labelled.items()}
-    runs = cost_model.generations_in_turns(hsd.generate, model, test, draft_of, args.new_tokens, args.repeats,
-                                           args.temperature, args.seed,
-                                           Progress("confirm: test prompts x turns", args.repeats * len(test)))
-    measured = {label: cost_model.measured_row(runs[label], runs["plain"], cand.draft_cost, costs.v)
-                for label, cand in labelled.items()}
-    rows = continuations(model, test, args.new_tokens, args.temperature, args.seed + 10_000)
-    there = {label: planned(cand.skip, generation_estimates(model, rows, cand.skip, len(test[0]),
-                                                            longest_round(args.method), args.temperature),
-                            cand.draft_cost, costs.v, cand.k, cand.stop) for label, cand in labelled.items()}
-    return measured, there
+def report(finalists, measured, said, seconds, out):
+    """What the search found, measured and warned of, on stdout."""
+    for label, cand in finalists.confirmed().items():
+        print(describe_candidate(label, cand))
+        print(describe_measured(measured[label], cand.draft_cost))
+    selection = finalists.selection
+    if selection:
+        print(f"ConfLayers ({conflayers.WHAT_RUNS}): {'converged' if selection.converged else 'did not converge'} "
+              f"after {selection.iterations} selections", *selection.log, sep="\n")
+    for line in said:
+        print(f"hsd_search: WARNING: {line}")
+    print(f"hsd_search: {finalists.tried} candidates in {seconds:.0f} s" + (f"; wrote {out}" if out else
+                                                                           "; nothing written (no --out)"))
 
 
 def run(args, model, tokenizer):
-    """The steps of the module docstring; returns the draft file's object (what --json prints)."""
+    """The steps of the module docstring, numbered as there; returns the draft file's object (what --json prints)."""
     if args.out:
         cost_model.check_writable(args.out, "--out")
-    paragraphs, split, drawn, sha256 = texts(args, tokenizer)
+    text = read_text(args, tokenizer)                            # 1, first: its errors come before anything is measured
     if not args.out:
         print("hsd_search: no --out: the draft is printed, not written (--out FILE writes the draft file)",
               file=sys.stderr)
-    t0 = time.time()
-    calib = calibration(model, paragraphs, drawn, args.prompt_tokens, args.new_tokens, args.temperature, args.seed)
-    test = [paragraphs[i][:args.prompt_tokens] for i in drawn.test]
-    print(f"hsd_search: {args.model}, method {args.method}, temperature {args.temperature:g}, seed {args.seed}: "
-          f"{len(drawn.calibration)} calibration prompts and paragraphs of {args.prompt_tokens} + {args.new_tokens} "
-          f"tokens, {len(test)} test prompts; costs at {args.context} tokens of context", file=sys.stderr)
-    state = cost_model.machine_state(model, args.dtype)      # before measuring: the load of others, not ours
-    if cost_model.busy_warning(state):
-        print(f"hsd_search: WARNING: {cost_model.busy_warning(state)}", file=sys.stderr)
-    longest = longest_round(args.method)
-    cost_model.warm_up(model, longest)                        # every verify length a round here can use
-    savings_costs, savings = unit_savings(model, args.context, args.repeats * 7, longest, args.temperature)
-    paper = drafts.paper_skips(model.config)
-    found_by = found_by_start(args, state, split, drawn, sha256)
-    best = {}
+    t0, longest = time.time(), longest_round(args.method)
+    calib = calibration(model, text.paragraphs, text.drawn, args.prompt_tokens, args.new_tokens, args.temperature,
+                        args.seed)                                                                      # 1
+    machine = announce(args, model, text)
+    cost_model.warm_up(model, longest)                            # every verify length a round here can use
+    unit_costs, savings = unit_savings(model, args.context, args.repeats * 7, longest, args.temperature)   # 2
+    paper, found_by, best = drafts.paper_skips(model.config), found_by_start(args, machine, text), BestSoFar()
     try:
-        label, refined, fixed, costs, tried, ran = choose(args, model, calib, savings_costs, savings, paper,
-                                                          lambda cand, tried: best.update(candidate=cand, tried=tried))
+        finalists = choose(args, model, calib, unit_costs, savings, paper, best)                        # 3, 4
     except KeyboardInterrupt:
         interrupted(args, model, found_by, best)
-    winner = refined[label]
-    labelled = {"found": winner, **{name: refined[name] for name in paper}}
-    held = [paragraphs[i][:args.prompt_tokens] for i in drawn.held]
-    at, along, fresh = predictions(args, model, winner, calib, held, label)
-    measured, there = confirm(args, model, test, labelled, costs)
-    others = sorted((cand for lab, cand in refined.items() if lab not in paper and cand is not winner),
-                    key=lambda cand: -cand.speedup)
-    composed = {lab: composed_cost(model.config, cand.skip, savings) for lab, cand in refined.items()}
-    said = warnings_of(winner, at[f"{args.temperature:g}"], others[0] if others else None, measured, list(paper),
-                       costs, state, composed[label])
-    found_by.update(found_by_end(args, winner, label, refined, costs, fresh[args.temperature], composed, measured,
-                                 there, at, along, tried, ran, said, paper, time.time() - t0))
-    found_by["best_fixed"] = {"k": fixed.k, "stop": fixed.stop, "predicted_speedup": fixed.speedup}   # hsd_bench
-    spec = draft_file(model, args.model, winner, found_by)
+    held = [text.paragraphs[i][:args.prompt_tokens] for i in text.drawn.held]
+    predicted = predictions(args, model, finalists, calib, held)                                        # 4
+    measured, there = confirm(args, model, confirmation_prompts(text, args.prompt_tokens), finalists)   # 5
+    said = warnings_of(finalists.winner, predicted.at[f"{args.temperature:g}"], finalists.runner_up(), measured,
+                       finalists.paper_labels, finalists.costs, machine, finalists.composed[finalists.label])
+    found_by.update(found_by_end(args, finalists, predicted, measured, there, said, time.time() - t0,
+                                 len(text.drawn.test)))
+    spec = draft_file(model, args.model, finalists.winner, found_by)                                    # 6
     if args.out:
         drafts.write_draft_file(args.out, spec)
     print(f"hsd_search: the file's prediction, on {len(held)} prompts held out of the search with its costs measured "
-          "afresh: " + ", ".join(f"{speedup:.3f}x at T={t}" for t, speedup in at.items()))
-    report(labelled, {"found": costs.c[label], **{name: costs.c[name] for name in paper}}, measured, ran, said, tried,
-           t0, args.out)
+          "afresh: " + ", ".join(f"{speedup:.3f}x at T={t}" for t, speedup in predicted.at.items()))
+    report(finalists, measured, said, time.time() - t0, args.out)
     return spec
-
-
-def found_by_start(args, state, split, drawn, sha256):
-    """What the draft file records of how it was searched, known before the search: paragraphs by index
-    (cost_model.paragraphs'), the test split's whole and the part of it the search confirmed on."""
-    return {"method": args.method, "seed": args.seed, "temperature": args.temperature, **state,
-            "date": time.strftime("%Y-%m-%d"),
-            "calibration": {"text_sha256": sha256, "calibration_paragraphs": drawn.calibration,
-                            "followed_paragraphs": drawn.followed, "predicted_on_paragraphs": drawn.held,
-                            "confirmed_on_paragraphs": drawn.test,
-                            "test_paragraphs": split.test, "prompt_tokens": args.prompt_tokens,
-                            "new_tokens": args.new_tokens}}
-
-
-def found_by_end(args, winner, label, refined, costs, fresh, composed, measured, there, at, along, tried, ran, said,
-                 paper, seconds):
-    """What the draft file records of what the search found, measured and warned of; its costs (which -k auto reads)
-    and its prediction those measured afresh after the search chose it (fresh), the finalists' those they were
-    chosen by (costs)."""
-    return {
-        "candidates_tried": tried, "seconds": round(seconds, 1),
-        "costs": {"c": fresh.c[label], "v": {str(d): fresh.v[d] for d in range(1, len(fresh.v))},
-                  "context": fresh.context, "temperature": args.temperature, "threads": torch.get_num_threads(),
-                  "noise": fresh.noise["c"][label], "composed_c": composed[label], "step_ms": fresh.step_s * 1e3,
-                  "c_when_chosen": costs.c[label]},
-        "predicted_speedup": at, "predicted_speedup_along_paragraphs": along,
-        "measured": {**measured["found"], "set": "test prompts (a short confirmation: hsd_bench.py measures)",
-                     "prompts": args.test_prompts, "new_tokens": args.new_tokens,
-                     "repeats": args.repeats, "temperature": args.temperature},
-        "estimate": {"from_calibration": estimate_error(winner, measured["found"]),
-                     "held_out": {"speedup": {"predicted": at[f"{args.temperature:g}"],
-                                              "measured": measured["found"]["speedup"],
-                                              "relative_error": at[f"{args.temperature:g}"] /
-                                              measured["found"]["speedup"] - 1}},
-                     "on_the_test_prompts": estimate_error(there["found"], measured["found"])},
-        "finalists": {lab: {"skip": str(cand.skip), "k": cand.k, "stop": cand.stop, "c": costs.c[lab],
-                            "c_noise": costs.noise["c"][lab], "composed_c": composed[lab],
-                            "predicted_speedup": cand.speedup}
-                      for lab, cand in refined.items()},
-        "paper_drafts": {name: {"k": refined[name].k, "stop": refined[name].stop, "c": costs.c[name],
-                                "c_noise": costs.noise["c"][name],
-                                "predicted_speedup": refined[name].speedup, "measured": measured[name],
-                                "estimate": estimate_error(refined[name], measured[name])} for name in paper},
-        **({"conflayers": {"described": CONFLAYERS_DESCRIBED, "converged": ran.converged,
-                           "iterations": ran.iterations, "log": ran.log,
-                           "budget": {"prompts": args.prompts, "new_tokens": args.conflayers_tokens},
-                           "paper_budget": {"prompts": CONFLAYERS["paper_prompts"],
-                                            "new_tokens": CONFLAYERS["paper_new_tokens"]}}} if ran else {}),
-        "warnings": said}
-
-
-def interrupted(args, model, found_by, best):
-    """Ctrl-C during the search: the best draft so far written to --out (unconfirmed), then KeyboardInterrupt."""
-    if not (args.out and best):
-        raise KeyboardInterrupt("nothing was written" + ("" if args.out else " (--out FILE saves the best draft "
-                                                                            "found so far)")) from None
-    found_by.update(interrupted=True, candidates_tried=best["tried"], predicted_speedup_cheap=best["candidate"].speedup)
-    drafts.write_draft_file(args.out, draft_file(model, args.model, best["candidate"], found_by))
-    raise KeyboardInterrupt(f"wrote the best draft found so far to {args.out} (predicted speedup "
-                            f"{best['candidate'].speedup:.3f}, not confirmed)") from None
-
-
-def report(labelled, measured_c, measured, ran, said, tried, t0, out):
-    """What the search found, measured and warned of, on stdout."""
-    for label, cand in labelled.items():
-        print(describe_candidate(label, cand))
-        print(describe_measured(measured[label], measured_c[label]))
-    if ran:
-        print(f"ConfLayers ({CONFLAYERS_DESCRIBED}): {'converged' if ran.converged else 'did not converge'} after "
-              f"{ran.iterations} selections", *ran.log, sep="\n")
-    for line in said:
-        print(f"hsd_search: WARNING: {line}")
-    print(f"hsd_search: {tried} candidates in {time.time() - t0:.0f} s" + (f"; wrote {out}" if out else
-                                                                          "; nothing written (no --out)"))
 
 
 def main(argv=None):

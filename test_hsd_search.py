@@ -1,6 +1,6 @@
 """Tests of hsd_search: the estimates and their replay against real generation, the split, the search's moves and
-progress, ConfLayers' selection, the warnings, and the command line on a tiny model (costs fixed, so that its
-choices repeat)."""
+progress, the warnings, and the command line on a tiny model (costs fixed, so that its choices repeat); ConfLayers'
+rule has test_conflayers.py."""
 import itertools
 import json
 import math
@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import conflayers
 import cost_model
 import drafts
 import hsd
@@ -147,7 +148,7 @@ def test_the_search_progress_never_goes_back():
     """The search's progress: candidates ranked only grow, the bound only falls, and it ends at 100%."""
     model = models.load("tiny-qwen3.5")
     rows = greedy_row(model, [40, 41, 42, 43], 6)
-    kinds = cost_model.unit_kinds(model.config)
+    kinds = cost_model.part_kinds(model.config)
     savings = {kind: 0.6 / model.config.num_layers / (1 if kind[0] == "layers" else 3) for kind in kinds}
     s = hsd_search.Search(model, hsd_search.Calibration(rows, rows, 4), None, savings, V, 8, 0.0)
     seen, best = [], []
@@ -156,32 +157,8 @@ def test_the_search_progress_never_goes_back():
     assert len(seen) > 3 and seen[-1][0] == seen[-1][1]
     assert all(d1 <= d2 and t1 >= t2 and d1 / t1 <= d2 / t2 for (d1, t1), (d2, t2) in itertools.pairwise(seen)), seen
     assert best == sorted(best) and winner.speedup == best[-1] == max(
-        c.speedup for skip, c in ranked.items() if skip != models.Skip())          # the full model is no draft
+        cand.speedup for skip, cand in ranked.items() if skip != models.Skip())    # the full model is no draft
     assert hsd_search.search(s, [], lambda *a: None, lambda *a: None)[1] == winner     # the same draft again
-
-
-def test_conflayers_skips_a_layer_below_its_neighbours():
-    """ConfLayers' rule on hand-made confidences: flat ones skip nothing; a layer far below the others is skipped;
-    a larger lambda asks for a deeper dip; lambda starts at eval.sh's 0.25 and moves by 0.05 to keep the band."""
-    flat = {i: 1.0 for i in range(1, 7)}
-    assert hsd_search.conflayers_selection(flat, 0.0, 8, qwen=False) == []
-    dip = {**flat, 4: 0.2}
-    assert hsd_search.conflayers_selection(dip, 0.0, 8, qwen=False) == [4]
-    dips = {1: 1.0, 2: 0.8, 3: 1.1, 4: 0.55, 5: 0.95, 6: 1.05}
-    assert hsd_search.conflayers_selection(dips, 0.0, 8, qwen=False) == [2, 4]
-    assert hsd_search.conflayers_selection(dips, 5.0, 8, qwen=False) == []
-    assert hsd_search.CONFLAYERS["lambda"] == 0.25
-    assert [hsd_search.next_lambda(0.25, share) for share in (0.2, 0.5, 0.7)] == pytest.approx([0.2, 0.25, 0.3])
-
-
-def test_layer_confidences_leave_the_cache_as_it_was():
-    model = models.load("tiny-falcon-h1")
-    cache = models.Cache(model, 40)
-    hsd.prefill(model, cache, list(range(30, 40)))
-    snap = hsd.snapshot(cache)
-    confidences = hsd_search.layer_confidences(model, cache, list(range(50, 60)))
-    assert sorted(confidences) == [1, 2, 3, 4] and all(0 < c < 2 for c in confidences.values())
-    assert cache.length == snap.length and all(s.ssm is k.ssm for s, k in zip(cache.layers, snap.layers))
 
 
 def row(speedup, low, high, accepted=1.0):
@@ -257,6 +234,23 @@ def test_the_search_writes_a_draft_file_hsd_reads(tmp_path, fixed_costs, capsys)
     assert warned == [] and draft.k == spec["k"]
     tokens, _ = hsd.generate(model, [40, 41, 42], 12, draft=str(out), eos_token_id=-1)
     assert tokens == hsd.generate(model, [40, 41, 42], 12, draft="none", eos_token_id=-1)[0]
+
+
+def test_the_conflayers_method_writes_its_selection_at_its_own_k(tmp_path, fixed_costs, monkeypatch, capsys):
+    """--method conflayers: the layers ConfLayers' loop selected, at its k and stop, with what it did and its budget
+    beside the paper's; hsd.py reads the file."""
+    monkeypatch.setattr(conflayers, "WINDOW", 4)                    # rounds count, and sets are selected, sooner
+    out = tmp_path / "draft.json"
+    assert hsd_search.main(["--model", "tiny-falcon-h1", *SMALL, "--method", "conflayers", "--conflayers-tokens", "12",
+                            "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    ran = spec["found_by"]["conflayers"]
+    assert (spec["k"], spec["stop"]) == (conflayers.K, {"confidence": conflayers.STOP})
+    assert spec["skip"]["attention"] == spec["skip"]["mlp"] == [] and set(spec["skip"]["layers"]) <= {1, 2, 3, 4}
+    assert ran["described"] == conflayers.WHAT_RUNS and ran["iterations"] >= 1 and len(ran["log"]) == ran["iterations"] + 1
+    assert ran["budget"] == {"prompts": 2, "new_tokens": 12} and ran["paper_budget"]["prompts"] == 100
+    assert "ConfLayers (" in capsys.readouterr().out
+    assert hsd.read_draft_file(str(out), models.load("tiny-falcon-h1"))[1] == []
 
 
 def test_without_out_it_says_so_at_the_start(monkeypatch, capsys):
