@@ -239,13 +239,17 @@ Step = namedtuple("Step", "kind drafts accepted next_token tokens seconds")
 Round = namedtuple("Round", "drafts accepted next_token")    # an entry of statistics()["trace"]
 
 
+MIN_TEMPERATURE = 1e-3     # below it logits / T overflow float64 (1e-320 did): for such sharpness, sample greedy
+
+
 def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
     """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
     drafting k tokens a round (or "auto"; None: plain decoding), at a temperature; nothing if all is well."""
     if k not in (None, "auto") and k < 1:
         raise models.UsageError(f"k must be at least 1 (got {k})")
-    if not 0 <= temperature < math.inf:                                 # NaN too
-        raise models.UsageError(f"the temperature must be a finite number, at least 0 (got {temperature})")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):        # NaN too
+        raise models.UsageError(f"the temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} on "
+                                f"(got {temperature})")
     if not prompt:
         raise models.UsageError("the prompt is empty: give at least one token")
     if not all(0 <= t < config.vocab_size for t in prompt):
@@ -516,8 +520,9 @@ def main(argv=None):
     if is_draft_file(args.draft) and not os.path.exists(args.draft):
         p.error(f"unknown draft {args.draft!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (there is no "
                 "such file)")
-    if args.temperature is not None and not 0 <= args.temperature < math.inf:
-        p.error(f"the temperature must be a finite number, at least 0 (got {args.temperature})")
+    if args.temperature is not None and not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):
+        p.error(f"the temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} on (got "
+                f"{args.temperature})")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads takes a number of threads, at least 1, not {args.threads}")
     if args.threads:

@@ -622,6 +622,8 @@ def main(argv=None):
         if args.threads < 1:
             p.error(f"--threads must be at least 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
+    if min(args.tokens, args.repeats, args.cost_repeats, args.context) < 1:
+        p.error("--tokens, --repeats, --cost-repeats and --context must be at least 1")
     if not 0 <= args.temperature < float("inf"):                      # NaN too
         p.error(f"--temperature must be 0 (greedy) or a finite temperature above it (got {args.temperature})")
     try:

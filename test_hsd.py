@@ -323,7 +323,7 @@ def test_auto_k_runs_a_draft_that_never_agrees_as_plain_decoding(monkeypatch):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(k=0), "k must be at least 1"), (dict(draft="medusa"), "unknown draft"),
     (dict(prompt_ids=[]), "prompt is empty"), (dict(max_new_tokens=10_000), "exceed the model's context"),
-    (dict(temperature=-1), "temperature must be a finite number, at least 0"), (dict(prompt_ids=[1, 200]), "token ids must lie in"),
+    (dict(temperature=-1), r"temperature must be 0 \(greedy\) or a finite number from 0.001"), (dict(prompt_ids=[1, 200]), "token ids must lie in"),
 ])
 def test_generate_rejects_bad_requests(kwargs, message):
     args = dict(prompt_ids=[1, 2], max_new_tokens=4) | kwargs
@@ -858,9 +858,10 @@ def test_cli_trace_is_plain_when_piped(capsys):
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "-1"], "at least 0"),
     (["--model", "tiny-falcon-h1", "--temperature", "0.6", "--check"], "--check compares with greedy decoding"),
     (["--model", "tiny-falcon-h1", "--max-new-tokens", "0", "--check"], "give --max-new-tokens >= 1"),
-    (["--model", "tiny-falcon-h1", "--temperature", "nan"], "temperature must be a finite number, at least 0 (got nan)"),
-    (["--model", "tiny-falcon-h1", "--temperature", "-1"], "temperature must be a finite number, at least 0"),
-    (["--model", "tiny-falcon-h1", "--temperature", "inf"], "temperature must be a finite number, at least 0 (got inf)"),
+    (["--model", "tiny-falcon-h1", "--temperature", "nan"], "temperature must be 0 (greedy) or a finite number from"),
+    (["--model", "tiny-falcon-h1", "--temperature", "-1"], "temperature must be 0 (greedy) or a finite number from"),
+    (["--model", "tiny-falcon-h1", "--temperature", "inf"], "or a finite number from 0.001 on (got inf)"),
+    (["--model", "tiny-falcon-h1", "--temperature", "1e-320"], "or a finite number from 0.001 on (got 1e-320)"),
     (["--model", "tiny-falcon-h1", "--threads", "0"], "--threads takes a number of threads, at least 1, not 0"),
     (["--model", "tiny-falcon-h1", "--draft", "medusa"], "unknown draft 'medusa': choose one of component, "
                                                          "layerskip, early-exit, none, or give a draft file (there is"),

@@ -159,12 +159,14 @@ def test_drafts_estimates_its_generations_and_saves_each_temperature_as_it_ends(
     (["falcon-h1-0.5b", "--drafts"], "--drafts runs on a trained toy"),
     (["toy-qwen3.5", "--context-sweep", "--out", "."], "cannot write --out .: it is a folder"),
     (["toy-qwen3.5", "--context-sweep", "--temperature", "nan"], "--temperature must be 0 (greedy) or a finite"),
+    (["toy-qwen3.5", "--units", "--cost-repeats", "0"], "--cost-repeats and --context must be at least 1"),
+    (["toy-qwen3.5", "--drafts", "--repeats", "0"], "--tokens, --repeats, --cost-repeats and --context must be"),
     (["toy-qwen3.5", "--context-sweep", "--temperature", "inf"], "--temperature must be 0 (greedy) or a finite"),
     (["toy-qwen2.5", "--drafts", "--ks", "0,2"], "--ks takes k from 1 to 8 separated by commas"),
     (["toy-qwen2.5", "--drafts", "--ks", "two"], "--ks takes k from 1 to 8 separated by commas"),
     (["toy-qwen2.5", "--units", "--ks", "2,4"], "--ks goes with --drafts"),
-], ids=["threads", "drafts-official", "out-folder", "temperature-nan", "temperature-inf", "ks-range", "ks-word",
-        "ks-alone"])
+], ids=["threads", "drafts-official", "out-folder", "temperature-nan", "cost-repeats", "repeats", "temperature-inf",
+        "ks-range", "ks-word", "ks-alone"])
 def test_the_command_line_refuses_in_one_line_before_measuring(args, message, capsys, monkeypatch):
     monkeypatch.setattr(hsd_bench, "bench_model", lambda *a: pytest.fail("measured before refusing"))
     monkeypatch.setattr(hsd_bench, "drafts_side_by_side", lambda *a, **k: pytest.fail("measured before refusing"))
