@@ -341,7 +341,8 @@ def measured_row(runs, plain_runs, c=None, v=None):
     """What generations (one label's runs and plain decoding's) measured: the speedup over plain decoding with its 95%
     interval over prompts, each turn's speedup, tokens per second, rounds, plain steps, drafts_per_round,
     accepted_per_round, alpha, the loop measure (repeated_share of the continuations), and, given c and v, the
-    speedup the cost model predicts from the very steps these runs took."""
+    speedup the cost model gives the very steps these runs took ("cost_model_on_these_rounds": not a prediction made
+    beforehand, the cost model's own error beside the measured speedup)."""
     every = [r for per_prompt in runs for r in per_prompt]
     rounds, drafted, accepted, plain = (sum(r[x] for r in every) for x in ("rounds", "drafted", "accepted",
                                                                             "plain_steps"))
@@ -354,7 +355,7 @@ def measured_row(runs, plain_runs, c=None, v=None):
            "alpha": accepted / drafted if drafted else None,
            "repeated_4grams": statistics.mean(repeated_share(r["tokens"]) for r in every)}
     if c is not None:
-        row["predicted_speedup"] = predicted_speedup(sum(r["new_tokens"] for r in every),
+        row["cost_model_on_these_rounds"] = predicted_speedup(sum(r["new_tokens"] for r in every),
                                                      [d for r in every for d in r["steps"]], c, v)
     return row
 

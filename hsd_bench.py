@@ -381,7 +381,7 @@ def side_by_side_lines(name, r, new_tokens):
                f"{x['vs_best_paper']:8.3f} [{x['vs_best_paper_ci'][0]:.3f}, {x['vs_best_paper_ci'][1]:.3f}] "
                f"{x['alpha'] or 0:6.3f} {x['accepted_per_round'] or 0:7.2f} {x['drafts_per_round'] or 0:7.2f} "
                f"{x['plain_steps']:5d} {r['costs'][T].c[label.split(', k=')[0]]:5.2f} "
-               f"{x['predicted_speedup']:8.3f}x {loops}")
+               f"{x['cost_model_on_these_rounds']:8.3f}x {loops}")
     for line in r["warnings"]:
         yield f"warning: {line}"
 

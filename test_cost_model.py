@@ -146,7 +146,7 @@ def test_generations_take_turns_and_keep_every_run(monkeypatch):
     assert row["speedup"] == 2.0 and row["speedup_ci"] == (2.0, 2.0) and row["turn_speedups"] == [2.0, 2.0]
     assert (row["rounds"], row["plain_steps"], row["drafts_per_round"], row["accepted_per_round"], row["alpha"]) == (
         4, 8, 2.0, 1.0, 0.5)
-    assert row["predicted_speedup"] == 16 / (4 * (2 * 0.5 + 1.2) + 8 * 1.0)   # the steps these runs took
+    assert row["cost_model_on_these_rounds"] == 16 / (4 * (2 * 0.5 + 1.2) + 8 * 1.0)   # the steps these runs took
     assert row["repeated_4grams"] == 0.0                                       # [20] * 4: one 4-gram, seen once
 
 
