@@ -107,9 +107,9 @@ def break_even_acceptance(c, v, k):
 def pause_below(costs, longest=16):
     """-k auto's pause: the acceptance below which no k up to longest (-k auto's largest) pays off for costs
     (c, {d: v[d]}; a d not in v takes the nearest one's v): the least break_even_acceptance; 1 if none does."""
-    c, v = costs
-    v = v if isinstance(v, dict) else dict(enumerate(v))
-    even = [break_even_acceptance(c, v.get(d, v[min(v, key=lambda e: abs(e - d))]), d) for d in range(1, longest + 1)]
+    c, v = drafts.draft_costs(*costs)                        # v as {d: v[d]}, from a dict or a sequence
+    nearest = {d: v[d] if d in v else v[min(v, key=lambda e: abs(e - d))] for d in range(1, longest + 1)}
+    even = [break_even_acceptance(c, nearest[d], d) for d in range(1, longest + 1)]
     return min((acceptance for acceptance in even if acceptance is not None), default=1.0)
 
 

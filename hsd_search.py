@@ -596,9 +596,8 @@ def confirm(args, model, test, finalists):
     ({label: measured_row}), and the estimate made on the test prompts' own continuations ({label: Candidate}), whose
     error is the estimator's own."""
     confirmed, costs = finalists.confirmed(), finalists.costs
-    v = {d: costs.v[d] for d in range(1, len(costs.v))}
-    draft_of = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop, (cand.draft_cost, v))    # -k auto pauses by
-                for label, cand in confirmed.items()}                                        # the costs it was planned by
+    draft_of = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop, drafts.draft_costs(cand.draft_cost, costs.v))
+                for label, cand in confirmed.items()}            # -k auto pauses by the costs it was planned by
     runs = cost_model.generations_in_turns(hsd.generate, model, test, draft_of, args.new_tokens, args.repeats,
                                            args.temperature, args.seed,
                                            Progress("confirm: generations", args.repeats * len(test) * (1 + len(
