@@ -13,14 +13,16 @@ committed token is pending (not yet fed). One round:
 
 Steps 2 and 5 have two forms: greedy (temperature 0), whose output is plain greedy decoding's, token for token, and
 sampling (speculative sampling, Leviathan et al. 2023), exact in distribution. Which parts a draft leaves out is
-data (drafts.py): one of the paper's drafts, or a draft file that hsd_search.py found by measurement. With k="auto"
-the draft length changes from round to round and drafting pauses where it does not pay (auto_k). README: how to run
-it; hsd_eval.py: measurements.
+data (drafts.py): one of the paper's drafts, a draft file that hsd_search.py found by measurement, or the text itself
+(lookup; before a draft model: a cascade). With k="auto" the draft length changes from round to round and drafting
+pauses where it does not pay (auto_k). README: how to run it; hsd_eval.py: measurements.
 
 Names (one meaning each, here and in drafts.py):
   pending    the last committed token, not yet fed to the model; every round and plain step starts by feeding it
   drafts     the token ids a round's draft proposed, d1..dk (a list of ints); drafted: how many (a count); the
              module drafts.py says what a draft is
+  proposed   the ids lookup proposed from the text (the committed tokens' own n-grams), which a round's drafts
+             start with (the lookup alone, text_round) or a draft model checks (a cascade); from_text: how many drafts
   accepted   how many of the drafts the full model accepted (a prefix); the next token: its own after them
   kept       what commit keeps of a verify pass: the pending token and the accepted drafts
   Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop and the costs of -k auto; chosen: the

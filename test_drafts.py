@@ -257,3 +257,35 @@ def test_a_draft_file_for_other_weights_or_another_device_is_used_with_a_warning
     model = tiny("tiny-falcon-h1", torch.float32)
     assert drafts.weights_fingerprint(model) == drafts.weights_fingerprint(models.load("tiny-falcon-h1", torch.bfloat16))
     assert drafts.weights_fingerprint(model) != drafts.weights_fingerprint(models.load("tiny-qwen3.5"))
+
+
+# --- The lookup in a draft file: alone, or a cascade with a skip ----------------------------------------------------
+def test_a_draft_file_with_a_lookup_reads_as_the_lookup_or_a_cascade(tmp_path, falcon):
+    alone = {"format": "hsd-draft/1", "lookup": {"n": 2}, "k": 5}
+    chosen, notes = drafts.read_draft_file(written(tmp_path, alone), falcon)
+    assert (chosen.skip, chosen.k, chosen.lookup, notes) == (None, 5, 2, [])      # no architecture to check
+    chosen, _ = drafts.read_draft_file(written(tmp_path, by_hand(lookup={"n": 3})), falcon)
+    assert (chosen.skip, chosen.k, chosen.lookup) == (models.Skip(attention={3}), 3, 3)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (by_hand(lookup={"n": 0}), '"lookup" must be {"n": the largest n-gram, a number from 1 on}, not {"n": 0}'),
+    (by_hand(lookup=3), 'not 3'),
+    ({"format": "hsd-draft/1", "k": 3}, 'no "skip" and no "lookup"'),
+])
+def test_a_draft_file_with_a_wrong_lookup_is_one_line(tmp_path, capsys, spec, message):
+    status, err = one_line_error(capsys, "--draft", written(tmp_path, spec))
+    assert status == 2 and message in err, err
+
+
+def test_the_command_line_runs_a_lookup_file_and_lookup_before_a_file(tmp_path, capsys):
+    greedy = reference_greedy("tiny-falcon-h1", PROMPT_12, 12)
+    alone = written(tmp_path, {"format": "hsd-draft/1", "lookup": {"n": 3}, "k": 4}, "alone.json")
+    cascade = written(tmp_path, by_hand(), "skip.json")
+    for draft in (alone, f"lookup+{cascade}"):
+        assert hsd.main(["--model", "tiny-falcon-h1", "--prompt", "The cat sat ", "--max-new-tokens", "12",
+                         "--draft", draft, "--json"]) == 0
+        s = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert s["new_token_ids"] == greedy and s["proposed"] is not None and s["draft"] == draft
+    status, err = one_line_error(capsys, "--draft", "lookup+nothing.json")
+    assert status == 2 and "nothing.json" in err

@@ -1218,3 +1218,188 @@ def test_statistics_arithmetic():
     assert s["accepted_per_round"] == 1.0 and s["accepted_histogram"] == [1, 2, 1] and s["new_tokens"] == 9
     assert (s["prefill_s"], s["decode_s"], s["round_s"], s["tokens_per_s"]) == (0.5, 1.5, 1.0, 6.0)
     assert s["trace"] == [([1, 2], 2, 3), ([4, 5], 0, 6), ([7, 8], 1, 9), ([1], 1, 2)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hsd: drafts from the text itself (lookup), and cascades (lookup+DRAFT)
+
+def test_lookup_proposes_what_followed_the_longest_latest_earlier_occurrence():
+    cases = [([1, 2, 3, 9, 1, 2, 3], 3, 8, [9, 1, 2, 3]),      # runs up to the end of what is committed, not past it
+             ([1, 2, 5, 1, 2, 6, 1, 2], 2, 8, [6, 1, 2]),       # the latest occurrence of [1, 2], not the earliest
+             ([7, 1, 2, 8, 2, 9, 1, 2], 2, 8, [8, 2, 9, 1, 2]),  # the longest suffix first: [1, 2], then [2]
+             ([3, 3, 8, 3, 3, 3], 3, 8, [8, 3, 3, 3]),          # [3, 3] at 3 overlaps the suffix itself: not earlier
+             ([1, 2, 1], 3, 1, [2]),                            # at most k
+             ([1, 2, 3], 3, 8, []), ([5], 3, 8, [])]            # nothing occurs earlier
+    for tokens, n, k, expected in cases:
+        teach(hsd.lookup(tokens, n, k) == expected, f"lookup({tokens}, n={n}, k={k}) should be {expected}")
+
+
+def test_the_lookups_index_gives_what_a_scan_gives():
+    """index_ngrams, brought up to date a few tokens at a time as generation commits them: the same proposals."""
+    g = torch.Generator().manual_seed(0)
+    for vocab in (2, 3, 5):
+        tokens = torch.randint(vocab, (60,), generator=g).tolist()
+        index, indexed = {}, 0
+        for length in range(1, 61, 3):
+            indexed = hsd.index_ngrams(index, tokens[:length], 3, indexed)
+            assert hsd.lookup(tokens[:length], 3, 5, index) == hsd.lookup(tokens[:length], 3, 5)
+
+
+LOOKUP_PROMPTS = {"repeats": "The cat sat on the mat. The cat sat on", "none": "Quick brown"}   # no repeat
+LOOKUP_FAMILIES = [*FAMILIES, *models.TOYS]
+
+
+def lookup_drafts(name):
+    family = name.replace("toy-", "tiny-")
+    return ["lookup", *(f"lookup+{d}" for d in APPLICABLE[family][:-1])]
+
+
+@pytest.mark.parametrize("name, draft", [(n, d) for n in LOOKUP_FAMILIES for d in lookup_drafts(n)])
+def test_the_lookup_and_its_cascades_are_lossless(name, draft):
+    """Greedy output is plain greedy decoding's for every family x lookup and cascade x k (1..8, auto) x a prompt
+    with repeats and one without; the rounds seen: ones the text's drafts were accepted in, ones it had nothing for
+    (plain steps with the lookup alone) between rounds that accept (on the toys), and rejected drafts from the text."""
+    tokenizer = models.load_tokenizer(name) if name in models.TOYS else models.char_tokenizer()
+    seen = set()
+    for label, text in LOOKUP_PROMPTS.items():
+        prompt = tokenizer.encode(text).ids
+        expected = reference_greedy(name, prompt)
+        for k in [*range(1, 9), "auto"]:
+            steps = list(hsd.generate_steps(tiny(name), prompt, NEW_TOKENS, draft, k, eos_token_id=-1))
+            got = [t for step in steps for t in step.tokens]
+            assert got == expected, f"{draft}, k={k}, prompt {label!r}: not plain greedy decoding's tokens"
+            rounds = [s for s in steps if s.kind == "round"]
+            seen |= {"accepted from the text" for r in rounds if min(r.from_text, r.accepted) > 0}
+            seen |= {"rejected from the text" for r in rounds if r.accepted < r.from_text}
+            marks = "".join("a" if s.kind == "round" and s.accepted else "n" if s.proposed == 0 else "."
+                            for s in steps[1:])
+            seen |= {"nothing from the text between rounds that accept" for _ in [1] if re.search("a.*n.*a", marks)}
+            seen |= {"nothing from the text" for _ in [1] if "n" in marks}
+    assert "accepted from the text" in seen and ("rejected from the text" in seen or draft != "lookup"), seen
+    if name in models.TOYS:          # the tiny models' random weights accept the text only inside loops, endless
+        assert "nothing from the text" in seen, seen                 # on most toys between rounds that accept, too
+
+
+def test_a_match_that_runs_into_the_end_of_text_or_the_last_new_token():
+    """The text proposes the end-of-text token ("c" after "ab", here): the drafts end there, and generation stops
+    after it as plain decoding does; and near the last new token a round proposes only what fits."""
+    name, prompt = "tiny-falcon-h1", models.char_tokenizer().encode("abcab").ids
+    eos = prompt[2]
+    greedy = reference_greedy(name, prompt, 30)
+    steps = list(hsd.generate_steps(tiny(name), prompt, 30, "lookup", 8, eos_token_id=eos))
+    assert [t for s in steps for t in s.tokens] == (greedy[:greedy.index(eos) + 1] if eos in greedy else greedy)
+    assert steps[1].drafts == [eos] and steps[1].from_text == 1      # "cab" proposed, cut after the end of text
+    prompt = models.char_tokenizer().encode("abcabcabc").ids
+    greedy = reference_greedy(name, prompt, 30)
+    for new in range(1, 12):
+        tokens, _ = hsd.generate(tiny(name), prompt, new, draft="lookup", k=8, eos_token_id=-1)
+        assert tokens == greedy[:new]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_round_the_text_has_nothing_for_leaves_plain_decodings_state(name, monkeypatch):
+    """The first step after a prompt with no repeat finds nothing: the cache after it holds exactly (bit for bit)
+    what plain decoding's holds after its first step."""
+    made = []
+
+    class Kept(models.Cache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(models, "Cache", Kept)
+    prompt = models.char_tokenizer().encode(LOOKUP_PROMPTS["none"]).ids
+    firsts = []
+    for draft in ("lookup", "none"):
+        steps = hsd.generate_steps(tiny(name), prompt, 5, draft, None if draft == "none" else 4, eos_token_id=-1)
+        next(steps)                                                   # the prefill
+        firsts.append(next(steps))
+    assert firsts[0].kind == "plain" and firsts[0].proposed == 0 and firsts[0].next_token == firsts[1].next_token
+    a, b = made
+    assert a.length == b.length
+    for x, y in zip(a.layers, b.layers, strict=True):
+        for field in ("keys", "values", "conv", "ssm"):
+            u, v = getattr(x, field), getattr(y, field)
+            assert (u is None) == (v is None)
+            if u is not None:
+                assert torch.equal(u[:, :, :a.length] if field in ("keys", "values") else u,
+                                   v[:, :, :a.length] if field in ("keys", "values") else v), field
+
+
+def sharp_temperature(p_logits, token):
+    """A temperature at which the token is likely but not certain (0.3 .. 0.9): the text's drafts often accepted."""
+    return next(t for t in (1.0, 0.6, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05)
+                if hsd.probabilities(p_logits, t)[token] >= 0.3)
+
+
+@pytest.mark.parametrize("cascade", [False, True], ids=["lookup", "lookup+component"])
+def test_the_text_as_the_draft_samples_as_plain_sampling(cascade):
+    """A round whose drafts come from the text (q one-hot), alone or checked by the draft model: the first token
+    follows p, the full model's distribution; in a cascade the first draft follows the draft model's q, which it
+    passes up as the outer round's q. Both the accepting and the rejecting paths are exercised."""
+    name = "tiny-falcon-h1"
+    prompt = PROMPTS["12-token"]
+    model, cache = filled_cache(name, prompt[:-1])
+    skip = TINY_SKIPS[name]["component"]
+    L1, _, Q1, _ = sampling_rows(name)
+    best = int(L1.argmax())
+    proposed = [best, best]
+    t = sharp_temperature(L1, best)
+    snap, g = hsd.snapshot(cache), torch.Generator().manual_seed(3)
+    first, drafted, accepted_from_text = [], [], 0
+    for _ in range(1000):
+        if cascade:
+            drafts, n, token = hsd.speculative_round(model, cache, prompt[-1], skip, 3, t, g, proposed=proposed)
+            drafted.append(drafts[0])
+            accepted_from_text += n > 0 and drafts[0] == best
+        else:
+            n, token, _ = hsd.text_round(model, cache, prompt[-1], proposed, None, t, g)
+            drafts = proposed
+            accepted_from_text += n > 0
+        first.append(drafts[0] if n else token)
+        hsd.restore(cache, snap)
+    assert 100 < accepted_from_text < 900, accepted_from_text          # both paths, often
+    ok, why = distributed_as(first, hsd.probabilities(L1, t))
+    assert ok, f"the first token is not distributed as plain sampling's: {why}"
+    if cascade:
+        ok, why = distributed_as(drafted, hsd.probabilities(Q1, t))
+        assert ok, f"the cascade's first draft is not a sample of the draft model: {why}"
+
+
+def test_the_lookups_draft_is_chosen_in_one_place_and_prints_briefly(tmp_path):
+    model = tiny("tiny-falcon-h1")
+    alone, cascade = hsd.choose_draft(model, "lookup"), hsd.choose_draft(model, "lookup+component", 3)
+    assert (alone.skip, alone.k, alone.lookup, alone.stop) == (None, hsd.LOOKUP_K, hsd.LOOKUP_N, None)
+    assert (cascade.skip, cascade.k, cascade.lookup) == (TINY_SKIPS["tiny-falcon-h1"]["component"], 3, hsd.LOOKUP_N)
+    assert hsd.choose_draft(model, "lookup", "auto").costs == (0.0, {1: 1.0})
+    for chosen in (alone, cascade):
+        assert "tensor(" not in repr(chosen) and "object at" not in repr(chosen) and len(repr(chosen)) < 300
+    with pytest.raises(models.UsageError, match="after lookup"):
+        hsd.choose_draft(model, "lookup+none")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"format": "hsd-draft/1", "skip": {"attention": [1]}, "k": 2, "lookup": {"n": 2}}))
+    tokens, s = hsd.generate(model, PROMPTS["12-token"], 12, draft=path, eos_token_id=-1)
+    assert tokens == reference_greedy("tiny-falcon-h1", PROMPTS["12-token"], 12) and s["proposed"] > 0
+
+
+def test_cli_traces_and_counts_the_texts_drafts(capsys):
+    args = ["--model", "tiny-falcon-h1", "--prompt", "abcabcabcabc", "--max-new-tokens", "24", "--trace", "--json"]
+    for draft in ("lookup", "lookup+layerskip"):
+        assert hsd.main([*args, "--draft", draft, "-k", "4"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        s = json.loads(out[-1])
+        assert f"draft {draft}" in out[0] and s["draft"] == draft and s["from_text"] >= (draft == "lookup")
+        assert any("from the text)" in line for line in out if line.startswith("round")) or draft != "lookup"
+        assert any(line.startswith("text    ") and f"{s['from_text_accepted']} of {s['from_text']}" in line
+                   for line in out)
+    assert hsd.main([*args, "--draft", "lookup", "-k", "auto", "--check", "--repeats", "1"]) == 0
+    assert "identical to plain greedy decoding" in capsys.readouterr().out
+
+
+def test_statistics_count_the_texts_drafts_apart():
+    Step = hsd.Step
+    steps = [Step("prefill", [], 0, None, [], 0.5), Step("round", [1, 2, 3], 2, 4, [1, 2, 4], 0.25, 3, 3),
+             Step("round", [5, 6], 0, 7, [7], 0.25, 4, 1), Step("plain", [], 0, 8, [8], 0.25, 0, 0),
+             Step("round", [9], 1, 1, [9, 1], 0.25, 0, 0)]
+    s = hsd.statistics(hsd.Draft("lookup+component", SKIP_NOTHING, 3, None, None, 3), steps)
+    assert (s["proposed"], s["from_text"], s["from_text_accepted"], s["drafted"], s["accepted"]) == (7, 4, 2, 6, 3)
+    assert hsd.statistics(hsd.Draft("component", SKIP_NOTHING, 3, None), steps)["proposed"] is None
