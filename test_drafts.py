@@ -278,8 +278,8 @@ def test_a_draft_file_with_a_wrong_lookup_is_one_line(tmp_path, capsys, spec, me
     assert status == 2 and message in err, err
 
 
-def test_the_command_line_runs_a_lookup_file_and_lookup_before_a_file(tmp_path, capsys):
-    greedy = reference_greedy("tiny-falcon-h1", PROMPT_12, 12)
+def test_the_command_line_runs_a_lookup_file_and_lookup_before_a_file(tmp_path, capsys, falcon):
+    greedy = hsd.generate(falcon, PROMPT_12, 12, draft="none")[0]          # as the command line decodes: its eos too
     alone = written(tmp_path, {"format": "hsd-draft/1", "lookup": {"n": 3}, "k": 4}, "alone.json")
     cascade = written(tmp_path, by_hand(), "skip.json")
     for draft in (alone, f"lookup+{cascade}"):
@@ -287,5 +287,7 @@ def test_the_command_line_runs_a_lookup_file_and_lookup_before_a_file(tmp_path, 
                          "--draft", draft, "--json"]) == 0
         s = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert s["new_token_ids"] == greedy and s["proposed"] is not None and s["draft"] == draft
-    status, err = one_line_error(capsys, "--draft", "lookup+nothing.json")
-    assert status == 2 and "nothing.json" in err
+    with pytest.raises(SystemExit) as exit_status:                   # the argument's check: no model loaded
+        hsd.main(["--model", "tiny-falcon-h1", "--draft", "lookup+nothing.json"])
+    err = capsys.readouterr().err
+    assert exit_status.value.code == 2 and "unknown draft 'nothing.json'" in err and err.count("\n") == 1
