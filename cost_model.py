@@ -1,11 +1,13 @@
 """cost_model: how a speedup of self-speculative decoding is predicted and measured; every tool uses this module.
 
 Costs are in units of one full decoding step (a plain step costs 1): c, one draft step; v[d], a verify pass over the
-pending token and d drafts (v[0] = 1: a plain step is a verify pass of one token). A round that drafts d tokens costs
-round_cost(d, c, v) = d c + v[d] and makes its accepted drafts plus the full model's next token, so the predicted
-speedup over plain decoding is the tokens made over what the rounds cost. A measured speedup is tokens per second
-against plain decoding's on the same prompts, run in turns in one process (generations_in_turns), with a 95% interval
-that resamples the prompts.
+pending token and d drafts (v[0] = 1: a plain step is a verify pass of one token); r, what a round costs beyond its
+draft steps and its verify pass, as generation runs it (measure_costs says how it is measured). A round that drafts d
+tokens costs round_cost(d, c, v, r) = d c + v[d] + r and makes its accepted drafts plus the full model's next token,
+so the predicted speedup over plain decoding is the tokens made over what the rounds cost. This is the one formula:
+every prediction of every tool (the search, hsd_eval, hsd_bench, -k auto's pause) goes through round_cost. A
+measured speedup is tokens per second against plain decoding's on the same prompts, run in turns in one process
+(generations_in_turns), with a 95% interval that resamples the prompts.
 
 This module imports torch, models, drafts and the standard library, never hsd nor a tool: it is given what it runs. The
 timing harness takes the round's functions as a Passes record (a tool passes hsd.PASSES) and times them as generation
@@ -13,22 +15,23 @@ runs them; the generations take the generate function (hsd.generate).
 
   clock(device)                                     seconds, after the GPU's queued work
   warm_up(model, longest)                           the first calls, which are slow, made before anything is timed
-  round_cost(d, c, v) -> d c + v[d]                 a round's cost in full steps (a plain step: d = 0, cost 1)
-  predicted_speedup(made, steps, c, v)              tokens made / the cost of the steps that made them
-  break_even_acceptance(c, v, k)                    the per-token acceptance at which k drafts a round just pay off
-  pause_below(costs, longest=16)                    -k auto's pause: below this acceptance no k pays for (c, v)
-  default_costs(model, skip) -> (c, v)              -k auto's costs when none are measured: the weights read
+  round_cost(d, c, v, r) -> d c + v[d] + r          a round's cost in full steps (a plain step: d = 0, cost 1)
+  predicted_speedup(made, steps, c, v, r)           tokens made / the cost of the steps that made them
+  break_even_acceptance(c, v, k, r)                 the per-token acceptance at which k drafts a round just pay off
+  pause_below(costs, longest=16)                    -k auto's pause: below this acceptance no k pays for (c, v, r)
+  default_costs(model, skip) -> (c, v, r)           -k auto's costs when none are measured: the weights read
   break_even(times, draft, k, a, max_context)       the context from which on speculation pays off (an exercise)
   fit_monotone(values)                              least-squares non-decreasing fit (v in d)
   PAPER                                             the paper's single-round acceptance (Table A)
   measure_costs(model, skips, context, turns, longest, temperature=0.0, *, passes, warm_turns=2) -> Costs
-      step_s, c {label: c}, v [v[0] .. v[longest]] (fitted monotone), v_measured, context, temperature, turns,
-      noise {"step": x, "c": {label: x}, "v": {d: x}}: the relative difference of the medians of the turns' halves
+      step_s, c {label: c}, v [v[0] .. v[longest]] (fitted monotone), v_measured, r, context, temperature, turns,
+      noise {"step": x, "c": {label: x}, "v": {d: x}, "r": x}: the relative difference of the medians of the turns'
+      halves
   part_kinds(config) -> {(field, layer type): [layers]}; part_skips(config) -> {(field, layer type): models.Skip}
   generations_in_turns(generate, model, prompts, labelled, new_tokens, turns, temperature=0.0, seed=0, progress=None)
       -> {label: [per prompt [per turn run]]}, "plain" first; a run: RUN_KEYS of generate's statistics, the tokens and
       how many tokens each step drafted
-  measured_row(runs, plain_runs, c=None, v=None)    what generations measured, one key per quantity
+  measured_row(runs, plain_runs, costs=None)        what generations measured, one key per quantity; costs (c, v, r)
   rate(runs, prompts=None, turn=None)               tokens per second: summed tokens over summed seconds
   speedup(runs, plain_runs); speedup_ci(runs, plain_runs, resamples=10_000, seed=0)   over prompts
   bootstrap_ci(values, resamples=10_000, seed=0)    95% percentile interval of a mean (an exercise)
@@ -78,23 +81,25 @@ def warm_up(model, longest):
     model(torch.zeros(1, 1, dtype=torch.long, device=cache.device), cache)
 
 
-def round_cost(d, c, v):
-    """What a round of d drafts costs: d draft steps of cost c and a verify pass over d + 1 tokens, v[d] (in full
-    steps; or in seconds, given c and v in seconds). A plain step is a round of 0 drafts: v[0]."""
-    return d * c + v[d]
+def round_cost(d, c, v, r):
+    """What a round of d drafts costs: d draft steps of cost c, a verify pass over d + 1 tokens, v[d], and r, the
+    round's own work beyond them (in full steps; or in seconds, given c, v and r in seconds). A plain step is a round
+    of 0 drafts: v[0], without r (it is the unit the others are measured in)."""
+    return d * c + v[d] + r if d else v[0]
 
 
-def predicted_speedup(made, steps, c, v):
+def predicted_speedup(made, steps, c, v, r):
     """Tokens made over what the steps that made them cost, in full steps: steps lists how many tokens each step
     drafted (0 for a plain step). One round of k drafts that keeps a of them on average: predicted_speedup(1 + a, [k],
-    c, v)."""
-    return made / sum(round_cost(d, c, v) for d in steps)
+    c, v, r)."""
+    return made / sum(round_cost(d, c, v, r) for d in steps)
 
 
-def break_even_acceptance(c, v, k):
-    """The per-token acceptance p at which k drafts a round of cost c (verify v) just pay off, S = 1: where
-    (1 - p^(k+1)) / (1 - p) = k c + v; None if no p <= 1 does (even accepting every draft would not pay)."""
-    target = k * c + v
+def break_even_acceptance(c, v, k, r):
+    """The per-token acceptance p at which k drafts a round of cost c (verify v, the round's own work r) just pay off,
+    S = 1: where (1 - p^(k+1)) / (1 - p) = round_cost(k, c, {k: v}, r); None if no p <= 1 does (even accepting every
+    draft would not pay)."""
+    target = round_cost(k, c, {k: v}, r)
     if target > k + 1:
         return None
     low, high = 0.0, 1.0
@@ -106,10 +111,10 @@ def break_even_acceptance(c, v, k):
 
 def pause_below(costs, longest=16):
     """-k auto's pause: the acceptance below which no k up to longest (-k auto's largest) pays off for costs
-    (c, {d: v[d]}; a d not in v takes the nearest one's v): the least break_even_acceptance; 1 if none does."""
-    c, v = drafts.draft_costs(*costs)                        # v as {d: v[d]}, from a dict or a sequence
+    (c, {d: v[d]}, r; a d not in v takes the nearest one's v): the least break_even_acceptance; 1 if none does."""
+    c, v, r = drafts.draft_costs(*costs)                     # v as {d: v[d]}, from a dict or a sequence
     nearest = {d: v[d] if d in v else v[min(v, key=lambda e: abs(e - d))] for d in range(1, longest + 1)}
-    even = [break_even_acceptance(c, nearest[d], d) for d in range(1, longest + 1)]
+    even = [break_even_acceptance(c, nearest[d], d, r) for d in range(1, longest + 1)]
     return min((acceptance for acceptance in even if acceptance is not None), default=1.0)
 
 
@@ -117,24 +122,26 @@ UNIT_MODULES = {"attention": ("self_attn",), "recurrent": ("mamba", "linear_attn
 
 
 def default_costs(model, skip):
-    """-k auto's costs when none are given (README, "-k auto"): c, the share of the weights a draft step reads, and
-    v[d] = 1 for every d, as where decoding is bound by reading each weight once a step (a verify pass too)."""
+    """-k auto's costs when none are given (README, "-k auto"): c, the share of the weights a draft step reads,
+    v[d] = 1 for every d, as where decoding is bound by reading each weight once a step (a verify pass too), and r = 0
+    (a round's own work is not known without measuring it)."""
     def weights(module):
         return sum(param.numel() for param in module.parameters())
     left_out = sum(weights(layer) if i in skip.layers else sum(weights(getattr(layer, name)) for unit in
                    skip.left_out_of(i) for name in UNIT_MODULES[unit] if hasattr(layer, name))
                    for i, layer in enumerate(model.model.layers))
     read = weights(model) - (0 if model.config.tie_word_embeddings else model.model.embed_tokens.weight.numel())
-    return 1 - left_out / read, {1: 1.0}
+    return 1 - left_out / read, {1: 1.0}, 0.0
 
 
 def break_even(times, draft, k, a, max_context):
-    """The context from which on the predicted speedup (1 + a) t_full / (k t_draft + t_verify) exceeds 1, each time
-    linear in L through the two measured contexts: 0 if it does at both, None if not up to max_context. times: {L:
-    {"full": seconds, draft: seconds, k: seconds of a verify pass of k + 1 tokens}} at two contexts L."""
+    """The context from which on the predicted speedup (1 + a) t_full / (k t_draft + t_verify + t_round) exceeds 1,
+    each time linear in L through the two measured contexts: 0 if it does at both, None if not up to max_context.
+    times: {L: {"full": seconds, draft: seconds, k: seconds of a verify pass of k + 1 tokens, "round": seconds of a
+    round's own work}} at two contexts L."""
     (L0, t0), (L1, t1) = times.items()
-    gap0 = (1 + a) * t0["full"] - round_cost(k, t0[draft], t0)        # seconds the round saves (negative: loses)
-    gap1 = (1 + a) * t1["full"] - round_cost(k, t1[draft], t1)
+    gap0 = (1 + a) * t0["full"] - round_cost(k, t0[draft], t0, t0["round"])   # seconds the round saves (< 0: loses)
+    gap1 = (1 + a) * t1["full"] - round_cost(k, t1[draft], t1, t1["round"])
     if min(gap0, gap1) >= 0:
         return 0
     if gap1 <= gap0:                                     # not rising: never pays off beyond the measured contexts
@@ -176,42 +183,69 @@ PAPER = {
 }
 
 
-# --- The timing harness: c and v at a context --------------------------------------------------------------------
-Passes = namedtuple("Passes", "prefill snapshot restore plain_step draft verify judge commit")
-# the round's functions, timed as generation runs them: a tool passes hsd.PASSES, hsd's own
-Costs = namedtuple("Costs", "step_s c v v_measured context temperature turns noise")
+# --- The timing harness: c, v and r at a context ---------------------------------------------------------------
+Passes = namedtuple("Passes", "prefill snapshot restore plain_step draft verify judge commit generate")
+# the round's functions, timed as generation runs them, and generation itself (generate, for r): a tool passes
+# hsd.PASSES, hsd's own
+Costs = namedtuple("Costs", "step_s c v v_measured r context temperature turns noise")
 # step_s: a plain decoding step in seconds (median); c[label]: a draft step of that skip over a plain step; v[d]: what
 # a round does after drafting d tokens (a verify pass of d + 1 tokens, the judgement, the commit) over a plain step,
-# fitted monotone, v[0] = 1; v_measured: as measured; context: tokens in the cache; temperature: 0 greedy, > 0 the
-# sampled round's float64 softmax and draws included, as generation pays them; turns: how many; noise: per cost, the
-# relative difference between the medians of the first and second half of the turns.
+# fitted monotone, v[0] = 1; v_measured: as measured; r: what a round costs in a generation beyond d c + v[d] (in plain
+# steps of that generation); context: tokens in the cache; temperature: 0 greedy, > 0 the sampled round's float64
+# softmax and draws included, as generation pays them; turns: how many; noise: per cost, the relative difference
+# between the medians of the first and second half of the turns (of r: of the whole rounds it is fitted from).
 DRAFT_STEPS = 4                 # draft steps of one timed draft call: c is its time over 4 (one step is too short)
+ROUND_K, ROUND_TOKENS = 2, 16   # r: per turn a plain generation of 16 tokens and one at k = 2 (a skip a turn, in turn)
 
 
 def halves_noise(values):
     """|median of the first half - median of the second half| / median: how far the costs drifted while measured."""
     half = len(values) // 2
-    if half == 0:
+    if half == 0 or statistics.median(values) == 0:
         return None
     return abs(statistics.median(values[:half]) - statistics.median(values[half:])) / statistics.median(values)
 
 
+def whole_rounds(generate, model, label, skip, k, context, temperature, seed):
+    """Rounds as generation runs them: a plain generation and one of k drafts a round (the skip, no stop), of
+    ROUND_TOKENS tokens after a prompt that puts the context at `context` halfway (no end of text) -> (label, a round's
+    seconds over the plain generation's seconds per token, [drafts of each round])."""
+    prompt = [i % model.config.vocab_size for i in range(1, max(1, context - ROUND_TOKENS // 2) + 1)]
+    seed = seed if temperature else None
+    plain = generate(model, prompt, ROUND_TOKENS, draft="none", eos_token_id=-1, temperature=temperature, seed=seed)[1]
+    s = generate(model, prompt, ROUND_TOKENS, draft=drafts.Draft(str(label), skip, k, None), eos_token_id=-1,
+                 temperature=temperature, seed=seed)[1]
+    step = plain["decode_s"] / plain["new_tokens"]
+    return label, s["round_s"] / s["rounds"] / step, [len(r.drafts) for r in s["trace"]]
+
+
 @torch.inference_mode()
 def measure_costs(model, skips, context, turns, longest, temperature=0.0, *, passes, warm_turns=2):
-    """c of each skip ({label: models.Skip}) and v[d] for d = 0..longest, against a plain decoding step at a context,
-    at a temperature, each timed through the functions generation runs (passes: hsd.PASSES): a plain step is
+    """c of each skip ({label: models.Skip}), v[d] for d = 0..longest and r, against a plain decoding step at a
+    context, at a temperature, each timed through the functions generation runs (passes: hsd.PASSES): a plain step is
     plain_step; a draft step, draft (DRAFT_STEPS of them a call); v[d], verify, judge and commit of a round of d
     drafts; so the Python work around each model call is in the costs, as it is in a generation. In each turn a plain
     step comes first and last and every call in between, and each call's time is divided by that turn's plain step,
     so that the machine's drift affects a call and the step it is divided by alike; the costs are the medians over
     `turns` turns (after warm_turns turns that warm up), v then fitted monotone. The cache is put back after each
-    call. Many skips cost one call each per turn: time them together."""
+    call. Many skips cost one call each per turn: time them together.
+
+    r, what a round costs beyond d c + v[d]: in each turn, after the calls, whole rounds as generation runs them
+    (whole_rounds: passes.generate, a plain generation and one at ROUND_K drafts a round, one skip a turn in turn),
+    each round's seconds over the plain generation's seconds per token, less d c + v[d] of its d drafts (the medians
+    of c and v); r is the median over the turns. Why r from generations and not v[d] redefined as a whole round less
+    its d draft steps: the timed parts already hold every function a round calls (snapshot and restore cost
+    microseconds), yet rounds in a generation cost about 0.15-0.4 of a plain step more than their parts (the shipped
+    benchmark runs of 2026-12-04, fitted: RESULTS.md, "The cost model"); what a round pays there (the state a commit
+    leaves, the loop, memory) is seen only where generation runs, and one term fitted there, beside the parts, keeps
+    c and v what they say and r the rest, in the same unit as the speedup it predicts (a plain step as generation runs
+    it). Without skips r is 0 (nothing to draft with)."""
     cache = models.Cache(model, context + max(longest, DRAFT_STEPS) + 2)
     passes.prefill(model, cache, [i % model.config.vocab_size for i in range(1, context + 1)])
     snap, generator = passes.snapshot(cache), torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
 
-    def round_tail(d):                      # after drafting d tokens: verify, judge (q: some draft distribution), commit
+    def round_tail(d):                  # after drafting d tokens: verify, judge (q: some draft distribution), commit
         logits, recorded = passes.verify(model, cache, 1, [1] * d)
         q = torch.full((d, vocab), 1 / vocab, dtype=torch.float64) if temperature > 0 else None
         passes.judge([1] * d, q, logits, temperature, generator)
@@ -227,7 +261,8 @@ def measure_costs(model, skips, context, turns, longest, temperature=0.0, *, pas
         t = clock(cache.device) - t0
         passes.restore(cache, snap)
         return t
-    full, ratios = [], {name: [] for name in calls if name != "full"}
+    full, ratios, rounds = [], {name: [] for name in calls if name != "full"}, []
+    labels = list(skips)
     for turn in range(warm_turns + turns):
         before = seconds(calls["full"])
         times = {name: seconds(call) for name, call in calls.items() if name != "full"}
@@ -236,13 +271,20 @@ def measure_costs(model, skips, context, turns, longest, temperature=0.0, *, pas
             full.append(step)
             for name, t in times.items():
                 ratios[name].append(t / step / (DRAFT_STEPS if name[0] == "c" else 1))
+            if labels and longest >= 1:
+                label = labels[(turn - warm_turns) % len(labels)]
+                rounds.append(whole_rounds(passes.generate, model, label, skips[label], min(ROUND_K, longest),
+                                           context, temperature, turn))
     median = {name: statistics.median(r) for name, r in ratios.items()}
     v_measured = [1.0] + [median["v", d] for d in range(1, longest + 1)]
     v = [1.0] + [max(1.0, x) for x in fit_monotone(v_measured[1:])]        # never below a plain step
+    c = {label: median["c", label] for label in skips}
+    beyond = [whole - statistics.mean(d * c[label] + v[d] for d in ds) for label, whole, ds in rounds]
+    r = statistics.median(beyond) if beyond else 0.0
     noise = {"step": halves_noise(full), "c": {label: halves_noise(ratios["c", label]) for label in skips},
-             "v": {d: halves_noise(ratios["v", d]) for d in range(1, longest + 1)}}
-    return Costs(statistics.median(full), {label: median["c", label] for label in skips}, v, v_measured, context,
-                 temperature, turns, noise)
+             "v": {d: halves_noise(ratios["v", d]) for d in range(1, longest + 1)},
+             "r": halves_noise([whole for _, whole, _ in rounds])}
+    return Costs(statistics.median(full), c, v, v_measured, r, context, temperature, turns, noise)
 
 
 def part_kinds(config):
@@ -337,12 +379,12 @@ def repeated_share(tokens, gram=4):
     return sum(inside) / len(tokens) if tokens else 0.0
 
 
-def measured_row(runs, plain_runs, c=None, v=None):
+def measured_row(runs, plain_runs, costs=None):
     """What generations (one label's runs and plain decoding's) measured: the speedup over plain decoding with its 95%
     interval over prompts, each turn's speedup, tokens per second, rounds, plain steps, drafts_per_round,
-    accepted_per_round, alpha, the loop measure (repeated_share of the continuations), and, given c and v, the
-    speedup the cost model gives the very steps these runs took ("cost_model_on_these_rounds": not a prediction made
-    beforehand, the cost model's own error beside the measured speedup)."""
+    accepted_per_round, alpha, the loop measure (repeated_share of the continuations), and, given costs (c, v, r),
+    the speedup the cost model gives the very steps these runs took ("cost_model_on_these_rounds": not a prediction
+    made beforehand, the cost model's own error beside the measured speedup)."""
     every = [r for per_prompt in runs for r in per_prompt]
     rounds, drafted, accepted, plain = (sum(r[x] for r in every) for x in ("rounds", "drafted", "accepted",
                                                                             "plain_steps"))
@@ -354,9 +396,9 @@ def measured_row(runs, plain_runs, c=None, v=None):
            "accepted_per_round": accepted / rounds if rounds else None,
            "alpha": accepted / drafted if drafted else None,
            "repeated_4grams": statistics.mean(repeated_share(r["tokens"]) for r in every)}
-    if c is not None:
+    if costs is not None:
         row["cost_model_on_these_rounds"] = predicted_speedup(sum(r["new_tokens"] for r in every),
-                                                     [d for r in every for d in r["steps"]], c, v)
+                                                              [d for r in every for d in r["steps"]], *costs)
     return row
 
 

@@ -7,7 +7,7 @@ checks and drafts on), with its k (drafts per round, or "auto") and its stop (a 
   in words             draft_words: the line hsd.py's command line shows for a Draft
   draft files          DRAFT_FORMAT, is_draft_file, read_draft_file, draft_file, write_draft_file: a draft found by
                        measurement (hsd_search.py writes them) or written by hand (README, "Draft files"); draft_costs:
-                       the costs (c, {d: v[d]}) a Draft carries for -k auto
+                       the costs (c, {d: v[d]}, r) a Draft carries for -k auto
   identity             SIZES, weights_fingerprint, identity, cpu_name, device_name: what a file is checked against
 
 hsd.py decides which draft a generation runs (choose_draft); this module only says what drafts are.
@@ -27,7 +27,7 @@ DRAFTS = ("component", "layerskip", "early-exit", "none")     # "none": plain de
 LOOKUP = "lookup"         # the text's own n-grams as the draft; "lookup+DRAFT" (DRAFT: one of DRAFTS, a file): a cascade
 Draft = namedtuple("Draft", "name skip k stop costs lookup", defaults=(None, None))
 # what a generation runs: skip None and lookup None is plain decoding (k None then); stop: a confidence threshold or
-# None; costs: (c, {d: v[d]}) in units of a plain step, for -k auto (None: hsd's default rule); lookup: the largest
+# None; costs: (c, {d: v[d]}, r) in units of a plain step, for -k auto (None: hsd's default rule); lookup: the largest
 # n-gram of the lookup (hsd.lookup's n), None for none: with a skip, a cascade
 
 
@@ -229,24 +229,27 @@ def skip_of(path, fields, model, bad):
     return skip
 
 
-def draft_costs(c, v):
-    """A draft's costs for -k auto, in units of a plain step -> (c, {d: v[d]}): c a draft step, v the verify passes, a
-    dict {d: v[d]} (keys ints or digit strings) or a sequence whose item d is v[d] (item 0, d = 0, unused). A
-    UsageError for anything but finite numbers, positive but c, which may be 0 (the lookup: no draft step)."""
+def draft_costs(c, v, r=None):
+    """A draft's costs for -k auto, in units of a plain step -> (c, {d: v[d]}, r): c a draft step, v the verify
+    passes, a dict {d: v[d]} (keys ints or digit strings) or a sequence whose item d is v[d] (item 0, d = 0, unused),
+    r a round's own work beyond them (cost_model.round_cost). A UsageError for anything but finite numbers, positive
+    but c, which may be 0 (the lookup: no draft step), and r (a measured r may fall a little below 0); r left out
+    (None) too: the model has no form without it."""
     try:
         pairs = v.items() if isinstance(v, dict) else enumerate(v)
-        c, v = float(c), {int(d): float(x) for d, x in pairs if int(d) >= 1}
+        c, v, r = float(c), {int(d): float(x) for d, x in pairs if int(d) >= 1}, float(r)
     except (TypeError, ValueError):
         v = None
-    if not v or not 0 <= c < math.inf or not all(0 < x < math.inf for x in v.values()):
-        raise models.UsageError("costs must be (c, v): c a number from 0 on, v a dict {d: v[d]} or a sequence indexed "
-                                "by d, of positive numbers (in units of a plain step)")
-    return c, v
+    if not v or not 0 <= c < math.inf or not all(0 < x < math.inf for x in v.values()) or not math.isfinite(r):
+        raise models.UsageError("costs must be (c, v, r): c a number from 0 on, v a dict {d: v[d]} or a sequence "
+                                "indexed by d, of positive numbers, r a number (in units of a plain step)")
+    return c, v, r
 
 
 def costs_of(found_by, bad):
-    """found_by's measured costs -> (c, {d: v[d]}), or None if the file has none. found_by["costs"] holds "c" (older
-    files: found_by["c"]["measured"]) and "v": {"1": v[1], ...}, in units of a plain step."""
+    """found_by's measured costs -> (c, {d: v[d]}, r), or None if the file has none. found_by["costs"] holds "c"
+    (older files: found_by["c"]["measured"]), "v": {"1": v[1], ...} and "r", in units of a plain step; a file written
+    before r was measured has none: r = 0 then (old_costs_note says so)."""
     costs = found_by.get("costs")
     if not isinstance(costs, dict) or "v" not in costs:
         return None
@@ -254,13 +257,24 @@ def costs_of(found_by, bad):
     c = costs.get("c", older.get("measured") if isinstance(older, dict) else None)
     if c is None:
         return None
-    wrong = bad('"found_by": "costs" must hold "c": a positive number and "v": {"1": a positive number, ...}')
-    if isinstance(c, bool) or not isinstance(costs["v"], dict):
+    wrong = bad('"found_by": "costs" must hold "c": a positive number, "v": {"1": a positive number, ...} and "r": '
+                'a number')
+    if isinstance(c, bool) or not isinstance(costs["v"], dict) or isinstance(costs.get("r"), bool):
         raise wrong
     try:
-        return draft_costs(c, costs["v"])
+        return draft_costs(c, costs["v"], costs.get("r", 0.0))
     except models.UsageError:
         raise wrong from None
+
+
+def old_costs_note(path, found_by):
+    """The note of a file whose costs carry no r (written before the cost model measured a round's own work), else
+    None: -k auto then pauses as if a round cost only its draft steps and its verify pass."""
+    costs = found_by.get("costs")
+    if isinstance(costs, dict) and "v" in costs and "r" not in costs:
+        return (f"{path} was searched before the cost model measured a round's own cost (r): its -k auto pauses as "
+                "if r = 0, drafting where it may not pay; search again with python hsd_search.py")
+    return None
 
 
 def read_draft_file(path, model, temperature=None, context=None):
@@ -301,6 +315,7 @@ def read_draft_file(path, model, temperature=None, context=None):
         notes.append(f"{path} was searched with {threads} threads, this run uses {torch.get_num_threads()}: threads "
                      "change every cost, so it may not be the fastest draft here")
     notes += run_notes(path, found_by, temperature, context)
+    notes += [note for note in [old_costs_note(path, found_by)] if note]
     return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad), lookup and lookup["n"]), notes
 
 

@@ -131,7 +131,8 @@ EXERCISES = [
     Exercise(
         "break-even", ["cost_model.break_even"],
         "the cost model: from step times at two context lengths, the context from which on self-speculation pays off",
-        "the gap (1 + a) t_full - k t_draft - t_verify is linear in the context; find where it crosses 0, rising", 20,
+        "the gap (1 + a) t_full - (k t_draft + t_verify + t_round) is linear in the context; find where it crosses 0, "
+        "rising", 20,
         ["test_break_even_arithmetic"], []),
     Exercise(
         "perplexity", ["hsd_eval.nll"],

@@ -31,7 +31,8 @@ Names (one meaning each, here and in drafts.py):
   unit       a part of a layer a draft can leave out: its attention, its recurrent mixer or its MLP (models.UNITS)
   k          the most drafts a round proposes, or "auto" (then a Plan says the next k, from the rounds judged)
   stop, eos  what ends drafting earlier: a draft less probable than stop; the end-of-text token (it ends generation)
-  c, v[d]    costs in units of one plain step: a draft step; a verify pass over the pending token and d drafts
+  c, v[d], r costs in units of one plain step: a draft step; a verify pass over the pending token and d drafts;
+             what a round costs beyond them (cost_model.round_cost)
   q, p       the draft's and the full model's distributions at the temperature (sampling)
   plain step one token of plain decoding: the full model fed the pending token, nothing drafted
   n          the model's number of layers, in the paper's draft rules (drafts.draft_skip)
@@ -191,7 +192,7 @@ def plain_step(model, cache, pending, temperature=0.0, generator=None):
 
 # --- The text as the draft: lookup, and its round ------------------------------------------------------------
 LOOKUP_N, LOOKUP_K = 3, 8    # the largest n-gram and the most drafts: measured on the toys (README, "Draft strategies")
-LOOKUP_COSTS = (0.0, {1: 1.0})  # -k auto's costs of the lookup alone: no draft step (c = 0), v[d] = 1 as default_costs
+LOOKUP_COSTS = (0.0, {1: 1.0}, 0.0)  # -k auto's costs of the lookup alone: no draft step (c = 0), v, r as default_costs
 
 
 def lookup(tokens, n=LOOKUP_N, k=LOOKUP_K, index=None):
@@ -254,7 +255,7 @@ Plan = namedtuple("Plan", "k plain pause accepted tries", defaults=(0.0, 0.0))
 
 def auto_k(plan, drafted, accepted, below=0.0):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
-    step). When the recent acceptance falls below `below` (pause_below of the draft's c and v: under it drafting costs
+    step). When the recent acceptance falls below `below` (pause_below of the draft's c, v, r: under it drafting costs
     more than it makes), `pause` plain steps, then a round of one draft, the pause doubling (up to AUTO_LONGEST_PAUSE)
     while the acceptance stays below. Otherwise: all k accepted, two more next time (up to AUTO_MAX); some rejected,
     one fewer (at least 1); none accepted, 1. It looks only at rounds already judged: greedy output stays plain greedy
@@ -276,7 +277,7 @@ def choose_draft(model, asked=None, k=None, costs=None, temperature=None, contex
     Python warnings) or a Draft. k: drafts per round or "auto"; None: the draft file's, else LOOKUP_K for the lookup
     alone, 2 for any other draft; None for plain decoding, whatever is asked. A draft file keeps its stop rule; a
     named draft or a Skip stops at AUTO_STOP with k="auto" and never with a fixed k (the lookup alone never: its
-    drafts are certain). costs (c, v) for -k auto: those given, else the draft file's, else default_costs (a cascade:
+    drafts are certain). costs (c, v, r) for -k auto: those given, else the draft file's, else default_costs (a cascade:
     its draft model's, for what runs most), LOOKUP_COSTS for the lookup alone. temperature, context: the run's, for a
     draft file's notes (drafts.run_notes)."""
     text, asked = split_lookup(asked)
@@ -353,10 +354,6 @@ def prefill(model, cache, tokens, skip=None):
         model.hidden_states(torch.tensor([tokens], device=cache.device), cache, skip=skip)
 
 
-PASSES = cost_model.Passes(prefill, snapshot, restore, plain_step, draft, verify, judge, commit)
-# the round's functions, which cost_model.measure_costs times as generation runs them
-
-
 @torch.inference_mode()
 def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id=None, temperature=0.0,
                    seed=None, costs=None):
@@ -412,13 +409,17 @@ def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id
              costs=None):
     """Self-speculative decoding: plain greedy decoding's tokens (temperature 0), or at a temperature T > 0 tokens
     distributed as plain sampling's at T (seed: a seeded random stream; None: choose_seed draws one, and the statistics
-    say which). prompt_ids: 1-D LongTensor or list of ints; draft, k and costs (c, v) of -k auto: as choose_draft takes
-    them (default: the paper's draft for the family, k=2); eos_token_id: the model's by default. Stops after
+    say which). prompt_ids: 1-D LongTensor or list of ints; draft, k and costs (c, v, r) of -k auto: as choose_draft
+    takes them (default: the paper's draft for the family, k=2); eos_token_id: the model's by default. Stops after
     max_new_tokens or EOS (kept). Returns (new token ids, statistics() dict)."""
     context = len(prompt_ids) + max_new_tokens // 2                      # a draft file's note compares its own
     chosen, seed = choose_draft(model, draft, k, costs, temperature, context), choose_seed(temperature, seed)
     steps = list(generate_steps(model, prompt_ids, max_new_tokens, chosen, chosen.k, eos_token_id, temperature, seed))
     return [t for step in steps for t in step.tokens], statistics(chosen, steps, seed)
+
+
+PASSES = cost_model.Passes(prefill, snapshot, restore, plain_step, draft, verify, judge, commit, generate)
+# the round's functions, which cost_model.measure_costs times as generation runs them, and generation (for r)
 
 
 def statistics(chosen, steps, seed=None):

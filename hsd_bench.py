@@ -199,7 +199,7 @@ def bench(name, new_tokens=32, prompt_len=512, repeats=3, k=2, context=256, cost
         "operations)")
     print(f"cost    at {context} tokens, medians of {cost_repeats} turns (cost_model.measure_costs): full step "
           f"{costs.step_s * 1e3:.1f} ms; c: " + ", ".join(f"{label} {costs.c[label]:.2f}" for label in skips)
-          + "; v: " + ", ".join(f"k={k} {costs.v[k]:.2f}" for k in ks))
+          + "; v: " + ", ".join(f"k={k} {costs.v[k]:.2f}" for k in ks) + f"; r {costs.r:.2f}")
     limit = bandwidth / weight_bytes
     print(f"memory  {weight_bytes / 1e9:.2f} GB of weights read per token; memory read at {bandwidth / 1e9:.1f} GB/s "
           "(a sum "
@@ -231,14 +231,32 @@ def parse_ks(text):
     return tuple(ks)
 
 
+def plan_label(draft, k, stop):
+    """A row of a paper draft's units at a k and stop: "component, k=7, stop 0.2" ("component, k=4" without one)."""
+    return f"{draft}, k={k}" + (f", stop {stop:g}" if stop is not None else ", no stop" if k == "auto" else "")
+
+
+def tuned_plan(found_by, draft):
+    """(k, stop) the search chose for a paper draft's units (found_by.paper_drafts: the same estimate, costs and
+    choice of k 1..8 or auto and stop as for its own draft), or None if the file does not say."""
+    said = found_by.get("paper_drafts", {}).get(draft) if isinstance(found_by.get("paper_drafts"), dict) else None
+    if not isinstance(said, dict) or not (said.get("k") == "auto" or type(said.get("k")) is int):
+        return None
+    stop = said.get("stop")
+    return said["k"], stop if isinstance(stop, (int, float)) and not isinstance(stop, bool) else None
+
+
 def draft_rows(model, files, ks=PAPER_KS):
-    """(rows, skip_label): rows {label: drafts.Draft}, the paper's drafts at every fixed k of ks and with k="auto",
-    and each draft file as it says, at its best fixed k (found_by.best_fixed) and with k="auto"; skip_label {label:
-    the label of its skip in the costs} (the paper draft's name, or the file's path)."""
+    """(rows, skip_label, splits): rows {label: drafts.Draft}, the paper's drafts at every fixed k of ks and with
+    k="auto", each draft file as it says, at its best fixed k (found_by.best_fixed) and with k="auto", and the
+    paper's draft for the family (drafts.paper_draft) with the freedom the search has: at the file's own k and stop,
+    and at the k and stop the search chose for it (tuned_plan); skip_label {label: the label of its skip in the costs}
+    (the paper draft's name, or the file's path); splits {path: {"file", "paper", "same_plan", "tuned"}: the labels
+    gain_split compares (tuned None if the file does not say)}."""
     paper = drafts.paper_skips(model.config)
     rows = {f"{draft}, k={k}": drafts.Draft(draft, skip, k, None) for draft, skip in paper.items() for k in ks}
     rows |= {f"{draft}, k=auto": hsd.choose_draft(model, draft, "auto") for draft in paper}
-    skip_label = {label: label.split(", k=")[0] for label in rows}
+    family, splits = drafts.paper_draft(model.config), {}
     for path in files:
         found, notes = drafts.read_draft_file(path, model)
         for line in notes:
@@ -252,8 +270,16 @@ def draft_rows(model, files, ks=PAPER_KS):
             rows[f"{path}, k={fixed['k']}"] = found._replace(k=fixed["k"], stop=fixed.get("stop"))
         if found.k != "auto":
             rows[f"{path}, k=auto"] = found._replace(k="auto")
-        skip_label |= {label: path for label in rows if label.startswith(path)}
-    return rows, skip_label
+        plans = {"same_plan": (found.k, found.stop),
+                 "tuned": tuned_plan(found_by if isinstance(found_by, dict) else {}, family)}
+        splits[path] = {"file": path, "paper": family, **{key: None if plan is None else plan_label(family, *plan)
+                                                         for key, plan in plans.items()}}
+        for plan in plans.values():
+            if plan is not None:
+                rows.setdefault(plan_label(family, *plan), drafts.Draft(family, paper[family], *plan))
+    skip_label = {label: next((path for path in files if label.startswith(path)), label.split(", k=")[0])
+                  for label in rows}
+    return rows, skip_label, splits
 
 
 def measured_auto(draft, label, paper, skip_label, costs):
@@ -261,7 +287,7 @@ def measured_auto(draft, label, paper, skip_label, costs):
     costs), not by the default rule; a draft file's row keeps the file's costs, as hsd.py --draft FILE runs it."""
     if draft.k != "auto" or skip_label[label] not in paper:
         return draft
-    return draft._replace(costs=drafts.draft_costs(costs.c[skip_label[label]], costs.v))
+    return draft._replace(costs=drafts.draft_costs(costs.c[skip_label[label]], costs.v, costs.r))
 
 
 def window(ks, best, width=SAMPLED_WINDOW):
@@ -270,16 +296,21 @@ def window(ks, best, width=SAMPLED_WINDOW):
     return ks[start:start + width]
 
 
-def sampled_labels(rows, paper, ks, greedy_speedup):
+def fixed_paper_labels(paper, ks):
+    """The labels of the paper's drafts at each fixed k of ks, without a stop: what "the best fixed paper row" is of."""
+    return {f"{draft}, k={k}" for draft in paper for k in ks}
+
+
+def sampled_labels(rows, paper, ks, greedy_speedup, splits=None):
     """The labels of rows (draft_rows) run at T > 0: of each paper draft only the fixed ks of window() around its
     best greedy k (greedy_speedup: {label: measured greedy speedup}; with SAMPLED_WINDOW ks or fewer, all of them):
     the best k moves little with the temperature, and where the best at T > 0 lies at the window's edge the table says
-    so (unrun_neighbours); every k=auto row and every draft file's row."""
-    keep = set()
+    so (unrun_neighbours); every k=auto row, every draft file's row and every row gain_split compares (splits)."""
+    keep = {label for split in (splits or {}).values() for label in split.values() if label in rows}
     for draft in paper:
         best = max(ks, key=lambda k: greedy_speedup[f"{draft}, k={k}"])
         keep |= {f"{draft}, k={k}" for k in window(ks, best)}
-    fixed_paper = {f"{draft}, k={k}" for draft in paper for k in ks}
+    fixed_paper = fixed_paper_labels(paper, ks)
     return [label for label in rows if label in keep or label not in fixed_paper]
 
 
@@ -301,24 +332,25 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
     machine = cost_model.machine_state(model, "float32")       # before measuring: the load of others, not ours
     prompts = test_prompts(name, tokenizer, prompt_tokens)
     context = prompt_tokens + new_tokens // 2
-    rows, skip_label = draft_rows(model, files, ks)
+    rows, skip_label, splits = draft_rows(model, files, ks)
     paper = drafts.paper_skips(model.config)
     skips = {skip_label[label]: rows[label].skip for label in rows}
     longest = max(hsd.AUTO_MAX, *(rows[label].k for label in rows if rows[label].k != "auto"))
     cost_model.warm_up(model, longest)
-    sampled_rows = len(rows) - len(paper) * (len(ks) - min(SAMPLED_WINDOW, len(ks)))   # as sampled_labels keeps
+    sampled_rows = len(sampled_labels(rows, paper, ks, dict.fromkeys(fixed_paper_labels(paper, ks), 0.0),
+                                      splits))                                # as many as it keeps, whichever k is best
     counts = {0.0: generations(len(rows), len(prompts), turns), PAPER_T: generations(sampled_rows, len(prompts), turns)}
     t0 = time.perf_counter()
     costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, 0.0, passes=hsd.PASSES)
     costs_s = time.perf_counter() - t0
     generation_s = seconds(lambda: hsd.generate(model, next(iter(prompts.values())), new_tokens, draft="none"))
     print(duration_line(counts, generation_s, costs_s, new_tokens), file=sys.stderr)
-    result = {"prompts": prompts, "ks": ks, "paper": list(paper), "ran": {}, "costs": {}, "rows": {}, "best": {}, "runs": {},
-              "complete": False}
+    result = {"prompts": prompts, "ks": ks, "paper": list(paper), "ran": {}, "costs": {}, "rows": {}, "best": {},
+              "runs": {}, "splits": splits, "gain_split": {}, "complete": False}
     with tqdm(total=sum(counts.values()), desc="generations (all rows, both temperatures)", file=sys.stderr) as bar:
         for T in counts:
             ran = result["ran"][T] = list(rows) if T == 0 else sampled_labels(
-                rows, paper, ks, {label: result["rows"][label, 0.0]["speedup"] for label in rows})
+                rows, paper, ks, {label: result["rows"][label, 0.0]["speedup"] for label in rows}, splits)
             if T != 0:
                 costs = cost_model.measure_costs(model, skips, context, 7 * turns, longest, T, passes=hsd.PASSES)
             result["costs"][T] = costs
@@ -329,16 +361,52 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
                 new_tokens, turns, T, seed, bar)
             for label in ran:
                 result["rows"][label, T] = cost_model.measured_row(runs[label], runs["plain"],
-                                                                   costs.c[skip_label[label]], costs.v)
-            fixed_paper = [label for label in ran if skip_label[label] in paper and not label.endswith("auto")]
+                                                                   (costs.c[skip_label[label]], costs.v, costs.r))
+            fixed_paper = [label for label in ran if label in fixed_paper_labels(paper, ks)]
             best = result["best"][T] = max(fixed_paper, key=lambda label: result["rows"][label, T]["speedup"])
             for label in ran:                                  # each row against the best fixed paper row
                 result["rows"][label, T]["vs_best_paper"] = cost_model.speedup(runs[label], runs[best])
                 result["rows"][label, T]["vs_best_paper_ci"] = cost_model.speedup_ci(runs[label], runs[best])
+            result["gain_split"][T] = {path: gain_split(runs, split, ks) for path, split in splits.items()}
             result = {**result, **summary(result, machine), "complete": T == PAPER_T}
             if out:                                            # after each temperature: Ctrl-C keeps what was measured
                 cost_model.write_json(out, side_by_side_json(name, result, new_tokens))
     return result
+
+
+def gain_split(runs, split, ks):
+    """Where a draft file's gain over the paper's draft at its best fixed k comes from, on one temperature's runs
+    ({label: runs}), each a paired ratio of speedups with its 95% interval over the prompts (cost_model.speedup_ci):
+    "units", the file against the paper's units at the file's own k and stop (split["same_plan"]); "k_and_stop", the
+    paper's units at the k and stop the search chose for them (split["tuned"]) against the same units at their best
+    fixed k of ks (the fastest on these prompts, so this ratio leans low); "total", the file against that best fixed
+    row. A comparison whose rows did not run is None."""
+    fixed = [f"{split['paper']}, k={k}" for k in ks if f"{split['paper']}, k={k}" in runs]
+    best = max(fixed, key=lambda label: cost_model.speedup(runs[label], runs["plain"]), default=None)
+
+    def ratio(a, b):
+        if a not in runs or b not in runs:
+            return None
+        return {"rows": [a, b], "ratio": cost_model.speedup(runs[a], runs[b]),
+                "ci": list(cost_model.speedup_ci(runs[a], runs[b]))}
+    return {"best_fixed": best, "units": ratio(split["file"], split["same_plan"]),
+            "k_and_stop": ratio(split["tuned"], best), "total": ratio(split["file"], best)}
+
+
+def gain_lines(r):
+    """The results table's last part: per draft file and temperature, its gain split into units and k and stop."""
+    def words(x):
+        if x is None:
+            return "-"
+        low, high = x["ci"]
+        verdict = ("brings nothing measurable" if low <= 1 <= high else "a gain" if low > 1 else "a loss")
+        return f"{x['ratio']:.3f} [{low:.3f}, {high:.3f}] ({verdict})"
+    for T, per_file in r["gain_split"].items():
+        for path, g in per_file.items():
+            split = r["splits"][path]
+            yield (f"where {path}'s gain comes from at T={T}: total, against {g['best_fixed']}: {words(g['total'])}; "
+                   f"its units, against {split['same_plan']}: {words(g['units'])}; k and stop, {split['tuned']} "
+                   f"against {g['best_fixed']}: {words(g['k_and_stop'])}")
 
 
 def duration_line(counts, generation_s, costs_s, new_tokens):
@@ -382,6 +450,7 @@ def side_by_side_lines(name, r, new_tokens):
                f"{x['alpha'] or 0:6.3f} {x['accepted_per_round'] or 0:7.2f} {x['drafts_per_round'] or 0:7.2f} "
                f"{x['plain_steps']:5d} {r['costs'][T].c[label.split(', k=')[0]]:5.2f} "
                f"{x['cost_model_on_these_rounds']:8.3f}x {loops}")
+    yield from gain_lines(r)
     for line in r["warnings"]:
         yield f"warning: {line}"
 
@@ -401,7 +470,7 @@ def ran_words(r, T):
     fixed = {}
     for label in r["ran"][T]:
         draft, _, k = label.partition(", k=")
-        if draft in r["paper"] and k.isdigit():
+        if draft in r["paper"] and k.isdigit() and int(k) in r["ks"]:
             fixed.setdefault(draft, []).append(k)
     how = (f"--ks {','.join(map(str, r['ks']))}" if T == 0 else
            f"of --ks {','.join(map(str, r['ks']))} the best greedy k and its neighbours")
@@ -420,6 +489,7 @@ def side_by_side_json(name, r, new_tokens):
             "best_fixed_paper_unrun_neighbours": {str(T): unrun_neighbours(r, T) for T in r["best"]},
             "costs": {str(T): costs._asdict() for T, costs in r["costs"].items()},
             "rows": [{"row": label, "temperature": T, **x} for (label, T), x in r["rows"].items()],
+            "gain_split": {str(T): per_file for T, per_file in r["gain_split"].items()},
             "runs": {str(T): runs for T, runs in r["runs"].items()}}
 
 
@@ -452,11 +522,12 @@ def unit_lines(name, parts, saves, paper, machine):
     yield f"{name}: full step {parts.step_s * 1e3:.1f} ms at {parts.context} tokens; {machine_words(machine)}"
     yield "one unit left out saves: " + ", ".join(f"{field} of a {layer_type} layer {s:.1%}"
                                                   for (field, layer_type), s in saves.items())
-    yield "v (verify of d+1 tokens): " + ", ".join(f"d={d} {parts.v[d]:.2f}" for d in (1, 2, 4, 8, 16))
+    yield ("v (verify of d+1 tokens): " + ", ".join(f"d={d} {parts.v[d]:.2f}" for d in (1, 2, 4, 8, 16)) +
+           f"; r (a round's own work) {parts.r:.2f}")
     for draft, c in paper.c.items():
         yield f"{draft:10} c {c:.2f}; per-token acceptance needed for S > 1: " + ", ".join(
             f"k={k} {'never' if p is None else f'{p:.2f}'}"
-            for k, p in ((k, cost_model.break_even_acceptance(c, paper.v[k], k)) for k in (1, 2, 4, 8)))
+            for k, p in ((k, cost_model.break_even_acceptance(c, paper.v[k], k, paper.r)) for k in (1, 2, 4, 8)))
     yield from warning_lines(machine)
 
 
@@ -490,11 +561,11 @@ def sweep_rows(name, sweep):
         for draft, c in costs.c.items():
             for k in (2, 4, 8):
                 alpha = paper.get(draft, {}).get(column, {}).get(k, (None,))[0]
-                rows.append({"context": L, "draft": draft, "k": k, "c": c, "v": costs.v[k],
+                rows.append({"context": L, "draft": draft, "k": k, "c": c, "v": costs.v[k], "r": costs.r,
                              "noise_c": costs.noise["c"][draft],
-                             "break_even_acceptance": cost_model.break_even_acceptance(c, costs.v[k], k),
+                             "break_even_acceptance": cost_model.break_even_acceptance(c, costs.v[k], k, costs.r),
                              "paper_alpha": alpha, "predicted_speedup_at_paper_alpha": None if alpha is None else
-                             cost_model.predicted_speedup(1 + alpha * k, [k], c, costs.v)})
+                             cost_model.predicted_speedup(1 + alpha * k, [k], c, costs.v, costs.r)})
     return rows
 
 
@@ -504,14 +575,14 @@ def sweep_lines(name, sweep, rows, machine):
     yield (f"predicted: at the paper's single-round acceptance ({paper_column(T)}) for this model (cost_model.PAPER), "
            "where it gives one" if name in cost_model.PAPER else
            "no paper acceptance for this model: the acceptance each k needs")
-    yield (f"{'context':>7} {'step ms':>8} {'draft':10} {'k':>2} {'c':>5} {'v[k]':>5} {'needs':>6} {'paper a':>8} "
-           f"{'predicted':>9}")
+    yield (f"{'context':>7} {'step ms':>8} {'draft':10} {'k':>2} {'c':>5} {'v[k]':>5} {'r':>5} {'needs':>6} "
+           f"{'paper a':>8} {'predicted':>9}")
     for r in rows:
         needs = "never" if r["break_even_acceptance"] is None else f"{r['break_even_acceptance']:.2f}"
         predicted = "" if r["paper_alpha"] is None else f"{r['predicted_speedup_at_paper_alpha']:8.3f}x"
         paper = "" if r["paper_alpha"] is None else f"{r['paper_alpha']:.3f}"
         yield (f"{r['context']:7d} {sweep[r['context']].step_s * 1e3:8.2f} {r['draft']:10} {r['k']:2d} {r['c']:5.2f} "
-               f"{r['v']:5.2f} {needs:>6} {paper:>8} {predicted:>9}")
+               f"{r['v']:5.2f} {r['r']:5.2f} {needs:>6} {paper:>8} {predicted:>9}")
     yield from warning_lines(machine)
 
 
@@ -675,8 +746,9 @@ def main(argv=None):
                 print(json.dumps({"model": args.model, "machine": machine, "warnings": [
                                   w[9:] for w in warning_lines(machine)], "step_s": parts.step_s, "v": parts.v,
                                   "saves": {f"{u} of a {t} layer": s for (u, t), s in saves.items()},
-                                  "drafts": {draft: {"c": c, "break_even": {k: cost_model.break_even_acceptance(
-                                      c, paper.v[k], k) for k in (1, 2, 4, 8)}} for draft, c in paper.c.items()}}))
+                                  "r": parts.r, "drafts": {draft: {"c": c, "break_even": {
+                                      k: cost_model.break_even_acceptance(c, paper.v[k], k, paper.r)
+                                      for k in (1, 2, 4, 8)}} for draft, c in paper.c.items()}}))
             return 0
         if args.model not in models.OFFICIAL_CONFIGS:
             p.error("the comparison with transformers runs on an official configuration: "

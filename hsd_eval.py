@@ -119,7 +119,8 @@ def nll(model, ids, skip=None, chunk=256):
 
 def step_times(model, skips, ks, context, repeats=7):
     """Seconds at a context, from the cost model's harness (cost_model.measure_costs, greedy, `repeats` turns): a full
-    decoding step ("full"), a draft step (by name), a verify pass (by k, k drafts); and, for the run's estimate only,
+    decoding step ("full"), a draft step (by name), a verify pass (by k, k drafts), a round's own work ("round",
+    cost_model's r); and, for the run's estimate only,
     the logits of one position ("logits") and the prefill of the context ("prefill", once)."""
     costs = cost_model.measure_costs(model, skips, context, repeats, max(ks), passes=hsd.PASSES)
     cache = models.Cache(model, context)
@@ -131,7 +132,8 @@ def step_times(model, skips, ks, context, repeats=7):
     model.logits(rows)
     logits_s = (cost_model.clock(cache.device) - t0) / len(rows)
     return {"full": costs.step_s, **{draft: costs.c[draft] * costs.step_s for draft in skips},
-            **{k: costs.v[k] * costs.step_s for k in ks}, "logits": logits_s, "prefill": prefill_s}
+            **{k: costs.v[k] * costs.step_s for k in ks}, "round": costs.r * costs.step_s, "logits": logits_s,
+            "prefill": prefill_s}
 
 
 # --- A run that survives interruption: its records, saved as they come ---------------------------------------------
@@ -252,7 +254,8 @@ def estimate_seconds(t, inputs, skips, new_tokens, accepted_per_round):
         for draft in skips:
             for k in KS:
                 speed += (per_token * len(prompt)
-                          + new_tokens / (1 + accepted_per_round(draft, k)) * (k * t[draft] + t[k]))
+                          + new_tokens / (1 + accepted_per_round(draft, k)) * cost_model.round_cost(k, t[draft], t,
+                                                                                                     t["round"]))
     return {"alpha": alpha, "divergence and perplexity": passes, "speed": speed}
 
 
@@ -339,7 +342,8 @@ def summarize(model, inputs, skips, records, contexts, times, temperature, files
             row["alpha_multi"] = total["accepted"] / total["drafted"] if total["drafted"] else None
             row["accepted_per_round"] = a = total["accepted"] / total["rounds"] if total["rounds"] else None
             row["v"] = times[contexts[0]][k] / times[contexts[0]]["full"]
-            row["predicted_speedup"] = (cost_model.predicted_speedup(1 + a, [k], entry["c"], {k: row["v"]})
+            row["r"] = times[contexts[0]]["round"] / times[contexts[0]]["full"]
+            row["predicted_speedup"] = (cost_model.predicted_speedup(1 + a, [k], entry["c"], {k: row["v"]}, row["r"])
                                         if a is not None else None)          # a round of k makes 1 + a tokens
             row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate if runs else None
             row["break_even_context"] = (cost_model.break_even(times, draft, k, a, config.max_position_embeddings)
@@ -379,7 +383,7 @@ def run(args, model, tokenizer):
     header = {"model": args.model, "text_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
               "prompts": len(inputs["alpha"]), "speed_prompts": len(inputs["speed"]),
               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "device": args.device,
-              "temperature": temperature, "seed": seed}
+              "temperature": temperature, "seed": seed, "costs": "c, v and r (a round's own work)"}
     if files:                                                 # a resumed run must measure the same files
         header["draft_files"] = {path: file_sha256(path) for path in files}
     for path, flag in ((args.plot, "--plot"), (args.out, "--out")):

@@ -8,9 +8,9 @@ What it maximises: the cost model's predicted speedup of speculative decoding ov
     S = tokens the rounds produce / what the rounds cost
 
 over the rounds decoding would run on calibration text (a round makes its accepted drafts and the full model's own
-next token, and costs d c + v[d] for d drafts), costs in units of one full decoding step (a plain step costs 1): c,
-one draft step; v[d], a verify pass of d + 1 tokens (fitted non-decreasing in d); both measured on this machine at
---context. How many tokens a round drafts and keeps comes from an acceptance estimate along the full model's own
+next token, and costs cost_model.round_cost(d, c, v, r) = d c + v[d] + r for d drafts), costs in units of one full
+decoding step (a plain step costs 1): c, one draft step; v[d], a verify pass of d + 1 tokens (fitted non-decreasing
+in d); r, what a round costs in a generation beyond those; all measured on this machine at --context. How many tokens a round drafts and keeps comes from an acceptance estimate along the full model's own
 continuations of calibration prompts (greedy, or sampled at --temperature), in two forms:
   - as generation drafts (generation_estimates): at every position the draft starts from the full model's state
     there (its KV and recurrent states after the tokens before it) and drafts up to the longest round, as
@@ -36,7 +36,9 @@ The steps, in the order run() calls them (a part is a (field of models.Skip, lay
                   --method conflayers: ConfLayers' selection rule instead (conflayers.py)
   4. refine       the best REFINED candidates and the paper's drafts: c measured (cost_model.measure_costs, with
                   its noise), estimated as generation drafts; the winner is the best of them (Finalists); predictions:
-                  its speedup at the other temperature of TEMPERATURES and along paragraphs
+                  its speedup at the other temperature of TEMPERATURES and along paragraphs; finalists whose
+                  predictions lie within the costs' noise of the best are measured again, more turns, interleaved
+                  (separate), and if they still cannot be told apart the simplest is kept (found_by.ranking)
   5. confirm      end-to-end generations of the test prompts, in turns with plain decoding: the winner and the
                   paper's drafts, their measured speedups with 95% intervals, the estimate's error in S; warnings_of
   6. write        the draft file (--out), which hsd.py --draft FILE reads
@@ -152,7 +154,7 @@ def longest_round(method):
 
 
 def measure_costs(model, skips, context, turns, longest, temperature):
-    """cost_model.measure_costs of hsd's passes: c of each of skips ({label: Skip}), v, their noise."""
+    """cost_model.measure_costs of hsd's passes: c of each of skips ({label: Skip}), v, r, their noise."""
     return cost_model.measure_costs(model, skips, context, turns, longest, temperature, passes=hsd.PASSES)
 
 
@@ -299,12 +301,12 @@ def expected_accepted(accept, d):
     return total
 
 
-def replay(estimates, k, stop, c, v):
+def replay(estimates, k, stop, c, v, r):
     """The rounds decoding runs over the estimated texts, as hsd.generate_steps runs them (k a number or "auto", the
     stop ending a round after a draft less sure than it): tokens made, their cost in full steps, rounds, drafts made
     and accepted. At a temperature a round keeps its expected accepted drafts and the replay moves on by as many."""
     tokens = cost = rounds = drafted = accepted = 0
-    below = cost_model.pause_below((c, v)) if k == "auto" else 0.0       # where -k auto pauses, as generate does
+    below = cost_model.pause_below((c, v, r)) if k == "auto" else 0.0    # where -k auto pauses, as generate does
     for e in estimates:
         j, n, plan = 0.0, len(e.accept), hsd.Plan(hsd.AUTO_START, 0, hsd.AUTO_PAUSE)
         while int(j) < n:
@@ -316,7 +318,7 @@ def replay(estimates, k, stop, c, v):
             else:
                 d = drafts_in_round(e.sure[i], k_round, stop)
                 a = expected_accepted(e.accept[i], d)
-                tokens, cost, rounds = tokens + a + 1, cost + cost_model.round_cost(d, c, v), rounds + 1
+                tokens, cost, rounds = tokens + a + 1, cost + cost_model.round_cost(d, c, v, r), rounds + 1
                 drafted, accepted = drafted + d, accepted + a
             if k == "auto":
                 plan = hsd.auto_k(plan, d, round(a), below)
@@ -334,20 +336,20 @@ Candidate = namedtuple("Candidate", "skip draft_cost k stop speedup replayed")
 # behind that prediction
 
 
-def best_plan(skip, estimates, draft_cost, v, ks, stops):
+def best_plan(skip, estimates, draft_cost, v, r, ks, stops):
     """A draft at the k and stop rule (of ks and stops) whose replay predicts the highest speedup: a Candidate."""
     best = None
     for k in ks:
         for stop in stops:
-            r = replay(estimates, k, stop, draft_cost, v)
-            if best is None or speedup(r) > best.speedup:
-                best = Candidate(skip, draft_cost, k, stop, speedup(r), r)
+            rounds = replay(estimates, k, stop, draft_cost, v, r)
+            if best is None or speedup(rounds) > best.speedup:
+                best = Candidate(skip, draft_cost, k, stop, speedup(rounds), rounds)
     return best
 
 
-def planned(skip, estimates, draft_cost, v, k, stop):
+def planned(skip, estimates, draft_cost, v, r, k, stop):
     """A draft at a given k and stop rule: a Candidate."""
-    return best_plan(skip, estimates, draft_cost, v, (k,), (stop,))
+    return best_plan(skip, estimates, draft_cost, v, r, (k,), (stop,))
 
 
 def is_better(candidate, best):
@@ -356,9 +358,9 @@ def is_better(candidate, best):
 
 
 # --- 3. The candidates: the search ---------------------------------------------------------------------------------
-class Search(namedtuple("Search", "model calibration full savings v longest temperature")):
+class Search(namedtuple("Search", "model calibration full savings v r longest temperature")):
     """What ranking a draft needs: full, the full model's logits over the calibration's continuations (B, T, V);
-    savings, unit_savings'; v, the verify passes' costs; longest, the most drafts a round makes."""
+    savings, unit_savings'; v, the verify passes' costs; r, a round's own; longest, the most drafts a round makes."""
 
     def __repr__(self):
         return (f"Search({self.calibration!r}, {len(self.savings)} unit savings, longest {self.longest}, temperature "
@@ -369,7 +371,7 @@ def rank(s, skip, ks=(*KS, "auto"), stops=STOPS):
     """A draft by the cheap estimate and its composed c, at its best k and stop rule: a Candidate."""
     estimates = teacher_forced_estimates(s.model, s.calibration.continuations, skip, s.calibration.start, s.longest,
                                          s.temperature, full=s.full)
-    return best_plan(skip, estimates, composed_cost(s.model.config, skip, s.savings), s.v, ks, stops)
+    return best_plan(skip, estimates, composed_cost(s.model.config, skip, s.savings), s.v, s.r, ks, stops)
 
 
 def rank_into(ranked, s, skips):
@@ -511,29 +513,95 @@ def finalist_skips(ranked, paper, count):
     return {**labels, **paper}
 
 
+def plan_of(label, skip, estimates, costs, temperature, plans):
+    """A finalist with measured costs: at plans[label] = (k, stop) where given, else at its best k (1..8 or auto) and
+    stop rule (at a temperature without stops: the estimate of a stop there is rough): a Candidate."""
+    if label in plans:
+        return planned(skip, estimates, costs.c[label], costs.v, costs.r, *plans[label])
+    stops = STOPS if temperature == 0 else (None,)
+    return best_plan(skip, estimates, costs.c[label], costs.v, costs.r, (*KS, "auto"), stops)
+
+
 def refine(model, rows, start, skips, costs, longest, temperature, progress, plans):
     """Each of skips ({label: Skip}) estimated as generation drafts along rows, with its measured c: ({label:
-    Candidate at its best k and stop rule, or at plans[label] = (k, stop) where given}, {label: Candidate at its best
-    fixed k}); at a temperature without stops (the estimate of a stop there is rough)."""
-    refined, fixed = {}, {}
+    Candidate, plan_of's}, {label: Candidate at its best fixed k}, {label: its estimates})."""
+    refined, fixed, estimated = {}, {}, {}
     stops = STOPS if temperature == 0 else (None,)
     for i, (label, skip) in enumerate(skips.items()):
-        estimates = generation_estimates(model, rows, skip, start, longest, temperature)
-        fixed[label] = best_plan(skip, estimates, costs.c[label], costs.v, KS, stops)
-        if label in plans:
-            refined[label] = planned(skip, estimates, costs.c[label], costs.v, *plans[label])
-        else:
-            refined[label] = best_plan(skip, estimates, costs.c[label], costs.v, (*KS, "auto"), stops)
+        estimates = estimated[label] = generation_estimates(model, rows, skip, start, longest, temperature)
+        fixed[label] = best_plan(skip, estimates, costs.c[label], costs.v, costs.r, KS, stops)
+        refined[label] = plan_of(label, skip, estimates, costs, temperature, plans)
         progress(i + 1, len(skips))
-    return refined, fixed
+    return refined, fixed, estimated
 
 
-class Finalists(namedtuple("Finalists", "label candidates best_fixed costs composed paper_labels tried selection")):
+# --- 4b. Rank only what the costs can tell apart ----------------------------------------------------------------
+SEPARATE_TURNS = (2, 4)      # finalists too close to rank: their costs measured again at 2x, then 4x the turns
+
+
+def units_left_out(config, skip):
+    """How many units (attention, recurrent mixer, MLP) a skip leaves out, a whole layer counting as all of its units:
+    the fewer, the simpler the draft (it is more of the full model)."""
+    return sum(len(models.units_of(t)) if i in skip.layers else sum(i in getattr(skip, u) for u in models.units_of(t))
+               for i, t in enumerate(config.layer_types))
+
+
+def too_close(speedups, noise):
+    """The labels of speedups ({label: predicted S}) whose S lies within `noise` (relative) of the best, best first:
+    the drafts the costs' noise cannot rank."""
+    best = max(speedups.values())
+    close = [label for label, x in speedups.items() if x >= best * (1 - noise)]
+    return sorted(close, key=lambda label: -speedups[label])
+
+
+def costs_noise(costs, labels):
+    """The costs' noise for ranking drafts: the largest halves noise of their c (0 where unknown)."""
+    return max((costs.noise["c"][label] or 0.0 for label in labels), default=0.0)
+
+
+def separate(args, model, config, own, refined, costs, estimated, skips, plans, measure=None):
+    """The winner among the search's own finalists `own` (labels of refined), ranked only as far as the costs tell
+    them apart: those whose predicted speedups lie within the costs' noise of the best are measured again, on their
+    own and interleaved, with SEPARATE_TURNS times the turns, until one stands clear or the budget is spent; then the
+    simplest of those still too close (units_left_out; among equals the higher S) is kept, and said so. Returns
+    (label, ranking: what the draft file records in found_by.ranking)."""
+    measure = measure or measure_costs
+    speedups = {label: refined[label].speedup for label in own}
+    noise = costs_noise(costs, own)
+    close, turns = too_close(speedups, noise), [costs.turns]
+    for times in SEPARATE_TURNS:
+        if len(close) < 2:
+            break
+        print(f"hsd_search: {', '.join(close)} predict within the costs' noise ({noise:.1%}) of each other: their "
+              f"costs measured again, {costs.turns * times} turns", file=sys.stderr)
+        more = measure(model, {label: skips[label] for label in close}, args.context, costs.turns * times,
+                       longest_round(args.method), args.temperature)
+        turns.append(more.turns)
+        speedups = {label: plan_of(label, skips[label], estimated[label], more, args.temperature, plans).speedup
+                    for label in close}
+        noise = costs_noise(more, close)
+        close = too_close(speedups, noise)
+    separated = len(close) < 2
+    kept = close[0] if separated else min(close, key=lambda label: (units_left_out(config, skips[label]),
+                                                                    -speedups[label]))
+    said = (f"{kept} predicts {speedups[kept]:.3f}x, clear of the others by more than the costs' noise ({noise:.1%})"
+            if separated else
+            f"{', '.join(close)} predict {', '.join(f'{speedups[label]:.3f}x' for label in close)}, within the costs' "
+            f"noise ({noise:.1%}) after {turns[-1]} turns: the simplest is kept, {kept} (leaving out "
+            f"{units_left_out(config, skips[kept])} units)")
+    return kept, {"separated": separated, "turns": turns, "noise": noise, "still_close": [] if separated else close,
+                  "speedups": speedups, "kept": kept, "said": said,
+                  "simpler": "leaves out fewer units (attention, recurrent mixer, MLP; a whole layer counts as all "
+                             "of its units); among equals the higher predicted speedup"}
+
+
+class Finalists(namedtuple("Finalists", "label candidates best_fixed costs composed paper_labels tried selection "
+                                        "ranking")):
     """Steps 3 and 4: label, the winner's; candidates, {label: Candidate} of the finalists, estimated as generation
     drafts with measured costs: the search's best ("candidate 1", ...; ConfLayers': "conflayers") and the paper's
     drafts (paper_labels); best_fixed, the winner at its best fixed k; costs, the finalists' measured Costs;
     composed, {label: c composed from the unit costs}; tried, candidates ranked; selection, what ConfLayers did (a
-    conflayers.Selection) or None."""
+    conflayers.Selection) or None; ranking, how the winner was told apart from the others (separate's)."""
 
     def __repr__(self):
         return (f"Finalists(winner {self.label!r} S {self.winner.speedup:.3f} of {len(self.candidates)}, {self.tried} "
@@ -547,24 +615,22 @@ class Finalists(namedtuple("Finalists", "label candidates best_fixed costs compo
         """The drafts step 5 confirms: {"found": the winner, each paper draft's label: its Candidate}."""
         return {"found": self.winner, **{name: self.candidates[name] for name in self.paper_labels}}
 
-    def runner_up(self):
-        """The best of the search's own finalists after the winner, or None."""
-        own = [cand for label, cand in self.candidates.items() if label not in self.paper_labels and label != self.label]
-        return max(own, key=lambda cand: cand.speedup, default=None)
-
 
 def choose(args, model, calib, unit_costs, savings, paper, on_best):
     """Steps 3 and 4: the candidates (candidates), their finalists' costs measured and refined: Finalists."""
     longest = longest_round(args.method)
     with torch.inference_mode():
-        s = Search(model, calib, model(calib.continuations), savings, unit_costs.v, longest, args.temperature)
+        s = Search(model, calib, model(calib.continuations), savings, unit_costs.v, unit_costs.r, longest,
+                   args.temperature)
     skips, plans, tried, selection = candidates(args, s, paper, on_best)
     costs = measure_costs(model, skips, args.context, args.repeats * 7, longest, args.temperature)
-    refined, fixed = refine(model, calib.continuations, calib.start, skips, costs, longest, args.temperature,
-                            Progress("refine: finalists estimated as generation drafts"), plans)
-    label = max((label for label in refined if label not in paper), key=lambda label: refined[label].speedup)
+    refined, fixed, estimated = refine(model, calib.continuations, calib.start, skips, costs, longest,
+                                       args.temperature, Progress("refine: finalists estimated as generation drafts"),
+                                       plans)
+    own = [label for label in refined if label not in paper]
+    label, ranking = separate(args, model, model.config, own, refined, costs, estimated, skips, plans)
     composed = {label: composed_cost(model.config, cand.skip, savings) for label, cand in refined.items()}
-    return Finalists(label, refined, fixed[label], costs, composed, list(paper), tried, selection)
+    return Finalists(label, refined, fixed[label], costs, composed, list(paper), tried, selection, ranking)
 
 
 Predicted = namedtuple("Predicted", "at along fresh")
@@ -583,10 +649,11 @@ def predictions(args, model, finalists, calib, held):
         here = fresh[t] = measure_costs(model, {label: winner.skip}, args.context, args.repeats * 7, longest, t)
         rows = continuations(model, held, args.new_tokens, t, args.seed + 20_000)
         estimates = generation_estimates(model, rows, winner.skip, calib.start, longest, t)
-        at[f"{t:g}"] = planned(winner.skip, estimates, here.c[label], here.v, winner.k, winner.stop).speedup
+        at[f"{t:g}"] = planned(winner.skip, estimates, here.c[label], here.v, here.r, winner.k, winner.stop).speedup
     greedy = fresh[0.0]
     along = generation_estimates(model, calib.paragraphs, winner.skip, calib.start, longest, 0.0, along_text=True)
-    return Predicted(at, {"0": planned(winner.skip, along, greedy.c[label], greedy.v, winner.k, winner.stop).speedup},
+    return Predicted(at, {"0": planned(winner.skip, along, greedy.c[label], greedy.v, greedy.r, winner.k,
+                                       winner.stop).speedup},
                      fresh)
 
 
@@ -596,18 +663,20 @@ def confirm(args, model, test, finalists):
     ({label: measured_row}), and the estimate made on the test prompts' own continuations ({label: Candidate}), whose
     error is the estimator's own."""
     confirmed, costs = finalists.confirmed(), finalists.costs
-    draft_of = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop, drafts.draft_costs(cand.draft_cost, costs.v))
+    draft_of = {label: hsd.Draft(label, cand.skip, cand.k, cand.stop, drafts.draft_costs(cand.draft_cost, costs.v,
+                                                                                           costs.r))
                 for label, cand in confirmed.items()}            # -k auto pauses by the costs it was planned by
     runs = cost_model.generations_in_turns(hsd.generate, model, test, draft_of, args.new_tokens, args.repeats,
                                            args.temperature, args.seed,
                                            Progress("confirm: generations", args.repeats * len(test) * (1 + len(
                                                draft_of))))
-    measured = {label: cost_model.measured_row(runs[label], runs["plain"], cand.draft_cost, costs.v)
+    measured = {label: cost_model.measured_row(runs[label], runs["plain"], (cand.draft_cost, costs.v, costs.r))
                 for label, cand in confirmed.items()}
     rows = continuations(model, test, args.new_tokens, args.temperature, args.seed + 10_000)
     there = {label: planned(cand.skip, generation_estimates(model, rows, cand.skip, len(test[0]),
                                                             longest_round(args.method), args.temperature),
-                            cand.draft_cost, costs.v, cand.k, cand.stop) for label, cand in confirmed.items()}
+                            cand.draft_cost, costs.v, costs.r, cand.k, cand.stop)
+             for label, cand in confirmed.items()}
     return measured, there
 
 
@@ -630,11 +699,12 @@ def contradicted(predicted, measured):
     return not low <= predicted <= high and abs(predicted - measured["speedup"]) > 0.1 * measured["speedup"]
 
 
-def warnings_of(winner, predicted, runner_up, measured, paper_labels, costs, machine, composed_c):
+def warnings_of(winner, predicted, ranking, measured, paper_labels, machine, composed_c):
     """The loud warnings of a search: its draft measured below plain decoding or below a paper draft it measured, its
     prediction contradicted by its measurement, its measured c far from its composed one (one measurement gone wrong:
-    the winner of many noisy measurements is often the luckiest), costs too noisy to rank the finalists, a busy
-    machine (machine: cost_model.machine_state's). predicted: the draft file's prediction (on held-out prompts)."""
+    the winner of many noisy measurements is often the luckiest), finalists the costs could not tell apart even when
+    measured more (ranking: separate's; the simplest was kept), a busy machine (machine: cost_model.machine_state's).
+    predicted: the draft file's prediction (on held-out prompts)."""
     found, said = measured["found"], []
     if found["speedup"] < 1:
         said.append(f"the draft measured {found['speedup']:.3f}x plain decoding: slower than no draft")
@@ -649,11 +719,8 @@ def warnings_of(winner, predicted, runner_up, measured, paper_labels, costs, mac
     if abs(winner.draft_cost - composed_c) > 0.25 * composed_c:
         said.append(f"the draft's c measured {winner.draft_cost:.3f}, composed from its units {composed_c:.3f}: one of "
                     "them is wrong (a busy machine?); search again on an idle one")
-    noise = max(costs.noise["c"].values())
-    if runner_up is not None and winner.speedup - runner_up.speedup < noise * winner.speedup:
-        said.append(f"costs moved by up to {noise:.1%} between the halves of their turns, more than the "
-                    f"{1 - runner_up.speedup / winner.speedup:.1%} between the two best drafts' predicted speedups: "
-                    "the machine is too busy to rank them")
+    if ranking and not ranking["separated"]:
+        said.append(f"{ranking['said']}: the machine is too busy to rank them")
     busy = cost_model.busy_warning(machine, found["turn_speedups"])
     return said + ([busy] if busy else [])
 
@@ -684,11 +751,13 @@ def found_by_end(args, finalists, predicted, measured, there, said, seconds, pro
     fresh, at = predicted.fresh[args.temperature], predicted.at[f"{args.temperature:g}"]
     return {
         "candidates_tried": f.tried, "seconds": round(seconds, 1),
-        "costs": {"c": fresh.c[f.label], "v": {str(d): fresh.v[d] for d in range(1, len(fresh.v))},
+        "costs": {"c": fresh.c[f.label], "v": {str(d): fresh.v[d] for d in range(1, len(fresh.v))}, "r": fresh.r,
+                  "r_noise": fresh.noise["r"],
                   "context": fresh.context, "temperature": args.temperature, "threads": torch.get_num_threads(),
                   "noise": fresh.noise["c"][f.label], "composed_c": f.composed[f.label],
                   "step_ms": fresh.step_s * 1e3, "c_when_chosen": costs.c[f.label]},
         "predicted_speedup": predicted.at, "predicted_speedup_along_paragraphs": predicted.along,
+        "ranking": f.ranking,
         "measured": {**measured["found"], "set": "test prompts (a short confirmation: hsd_bench.py measures)",
                      "prompts": prompts, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "temperature": args.temperature},
@@ -805,6 +874,7 @@ def report(finalists, measured, said, seconds, out):
     for label, cand in finalists.confirmed().items():
         print(describe_candidate(label, cand))
         print(describe_measured(measured[label], cand.draft_cost))
+    print(f"ranking: {finalists.ranking['said']}")
     selection = finalists.selection
     if selection:
         print(f"ConfLayers ({conflayers.WHAT_RUNS}): {'converged' if selection.converged else 'did not converge'} "
@@ -837,8 +907,8 @@ def run(args, model, tokenizer):
     held = [text.paragraphs[i][:args.prompt_tokens] for i in text.drawn.held]
     predicted = predictions(args, model, finalists, calib, held)                                        # 4
     measured, there = confirm(args, model, confirmation_prompts(text, args.prompt_tokens), finalists)   # 5
-    said = warnings_of(finalists.winner, predicted.at[f"{args.temperature:g}"], finalists.runner_up(), measured,
-                       finalists.paper_labels, finalists.costs, machine, finalists.composed[finalists.label])
+    said = warnings_of(finalists.winner, predicted.at[f"{args.temperature:g}"], finalists.ranking, measured,
+                       finalists.paper_labels, machine, finalists.composed[finalists.label])
     found_by.update(found_by_end(args, finalists, predicted, measured, there, said, time.time() - t0,
                                  len(text.drawn.test)))
     spec = draft_file(model, args.model, finalists.winner, found_by)                                    # 6

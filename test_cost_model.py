@@ -13,21 +13,32 @@ import models
 
 
 # --- The cost of a round, and the speedup it predicts ---------------------------------------------------------------
-def test_a_round_costs_its_draft_steps_and_its_verify_pass():
+def test_a_round_costs_its_draft_steps_its_verify_pass_and_its_own_work():
     v = [1.0, 1.1, 1.25, 1.5]
-    assert cost_model.round_cost(3, 0.5, v) == 3 * 0.5 + 1.5
-    assert cost_model.round_cost(0, 0.5, v) == 1.0                                  # a plain step
-    assert cost_model.predicted_speedup(5, [0] * 5, 0.5, v) == 1.0                  # plain decoding: 1 by definition
-    assert cost_model.predicted_speedup(1 + 2, [3], 0.5, v) == 3 / 3.0              # 3 tokens for 1.5 + 1.5 steps
-    assert math.isclose(cost_model.predicted_speedup(4 + 1, [2, 0], 0.25, v), 5 / (0.5 + 1.25 + 1.0))
+    assert cost_model.round_cost(3, 0.5, v, 0.0) == 3 * 0.5 + 1.5
+    assert cost_model.round_cost(3, 0.5, v, 0.25) == 3 * 0.5 + 1.5 + 0.25           # r once a round, whatever d
+    assert cost_model.round_cost(1, 0.5, v, 0.25) == 0.5 + 1.1 + 0.25
+    assert cost_model.round_cost(0, 0.5, v, 0.25) == 1.0                            # a plain step: no round, no r
+    assert cost_model.predicted_speedup(5, [0] * 5, 0.5, v, 0.25) == 1.0            # plain decoding: 1 by definition
+    assert cost_model.predicted_speedup(1 + 2, [3], 0.5, v, 0.0) == 3 / 3.0         # 3 tokens for 1.5 + 1.5 steps
+    assert cost_model.predicted_speedup(1 + 2, [3], 0.5, v, 0.5) == 3 / 3.5
+    assert math.isclose(cost_model.predicted_speedup(4 + 1, [2, 0], 0.25, v, 0.2), 5 / (0.5 + 1.25 + 0.2 + 1.0))
+    with pytest.raises(TypeError):
+        cost_model.round_cost(3, 0.5, v)                                            # r cannot be left out
 
 
 def test_break_even_acceptance_is_where_a_round_just_pays():
-    p = cost_model.break_even_acceptance(0.5, 1.0, 1)                 # 1 + p tokens for 1.5 steps: p = 0.5
+    p = cost_model.break_even_acceptance(0.5, 1.0, 1, 0.0)            # 1 + p tokens for 1.5 steps: p = 0.5
     assert abs(p - 0.5) < 1e-9
-    p = cost_model.break_even_acceptance(0.3, 1.2, 4)
-    assert abs(sum(p ** i for i in range(5)) - cost_model.round_cost(4, 0.3, {4: 1.2})) < 1e-9
-    assert cost_model.break_even_acceptance(0.9, 1.5, 2) is None      # 3.3 steps for at most 3 tokens: never
+    p = cost_model.break_even_acceptance(0.5, 1.0, 1, 0.2)            # 1 + p tokens for 1.7 steps: p = 0.7
+    assert abs(p - 0.7) < 1e-9
+    p = cost_model.break_even_acceptance(0.3, 1.2, 4, 0.1)
+    assert abs(sum(p ** i for i in range(5)) - cost_model.round_cost(4, 0.3, {4: 1.2}, 0.1)) < 1e-9
+    assert cost_model.break_even_acceptance(0.9, 1.5, 2, 0.0) is None      # 3.3 steps for at most 3 tokens: never
+    assert cost_model.break_even_acceptance(0.5, 1.0, 1, 0.6) is None      # 2.1 steps for at most 2 tokens: never
+    # -k auto pauses below the least of them over k: r raises it (r 0.3: 1 + p = 0.5 + 1.0 + 0.3 at k = 1)
+    assert cost_model.pause_below((0.5, {1: 1.0, 2: 1.2}, 0.0), 2) == pytest.approx(0.5)
+    assert cost_model.pause_below((0.5, {1: 1.0, 2: 1.2}, 0.3), 2) == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("values, fitted", [
@@ -62,7 +73,20 @@ class FakeModel:
         return torch.zeros(1, T, self.config.vocab_size)
 
 
-def fake_costs(monkeypatch, temperature, passes):
+def fake_generate(model, round_steps):
+    """A generation on the fake clock, as hsd.generate's statistics say it: a plain one takes step_s a token (drift
+    left out: the harness divides by the generation's own plain step), one with a draft runs rounds of 2 drafts, each
+    taking round_steps (given the skip's fake c) plain steps."""
+    def generate(m, prompt, new_tokens, draft, eos_token_id, temperature, seed):
+        if draft == "none":
+            return [0] * new_tokens, {"new_tokens": new_tokens, "decode_s": new_tokens * model.step_s}
+        rounds = [Round([5] * draft.k, 1, 5) for _ in range(new_tokens // (draft.k + 1))]
+        whole = round_steps(model.draft_s[draft.skip] / model.step_s, draft.k)
+        return [], {"rounds": len(rounds), "trace": rounds, "round_s": len(rounds) * whole * model.step_s}
+    return generate
+
+
+def fake_costs(monkeypatch, temperature, passes, r=0.3):
     real = models.load("tiny-falcon-h1")
     skips = {"component": hsd.draft_skip(real.config, "component"), "early-exit": hsd.draft_skip(real.config,
                                                                                                    "early-exit")}
@@ -72,7 +96,8 @@ def fake_costs(monkeypatch, temperature, passes):
     given = hsd.PASSES._replace(prefill=lambda model, cache, tokens: None,       # hsd's own functions but these
                                 verify=lambda model, cache, pending, drafts: (model(torch.tensor([[pending, *drafts]]),
                                                                                     cache)[0], None),
-                                commit=lambda cache, start, kept, recorded: None)
+                                commit=lambda cache, start, kept, recorded: None,
+                                generate=fake_generate(model, lambda c, d: d * c + 1.25 + r))   # v[2] as fitted
     return cost_model.measure_costs(model, skips, 16, 6, 4, temperature, passes=given)
 
 
@@ -89,6 +114,7 @@ def test_costs_are_ratios_to_the_turns_full_step_and_v_is_fitted(monkeypatch, te
     assert costs.noise["c"]["component"] < 1e-12 and costs.noise["v"][3] < 1e-12  # ratios: no drift left in them
     assert costs.noise["step"] > 0.5                                          # the seconds themselves drift
     assert (costs.context, costs.temperature, costs.turns) == (16, temperature, 6)
+    assert math.isclose(costs.r, 0.3)              # whole rounds (2 drafts: 2 c + v[2] + 0.3) less their parts
 
 
 def test_costs_time_the_functions_generation_runs(monkeypatch):
@@ -142,11 +168,11 @@ def test_generations_take_turns_and_keep_every_run(monkeypatch):
     cost_model.generations_in_turns(lambda *a, seed, **k: greedy_seeds.append(seed) or generate(*a, seed=seed, **k),
                                     None, [[10]], {}, 4, 1)
     assert greedy_seeds == [None]                                       # greedy: no seed
-    row = cost_model.measured_row(runs["d"], runs["plain"], 0.5, [1.0, 1.1, 1.2])
+    row = cost_model.measured_row(runs["d"], runs["plain"], (0.5, [1.0, 1.1, 1.2], 0.25))
     assert row["speedup"] == 2.0 and row["speedup_ci"] == (2.0, 2.0) and row["turn_speedups"] == [2.0, 2.0]
     assert (row["rounds"], row["plain_steps"], row["drafts_per_round"], row["accepted_per_round"], row["alpha"]) == (
         4, 8, 2.0, 1.0, 0.5)
-    assert row["cost_model_on_these_rounds"] == 16 / (4 * (2 * 0.5 + 1.2) + 8 * 1.0)   # the steps these runs took
+    assert row["cost_model_on_these_rounds"] == 16 / (4 * (2 * 0.5 + 1.2 + 0.25) + 8 * 1.0)   # the steps they took
     assert row["repeated_4grams"] == 0.0                                       # [20] * 4: one 4-gram, seen once
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import cost_model
 import drafts
 import hsd
 import models
@@ -49,32 +50,41 @@ def test_a_file_written_by_the_search_reads_back_as_written(tmp_path, falcon):
     found_by's costs; the write leaves no partial file."""
     skip = models.Skip(layers={2}, attention={0, 1}, mlp={5})
     found_by = {"method": "by test", "device": drafts.device_name(falcon.lm_head.weight.device),
-                "threads": torch.get_num_threads(), "costs": {"c": 0.6, "v": {"1": 1.2, "2": 1.3}, "context": 64,
-                                                               "temperature": 0.0}}
+                "threads": torch.get_num_threads(), "costs": {"c": 0.6, "v": {"1": 1.2, "2": 1.3}, "r": 0.2,
+                                                               "context": 64, "temperature": 0.0}}
     spec = drafts.draft_file("tiny-falcon-h1", drafts.identity(falcon), skip, "auto", 0.3, found_by)
     path = tmp_path / "found.json"
     drafts.write_draft_file(path, spec)
     assert [p.name for p in tmp_path.iterdir()] == ["found.json"] and json.loads(path.read_text()) == spec
     chosen, notes = drafts.read_draft_file(path, falcon)
-    assert (chosen.skip, chosen.k, chosen.stop, chosen.costs, notes) == (skip, "auto", 0.3, (0.6, {1: 1.2, 2: 1.3}),
-                                                                         [])
+    assert (chosen.skip, chosen.k, chosen.stop, chosen.costs, notes) == (skip, "auto", 0.3,
+                                                                         (0.6, {1: 1.2, 2: 1.3}, 0.2), [])
 
 
 def test_auto_takes_its_costs_from_the_file_or_the_caller(tmp_path, falcon):
-    """-k auto pauses below the break-even acceptance of the draft's c and v: the file's found_by.costs, else the
-    caller's costs=(c, v) (a dict or a sequence indexed by d), else the default rule (the share of weights read)."""
-    costs = {"c": 0.5, "v": {"1": 1.1, "2": 1.2}, "context": 64, "temperature": 0.0}
+    """-k auto pauses below the break-even acceptance of the draft's c, v and r: the file's found_by.costs (a file
+    without r, written before r was measured: r = 0, with a note), else the caller's costs=(c, v, r) (v a dict or a
+    sequence indexed by d), else the default rule (the share of weights read, r = 0)."""
+    costs = {"c": 0.5, "v": {"1": 1.1, "2": 1.2}, "r": 0.2, "context": 64, "temperature": 0.0}
     path = written(tmp_path, by_hand(k="auto", found_by={"costs": costs}))
     with pytest.warns(UserWarning, match="not checked against an architecture"):      # no "model" block
         _, stats = hsd.generate(falcon, PROMPT, 8, draft=path, eos_token_id=-1)
-    assert stats["pause_below"] == pytest.approx(0.6)             # 1 + p = 0.5 + 1.1 at k = 1, the least
+    k2 = cost_model.break_even_acceptance(0.5, 1.2, 2, 0.2)           # 1 + p + p^2 = 2 * 0.5 + 1.2 + 0.2: p = 0.78,
+    assert stats["pause_below"] == pytest.approx(k2) and k2 < 0.8     # below k = 1's 1 + p = 0.5 + 1.1 + 0.2
+    without_r = {key: x for key, x in costs.items() if key != "r"}
+    older = written(tmp_path, by_hand(k="auto", found_by={"costs": without_r}), "older.json")
+    with pytest.warns(UserWarning, match="before the cost model measured a round's own cost"):
+        _, stats = hsd.generate(falcon, PROMPT, 8, draft=older, eos_token_id=-1)
+    assert stats["pause_below"] == pytest.approx(0.6)             # r = 0: 1 + p = 0.5 + 1.1
     skip = models.Skip(attention={3})
-    given = hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", costs=(0.5, [1.0, 1.1, 1.2]), eos_token_id=-1)
-    assert given[1]["pause_below"] == pytest.approx(0.6)          # item d of the sequence is v[d]
+    given = hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", costs=(0.5, [1.0, 1.1, 1.2], 0.2), eos_token_id=-1)
+    assert given[1]["pause_below"] == pytest.approx(k2)           # item d of the sequence is v[d]
     default = hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", eos_token_id=-1)[1]["pause_below"]
     assert default == pytest.approx(hsd.default_costs(falcon, skip)[0]) and 0.9 < default < 1   # one layer's attention
-    with pytest.raises(models.UsageError, match="costs must be"):
-        hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", costs=(0.5, {1: -1}))
+    assert hsd.default_costs(falcon, skip)[2] == 0.0
+    for wrong in [(0.5, {1: -1}, 0.0), (0.5, {1: 1.1}), (0.5, {1: 1.1}, float("nan"))]:       # r is required
+        with pytest.raises(models.UsageError, match="costs must be"):
+            hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", costs=wrong)
     assert hsd.generate(falcon, PROMPT, 8, draft=skip, k=2)[1]["pause_below"] is None
 
 
@@ -136,7 +146,7 @@ def test_a_file_searched_with_other_threads_gets_a_note(tmp_path, falcon):
 def test_a_file_used_at_another_temperature_or_context_gets_a_note(tmp_path, falcon, capsys):
     """A draft searched greedy at a context of 96 tokens: at T = 0.6 a note gives its prediction there, at about
     300 tokens a note says costs move with the context; at its own temperature and near its context, none."""
-    found_by = {"costs": {"c": 0.6, "v": {"1": 1.2}, "context": 96, "temperature": 0.0},
+    found_by = {"costs": {"c": 0.6, "v": {"1": 1.2}, "r": 0.2, "context": 96, "temperature": 0.0},
                 "predicted_speedup": {"0": 1.2, "0.6": 1.05}}
     path = written(tmp_path, by_hand(model={"name": "tiny-falcon-h1", **drafts.identity(falcon)}, found_by=found_by))
     assert drafts.read_draft_file(path, falcon, 0.0, 120)[1] == []

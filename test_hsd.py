@@ -299,21 +299,21 @@ def test_auto_k_follows_the_rounds_already_judged():
     assert hsd.auto_k(hsd.Plan(1, 0, longest, 0.0, 9.0), 1, 0, below)[:3] == (1, longest, longest)   # stops doubling
     model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
     unstopped = hsd.choose_draft(model, SKIP_NOTHING, "auto")._replace(stop=None)   # a random model is never sure
-    _, stats = hsd.generate(model, prompt, 100, draft=unstopped, eos_token_id=-1, costs=(0.5, {1: 1.0}))
+    _, stats = hsd.generate(model, prompt, 100, draft=unstopped, eos_token_id=-1, costs=(0.5, {1: 1.0}, 0.0))
     assert [len(r.drafts) for r in stats["trace"]][:4] == [1, 3, 5, 7] and stats["plain_steps"] == 0
     assert max(len(r.drafts) for r in stats["trace"]) == hsd.AUTO_MAX
 
 
 def test_auto_k_runs_a_draft_that_never_agrees_as_plain_decoding(monkeypatch):
     """A draft that never agrees: once the rounds have judged AUTO_EVIDENCE drafts and the recent acceptance is below
-    the break-even acceptance of the costs given (c 0.5, v 1.1: 0.6 at k = 1), k="auto" pauses for AUTO_PAUSE plain
+    the break-even acceptance of the costs given (c 0.5, v 1.1, r 0: 0.6 at k = 1), k="auto" pauses for AUTO_PAUSE plain
     steps, then tries one draft; the pause doubles while the acceptance stays below. The tokens stay plain greedy
     decoding's."""
     real, reference = hsd.draft, reference_greedy("tiny-falcon-h1", PROMPTS["12-token"], 80)
     wrong = next(t for t in range(97) if t not in reference)               # a token the full model never chooses
     monkeypatch.setattr(hsd, "draft", lambda *args, **kwargs: ([wrong] * len(real(*args, **kwargs)[0]), None))
     tokens, stats = hsd.generate(tiny("tiny-falcon-h1"), PROMPTS["12-token"], 80, draft="component", k="auto",
-                                 eos_token_id=-1, costs=(0.5, {1: 1.1}))
+                                 eos_token_id=-1, costs=(0.5, {1: 1.1}, 0.0))
     assert tokens == reference and stats["accepted"] == 0 and hsd.AUTO_PAUSE == 8 and hsd.AUTO_EVIDENCE == 3
     assert stats["pause_below"] == pytest.approx(0.6)
     # 4 rounds (1, 1.875, 2.64, 3.31 drafts judged), then 8, 16, 32 plain steps, each followed by a round, then 17
@@ -967,7 +967,7 @@ def test_auto_trace_shows_the_plain_steps_between_rounds(capsys, monkeypatch):
     """-k auto --trace: each run of plain steps is one line where it ran, and they add up to the summary's count."""
     real, wrong = hsd.draft, 0                                             # a draft that never agrees pauses
     monkeypatch.setattr(hsd, "draft", lambda *args, **kwargs: ([wrong] * len(real(*args, **kwargs)[0]), None))
-    monkeypatch.setattr(hsd, "default_costs", lambda model, skip: (0.5, {1: 1.1}))
+    monkeypatch.setattr(hsd, "default_costs", lambda model, skip: (0.5, {1: 1.1}, 0.0))
     assert hsd.main(["--model", "tiny-falcon-h1", "-k", "auto", "--trace", "--max-new-tokens", "30",
                      "--json"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -22,7 +22,8 @@ def exit_status(args):
 
 def costs(c_of, v, context=256):
     """A Costs at a context: c_of {label: c}, v; made-up noise."""
-    return cost_model.Costs(0.01, c_of, v, v, context, 0.0, 7, {"step": 0.01, "c": dict.fromkeys(c_of, 0.02), "v": {}})
+    return cost_model.Costs(0.01, c_of, v, v, 0.25, context, 0.0, 7, {"step": 0.01, "c": dict.fromkeys(c_of, 0.02),
+                                                                     "v": {}, "r": 0.0})
 
 
 def test_the_sweep_predicts_with_the_papers_acceptance_where_it_has_one():
@@ -34,8 +35,8 @@ def test_the_sweep_predicts_with_the_papers_acceptance_where_it_has_one():
                                                                    (256, "component", 8), (256, "early-exit", 2)]
     row = next(r for r in rows if (r["context"], r["draft"], r["k"]) == (4096, "component", 4))
     assert row["paper_alpha"] == 0.37 and row["v"] == 1.4
-    assert math.isclose(row["predicted_speedup_at_paper_alpha"], (1 + 0.37 * 4) / (4 * 0.6 + 1.4))
-    assert row["break_even_acceptance"] == cost_model.break_even_acceptance(0.6, 1.4, 4)
+    assert math.isclose(row["predicted_speedup_at_paper_alpha"], (1 + 0.37 * 4) / (4 * 0.6 + 1.4 + 0.25))   # r once
+    assert row["break_even_acceptance"] == cost_model.break_even_acceptance(0.6, 1.4, 4, 0.25)
     assert all(r["paper_alpha"] is None and r["predicted_speedup_at_paper_alpha"] is None
                for r in rows if r["draft"] == "early-exit")                    # the paper gives none for it
     assert all(r["paper_alpha"] is None for r in hsd_bench.sweep_rows("toy-falcon-h1", sweep))
@@ -50,11 +51,20 @@ def test_the_sweep_predicts_with_the_papers_acceptance_where_it_has_one():
 
 
 def test_the_drafts_rows_are_the_papers_at_every_k_and_each_file_as_found():
+    """The paper's drafts at every k and auto, each file as found, at its best fixed k and auto; and the paper's
+    draft for the family with the freedom the search has: at the file's k and stop, and at the search's own choice
+    for it (the file's found_by.paper_drafts): the rows gain_split compares."""
     model = models.load("toy-qwen2.5")
-    rows, skip_label = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"])
+    rows, skip_label, splits = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"])
     paper = [label for label in rows if not label.startswith("toys/")]
     assert paper == [f"{draft}, k={k}" for draft in ("layerskip", "early-exit") for k in range(1, 9)] + [
-        "layerskip, k=auto", "early-exit, k=auto"]                              # a Transformer: no component draft
+        "layerskip, k=auto", "early-exit, k=auto",                              # a Transformer: no component draft
+        "layerskip, k=2, stop 0.2", "layerskip, k=4, stop 0.8"]                 # the file's plan; the search's for it
+    assert splits == {"toys/toy-qwen2.5/draft.json": {
+        "file": "toys/toy-qwen2.5/draft.json", "paper": "layerskip", "same_plan": "layerskip, k=2, stop 0.2",
+        "tuned": "layerskip, k=4, stop 0.8"}}
+    assert rows["layerskip, k=4, stop 0.8"] == drafts.Draft("layerskip", rows["layerskip, k=1"].skip, 4, 0.8)
+    assert skip_label["layerskip, k=4, stop 0.8"] == "layerskip"
     files = [label for label in rows if label.startswith("toys/")]
     assert files[0] == "toys/toy-qwen2.5/draft.json" and all(skip_label[label] == files[0] for label in files)
     assert rows["layerskip, k=3"].k == 3 and rows["early-exit, k=auto"].k == "auto"
@@ -74,7 +84,7 @@ def test_ks_are_parsed_sorted_each_once_and_the_rows_follow_them():
     for bad in ("0,2", "9", "2,x", "", "2,,4"):
         with pytest.raises(models.UsageError, match="--ks takes k from 1 to 8"):
             hsd_bench.parse_ks(bad)
-    rows, _ = hsd_bench.draft_rows(models.load("toy-qwen2.5"), [], (2, 8))
+    rows, _, _ = hsd_bench.draft_rows(models.load("toy-qwen2.5"), [], (2, 8))
     assert list(rows) == ["layerskip, k=2", "layerskip, k=8", "early-exit, k=2", "early-exit, k=8",
                           "layerskip, k=auto", "early-exit, k=auto"]
 
@@ -82,17 +92,18 @@ def test_ks_are_parsed_sorted_each_once_and_the_rows_follow_them():
 def test_sampling_runs_the_best_greedy_k_and_its_neighbours_every_auto_row_and_each_file():
     model = models.load("toy-qwen2.5")
     ks = (1, 2, 4, 8)
-    rows, _ = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], ks)
+    rows, _, splits = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], ks)
     paper = drafts.paper_skips(model.config)
     best = {"layerskip": 4, "early-exit": 1}                    # the greedy winners: inside and at an end of ks
     greedy = {label: 2.0 if label in {f"{draft}, k={k}" for draft, k in best.items()} else 1.0 for label in rows}
-    kept = hsd_bench.sampled_labels(rows, paper, ks, greedy)
+    kept = hsd_bench.sampled_labels(rows, paper, ks, greedy, splits)
     assert [label for label in kept if not label.endswith("auto") and not label.startswith("toys/")] == [
-        "layerskip, k=2", "layerskip, k=4", "layerskip, k=8", "early-exit, k=1", "early-exit, k=2", "early-exit, k=4"]
+        "layerskip, k=2", "layerskip, k=4", "layerskip, k=8", "early-exit, k=1", "early-exit, k=2", "early-exit, k=4",
+        "layerskip, k=2, stop 0.2", "layerskip, k=4, stop 0.8"]                # gain_split's rows: always
     assert {"layerskip, k=auto", "early-exit, k=auto"} <= set(kept)
     assert [label for label in rows if label.startswith("toys/")] == [x for x in kept if x.startswith("toys/")]
     assert hsd_bench.window(ks, 8) == (2, 4, 8) and hsd_bench.window((2, 4), 4) == (2, 4)
-    few, _ = hsd_bench.draft_rows(model, [], (2, 4, 8))
+    few, _, _ = hsd_bench.draft_rows(model, [], (2, 4, 8))
     assert hsd_bench.sampled_labels(few, paper, (2, 4, 8), dict.fromkeys(few, 1.0)) == list(few)   # 3 ks: all
 
 
@@ -209,12 +220,12 @@ def test_the_paper_drafts_auto_rows_pause_by_the_costs_measured_there():
     """-k auto of a paper draft runs with the c and v the benchmark measured (what a caller passes to generate), not
     the default rule; fixed rows and a draft file's rows are run as they are."""
     model = models.load("toy-qwen2.5")
-    rows, skip_of = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], (1, 2))
+    rows, skip_of, _ = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], (1, 2))
     paper = drafts.paper_skips(model.config)
-    costs = cost_model.Costs(0.01, {label: 0.4 for label in set(skip_of.values())}, [1.0, 1.3, 1.4], None, 64, 0.0, 2,
-                             {})
+    costs = cost_model.Costs(0.01, {label: 0.4 for label in set(skip_of.values())}, [1.0, 1.3, 1.4], None, 0.2, 64,
+                             0.0, 2, {})
     auto = hsd_bench.measured_auto(rows["layerskip, k=auto"], "layerskip, k=auto", paper, skip_of, costs)
-    assert auto.costs == (0.4, {1: 1.3, 2: 1.4}) and rows["layerskip, k=auto"].costs != auto.costs
+    assert auto.costs == (0.4, {1: 1.3, 2: 1.4}, 0.2) and rows["layerskip, k=auto"].costs != auto.costs
     for label in ("layerskip, k=2", "toys/toy-qwen2.5/draft.json"):
         assert hsd_bench.measured_auto(rows[label], label, paper, skip_of, costs) is rows[label]
 
@@ -224,5 +235,30 @@ def test_a_draft_file_written_by_hand_runs_in_the_benchmark(tmp_path):
     path = tmp_path / "mine.json"
     path.write_bytes("\ufeff".encode() + json.dumps({"format": "hsd-draft/1", "skip": {"attention": [3]}, "k": 3,
                                                      "found_by": "by hand"}).encode())
-    rows, skip_label = hsd_bench.draft_rows(models.load("toy-qwen2.5"), [str(path)], (1,))
+    rows, skip_label, splits = hsd_bench.draft_rows(models.load("toy-qwen2.5"), [str(path)], (1,))
     assert rows[str(path)].k == 3 and f"{path}, k=auto" in rows and skip_label[f"{path}, k=auto"] == str(path)
+    assert splits[str(path)]["tuned"] is None and splits[str(path)]["same_plan"] == "layerskip, k=3"   # no search
+
+
+def test_a_files_gain_is_split_into_its_units_and_its_k_and_stop():
+    """Paired ratios over the prompts: units, the file against the paper's units at the file's k and stop; k and
+    stop, the paper's units at the search's plan for them against their best fixed k; total, the file against that
+    row. A ratio whose interval holds 1 is said to bring nothing measurable."""
+    def runs(*seconds):                                        # per prompt, one turn of 10 tokens
+        return [[{"new_tokens": 10, "decode_s": s}] for s in seconds]
+    all_runs = {"plain": runs(2.0, 2.0, 2.0), "layerskip, k=1": runs(1.6, 1.6, 1.6),
+                "layerskip, k=2": runs(1.8, 1.8, 1.8), "same": runs(1.1, 1.3, 1.2), "tuned": runs(1.0, 1.2, 1.1),
+                "file": runs(1.0, 1.0, 1.0)}
+    split = {"file": "file", "paper": "layerskip", "same_plan": "same", "tuned": "tuned"}
+    g = hsd_bench.gain_split(all_runs, split, (1, 2, 4))
+    assert g["best_fixed"] == "layerskip, k=1"                              # the fastest fixed row that ran
+    assert g["units"]["rows"] == ["file", "same"] and g["units"]["ratio"] == pytest.approx(3.6 / 3.0)
+    assert g["k_and_stop"]["ratio"] == pytest.approx(4.8 / 3.3) and g["total"]["ratio"] == pytest.approx(4.8 / 3.0)
+    assert g["units"]["ci"][0] > 1                                          # every prompt faster: a gain
+    r = {"gain_split": {0.0: {"f.json": g}}, "splits": {"f.json": split}}
+    line = next(hsd_bench.gain_lines(r))
+    assert "its units, against same: 1.200" in line and "(a gain)" in line
+    same = hsd_bench.gain_split({**all_runs, "file": all_runs["same"]}, split, (1, 2))
+    assert same["units"]["ratio"] == pytest.approx(1.0) and "brings nothing measurable" in next(hsd_bench.gain_lines(
+        {"gain_split": {0.0: {"f.json": same}}, "splits": {"f.json": split}}))
+    assert hsd_bench.gain_split(all_runs, {**split, "tuned": None}, (1, 2))["k_and_stop"] is None

@@ -109,8 +109,10 @@ def test_bootstrap_gives_a_95_percent_interval():
 
 
 def test_break_even_arithmetic():
-    """gap(L) = (1 + a) t_full - k t_draft - t_verify, linear in the context L through the two measured contexts."""
-    times = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 2.5, "component": 0.9, 2: 2.2}}
+    """gap(L) = (1 + a) t_full - k t_draft - t_verify - t_round, linear in the context L through the two measured
+    contexts."""
+    times = {100: {"full": 1.0, "component": 0.9, 2: 1.2, "round": 0.0},
+             1100: {"full": 2.5, "component": 0.9, 2: 2.2, "round": 0.0}}
     got = cost_model.break_even(times, "component", 2, 1.0, max_context=4096)
     teach(got == 600, f"the gap rises from -1.0 at 100 tokens to +1.0 at 1100, so it crosses 0 at 600, not {got}: "
                       "interpolate linearly from the first context")
@@ -118,13 +120,19 @@ def test_break_even_arithmetic():
     teach(got is None, f"the crossing at 600 lies beyond the model's context of 500: None, not {got}")
     got = cost_model.break_even(times, "component", 2, 3.0, max_context=4096)
     teach(got == 0, f"with a = 3 the gap is positive at both contexts: it pays off from the start (0), not {got}")
-    flat = {100: {"full": 1.0, "component": 0.9, 2: 1.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
+    flat = {100: {"full": 1.0, "component": 0.9, 2: 1.2, "round": 0.0},
+            1100: {"full": 1.0, "component": 0.9, 2: 1.2, "round": 0.0}}
     teach(cost_model.break_even(flat, "component", 2, 1.0, max_context=4096) is None, "a gap that does not rise never "
                                                                                     "crosses 0: None")
-    falling = {100: {"full": 2.5, "component": 0.9, 2: 2.2}, 1100: {"full": 1.0, "component": 0.9, 2: 1.2}}
+    falling = {100: {"full": 2.5, "component": 0.9, 2: 2.2, "round": 0.0},
+               1100: {"full": 1.0, "component": 0.9, 2: 1.2, "round": 0.0}}
     teach(cost_model.break_even(falling, "component", 2, 1.0, max_context=4096) is None, "a falling gap pays off only "
                                                                                        "below the crossing: None")
-    assert cost_model.predicted_speedup(2.0, [2], 0.75, {2: 1.5}) == 2 / 3
+    with_round = {L: {**t, "round": 0.5} for L, t in times.items()}      # a round's own work: the gap 0.5 lower
+    got = cost_model.break_even(with_round, "component", 2, 1.0, max_context=4096)
+    teach(got == 850, f"a round's own 0.5 s lowers the gap to -1.5 at 100 tokens and +0.5 at 1100: it crosses 0 at "
+                      f"850, not {got}: the round costs k t_draft + t_verify + t_round")
+    assert cost_model.predicted_speedup(2.0, [2], 0.75, {2: 1.5}, 0.0) == 2 / 3
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -274,7 +282,7 @@ def test_eval_alpha_arithmetic():
     model = tiny("tiny-falcon-h1")
     skips = {"component": TINY_SKIPS["tiny-falcon-h1"]["component"]}
     inputs = {"alpha": [[1, 2], [3, 4]], "divergence": [], "perplexity": [[1, 2, 3]], "speed": []}
-    times = {L: {"full": 2.0, "component": 1.0, 2: 2.0, 4: 3.0, 8: 4.0} for L in (10, 20)}
+    times = {L: {"full": 2.0, "component": 1.0, 2: 2.0, 4: 3.0, 8: 4.0, "round": 0.0} for L in (10, 20)}
     r = hsd_eval.summarize(model, inputs, skips, fake_records([(0, 8), (3, 5)], skips), (10, 20), times, 0.6)
     k = r["drafts"]["component"]["k"]
     assert k[2]["alpha_shared"] == (0 / 2 + 2 / 2) / 2 and k[2]["histogram_shared"] == [1, 0, 1]
@@ -286,10 +294,10 @@ def test_eval_alpha_arithmetic():
 
 
 def test_eval_numbers_against_direct_computations(monkeypatch):
-    """Perplexity = exp(mean cross-entropy); divergence averaged over positions; S = (1 + a) / (k c + v)."""
+    """Perplexity = exp(mean cross-entropy); divergence averaged over positions; S = (1 + a) / (k c + v + r)."""
     model, tok = tiny("tiny-qwen3.5", torch.float32), models.char_tokenizer()
     fake = {"full": 2.0, "component": 1.5, "layerskip": 1.0, "early-exit": 0.5, 2: 2.5, 4: 3.0, 8: 4.0,
-            "logits": 0.001, "prefill": 0.1}
+            "round": 0.4, "logits": 0.001, "prefill": 0.1}
     monkeypatch.setattr(hsd_eval, "step_times", lambda *args: fake)
     inputs = hsd_eval.paper_inputs(cost_model.TINY_TEXT, tok, 4096, prompts=2, speed_prompts=1)
     skips = dict(TINY_SKIPS["tiny-qwen3.5"])
@@ -308,19 +316,21 @@ def test_eval_numbers_against_direct_computations(monkeypatch):
     assert math.isclose(entry["tvd"], tvd / sum(x.shape[1] - 1 for x in texts), rel_tol=1e-6)
     for k in (2, 4, 8):
         row = entry["k"][k]
-        assert entry["c"] == 0.75 and row["v"] == fake[k] / 2.0
-        assert math.isclose(row["predicted_speedup"], (1 + row["accepted_per_round"]) / (k * 0.75 + fake[k] / 2.0))
+        assert entry["c"] == 0.75 and row["v"] == fake[k] / 2.0 and row["r"] == 0.2
+        assert math.isclose(row["predicted_speedup"], (1 + row["accepted_per_round"]) / (k * 0.75 + fake[k] / 2.0
+                                                                                         + 0.2))
         speed = records.saved["speed", 0]["component"][str(k)]
         assert row["alpha_multi"] == speed["accepted"] / speed["drafted"]
 
 
 def test_estimate_arithmetic():
-    t = {"full": 1.0, "component": 0.5, 2: 2.0, 4: 3.0, 8: 4.0, "prefill": 10.0, "context": 100, "logits": 0.01}
+    t = {"full": 1.0, "component": 0.5, 2: 2.0, 4: 3.0, 8: 4.0, "round": 0.25, "prefill": 10.0, "context": 100,
+         "logits": 0.01}
     inputs = {"alpha": [[0] * 100], "divergence": [[0] * 50], "perplexity": [[0] * 150], "speed": [[0] * 10]}
     phase_s = hsd_eval.estimate_seconds(t, inputs, ["component"], 6, lambda draft, k: 1.0)
     assert phase_s["alpha"] == 0.1 * 100 * 1.5 + 4 * (8 * 0.5 + 4.0)            # passes over the prompt; 4 rounds of 8
     assert math.isclose(phase_s["divergence and perplexity"], 200 * (0.1 * 1.5 + 0.01 * 2))
-    rounds = sum(6 / 2 * (k * 0.5 + t[k]) + 0.1 * 10 for k in (2, 4, 8))       # 1 + a = 2 tokens a round
+    rounds = sum(6 / 2 * (k * 0.5 + t[k] + 0.25) + 0.1 * 10 for k in (2, 4, 8))   # 1 + a = 2 tokens a round
     assert math.isclose(phase_s["speed"], 0.1 * 10 + 6 * 1.0 + rounds)
 
 

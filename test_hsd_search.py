@@ -1,6 +1,7 @@
 """Tests of hsd_search: the estimates and their replay against real generation, the split, the search's moves and
 progress, the warnings, and the command line on a tiny model (costs fixed, so that its choices repeat); ConfLayers'
 rule has test_conflayers.py."""
+import argparse
 import itertools
 import json
 import math
@@ -19,6 +20,7 @@ import models
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, "toys", "text", "heldout.txt")
 V = {d: 1.0 + d / 10 for d in range(1, 26)}
+R = 0.2                                                  # a round's own work, once a round
 
 
 def test_calibration_and_test_paragraphs_are_disjoint_and_named_by_index():
@@ -56,12 +58,12 @@ def test_the_generation_estimate_replays_the_rounds_generate_runs(name, draft, k
     skip = hsd.draft_skip(model.config, draft)
     rows = greedy_row(model, prompt, new)
     _, stats = hsd.generate(model, prompt, new, draft=hsd.Draft(draft, skip, k, stop), eos_token_id=-1,
-                            costs=(0.5, V))                   # -k auto pauses by these costs, as the replay does
+                            costs=(0.5, V, R))                # -k auto pauses by these costs, as the replay does
     longest = hsd.AUTO_MAX if k == "auto" else k
     estimates = hsd_search.generation_estimates(model, rows, skip, len(prompt), longest, eos=-1)
-    r = hsd_search.replay(estimates, k, stop, 0.5, V)
+    r = hsd_search.replay(estimates, k, stop, 0.5, V, R)
     assert (r.tokens, r.rounds, r.drafted, r.accepted) == (new, stats["rounds"], stats["drafted"], stats["accepted"])
-    assert r.cost == pytest.approx(stats["plain_steps"] + sum(0.5 * len(t.drafts) + V[len(t.drafts)]
+    assert r.cost == pytest.approx(stats["plain_steps"] + sum(0.5 * len(t.drafts) + V[len(t.drafts)] + R
                                                               for t in stats["trace"]))
 
 
@@ -71,7 +73,7 @@ def test_a_draft_that_skips_nothing_accepts_everything_greedy_and_sampled():
     for temperature in (0.0, 0.6):
         estimates = hsd_search.generation_estimates(model, rows, models.Skip(), 4, 5, temperature, eos=-1)
         assert all(a == pytest.approx(1.0) for e in estimates for accept in e.accept for a in accept)
-        r = hsd_search.replay(estimates, 3, None, 0.5, V)
+        r = hsd_search.replay(estimates, 3, None, 0.5, V, R)
         assert r.accepted == pytest.approx(r.drafted) and r.drafted > 0
 
 
@@ -111,19 +113,19 @@ def test_the_replay_stops_and_costs_as_the_cost_model_says():
                          position(0, [0.9, 0.9, 0.1, 0.9]), position(0, [0.9] * 4), position(2, [0.9] * 4),
                          position(1, [0.9] * 4), position(0, [0.9] * 4)])
     e = hsd_search.Estimate(list(accept), list(sure))
-    r = hsd_search.replay([e], 4, None, 0.5, V)
+    r = hsd_search.replay([e], 4, None, 0.5, V, R)
     # rounds at 0 (4 drafted, 3 kept, then the full model's: 4 tokens), 4 (at most 3: 3 drafted, none kept), 5 (2 of 2)
     assert (r.rounds, r.drafted, r.accepted, r.tokens) == (3, 4 + 3 + 2, 3 + 0 + 2, 8)
-    stopped = hsd_search.replay([e], 4, 0.5, 0.5, V)
+    stopped = hsd_search.replay([e], 4, 0.5, 0.5, V, R)
     # position 0: its third draft is unsure, the round ends after it (3 drafted, 3 kept); then 4 (3 drafted), 5
     assert (stopped.drafted, stopped.accepted) == (3 + 3 + 2, 3 + 0 + 2)
-    assert stopped.cost == pytest.approx(3 * 0.5 + V[3] + 3 * 0.5 + V[3] + 2 * 0.5 + V[2])
+    assert stopped.cost == pytest.approx(3 * 0.5 + V[3] + 3 * 0.5 + V[3] + 2 * 0.5 + V[2] + 3 * R)   # r: 3 rounds
     never = hsd_search.Estimate([[0.0] * 12 for _ in range(12)], [[0.9] * 12 for _ in range(12)])
-    auto = hsd_search.replay([never], "auto", None, 0.5, V)
+    auto = hsd_search.replay([never], "auto", None, 0.5, V, R)
     # -k auto pauses once AUTO_EVIDENCE drafts were judged (moving sums 1, 1.875, 2.64, 3.31): 4 rounds, a pause of 8
-    assert (auto.rounds, auto.tokens, auto.cost) == (4, 12, pytest.approx(8 + 4 * (0.5 + V[1])))
+    assert (auto.rounds, auto.tokens, auto.cost) == (4, 12, pytest.approx(8 + 4 * (0.5 + V[1] + R)))
     half = hsd_search.Estimate([[0.5] * 3 for _ in range(6)], [[0.9] * 3 for _ in range(6)])
-    expected = hsd_search.replay([half], 2, None, 0.5, V)          # in expectation: 0.5 + 0.25 accepted a round
+    expected = hsd_search.replay([half], 2, None, 0.5, V, R)          # in expectation: 0.5 + 0.25 accepted a round
     assert expected.accepted / expected.rounds == pytest.approx(0.75)
 
 
@@ -150,7 +152,7 @@ def test_the_search_progress_never_goes_back():
     rows = greedy_row(model, [40, 41, 42, 43], 6)
     kinds = cost_model.part_kinds(model.config)
     savings = {kind: 0.6 / model.config.num_layers / (1 if kind[0] == "layers" else 3) for kind in kinds}
-    s = hsd_search.Search(model, hsd_search.Calibration(rows, rows, 4), None, savings, V, 8, 0.0)
+    s = hsd_search.Search(model, hsd_search.Calibration(rows, rows, 4), None, savings, V, R, 8, 0.0)
     seen, best = [], []
     ranked, winner = hsd_search.search(s, [], lambda done, total: seen.append((done, total)),
                                        lambda cand, tried: best.append(cand.speedup))
@@ -165,34 +167,68 @@ def row(speedup, low, high, accepted=1.0):
     return {"speedup": speedup, "speedup_ci": (low, high), "accepted_per_round": accepted, "turn_speedups": [speedup]}
 
 
-def costs_of(c, noise, longest=25):
-    return cost_model.Costs(0.01, c, [1.0, *(V[d] for d in range(1, longest + 1))], None, 64, 0.0, 7,
-                            {"step": 0.0, "c": noise, "v": {}})
+def costs_of(c, noise, longest=25, turns=7):
+    return cost_model.Costs(0.01, c, [1.0, *(V[d] for d in range(1, longest + 1))], None, R, 64, 0.0, turns,
+                            {"step": 0.0, "c": noise, "v": {}, "r": 0.0})
 
 
 IDLE = {"load_average": 0.1, "cores": 2}
 
 
 def test_the_warnings_say_when_a_draft_is_worse_or_its_prediction_fails():
-    costs = costs_of({"a": 0.5, "b": 0.5}, {"a": 0.01, "b": 0.01})
     r = hsd_search.Replay(10, 8, 4, 8, 4)
-    winner, runner = (hsd_search.Candidate(models.Skip(), 0.5, 2, None, s, r) for s in (1.30, 1.10))
+    winner = hsd_search.Candidate(models.Skip(), 0.5, 2, None, 1.30, r)
     fine = {"found": row(1.25, 1.18, 1.32), "component": row(1.1, 1.0, 1.2)}
-    assert hsd_search.warnings_of(winner, winner.speedup, runner, fine, ["component"], costs, IDLE, 0.5) == []
+    ranked = {"separated": True, "said": "a predicts 1.300x, clear of the others"}
+    assert hsd_search.warnings_of(winner, winner.speedup, ranked, fine, ["component"], IDLE, 0.5) == []
     slow = {"found": row(0.95, 0.9, 1.0), "component": row(1.1, 1.0, 1.2)}
-    said = hsd_search.warnings_of(winner, winner.speedup, runner, slow, ["component"], costs, IDLE, 0.5)
+    said = hsd_search.warnings_of(winner, winner.speedup, ranked, slow, ["component"], IDLE, 0.5)
     assert len(said) == 3 and "slower than no draft" in said[0] and "a paper draft is faster" in said[1]
     assert "does not hold" in said[2]
-    held = hsd_search.warnings_of(winner, 1.0, runner, slow, ["component"], costs, IDLE, 0.5)   # held-out 1.0x
+    held = hsd_search.warnings_of(winner, 1.0, ranked, slow, ["component"], IDLE, 0.5)   # held-out 1.0x
     assert len(held) == 2 and not any("does not hold" in line for line in held)    # the file's prediction is judged
     assert not hsd_search.contradicted(1.30, row(1.2, 1.0, 1.4))        # inside the interval
     assert not hsd_search.contradicted(1.30, row(1.25, 1.24, 1.26))     # outside, but within 10%
-    noisy = costs._replace(noise={"step": 0.0, "c": {"a": 0.2, "b": 0.01}, "v": {}})
-    assert "too busy to rank" in hsd_search.warnings_of(winner, winner.speedup, runner, fine, ["component"], noisy, IDLE, 0.5)[0]
-    assert "the machine is busy" in hsd_search.warnings_of(winner, winner.speedup, runner, fine, ["component"], costs,
+    close = {"separated": False, "said": "a, b predict 1.300x, 1.290x, within the costs' noise"}
+    assert "too busy to rank" in hsd_search.warnings_of(winner, winner.speedup, close, fine, ["component"], IDLE, 0.5)[0]
+    assert "the machine is busy" in hsd_search.warnings_of(winner, winner.speedup, ranked, fine, ["component"],
                                                            {"load_average": 3.5, "cores": 2}, 0.5)[0]
-    assert "composed from its units 0.800" in hsd_search.warnings_of(winner, winner.speedup, runner, fine, ["component"], costs,
-                                                                     IDLE, 0.8)[0]
+    assert "composed from its units 0.800" in hsd_search.warnings_of(winner, winner.speedup, ranked, fine,
+                                                                     ["component"], IDLE, 0.8)[0]
+
+
+def test_finalists_the_costs_cannot_tell_apart_are_measured_again_then_the_simplest_is_kept():
+    """Two finalists within the costs' noise (10%) of each other: measured again at 2x the turns; where they then
+    stand clear (noise 1%), the better is kept; where they stay close, after 2x and 4x the turns the one leaving out
+    fewer units is kept, and the ranking says so. One clear of the other from the start is not measured again."""
+    config = models.load("tiny-falcon-h1").config
+    skips = {"a": models.Skip(layers={1, 2}), "b": models.Skip(attention={1})}        # b: fewer units left out
+    assert hsd_search.units_left_out(config, skips["a"]) > hsd_search.units_left_out(config, skips["b"]) == 1
+    r = hsd_search.Replay(10, 8, 4, 8, 4)
+    refined = {"a": hsd_search.Candidate(skips["a"], 0.5, 2, None, 1.30, r),
+               "b": hsd_search.Candidate(skips["b"], 0.5, 2, None, 1.25, r)}
+    estimated = {label: [hsd_search.Estimate([[1.0, 1.0]] * 6, [[0.9, 0.9]] * 6)] for label in skips}
+    args = argparse.Namespace(context=64, temperature=0.0, method="search")
+
+    def measuring(noise, c):                                  # a measurement of the given noise and c of each label
+        turns = []
+
+        def measure(model, chosen, context, n, longest, temperature):
+            turns.append(n)
+            return costs_of({label: c[label] for label in chosen}, dict.fromkeys(chosen, noise), turns=n)
+        return measure, turns
+    first = costs_of({"a": 0.5, "b": 0.5}, {"a": 0.1, "b": 0.1})
+    measure, turns = measuring(0.01, {"a": 0.3, "b": 0.6})                     # measured more, a is clearly faster
+    kept, ranking = hsd_search.separate(args, None, config, ["a", "b"], refined, first, estimated, skips, {}, measure)
+    assert (kept, ranking["separated"], turns) == ("a", True, [14])
+    measure, turns = measuring(0.1, {"a": 0.5, "b": 0.5})                      # still within the noise
+    kept, ranking = hsd_search.separate(args, None, config, ["a", "b"], refined, first, estimated, skips, {}, measure)
+    assert (kept, ranking["separated"], turns, ranking["turns"]) == ("b", False, [14, 28], [7, 14, 28])
+    assert "the simplest is kept, b" in ranking["said"] and ranking["still_close"] == ["a", "b"]
+    clear = costs_of({"a": 0.5, "b": 0.5}, {"a": 0.01, "b": 0.01})
+    measure, turns = measuring(0.1, {"a": 0.5, "b": 0.5})
+    assert hsd_search.separate(args, None, config, ["a", "b"], refined, clear, estimated, skips, {}, measure)[0] == "a"
+    assert turns == []
 
 
 @pytest.fixture
@@ -200,8 +236,9 @@ def fixed_costs(monkeypatch):
     """Costs that do not depend on this machine's mood."""
     def measure_costs(model, skips, context, turns, longest, temperature):
         return cost_model.Costs(0.01, {label: fixed_c(model.config, skip) for label, skip in skips.items()},
-                                [1.0, *(1.2 + 0.02 * d for d in range(1, longest + 1))], None, context, temperature,
-                                turns, {"step": 0.0, "c": {label: 0.0 for label in skips}, "v": {}})
+                                [1.0, *(1.2 + 0.02 * d for d in range(1, longest + 1))], None, R, context,
+                                temperature, turns, {"step": 0.0, "c": {label: 0.0 for label in skips}, "v": {},
+                                                     "r": 0.0})
     monkeypatch.setattr(hsd_search, "measure_costs", measure_costs)
     monkeypatch.setattr(cost_model, "busy_warning", lambda state, ratios=(): None)
     monkeypatch.setattr(hsd_search, "REFINED", 3)                   # fewer finalists: the same steps, sooner
