@@ -24,7 +24,7 @@ import torch
 import models
 
 DRAFTS = ("component", "layerskip", "early-exit", "none")     # "none": plain decoding, no draft
-LOOKUP = "lookup"         # the text's own n-grams as the draft; "lookup+DRAFT" (DRAFT: one of DRAFTS, a file): a cascade
+LOOKUP = "lookup"       # the text's own n-grams as the draft; "lookup+DRAFT" (DRAFT: one of DRAFTS, a file): a cascade
 Draft = namedtuple("Draft", "name skip k stop costs lookup", defaults=(None, None))
 # what a generation runs: skip None and lookup None is plain decoding (k None then); stop: a confidence threshold or
 # None; costs: (c, {d: v[d]}, r) in units of a plain step, for -k auto (None: hsd's default rule); lookup: the largest
@@ -280,9 +280,9 @@ def old_costs_note(path, found_by):
 def read_draft_file(path, model, temperature=None, context=None):
     """A draft file (any name, a str or a pathlib.Path) -> (Draft, notes): one-line notes of a file searched on other
     weights, another device or another number of threads, at another temperature or context than the run's (when
-    given: its temperature, and its context, the prompt and half the new tokens), or that names no architecture. A UsageError for a file that
-    cannot be read, is damaged or no draft file, names another architecture, skips nothing, or names a layer or unit
-    the model does not have. "lookup": {"n": N} makes the text's n-grams propose: with no "skip", the lookup alone (which
+    given: its temperature, and its context, the prompt and half the new tokens), or that names no architecture. A
+    UsageError for a file that cannot be read, is damaged or no draft file, names another architecture, skips
+    nothing, or names a layer or unit the model does not have. "lookup": {"n": N} makes the text's n-grams propose: with no "skip", the lookup alone (which
     depends on no architecture: none is checked); with one, a cascade. README, "Draft files", shows the format."""
     def bad(what):
         return models.UsageError(f'{path} is not a valid draft file ({what}): README, "Draft files", shows the format')
@@ -316,7 +316,8 @@ def read_draft_file(path, model, temperature=None, context=None):
                      "change every cost, so it may not be the fastest draft here")
     notes += run_notes(path, found_by, temperature, context)
     notes += [note for note in [old_costs_note(path, found_by)] if note]
-    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad), lookup and lookup["n"]), notes
+    lookup_n = lookup and lookup["n"]
+    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad), lookup_n), notes
 
 
 def run_notes(path, found_by, temperature, context):
