@@ -10,6 +10,7 @@ with its k (drafts per round, or "auto") and its stop (a confidence threshold, o
 
 hsd.py decides which draft a generation runs (choose_draft); this module only says what drafts are.
 """
+import difflib
 import hashlib
 import json
 import math
@@ -189,6 +190,11 @@ def check_architecture(path, theirs, model):
 def skip_of(path, fields, model, bad):
     """The file's "skip" object -> a models.Skip the model has; duplicates and units of whole layers fold away."""
     names = ("layers", *models.UNITS)
+    for name in sorted(set(fields) - set(names) if isinstance(fields, dict) else ()):    # {"attn": [3]}: a misspelling
+        close = difflib.get_close_matches(name, names, n=1)
+        if close:
+            raise bad(f'"skip" holds lists of layer indices under {", ".join(names)}: "{name}" is none of them; did '
+                      f'you mean "{close[0]}"?')
     if not isinstance(fields, dict) or set(fields) - set(names) or not all(
             isinstance(layers, list) and all(type(i) is int for i in layers) for layers in fields.values()):
         raise bad(f'"skip" holds lists of layer indices under {", ".join(names)}')
