@@ -605,8 +605,8 @@ def main(argv=None):
                                             "against the context.")
     p.error = lambda message: p.exit(2, f"hsd_bench: error: {message} (see --help)\n")
     p.add_argument("--model", help=f"{', '.join([*models.OFFICIAL_CONFIGS, *models.TOYS])}: an official configuration "
-                                   "(random weights), or a trained toy (--units, --drafts, --context-sweep); it may also "
-                                   "come first, without --model")
+                                   "(random weights), or a trained toy (--units, --drafts, --context-sweep); it may "
+                                   "also come first, without --model")
     p.add_argument("name", nargs="?", metavar="MODEL", help="the model, as --model names it")
     p.add_argument("--tokens", type=int, default=32, help="new tokens of a decoding run (default: 32; --drafts: 64, "
                                                         "e.g. --tokens 48 --repeats 2 for a shorter run)")

@@ -195,7 +195,8 @@ def test_the_model_is_given_as_in_every_tool_the_busy_machine_said_first_and_jso
         out, err = capsys.readouterr()
         assert json.loads(out)["model"] == "toy-qwen3.5" and "a line of the table" in err
         assert said_first.pop().startswith("hsd_bench: warning: the machine is busy (the load average is 5.00")
-    for args, message in ((["--model", "toy-qwen35", "--units"], "unknown model 'toy-qwen35': did you mean toy-qwen3.5?"),
+    for args, message in ((["--model", "toy-qwen35", "--units"], "unknown model 'toy-qwen35': did you mean "
+                                                                  "toy-qwen3.5?"),
                           (["--modle", "toy-qwen3.5"], "unknown option --modle: did you mean --model?"),
                           (["--units"], "give --model NAME"),
                           (["toy-qwen3.5", "--model", "toy-qwen2.5"], "two models")):

@@ -401,8 +401,9 @@ def test_eval_with_one_new_token_and_no_divergence_text(tmp_path, capsys):
     header = next(i for i, line in enumerate(out) if line.startswith("draft        k   multi"))
     rows = [line for line in out[header + 1:] if line.startswith("component") and "TVD" not in line]
     columns = [out[header].index(name) + len(name) - 1 for name in ("multi", "acc/rnd", "predicted", "measured")]
-    for row in rows:           # "-" stands where a number would, right-aligned in its column; nothing drafted, nothing
-        assert [row[i] for i in columns] == ["-", "-", "-", "-"] and row.endswith("never"), (out[header], row)   # measured
+    for row in rows:           # "-" stands where a number would, right-aligned in its column (nothing was drafted,
+        assert [row[i] for i in columns] == ["-", "-", "-", "-"], (out[header], row)      # so no speedup measured)
+        assert row.endswith("never"), row
     assert entry["k"]["2"]["measured_speedup"] is None
     note = [line for line in out if line.startswith("note: the multi-round runs make 1 new tokens each")]
     assert len(note) == 1 and "their acceptance and measured speedups say little" in note[0], out
@@ -455,7 +456,8 @@ def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
     assert hsd_eval.main([*EVAL_ARGS, "--json", "--plot", str(plot)]) == 0
     captured = capsys.readouterr()
     err = captured.err.splitlines()                           # --json: the table on stderr, stdout the JSON alone
-    lines, result = err[next(i for i, x in enumerate(err) if x.startswith("tiny-falcon-h1: ")):], json.loads(captured.out)
+    lines = err[next(i for i, x in enumerate(err) if x.startswith("tiny-falcon-h1: ")):]
+    result = json.loads(captured.out)
     leaves = []
     def walk(x):
         if isinstance(x, dict):

@@ -220,7 +220,8 @@ def test_the_search_writes_a_draft_file_hsd_reads(tmp_path, fixed_costs, capsys)
     printed, said = capsys.readouterr()
     spec = json.loads(printed)                                   # --json: stdout holds the JSON alone, as jq reads it
     legend = next(line for line in said.splitlines() if line.startswith("finalists: S, "))
-    assert "the file's prediction above is the fair one" in legend and "measured, over plain decoding on 1 test" in legend
+    assert "the file's prediction above is the fair one" in legend
+    assert "measured, over plain decoding on 1 test" in legend
     assert any(line.startswith("hsd_search: the file's prediction, on ") for line in said.splitlines())
     assert f"hsd_search: {spec['found_by']['candidates_tried']} distinct candidates in " in said
     assert json.loads(out.read_text()) == spec and spec["format"] == drafts.DRAFT_FORMAT
