@@ -532,7 +532,8 @@ def machine_state(model, dtype):
 
 def busy_warning(machine, ratios=()):
     """One line when the machine is too busy for its speedups to be trusted, else None: the per-turn speedups
-    `ratios` more than BUSY_SPREAD apart (max / min), or a load average above the cores but one."""
+    `ratios` more than BUSY_SPREAD apart (max / min), or a load average above the cores but one. Its advice is
+    --threads 1, unless the machine state says 1 thread already."""
     reasons = []
     if ratios and max(ratios) > BUSY_SPREAD * min(ratios):
         reasons.append(f"the turns' speedups range {min(ratios):.2f}-{max(ratios):.2f}x (more than "
@@ -541,5 +542,8 @@ def busy_warning(machine, ratios=()):
         reasons.append(f"the load average is {machine['load_average']:.2f} on {machine['cores']} cores")
     if not reasons:
         return None
-    return ("the machine is busy (" + "; ".join(reasons) + "): its speedups are unreliable; on a shared machine "
-            "--threads 1 keeps other work from slowing every step (RESULTS.md, \"A busy machine\")")
+    advice = ("on a shared machine --threads 1 keeps other work from slowing every step"
+              if machine.get("threads") != 1 else "with 1 thread already, only less other work helps: wait for the "
+              "load to fall, or give this run cores of its own (taskset -c)")
+    return ("the machine is busy (" + "; ".join(reasons) + "): every step is slower and its timings and speedups are "
+            f"unreliable; {advice} (RESULTS.md, \"A busy machine\")")

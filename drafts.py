@@ -12,6 +12,7 @@ checks and drafts on), with its k (drafts per round, or "auto") and its stop (a 
 
 hsd.py decides which draft a generation runs (choose_draft); this module only says what drafts are.
 """
+import difflib
 import hashlib
 import json
 import math
@@ -215,6 +216,11 @@ def skip_of(path, fields, model, bad):
     names = ("layers", *models.UNITS)
     if fields is None:
         raise bad('no "skip" and no "lookup": name what the draft model leaves out, the text\'s n-grams, or both')
+    for name in sorted(set(fields) - set(names) if isinstance(fields, dict) else ()):    # {"attn": [3]}: a misspelling
+        close = difflib.get_close_matches(name, names, n=1)
+        if close:
+            raise bad(f'"skip" holds lists of layer indices under {", ".join(names)}: "{name}" is none of them; did '
+                      f'you mean "{close[0]}"?')
     if not isinstance(fields, dict) or set(fields) - set(names) or not all(
             isinstance(layers, list) and all(type(i) is int for i in layers) for layers in fields.values()):
         raise bad(f'"skip" holds lists of layer indices under {", ".join(names)}')

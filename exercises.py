@@ -253,18 +253,18 @@ def starter(exercise, qualname):
 TEXT_FILES = (".py", ".md")       # what a handout may change; every other file is copied byte for byte
 REVEALS = re.compile(r"<!-- shows the reference of ([\w., ]+) -->\n.*?<!-- end -->\n", re.S)
 INSTRUCTORS_PART = re.compile(r"<!-- the instructor's -->\n.*?<!-- end -->\n", re.S)     # EXERCISES.md's
+INSTRUCTORS_LINE = re.compile(r"^.*<!-- not in handouts -->\n", re.M)     # README's line naming the instructor's tools
 THIS_HANDOUT = "<!-- this handout -->\n"                          # EXERCISES.md: where a handout lists its exercises
 
 
 def project_files(root):
-    """The project's files, relative to root: those git tracks or would track, or where there is no git (a handout),
-    every file but caches and environments; never a copy of the project inside it (a handout written there, which
-    holds the answers its own exercises left in)."""
+    """The project's files, relative to root: those git tracks (never an untracked file, which may be anyone's:
+    solutions/hsd.py), or where there is no git (a handout), every file but caches and environments; never a copy of
+    the project inside it (a handout written there, which holds the answers its own exercises left in)."""
     def a_copy(folder):
         return os.path.isfile(os.path.join(root, folder, "test_hsd.py"))
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
-                                capture_output=True, text=True)
+        listed = subprocess.run(["git", "ls-files", "--cached", "-z"], cwd=root, capture_output=True, text=True)
     except FileNotFoundError:                                        # no git on this machine
         listed = None
     if listed is not None and listed.returncode == 0 and os.path.exists(os.path.join(root, ".git")):
@@ -324,9 +324,9 @@ def handout_texts(texts, exercises):
         return f"*(Left out of this handout: this part shows the reference of {', '.join(shown)}, which you write.)*\n"
     for name in ("README.md", "EXERCISES.md"):
         if name in texts:
-            texts[name] = REVEALS.sub(leave_out, texts[name])
+            texts[name] = INSTRUCTORS_LINE.sub("", INSTRUCTORS_PART.sub("", REVEALS.sub(leave_out, texts[name])))
     if "EXERCISES.md" in texts:
-        texts["EXERCISES.md"] = INSTRUCTORS_PART.sub("", texts["EXERCISES.md"]).replace(
+        texts["EXERCISES.md"] = texts["EXERCISES.md"].replace(
             THIS_HANDOUT, this_handout(exercises) if exercises else "")
     return texts
 
@@ -347,6 +347,20 @@ def write_project(out, texts, root, link=False):
             shutil.copymode(os.path.join(root, name), target)
 
 
+def inside_the_project(out):
+    """Whether out lies inside this project's git work tree and git does not ignore it (a handout there would show in
+    `git status`, and `git add -A` would commit it)."""
+    path = os.path.abspath(out)
+    if os.path.commonpath([HERE, path]) != HERE or not os.path.exists(os.path.join(HERE, ".git")):
+        return False
+    try:
+        ignored = subprocess.run(["git", "check-ignore", "-q", os.path.relpath(path, HERE)], cwd=HERE,
+                                 capture_output=True).returncode == 0
+    except FileNotFoundError:                                        # no git on this machine
+        return False
+    return not ignored
+
+
 def blank(names, out):
     """python exercises.py --blank NAME[,NAME] --out DIR: the handout, or one line saying why not."""
     exercises = [exercise_by_name(name) for name in names]
@@ -360,6 +374,10 @@ def blank(names, out):
         raise SystemExit(f"exercises.py: error: {out} is a file: give a new folder to --out")
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"exercises.py: error: {out} is not empty: give a new folder to --out")
+    if inside_the_project(out):
+        folder = os.path.basename(os.path.abspath(out))
+        raise SystemExit(f"exercises.py: error: {out} lies inside the project, whose git would take the handout for "
+                         f"changes of its own: give a folder outside it (../{folder}) or one git ignores")
     texts = handout_texts(project_texts(HERE), exercises)
     partial = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.partial")
     try:                                     # written beside it, then renamed: an interrupted run leaves no half

@@ -39,6 +39,8 @@ Names (one meaning each, here and in drafts.py):
   s          a generation's statistics (a dict) in the command line; a step is a Step
 """
 import argparse
+import contextlib
+import difflib
 import json
 import math
 import os
@@ -48,13 +50,19 @@ import warnings
 from collections import namedtuple
 from statistics import median
 
-import torch
+try:
+    import torch
 
-import cost_model
-import models
-from cost_model import clock, default_costs, pause_below
-from drafts import (DRAFTS, LOOKUP, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft,
-                    read_draft_file, split_lookup)
+    import cost_model
+    import models
+    from cost_model import clock, default_costs, pause_below
+    from drafts import (DRAFTS, LOOKUP, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft,
+                        read_draft_file, split_lookup)
+except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
+    if __name__ != "__main__":
+        raise
+    print("\nhsd: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
@@ -337,7 +345,37 @@ def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
     if new_tokens < 0:
         raise models.UsageError(f"the number of new tokens must be at least 0 (got {new_tokens})")
     if len(prompt) + new_tokens > config.max_position_embeddings:
-        raise models.UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}")
+        room = config.max_position_embeddings - len(prompt)
+        raise models.UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}: "
+                                + (f"after the prompt's {len(prompt)} tokens, at most {room} new tokens fit" if room > 0
+                                   else f"the prompt alone has {len(prompt)} tokens: shorten it"))
+
+
+def prompt_list(prompt_ids):
+    """generate's prompt -> a list of ints: a list of ints, a 1-D integer tensor, or a (1, T) one (transformers' habit).
+    A TypeError or UsageError in one sentence saying what to pass for anything else: text, a tokenizers.Encoding
+    (its .ids), a batch of prompts, token ids as floats."""
+    what = "pass the prompt's token ids: a list of ints, e.g. tokenizer.encode(text).ids, or a (1, T) LongTensor"
+    if isinstance(prompt_ids, (str, bytes)):
+        raise TypeError(f"generate takes token ids, not text: {what}")
+    if hasattr(prompt_ids, "ids") and not torch.is_tensor(prompt_ids):
+        raise TypeError(f"generate takes token ids, not a {type(prompt_ids).__name__}: pass its .ids")
+    if torch.is_tensor(prompt_ids):
+        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+            raise TypeError(f"generate takes integer token ids, not a {prompt_ids.dtype} tensor: {what}")
+        if prompt_ids.dim() == 2 and prompt_ids.shape[0] != 1:
+            raise models.UsageError(f"generate decodes one prompt (batch size 1), not a batch of shape "
+                                    f"{tuple(prompt_ids.shape)}: pass one row, e.g. ids[0]")
+        if prompt_ids.dim() not in (1, 2):
+            raise TypeError(f"generate takes a 1-D or (1, T) tensor of token ids, not one of shape "
+                            f"{tuple(prompt_ids.shape)}")
+        return prompt_ids.reshape(-1).tolist()
+    ids = list(prompt_ids)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        wrong = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool)))
+        raise TypeError(f"generate takes token ids (ints), not a list holding a {type(wrong).__name__}: {what}"
+                        + (" (one prompt: batch size 1)" if isinstance(wrong, (list, tuple)) else ""))
+    return ids
 
 
 def choose_seed(temperature, seed=None):
@@ -360,7 +398,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     """generate, one step at a time: yields a Step after the prefill and after every round (or plain step), so that a
     caller can show the tokens as they are committed. Arguments as for generate (seed None at a temperature: torch's
     global random stream)."""
-    prompt = prompt_ids.tolist() if torch.is_tensor(prompt_ids) else list(prompt_ids)
+    prompt = prompt_list(prompt_ids)
     chosen = choose_draft(model, draft, k, costs)
     check_request(model.config, prompt, max_new_tokens, chosen.k, temperature)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -409,9 +447,10 @@ def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id
              costs=None):
     """Self-speculative decoding: plain greedy decoding's tokens (temperature 0), or at a temperature T > 0 tokens
     distributed as plain sampling's at T (seed: a seeded random stream; None: choose_seed draws one, and the statistics
-    say which). prompt_ids: 1-D LongTensor or list of ints; draft, k and costs (c, v, r) of -k auto: as choose_draft
-    takes them (default: the paper's draft for the family, k=2); eos_token_id: the model's by default. Stops after
-    max_new_tokens or EOS (kept). Returns (new token ids, statistics() dict)."""
+    say which). prompt_ids: a list of ints, a 1-D or a (1, T) LongTensor (prompt_list); draft, k and costs (c, v, r)
+    of -k auto: as choose_draft takes them (default: the paper's draft for the family, k=2); eos_token_id: the model's
+    by default. Stops after max_new_tokens or EOS (kept). Returns (new token ids, statistics() dict)."""
+    prompt_ids = prompt_list(prompt_ids)
     context = len(prompt_ids) + max_new_tokens // 2                      # a draft file's note compares its own
     chosen, seed = choose_draft(model, draft, k, costs, temperature, context), choose_seed(temperature, seed)
     steps = list(generate_steps(model, prompt_ids, max_new_tokens, chosen, chosen.k, eos_token_id, temperature, seed))
@@ -451,6 +490,9 @@ def statistics(chosen, steps, seed=None):
 
 
 # --- Command line ------------------------------------------------------------------------------------------------
+PROMPT = "The function returns"          # the text continued when neither --prompt nor --prompt-file is given
+
+
 def show(tokenizer, ids):
     """Token ids as quoted text, whitespace and control characters visible, special tokens by name."""
     return json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)
@@ -529,8 +571,9 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats, machine, official=F
             f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}" + (f"\nhsd: warning: {busy}" if busy else ""))
 
 
-def run_generate(args, model, tokenizer):
-    """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints."""
+def run_generate(args, model, tokenizer, raw=None):
+    """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints.
+    raw: the stream that takes the new text alone, as it comes, unescaped (--raw); None: the quoted output line."""
     machine = cost_model.machine_state(model, args.dtype)          # before decoding: the load of others, not ours
     prompt, temperature = tokenizer.encode(args.prompt).ids, args.temperature or 0.0
     text, asked = split_lookup(args.draft)
@@ -549,6 +592,8 @@ def run_generate(args, model, tokenizer):
         print("hsd: note: --seed has no effect without --temperature (greedy decoding draws nothing)", file=sys.stderr)
     if args.k is not None and chosen.k is None:
         print("hsd: note: -k has no effect with --draft none (plain decoding drafts nothing)", file=sys.stderr)
+    if cost_model.busy_warning(machine):                          # said before the run, which it slows
+        print(f"hsd: warning: {cost_model.busy_warning(machine)}", file=sys.stderr)
     seed = choose_seed(temperature, args.seed)                                                       # printed
     sampling = f"temperature {temperature}, seed {seed}" if temperature > 0 else "greedy"
     print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), {sampling}, "
@@ -557,7 +602,8 @@ def run_generate(args, model, tokenizer):
     longest = AUTO_MAX if chosen.k == "auto" else chosen.k or 1
     cost_model.warm_up(model, max(1, min(longest, args.max_new_tokens - 1)))     # every round length it can run
     steps, tokens, shown, plain_run = [], [], "", 0            # plain_run: plain steps since the trace's last round
-    print("" if args.trace else 'output  "', end="", flush=True)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")                  # https://no-color.org
+    print("" if args.trace or raw else 'output  "', end="", flush=True)
     for step in generate_steps(model, prompt, args.max_new_tokens, chosen, chosen.k, None, temperature, seed):
         steps.append(step)
         tokens += step.tokens
@@ -566,16 +612,22 @@ def run_generate(args, model, tokenizer):
             print(plain_line(plain_run), flush=True)
             plain_run = 0
         if args.trace and step.kind == "round":
-            print(trace_line(sum(done.kind == "round" for done in steps), step, tokenizer, sys.stdout.isatty()),
-                  flush=True)
-        text = tokenizer.decode(tokens, skip_special_tokens=False)
-        if not args.trace and not text.endswith("\ufffd"):       # a character whose bytes are not all there yet
-            print(json.dumps(text[len(shown):], ensure_ascii=False)[1:-1], end="", flush=True)
+            print(trace_line(sum(done.kind == "round" for done in steps), step, tokenizer, color), flush=True)
+        text = tokenizer.decode(tokens, skip_special_tokens=raw is not None)    # --raw: the text, no <|endoftext|>
+        if (raw or not args.trace) and not text.endswith("\ufffd"):   # a character whose bytes are not all there yet
+            new = text[len(shown):]
+            print(new if raw else json.dumps(new, ensure_ascii=False)[1:-1], end="", flush=True, file=raw or sys.stdout)
             shown = text
     rest = json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"'        # what the loop has not shown yet
     if args.trace and plain_run:
         print(plain_line(plain_run))
-    print(f"output  {show(tokenizer, tokens)}" if args.trace else rest)
+    if raw:
+        print(text[len(shown):], file=raw, flush=True)
+    elif args.trace:
+        print(f"output  {show(tokenizer, tokens)}")
+    else:
+        print(rest)
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
     s = {"model": args.model, "temperature": temperature, "seed": seed, "new_token_ids": tokens, "new_text": text,
          **statistics(chosen, steps, seed)}
     print(*summary(s, args.max_new_tokens, model.config.eos_token_id, tokenizer), sep="\n")
@@ -595,10 +647,41 @@ def k_argument(text):
         raise argparse.ArgumentTypeError(f"-k takes a number of drafts or auto, not {text!r}") from None
 
 
+def misspelt_option(parser, argv):
+    """"unknown option --modle: did you mean --model?" for the first --option of argv (a list of words) that the parser
+    does not know (nor abbreviates, as argparse allows) and that is close to one it knows; None if there is none."""
+    known = [option for action in parser._actions for option in action.option_strings
+             if option.startswith("--") and option != "--help"]
+    for word in argv:
+        name = word.split("=")[0]
+        if word == "--":
+            return None
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if name.startswith("--") and not any(option.startswith(name) for option in known) and close:
+            return f"unknown option {name}: did you mean {close[0]}?"
+    return None
+
+
+def read_prompt(path):
+    """--prompt-file: the text of a UTF-8 file (- : standard input), its last line break left out (as llama.cpp's -f);
+    a UsageError if it cannot be read."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise models.UsageError(f"cannot read --prompt-file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise models.UsageError(f"--prompt-file {path} is not UTF-8 text") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Self-speculative decoding in hybrid language models.")
     p.error = lambda message: p.exit(2, f"hsd: error: {message} (see --help)\n")     # one line, no usage text
-    p.add_argument("--model", required=True, help=", ".join([*models.TOYS, *models.OFFICIAL, *models.TINY]) +
+    p.add_argument("--model", help="(required) " + ", ".join([*models.TOYS, *models.OFFICIAL, *models.TINY]) +
                    ", a Hub id (owner/name) or a folder in the official layout (config.json, *.safetensors)")
     p.add_argument("--draft", help="component, layerskip, early-exit, none (plain decoding), a draft file from "
                                    "hsd_search.py, lookup (the text's own n-grams) or lookup+DRAFT (a cascade: the "
@@ -606,7 +689,8 @@ def main(argv=None):
                                    "family: component for the hybrids, layerskip for the Transformer)")
     p.add_argument("-k", type=k_argument, help="drafts per round, or auto: a length that adapts from round to round "
                                                "(default: the draft file's, else 2)")
-    p.add_argument("--prompt", default="The function returns", help="the text to continue (default: %(default)r)")
+    p.add_argument("--prompt", help=f"the text to continue (default: {PROMPT!r})")
+    p.add_argument("--prompt-file", metavar="PATH", help="the text to continue, from a UTF-8 file (- : standard input)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default: 64)")
     p.add_argument("--temperature", type=float, help="sample at this temperature (default: 0, greedy)")
     p.add_argument("--seed", type=int, help="seed of the sampling (default: a fresh one, printed)")
@@ -616,10 +700,21 @@ def main(argv=None):
     p.add_argument("--trace", action="store_true", help="show every round: drafts, accepted, the next token")
     p.add_argument("--check", action="store_true", help="decode plainly too; fail if tokens differ; print the speedup")
     p.add_argument("--repeats", type=int, default=5, help="--check's timed runs of each kind (default: 5)")
-    p.add_argument("--json", action="store_true", help="the statistics as one JSON object on the last line")
+    p.add_argument("--json", action="store_true", help="the statistics as one JSON object: stdout holds it alone, "
+                                                      "the other lines go to stderr")
+    p.add_argument("--raw", action="store_true", help="stdout holds the new text alone, as it comes, unescaped and "
+                                                     "without special tokens; the other lines go to stderr")
     args, unknown = p.parse_known_args(argv)
+    misspelt = misspelt_option(p, unknown)                      # --modle: did you mean --model?
+    if args.model is None:
+        p.error(misspelt or "the following arguments are required: --model")
     if unknown:                       # --eval, --out, --text, ...: the measurements have a command of their own
-        p.error(f"unrecognized arguments: {' '.join(unknown)} (measurements: hsd_eval.py --model {args.model} ...)")
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (measurements: hsd_eval.py --model {args.model} ..."
+                + (f"; {misspelt}" if misspelt else "") + ")")
+    if args.json and args.raw:
+        p.error("--json and --raw both take stdout: give one of them")
+    if args.prompt is not None and args.prompt_file is not None:
+        p.error("--prompt and --prompt-file both give the prompt: give one of them")
     if args.check and (args.temperature or args.max_new_tokens < 1 or args.repeats < 1):
         p.error("--check compares with greedy decoding: leave out --temperature, give --max-new-tokens >= 1 and "
                 "--repeats >= 1")
@@ -637,9 +732,13 @@ def main(argv=None):
         p.error(f"--threads takes a number of threads, at least 1, not {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)                      # before the model is loaded, warmed up or timed
+    stdout = sys.stdout
     try:
+        args.prompt = read_prompt(args.prompt_file) if args.prompt_file is not None else (
+            PROMPT if args.prompt is None else args.prompt)
         model = models.load(args.model, getattr(torch, args.dtype), args.device)
-        s = run_generate(args, model, models.load_tokenizer(args.model))
+        with contextlib.redirect_stdout(sys.stderr if args.json or args.raw else stdout):     # stdout: JSON or text
+            s = run_generate(args, model, models.load_tokenizer(args.model), stdout if args.raw else None)
     except models.UsageError as e:
         print(f"hsd: error: {e}", file=sys.stderr)
         return 2
@@ -647,7 +746,7 @@ def main(argv=None):
         print("\nhsd: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(s))
+        print(json.dumps(s), file=stdout)
     return 1 if s.get("identical_to_greedy") is False else 0
 
 

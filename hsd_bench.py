@@ -1,11 +1,12 @@
 """hsd_bench: hsd against transformers, and what speculation costs and measures; on the cost model (cost_model.py).
 
-  python hsd_bench.py falcon-h1-0.5b [--repeats 5]      # hsd against transformers, about 5 minutes on 2 CPU cores
-  python hsd_bench.py NAME --units                      # what leaving out each kind of part (layer, unit) saves
-  python hsd_bench.py NAME --context-sweep [--out F]    # c, v and the predicted speedup at 64 ... 8,192 tokens
-  python hsd_bench.py TOY --drafts FILES [--out F]      # drafts side by side on the test prompts, greedy and T=0.6
-  python hsd_bench.py TOY --drafts FILES --ks 1,2,4,8 --tokens 48 --repeats 2   # shorter: 4 fixed k, 2 turns
-  python hsd_bench.py TOY --busy                        # a busy core: default threads, passive wait, 1 thread
+  python hsd_bench.py --model falcon-h1-0.5b [--repeats 5]   # hsd against transformers, about 5 min on 2 CPU cores
+  python hsd_bench.py --model NAME --units                   # what leaving out each kind of part (layer, unit) saves
+  python hsd_bench.py --model NAME --context-sweep [--out F] # c, v and the predicted speedup at 64 ... 8,192 tokens
+  python hsd_bench.py --model TOY --drafts FILES [--out F]   # drafts side by side on the test prompts, greedy, T=0.6
+  python hsd_bench.py --model TOY --drafts FILES --ks 1,2,4,8 --tokens 48 --repeats 2   # shorter: 4 fixed k, 2 turns
+  python hsd_bench.py --model TOY --busy                     # a busy core: default threads, passive wait, 1 thread
+(The model may also come first, without --model: python hsd_bench.py NAME ...)
 
 Speed does not depend on the weight values, so random weights of an official config.json (models.OFFICIAL_CONFIGS) saved
 once in the official layout, serve both sides: transformers (the official implementation; this benchmark, like the
@@ -19,6 +20,8 @@ neighbourhood: sampled_labels), after an estimate of its duration; every table i
 and a busy machine is said so.
 """
 import argparse
+import contextlib
+import difflib
 import json
 import os
 import signal
@@ -28,13 +31,19 @@ import sys
 import tempfile
 import time
 
-import torch
-from huggingface_hub.utils import tqdm
+try:
+    import torch
+    from huggingface_hub.utils import tqdm
 
-import cost_model
-import drafts
-import hsd
-import models
+    import cost_model
+    import drafts
+    import hsd
+    import models
+except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
+    if __name__ != "__main__":
+        raise
+    print("\nhsd_bench: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 
@@ -47,6 +56,15 @@ def warning_lines(machine):
     busy = cost_model.busy_warning(machine)
     if busy:
         yield f"warning: {busy}"
+
+
+def warn_if_busy():
+    """Before anything is loaded or measured: the busy machine's warning on stderr, from the load of others now."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = cost_model.busy_warning({"load_average": os.getloadavg()[0], "cores": cores,
+                                    "threads": torch.get_num_threads()})
+    if busy:
+        print(f"hsd_bench: warning: {busy}", file=sys.stderr)
 
 
 def machine_words(machine):
@@ -657,8 +675,10 @@ def main(argv=None):
                                             "test prompts; with --context-sweep, c, v and the predicted speedup "
                                             "against the context.")
     p.error = lambda message: p.exit(2, f"hsd_bench: error: {message} (see --help)\n")
-    p.add_argument("model", choices=[*models.OFFICIAL_CONFIGS, *models.TOYS], help="an official configuration (random "
-                   "weights), or a trained toy (--units, --drafts, --context-sweep)")
+    p.add_argument("--model", help=f"{', '.join([*models.OFFICIAL_CONFIGS, *models.TOYS])}: an official configuration "
+                                   "(random weights), or a trained toy (--units, --drafts, --context-sweep); it may "
+                                   "also come first, without --model")
+    p.add_argument("name", nargs="?", metavar="MODEL", help="the model, as --model names it")
     p.add_argument("--tokens", type=int, default=32, help="new tokens of a decoding run (default: 32; --drafts: 64, "
                                                         "e.g. --tokens 48 --repeats 2 for a shorter run)")
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; --drafts: turns over the "
@@ -687,8 +707,18 @@ def main(argv=None):
     p.add_argument("--out", help="with --drafts or --context-sweep: save the numbers, and --drafts' raw per-prompt "
                                  "runs, to this JSON file")
     p.add_argument("--json", action="store_true", help="with --drafts, --units or --context-sweep: the numbers as one "
-                                                       "JSON line")
+                                                       "JSON line: stdout holds it alone, the table goes to stderr")
+    misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)
+    if misspelt:
+        p.error(misspelt)
     args = p.parse_args(argv)
+    if args.name and args.model and args.name != args.model:
+        p.error(f"two models, {args.name} and --model {args.model}: give one")
+    args.model, names = args.model or args.name, [*models.OFFICIAL_CONFIGS, *models.TOYS]
+    if args.model not in names:
+        close = difflib.get_close_matches(args.model or "", names, n=1)
+        p.error((f"unknown model {args.model!r}: " if args.model else "give --model NAME: ")
+                + (f"did you mean {close[0]}? " if close else "") + f"one of {', '.join(names)}")
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be at least 1 (got {args.threads})")
@@ -697,6 +727,7 @@ def main(argv=None):
         p.error("--tokens, --repeats, --cost-repeats and --context must be at least 1")
     if not 0 <= args.temperature < float("inf"):                      # NaN too
         p.error(f"--temperature must be 0 (greedy) or a finite temperature above it (got {args.temperature})")
+    table = sys.stderr if args.json else sys.stdout                 # --json: stdout holds the JSON alone
     try:
         if args.ks != p.get_default("ks") and args.drafts is None:
             p.error("--ks goes with --drafts (the fixed k of the paper's drafts in the results table)")
@@ -706,6 +737,8 @@ def main(argv=None):
         if args.busy_child:
             busy_child(args.model, args.busy_child)
             return 0
+        if not args.busy:                         # --busy studies a busy machine: it makes one of its own
+            warn_if_busy()
         if args.busy:
             if args.model not in models.TOYS:
                 p.error("--busy runs on a trained toy: give toy-falcon-h1, toy-qwen3.5 or toy-qwen2.5")
@@ -721,7 +754,7 @@ def main(argv=None):
             tokens = 64 if args.tokens == p.get_default("tokens") else args.tokens
             r = drafts_side_by_side(args.model, args.drafts, new_tokens=tokens, turns=args.repeats, ks=ks,
                                     out=args.out)                  # saves to --out after each temperature
-            print(*side_by_side_lines(args.model, r, tokens), sep="\n")
+            print(*side_by_side_lines(args.model, r, tokens), sep="\n", file=table)
             saved = side_by_side_json(args.model, r, tokens)
             if args.json:
                 print(json.dumps({key: value for key, value in saved.items() if key != "runs"}))
@@ -729,7 +762,7 @@ def main(argv=None):
         if args.context_sweep:
             sweep, machine = context_sweep(args.model, args.cost_repeats, args.temperature)
             rows = sweep_rows(args.model, sweep)
-            print(*sweep_lines(args.model, sweep, rows, machine), sep="\n")
+            print(*sweep_lines(args.model, sweep, rows, machine), sep="\n", file=table)
             warned = [w[9:] for w in warning_lines(machine)]
             saved = {"model": args.model, "machine": machine, "warnings": warned, "unreliable": bool(warned),
                      "rows": rows,
@@ -741,7 +774,7 @@ def main(argv=None):
             return 0
         if args.units:
             parts, saves, paper, machine = unit_costs(args.model, context=args.context, turns=args.cost_repeats)
-            print(*unit_lines(args.model, parts, saves, paper, machine), sep="\n")
+            print(*unit_lines(args.model, parts, saves, paper, machine), sep="\n", file=table)
             if args.json:
                 print(json.dumps({"model": args.model, "machine": machine, "warnings": [
                                   w[9:] for w in warning_lines(machine)], "step_s": parts.step_s, "v": parts.v,

@@ -15,6 +15,7 @@ module uses hsd's pieces of a round (snapshot, draft, restore, verify, judge) an
 timing of c and v, the predicted speedup, break-even, the bootstrap, the texts); no tool imports it.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -22,15 +23,22 @@ import os
 import signal
 import sys
 
-import torch
-from huggingface_hub.utils import tqdm
+try:
+    import torch
+    from huggingface_hub.utils import tqdm
 
-import cost_model
-import drafts
-import hsd
-import models
+    import cost_model
+    import drafts
+    import hsd
+    import models
+except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
+    if __name__ != "__main__":
+        raise
+    print("\nhsd_eval: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 KS = (2, 4, 8)                  # the paper's draft lengths
+SHORT_RUNS = 2 * (max(KS) + 1)  # multi-round runs of fewer new tokens than this hold too few rounds of k drafts
 TEMPERATURE, SEED = 0.6, 0      # the sampled column's temperature, and the seed, unless --temperature / --seed say
 
 # The trained toys are measured beside the paper's numbers for the model of their family.
@@ -345,7 +353,8 @@ def summarize(model, inputs, skips, records, contexts, times, temperature, files
             row["r"] = times[contexts[0]]["round"] / times[contexts[0]]["full"]
             row["predicted_speedup"] = (cost_model.predicted_speedup(1 + a, [k], entry["c"], {k: row["v"]}, row["r"])
                                         if a is not None else None)          # a round of k makes 1 + a tokens
-            row["measured_speedup"] = total["new_tokens"] / total["decode_s"] / plain_rate if runs else None
+            row["measured_speedup"] = (total["new_tokens"] / total["decode_s"] / plain_rate if total["drafted"]
+                                       else None)                # nothing drafted: plain decoding against itself
             row["break_even_context"] = (cost_model.break_even(times, draft, k, a, config.max_position_embeddings)
                                          if a is not None else None)
     for path, found in (files or {}).items():          # a draft file's numbers under their own key
@@ -466,6 +475,10 @@ def eval_table(name, r):
                f"{number(entry['top1_agreement'], '.3f', 0)}, KL {number(entry['kl'], '.3f', 0)}, perplexity "
                f"{entry['perplexity']:.2f} ({entry['perplexity_ratio']:.2f}x); greedy accepted 0..k, shared / "
                f"independent: {hist}")
+    if r["speed_prompts"] and r["max_new_tokens"] < SHORT_RUNS:
+        yield (f"note: the multi-round runs make {r['max_new_tokens']} new tokens each, so they drafted little or "
+               "nothing (the last token of a run is never drafted): their acceptance and measured speedups say "
+               f"little; give --max-new-tokens {SHORT_RUNS} or more (default: 64)")
     for label, path in files.items():
         yield f"{label}: {path}"
 
@@ -551,7 +564,11 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice; timings on a busy machine "
                                                "are steadier with 1)")
-    p.add_argument("--json", action="store_true", help="the results as one JSON object on the last line")
+    p.add_argument("--json", action="store_true", help="the results as one JSON object: stdout holds it alone, the "
+                                                      "table goes to stderr")
+    misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)
+    if misspelt:
+        p.error(misspelt)
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -559,7 +576,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         model = models.load(args.model, getattr(torch, args.dtype), args.device)
-        result = run(args, model, models.load_tokenizer(args.model))
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):      # --json: stdout is the JSON
+            result = run(args, model, models.load_tokenizer(args.model))
     except models.UsageError as e:
         print(f"hsd_eval: error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ The steps, in the order run() calls them (a part is a (field of models.Skip, lay
 Ctrl-C during steps 3 and 4 writes the best draft found so far (unconfirmed) to --out and says so.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -54,13 +55,19 @@ import sys
 import time
 from collections import namedtuple
 
-import torch
+try:
+    import torch
 
-import conflayers
-import cost_model
-import drafts
-import hsd
-import models
+    import conflayers
+    import cost_model
+    import drafts
+    import hsd
+    import models
+except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
+    if __name__ != "__main__":
+        raise
+    print("\nhsd_search: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 KS = tuple(range(1, 9))                  # the fixed draft lengths a candidate is tried at, besides "auto"
 STOPS = (None, 0.2, 0.4, 0.6, 0.8)       # stop rules tried: none, or stop after a draft less sure than this
@@ -865,12 +872,15 @@ def announce(args, model, text):
           file=sys.stderr)
     machine = cost_model.machine_state(model, args.dtype)
     if cost_model.busy_warning(machine):
-        print(f"hsd_search: WARNING: {cost_model.busy_warning(machine)}", file=sys.stderr)
+        print(f"hsd_search: warning: {cost_model.busy_warning(machine)}", file=sys.stderr)
     return machine
 
 
-def report(finalists, measured, said, seconds, out):
+def report(finalists, measured, said, seconds, out, test_prompts):
     """What the search found, measured and warned of, on stdout."""
+    print(f"finalists: S, the cost model's predicted speedup on the calibration prompts that ranked them (the winner's "
+          f"is optimistic: the file's prediction above is the fair one); measured, over plain decoding on "
+          f"{test_prompts} test prompts")
     for label, cand in finalists.confirmed().items():
         print(describe_candidate(label, cand))
         print(describe_measured(measured[label], cand.draft_cost))
@@ -880,9 +890,9 @@ def report(finalists, measured, said, seconds, out):
         print(f"ConfLayers ({conflayers.WHAT_RUNS}): {'converged' if selection.converged else 'did not converge'} "
               f"after {selection.iterations} selections", *selection.log, sep="\n")
     for line in said:
-        print(f"hsd_search: WARNING: {line}")
-    print(f"hsd_search: {finalists.tried} candidates in {seconds:.0f} s" + (f"; wrote {out}" if out else
-                                                                           "; nothing written (no --out)"))
+        print(f"hsd_search: warning: {line}")
+    print(f"hsd_search: {finalists.tried} distinct candidates in {seconds:.0f} s (the progress line counts every "
+          "ranking, a candidate met twice twice)" + (f"; wrote {out}" if out else "; nothing written (no --out)"))
 
 
 def run(args, model, tokenizer):
@@ -894,9 +904,9 @@ def run(args, model, tokenizer):
         print("hsd_search: no --out: the draft is printed, not written (--out FILE writes the draft file)",
               file=sys.stderr)
     t0, longest = time.time(), longest_round(args.method)
+    machine = announce(args, model, text)                        # before anything is decoded or timed
     calib = calibration(model, text.paragraphs, text.drawn, args.prompt_tokens, args.new_tokens, args.temperature,
                         args.seed)                                                                      # 1
-    machine = announce(args, model, text)
     cost_model.warm_up(model, longest)                            # every verify length a round here can use
     unit_costs, savings = unit_savings(model, args.context, args.repeats * 7, longest, args.temperature)   # 2
     paper, found_by, best = drafts.paper_skips(model.config), found_by_start(args, machine, text), BestSoFar()
@@ -916,7 +926,7 @@ def run(args, model, tokenizer):
         drafts.write_draft_file(args.out, spec)
     print(f"hsd_search: the file's prediction, on {len(held)} prompts held out of the search with its costs measured "
           "afresh: " + ", ".join(f"{speedup:.3f}x at T={t}" for t, speedup in predicted.at.items()))
-    report(finalists, measured, said, time.time() - t0, args.out)
+    report(finalists, measured, said, time.time() - t0, args.out, len(text.drawn.test))
     return spec
 
 
@@ -929,7 +939,8 @@ def main(argv=None):
     p.add_argument("--text", help="a UTF-8 text, a paragraph per line (default: as cost_model.read_lines reads: the "
                                   "toys' held-out text, WikiText-2 for the others)")
     p.add_argument("--out", help="write the draft file here (hsd.py --draft FILE); without it nothing is written")
-    p.add_argument("--json", action="store_true", help="the draft file's object as one JSON line on stdout")
+    p.add_argument("--json", action="store_true", help="the draft file's object as one JSON line: stdout holds it "
+                                                      "alone, the other lines go to stderr")
     p.add_argument("--method", default="search", choices=["search", "conflayers"],
                    help="search: greedy, then local search over the units, by the cost model; conflayers: "
                         "ConfLayers' selection rule, offline, chain verification, a baseline (default: search)")
@@ -954,6 +965,9 @@ def main(argv=None):
                                                           "per repeat (default: 3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default: float32)")
+    misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)
+    if misspelt:
+        p.error(misspelt)
     args = p.parse_args(argv)
     if min(args.prompts, args.test_prompts, args.prompt_tokens, args.new_tokens, args.repeats) < 1:
         p.error("--prompts, --test-prompts, --prompt-tokens, --new-tokens and --repeats must be at least 1")
@@ -970,7 +984,8 @@ def main(argv=None):
         most = model.config.max_position_embeddings - longest - 2
         if not 1 <= args.context <= most:
             raise models.UsageError(f"--context must lie in 1..{most} for this model (got {args.context})")
-        spec = run(args, model, models.load_tokenizer(args.model))
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):      # --json: stdout is the JSON
+            spec = run(args, model, models.load_tokenizer(args.model))
     except models.UsageError as e:
         print(f"hsd_search: error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ Ctrl-C keeps what it computed: the same command resumes it.
 """
 import argparse
 import ctypes
+import difflib
 import hashlib
 import json
 import math
@@ -32,13 +33,19 @@ import sys
 import time
 import unicodedata
 
-import torch
-import torch.nn.functional as F
-from huggingface_hub.utils import tqdm
+try:
+    import torch
+    import torch.nn.functional as F
+    from huggingface_hub.utils import tqdm
 
-import drafts
-import hsd
-import models
+    import drafts
+    import hsd
+    import models
+except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
+    if __name__ != "__main__":
+        raise
+    print("\nhsd_train: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 TEXT_DIR = os.path.join(models.TOYS_DIR, "text")
 HELDOUT_WINDOWS, WINDOW = 32, 512      # the held-out loss: the first 32 windows of 512 characters of the held-out text
@@ -494,8 +501,8 @@ def output_folder(name, out=None, force=False):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train hsd's toy models (toys/README.md).")
     p.error = lambda message: p.exit(2, f"hsd_train: error: {message} (see --help)\n")
-    p.add_argument("--model", choices=list(TOY_CONFIGS), help="train this toy from scratch, or resume its run "
-                                                              "(no default)")
+    p.add_argument("--model", help=f"{', '.join(TOY_CONFIGS)}: train this toy from scratch, or resume its run "
+                                   "(no default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batches (default: 0)")
     p.add_argument("--out", metavar="FOLDER", help="folder for the checkpoint (default: toys/NAME, the shipped toy, "
                                                    "which only --out toys/NAME or --force replaces)")
@@ -508,8 +515,17 @@ def main(argv=None):
     p.add_argument("--report", action="store_true", help="held-out loss and word rates of the toys and tiny models")
     p.add_argument("--make-text", metavar="SOURCES", help="write toys/text from Python's documentation sources, e.g. "
                                                           "/usr/share/doc/python3.11/html/_sources (no default)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object: stdout holds it alone, the "
+                                                      "other lines go to stderr")
+    misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)
+    if misspelt:
+        p.error(misspelt)
     args = p.parse_args(argv)
+    if args.model is not None and args.model not in TOY_CONFIGS:
+        close = difflib.get_close_matches(args.model, list(TOY_CONFIGS), n=1)
+        p.error(f"unknown toy {args.model!r}: " + (f"did you mean {close[0]}? " if close else "")
+                + f"one of {', '.join(TOY_CONFIGS)}")
+    out = sys.stderr if args.json else sys.stdout                     # --json: stdout holds the JSON alone
     try:
         if args.threads is not None and args.threads < 1:
             raise models.UsageError(f"--threads must be at least 1 (got {args.threads})")
@@ -518,24 +534,25 @@ def main(argv=None):
         if args.make_text:
             result = make_text(args.make_text, TEXT_DIR)
             print(f"wrote {os.path.join(TEXT_DIR, 'train.txt')} ({result['train']:,} characters) and heldout.txt "
-                  f"({result['heldout']:,}) from {args.make_text}")
+                  f"({result['heldout']:,}) from {args.make_text}", file=out)
         elif args.report:
             result = report()
             for name, row in result.items():
                 print(f"{name:15} {row['bits_per_char']:.3f} bits/char held out; words found in the training text: "
                       f"greedy {row['greedy']['word_rate']:.0%} ({row['greedy']['different_words']} different), "
-                      f"T=0.6 {row['T=0.6']['word_rate']:.0%} ({row['T=0.6']['different_words']} different)")
+                      f"T=0.6 {row['T=0.6']['word_rate']:.0%} ({row['T=0.6']['different_words']} different)", file=out)
         elif args.model and args.lr_check:
             result = lr_check(args.model)
-            print(", ".join(f"peak lr {rate:g}: {bits:.3f} bits/char held out" for rate, bits in result.items()))
+            print(", ".join(f"peak lr {rate:g}: {bits:.3f} bits/char held out" for rate, bits in result.items()),
+                  file=out)
         elif args.model:
             if args.steps < 1:
                 raise models.UsageError(f"--steps must be at least 1 (got {args.steps})")
-            out = output_folder(args.model, args.out, args.force)
-            result = train(args.model, out, args.seed, {**SCHEDULE, "steps": args.steps})
+            folder = output_folder(args.model, args.out, args.force)
+            result = train(args.model, folder, args.seed, {**SCHEDULE, "steps": args.steps})
             print(f"{args.model}: {result['seconds'] / 60:.1f} min, held-out bits/char " + ", ".join(
                 f"{label} {bits:.3f}" for label, bits in result["heldout"]["bits_per_char"].items())
-                + f"; saved in {out}")
+                + f"; saved in {folder}", file=out)
         else:
             raise models.UsageError("give --model NAME (to train), --report or --make-text SOURCES")
     except models.UsageError as e:

@@ -1126,6 +1126,8 @@ def resolve(name_or_path):
     local = os.path.expanduser(TOYS.get(name_or_path, name_or_path))
     if os.path.isdir(local):
         return local
+    if os.path.isfile(local):                              # config.json, say, for the folder that holds it
+        raise UsageError(f"{name_or_path} is a file: give its folder, {os.path.dirname(name_or_path) or '.'}")
     if name_or_path.startswith(("/", ".", "~")):
         raise UsageError(f"no such directory: {name_or_path}")
     repo = OFFICIAL.get(name_or_path, name_or_path)

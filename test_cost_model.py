@@ -249,6 +249,8 @@ def test_a_busy_machine_is_said_so_in_one_line():
     assert "busy" in line and "1.00-1.20x" in line and "--threads 1" in line and "\n" not in line
     assert cost_model.busy_warning({"load_average": 1.0, "cores": 2}) is None       # our own process: 1 core
     assert "load average is 1.50 on 2 cores" in cost_model.busy_warning({"load_average": 1.5, "cores": 2})
+    one_thread = cost_model.busy_warning({"load_average": 1.5, "cores": 2, "threads": 1})   # --threads 1 given
+    assert "--threads 1" not in one_thread and "taskset" in one_thread and "\n" not in one_thread
     state = cost_model.machine_state(models.load("tiny-falcon-h1"), torch.float32)
     assert state["threads"] == torch.get_num_threads() and state["dtype"] == "float32"
     assert {"omp_wait_policy", "load_average", "cores", "torch", "commit", "device"} <= set(state)

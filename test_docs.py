@@ -83,7 +83,8 @@ def test_imports_run_one_way():
     hsd_train, hsd_search, exercises) imports another; the runtime never imports transformers but hsd_bench, inside
     the functions that compare with it; a test file imports what it tests, no other test file, and nothing a handout
     leaves out."""
-    files = sorted(name for name in project_files() if name.endswith(".py") and os.sep not in name and "/" not in name)
+    files = sorted(name for name in project_files() if name.endswith(".py") and os.sep not in name and "/" not in name
+                   and (tracked() is not None or name[:-3] in KNOWN))      # never a script of the user's lying here
     modules = {name[:-3] for name in files}
     assert {"models", "hsd"} <= modules
     broken = [said for name in files for said in broken_rules(name[:-3], imports_of(os.path.join(HERE, name)), modules)]
@@ -95,13 +96,25 @@ def test_imports_run_one_way():
     assert not gone, f"{sorted(gone)} no longer break the rule: delete them from NOT_YET"
 
 
-def project_files():
-    """The project's files, relative to HERE: those git tracks or would track; without git (a handout), every file
-    but git's, caches, virtual environments and a handout written inside the project."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=HERE,
-                            capture_output=True, text=True) if shutil.which("git") else None
+# Without git (a handout), the project's modules are those the rule names and their test files, not every .py lying here
+KNOWN = {*MAY_IMPORT, "conftest", "test_docs", "test_exercises", *(f"test_{module}" for module in MAY_IMPORT)}
+
+
+def tracked():
+    """The files git tracks, relative to HERE, or None where there is no git (a handout)."""
+    listed = subprocess.run(["git", "ls-files", "--cached"], cwd=HERE, capture_output=True,
+                            text=True) if shutil.which("git") else None
     if listed is not None and listed.returncode == 0 and os.path.exists(os.path.join(HERE, ".git")):
         return [name for name in listed.stdout.splitlines() if os.path.isfile(os.path.join(HERE, name))]
+    return None
+
+
+def project_files():
+    """The project's files, relative to HERE: those git tracks (never a file of the user's lying in the folder:
+    my_example.py); without git (a handout), every file but git's, caches, virtual environments and a handout written
+    inside the project."""
+    if tracked() is not None:
+        return tracked()
     files = []
     for folder, dirs, names in os.walk(HERE):
         dirs[:] = [d for d in dirs if d not in (".git", "__pycache__", ".pytest_cache") and not any(
@@ -199,3 +212,51 @@ def test_the_readme_installs_into_a_virtual_environment():
         section = readme.split(f"\n{title}\n")[1].split("\n## ")[0].split("\n### ")[0]
         first_pip = section.index("pip install")
         assert -1 < section.find("python3 -m venv .venv") < section.find(". .venv/bin/activate") < first_pip, title
+
+
+def test_the_readmes_what_you_see_is_what_the_command_prints():
+    """The README's "What you see": the command it shows prints those lines, numbers aside (timings vary; the
+    rounds, the text and every kind of line, the plain step among them, do not)."""
+    block = readme_section("What you see").split("```")[1].strip().splitlines()
+    assert block[0].startswith("$ python hsd.py") and len(block) > 5
+    command = shlex.split(block[0][2:].split("#")[0])
+    result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers_aside = lambda line: re.sub(r"\d+(?:\.\d+)?", "N", line)
+    assert [numbers_aside(line) for line in result.stdout.splitlines()] == [numbers_aside(line) for line in block[1:]]
+    assert any(line.startswith("plain ") for line in block) and "`plain N steps`" in readme_section("What you see")
+
+
+def test_the_readmes_advice_for_stepping_into_the_model_works_at_a_fresh_prompt():
+    """The README's advice, fed to pdb: a breakpoint in models set after the first stop in the round stops next in the
+    round's draft; set after `import models` at a fresh prompt, it stops first in cost_model.warm_up."""
+    section = " ".join(readme_section("Stepping through a round in a debugger").split())
+    assert "`break speculative_round`, `continue`), then `break models.Model.hidden_states`" in section
+    assert "after `import models` at a fresh prompt, they stop first in `cost_model.warm_up`" in section
+    command = [sys.executable, "-m", "pdb", "hsd.py", "--model", "tiny-qwen3.5", "-k", "3", "--max-new-tokens", "4"]
+    for commands, caller in ((["break speculative_round", "continue", "break models.Model.hidden_states", "continue"],
+                              "draft()"), (["import models", "break models.Model.hidden_states", "continue"],
+                                           "warm_up()")):
+        session = subprocess.run(command, input="\n".join([*commands, "where", "quit"]) + "\n", capture_output=True,
+                                 text=True, cwd=HERE, timeout=120)
+        stack = session.stdout.split("(Pdb) ")[-2]                                 # what `where` printed
+        assert "hidden_states()" in stack.splitlines()[-2] and caller in stack, session.stdout[-3000:]
+        assert "not a function or was not found" not in session.stdout
+
+
+def test_the_readme_stays_a_starting_point():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        assert len(f.read().splitlines()) <= 300
+
+
+def test_a_script_of_the_users_own_in_the_folder_breaks_no_rule():
+    """The README's API example saved as my_example.py in the folder, as a user runs it from there: the rule of imports
+    is about the project's modules (git's, or without git the ones it names), not whatever .py lies here."""
+    path = os.path.join(HERE, "my_example_of_a_user.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("import hsd\nimport models\n")
+    try:
+        assert "my_example_of_a_user.py" not in project_files()
+        test_imports_run_one_way()
+    finally:
+        os.remove(path)

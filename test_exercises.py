@@ -751,7 +751,38 @@ def test_a_handout_written_inside_the_project_is_not_part_of_the_next(tmp_path):
     assert exercises.project_files(str(project)) == ["hsd.py", "test_hsd.py", os.path.join("toys", "notes.md")]
     if shutil.which("git"):
         subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+        subprocess.run(["git", "add", "hsd.py", "test_hsd.py", "toys/notes.md"], cwd=project, check=True)
         assert exercises.project_files(str(project)) == ["hsd.py", "test_hsd.py", "toys/notes.md"]
+
+
+def test_a_handout_holds_what_git_tracks_never_an_untracked_file(tmp_path):
+    """An untracked solutions/hsd.py (or any file of the instructor's lying in the folder) is no part of a handout: with
+    git, the project's files are those git tracks, ignored or not."""
+    if not shutil.which("git"):
+        pytest.skip("no git on this machine")
+    project = tmp_path / "project"
+    for name in ("hsd.py", "test_hsd.py", "solutions/hsd.py", "notes.py"):
+        os.makedirs(os.path.dirname(project / name), exist_ok=True)
+        (project / name).write_text("z = 3\n")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["git", "add", "hsd.py", "test_hsd.py"], cwd=project, check=True)
+    assert exercises.project_files(str(project)) == ["hsd.py", "test_hsd.py"]
+    assert set(exercises.project_files(HERE)) <= set(subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True,
+                                                                     text=True).stdout.splitlines())
+
+
+def test_a_handout_inside_the_project_is_refused_unless_git_ignores_it(capsys):
+    """--out hw1 in the project's folder: one line saying to write it outside (git would list it as the project's
+    changes); nothing is written. A folder git ignores is accepted."""
+    if not shutil.which("git") or not os.path.exists(os.path.join(HERE, ".git")):
+        pytest.skip("the project is no git work tree here")
+    inside = os.path.join(HERE, "hw1-refused")
+    assert exercises.main(["--blank", "commit", "--out", inside]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lies inside the project" in err and "(../hw1-refused)" in err, err
+    assert not os.path.exists(inside) and not os.path.exists(os.path.join(HERE, ".hw1-refused.partial"))
+    assert not exercises.inside_the_project(os.path.join(HERE, "__pycache__", "hw1"))          # .gitignore's
+    assert not exercises.inside_the_project(os.path.join(os.path.dirname(HERE), "hw1"))
 
 
 def test_blank_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys, monkeypatch):
@@ -832,3 +863,15 @@ def test_every_link_resolves_in_the_project_and_in_a_handout(hw1):
                         assert anchor in anchors(f.read()), f"{name}: {file}#{anchor}"
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         assert ("EXERCISES.md", "") in links(f.read())
+
+
+def test_a_handouts_texts_name_no_file_it_lacks(hw1):
+    """Every file name a handout's README.md and EXERCISES.md give (`hsd.py`, `toys/README.md`, ...) is in the handout:
+    not exercises.py nor test_exercises.py, which stay with the instructor."""
+    for name in ("README.md", "EXERCISES.md"):
+        text = (hw1 / name).read_text(encoding="utf-8")
+        named = set(re.findall(r"`([\w./-]+\.(?:py|md))`", text))
+        assert named and all((hw1 / file).is_file() for file in named), (name, sorted(f for f in named
+                                                                                     if not (hw1 / f).is_file()))
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        assert "`exercises.py`" in f.read()                        # the project's README names it

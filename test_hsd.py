@@ -5,6 +5,7 @@ state of a round step by step, what a reader meets in a debugger, the command li
 distribution. The grading tests of the round's exercises (EXERCISES.md) are ordinary tests here, beside the tests of
 the function each one grades, whose failure messages speak a student's language; a handout carries this file as it is.
 """
+import io
 import json
 import math
 import os
@@ -708,8 +709,11 @@ def test_every_model_call_of_a_round_runs_on_the_meta_device(name, dtype):
 # hsd: the command line
 
 def run_cli(*args, env=None, script="hsd.py"):
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=HERE)
+    """A tool as a user runs it; a busy machine's warning, which depends on whatever else runs here, left out."""
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, cwd=HERE)
+    result.stderr = "".join(line for line in result.stderr.splitlines(True) if "the machine is busy" not in line)
+    return result
 
 
 def main_status(main, args):
@@ -725,8 +729,8 @@ def test_cli_check_json(name, capsys):
     draft = "layerskip" if name == "tiny-qwen2.5" else "component"
     assert hsd.main(["--model", name, "--draft", draft, "-k", "3", "--max-new-tokens", "20", "--check", "--json",
                      "--trace", "--repeats", "2"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    stats = json.loads(out[-1])
+    captured = capsys.readouterr()
+    stats, out = json.loads(captured.out), captured.err.splitlines()          # --json: stdout holds the JSON alone
     assert stats["identical_to_greedy"] and stats["new_tokens"] == len(stats["new_token_ids"]) and stats["drafted"] > 0
     assert stats["alpha"] == stats["accepted"] / stats["drafted"] and stats["speedup_vs_greedy"] > 0
     assert (stats["model"], stats["draft"], stats["k"], stats["temperature"], stats["seed"]) == (name, draft, 3, 0, None)
@@ -757,8 +761,8 @@ def test_the_trace_holds_the_rounds_as_they_were_judged(monkeypatch):
 def test_cli_says_why_generation_stopped_and_names_special_tokens(capsys):
     """tiny-falcon-h1 ends its continuation of the default prompt with <|endoftext|> after 21 tokens."""
     assert hsd.main(["--model", "tiny-falcon-h1", "--json"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    stats = json.loads(out[-1])
+    captured = capsys.readouterr()
+    stats, out = json.loads(captured.out), captured.err.splitlines()
     assert stats["new_token_ids"][-1] == 96 and stats["new_text"].endswith("<|endoftext|>")
     assert out[2].startswith('output  "') and out[2].endswith('<|endoftext|>"')
     assert f"stop    at the end-of-text token \"<|endoftext|>\", after {len(stats['new_token_ids'])} of 64 tokens" in out
@@ -790,9 +794,9 @@ def test_cli_check_reports_a_mismatch(monkeypatch, capsys):
     real_accept = hsd.accept
     monkeypatch.setattr(hsd, "accept", lambda drafts, logits: (0, (real_accept(drafts, logits)[1] + 1) % 97))
     assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "8", "--check", "--json"]) == 1
-    out = capsys.readouterr().out
-    assert "FAILED" in out and "new token 0:" in out and "logit margin" in out
-    assert json.loads(out.strip().splitlines()[-1])["identical_to_greedy"] is False
+    out, err = capsys.readouterr()
+    assert "FAILED" in err and "new token 0:" in err and "logit margin" in err
+    assert json.loads(out)["identical_to_greedy"] is False
 
 
 def test_cli_check_says_near_tie_only_when_it_is_one(monkeypatch, capsys):
@@ -918,7 +922,8 @@ def test_cli_prints_each_round_before_the_next_is_made(monkeypatch, capsys):
 def test_ctrl_c_during_generation_is_one_line():
     """Ctrl-C while generating: one line, exit 130. The tiny model is told it has no end-of-text token, so that the
     generation is still running when the signal comes (its continuation would otherwise end after 214 tokens)."""
-    code = ("import dataclasses, sys, hsd, models; models.TINY['tiny-qwen2.5'] = dataclasses.replace("
+    code = ("import dataclasses, os, sys, hsd, models; os.getloadavg = lambda: (0.0, 0.0, 0.0); "    # idle
+            "models.TINY['tiny-qwen2.5'] = dataclasses.replace("
             "models.TINY['tiny-qwen2.5'], eos_token_id=-1); sys.exit(hsd.main(sys.argv[1:]))")
     run = subprocess.Popen([sys.executable, "-c", code, "--model", "tiny-qwen2.5", "--max-new-tokens", "4000"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
@@ -927,6 +932,114 @@ def test_ctrl_c_during_generation_is_one_line():
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate()
     assert run.returncode == 130 and stderr.strip() == "hsd: interrupted", stderr
+
+
+def test_a_busy_machine_is_said_before_the_run_and_never_advises_what_was_given(monkeypatch, capsys):
+    """The load is known before anything is decoded: one line on stderr before the first step, with --check or without;
+    its advice is --threads 1, unless the run has 1 thread already (then what else helps). The load is given here."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.5, 7.5))
+    real, before = hsd.generate_steps, []
+
+    def watched(*args, **kwargs):
+        before.append(capsys.readouterr().err)                               # what was said before the first step
+        yield from real(*args, **kwargs)
+    monkeypatch.setattr(hsd, "generate_steps", watched)
+    threads = torch.get_num_threads()
+    try:
+        for extra in ([], ["--check", "--repeats", "1"], ["--temperature", "0.6", "--seed", "1"]):
+            torch.set_num_threads(2)
+            assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "4", *extra]) == 0
+            warned = [line for line in before.pop(0).splitlines() if "busy" in line]
+            assert len(warned) == 1 and warned[0].startswith("hsd: warning: the machine is busy (the load average is "
+                                                             "7.50") and "--threads 1" in warned[0], warned
+            capsys.readouterr()
+            before.clear()
+        assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "4", "--threads", "1"]) == 0
+        warned = [line for line in before[0].splitlines() if "busy" in line]
+        assert len(warned) == 1 and "--threads 1" not in warned[0] and "taskset" in warned[0], warned
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("extra", [[], ["--trace", "--check", "--repeats", "1"]])
+def test_json_is_stdout_alone(extra, capsys):
+    """--json: stdout holds the JSON object alone (what `| jq` reads); the human lines go to stderr."""
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "6", "--json", *extra]) == 0
+    out, err = capsys.readouterr()
+    stats = json.loads(out)
+    assert stats["new_tokens"] == 6 and err.startswith("model   tiny-falcon-h1") and "alpha" in err
+
+
+def test_raw_prints_the_text_alone_and_a_prompt_can_come_from_a_file(tmp_path, monkeypatch, capsys):
+    """--raw: stdout holds the new text, unescaped, no special tokens, then a line break; the other lines go to stderr.
+    --prompt-file PATH (or - for stdin) gives the prompt as --prompt does, its last line break left out."""
+    text = "The cat\nsat "
+    ids, _ = hsd.generate(tiny("tiny-falcon-h1", torch.float32), models.char_tokenizer().encode(text).ids, 30)
+    assert hsd.main(["--model", "tiny-falcon-h1", "--prompt", text, "--max-new-tokens", "30", "--raw"]) == 0
+    out, err = capsys.readouterr()
+    assert out == models.char_tokenizer().decode(ids, skip_special_tokens=True) + "\n" and ids[-1] == 96, ids
+    assert "<|endoftext|>" not in out and 'prompt  "The cat\\nsat "' in err and "output" not in err
+    (tmp_path / "prompt.txt").write_text(text + "\n")
+    assert hsd.main(["--model", "tiny-falcon-h1", "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens",
+                     "30", "--raw"]) == 0
+    assert capsys.readouterr().out == out
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text + "\n"))
+    assert hsd.main(["--model", "tiny-falcon-h1", "--prompt-file", "-", "--max-new-tokens", "30", "--raw"]) == 0
+    assert capsys.readouterr().out == out
+    for args, says in ((["--prompt-file", str(tmp_path / "none.txt")], "cannot read --prompt-file"),
+                       (["--prompt", "a", "--prompt-file", "-"], "give one of them"),
+                       (["--raw", "--json"], "--json and --raw both take stdout")):
+        assert main_status(hsd.main, ["--model", "tiny-falcon-h1", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "6", "--trace"]) == 0
+    assert "\033[32m" in capsys.readouterr().out
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "6", "--trace"]) == 0
+    out = capsys.readouterr().out
+    assert "\033[" not in out and "round   1" in out
+
+
+def test_errors_name_the_mistake(capsys):
+    """A misspelt option, a model's file for its folder, too many new tokens: each said in one line that names it."""
+    for args, says in ((["--modle", "tiny-falcon-h1"], "unknown option --modle: did you mean --model?"),
+                       (["--model", "tiny-falcon-h1", "--max-new-token=4"], None),           # an abbreviation: fine
+                       (["--model", "toys/toy-falcon-h1/config.json"], "toys/toy-falcon-h1/config.json is a file: give "
+                                                                       "its folder, toys/toy-falcon-h1"),
+                       (["--model", "tiny-falcon-h1", "--max-new-tokens", "100000000"],
+                        "after the prompt's 20 tokens, at most 4076 new tokens fit")):
+        assert main_status(hsd.main, args) == (0 if says is None else 2)
+        err = capsys.readouterr().err
+        assert says is None or (err.count("\n") == 1 and says in err), err
+
+
+def test_generate_takes_a_one_row_tensor_and_refuses_the_common_mistakes_in_one_line():
+    """transformers' (1, T) habit works; text, a tokenizers.Encoding, a batch, float ids: one sentence saying what to
+    pass."""
+    model, tok = tiny("tiny-falcon-h1"), models.char_tokenizer()
+    ids = tok.encode("The cat").ids
+    expected = hsd.generate(model, ids, 6)[0]
+    assert hsd.generate(model, torch.tensor([ids]), 6)[0] == expected == hsd.generate(model, torch.tensor(ids), 6)[0]
+    for wrong, says in (("The cat", "not text"), (tok.encode("The cat"), "pass its .ids"),
+                        ([ids], "(one prompt: batch size 1)"), (torch.tensor([ids], dtype=torch.float32), "float32"),
+                        (torch.tensor([ids, ids]), "batch size 1")):
+        with pytest.raises((TypeError, models.UsageError)) as e:
+            hsd.generate(model, wrong, 6)
+        message = str(e.value)
+        assert says in message and "\n" not in message and ("ids" in message or "row" in message), message
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """Ctrl-C in the first second, while torch is imported, is one line and exit status 130 in every tool, as later:
+    a torch that raises KeyboardInterrupt when imported stands in for the key pressed then."""
+    (tmp_path / "torch.py").write_text("raise KeyboardInterrupt\n")
+    for tool in ("hsd", "hsd_eval", "hsd_bench", "hsd_search", "hsd_train"):
+        result = run_cli("--model", "toy-falcon-h1", script=f"{tool}.py", env={"PYTHONPATH": str(tmp_path)})
+        assert result.returncode == 130 and result.stderr.strip() == f"{tool}: interrupted", (tool, result.stderr)
 
 
 def test_damaged_files_are_one_line_saying_what_to_do(tmp_path, capsys):
@@ -958,8 +1071,8 @@ def test_k_with_plain_decoding_is_a_note_and_the_run_goes_on(capsys):
         assert hsd.main(["--model", "tiny-falcon-h1", "--draft", "none", "-k", k, "--max-new-tokens", "3",
                          "--json"]) == 0
         out, err = capsys.readouterr()
-        assert err == "hsd: note: -k has no effect with --draft none (plain decoding drafts nothing)\n"
-        assert json.loads(out.splitlines()[-1])["k"] is None
+        assert err.startswith("hsd: note: -k has no effect with --draft none (plain decoding drafts nothing)\nmodel ")
+        assert json.loads(out)["k"] is None
     assert hsd.generate(tiny("tiny-falcon-h1"), [1, 2], 3, draft="none", k=3)[1]["k"] is None
 
 
@@ -970,10 +1083,10 @@ def test_auto_trace_shows_the_plain_steps_between_rounds(capsys, monkeypatch):
     monkeypatch.setattr(hsd, "default_costs", lambda model, skip: (0.5, {1: 1.1}, 0.0))
     assert hsd.main(["--model", "tiny-falcon-h1", "-k", "auto", "--trace", "--max-new-tokens", "30",
                      "--json"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    lines, stats = captured.err.splitlines(), json.loads(captured.out)
     kinds = [line.split()[0] for line in lines if line.startswith(("round", "plain"))]
     assert kinds[:6] == ["round"] * 4 + ["plain", "round"] and "plain     8 steps" in lines, lines
-    stats = json.loads(lines[-1])
     assert sum(int(line.split()[1]) for line in lines if line.startswith("plain ")) == stats["plain_steps"] > 8
 
 
@@ -1183,12 +1296,12 @@ def test_cli_at_a_temperature_traces_sampled_rounds(capsys):
     args = ["--model", "tiny-falcon-h1", "--temperature", "0.6", "--seed", "1", "--trace", "--max-new-tokens", "12",
             "--json"]
     assert hsd.main(args) == 0
-    out = capsys.readouterr().out.splitlines()
-    stats = json.loads(out[-1])
+    captured = capsys.readouterr()
+    out, stats = captured.err.splitlines(), json.loads(captured.out)
     assert "temperature 0.6, seed 1" in out[0] and stats["temperature"] == 0.6 and stats["seed"] == 1
     assert sum(line.startswith("round") for line in out) == stats["rounds"] > 0
     assert hsd.main(args) == 0                                           # the same seed: the same rounds and text
-    again = capsys.readouterr().out.splitlines()
+    again = capsys.readouterr().err.splitlines()
     shown = [x for x in out if x.startswith(("round", "output"))]
     assert [x for x in again if x.startswith(("round", "output"))] == shown
 

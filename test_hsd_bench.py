@@ -3,6 +3,7 @@
 Nothing here is timed: the sweep's costs are given, and the command line is refused before anything is measured."""
 import json
 import math
+import os
 import types
 
 import pytest
@@ -184,6 +185,35 @@ def test_the_command_line_refuses_in_one_line_before_measuring(args, message, ca
     assert exit_status(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_the_model_is_given_as_in_every_tool_the_busy_machine_said_first_and_json_is_stdout_alone(monkeypatch, capsys):
+    """--model NAME (or the name first, as before); a misspelt model or option: "did you mean"; a busy machine (its load
+    given here) is said on stderr before anything is measured; --json: stdout holds the JSON alone."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    machine = {"device": "cpu X", "threads": 2, "cores": 2, "omp_wait_policy": "default", "load_average": 5.0,
+               "torch": "2", "commit": "abc"}
+    said_first = []
+
+    def sweep(name, repeats, temperature):
+        said_first.append(capsys.readouterr().err)
+        return {}, machine
+    monkeypatch.setattr(hsd_bench, "context_sweep", sweep)
+    monkeypatch.setattr(hsd_bench, "sweep_rows", lambda name, sweep: [])
+    monkeypatch.setattr(hsd_bench, "sweep_lines", lambda *args: ["a line of the table"])
+    for args in (["--model", "toy-qwen3.5"], ["toy-qwen3.5"]):
+        assert exit_status([*args, "--context-sweep", "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["model"] == "toy-qwen3.5" and "a line of the table" in err
+        assert said_first.pop().startswith("hsd_bench: warning: the machine is busy (the load average is 5.00")
+    for args, message in ((["--model", "toy-qwen35", "--units"], "unknown model 'toy-qwen35': did you mean "
+                                                                  "toy-qwen3.5?"),
+                          (["--modle", "toy-qwen3.5"], "unknown option --modle: did you mean --model?"),
+                          (["--units"], "give --model NAME"),
+                          (["toy-qwen3.5", "--model", "toy-qwen2.5"], "two models")):
+        assert exit_status(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_a_machine_of_one_thread_is_said_in_words():

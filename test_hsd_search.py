@@ -254,7 +254,13 @@ def test_the_search_writes_a_draft_file_hsd_reads(tmp_path, fixed_costs, capsys)
     temperatures, the paragraphs of its split, its warnings."""
     out = tmp_path / "draft.json"
     assert hsd_search.main(["--model", "tiny-falcon-h1", *SMALL, "--out", str(out), "--json"]) == 0
-    spec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed, said = capsys.readouterr()
+    spec = json.loads(printed)                                   # --json: stdout holds the JSON alone, as jq reads it
+    legend = next(line for line in said.splitlines() if line.startswith("finalists: S, "))
+    assert "the file's prediction above is the fair one" in legend
+    assert "measured, over plain decoding on 1 test" in legend
+    assert any(line.startswith("hsd_search: the file's prediction, on ") for line in said.splitlines())
+    assert f"hsd_search: {spec['found_by']['candidates_tried']} distinct candidates in " in said
     assert json.loads(out.read_text()) == spec and spec["format"] == drafts.DRAFT_FORMAT
     found = spec["found_by"]
     assert found["method"] == "search" and found["candidates_tried"] > 10 and found["seed"] == 0
@@ -288,6 +294,22 @@ def test_the_conflayers_method_writes_its_selection_at_its_own_k(tmp_path, fixed
     assert ran["budget"] == {"prompts": 2, "new_tokens": 12} and ran["paper_budget"]["prompts"] == 100
     assert "ConfLayers (" in capsys.readouterr().out
     assert hsd.read_draft_file(str(out), models.load("tiny-falcon-h1"))[1] == []
+
+
+def test_a_busy_machine_is_said_before_anything_is_decoded_and_warnings_are_spelt_alike(monkeypatch, capsys):
+    """The load (given here) is said on stderr before step 1 decodes its calibration prompts, as every tool spells a
+    warning: "hsd_search: warning:"."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+
+    def calibration(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(hsd_search, "calibration", calibration)
+    assert hsd_search.main(["--model", "tiny-falcon-h1", *SMALL]) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("hsd_search: warning: the machine is busy (the load average is 6.00") for line in err)
+    for tool in ("hsd.py", "hsd_eval.py", "hsd_bench.py", "hsd_search.py", "hsd_train.py", "exercises.py"):
+        with open(os.path.join(HERE, tool), encoding="utf-8") as f:
+            assert "WARNING" not in f.read(), tool
 
 
 def test_without_out_it_says_so_at_the_start(monkeypatch, capsys):

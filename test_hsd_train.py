@@ -289,3 +289,18 @@ def test_every_option_says_what_it_does_and_its_default(capsys, monkeypatch):
         assert text.strip(), f"{option} has no help"
         if len(option.split()) > 1:                                     # --seed SEED: it takes a value
             assert "default" in text, f"{option} does not say its default: {text.strip()}"
+
+
+def test_a_misspelt_toy_or_option_is_one_line_saying_the_closest_and_json_is_stdout_alone(capsys, monkeypatch):
+    for args, message in ((["--model", "toy-falcon-h"], "unknown toy 'toy-falcon-h': did you mean toy-falcon-h1?"),
+                          (["--modle", "toy-falcon-h1"], "unknown option --modle: did you mean --model?")):
+        with pytest.raises(SystemExit) as stop:
+            hsd_train.main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+    row = {"bits_per_char": 2.0, "greedy": {"word_rate": 0.5, "different_words": 3},
+           "T=0.6": {"word_rate": 0.25, "different_words": 4}}
+    monkeypatch.setattr(hsd_train, "report", lambda: {"toy-falcon-h1": row})
+    assert hsd_train.main(["--report", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"toy-falcon-h1": row} and err.startswith("toy-falcon-h1   2.000 bits/char")
