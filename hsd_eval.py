@@ -576,19 +576,20 @@ def recall_skips(config):
 
 
 def recall_inputs(lines, tokenizer, max_len, prompts):
-    """What --recall measures, token ids by phase, and the characters its bits are of. Plain text, as the paper's
-    protocols read it (paper_inputs): "plain alpha", the single-round prompts (the first `prompts` lines over 100
-    characters), "plain bits", the perplexity text. Recall: `prompts` copy prompts (cost_model.copy_prompts: a
-    passage, a newline and the passage's first characters again), "copy alpha" the prompts, "copy bits" the pairs
-    (prompt, continuation) whose continuation's loss is measured. Returns (inputs, {"plain": characters predicted of
-    the perplexity text, "copy": characters of the continuations})."""
-    plain = paper_inputs(lines, tokenizer, max_len, prompts, speed_prompts=0)
+    """What --recall measures, token ids by phase, and the characters its bits are of. Plain text: the single-round
+    prompts as the paper's alpha protocol reads them (paper_inputs: the first `prompts` lines over 100 characters, cut
+    to fit the model's context), "plain alpha" for acceptance and "plain bits" for the loss of every token but each
+    prompt's first (within the context the model was trained on, unlike the paper's 2048-token perplexity text).
+    Recall: `prompts` copy prompts (cost_model.copy_prompts: a passage, a newline and the passage's first characters
+    again), "copy alpha" the prompts, "copy bits" the pairs (prompt, continuation) whose continuation's loss is
+    measured. Returns (inputs, {"plain": characters predicted of the prompts, "copy": of the continuations})."""
+    plain = paper_inputs(lines, tokenizer, max_len, prompts, speed_prompts=0)["alpha"]
     pairs = cost_model.copy_prompts(lines, prompts)
     copy = [(tokenizer.encode(prompt).ids, tokenizer.encode(rest, add_special_tokens=False).ids)
             for prompt, rest in pairs]
-    inputs = {"plain alpha": plain["alpha"], "copy alpha": [prompt for prompt, _ in copy],
-              "plain bits": plain["perplexity"], "copy bits": copy}
-    characters = {"plain": len(tokenizer.decode(plain["perplexity"][0][1:])),
+    inputs = {"plain alpha": plain, "copy alpha": [prompt for prompt, _ in copy], "plain bits": plain,
+              "copy bits": copy}
+    characters = {"plain": sum(len(tokenizer.decode(ids[1:])) for ids in plain),
                   "copy": sum(len(rest) for _, rest in pairs)}
     return inputs, characters
 
@@ -605,8 +606,8 @@ def recall(args, model, tokenizer, lines, temperature, seed):
     if args.prompts < 1:
         raise models.UsageError(f"--recall needs --prompts >= 1 (got {args.prompts})")
     inputs, characters = recall_inputs(lines, tokenizer, model.config.max_position_embeddings, args.prompts)
-    if not inputs["plain alpha"] or len(inputs["plain bits"][0]) < 2:
-        raise models.UsageError("the text has no line over 100 characters or is too short: give a longer --text")
+    if not inputs["plain alpha"]:
+        raise models.UsageError("the text has no line over 100 characters: give a longer --text")
     skips = recall_skips(model.config)
     header = {"model": args.model, "recall": True,
               "text_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
@@ -642,14 +643,14 @@ def recall_summary(inputs, characters, skips, records, temperature):
     the acceptance rows (acceptance); on the copy prompts the share of the continuations' characters reproduced
     greedily ("copied", summed matched over summed characters, as hsd_train.copying)."""
     bits = math.log(2)
-    plain = records.saved["plain bits", 0]
+    plain = [records.saved["plain bits", i] for i in range(len(inputs["plain bits"]))]
     copy = [records.saved["copy bits", i] for i in range(len(inputs["copy bits"]))]
     tokens = sum(len(rest) for _, rest in inputs["copy bits"])
     result = {"prompts": len(inputs["plain alpha"]), "copy_prompts": len(copy), "temperature": temperature,
               "characters": characters, "drafts": {}}
     for draft in ("full", *skips):
         entry = result["drafts"][draft] = {
-            "plain": {"bits_per_char": plain[draft] / bits / characters["plain"]},
+            "plain": {"bits_per_char": sum(r[draft] for r in plain) / bits / characters["plain"]},
             "copy": {"bits_per_char": sum(r[draft]["nll"] for r in copy) / bits / characters["copy"],
                      "copied": sum(r[draft]["matched"] for r in copy) / tokens}}
         if draft != "full":
@@ -665,7 +666,8 @@ def recall_table(name, r):
     T = r["temperature"]
     yield (f"{name}: the paper's question on recall (acceptance: the draft starting from the full model's state, "
            "[95% CI])")
-    yield f"plain: {r['prompts']} single-round prompts of the text; bits/char on {r['characters']['plain']} characters"
+    yield (f"plain: {r['prompts']} single-round prompts of the text; bits/char on their {r['characters']['plain']} "
+           "characters")
     yield (f"copy:  {r['copy_prompts']} prompts (a passage, a newline, its first characters again); bits/char and the "
            f"share copied (greedily, before the first difference) of the {r['characters']['copy']} characters that "
            "follow")
