@@ -268,7 +268,8 @@ def recording_train(calls):
     """In place of hsd_train.train: records where it would write and with how many threads, trains nothing."""
     def train(name, out, seed=0, schedule=hsd_train.SCHEDULE, curve_every=25):
         calls.append((name, out, schedule["steps"], torch.get_num_threads()))
-        return {"seconds": 0.0, "heldout": {"bits_per_char": {"full": 8.0}}}
+        return {"seconds": 0.0, "heldout": {"bits_per_char": {"full": 8.0}}, "copying": {"share": 0.5, "passages": 2},
+                "loop_share": {"share": 0.25}}
     return train
 
 
@@ -287,6 +288,7 @@ def test_training_never_replaces_a_shipped_toy_unless_asked_in_words(monkeypatch
     threads = torch.get_num_threads()
     try:
         assert hsd_train.main(["--model", "toy-qwen2.5", "--steps", "3", "--out", shipped]) == 0
+        assert "copies 50.0% of 2 held-out passages, greedy text's loop share 0.25" in capsys.readouterr().out
         assert hsd_train.main(["--model", "toy-qwen2.5", "--steps", "2", "--force", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
