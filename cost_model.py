@@ -40,6 +40,8 @@ runs them; the generations take the generate function (hsd.generate).
   paragraphs(lines, tokenizer) -> {paragraph index: ids}
   split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP, test_tokens=TEST_TOKENS) -> Split(test,
       calibration): paragraph indices, disjoint; the test set the same for every caller
+  copy_prompts(lines, count=COPY_PASSAGES, length=COPY_LENGTH, given=COPY_GIVEN) -> [(prompt, continuation)]: the
+      copying probe, a passage given again after itself (hsd_train measures copying with it, hsd_eval --recall)
   check_writable(path, flag); write_json(path, value)
   machine_state(model, dtype) -> machine (a dict); busy_warning(machine, ratios=()) -> a line or None
 """
@@ -58,6 +60,7 @@ import models
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_PROMPTS, TEST_GAP = 24, 50      # the test set: 24 paragraphs spread over the held-out text, 50 or more apart,
 TEST_TOKENS = 128                    # each of at least 128 tokens (a 64-token prompt and as much text after it)
+COPY_PASSAGES, COPY_LENGTH, COPY_GIVEN = 16, 200, 35   # the copying probe: 16 passages of 200 characters, 35 given
 BUSY_SPREAD = 1.15                   # per-turn ratios further apart than this (max / min): the machine is busy
 
 
@@ -480,6 +483,21 @@ def split(paragraphs, tokens, count=TEST_PROMPTS, gap=TEST_GAP, test_tokens=TEST
     chosen = set(test)
     return Split(test, [i for i in sorted(paragraphs) if len(paragraphs[i]) >= tokens and i not in chosen])
 
+
+
+def copy_prompts(lines, count=COPY_PASSAGES, length=COPY_LENGTH, given=COPY_GIVEN):
+    """The copying probe: `count` passages of `length` characters, each given once whole and then begun again, so
+    that what comes next is known. lines: a text's lines (the toys': their held-out text, read_lines). The passages
+    are the first `length` characters of the paragraphs (stripped lines) at least that long, evenly spread over them:
+    the i-th of count is long[i * len(long) // count], the same for every caller. Returns count pairs of strings
+    (prompt, continuation): prompt = passage + "\n" + passage[:given], continuation = passage[given:] (length - given
+    characters, what a model that copies writes next). A UsageError if the text has fewer such paragraphs."""
+    long = [line.strip() for line in lines if len(line.strip()) >= length]
+    if len(long) < count:
+        raise models.UsageError(f"the text has {len(long)} paragraphs of at least {length} characters, not the {count} "
+                                "the copying probe needs: give a longer --text, or fewer prompts")
+    passages = [long[i * len(long) // count][:length] for i in range(count)]
+    return [(passage + "\n" + passage[:given], passage[given:]) for passage in passages]
 
 # --- Output files, and the machine the numbers were measured on --------------------------------------------------
 def check_writable(path, flag):

@@ -10,9 +10,12 @@ JSON-lines file as soon as it exists, so that an interrupted run resumes where i
   divergence  total variation, top-1 agreement and KL between the full model's and the draft's next-token distributions
   perplexity  of the full model and of each draft on 2048 tokens of text
   speed       multi-round generation on a few prompts: acceptance over whole generations, and the measured speedup
-The inputs are built exactly as the authors' code built them (paper_inputs; RESULTS.md, "The paper's inputs"). This
-module uses hsd's pieces of a round (snapshot, draft, restore, verify, judge) and the cost model (cost_model.py: the
-timing of c and v, the predicted speedup, break-even, the bootstrap, the texts); no tool imports it.
+`--recall` asks the paper's question on recall instead (recall): bits per character and single-round acceptance of
+each draft on the text and on copy prompts, a passage given again after itself (toys/README.md, "The paper, in
+miniature"). The inputs are built exactly as the authors' code built them (paper_inputs; RESULTS.md, "The paper's
+inputs"). This module uses hsd's pieces of a round (snapshot, draft, restore, verify, judge) and the cost model
+(cost_model.py: the timing of c and v, the predicted speedup, break-even, the bootstrap, the texts); no tool imports
+it.
 """
 import argparse
 import contextlib
@@ -125,6 +128,23 @@ def nll(model, ids, skip=None, chunk=256):
     return total
 
 
+def continuation_record(model, prompt, rest, skips):
+    """The full model ("full") and each draft on a prompt's known continuation, one pass each over prompt + rest (lists
+    of token ids): "nll", the summed negative log-likelihood of rest's tokens; "matched", how many of them come before
+    the first that is not the most likely next token (what greedy decoding reproduces of rest: hsd_train.copying's
+    measure)."""
+    ids = torch.tensor([prompt + rest], device=model.lm_head.weight.device)                      # (1, T)
+    wanted = ids[0, len(prompt):]                                                                # (len(rest),)
+    result = {}
+    for draft, skip in {"full": None, **skips}.items():
+        h = model.hidden_states(ids, skip=skip)[0, len(prompt) - 1:-1]                           # (len(rest), D)
+        logp = torch.log_softmax(model.logits(h).double(), dim=-1)                               # (len(rest), V)
+        wrong = (logp.argmax(-1) != wanted).nonzero()
+        result[draft] = {"nll": -logp.gather(1, wanted[:, None]).sum().item(),
+                         "matched": wrong[0, 0].item() if len(wrong) else len(rest)}
+    return result
+
+
 def step_times(model, skips, ks, context, repeats=7):
     """Seconds at a context, from the cost model's harness (cost_model.measure_costs, greedy, `repeats` turns): a full
     decoding step ("full"), a draft step (by name), a verify pass (by k, k drafts), a round's own work ("round",
@@ -156,8 +176,9 @@ class Records:
         if lines:
             saved_header = lines[0]["header"]
             if saved_header != header:
-                different = [f"{key} {saved_header.get(key)!r} there, {value!r} now" for key, value in header.items()
-                             if saved_header.get(key) != value]
+                different = [f"{key} {saved_header.get(key)!r} there, {header.get(key)!r} now"
+                             for key in dict.fromkeys([*header, *saved_header])     # a key only one of them has too
+                             if saved_header.get(key) != header.get(key)]
                 raise models.UsageError(f"{path} holds another run ({'; '.join(different)}): give another --out "
                                         "file, or the options of that run to resume it")
             self.saved = {(r["phase"], r["index"]): r["result"] for r in lines[1:]}
@@ -312,6 +333,26 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
     return contexts, times
 
 
+VARIANTS = ("shared", "independent", "sampled_shared", "sampled_independent")     # alpha_record's, per draft
+
+
+def acceptance(alphas, draft):
+    """Single-round acceptance of a draft over prompts, from alphas (alpha_record's records): for each k of KS (a round
+    of k drafts is a prefix of a round of max(KS): its first k drafts, judged the same way) and each of VARIANTS, the
+    mean share of k accepted, its 95% bootstrap interval over prompts and the histogram of 0..k accepted:
+    {k: {"alpha_VARIANT": mean, "ci_VARIANT": [low, high], "histogram_VARIANT": [prompts]}}."""
+    rows = {}
+    for k in KS:
+        row = rows[k] = {}
+        for variant in VARIANTS:
+            shares = [min(record[draft][variant], k) / k for record in alphas]
+            row[f"alpha_{variant}"] = sum(shares) / len(shares)
+            row[f"ci_{variant}"] = cost_model.bootstrap_ci(shares)
+            row[f"histogram_{variant}"] = [sum(min(record[draft][variant], k) == accepted for record in alphas)
+                                           for accepted in range(k + 1)]
+    return rows
+
+
 def summarize(model, inputs, skips, records, contexts, times, temperature, files=None):
     """The measurements' result (RESULTS.md): per draft, divergence and perplexity, and per k the acceptance
     of the single-round protocol, the multi-round runs, the cost model. The keys of earlier versions are all kept."""
@@ -337,14 +378,8 @@ def summarize(model, inputs, skips, records, contexts, times, temperature, files
             "kl": sum(x[draft]["kl"] for x in texts) / positions if positions else None,
             "perplexity": perplexity, "perplexity_ratio": perplexity / result["perplexity_full"],
             "c": times[contexts[0]][draft] / times[contexts[0]]["full"], "k": {}}
-        for k in KS:     # a round of k drafts is a prefix of a round of max(KS): its first k drafts, judged the same way
-            row = entry["k"][k] = {}
-            for variant in ("shared", "independent", "sampled_shared", "sampled_independent"):
-                shares = [min(record[draft][variant], k) / k for record in alphas]
-                row[f"alpha_{variant}"] = sum(shares) / len(shares)
-                row[f"ci_{variant}"] = cost_model.bootstrap_ci(shares)
-                row[f"histogram_{variant}"] = [sum(min(record[draft][variant], k) == accepted for record in alphas)
-                                               for accepted in range(k + 1)]
+        for k, row in acceptance(alphas, draft).items():
+            entry["k"][k] = row
             runs = [record[draft][str(k)] for record in speed]
             total = {x: sum(r[x] for r in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
             row["alpha_multi"] = total["accepted"] / total["drafted"] if total["drafted"] else None
@@ -375,6 +410,8 @@ def run(args, model, tokenizer):
     temperature = TEMPERATURE if args.temperature is None else args.temperature
     seed = SEED if args.seed is None else args.seed
     lines = cost_model.read_lines(args.text, args.model)
+    if args.recall:
+        return recall(args, model, tokenizer, lines, temperature, seed)
     inputs = paper_inputs(lines, tokenizer, model.config.max_position_embeddings, max(args.prompts, 0),
                           max(args.speed_prompts, 0))
     if not inputs["alpha"]:
@@ -542,6 +579,125 @@ def plot_svg(name, r):
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
+
+# --- The paper's question asked on recall: python hsd_eval.py --model NAME --recall (toys/README.md) -------------
+def recall_skips(config):
+    """The drafts --recall measures: the paper's (drafts.paper_skips) and, for Qwen3.5 (a sequential hybrid, whose
+    component draft leaves out its full-attention layers whole, their MLPs too), "attention-only": only the attention
+    of those layers left out, their MLPs kept, as Falcon-H1's component draft leaves out only its attention branch."""
+    skips = drafts.paper_skips(config)
+    if config.family == "qwen3_5":
+        skips["attention-only"] = models.Skip(attention={i for i, t in enumerate(config.layer_types)
+                                                         if t == "full_attention"})
+    return skips
+
+
+def recall_inputs(lines, tokenizer, max_len, prompts):
+    """What --recall measures, token ids by phase, and the characters its bits are of. Plain text: the single-round
+    prompts as the paper's alpha protocol reads them (paper_inputs: the first `prompts` lines over 100 characters, cut
+    to fit the model's context), "plain alpha" for acceptance and "plain bits" for the loss of every token but each
+    prompt's first (within the context the model was trained on, unlike the paper's 2048-token perplexity text).
+    Recall: `prompts` copy prompts (cost_model.copy_prompts: a passage, a newline and the passage's first characters
+    again), "copy alpha" the prompts, "copy bits" the pairs (prompt, continuation) whose continuation's loss is
+    measured. Returns (inputs, {"plain": characters predicted of the prompts, "copy": of the continuations})."""
+    plain = paper_inputs(lines, tokenizer, max_len, prompts, speed_prompts=0)["alpha"]
+    pairs = cost_model.copy_prompts(lines, prompts)
+    copy = [(tokenizer.encode(prompt).ids, tokenizer.encode(rest, add_special_tokens=False).ids)
+            for prompt, rest in pairs]
+    inputs = {"plain alpha": plain, "copy alpha": [prompt for prompt, _ in copy], "plain bits": plain,
+              "copy bits": copy}
+    characters = {"plain": sum(len(tokenizer.decode(ids[1:])) for ids in plain),
+                  "copy": sum(len(rest) for _, rest in pairs)}
+    return inputs, characters
+
+
+def recall(args, model, tokenizer, lines, temperature, seed):
+    """--recall: per draft of recall_skips, on the held-out text and on copy prompts, bits per character and
+    single-round acceptance (alpha_record, k = KS, greedy and at the temperature, with 95% intervals); on the copy
+    prompts also the characters of the continuation that the full model and each draft reproduce greedily before
+    the first difference (continuation_record). Records saved in --out as they come, as the main run does; prints
+    recall_table; returns the JSON object of --json."""
+    if args.plot or args.draft:
+        raise models.UsageError("--recall measures the paper's drafts and prints one table: leave out --plot and "
+                                "--draft (they belong to the main run)")
+    if args.prompts < 1:
+        raise models.UsageError(f"--recall needs --prompts >= 1 (got {args.prompts})")
+    inputs, characters = recall_inputs(lines, tokenizer, model.config.max_position_embeddings, args.prompts)
+    if not inputs["plain alpha"]:
+        raise models.UsageError("the text has no line over 100 characters: give a longer --text")
+    skips = recall_skips(model.config)
+    header = {"model": args.model, "recall": True,
+              "text_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+              "prompts": len(inputs["plain alpha"]), "copy_prompts": len(inputs["copy alpha"]), "dtype": args.dtype,
+              "device": args.device, "temperature": temperature, "seed": seed}
+    if args.out:
+        cost_model.check_writable(args.out, "--out")
+    records = Records(args.out, header)
+    device = model.lm_head.weight.device
+
+    def alpha(i, prompt):                                      # a seeded stream per prompt, as the main run's
+        return alpha_record(model, prompt, skips, temperature, torch.Generator().manual_seed(seed * 1_000_003 + i))
+    phases = {"plain alpha": alpha, "copy alpha": alpha,
+              "plain bits": lambda i, ids: perplexity_record(model, torch.tensor([ids], device=device), skips),
+              "copy bits": lambda i, pair: continuation_record(model, *pair, skips)}
+    try:
+        with torch.inference_mode():
+            for phase, run_one in phases.items():
+                todo = records.missing(phase, len(inputs[phase]))
+                for i in tqdm(todo, desc=phase, total=len(inputs[phase]), initial=len(inputs[phase]) - len(todo)):
+                    records.add(phase, i, run_one(i, inputs[phase][i]))
+    except KeyboardInterrupt:
+        if not args.out:
+            raise KeyboardInterrupt("nothing was saved (--out FILE keeps results as they come)") from None
+        raise KeyboardInterrupt(f"saved in {args.out}: run the same command again to resume") from None
+    result = {**vars(args), **recall_summary(inputs, characters, skips, records, temperature), "seed": seed}
+    print(*recall_table(args.model, result), sep="\n")
+    return result
+
+
+def recall_summary(inputs, characters, skips, records, temperature):
+    """--recall's result: per text ("plain", "copy"), the full model's and each draft's bits per character; per draft
+    the acceptance rows (acceptance); on the copy prompts the share of the continuations' characters reproduced
+    greedily ("copied", summed matched over summed characters, as hsd_train.copying)."""
+    bits = math.log(2)
+    plain = [records.saved["plain bits", i] for i in range(len(inputs["plain bits"]))]
+    copy = [records.saved["copy bits", i] for i in range(len(inputs["copy bits"]))]
+    tokens = sum(len(rest) for _, rest in inputs["copy bits"])
+    result = {"prompts": len(inputs["plain alpha"]), "copy_prompts": len(copy), "temperature": temperature,
+              "characters": characters, "drafts": {}}
+    for draft in ("full", *skips):
+        entry = result["drafts"][draft] = {
+            "plain": {"bits_per_char": sum(r[draft] for r in plain) / bits / characters["plain"]},
+            "copy": {"bits_per_char": sum(r[draft]["nll"] for r in copy) / bits / characters["copy"],
+                     "copied": sum(r[draft]["matched"] for r in copy) / tokens}}
+        if draft != "full":
+            for text in ("plain", "copy"):
+                alphas = [records.saved[f"{text} alpha", i] for i in range(len(inputs[f"{text} alpha"]))]
+                entry[text]["k"] = acceptance(alphas, draft)
+    return result
+
+
+def recall_table(name, r):
+    """--recall's table, as lines of text: a row per draft and text, greedy and sampled acceptance of the draft
+    starting from the full model's state (shared, as hsd.generate runs), 95% intervals."""
+    T = r["temperature"]
+    yield (f"{name}: the paper's question on recall (acceptance: the draft starting from the full model's state, "
+           "[95% CI])")
+    yield (f"plain: {r['prompts']} single-round prompts of the text; bits/char on their {r['characters']['plain']} "
+           "characters")
+    yield (f"copy:  {r['copy_prompts']} prompts (a passage, a newline, its first characters again); bits/char and the "
+           f"share copied (greedily, before the first difference) of the {r['characters']['copy']} characters that "
+           "follow")
+    yield (f"{'draft':14} {'text':5} {'bits/char':>9} {'copied':>6} " + " ".join(
+        f"{f'greedy k={k}':>17}" for k in KS) + " " + " ".join(f"{f'T={T} k={k}':>17}" for k in KS))
+    for draft, entry in r["drafts"].items():
+        for text, row in entry.items():
+            cells = [f"{row['k'][k]['alpha_' + variant]:.2f} [{row['k'][k]['ci_' + variant][0]:.2f}, "
+                     f"{row['k'][k]['ci_' + variant][1]:.2f}]" for variant in ("shared", "sampled_shared") for k in KS
+                     ] if "k" in row else []
+            yield (f"{draft:14} {text:5} {row['bits_per_char']:9.3f} {number(row.get('copied'), '.3f', 6)} "
+                   + " ".join(f"{cell:>17}" for cell in cells)).rstrip()
+
 # --- Command line ------------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description="The paper's measurements: acceptance, divergence, perplexity and the "
@@ -551,7 +707,8 @@ def main(argv=None):
                    "a Hugging Face repo id or a folder")
     p.add_argument("--text", help="a UTF-8 text file (default: WikiText-2 validation; toy-*: their held-out text; "
                                   "tiny-*: a built-in text)")
-    p.add_argument("--prompts", type=int, default=200, help="prompts of the single-round protocol (default: 200)")
+    p.add_argument("--prompts", type=int, default=200, help="prompts of the single-round protocol, and with "
+                   "--recall as many copy prompts (default: 200)")
     p.add_argument("--speed-prompts", type=int, default=10, help="prompts of the multi-round runs (default: 10)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens of a multi-round run (default: 64)")
     p.add_argument("--temperature", type=float, help=f"the sampled column's temperature (default: {TEMPERATURE})")
@@ -564,6 +721,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice; timings on a busy machine "
                                                "are steadier with 1)")
+    p.add_argument("--recall", action="store_true", help="the paper's question asked on recall instead: bits/char and "
+                   "acceptance of each draft on the text and on copy prompts (toys/README.md)")
     p.add_argument("--json", action="store_true", help="the results as one JSON object: stdout holds it alone, the "
                                                       "table goes to stderr")
     misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)

@@ -38,6 +38,7 @@ try:
     import torch.nn.functional as F
     from huggingface_hub.utils import tqdm
 
+    import cost_model
     import drafts
     import hsd
     import models
@@ -256,8 +257,8 @@ def train(name, out, seed=0, schedule=SCHEDULE, curve_every=25):
 
 
 def training_log(name, seed, schedule, run, model):
-    """What a rerun needs to match, what the run took, its loss curve, and the held-out loss of the saved model and of
-    each of its drafts (bits per character on heldout_windows())."""
+    """What a rerun needs to match, what the run took, its loss curve, the held-out loss of the saved model and of each
+    of its drafts (bits per character on heldout_windows()), and whether it copies and loops (does_it_copy)."""
     windows = heldout_windows()
     skips = drafts.paper_skips(model.config)
     return {
@@ -270,6 +271,7 @@ def training_log(name, seed, schedule, run, model):
         "heldout": {"windows": HELDOUT_WINDOWS, "length": WINDOW, "bits_per_char": {
             "full": heldout_bits_per_char(model, windows),
             **{draft: heldout_bits_per_char(model, windows, skip) for draft, skip in skips.items()}}},
+        **does_it_copy(model),
     }
 
 
@@ -337,6 +339,58 @@ def continuation(model, tokenizer, prompt, characters=300, temperature=0.0, seed
     tokens, _ = hsd.generate(model, tokenizer.encode(prompt).ids, characters, draft="none", temperature=temperature,
                              seed=seed)
     return tokenizer.decode(tokens)
+
+
+# --- Do they read back what they were given: copying, and loops -----------------------------------------------
+LOOP_SIZE, LOOP_CHARACTERS = 16, 300     # the loop share: of 16-character strings, in 300 greedy characters
+
+
+@torch.inference_mode()
+def copying(model, tokenizer, prompts):
+    """How far greedy decoding copies a passage it was given. prompts: (prompt, continuation) pairs of strings, the
+    prompt ending where the passage begins again (cost_model.copy_prompts). matched: the characters of the
+    continuation that greedy plain decoding of the prompt reproduces before its first difference (the toys' tokenizer:
+    a token is a character). Greedy decoding writes the continuation's next token exactly as long as that token is the
+    model's most likely one after the prompt and the continuation so far, so one forward pass over prompt +
+    continuation finds the first difference: the first position whose argmax is not the continuation's token (the
+    same as decoding one token at a time, but for ties of the two largest logits). model(ids (1, T)) -> logits
+    (1, T, V). Returns {"share": sum(matched) / sum(remaining), "matched": [per prompt], "remaining": [per prompt,
+    the continuation's length in tokens]}."""
+    matched, remaining = [], []
+    for prompt, rest in prompts:
+        given, wanted = tokenizer.encode(prompt).ids, tokenizer.encode(rest, add_special_tokens=False).ids
+        ids = torch.tensor([given + wanted])                                         # (1, T)
+        predicted = model(ids)[0, len(given) - 1:-1].argmax(-1)                       # (len(wanted),)
+        wrong = (predicted != torch.tensor(wanted)).nonzero()
+        matched.append(wrong[0, 0].item() if len(wrong) else len(wanted))
+        remaining.append(len(wanted))
+    return {"share": sum(matched) / sum(remaining), "matched": matched, "remaining": remaining}
+
+
+def loop_share(text, size=LOOP_SIZE):
+    """The share of text's size-character strings already seen: of the len(text) - size + 1 strings text[i:i + size],
+    those equal to some text[j:j + size] with j < i (an earlier start; the two may overlap). 0.0 for a text shorter
+    than size. Greedy text that loops scores near 1; prose, near 0."""
+    strings = [text[i:i + size] for i in range(len(text) - size + 1)]
+    seen, repeated = set(), 0
+    for string in strings:
+        repeated += string in seen
+        seen.add(string)
+    return repeated / len(strings) if strings else 0.0
+
+
+def does_it_copy(model):
+    """Whether a model with the toys' tokenizer reads back what it was given, and whether its greedy text loops:
+    {"copying": copying() on cost_model.copy_prompts of the held-out text (COPY_PASSAGES passages of COPY_LENGTH
+    characters, each given again up to its first COPY_GIVEN), "loop_share": loop_share() of the LOOP_CHARACTERS
+    greedy characters that continue README_PROMPT, of LOOP_SIZE-character strings}, each with how it was made."""
+    tokenizer = models.char_tokenizer()
+    prompts = cost_model.copy_prompts(read_text("heldout").splitlines(), cost_model.COPY_PASSAGES)
+    greedy = continuation(model, tokenizer, README_PROMPT, LOOP_CHARACTERS)
+    return {"copying": {"passages": len(prompts), "length": cost_model.COPY_LENGTH, "given": cost_model.COPY_GIVEN,
+                        **copying(model, tokenizer, prompts)},
+            "loop_share": {"share": loop_share(greedy, LOOP_SIZE), "size": LOOP_SIZE, "characters": LOOP_CHARACTERS,
+                           "prompt": README_PROMPT}}
 
 
 # --- The text: how toys/text was made from Python's documentation -----------------------------------------------
@@ -467,16 +521,20 @@ def lr_check(name, rates=(1.5e-3, 3e-3, 6e-3), steps=80, seed=0):
 
 
 def report():
-    """Held-out bits per character and the word rates of greedy and T=0.6 continuations, for each toy and, for
-    contrast, each random tiny model: {model: {...}}."""
+    """For each toy and, for contrast, each random tiny model: held-out bits per character, the word rates of greedy
+    and T=0.6 continuations of README_PROMPT, the copying probe (copying) and the loop share of the greedy continuation
+    (loop_share), all measured now, not read from the training logs: {model: {...}}."""
     vocabulary = set(words(read_text("train")))
+    prompts = cost_model.copy_prompts(read_text("heldout").splitlines(), cost_model.COPY_PASSAGES)
     tokenizer, rows = models.char_tokenizer(), {}
     for name in [*models.TOYS, *models.TINY]:
         model = models.load(name)
         row = rows[name] = {"bits_per_char": heldout_bits_per_char(model, heldout_windows())}
         for label, temperature in (("greedy", 0.0), ("T=0.6", 0.6)):
-            text = continuation(model, tokenizer, README_PROMPT, temperature=temperature)
+            text = continuation(model, tokenizer, README_PROMPT, LOOP_CHARACTERS, temperature=temperature)
             row[label] = {"text": text, **dict(zip(("word_rate", "different_words"), word_rate(text, vocabulary)))}
+        row["copying"] = copying(model, tokenizer, prompts)
+        row["loop_share"] = loop_share(row["greedy"]["text"], LOOP_SIZE)
     return rows
 
 
@@ -512,7 +570,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, metavar="N", help="torch's threads (default: torch's choice, "
                                                             f"{torch.get_num_threads()} here)")
     p.add_argument("--lr-check", action="store_true", help="with --model: short runs at three peak learning rates")
-    p.add_argument("--report", action="store_true", help="held-out loss and word rates of the toys and tiny models")
+    p.add_argument("--report", action="store_true", help="held-out loss, word rates, copying and loop share of the "
+                                                         "toys and tiny models")
     p.add_argument("--make-text", metavar="SOURCES", help="write toys/text from Python's documentation sources, e.g. "
                                                           "/usr/share/doc/python3.11/html/_sources (no default)")
     p.add_argument("--json", action="store_true", help="the result as one JSON object: stdout holds it alone, the "
@@ -541,6 +600,10 @@ def main(argv=None):
                 print(f"{name:15} {row['bits_per_char']:.3f} bits/char held out; words found in the training text: "
                       f"greedy {row['greedy']['word_rate']:.0%} ({row['greedy']['different_words']} different), "
                       f"T=0.6 {row['T=0.6']['word_rate']:.0%} ({row['T=0.6']['different_words']} different)", file=out)
+                copied = row["copying"]
+                print(f"{'':15} copies {copied['share']:.1%} of {len(copied['matched'])} held-out passages "
+                      f"({sum(copied['matched'])} of {sum(copied['remaining'])} characters); "
+                      f"greedy text's loop share {row['loop_share']:.2f}", file=out)
         elif args.model and args.lr_check:
             result = lr_check(args.model)
             print(", ".join(f"peak lr {rate:g}: {bits:.3f} bits/char held out" for rate, bits in result.items()),
@@ -552,7 +615,8 @@ def main(argv=None):
             result = train(args.model, folder, args.seed, {**SCHEDULE, "steps": args.steps})
             print(f"{args.model}: {result['seconds'] / 60:.1f} min, held-out bits/char " + ", ".join(
                 f"{label} {bits:.3f}" for label, bits in result["heldout"]["bits_per_char"].items())
-                + f"; saved in {folder}", file=out)
+                + f"; copies {result['copying']['share']:.1%} of {result['copying']['passages']} held-out passages, "
+                f"greedy text's loop share {result['loop_share']['share']:.2f}; saved in {folder}", file=out)
         else:
             raise models.UsageError("give --model NAME (to train), --report or --make-text SOURCES")
     except models.UsageError as e:

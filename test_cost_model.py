@@ -241,6 +241,23 @@ def test_the_heldout_text_gives_the_test_set():
         assert len(test) == 24 and len(calibration) >= 200
 
 
+def test_copy_prompts_give_each_passage_again_spread_over_the_text():
+    """Passages: the first 200 characters of the paragraphs of at least 200, the i-th of 16 at i * len // 16; each
+    given whole, a newline and its first 35 characters; the continuation its other 165."""
+    lines = [f"  {i:03} " + "word " * (40 + i % 50) if i % 3 else "short" for i in range(120)]
+    long = [line.strip() for line in lines if len(line.strip()) >= 200]
+    pairs = cost_model.copy_prompts(lines)
+    assert len(pairs) == 16 and len(long) == 80
+    for i, (prompt, rest) in enumerate(pairs):
+        passage = long[i * 80 // 16][:200]
+        assert prompt == passage + "\n" + passage[:35] and rest == passage[35:] and len(rest) == 165
+    assert [prompt[:4] for prompt, _ in pairs[:3]] == ["001 ", "008 ", "016 "]      # every fifth long paragraph
+    heldout = cost_model.read_lines(None, "toy-qwen2.5")
+    assert cost_model.copy_prompts(heldout) == cost_model.copy_prompts(heldout)     # the same for every caller
+    with pytest.raises(models.UsageError, match="80 paragraphs of at least 200 characters, not the 81"):
+        cost_model.copy_prompts(lines, count=81)
+
+
 # --- The machine --------------------------------------------------------------------------------------------------
 def test_a_busy_machine_is_said_so_in_one_line():
     idle = {"load_average": 0.4, "cores": 2}

@@ -549,6 +549,9 @@ def test_plot_legend_lists_only_what_is_drawn_and_labels_its_axes():
     (["--model", "tiny-falcon-h1", "--text", "/no/such/file.txt"], "cannot read --text /no/such/file.txt: No such file"),
     (["--model", "tiny-falcon-h1", "--trace"], "unrecognized arguments: --trace"),
     (["--model", "no-such-model"], "unknown model"),
+    (["--model", "tiny-falcon-h1", "--recall", "--plot", "a.svg"], "--recall measures the paper's drafts"),
+    (["--model", "tiny-falcon-h1", "--recall", "--prompts", "0"], "--recall needs --prompts >= 1"),
+    (["--model", "tiny-falcon-h1", "--recall", "--prompts", "9"], "not the 9 the copying probe needs"),
 ])
 def test_eval_user_errors_are_one_line(args, message, capsys):
     assert main_status(hsd_eval.main, args) == 2
@@ -588,3 +591,64 @@ def test_nll_gives_the_toys_recorded_heldout_loss():
                                                                         f"bits per character, recorded {recorded[draft]:.4f}")
         ratio = 2 ** (bits[draft] - bits["full"])
         assert ratio > 1.0, f"perplexity full -> {draft}: {ratio:.2f}x (a draft leaves something out)"
+
+
+# --- The paper's question asked on recall (--recall) -------------------------------------------------------------
+def test_recall_drafts_add_the_attention_only_draft_to_the_sequential_hybrid():
+    """Qwen3.5's attention-only draft leaves out the attention of its full-attention layers (3 and 7), nothing else;
+    the other families measure the paper's drafts."""
+    qwen35 = hsd_eval.recall_skips(models.TINY["tiny-qwen3.5"])
+    assert qwen35 == {**TINY_SKIPS["tiny-qwen3.5"], "attention-only": models.Skip(attention={3, 7})}
+    assert hsd_eval.recall_skips(models.TINY["tiny-falcon-h1"]) == TINY_SKIPS["tiny-falcon-h1"]
+    assert set(hsd_eval.recall_skips(models.TINY["tiny-qwen2.5"])) == {"layerskip", "early-exit"}
+
+
+def test_continuation_record_is_the_continuations_loss_and_what_greedy_decoding_copies():
+    """nll: the summed cross-entropy of the continuation's tokens after the prompt; matched: greedy decoding's own
+    5 tokens and then another are matched for 5 by the full model."""
+    model, skip = tiny("tiny-qwen3.5"), TINY_SKIPS["tiny-qwen3.5"]["component"]
+    prompt = models.char_tokenizer().encode("The cat sat on the mat. The cat").ids
+    greedy, _ = hsd.generate(model, prompt, 6, draft="none")
+    rest = greedy[:5] + [(greedy[5] + 1) % 95]
+    with torch.inference_mode():
+        record = hsd_eval.continuation_record(model, prompt, rest, {"component": skip})
+    assert record["full"]["matched"] == 5
+    for draft, s in (("full", None), ("component", skip)):
+        logits = model(torch.tensor([prompt + rest]), skip=s)[0, len(prompt) - 1:-1]
+        ce = torch.nn.functional.cross_entropy(logits.double(), torch.tensor(rest), reduction="sum").item()
+        assert math.isclose(record[draft]["nll"], ce, rel_tol=1e-9)
+        wrong = (logits.argmax(-1) != torch.tensor(rest)).tolist()
+        assert record[draft]["matched"] == (wrong.index(True) if True in wrong else len(rest))
+
+
+def test_recall_runs_offline_and_its_table_and_json_agree(capsys, tmp_path):
+    """--recall on the tiny Qwen3.5: every draft and the full model on both texts; bits per character of the copy
+    prompts' continuations as computed directly; every number printed is in the JSON; its results file is its own."""
+    out = tmp_path / "recall.jsonl"
+    assert hsd_eval.main(["--model", "tiny-qwen3.5", "--recall", "--prompts", "2", "--out", str(out), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert list(result["drafts"]) == ["full", "component", "layerskip", "early-exit", "attention-only"]
+    assert result["prompts"] == result["copy_prompts"] == 2 and "k" not in result["drafts"]["full"]["copy"]
+    model, tok = models.load("tiny-qwen3.5"), models.char_tokenizer()
+    pairs = cost_model.copy_prompts(cost_model.TINY_TEXT, 2)
+    nats = 0.0
+    for prompt, rest in pairs:
+        ids = torch.tensor([tok.encode(prompt + rest).ids])
+        with torch.inference_mode():
+            logits = model(ids, skip=models.Skip(attention={3, 7}))[0, len(prompt) - 1:-1]
+        nats += torch.nn.functional.cross_entropy(logits.double(), ids[0, len(prompt):], reduction="sum").item()
+    copy = result["drafts"]["attention-only"]["copy"]
+    assert math.isclose(copy["bits_per_char"], nats / math.log(2) / sum(len(rest) for _, rest in pairs), rel_tol=1e-6)
+    assert set(copy["k"]) == {"2", "4", "8"} and 0 <= copy["k"]["8"]["alpha_sampled_shared"] <= 1
+    leaves = [round(x, 3) for entry in result["drafts"].values() for text in entry.values()
+              for x in [text["bits_per_char"], text.get("copied", 0)]] + [
+        round(row[key][i], 2) if key.startswith("ci") else round(row[key], 2) for entry in result["drafts"].values()
+        for text in entry.values() for row in text.get("k", {}).values() for key in ("alpha_shared", "ci_shared",
+        "alpha_sampled_shared", "ci_sampled_shared") for i in (0, 1)]
+    table = [line for line in lines[:-1] if line.startswith(tuple(result["drafts"]))]
+    assert len(table) == 10
+    for number in (n for line in table for n in re.findall(r"(?<![\w.-])\d+\.\d+", line)):
+        assert float(number) in leaves, number
+    assert hsd_eval.main(["--model", "tiny-qwen3.5", "--prompts", "2", "--out", str(out)]) == 2    # not a recall run
+    assert "recall True there, None now" in capsys.readouterr().err

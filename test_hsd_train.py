@@ -14,6 +14,8 @@ import signal
 import pytest
 import torch
 
+import cost_model
+import hsd
 import hsd_train
 import models
 
@@ -82,9 +84,14 @@ def test_a_short_training_run_lowers_the_loss_and_resumes_exactly(tmp_path, monk
     the run ends with the same weights as one that was never interrupted."""
     schedule = {**hsd_train.SCHEDULE, "steps": 12, "warmup": 2, "batch_size": 4, "length": 64}
     monkeypatch.setattr(hsd_train, "HELDOUT_WINDOWS", 8)                  # the log's held-out losses: 8 windows, not 32
+    monkeypatch.setattr(cost_model, "COPY_PASSAGES", 2)                   # the copying probe: 2 passages, not 16
+    monkeypatch.setattr(hsd_train, "LOOP_CHARACTERS", 40)                 # the loop share: 40 characters, not 300
     log = hsd_train.train("toy-qwen2.5", str(tmp_path / "whole"), 0, schedule, curve_every=4)
     curve = log["curve"]["rows"]
     assert curve[-1][2] < curve[0][2] - 0.2, curve                 # held-out bits per character fall
+    assert log["copying"]["passages"] == len(log["copying"]["matched"]) == 2 and log["copying"]["given"] == 35
+    assert log["copying"]["share"] == sum(log["copying"]["matched"]) / 330
+    assert log["loop_share"]["characters"] == 40 and 0 <= log["loop_share"]["share"] <= 1
     real, calls = hsd_train.loss_of, []
 
     def interrupted(*args, **kwargs):
@@ -134,6 +141,50 @@ def test_word_rate_counts_words_as_the_readme_says():
     assert hsd_train.word_rate("The function returns (a list), zzq None ", vocabulary) == (6 / 7, 7)
     assert hsd_train.word_rate("returns returns retu", vocabulary) == (1.0, 1)      # the cut last word is left out
 
+
+
+def test_loop_share_counts_strings_seen_at_an_earlier_start():
+    assert hsd_train.loop_share("abcabcabc", size=3) == 4 / 7          # abc bca cab, then abc bca cab abc again
+    assert hsd_train.loop_share("aaaa", size=2) == 2 / 3                # overlapping occurrences count
+    assert hsd_train.loop_share("abcdefgh", size=3) == 0.0 and hsd_train.loop_share("abc", size=4) == 0.0
+    assert hsd_train.loop_share("x" * 300) == 284 / 285 and hsd_train.LOOP_SIZE == 16
+
+
+class Predicts(torch.nn.Module):
+    """A hand-made model: at position t, the logits of a one-hot on rule(ids, t)."""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = rule
+
+    def forward(self, ids):
+        return torch.nn.functional.one_hot(torch.tensor([[self.rule(ids[0], t) for t in range(ids.shape[1])]]),
+                                           97).float()                                      # (1, T, V)
+
+
+def test_copying_counts_the_characters_before_the_first_difference():
+    """A model that reads back what came one passage and a newline earlier copies all; one that always writes "a"
+    copies the continuation's leading a's; the share is of summed characters."""
+    tok = models.char_tokenizer()
+    a = tok.token_to_id("a")
+    pairs = [("xyz\nx", "yz"), ("aab\na", "ab"), ("aaaab\naa", "aab")]
+    newline = tok.token_to_id("\n")
+    copier = Predicts(lambda ids, t: ids[t - ids.tolist().index(newline)].item())    # a passage and a newline back
+    assert hsd_train.copying(copier, tok, pairs) == {"share": 1.0, "matched": [2, 2, 3], "remaining": [2, 2, 3]}
+    assert hsd_train.copying(Predicts(lambda ids, t: a), tok, pairs) == {"share": 3 / 7, "matched": [0, 1, 2],
+                                                                          "remaining": [2, 2, 3]}
+
+
+def test_copying_is_what_greedy_decoding_copies():
+    """On the toy's own probe: greedy decoding reproduces exactly `matched` characters of each continuation, then
+    writes another."""
+    model, tok = models.load("toy-falcon-h1"), models.char_tokenizer()
+    pairs = cost_model.copy_prompts(hsd_train.read_text("heldout").splitlines())[:4]
+    result = hsd_train.copying(model, tok, pairs)
+    assert max(result["matched"]) > 0 and result["remaining"] == [165] * 4
+    for (prompt, rest), matched in zip(pairs, result["matched"]):
+        made = hsd_train.continuation(model, tok, prompt, matched + 1)
+        assert made[:matched] == rest[:matched] and made[matched] != rest[matched], (made, rest)
 
 # --- What a user can mistype never destroys data ------------------------------------------------------------
 def sha256(path):
@@ -217,7 +268,8 @@ def recording_train(calls):
     """In place of hsd_train.train: records where it would write and with how many threads, trains nothing."""
     def train(name, out, seed=0, schedule=hsd_train.SCHEDULE, curve_every=25):
         calls.append((name, out, schedule["steps"], torch.get_num_threads()))
-        return {"seconds": 0.0, "heldout": {"bits_per_char": {"full": 8.0}}}
+        return {"seconds": 0.0, "heldout": {"bits_per_char": {"full": 8.0}}, "copying": {"share": 0.5, "passages": 2},
+                "loop_share": {"share": 0.25}}
     return train
 
 
@@ -236,6 +288,7 @@ def test_training_never_replaces_a_shipped_toy_unless_asked_in_words(monkeypatch
     threads = torch.get_num_threads()
     try:
         assert hsd_train.main(["--model", "toy-qwen2.5", "--steps", "3", "--out", shipped]) == 0
+        assert "copies 50.0% of 2 held-out passages, greedy text's loop share 0.25" in capsys.readouterr().out
         assert hsd_train.main(["--model", "toy-qwen2.5", "--steps", "2", "--force", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)

@@ -136,6 +136,25 @@ def conv_by_torch(inputs, weight, bias):
     return F.conv1d(inputs.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
 
 
+@pytest.mark.parametrize("name, skip, silenced", [
+    ("tiny-qwen3.5", models.Skip(attention={3, 7}), ["layers.3.self_attn.o_proj", "layers.7.self_attn.o_proj"]),
+    ("tiny-qwen3.5", models.Skip(recurrent={1}, mlp={7}), ["layers.1.linear_attn.out_proj", "layers.7.mlp.down_proj"]),
+    ("tiny-falcon-h1", models.Skip(attention={0, 4}, recurrent={2}),
+     ["layers.0.self_attn.o_proj", "layers.4.self_attn.o_proj", "layers.2.mamba.out_proj"])])
+def test_a_unit_left_out_is_the_full_model_without_exactly_that_unit(name, skip, silenced):
+    """A draft that leaves out units equals the full model whose those units' output projections are zero (they add
+    nothing, and nothing else changes): Qwen3.5's gated attention without its layer's MLP, as well as the other units;
+    and it is not the draft that leaves the whole layer out."""
+    model = models.load(name)
+    ids = torch.tensor([PROMPTS_IDS])
+    draft = model(ids, skip=skip)
+    with torch.no_grad():
+        for module in silenced:
+            model.get_submodule("model." + module).weight.zero_()
+        assert close(draft, model(ids), 1e-6)
+    whole = models.Skip(layers=set().union(*(getattr(skip, unit) for unit in models.UNITS)))
+    assert rel_err(models.load(name)(ids, skip=whole), draft) > 1e-3
+
 def test_causal_conv_reads_its_window():
     """y_t = silu(bias + sum_j w_j inputs_{t+j}) over inputs = window ++ x, the window being the K-1 inputs before x
     (as PyTorch's conv1d computes it); restarting from the window after token t continues exactly."""
