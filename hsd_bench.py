@@ -553,8 +553,8 @@ def lookup_lines(name, r, summary, new_tokens):
     turns = len(next(iter(r["runs"].values()))[0])
     kind = "input-grounded " if r["prompt_kind"] == "grounded" else ""
     yield (f"{name}: {len(r['prompts'])} {kind}test prompts, {new_tokens} new tokens, {turns} turn"
-           f"{'s' * (turns != 1)}, greedy; hsd --draft {r['draft']} against transformers' prompt_lookup_num_tokens={r['hf_tokens']}; each run timed "
-           f"whole (prefill included); {machine_words(r['machine'])}")
+           f"{'s' * (turns != 1)}, greedy; hsd --draft {r['draft']} against transformers' prompt_lookup_num_tokens="
+           f"{r['hf_tokens']}; each run timed whole (prefill included); {machine_words(r['machine'])}")
     if r["refused"]:
         yield f"transformers refused prompt lookup on this model: {r['refused']}"
     for label, x in summary["labels"].items():
