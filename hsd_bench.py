@@ -272,11 +272,11 @@ def draft_rows(model, files, ks=PAPER_KS):
     rows = {f"{draft}, k={k}": drafts.Draft(draft, skip, k, None) for draft, skip in paper.items() for k in ks}
     rows |= {f"{draft}, k=auto": hsd.choose_draft(model, draft, "auto") for draft in paper}
     skip_label = {label: label.split(", k=")[0] for label in rows}
-    for name in (entry for entry in files if not drafts.is_draft_file(entry)):      # lookup, lookup+DRAFT: by name
+    for name in (entry for entry in files if drafts.split_lookup(entry)[0]):        # lookup, lookup+DRAFT: by name
         rows[name] = hsd.choose_draft(model, name)
         rows[f"{name}, k=auto"] = hsd.choose_draft(model, name, "auto")
         skip_label |= {name: None, f"{name}, k=auto": None}           # no skip of their own to time: text_draft_c
-    for path in (entry for entry in files if drafts.is_draft_file(entry)):
+    for path in (entry for entry in files if not drafts.split_lookup(entry)[0]):
         found, notes = drafts.read_draft_file(path, model)
         for line in notes:
             print(f"hsd_bench: note: {line}", file=sys.stderr)
@@ -607,15 +607,22 @@ SWEEP_KS = (2, 4, 8)                                     # --context-sweep's k
 
 
 def lookup_cost(model, context, step_s, repeats=7):
-    """What the lookup's proposal of k tokens costs a round at a context, in full steps (step_s: a plain step's
-    seconds there), for each k of SWEEP_KS: the median time of hsd.lookup over `context` committed tokens that repeat
-    nothing (random ids: every n-gram size is tried and none is found, the longest search) over step_s."""
-    tokens = torch.randint(model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    """What the lookup costs a round at a context, in full steps (step_s: a plain step's seconds there), for each k of
+    SWEEP_KS, as generation runs it: bringing the n-gram index up to the k + 1 tokens a round commits at most
+    (hsd.index_ngrams), then the proposal (hsd.lookup with the index); the median of `repeats` over step_s. The
+    tokens are random ids, among which the suffix is rarely found: every n-gram size is tried."""
     n = hsd.choose_draft(model, "lookup").lookup
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.config.vocab_size, (context + max(SWEEP_KS) + 1,), generator=generator)
     cost = {}
     for k in SWEEP_KS:
-        times = [seconds(lambda: hsd.lookup(tokens, n, k)) for _ in range(repeats)]   # noqa: B023 (called here)
-        cost[k] = statistics.median(times) / step_s
+        tokens, index = ids[:context + k + 1].tolist(), {}
+        hsd.index_ngrams(index, tokens[:context], n)                # the context indexed by the rounds before
+
+        def round_lookup():                                         # updating an index for tokens it holds rewrites
+            hsd.index_ngrams(index, tokens, n, context)             # the same entries: each repeat does the same
+            hsd.lookup(tokens, n, k, index)
+        cost[k] = statistics.median(seconds(round_lookup) for _ in range(repeats)) / step_s
     return cost
 
 
@@ -675,8 +682,8 @@ def sweep_lines(name, sweep, rows, machine):
     yield (f"{'context':>7} {'step ms':>8} {'draft':10} {'k':>2} {'c':>5} {'v[k]':>5} {'needs':>6} {'paper a':>8} "
            f"{'predicted':>9}")
     if any(r["draft"] == "lookup" for r in rows):
-        yield ("lookup: c is the proposal's time (hsd.lookup over the context, finding nothing: its longest search) "
-               "over the k drafts it proposes; v the full model's verify pass, as every draft's")
+        yield ("lookup: c is its time a round (the n-gram index brought up to the round's tokens, then the "
+               "proposal) over the k drafts it proposes; v the full model's verify pass, as every draft's")
     for r in rows:
         needs = "never" if r["break_even_acceptance"] is None else f"{r['break_even_acceptance']:.2f}"
         predicted = "" if r["paper_alpha"] is None else f"{r['predicted_speedup_at_paper_alpha']:8.3f}x"

@@ -431,9 +431,9 @@ def run(args, model, tokenizer):
     if len(inputs["perplexity"][0]) < 2:
         raise models.UsageError("the text is too short for perplexity: give a text of at least a few lines")
     skips, files, text = drafts.paper_skips(model.config), {}, {}
-    for name in (entry for entry in args.draft or [] if not drafts.is_draft_file(entry)):   # lookup, lookup+DRAFT
+    for name in (entry for entry in args.draft or [] if drafts.split_lookup(entry)[0]):    # lookup, lookup+DRAFT
         text[name] = hsd.choose_draft(model, name)
-    for path in (entry for entry in args.draft or [] if drafts.is_draft_file(entry)):   # files beside the paper's
+    for path in (entry for entry in args.draft or [] if not drafts.split_lookup(entry)[0]):   # files beside those
         files[path], warned = drafts.read_draft_file(path, model)
         for line in warned:
             print(f"hsd_eval: warning: {line}", file=sys.stderr)

@@ -258,7 +258,7 @@ def test_the_sweep_gives_the_lookup_its_break_even_acceptance_beside_the_papers(
     lines = list(hsd_bench.sweep_lines("falcon-h1-0.5b", sweep, rows, {
         "device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default", "load_average": 0.5,
         "torch": "2", "commit": None}))
-    assert any(line.startswith("lookup: c is the proposal's time") for line in lines)
+    assert any(line.startswith("lookup: c is its time a round") for line in lines)
 
 
 def test_the_lookup_comparison_counts_greedy_prompts_and_sets_hsd_against_transformers():
