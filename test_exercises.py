@@ -27,6 +27,15 @@ from exercises import EXERCISES, exercise_by_name
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 Mistake = namedtuple("Mistake", "what function old new message only", defaults=[None])
+LOOKUP_LOOP = """for size in range(min(n, len(tokens) // 2), 0, -1):
+    suffix = tokens[-size:]
+    if index is not None:
+        end = index.get(tuple(suffix))
+    else:
+        end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)
+                    if tokens[start:start + size] == suffix), None)
+    if end is not None:
+        return tokens[end:end + k]"""                     # hsd.lookup's loop: a mistake in its header replaces it all
 # A typical wrong solution: in `function`, the statements `old` (code of the reference, in any formatting: they are
 # matched as syntax trees) become `new`; `message` is what the failure the student reads first must say. only: the
 # grading test cases it is graded on, where it fails in one case alone (default: all of the exercise's).
@@ -222,6 +231,47 @@ MISTAKES = {
                 "accepted, next_token = judge(drafts, q, logits)", "round's verdict (accepted, next token) is"),
         Mistake("the values returned in another order", "hsd.speculative_round", "return drafts, accepted, next_token",
                 "return accepted, drafts, next_token", "a round returns its drafts first")],
+    "lookup": [
+        Mistake("the suffix itself is taken for an earlier occurrence", "hsd.lookup",
+                "end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "end = next((start + size for start in range(len(tokens) - size, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "the occurrence it found was the suffix itself"),
+        Mistake("an occurrence overlapping the suffix is taken", "hsd.lookup",
+                "end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "end = next((start + size for start in range(len(tokens) - size - 1, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "it took an occurrence overlapping the suffix itself"),
+        Mistake("the shortest suffix is tried first", "hsd.lookup",
+                LOOKUP_LOOP, LOOKUP_LOOP.replace("range(min(n, len(tokens) // 2), 0, -1)",
+                                                 "range(1, min(n, len(tokens) // 2) + 1)"),
+                "what followed a shorter suffix"),
+        Mistake("the earliest occurrence is taken", "hsd.lookup",
+                "end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "end = next((start + size for start in range(len(tokens) - 2 * size + 1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "propose what followed the latest occurrence"),
+        Mistake("k tokens proposed even where fewer follow", "hsd.lookup", "return tokens[end:end + k]",
+                "return [tokens[end + i] for i in range(k)]", "lookup asked for a token past the end"),
+        Mistake("one token more than k", "hsd.lookup", "return tokens[end:end + k]",
+                "return tokens[end:end + k + 1]", "not the 2 tokens that followed the earlier [1, 2, 3]")],
+    "text-round": [
+        Mistake("the text judged greedily at any temperature", "hsd.text_round",
+                "accepted, next_token = judge(proposed, q, logits, temperature, generator)",
+                "accepted, next_token = judge(proposed, q, logits)", "the proposed token was accepted"),
+        Mistake("q uniform, not one-hot", "hsd.text_round",
+                "q = torch.nn.functional.one_hot(torch.tensor(proposed), model.config.vocab_size).double() if "
+                "temperature else None",
+                "q = torch.full((len(proposed), model.config.vocab_size), 1 / model.config.vocab_size, "
+                "dtype=torch.float64) if temperature else None", "the proposed token was accepted"),
+        Mistake("the skip is not passed to verify", "hsd.text_round",
+                "logits, recorded = verify(model, cache, pending, proposed, skip)",
+                "logits, recorded = verify(model, cache, pending, proposed)", "with a skip (a cascade's inner check)"),
+        Mistake("commit leaves out the pending token", "hsd.text_round", "commit(cache, start, accepted + 1, recorded)",
+                "commit(cache, start, accepted, recorded)", "not the pending token and the accepted ones")],
     "draft-strategies": [
         Mistake("layerskip starts one layer late", "drafts.draft_skip",
                 "start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)",
