@@ -313,3 +313,36 @@ def test_hsd_lookup_runs_beside_transformers_prompt_lookup(name, monkeypatch):
     else:
         assert "not supported with stateful models" in r["refused"] and "transformers lookup" not in r["runs"]
         assert "hsd lookup / transformers lookup" not in summary["ratios"]
+
+
+def test_drafts_from_the_text_are_rows_of_their_own_beside_the_papers(no_measuring, monkeypatch):
+    """--drafts lookup lookup+layerskip FILE: the named drafts at their own k and with k=auto, no skip of their own to
+    time; in the table the lookup's c is 0 (no model call drafts) and the cascade's none (one c does not describe its
+    check pass), so it has no cost-model column; both run at T=0.6 too."""
+    model = models.load("toy-qwen2.5")
+    rows, skip_label = hsd_bench.draft_rows(model, ["lookup", "lookup+layerskip", "toys/toy-qwen2.5/draft.json"], (2,))
+    named = ["lookup", "lookup, k=auto", "lookup+layerskip", "lookup+layerskip, k=auto"]
+    assert [label for label in rows if label.startswith("lookup")] == named
+    assert rows["lookup"] == hsd_bench.hsd.choose_draft(model, "lookup") and rows["lookup, k=auto"].k == "auto"
+    assert all(skip_label[label] is None for label in named) and "toys/toy-qwen2.5/draft.json" in rows
+    c = costs({"layerskip": 0.5}, [1.0] * 17)
+    assert hsd_bench.row_c("lookup", rows["lookup"], skip_label, c) == 0.0
+    assert hsd_bench.row_c("lookup+layerskip", rows["lookup+layerskip"], skip_label, c) is None
+    assert hsd_bench.row_c("layerskip, k=2", rows["layerskip, k=2"], skip_label, c) == 0.5
+    monkeypatch.setattr(hsd_bench.hsd, "generate", fake_generate([]))
+    monkeypatch.setattr(hsd_bench, "grounded_prompts", lambda *a: no_measuring)
+    r = hsd_bench.drafts_side_by_side("toy-qwen2.5", ["lookup", "lookup+layerskip"], new_tokens=4, turns=1, ks=(2,),
+                                      prompt_kind="grounded")
+    assert set(named) <= set(r["ran"][hsd_bench.PAPER_T]) and r["prompt_kind"] == "grounded"
+    lines = list(hsd_bench.side_by_side_lines("toy-qwen2.5", r, 4))
+    assert "3 input-grounded test prompts" in lines[0]
+    cascade = next(line for line in lines if line.startswith("lookup+layerskip  ") and " 0.0 " in line)
+    assert cascade.split()[-3:-1] == ["-", "-"]                               # c and the cost model: none
+    assert hsd_bench.side_by_side_json("toy-qwen2.5", r, 4)["prompts"] == "grounded"
+
+
+def test_the_lookups_cost_is_timed_as_generation_runs_it():
+    """--context-sweep's lookup cost at a context: per k, the index brought up to a round's tokens and the proposal,
+    over a plain step's time; positive, and on the tiny model far below a step."""
+    cost = hsd_bench.lookup_cost(models.load("tiny-falcon-h1"), 64, step_s=1.0, repeats=3)
+    assert list(cost) == list(hsd_bench.SWEEP_KS) and all(0 < x < 0.1 for x in cost.values())
