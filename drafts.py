@@ -1,7 +1,9 @@
 """drafts: what a draft is. A draft is data, a models.Skip (which units of which layers the full model leaves out),
-with its k (drafts per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
+or the text's own n-grams (the lookup, hsd.lookup), or both (a cascade: the lookup proposes, the Skip's draft model
+checks and drafts on), with its k (drafts per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
 
   the paper's drafts   DRAFTS, draft_skip, paper_draft, paper_skips: the three fixed strategies as Skips
+  the text's drafts    LOOKUP, split_lookup: "lookup" and "lookup+DRAFT" (a cascade) by name
   in words             draft_words: the line hsd.py's command line shows for a Draft
   draft files          DRAFT_FORMAT, is_draft_file, read_draft_file, draft_file, write_draft_file: a draft found by
                        measurement (hsd_search.py writes them) or written by hand (README, "Draft files"); draft_costs:
@@ -22,9 +24,11 @@ import torch
 import models
 
 DRAFTS = ("component", "layerskip", "early-exit", "none")     # "none": plain decoding, no draft
-Draft = namedtuple("Draft", "name skip k stop costs", defaults=(None,))
-# what a generation runs: skip None is plain decoding (k None then); stop: a confidence threshold or None; costs: (c,
-# {d: v[d]}) in units of a plain step, for -k auto (None: hsd's default rule)
+LOOKUP = "lookup"         # the text's own n-grams as the draft; "lookup+DRAFT" (DRAFT: one of DRAFTS, a file): a cascade
+Draft = namedtuple("Draft", "name skip k stop costs lookup", defaults=(None, None))
+# what a generation runs: skip None and lookup None is plain decoding (k None then); stop: a confidence threshold or
+# None; costs: (c, {d: v[d]}) in units of a plain step, for -k auto (None: hsd's default rule); lookup: the largest
+# n-gram of the lookup (hsd.lookup's n), None for none: with a skip, a cascade
 
 
 # --- The paper's drafts: which parts of the full model the draft leaves out ----------------------------------------
@@ -51,14 +55,30 @@ def paper_draft(config):
     return "layerskip" if config.family == "qwen2" else "component"
 
 
+def split_lookup(asked):
+    """A draft asked for -> (whether the lookup proposes, the rest): "lookup" -> (True, "none"), "lookup+DRAFT" ->
+    (True, "DRAFT"), anything else (a name, a file, a Skip, a Draft, None) -> (False, asked)."""
+    if isinstance(asked, str) and (asked == LOOKUP or asked.startswith(LOOKUP + "+")):
+        rest = asked[len(LOOKUP) + 1:] or "none"
+        if asked != LOOKUP and (rest == "none" or split_lookup(rest)[0]):
+            raise models.UsageError(f"{asked!r}: after lookup+ name a draft model (component, layerskip, early-exit "
+                                    "or a draft file), or use lookup alone")
+        return True, rest
+    return False, asked
+
+
 def draft_words(chosen, config, default):
     """A Draft in the command line's words: its name, why it was chosen (default: it is the paper's for the model's
     family), its k and stop and what it leaves out; "draft none: plain decoding" for no draft."""
-    if chosen.skip is None:
+    if chosen.k is None:
         return "draft none: plain decoding"
     why = f" (the paper's for {config.family})" if default else ""
     k = ("k auto" if chosen.k == "auto" else f"k={chosen.k}") + (f", stop below {chosen.stop}" if chosen.stop else "")
-    return f"draft {chosen.name}{why}, {k}: skips {chosen.skip}"
+    text = f"the text's {chosen.lookup}-grams" + ("" if chosen.lookup == 1 else " and shorter") if chosen.lookup else ""
+    if chosen.skip is None:
+        return f"draft {chosen.name}, {k}: {text} propose"
+    checked = f": {text} propose, a draft model that skips {chosen.skip} checks and drafts on" if text else ""
+    return f"draft {chosen.name}{why}, {k}{checked or f': skips {chosen.skip}'}"
 
 
 def paper_skips(config):
@@ -114,12 +134,14 @@ def device_name(device):
 DRAFT_FORMAT = "hsd-draft/1"
 
 
-def draft_file(name, model_identity, skip, k, stop, found_by):
+def draft_file(name, model_identity, skip, k, stop, found_by, lookup=None):
     """A draft file's JSON object: the model it is for (its name and identity()), the Skip, k, the stop (a confidence
-    threshold or None) and found_by (how it was found; its "costs", "device" and "threads" are read back)."""
-    return {"format": DRAFT_FORMAT, "model": {"name": name, **model_identity},
+    threshold or None) and found_by (how it was found; its "costs", "device" and "threads" are read back); lookup: the
+    lookup's n, for a cascade (None: none)."""
+    spec = {"format": DRAFT_FORMAT, "model": {"name": name, **model_identity},
             "skip": {field: sorted(getattr(skip, field)) for field in ("layers", *models.UNITS)},
             "k": k, "stop": None if stop is None else {"confidence": stop}, "found_by": found_by}
+    return spec if lookup is None else {**spec, "lookup": {"n": lookup}}
 
 
 def write_draft_file(path, spec):
@@ -134,8 +156,10 @@ def write_draft_file(path, spec):
 
 # --- Draft files: reading ------------------------------------------------------------------------------------------
 def is_draft_file(asked):
-    """Whether a draft asked for names a draft file: a pathlib.Path, or a str that is not one of DRAFTS."""
-    return isinstance(asked, os.PathLike) or (isinstance(asked, str) and asked not in DRAFTS)
+    """Whether a draft asked for names a draft file: a pathlib.Path, or a str that is not one of DRAFTS nor a lookup
+    (split_lookup: "lookup+FILE" names one after the lookup)."""
+    return isinstance(asked, os.PathLike) or (isinstance(asked, str) and asked not in DRAFTS and
+                                              not split_lookup(asked)[0])
 
 
 def json_words(value):
@@ -189,6 +213,8 @@ def check_architecture(path, theirs, model):
 def skip_of(path, fields, model, bad):
     """The file's "skip" object -> a models.Skip the model has; duplicates and units of whole layers fold away."""
     names = ("layers", *models.UNITS)
+    if fields is None:
+        raise bad('no "skip" and no "lookup": name what the draft model leaves out, the text\'s n-grams, or both')
     if not isinstance(fields, dict) or set(fields) - set(names) or not all(
             isinstance(layers, list) and all(type(i) is int for i in layers) for layers in fields.values()):
         raise bad(f'"skip" holds lists of layer indices under {", ".join(names)}')
@@ -242,14 +268,22 @@ def read_draft_file(path, model, temperature=None, context=None):
     weights, another device or another number of threads, at another temperature or context than the run's (when
     given: its temperature, and its context, the prompt and half the new tokens), or that names no architecture. A UsageError for a file that
     cannot be read, is damaged or no draft file, names another architecture, skips nothing, or names a layer or unit
-    the model does not have. README, "Draft files", shows the format."""
+    the model does not have. "lookup": {"n": N} makes the text's n-grams propose: with no "skip", the lookup alone (which
+    depends on no architecture: none is checked); with one, a cascade. README, "Draft files", shows the format."""
     def bad(what):
         return models.UsageError(f'{path} is not a valid draft file ({what}): README, "Draft files", shows the format')
     spec = read_json(path, bad)
     if not isinstance(spec, dict) or spec.get("format") != DRAFT_FORMAT:
         raise bad(f'no "format": "{DRAFT_FORMAT}"')
-    notes = check_architecture(path, spec.get("model"), model)
-    skip = skip_of(path, spec.get("skip"), model, bad)
+    lookup = spec.get("lookup")
+    if lookup is not None and not (isinstance(lookup, dict) and set(lookup) == {"n"} and type(lookup["n"]) is int
+                                   and lookup["n"] >= 1):
+        raise bad(f'"lookup" must be {{"n": the largest n-gram, a number from 1 on}}, not {json_words(lookup)}')
+    if lookup is not None and "skip" not in spec:                               # the lookup alone
+        notes, skip = [], None
+    else:
+        notes = check_architecture(path, spec.get("model"), model)
+        skip = skip_of(path, spec.get("skip"), model, bad)
     k, stop = spec.get("k"), spec.get("stop")
     if not (k == "auto" or (type(k) is int and k >= 1)):
         raise bad('"k" is missing' if "k" not in spec else
@@ -267,7 +301,7 @@ def read_draft_file(path, model, temperature=None, context=None):
         notes.append(f"{path} was searched with {threads} threads, this run uses {torch.get_num_threads()}: threads "
                      "change every cost, so it may not be the fastest draft here")
     notes += run_notes(path, found_by, temperature, context)
-    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad)), notes
+    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad), lookup and lookup["n"]), notes
 
 
 def run_notes(path, found_by, temperature, context):

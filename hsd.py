@@ -50,7 +50,8 @@ import torch
 import cost_model
 import models
 from cost_model import clock, default_costs, pause_below
-from drafts import DRAFTS, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft, read_draft_file
+from drafts import (DRAFTS, LOOKUP, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft,
+                    read_draft_file, split_lookup)
 
 
 # --- The state: snapshot, restore, commit ------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def probabilities(logits, temperature):
     return torch.softmax(logits.double().cpu() / temperature, dim=-1)
 
 
-def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None, eos=None):
+def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None, eos=None, proposed=()):
     """Step 2: up to k drafts from the draft model (the full model without `skip`), continuing from the cache ->
     (drafts, q). It feeds pending, d1, ..., d(k-1), one token a step (dk is fed by the verify pass), and so advances
     the cache: restore() after. Greedy (temperature 0): each draft is the draft model's argmax; at a temperature, a
@@ -97,9 +98,18 @@ def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=
     gives a probability below `stop` (unsure of it, so what follows would likely be rejected too), or after the
     end-of-text token eos (nothing after it is output). Both look only at the draft's own tokens and distributions,
     never at what the full model will say: greedy output stays plain greedy decoding's, sampling stays exact in
-    distribution."""
+    distribution.
+
+    proposed (a cascade, lookup+DRAFT): the lookup's drafts, which the draft model checks first in one round of its
+    own, text_round with the text as the draft and the draft model as the verifier; the drafts then start with the
+    proposed tokens it accepted and its own next token, and the draft model drafts on from there. Its judge is exact,
+    so each of these drafts is a sample of the draft model, and its rows are their q."""
     drafts, q, token = [], [], pending
-    while len(drafts) < k:
+    if proposed:
+        accepted, token, logits = text_round(model, cache, pending, proposed, skip, temperature, generator)
+        drafts = (proposed[:accepted] + [token])[:k]
+        q = list(probabilities(logits[:len(drafts)], temperature)) if temperature > 0 else []
+    while len(drafts) < k and eos not in drafts:
         logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]      # (V,)
         if temperature > 0:
             q.append(probabilities(logits, temperature))                                          # (V,)
@@ -107,18 +117,21 @@ def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=
         else:
             token = int(logits.argmax())
         drafts.append(token)
-        if token == eos or (stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop):
+        if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:
             break
-    return drafts, torch.stack(q) if q else None
+    drafts = drafts[:drafts.index(eos) + 1] if eos in drafts else drafts
+    return drafts, torch.stack(q[:len(drafts)]) if q else None
 
 
-def verify(model, cache, pending, drafts):
-    """One full-model pass over [pending, d1..dk] -> (logits (k+1, V), recorded). Row i of logits predicts the token
-    after position i, so rows 0..k-1 judge d1..dk and row k gives the bonus token. recorded: per layer, the states
+def verify(model, cache, pending, drafts, skip=None):
+    """One full-model pass over [pending, d1..dk] -> (logits (k+1, V), recorded); given a skip, the draft model's (a
+    cascade's inner check). Row i of logits predicts the token after position i, so rows 0..k-1 judge d1..dk and row
+    k gives the bonus token. recorded: per layer, the states
     after every position (models.Recorded; None for attention layers), from which commit keeps one. The pass leaves
     the cache holding all k+1 tokens (length start + k + 1), as any forward pass would; commit then cuts it back to
     the tokens kept, since the rejected drafts must not stay in it."""
-    logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, record_states=True)
+    logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, skip=skip,
+                             record_states=True)
     return logits[0], recorded
 
 
@@ -152,17 +165,19 @@ def judge(drafts, q, logits, temperature=0.0, generator=None):
     return accept_sampled(drafts, q, logits, temperature, generator)
 
 
-def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None, eos=None):
+def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None, eos=None,
+                      proposed=()):
     """One round (module docstring): (drafts, accepted, next token). The committed tokens grow by the pending token
     and the accepted drafts; the next token becomes the new pending token. k drafts at most: a stop (a confidence
     threshold) or the end-of-text token eos may end drafting early; temperature 0 is greedy, above it the round
-    samples with the generator's random stream; draft and judge take these as the round is given them."""
-    snap = snapshot(cache)                                                                  # 1
-    drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)    # 2
-    restore(cache, snap)                                                                    # 3
-    logits, recorded = verify(model, cache, pending, drafts)                                # 4
-    accepted, next_token = judge(drafts, q, logits, temperature, generator)                 # 5
-    commit(cache, snap.length, accepted + 1, recorded)         # 6: kept, the pending token and the accepted drafts
+    samples with the generator's random stream; draft and judge take these as the round is given them, and draft the
+    lookup's proposed ids (a cascade; the lookup alone is text_round)."""
+    snap = snapshot(cache)                                                                            # 1
+    drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)    # 2
+    restore(cache, snap)                                                                              # 3
+    logits, recorded = verify(model, cache, pending, drafts)                                          # 4
+    accepted, next_token = judge(drafts, q, logits, temperature, generator)                           # 5
+    commit(cache, snap.length, accepted + 1, recorded)       # 6: kept, the pending token and the accepted drafts
     return drafts, accepted, next_token
 
 
@@ -170,6 +185,59 @@ def plain_step(model, cache, pending, temperature=0.0, generator=None):
     """Plain decoding, the baseline: feed the pending token; the next token is judge's with nothing drafted."""
     logits = model(torch.tensor([[pending]], device=cache.device), cache)[0]          # (1, V)
     return judge([], None, logits, temperature, generator)[1]
+
+
+# --- The text as the draft: lookup, and its round ------------------------------------------------------------
+LOOKUP_N, LOOKUP_K = 3, 8    # the largest n-gram and the most drafts: measured on the toys (README, "Draft strategies")
+LOOKUP_COSTS = (0.0, {1: 1.0})  # -k auto's costs of the lookup alone: no draft step (c = 0), v[d] = 1 as default_costs
+
+
+def lookup(tokens, n=LOOKUP_N, k=LOOKUP_K, index=None):
+    """Prompt lookup: drafts from the text itself -> a list of up to k token ids (possibly empty).
+
+    tokens: the committed ids, prompt and output (a list of ints), the pending token last; n: the largest n-gram;
+    k: the most tokens to propose. For size = n, n-1, ..., 1: if the last `size` tokens (the suffix) occur earlier,
+    wholly before the suffix itself (an occurrence overlapping it is not "earlier"), propose the up to k tokens that
+    followed the LATEST such occurrence, which end where the committed tokens end; the first size that occurs wins
+    (the longest match). Nothing occurs: []. The latest occurrence, n = 3 and k = 8: on the toys' passage-then-its-
+    beginning prompts the latest occurrence predicts the model's greedy tokens better than the earliest (2.4 against
+    2.0 tokens per unit of cost at k = 8, n = 3), larger n change nothing, and k from 8 to 12 is best (README).
+    index: None scans the tokens, O(len(tokens) n); index_ngrams' dict gives the same answer in O(n)."""
+    for size in range(min(n, len(tokens) // 2), 0, -1):
+        suffix = tokens[-size:]
+        if index is not None:
+            end = index.get(tuple(suffix))
+        else:                                       # occurrences starting at len - 2 size, ..., 0: the latest first
+            end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)
+                        if tokens[start:start + size] == suffix), None)
+        if end is not None:
+            return tokens[end:end + k]
+    return []
+
+
+def index_ngrams(index, tokens, n, before=0):
+    """Bring lookup's index up to the committed tokens -> how many tokens it now covers (pass it as `before` next
+    time). index: a dict {n-gram (a tuple of 1..n ids): the position after its latest occurrence}, holding each
+    occurrence a lookup may find, one that ends at least its own size before the end; before: len(tokens) when it
+    was last brought up to date (0: empty). A scan costs ~5 ms at 4,096 tokens on this CPU, the index microseconds."""
+    for size in range(1, n + 1):
+        for end in range(max(size, before - size + 1), len(tokens) - size + 1):
+            index[tuple(tokens[end - size:end])] = end
+    return len(tokens)
+
+
+def text_round(model, cache, pending, proposed, skip=None, temperature=0.0, generator=None):
+    """A round whose draft is the text (lookup's proposed ids, at least one) -> (accepted, next token, logits (d+1, V)).
+    No model drafts, so there is nothing to snapshot or restore, and q is one-hot: steps 4-6 of the round, verify,
+    judge and commit, by the full model (skip None) or, as a cascade's inner check, by the draft model (its skip).
+    One-hot q makes accept_sampled the exact rule for a deterministic draft: d is accepted with probability
+    min(1, p(d) / 1) = p(d), and after a rejection max(0, p - q) is p with d removed (renormalised by the draw)."""
+    start = cache.length
+    q = torch.nn.functional.one_hot(torch.tensor(proposed), model.config.vocab_size).double() if temperature else None
+    logits, recorded = verify(model, cache, pending, proposed, skip)                         # 4
+    accepted, next_token = judge(proposed, q, logits, temperature, generator)                # 5
+    commit(cache, start, accepted + 1, recorded)                                             # 6
+    return accepted, next_token, logits
 
 
 # --- k="auto": the draft length, and whether to draft at all, from the rounds already judged ----------------------
@@ -201,11 +269,15 @@ def auto_k(plan, drafted, accepted, below=0.0):
 
 def choose_draft(model, asked=None, k=None, costs=None, temperature=None, context=None):
     """The one place a generation's draft is decided -> a Draft. asked: None (the paper's draft for the model's
-    family), a name from DRAFTS ("none": plain decoding), a models.Skip, a draft file (any other str, or a
-    pathlib.Path; its notes as Python warnings) or a Draft. k: drafts per round or "auto"; None: the draft file's,
-    else 2; None for plain decoding, whatever is asked. A draft file keeps its stop rule; a named draft or a Skip
-    stops at AUTO_STOP with k="auto" and never with a fixed k. costs (c, v) for -k auto: those given, else the draft
-    file's, else default_costs. temperature, context: the run's, for a draft file's notes (drafts.run_notes)."""
+    family), a name from DRAFTS ("none": plain decoding), "lookup" (the text's n-grams, LOOKUP_N), "lookup+DRAFT" (a
+    cascade: DRAFT any of these but none), a models.Skip, a draft file (any other str, or a pathlib.Path; its notes as
+    Python warnings) or a Draft. k: drafts per round or "auto"; None: the draft file's, else LOOKUP_K for the lookup
+    alone, 2 for any other draft; None for plain decoding, whatever is asked. A draft file keeps its stop rule; a
+    named draft or a Skip stops at AUTO_STOP with k="auto" and never with a fixed k (the lookup alone never: its
+    drafts are certain). costs (c, v) for -k auto: those given, else the draft file's, else default_costs (a cascade:
+    its draft model's, for what runs most), LOOKUP_COSTS for the lookup alone. temperature, context: the run's, for a
+    draft file's notes (drafts.run_notes)."""
+    text, asked = split_lookup(asked)
     if isinstance(asked, Draft):
         chosen = asked
     elif is_draft_file(asked):
@@ -220,7 +292,11 @@ def choose_draft(model, asked=None, k=None, costs=None, temperature=None, contex
             name = paper_draft(model.config) if asked is None else asked
             skip = None if name == "none" else draft_skip(model.config, name)
         chosen = Draft(name, skip, 2, AUTO_STOP if k == "auto" else None)
-    if chosen.skip is None:
+    if text:                                              # the lookup proposes: alone, or the first of a cascade
+        alone = chosen.skip is None
+        chosen = chosen._replace(name=LOOKUP if alone else f"{LOOKUP}+{chosen.name}", lookup=LOOKUP_N,
+                                 k=LOOKUP_K if alone else chosen.k, stop=None if alone else chosen.stop)
+    if chosen.skip is None and chosen.lookup is None:
         return chosen._replace(k=None, stop=None, costs=None)
     k = chosen.k if k is None else k
     if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool))):
@@ -228,14 +304,15 @@ def choose_draft(model, asked=None, k=None, costs=None, temperature=None, contex
     if costs is not None:
         costs = draft_costs(*costs)
     elif chosen.costs is None and k == "auto":                          # the default rule
-        costs = default_costs(model, chosen.skip)
+        costs = LOOKUP_COSTS if chosen.skip is None else default_costs(model, chosen.skip)
     return chosen._replace(k=k, costs=costs or chosen.costs)
 
 
 # --- Generation --------------------------------------------------------------------------------------------------
-Step = namedtuple("Step", "kind drafts accepted next_token tokens seconds")
+Step = namedtuple("Step", "kind drafts accepted next_token tokens seconds proposed from_text", defaults=(0, 0))
 # kind: "prefill" (no tokens yet), "plain" (a token of plain decoding) or "round" (drafts, the first `accepted` of
-# them accepted, then next_token); tokens: what the step adds to the output (cut after EOS); seconds: its own time.
+# them accepted, then next_token); tokens: what the step adds to the output (cut after EOS); seconds: its own time;
+# proposed: how many tokens the lookup proposed; from_text: how many of the drafts are the text's (the first ones).
 Round = namedtuple("Round", "drafts accepted next_token")    # an entry of statistics()["trace"]
 
 
@@ -290,6 +367,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = models.Cache(model, max_len=len(prompt) + max_new_tokens)   # no round drafts past the last new token
+    committed, index, indexed = list(prompt), {}, 0     # the lookup's text: the committed tokens, pending last
     t0 = clock(cache.device)
     prefill(model, cache, prompt[:-1])
     yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
@@ -298,19 +376,32 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     produced, pending, plan = 0, prompt[-1], Plan(AUTO_START, 0, AUTO_PAUSE)
     while produced < max_new_tokens:
         t0 = clock(cache.device)
-        k_round = 0 if chosen.skip is None else min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)
-        if k_round == 0 or (auto and plan.plain > 0):       # plain decoding, the last new token, or a pause
+        k_round = 0 if chosen.k is None else min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)
+        paused = k_round == 0 or (auto and plan.plain > 0)  # plain decoding, the last new token, or a pause
+        proposed = []
+        if chosen.lookup and not paused:
+            indexed = index_ngrams(index, committed, chosen.lookup, indexed)
+            proposed = lookup(committed, chosen.lookup, k_round, index)
+            proposed = proposed[:proposed.index(eos) + 1] if eos in proposed else proposed
+        if paused or (chosen.skip is None and not proposed):     # ... or the text proposes nothing to the lookup alone
             drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
-        else:
+        elif chosen.skip is None:                                # the lookup alone: the text is the draft
+            drafts, (accepted, pending, _) = proposed, text_round(model, cache, pending, proposed, None, temperature,
+                                                                  generator)
+        else:                                                    # a draft model, checking what the text proposed
             drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_round, temperature,
-                                                          generator, chosen.stop, eos)
+                                                          generator, chosen.stop, eos, proposed)
         if auto:
             plan = auto_k(plan, len(drafts), accepted, below)
         new = drafts[:accepted] + [pending]
         if eos in new:
             new = new[:new.index(eos) + 1]
         produced += len(new)
-        yield Step("round" if drafts else "plain", drafts, accepted, pending, new, clock(cache.device) - t0)
+        committed += new
+        from_text = next((i for i, (d, t) in enumerate(zip(drafts, proposed)) if d != t),    # the text's drafts
+                         min(len(drafts), len(proposed)))
+        yield Step("round" if drafts else "plain", drafts, accepted, pending, new, clock(cache.device) - t0,
+                   len(proposed), from_text)
         if eos in new:
             return
 
@@ -331,7 +422,9 @@ def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id
 def statistics(chosen, steps, seed=None):
     """What a generation with the Draft `chosen` did, from its steps; alpha: RESULTS.md, "Acceptance". "k" is the k
     asked for (a number, "auto": then "drafts_per_round" says how long the rounds were on average; None: plain
-    decoding); "pause_below": the acceptance below which -k auto pauses drafting; "seed": the sampling's seed."""
+    decoding); "pause_below": the acceptance below which -k auto pauses drafting; "seed": the sampling's seed; with a
+    lookup, the text's drafts apart: "proposed", the tokens the lookup proposed (a cascade's draft model checks them),
+    "from_text", the drafts that are the text's, "from_text_accepted", how many of those the full model accepted."""
     rounds = [step for step in steps if step.kind == "round"]
     drafted = sum(len(r.drafts) for r in rounds)
     accepted = sum(r.accepted for r in rounds)
@@ -348,6 +441,9 @@ def statistics(chosen, steps, seed=None):
             "new_tokens": new_tokens, "prefill_s": sum(step.seconds for step in steps if step.kind == "prefill"),
             "decode_s": decode_s, "round_s": sum(r.seconds for r in rounds),
             "tokens_per_s": new_tokens / decode_s if decode_s else None,
+            "proposed": sum(step.proposed for step in steps) if chosen.lookup else None,
+            "from_text": sum(r.from_text for r in rounds) if chosen.lookup else None,
+            "from_text_accepted": sum(min(r.from_text, r.accepted) for r in rounds) if chosen.lookup else None,
             "trace": [Round(r.drafts, r.accepted, r.next_token) for r in rounds]}
 
 
@@ -365,8 +461,10 @@ def trace_line(i, step, tokenizer, color):
               for j, t in enumerate(drafts)]
     line = (f"round {i:3d}  accepted {accepted}/{len(drafts)}  {' '.join(marked)}  -> "
             f"{'bonus' if accepted == len(drafts) else 'correction'} {paint('36', show(tokenizer, [step.next_token]))}")
+    text = f"  (the first {step.from_text} from the text)" if 0 < step.from_text < len(drafts) else (
+        "  (all from the text)" if step.from_text else "")
     cut = (drafts[:accepted] + [step.next_token])[len(step.tokens):]       # what came after the end-of-text token
-    return line + (f"  (not output: {show(tokenizer, cut)} came after the end of text)" if cut else "")
+    return line + text + (f"  (not output: {show(tokenizer, cut)} came after the end of text)" if cut else "")
 
 
 def plain_line(count):
@@ -386,6 +484,9 @@ def summary(s, max_new_tokens, eos, tokenizer):
         yield (f"alpha   {s['alpha']:.3f}: {s['accepted']} of {s['drafted']} drafts accepted, "
                f"{s['accepted_per_round']:.2f} per round over {s['rounds']} rounds (rounds by drafts accepted: "
                f"{histogram}){lengths}, {s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")
+    if s["proposed"] is not None:
+        yield (f"text    {s['from_text_accepted']} of {s['from_text']} drafts from the text accepted ({s['proposed']} "
+               "tokens proposed by the lookup" + (", which the draft model checked)" if s["draft"] != LOOKUP else ")"))
     yield (f"speed   {s['new_tokens']} tokens in {s['decode_s']:.2f} s: {s['tokens_per_s'] or 0:.2f} tokens/s "
            f"(prefill {s['prefill_s']:.2f} s)")
 
@@ -412,7 +513,7 @@ def check(s, model, prompt, max_new_tokens, chosen, repeats, machine, official=F
                 f"{greedy[i]}, the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
                 ("a near-tie, which the rounding of a verify pass and of single steps can flip" if near else
                  "not a near-tie, so not rounding: please report it"))
-    if chosen.skip is None:
+    if chosen.k is None:
         return "check   identical to plain greedy decoding (plain decoding: no draft, so no speedup to measure)"
     runs = cost_model.generations_in_turns(generate, model, [prompt], {"draft": chosen}, max_new_tokens, repeats)
     ratios = [cost_model.rate(runs["draft"], turn=t) / cost_model.rate(runs["plain"], turn=t) for t in range(repeats)]
@@ -429,12 +530,13 @@ def run_generate(args, model, tokenizer):
     """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints."""
     machine = cost_model.machine_state(model, args.dtype)          # before decoding: the load of others, not ours
     prompt, temperature = tokenizer.encode(args.prompt).ids, args.temperature or 0.0
-    asked = args.draft
-    if is_draft_file(args.draft):             # read here: its notes print as hsd's warnings, not as Python's
-        asked, notes = read_draft_file(args.draft, model, temperature, len(prompt) + args.max_new_tokens // 2)
+    text, asked = split_lookup(args.draft)
+    if is_draft_file(asked):                  # read here: its notes print as hsd's warnings, not as Python's
+        read, notes = read_draft_file(asked, model, temperature, len(prompt) + args.max_new_tokens // 2)
         for line in notes:
             print(f"hsd: warning: {line}", file=sys.stderr)
-    chosen = choose_draft(model, asked, args.k)
+        asked = read._replace(name=args.draft, lookup=read.lookup or LOOKUP_N) if text else read
+    chosen = choose_draft(model, asked if isinstance(asked, Draft) else args.draft, args.k)
     check_request(model.config, prompt, args.max_new_tokens, chosen.k, temperature)
     lost = sorted(set(args.prompt) - set(tokenizer.decode(prompt, skip_special_tokens=False)))
     if lost:
@@ -442,7 +544,7 @@ def run_generate(args, model, tokenizer):
               f"{show(tokenizer, prompt)}", file=sys.stderr)
     if args.seed is not None and temperature == 0:
         print("hsd: note: --seed has no effect without --temperature (greedy decoding draws nothing)", file=sys.stderr)
-    if args.k is not None and chosen.skip is None:
+    if args.k is not None and chosen.k is None:
         print("hsd: note: -k has no effect with --draft none (plain decoding drafts nothing)", file=sys.stderr)
     seed = choose_seed(temperature, args.seed)                                                       # printed
     sampling = f"temperature {temperature}, seed {seed}" if temperature > 0 else "greedy"
@@ -495,9 +597,10 @@ def main(argv=None):
     p.error = lambda message: p.exit(2, f"hsd: error: {message} (see --help)\n")     # one line, no usage text
     p.add_argument("--model", required=True, help=", ".join([*models.TOYS, *models.OFFICIAL, *models.TINY]) +
                    ", a Hub id (owner/name) or a folder in the official layout (config.json, *.safetensors)")
-    p.add_argument("--draft", help="component, layerskip, early-exit, none (plain decoding), or a draft file "
-                                   "from hsd_search.py (default: the paper's draft for the family: component for the "
-                                   "hybrids, layerskip for the Transformer)")
+    p.add_argument("--draft", help="component, layerskip, early-exit, none (plain decoding), a draft file from "
+                                   "hsd_search.py, lookup (the text's own n-grams) or lookup+DRAFT (a cascade: the "
+                                   "lookup proposes, DRAFT checks and drafts on) (default: the paper's draft for the "
+                                   "family: component for the hybrids, layerskip for the Transformer)")
     p.add_argument("-k", type=k_argument, help="drafts per round, or auto: a length that adapts from round to round "
                                                "(default: the draft file's, else 2)")
     p.add_argument("--prompt", default="The function returns", help="the text to continue (default: %(default)r)")
@@ -517,8 +620,12 @@ def main(argv=None):
     if args.check and (args.temperature or args.max_new_tokens < 1 or args.repeats < 1):
         p.error("--check compares with greedy decoding: leave out --temperature, give --max-new-tokens >= 1 and "
                 "--repeats >= 1")
-    if is_draft_file(args.draft) and not os.path.exists(args.draft):
-        p.error(f"unknown draft {args.draft!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (there is no "
+    try:
+        named = split_lookup(args.draft)[1]
+    except models.UsageError as e:
+        p.error(str(e))
+    if is_draft_file(named) and not os.path.exists(named):
+        p.error(f"unknown draft {named!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (there is no "
                 "such file)")
     if args.temperature is not None and not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):
         p.error(f"the temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} on (got "
