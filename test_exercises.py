@@ -27,6 +27,17 @@ from exercises import EXERCISES, exercise_by_name
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 Mistake = namedtuple("Mistake", "what function old new message only", defaults=[None])
+DRAFT_LOOP = """while len(drafts) < k and eos not in drafts:
+    logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]
+    if temperature > 0:
+        q.append(probabilities(logits, temperature))
+        token = int(torch.multinomial(q[-1], 1, generator=generator))
+    else:
+        token = int(logits.argmax())
+    drafts.append(token)
+    if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:
+        break
+drafts = drafts[:drafts.index(eos) + 1] if eos in drafts else drafts"""      # hsd.draft's loop and its end-of-text cut
 LOOKUP_LOOP = """for size in range(min(n, len(tokens) // 2), 0, -1):
     suffix = tokens[-size:]
     if index is not None:
@@ -177,9 +188,10 @@ MISTAKES = {
                 "the bonus token is a tensor of shape (1,), not an int")],
     "draft-and-verify": [
         Mistake("verify leaves out the pending token", "hsd.verify",
-                "logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, "
+                "logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, skip=skip, "
                 "record_states=True)",
-                "logits, recorded = model(torch.tensor([[*drafts]], device=cache.device), cache, record_states=True)",
+                "logits, recorded = model(torch.tensor([[*drafts]], device=cache.device), cache, skip=skip, "
+                "record_states=True)",
                 "verify must return k + 1 = 4 rows"),
         Mistake("the draft feeds the full model", "hsd.draft",
                 "logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]",
@@ -187,16 +199,16 @@ MISTAKES = {
                 "are not the draft model's greedy tokens"),
         Mistake("the drafts are tensors", "hsd.draft", "token = int(logits.argmax())", "token = logits.argmax()",
                 "draft 1 is a tensor of shape (), not an int"),
-        Mistake("the drafts are a tuple", "hsd.draft", "return drafts, torch.stack(q) if q else None",
-                "return tuple(drafts), torch.stack(q) if q else None", "draft returned drafts as a tuple, not a list"),
-        Mistake("drafting goes on past the end of text", "hsd.draft",
-                "if token == eos or (stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] "
-                "< stop):\n    break",
-                "if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:\n"
-                "    break", "drafting ends after the end-of-text token"),
+        Mistake("the drafts are a tuple", "hsd.draft", "return drafts, torch.stack(q[:len(drafts)]) if q else None",
+                "return tuple(drafts), torch.stack(q[:len(drafts)]) if q else None",
+                "draft returned drafts as a tuple, not a list"),
+        Mistake("drafting goes on past the end of text", "hsd.draft", DRAFT_LOOP,
+                DRAFT_LOOP.replace(" and eos not in drafts", "").replace(
+                    "drafts = drafts[:drafts.index(eos) + 1] if eos in drafts else drafts", ""),
+                "drafting ends after the end-of-text token"),
         Mistake("the stop is ignored", "hsd.draft",
-                "if token == eos or (stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] "
-                "< stop):\n    break", "if token == eos:\n    break", "drafting ends after the first draft whose"),
+                "if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:\n"
+                "    break", "", "drafting ends after the first draft whose"),
         Mistake("sampled drafts drawn from torch's own random stream", "hsd.draft",
                 "token = int(torch.multinomial(q[-1], 1, generator=generator))", "token = int(torch.multinomial(q[-1], 1))",
                 "each draft is the generator's draw"),
@@ -211,20 +223,20 @@ MISTAKES = {
                 "commit(cache, snap.length, accepted + 1, recorded)", "commit(cache, snap.length, accepted, recorded)",
                 "more tokens, not"),
         Mistake("the stop is not passed on", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, eos=eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, eos=eos, proposed=proposed)",
                 "the round ignored its stop"),
         Mistake("the end of text is not passed on", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, proposed=proposed)",
                 "the round ignored its eos"),
         Mistake("the drafts are greedy at any temperature", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
-                "drafts, q = draft(model, cache, pending, skip, k, stop=stop, eos=eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)",
+                "drafts, q = draft(model, cache, pending, skip, k, stop=stop, eos=eos, proposed=proposed)",
                 "the round failed in accept_sampled (TypeError"),
         Mistake("the drafts drawn from torch's own random stream", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, stop=stop, eos=eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, stop=stop, eos=eos, proposed=proposed)",
                 "round's drafts are not those draft gives"),
         Mistake("the verdict is greedy at any temperature", "hsd.speculative_round",
                 "accepted, next_token = judge(drafts, q, logits, temperature, generator)",
@@ -332,7 +344,11 @@ ALTERNATIVES = {
                               "        return n, int(torch.multinomial(residual, 1, generator=generator))\n"
                               "    n += 1\nreturn n, int(torch.multinomial(p[n], 1, generator=generator))"},
     "draft-and-verify": {
-        "hsd.draft": "drafts, rows = [], []\nwhile len(drafts) < k:\n    last = drafts[-1] if drafts else pending\n"
+        "hsd.draft": "drafts, rows = [], []\nif proposed:\n"
+                     "    kept, last, judged = text_round(model, cache, pending, proposed, skip, temperature, generator)\n"
+                     "    drafts = (list(proposed[:kept]) + [last])[:k]\n"
+                     "    rows = [probabilities(judged[i], temperature) for i in range(len(drafts))] if temperature else []\n"
+                     "while len(drafts) < k and eos not in drafts:\n    last = drafts[-1] if drafts else pending\n"
                      "    logits = model(torch.tensor([[last]], device=cache.device), cache, skip=skip)\n"
                      "    row = logits[0, -1]\n    if temperature == 0:\n        drafts.append(row.argmax().item())\n"
                      "        sure = torch.softmax(row.float(), dim=-1)[drafts[-1]]\n    else:\n"
@@ -340,13 +356,14 @@ ALTERNATIVES = {
                      "        drafts.append(torch.multinomial(rows[-1], 1, generator=generator).item())\n"
                      "        sure = rows[-1][drafts[-1]]\n    if drafts[-1] == eos:\n        break\n"
                      "    if stop is not None and sure < stop:\n        break\n"
-                     "return drafts, (torch.stack(rows) if rows else None)",
+                     "if eos in drafts:\n    drafts = drafts[:drafts.index(eos) + 1]\n"
+                     "return drafts, (torch.stack(rows[:len(drafts)]) if rows else None)",
         "hsd.verify": "ids = torch.tensor([[pending] + list(drafts)], device=cache.device)\n"
-                      "logits, recorded = model(ids, cache, record_states=True)\nreturn logits[0], recorded"},
+                      "logits, recorded = model(ids, cache, skip=skip, record_states=True)\nreturn logits[0], recorded"},
     "speculative-round": {
         "hsd.speculative_round": "snap = snapshot(cache)\n"
                                  "drafts, q = draft(model, cache, pending, skip, k, temperature=temperature, "
-                                 "generator=generator, stop=stop, eos=eos)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
+                                 "generator=generator, stop=stop, eos=eos, proposed=proposed)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
                                  "pending, drafts)\naccepted, token = judge(drafts, q, logits, temperature, generator)\n"
                                  "commit(cache, start=snap.length, kept=accepted + 1, recorded=states)\n"
                                  "return drafts, accepted, token"},
@@ -358,7 +375,7 @@ SPOKEN = {
     "commit": ["states[n-1]", "states[kept-1]", "states[accepted]", "recorded[0].states[2]", "n:n+K-1", "t+1:t+K",
                "tokenn-1", "start+n", "start+kept"],
     "accept": ["choices[n]", "choices[accepted]", "logits[n]", "argmax(rowj)", "rown'schoice"],
-    "speculative-round": ["accepted+1", "commit(n+1)"],
+    "speculative-round": ["commit(n+1)"],    # not accepted+1: hsd.text_round, steps 4-6 of a round, commits so too
 }
 
 

@@ -1229,10 +1229,12 @@ def proposal(tokens, n, k, index):
         index = {}
         hsd.index_ngrams(index, tokens, n)
     try:
-        got = hsd.lookup(list(tokens), n, k, index or None)
-    except IndexError as e:
-        teach(False, f"lookup asked for a token past the end of the committed tokens (IndexError: {e}): fewer than k "
-                     "tokens may follow the occurrence, and the proposal then ends where the committed tokens end")
+        got, past = hsd.lookup(list(tokens), n, k, index or None), None
+    except IndexError as e:                           # said after the except block: the message alone, no chain
+        past = e
+    teach(past is None, f"lookup asked for a token past the end of the committed tokens (IndexError: {past}): fewer "
+                        "than k tokens may follow the occurrence, and the proposal then ends where the committed "
+                        "tokens end")
     teach(isinstance(got, list), f"lookup returned {kind_of(got)}, not a list: a round's drafts are a list of ints")
     for token in got:
         teach_int(token, "a proposed token")
