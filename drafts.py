@@ -232,14 +232,14 @@ def skip_of(path, fields, model, bad):
 def draft_costs(c, v):
     """A draft's costs for -k auto, in units of a plain step -> (c, {d: v[d]}): c a draft step, v the verify passes, a
     dict {d: v[d]} (keys ints or digit strings) or a sequence whose item d is v[d] (item 0, d = 0, unused). A
-    UsageError for anything but positive finite numbers."""
+    UsageError for anything but finite numbers, positive but c, which may be 0 (the lookup: no draft step)."""
     try:
         pairs = v.items() if isinstance(v, dict) else enumerate(v)
         c, v = float(c), {int(d): float(x) for d, x in pairs if int(d) >= 1}
     except (TypeError, ValueError):
         v = None
-    if not v or not all(0 < x < math.inf for x in (c, *v.values())):
-        raise models.UsageError("costs must be (c, v): c a positive number, v a dict {d: v[d]} or a sequence indexed "
+    if not v or not 0 <= c < math.inf or not all(0 < x < math.inf for x in v.values()):
+        raise models.UsageError("costs must be (c, v): c a number from 0 on, v a dict {d: v[d]} or a sequence indexed "
                                 "by d, of positive numbers (in units of a plain step)")
     return c, v
 
