@@ -345,9 +345,10 @@ ALTERNATIVES = {
                               "    n += 1\nreturn n, int(torch.multinomial(p[n], 1, generator=generator))"},
     "draft-and-verify": {
         "hsd.draft": "drafts, rows = [], []\nif proposed:\n"
-                     "    kept, last, judged = text_round(model, cache, pending, proposed, skip, temperature, generator)\n"
-                     "    drafts = (list(proposed[:kept]) + [last])[:k]\n"
-                     "    rows = [probabilities(judged[i], temperature) for i in range(len(drafts))] if temperature else []\n"
+                     "    kept, last, judged = text_round(model, cache, pending, proposed, skip, temperature, "
+                     "generator)\n    drafts = (list(proposed[:kept]) + [last])[:k]\n"
+                     "    rows = [probabilities(judged[i], temperature) for i in range(len(drafts))] if temperature "
+                     "else []\n"
                      "while len(drafts) < k and eos not in drafts:\n    last = drafts[-1] if drafts else pending\n"
                      "    logits = model(torch.tensor([[last]], device=cache.device), cache, skip=skip)\n"
                      "    row = logits[0, -1]\n    if temperature == 0:\n        drafts.append(row.argmax().item())\n"
@@ -359,7 +360,8 @@ ALTERNATIVES = {
                      "if eos in drafts:\n    drafts = drafts[:drafts.index(eos) + 1]\n"
                      "return drafts, (torch.stack(rows[:len(drafts)]) if rows else None)",
         "hsd.verify": "ids = torch.tensor([[pending] + list(drafts)], device=cache.device)\n"
-                      "logits, recorded = model(ids, cache, skip=skip, record_states=True)\nreturn logits[0], recorded"},
+                      "logits, recorded = model(ids, cache, skip=skip, record_states=True)\n"
+                      "return logits[0], recorded"},
     "speculative-round": {
         "hsd.speculative_round": "snap = snapshot(cache)\n"
                                  "drafts, q = draft(model, cache, pending, skip, k, temperature=temperature, "
