@@ -119,6 +119,23 @@ EXERCISES = [
         ["test_a_round_drafts_and_judges_as_it_is_asked", "test_rounds_commit_what_one_by_one_feeding_gives"],
         MODEL + VERIFY + ["snapshot-restore", "draft-and-verify", "accept", "accept-sampled", "commit"]),
     Exercise(
+        "lookup", ["hsd.lookup"],
+        "prompt lookup, the draft that costs nothing: the tokens that followed an earlier occurrence of the text's "
+        "last few tokens, the longest such suffix first; and which occurrences are earlier at all",
+        "for each suffix size from the largest down: look for it among the tokens before the suffix, the latest "
+        "first; the first size found wins; propose what followed it, at most k, up to the end of the tokens; with "
+        "an index, its dict says where the latest occurrence ends", 20,
+        ["test_lookup_proposes_what_followed_the_longest_earlier_suffix"], []),
+    Exercise(
+        "text-round", ["hsd.text_round"],
+        "judging a deterministic draft (the text's) at a temperature: with a one-hot q, speculative sampling accepts "
+        "a proposed token with probability p(d) and after a rejection draws from p with it removed, so the output is "
+        "exactly plain sampling's; and why the round needs no snapshot and no restore",
+        "three steps of the round (verify, with the skip it is given; judge; commit); what q must be for a draft that "
+        "puts all its probability on its token; return ints and the logits", 20,
+        ["test_a_text_round_judges_the_text_as_a_one_hot_draft"], ["draft-and-verify", "accept", "accept-sampled",
+                                                                    "commit"]),
+    Exercise(
         "draft-strategies", ["drafts.draft_skip"],
         "the paper's draft strategies as data: which layers, or which layers' attention branch, the draft leaves out",
         "return models.Skip(layers=...) or models.Skip(attention=...); see the README's table", 15,

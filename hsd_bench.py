@@ -5,6 +5,10 @@
   python hsd_bench.py --model NAME --context-sweep [--out F] # c, v and the predicted speedup at 64 ... 8,192 tokens
   python hsd_bench.py --model TOY --drafts FILES [--out F]   # drafts side by side on the test prompts, greedy, T=0.6
   python hsd_bench.py --model TOY --drafts FILES --ks 1,2,4,8 --tokens 48 --repeats 2   # shorter: 4 fixed k, 2 turns
+  python hsd_bench.py --model TOY --drafts lookup lookup+component --ks 2 --prompts grounded   # drafts from
+                                                             # the text, on input-grounded prompts (a passage, a
+                                                             # newline, its beginning)
+  python hsd_bench.py --model TOY --transformers-lookup [--prompts grounded]   # hsd's lookup against transformers'
   python hsd_bench.py --model TOY --busy                     # a busy core: default threads, passive wait, 1 thread
 (The model may also come first, without --model: python hsd_bench.py NAME ...)
 
@@ -234,6 +238,34 @@ def test_prompts(name, tokenizer, prompt_tokens):
     return {i: paragraphs[i][:prompt_tokens] for i in cost_model.split(paragraphs, prompt_tokens).test}
 
 
+GROUNDED_BEGINNING = (30, 40)                            # characters of the passage repeated after it: a word's end
+
+
+def grounded_prompts(name, tokenizer, prompt_tokens):
+    """Input-grounded prompts, one per paragraph of the test set (test_prompts'): the paragraph's first 2 x
+    prompt_tokens tokens as text (the passage), a newline, then the passage's first 30-40 characters, cut at the end
+    of a word: a model that copies continues the passage from there, as in summaries, answers from a document or code
+    edits. {paragraph index: prompt ids}."""
+    paragraphs = cost_model.paragraphs(cost_model.read_lines(None, name), tokenizer)
+    low, high = GROUNDED_BEGINNING
+    prompts = {}
+    for i in cost_model.split(paragraphs, prompt_tokens).test:
+        passage = tokenizer.decode(paragraphs[i][:2 * prompt_tokens]).strip()
+        cut = passage.rfind(" ", low, high + 1)                # the last space in 30..40: the words before it
+        beginning = passage[:cut if cut > 0 else high]
+        prompts[i] = tokenizer.encode(passage + "\n" + beginning).ids
+    return prompts
+
+
+GROUNDED_WORDS = ": each a passage, a newline, then the passage's first 30-40 characters"
+PROMPT_KINDS = ("plain", "grounded")                     # --prompts
+
+
+def prompts_of(kind, name, tokenizer, prompt_tokens):
+    """The test paragraphs' prompts of a kind (--prompts): "plain" test_prompts, "grounded" grounded_prompts."""
+    return (grounded_prompts if kind == "grounded" else test_prompts)(name, tokenizer, prompt_tokens)
+
+
 PAPER_KS = tuple(range(1, 9))                            # the paper's fixed k: --ks chooses among them
 SAMPLED_WINDOW = 3                                       # fixed ks per paper draft at T > 0 (sampled_labels)
 
@@ -266,16 +298,22 @@ def tuned_plan(found_by, draft):
 
 def draft_rows(model, files, ks=PAPER_KS):
     """(rows, skip_label, splits): rows {label: drafts.Draft}, the paper's drafts at every fixed k of ks and with
-    k="auto", each draft file as it says, at its best fixed k (found_by.best_fixed) and with k="auto", and the
-    paper's draft for the family (drafts.paper_draft) with the freedom the search has: at the file's own k and stop,
-    and at the k and stop the search chose for it (tuned_plan); skip_label {label: the label of its skip in the costs}
-    (the paper draft's name, or the file's path); splits {path: {"file", "paper", "same_plan", "tuned"}: the labels
-    gain_split compares (tuned None if the file does not say)}."""
+    k="auto", each draft named in files that is no file (a draft from the text: "lookup", "lookup+component") at its
+    own k and with k="auto", each draft file as it says, at its best fixed k (found_by.best_fixed) and with k="auto",
+    and the paper's draft for the family (drafts.paper_draft) with the freedom the search has: at the file's own k and
+    stop, and at the k and stop the search chose for it (tuned_plan); skip_label {label: the label of its skip in the
+    costs} (the paper draft's name, or the file's path; None for a draft from the text, whose draft step is no
+    skip's); splits {path: {"file", "paper", "same_plan", "tuned"}: the labels gain_split compares (tuned None if the
+    file does not say)}."""
     paper = drafts.paper_skips(model.config)
     rows = {f"{draft}, k={k}": drafts.Draft(draft, skip, k, None) for draft, skip in paper.items() for k in ks}
     rows |= {f"{draft}, k=auto": hsd.choose_draft(model, draft, "auto") for draft in paper}
-    family, splits = drafts.paper_draft(model.config), {}
-    for path in files:
+    family, splits, text_rows = drafts.paper_draft(model.config), {}, []
+    for name in (entry for entry in files if drafts.split_lookup(entry)[0]):        # lookup, lookup+DRAFT: by name
+        rows[name] = hsd.choose_draft(model, name)
+        rows[f"{name}, k=auto"] = hsd.choose_draft(model, name, "auto")
+        text_rows += [name, f"{name}, k=auto"]                          # no skip of their own to time: text_draft_c
+    for path in (entry for entry in files if not drafts.split_lookup(entry)[0]):
         found, notes = drafts.read_draft_file(path, model)
         for line in notes:
             print(f"hsd_bench: note: {line}", file=sys.stderr)
@@ -296,8 +334,18 @@ def draft_rows(model, files, ks=PAPER_KS):
             if plan is not None:
                 rows.setdefault(plan_label(family, *plan), drafts.Draft(family, paper[family], *plan))
     skip_label = {label: next((path for path in files if label.startswith(path)), label.split(", k=")[0])
-                  for label in rows}
+                  for label in rows} | dict.fromkeys(text_rows)
     return rows, skip_label, splits
+
+
+def row_c(label, draft, skip_label, costs):
+    """c of a row for the cost model (measured_row): its skip's measured c; for a draft from the text alone 0 (no
+    model call drafts; the lookup's own time, which --context-sweep measures, is left out); for a cascade None (a round
+    of it runs the draft model's check pass and its own steps, which one c does not describe: its row has no cost
+    model)."""
+    if skip_label[label] is not None:
+        return costs.c[skip_label[label]]
+    return 0.0 if draft.skip is None else None
 
 
 def measured_auto(draft, label, paper, skip_label, costs):
@@ -338,21 +386,23 @@ def generations(rows, prompts, turns):
     return (rows + 1) * prompts * turns
 
 
-def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, ks=PAPER_KS, out=None, seed=0):
+def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, ks=PAPER_KS, out=None, seed=0,
+                        prompt_kind="plain"):
     """Plain decoding against the rows of draft_rows, end to end on the test prompts, in turns in one process
     (cost_model.generations_in_turns): greedy every row, at PAPER_T the rows of sampled_labels; c and v measured at
     each temperature at the mean context of a generation. Prints on stderr an estimate of the run's duration before
     measuring (duration_line) and shows one progress bar over the whole run; with out, saves everything measured so
     far (side_by_side_json, raw runs included) after each temperature. Returns {"prompts", "ks", "ran": {T: labels},
     "costs": {T: Costs}, "rows": {(label, T): measured_row}, "best": {T: the best fixed paper row}, "runs": {T: the
-    raw runs}, "paper": the paper's drafts, "machine", "warnings", "complete"}."""
+    raw runs}, "paper": the paper's drafts, "prompt_kind", "machine", "warnings", "complete"}. prompt_kind: "plain"
+    (test_prompts) or "grounded" (grounded_prompts), the same test paragraphs."""
     model, tokenizer = models.load(name), models.load_tokenizer(name)
     machine = cost_model.machine_state(model, "float32")       # before measuring: the load of others, not ours
-    prompts = test_prompts(name, tokenizer, prompt_tokens)
-    context = prompt_tokens + new_tokens // 2
+    prompts = prompts_of(prompt_kind, name, tokenizer, prompt_tokens)
+    context = round(statistics.mean(map(len, prompts.values()))) + new_tokens // 2
     rows, skip_label, splits = draft_rows(model, files, ks)
     paper = drafts.paper_skips(model.config)
-    skips = {skip_label[label]: rows[label].skip for label in rows}
+    skips = {skip_label[label]: rows[label].skip for label in rows if skip_label[label] is not None}
     longest = max(hsd.AUTO_MAX, *(rows[label].k for label in rows if rows[label].k != "auto"))
     cost_model.warm_up(model, longest)
     sampled_rows = len(sampled_labels(rows, paper, ks, dict.fromkeys(fixed_paper_labels(paper, ks), 0.0),
@@ -363,8 +413,8 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
     costs_s = time.perf_counter() - t0
     generation_s = seconds(lambda: hsd.generate(model, next(iter(prompts.values())), new_tokens, draft="none"))
     print(duration_line(counts, generation_s, costs_s, new_tokens), file=sys.stderr)
-    result = {"prompts": prompts, "ks": ks, "paper": list(paper), "ran": {}, "costs": {}, "rows": {}, "best": {},
-              "runs": {}, "splits": splits, "gain_split": {}, "complete": False}
+    result = {"prompts": prompts, "prompt_kind": prompt_kind, "ks": ks, "paper": list(paper), "ran": {}, "costs": {},
+              "rows": {}, "best": {}, "runs": {}, "splits": splits, "gain_split": {}, "complete": False}
     with tqdm(total=sum(counts.values()), desc="generations (all rows, both temperatures)", file=sys.stderr) as bar:
         for T in counts:
             ran = result["ran"][T] = list(rows) if T == 0 else sampled_labels(
@@ -378,8 +428,10 @@ def drafts_side_by_side(name, files, new_tokens=64, turns=3, prompt_tokens=64, k
                                                                                    costs) for label in ran},
                 new_tokens, turns, T, seed, bar)
             for label in ran:
-                result["rows"][label, T] = cost_model.measured_row(runs[label], runs["plain"],
-                                                                   (costs.c[skip_label[label]], costs.v, costs.r))
+                c = row_c(label, rows[label], skip_label, costs)
+                result["rows"][label, T] = {**cost_model.measured_row(runs[label], runs["plain"],
+                                                                      None if c is None else (c, costs.v, costs.r)),
+                                            "c": c}
             fixed_paper = [label for label in ran if label in fixed_paper_labels(paper, ks)]
             best = result["best"][T] = max(fixed_paper, key=lambda label: result["rows"][label, T]["speedup"])
             for label in ran:                                  # each row against the best fixed paper row
@@ -448,8 +500,9 @@ def summary(result, machine):
 def side_by_side_lines(name, r, new_tokens):
     """The results table: every speedup with its 95% interval over the test prompts; greedy rows with the loop
     measure (the share of the continuations' tokens inside a 4-gram seen before in the same continuation)."""
-    yield (f"{name}: {len(r['prompts'])} test prompts (paragraphs {', '.join(map(str, r['prompts']))} of the held-out "
-           f"text), {new_tokens} new tokens; {machine_words(r['machine'])}")
+    kind = {"plain": "", "grounded": "input-grounded "}[r.get("prompt_kind", "plain")]
+    yield (f"{name}: {len(r['prompts'])} {kind}test prompts (paragraphs {', '.join(map(str, r['prompts']))} of the "
+           f"held-out text{GROUNDED_WORDS if kind else ''}), {new_tokens} new tokens; {machine_words(r['machine'])}")
     for T, costs in r["costs"].items():
         noise = "-" if costs.noise["step"] is None else f"{costs.noise['step']:.1%}"
         yield (f"T={T}: full step {costs.step_s * 1e3:.2f} ms at {costs.context} tokens (noise {noise}); ran "
@@ -466,8 +519,8 @@ def side_by_side_lines(name, r, new_tokens):
         yield (f"{label[-44:]:44} {T:4.1f} {x['speedup']:7.3f}x [{x['speedup_ci'][0]:.3f}, {x['speedup_ci'][1]:.3f}] "
                f"{x['vs_best_paper']:8.3f} [{x['vs_best_paper_ci'][0]:.3f}, {x['vs_best_paper_ci'][1]:.3f}] "
                f"{x['alpha'] or 0:6.3f} {x['accepted_per_round'] or 0:7.2f} {x['drafts_per_round'] or 0:7.2f} "
-               f"{x['plain_steps']:5d} {r['costs'][T].c[label.split(', k=')[0]]:5.2f} "
-               f"{x['cost_model_on_these_rounds']:8.3f}x {loops}")
+               f"{x['plain_steps']:5d} {'-' if x['c'] is None else format(x['c'], '.2f'):>5} "
+               f"{'-' if x['c'] is None else format(x['cost_model_on_these_rounds'], '8.3f') + 'x':>9} {loops}")
     yield from gain_lines(r)
     for line in r["warnings"]:
         yield f"warning: {line}"
@@ -493,13 +546,14 @@ def ran_words(r, T):
     how = (f"--ks {','.join(map(str, r['ks']))}" if T == 0 else
            f"of --ks {','.join(map(str, r['ks']))} the best greedy k and its neighbours")
     return ("paper drafts at k " + "; ".join(f"{draft} {','.join(ks)}" for draft, ks in fixed.items()) + f" ({how}), "
-            "every k=auto row, each file's rows")
+            "every k=auto row, each file's and each named draft's rows")
 
 
 def side_by_side_json(name, r, new_tokens):
     """What --out saves: the table's numbers, the costs, the machine, and every raw run (per label, prompt and turn),
     so that a stranger can bootstrap them again."""
-    return {"model": name, "new_tokens": new_tokens, "test_paragraphs": list(r["prompts"]), "machine": r["machine"],
+    return {"model": name, "new_tokens": new_tokens, "prompts": r.get("prompt_kind", "plain"),
+            "test_paragraphs": list(r["prompts"]), "machine": r["machine"],
             "warnings": r["warnings"], "unreliable": bool(r["warnings"]), "complete": r["complete"],
             "ks": list(r["ks"]), "ran": {str(T): labels for T, labels in r["ran"].items()},
             "best_fixed_paper": {str(T): b for T, b in r["best"].items()},
@@ -509,6 +563,98 @@ def side_by_side_json(name, r, new_tokens):
             "rows": [{"row": label, "temperature": T, **x} for (label, T), x in r["rows"].items()],
             "gain_split": {str(T): per_file for T, per_file in r["gain_split"].items()},
             "runs": {str(T): runs for T, runs in r["runs"].items()}}
+
+
+# --- hsd's lookup against transformers' prompt lookup, the same toy and prompts -----------------------------------
+HF_LOOKUP_TOKENS = 10           # transformers' prompt_lookup_num_tokens: the value its documentation shows
+LOOKUP_LABELS = ("transformers plain", "transformers lookup", "hsd plain", "hsd lookup")
+
+
+def transformers_lookup(name, prompt_kind="plain", new_tokens=64, turns=3, prompt_tokens=64, draft="lookup",
+                        hf_tokens=HF_LOOKUP_TOKENS):
+    """hsd's lookup (draft: "lookup" or a cascade) against transformers' prompt lookup (model.generate(...,
+    prompt_lookup_num_tokens=hf_tokens), the toy's own files loaded by transformers) on the prompts of prompt_kind
+    (prompts_of), in turns in one process: on each prompt, transformers' plain greedy decoding and its prompt lookup,
+    hsd's plain greedy decoding and its lookup, each timed whole (transformers' generate prefills too, so hsd's runs
+    count their prefill alike). Returns {"prompts", "prompt_kind", "runs": {label: [per prompt: [per turn: {new_tokens,
+    decode_s, tokens}]]} for LOOKUP_LABELS, "refused": transformers' words where it refuses prompt lookup (5.23 does
+    for stateful models: Falcon-H1, Qwen3.5), "machine"}."""
+    import transformers as tf
+    model, tokenizer = models.load(name), models.load_tokenizer(name)
+    hf = tf.AutoModelForCausalLM.from_pretrained(models.TOYS[name], dtype=torch.float32).eval()
+    machine = cost_model.machine_state(model, "float32")       # before measuring: the load of others, not ours
+    prompts = prompts_of(prompt_kind, name, tokenizer, prompt_tokens)
+
+    def hf_run(prompt, lookup, tokens=new_tokens):
+        ids = torch.tensor([prompt])
+        extra = {"prompt_lookup_num_tokens": hf_tokens} if lookup else {}
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False, **extra)
+        made = out[0, len(prompt):].tolist()
+        return {"new_tokens": len(made), "decode_s": time.perf_counter() - t0, "tokens": made}
+
+    def hsd_run(prompt, asked, tokens=new_tokens):
+        t0 = time.perf_counter()
+        made, _ = hsd.generate(model, prompt, tokens, draft=asked)
+        return {"new_tokens": len(made), "decode_s": time.perf_counter() - t0, "tokens": made}
+    calls = {"transformers plain": lambda p: hf_run(p, False), "transformers lookup": lambda p: hf_run(p, True),
+             "hsd plain": lambda p: hsd_run(p, "none"), "hsd lookup": lambda p: hsd_run(p, draft)}
+    first, refused = next(iter(prompts.values())), None
+    with torch.inference_mode():
+        cost_model.warm_up(model, hsd.AUTO_MAX)
+        hf_run(first, False, 4), hsd_run(first, "none", 4), hsd_run(first, draft, 4)                 # warm up
+        try:
+            hf_run(first, True, 4)
+        except ValueError as e:                                # "assisted generation is not supported with ..."
+            refused = str(e).strip().splitlines()[0]
+            del calls["transformers lookup"]
+        runs = {label: [[] for _ in prompts] for label in calls}
+        with tqdm(total=turns * len(prompts) * len(calls), desc="generations", file=sys.stderr) as bar:
+            for _ in range(turns):
+                for i, prompt in enumerate(prompts.values()):
+                    for label, call in calls.items():
+                        runs[label][i].append(call(prompt))
+                        bar.update(1)
+    return {"prompts": list(prompts), "prompt_kind": prompt_kind, "draft": draft, "hf_tokens": hf_tokens,
+            "runs": runs, "refused": refused, "machine": machine}
+
+
+def lookup_comparison(r):
+    """transformers_lookup's runs summed up: per label, tokens per second, on how many prompts its tokens are hsd's
+    plain greedy decoding's (the first turn's) and where the first one parts; and hsd's lookup over transformers'
+    (and over each plain decoding) with a 95% interval over the prompts."""
+    greedy = [per_prompt[0]["tokens"] for per_prompt in r["runs"]["hsd plain"]]
+    rows = {}
+    for label, runs in r["runs"].items():
+        made = [per_prompt[0]["tokens"] for per_prompt in runs]
+        parted = [next((j for j, (a, b) in enumerate(zip(x, g)) if a != b), min(len(x), len(g)))
+                  for x, g in zip(made, greedy) if x != g]
+        rows[label] = {"tokens_per_s": cost_model.rate(runs), "greedy_prompts": sum(x == g for x, g in
+                                                                                    zip(made, greedy)),
+                       "first_parting_token": min(parted, default=None)}
+    ratios = {}
+    for other in ("transformers lookup", "transformers plain", "hsd plain"):
+        if other in r["runs"]:
+            ratios[f"hsd lookup / {other}"] = {"ratio": cost_model.speedup(r["runs"]["hsd lookup"], r["runs"][other]),
+                                               "ci": cost_model.speedup_ci(r["runs"]["hsd lookup"], r["runs"][other])}
+    return {"labels": rows, "ratios": ratios}
+
+
+def lookup_lines(name, r, summary, new_tokens):
+    turns = len(next(iter(r["runs"].values()))[0])
+    kind = "input-grounded " if r["prompt_kind"] == "grounded" else ""
+    yield (f"{name}: {len(r['prompts'])} {kind}test prompts, {new_tokens} new tokens, {turns} turn"
+           f"{'s' * (turns != 1)}, greedy; hsd --draft {r['draft']} against transformers' prompt_lookup_num_tokens="
+           f"{r['hf_tokens']}; each run timed whole (prefill included); {machine_words(r['machine'])}")
+    if r["refused"]:
+        yield f"transformers refused prompt lookup on this model: {r['refused']}"
+    for label, x in summary["labels"].items():
+        parts = "" if x["first_parting_token"] is None else f" (first parts at new token {x['first_parting_token']})"
+        yield (f"{label:20} {x['tokens_per_s']:8.2f} tok/s; plain greedy decoding's tokens on {x['greedy_prompts']} "
+               f"of {len(r['prompts'])} prompts{parts}")
+    for what, x in summary["ratios"].items():
+        yield f"{what:36} {x['ratio']:.3f}x [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}]"
+    yield from warning_lines(r["machine"])
 
 
 # --- What each part costs (--units), and the cost against the context -----------------------------------------------
@@ -549,18 +695,43 @@ def unit_lines(name, parts, saves, paper, machine):
     yield from warning_lines(machine)
 
 
+SWEEP_KS = (2, 4, 8)                                     # --context-sweep's k
+
+
+def lookup_cost(model, context, step_s, repeats=7):
+    """What the lookup costs a round at a context, in full steps (step_s: a plain step's seconds there), for each k of
+    SWEEP_KS, as generation runs it: bringing the n-gram index up to the k + 1 tokens a round commits at most
+    (hsd.index_ngrams), then the proposal (hsd.lookup with the index); the median of `repeats` over step_s. The
+    tokens are random ids, among which the suffix is rarely found: every n-gram size is tried."""
+    n = hsd.choose_draft(model, "lookup").lookup
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.config.vocab_size, (context + max(SWEEP_KS) + 1,), generator=generator)
+    cost = {}
+    for k in SWEEP_KS:
+        tokens, index = ids[:context + k + 1].tolist(), {}
+        hsd.index_ngrams(index, tokens[:context], n)                # the context indexed by the rounds before
+
+        def round_lookup():                                         # updating an index for tokens it holds rewrites
+            hsd.index_ngrams(index, tokens, n, context)             # the same entries: each repeat does the same
+            hsd.lookup(tokens, n, k, index)
+        cost[k] = statistics.median(seconds(round_lookup) for _ in range(repeats)) / step_s
+    return cost
+
+
 def context_sweep(name, turns=7, temperature=0.0):
-    """c, v and the predicted speedup of the paper's drafts at every context of CONTEXTS the model's context allows:
-    {context: Costs}; the speedups (sweep_rows) use the paper's acceptance (cost_model.PAPER) for the official models,
-    labelled as such, and the acceptance each k needs to pay off for every model."""
+    """c, v and the predicted speedup of the paper's drafts at every context of CONTEXTS the model's context allows,
+    and the lookup's cost there: ({context: Costs}, {context: lookup_cost}, the machine); the speedups (sweep_rows) use
+    the paper's acceptance (cost_model.PAPER) for the official models, labelled as such, and the acceptance each k
+    needs to pay off for every model and draft."""
     model = bench_model(name)
     cost_model.warm_up(model, 8)
     contexts = [L for L in CONTEXTS if L + 8 + 2 <= model.config.max_position_embeddings]
-    sweep = {}
+    sweep, lookup = {}, {}
     for L in tqdm(contexts, desc="contexts", file=sys.stderr):
         sweep[L] = cost_model.measure_costs(model, drafts.paper_skips(model.config), L, turns, 8, temperature,
                                             passes=hsd.PASSES)
-    return sweep, cost_model.machine_state(model, "float32")
+        lookup[L] = lookup_cost(model, L, sweep[L].step_s, turns)
+    return sweep, lookup, cost_model.machine_state(model, "float32")
 
 
 def paper_column(temperature):
@@ -568,16 +739,24 @@ def paper_column(temperature):
     return "greedy" if temperature == 0 else f"T={temperature:g}"
 
 
-def sweep_rows(name, sweep):
-    """Per context, draft and k in (2, 4, 8): c, v[k], the break-even acceptance, and where the paper reports an
+def sweep_rows(name, sweep, lookup=None):
+    """Per context, draft and k in SWEEP_KS: c, v[k], the break-even acceptance, and where the paper reports an
     acceptance for this model at the costs' temperature (single round, greedy or T=0.6: alpha, so that a round keeps
-    alpha k drafts), the speedup it predicts."""
+    alpha k drafts), the speedup it predicts. lookup ({context: lookup_cost}): the lookup's rows too, its c the
+    proposal's cost over the k drafts it proposes (a round of the lookup costs k c + v[k], as any draft's), its v the
+    full model's verify pass, as every draft's."""
     paper = cost_model.PAPER.get(name, {})
     rows = []
     for L, costs in sweep.items():
         column = paper_column(costs.temperature)
+        for k in SWEEP_KS if lookup else ():
+            c = lookup[L][k] / k
+            rows.append({"context": L, "draft": "lookup", "k": k, "c": c, "v": costs.v[k], "r": costs.r,
+                         "noise_c": None,
+                         "break_even_acceptance": cost_model.break_even_acceptance(c, costs.v[k], k, costs.r),
+                         "paper_alpha": None, "predicted_speedup_at_paper_alpha": None})
         for draft, c in costs.c.items():
-            for k in (2, 4, 8):
+            for k in SWEEP_KS:
                 alpha = paper.get(draft, {}).get(column, {}).get(k, (None,))[0]
                 rows.append({"context": L, "draft": draft, "k": k, "c": c, "v": costs.v[k], "r": costs.r,
                              "noise_c": costs.noise["c"][draft],
@@ -595,6 +774,9 @@ def sweep_lines(name, sweep, rows, machine):
            "no paper acceptance for this model: the acceptance each k needs")
     yield (f"{'context':>7} {'step ms':>8} {'draft':10} {'k':>2} {'c':>5} {'v[k]':>5} {'r':>5} {'needs':>6} "
            f"{'paper a':>8} {'predicted':>9}")
+    if any(r["draft"] == "lookup" for r in rows):
+        yield ("lookup: c is its time a round (the n-gram index brought up to the round's tokens, then the "
+               "proposal) over the k drafts it proposes; v the full model's verify pass, as every draft's")
     for r in rows:
         needs = "never" if r["break_even_acceptance"] is None else f"{r['break_even_acceptance']:.2f}"
         predicted = "" if r["paper_alpha"] is None else f"{r['predicted_speedup_at_paper_alpha']:8.3f}x"
@@ -686,9 +868,15 @@ def main(argv=None):
     p.add_argument("--cost-repeats", type=int, default=11, help="turns of each kind of step for c and v (default: 11)")
     p.add_argument("--units", action="store_true", help="what leaving out each kind of unit saves, and the acceptance "
                                                        "the paper's drafts need to pay off")
-    p.add_argument("--drafts", nargs="*", metavar="FILE", help="plain decoding, the paper's drafts and these draft "
-                                                               "files end to end on the test prompts (a toy), greedy "
-                                                               f"and at T={PAPER_T}")
+    p.add_argument("--drafts", nargs="*", metavar="DRAFT", help="plain decoding, the paper's drafts and these drafts "
+                   "(draft files, or drafts from the text: lookup, lookup+component, ...) end to end on the test "
+                   f"prompts (a toy), greedy and at T={PAPER_T}")
+    p.add_argument("--prompts", choices=PROMPT_KINDS, default="plain", help="with --drafts or --transformers-lookup: "
+                   "the test paragraphs' first 64 tokens (plain), or input-grounded prompts: a passage, a newline, "
+                   "then its first 30-40 characters (grounded) (default: plain)")
+    p.add_argument("--transformers-lookup", nargs="?", const="lookup", metavar="DRAFT", help="on a toy: hsd's lookup "
+                   "(or DRAFT, e.g. lookup+component) against transformers' prompt lookup on the test prompts, greedy: "
+                   "whether the tokens are plain greedy decoding's, and tokens per second")
     p.add_argument("--ks", default=",".join(map(str, PAPER_KS)), help="with --drafts: the fixed k of the paper's "
                    "drafts, e.g. 1,2,4,8 (default: 1,...,8); greedy runs them all, T=0.6 only the best greedy k of "
                    "each draft and its neighbours (all of them if 3 or fewer)")
@@ -747,26 +935,49 @@ def main(argv=None):
             if args.out:
                 cost_model.write_json(args.out, {"model": args.model, "date": time.strftime("%Y-%m-%d"), "study": study})
             return 0
+        if args.prompts != p.get_default("prompts") and args.drafts is None and not args.transformers_lookup:
+            p.error("--prompts goes with --drafts or --transformers-lookup (the prompts they run)")
+        if args.transformers_lookup:
+            if args.model not in models.TOYS:
+                p.error("--transformers-lookup runs on a trained toy (its held-out text): give toy-falcon-h1, "
+                        "toy-qwen3.5 or toy-qwen2.5")
+            try:
+                import transformers
+            except ImportError:
+                p.exit(2, "hsd_bench: error: --transformers-lookup needs transformers: pip install "
+                          "transformers==5.23.0\n")
+            tokens = 64 if args.tokens == p.get_default("tokens") else args.tokens
+            r = transformers_lookup(args.model, args.prompts, tokens, args.repeats, draft=args.transformers_lookup)
+            summed = lookup_comparison(r)
+            print(*lookup_lines(args.model, r, summed, tokens), sep="\n")
+            saved = {"model": args.model, "new_tokens": tokens, **{key: r[key] for key in r if key != "runs"},
+                     "warnings": [w[9:] for w in warning_lines(r["machine"])], **summed, "runs": r["runs"]}
+            if args.out:
+                cost_model.write_json(args.out, saved)
+            if args.json:
+                print(json.dumps({key: value for key, value in saved.items() if key != "runs"}))
+            return 0
         if args.drafts is not None:
             if args.model not in models.TOYS:
                 p.error("--drafts runs on a trained toy (its held-out text): give toy-falcon-h1, toy-qwen3.5 or "
                         "toy-qwen2.5")
             tokens = 64 if args.tokens == p.get_default("tokens") else args.tokens
             r = drafts_side_by_side(args.model, args.drafts, new_tokens=tokens, turns=args.repeats, ks=ks,
-                                    out=args.out)                  # saves to --out after each temperature
+                                    out=args.out, prompt_kind=args.prompts)    # saves to --out after each temperature
             print(*side_by_side_lines(args.model, r, tokens), sep="\n", file=table)
             saved = side_by_side_json(args.model, r, tokens)
             if args.json:
                 print(json.dumps({key: value for key, value in saved.items() if key != "runs"}))
             return 0
         if args.context_sweep:
-            sweep, machine = context_sweep(args.model, args.cost_repeats, args.temperature)
-            rows = sweep_rows(args.model, sweep)
+            sweep, lookup, machine = context_sweep(args.model, args.cost_repeats, args.temperature)
+            rows = sweep_rows(args.model, sweep, lookup)
             print(*sweep_lines(args.model, sweep, rows, machine), sep="\n", file=table)
             warned = [w[9:] for w in warning_lines(machine)]
             saved = {"model": args.model, "machine": machine, "warnings": warned, "unreliable": bool(warned),
                      "rows": rows,
-                     "costs": {str(L): costs._asdict() for L, costs in sweep.items()}}
+                     "costs": {str(L): costs._asdict() for L, costs in sweep.items()},
+                     "lookup_cost": {str(L): each for L, each in lookup.items()}}
             if args.out:
                 cost_model.write_json(args.out, saved)
             if args.json:

@@ -225,9 +225,20 @@ class Records:
 
 
 # --- The run, phase by phase ---------------------------------------------------------------------------------------
-def alpha_record(model, prompt, skips, temperature, generator):
+def text_round(model, prompt, chosen, temperature=0.0, seed=None):
+    """The single-round protocol for a draft from the text (a drafts.Draft: the lookup, or a cascade): the first step
+    of a generation after the prompt, with k = max(KS) -> (drafts proposed, how many the full model accepts); (0, 0)
+    where the text proposes nothing (the step is a plain step). The lookup has no state of its own: shared only."""
+    steps = hsd.generate_steps(model, prompt, max(KS) + 1, chosen, max(KS), None, temperature, seed)
+    next(steps)                                                                # the prefill
+    step = next(steps)
+    return len(step.drafts), step.accepted
+
+
+def alpha_record(model, prompt, skips, temperature, generator, text=None):
     """One prompt of the single-round protocol: per draft, how many of max(KS) drafts the full model accepts, greedy
-    and sampled, with the draft starting from the full model's state (shared) or from its own (independent)."""
+    and sampled, with the draft starting from the full model's state (shared) or from its own (independent); per
+    draft from the text ({name: drafts.Draft}), its first round's (text_round): drafts proposed and accepted."""
     k = max(KS)
     cache = models.Cache(model, len(prompt) + k + 1)
     hsd.prefill(model, cache, prompt[:-1])
@@ -240,6 +251,12 @@ def alpha_record(model, prompt, skips, temperature, generator):
             "independent": single_round(model, cache, own, prompt[-1], skip, k),
             "sampled_shared": single_round(model, cache, cache, prompt[-1], skip, k, temperature, generator),
             "sampled_independent": single_round(model, cache, own, prompt[-1], skip, k, temperature, generator)}
+    for name, chosen in (text or {}).items():
+        seed = int(torch.randint(2 ** 31, (), generator=generator))        # the prompt's generator seeds the round
+        (drafted, shared), (sampled_drafted, sampled) = (text_round(model, prompt, chosen),
+                                                         text_round(model, prompt, chosen, temperature, seed))
+        result[name] = {"drafted": drafted, "shared": shared, "sampled_drafted": sampled_drafted,
+                        "sampled_shared": sampled}
     return result
 
 
@@ -248,9 +265,10 @@ def perplexity_record(model, ids, skips):
     return {draft: nll(model, ids, skip) for draft, skip in {"full": None, **skips}.items()}
 
 
-def speed_record(model, prompt, skips, new_tokens, files=None):
-    """Plain greedy decoding and every draft at every k on one prompt, and each draft file ({path: drafts.Draft})
-    also at its own k and stop ("found"): tokens, time and acceptance of each run."""
+def speed_record(model, prompt, skips, new_tokens, files=None, text=None):
+    """Plain greedy decoding and every draft at every k on one prompt, each draft file ({path: drafts.Draft}) also at
+    its own k and stop ("found"), and each draft from the text ({name: drafts.Draft}) at every k and at its own:
+    tokens, time and acceptance of each run."""
     plain = hsd.generate(model, prompt, new_tokens, draft="none")[1]
     result = {"plain": {"new_tokens": plain["new_tokens"], "decode_s": plain["decode_s"]}}
     keys = ("accepted", "drafted", "rounds", "decode_s", "new_tokens")
@@ -262,14 +280,19 @@ def speed_record(model, prompt, skips, new_tokens, files=None):
     for path, found in (files or {}).items():
         s = hsd.generate(model, prompt, new_tokens, draft=found)[1]
         result[path]["found"] = {x: s[x] for x in keys}
+    for name, chosen in (text or {}).items():
+        result[name] = {str(k): hsd.generate(model, prompt, new_tokens, draft=chosen, k=k)[1] for k in KS}
+        result[name]["found"] = hsd.generate(model, prompt, new_tokens, draft=chosen)[1]
+        result[name] = {key: {x: s[x] for x in keys} for key, s in result[name].items()}
     return result
 
 
-def estimate_seconds(t, inputs, skips, new_tokens, accepted_per_round):
+def estimate_seconds(t, inputs, skips, new_tokens, accepted_per_round, text=0):
     """How long each phase takes, from the step times t (step_times) at a context of t["context"] tokens: a pass over
     some tokens costs as many prefill tokens' time (and as many rows of logits where they are needed), a round of k
     drafts k draft steps and a verify pass, a generation new_tokens / (1 + a) rounds. accepted_per_round(draft, k) ->
-    a."""
+    a. text: how many drafts from the text run beside, each of whose runs is counted as long as plain decoding's (at
+    most, where nothing is accepted and the lookup costs nothing)."""
     per_token = t["prefill"] / t["context"]
     all_passes = 1 + sum(t[draft] / t["full"] for draft in skips)   # a pass of the full model, and one of every draft
     k = max(KS)
@@ -277,9 +300,10 @@ def estimate_seconds(t, inputs, skips, new_tokens, accepted_per_round):
                 for prompt in inputs["alpha"])
     passes = sum(len(ids) * (per_token * all_passes + t["logits"] * (1 + len(skips)))
                  for ids in inputs["divergence"] + inputs["perplexity"])
+    alpha += sum(2 * text * (per_token * len(prompt) + t[k]) for prompt in inputs["alpha"])
     speed = 0.0
     for prompt in inputs["speed"]:
-        speed += per_token * len(prompt) + new_tokens * t["full"]
+        speed += (1 + text * (len(KS) + 1)) * (per_token * len(prompt) + new_tokens * t["full"])
         for draft in skips:
             for k in KS:
                 speed += (per_token * len(prompt)
@@ -294,7 +318,7 @@ def duration(seconds):
     return f"{seconds / 60:.0f} min" if seconds > 90 else f"{seconds:.0f} s"
 
 
-def measure(model, model_name, inputs, skips, records, new_tokens, temperature, seed, files=None):
+def measure(model, model_name, inputs, skips, records, new_tokens, temperature, seed, files=None, text=None):
     """Every phase's records, measuring only what is not saved yet; first the step times, and from them the estimate."""
     config, device = model.config, model.lm_head.weight.device
     L0 = max(1, sum(map(len, inputs["alpha"])) // len(inputs["alpha"]))
@@ -309,7 +333,8 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
 
     def accepted_per_round(draft, k):                     # the paper's greedy alpha where it has one, else 0
         return k * paper.get(draft, {}).get("greedy", {}).get(k, (0.0,))[0]
-    phase_s = estimate_seconds({**times[L0], "context": L0}, unmeasured, skips, new_tokens, accepted_per_round)
+    phase_s = estimate_seconds({**times[L0], "context": L0}, unmeasured, skips, new_tokens, accepted_per_round,
+                               len(text or {}))
     print(f"hsd_eval: estimate {duration(sum(phase_s.values()))} on this machine ("
           + ", ".join(f"{phase} {duration(s)}" for phase, s in phase_s.items())
           + ("; the speed phase at the paper's acceptance, or at none accepted where the paper gives none" if paper
@@ -319,11 +344,11 @@ def measure(model, model_name, inputs, skips, records, new_tokens, temperature, 
 
     cost_model.warm_up(model, max(KS))
     phases = {
-        "alpha": lambda i, prompt: alpha_record(model, prompt, skips, temperature,
-                                                torch.Generator().manual_seed(seed * 1_000_003 + i)),    # per prompt
+        "alpha": lambda i, prompt: alpha_record(model, prompt, skips, temperature,     # a generator per prompt
+                                                torch.Generator().manual_seed(seed * 1_000_003 + i), text),
         "divergence": lambda i, ids: divergence(model, torch.tensor([ids], device=device), skips),
         "perplexity": lambda i, ids: perplexity_record(model, torch.tensor([ids], device=device), skips),
-        "speed": lambda i, prompt: speed_record(model, prompt, skips, new_tokens, files)}
+        "speed": lambda i, prompt: speed_record(model, prompt, skips, new_tokens, files, text)}
     with torch.inference_mode():
         for phase, run_one in phases.items():
             items = inputs[phase]
@@ -353,9 +378,41 @@ def acceptance(alphas, draft):
     return rows
 
 
-def summarize(model, inputs, skips, records, contexts, times, temperature, files=None):
+def text_draft_summary(chosen, name, alphas, speed, c, v, r, plain_rate):
+    """A draft from the text's numbers (summarize's "text_drafts"): per k the single round's acceptance (greedy and
+    sampled, with 95% intervals; a round that proposed nothing counts as none accepted) and the share of prompts on
+    which the text proposed anything; the multi-round runs' acceptance and measured speedup; the cost model's
+    prediction where c says what a draft costs (the lookup: 0, no model call drafts; a cascade: None). No divergence
+    nor perplexity: the text has no distribution."""
+    entry = {"c": c, "k": {}}
+    for k in KS:              # a round of k drafts is a prefix of a round of max(KS), judged the same way
+        row = entry["k"][k] = {}
+        for variant, drafted in (("shared", "drafted"), ("sampled_shared", "sampled_drafted")):
+            shares = [min(record[name][variant], k) / k for record in alphas]
+            row[f"alpha_{variant}"] = sum(shares) / len(shares)
+            row[f"ci_{variant}"] = cost_model.bootstrap_ci(shares)
+            row[f"proposed_{variant}"] = sum(record[name][drafted] > 0 for record in alphas) / len(alphas)
+        row.update(multi_round([record[name][str(k)] for record in speed], plain_rate))
+        a = row["accepted_per_round"]
+        row["v"] = v[k]
+        row["predicted_speedup"] = (cost_model.predicted_speedup(1 + a, [k], c, {k: v[k]}, r)
+                                    if a is not None and c is not None else None)
+    entry["found"] = {"k": chosen.k, **multi_round([record[name]["found"] for record in speed], plain_rate)}
+    return entry
+
+
+def multi_round(runs, plain_rate):
+    """Acceptance over whole generations (runs: speed_record's of one draft and k), and the measured speedup."""
+    total = {x: sum(r[x] for r in runs) for x in ("accepted", "drafted", "rounds", "decode_s", "new_tokens")}
+    return {"alpha_multi": total["accepted"] / total["drafted"] if total["drafted"] else None,
+            "accepted_per_round": total["accepted"] / total["rounds"] if total["rounds"] else None,
+            "measured_speedup": total["new_tokens"] / total["decode_s"] / plain_rate if runs else None}
+
+
+def summarize(model, inputs, skips, records, contexts, times, temperature, files=None, text=None):
     """The measurements' result (RESULTS.md): per draft, divergence and perplexity, and per k the acceptance
-    of the single-round protocol, the multi-round runs, the cost model. The keys of earlier versions are all kept."""
+    of the single-round protocol, the multi-round runs, the cost model; per draft from the text (text: {name:
+    drafts.Draft}) text_draft_summary. The keys of earlier versions are all kept."""
     config = model.config
     alphas = [records.saved["alpha", i] for i in range(len(inputs["alpha"]))]
     texts = [records.saved["divergence", i] for i in range(len(inputs["divergence"]))]
@@ -400,6 +457,10 @@ def summarize(model, inputs, skips, records, contexts, times, temperature, files
                           "alpha_multi": total["accepted"] / total["drafted"] if total["drafted"] else None,
                           "accepted_per_round": total["accepted"] / total["rounds"] if total["rounds"] else None,
                           "measured_speedup": total["new_tokens"] / total["decode_s"] / plain_rate if runs else None}
+    v = {k: times[contexts[0]][k] / times[contexts[0]]["full"] for k in KS}
+    r = times[contexts[0]]["round"] / times[contexts[0]]["full"]
+    result["text_drafts"] = {name: text_draft_summary(chosen, name, alphas, speed, 0.0 if chosen.skip is None else None,
+                                                      v, r, plain_rate) for name, chosen in (text or {}).items()}
     return result
 
 
@@ -420,8 +481,10 @@ def run(args, model, tokenizer):
         raise models.UsageError("the multi-round runs need --max-new-tokens >= 1 (or --speed-prompts 0 to leave them out)")
     if len(inputs["perplexity"][0]) < 2:
         raise models.UsageError("the text is too short for perplexity: give a text of at least a few lines")
-    skips, files = drafts.paper_skips(model.config), {}
-    for path in args.draft or []:                             # draft files, measured beside the paper's drafts
+    skips, files, text = drafts.paper_skips(model.config), {}, {}
+    for name in (entry for entry in args.draft or [] if drafts.split_lookup(entry)[0]):    # lookup, lookup+DRAFT
+        text[name] = hsd.choose_draft(model, name)
+    for path in (entry for entry in args.draft or [] if not drafts.split_lookup(entry)[0]):   # files beside those
         files[path], warned = drafts.read_draft_file(path, model)
         for line in warned:
             print(f"hsd_eval: warning: {line}", file=sys.stderr)
@@ -432,6 +495,8 @@ def run(args, model, tokenizer):
               "temperature": temperature, "seed": seed, "costs": "c, v and r (a round's own work)"}
     if files:                                                 # a resumed run must measure the same files
         header["draft_files"] = {path: file_sha256(path) for path in files}
+    if text:                                                  # and the same drafts from the text
+        header["text_drafts"] = list(text)
     for path, flag in ((args.plot, "--plot"), (args.out, "--out")):
         if path:
             cost_model.check_writable(path, flag)
@@ -442,8 +507,8 @@ def run(args, model, tokenizer):
         print(f"hsd_eval: warning: {busy}", file=sys.stderr)
     try:
         contexts, times = measure(model, args.model, inputs, skips, records, args.max_new_tokens, temperature, seed,
-                                  files)
-        result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature, files),
+                                  files, text)
+        result = {**vars(args), **summarize(model, inputs, skips, records, contexts, times, temperature, files, text),
                   "seed": seed, "paper": cost_model.PAPER.get(paper_model(args.model), {}),
                   "paper_model": paper_model(args.model), "machine": machine, "warnings": [busy] if busy else []}
     except KeyboardInterrupt:
@@ -516,8 +581,26 @@ def eval_table(name, r):
         yield (f"note: the multi-round runs make {r['max_new_tokens']} new tokens each, so they drafted little or "
                "nothing (the last token of a run is never drafted): their acceptance and measured speedups say "
                f"little; give --max-new-tokens {SHORT_RUNS} or more (default: 64)")
+    for draft, entry in r.get("text_drafts", {}).items():
+        yield from text_draft_lines(draft, entry, T)
     for label, path in files.items():
         yield f"{label}: {path}"
+
+
+def text_draft_lines(name, entry, T):
+    """A draft from the text in the table: per k the single round (greedy and at T; the share of prompts on which the
+    text proposed anything), the multi-round runs and the cost model; then its own k."""
+    yield (f"{name} (a draft from the text: no divergence, no perplexity){'':4} k   greedy [95% CI]  proposed   "
+           f"T={T:<4} [95% CI]  proposed   multi  acc/rnd  predicted  measured")
+    for k, row in entry["k"].items():
+        yield (f"{name:>{len(name) + 51}} {k:>2} {interval(row, 'shared'):>24} {row['proposed_shared']:8.0%} "
+               f"{interval(row, 'sampled_shared'):>24} {row['proposed_sampled_shared']:8.0%} "
+               f"{number(row['alpha_multi'], '.3f', 7)} {number(row['accepted_per_round'], '.2f', 8)} "
+               f"{number(row['predicted_speedup'], '.2f', 10, 'x')} {number(row['measured_speedup'], '.2f', 9, 'x')}")
+    f = entry["found"]
+    yield (f"{name} at its own k={f['k']}: multi {number(f['alpha_multi'], '.3f', 0)}, "
+           f"{number(f['accepted_per_round'], '.2f', 0)} per round, measured "
+           f"{number(f['measured_speedup'], '.2f', 0)}x")
 
 
 SERIES = [  # (label, where the value comes from, colour, filled)
@@ -715,8 +798,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, help=f"seed of the sampling (default: {SEED})")
     p.add_argument("--out", help="save results to this file as they come; the same command resumes from it")
     p.add_argument("--plot", help="draw acceptance by k to this SVG file")
-    p.add_argument("--draft", action="append", metavar="FILE", help="a draft file (hsd_search.py) to measure beside "
-                                                                   "the paper's drafts; may be given more than once")
+    p.add_argument("--draft", action="append", metavar="DRAFT", help="a draft file (hsd_search.py), or a draft from "
+                   "the text (lookup, lookup+component, ...), to measure beside the paper's drafts; may be given more "
+                   "than once")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice; timings on a busy machine "

@@ -27,6 +27,26 @@ from exercises import EXERCISES, exercise_by_name
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 Mistake = namedtuple("Mistake", "what function old new message only", defaults=[None])
+DRAFT_LOOP = """while len(drafts) < k and eos not in drafts:
+    logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]
+    if temperature > 0:
+        q.append(probabilities(logits, temperature))
+        token = int(torch.multinomial(q[-1], 1, generator=generator))
+    else:
+        token = int(logits.argmax())
+    drafts.append(token)
+    if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:
+        break
+drafts = drafts[:drafts.index(eos) + 1] if eos in drafts else drafts"""      # hsd.draft's loop and its end-of-text cut
+LOOKUP_LOOP = """for size in range(min(n, len(tokens) // 2), 0, -1):
+    suffix = tokens[-size:]
+    if index is not None:
+        end = index.get(tuple(suffix))
+    else:
+        end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)
+                    if tokens[start:start + size] == suffix), None)
+    if end is not None:
+        return tokens[end:end + k]"""                     # hsd.lookup's loop: a mistake in its header replaces it all
 # A typical wrong solution: in `function`, the statements `old` (code of the reference, in any formatting: they are
 # matched as syntax trees) become `new`; `message` is what the failure the student reads first must say. only: the
 # grading test cases it is graded on, where it fails in one case alone (default: all of the exercise's).
@@ -168,9 +188,10 @@ MISTAKES = {
                 "the bonus token is a tensor of shape (1,), not an int")],
     "draft-and-verify": [
         Mistake("verify leaves out the pending token", "hsd.verify",
-                "logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, "
+                "logits, recorded = model(torch.tensor([[pending, *drafts]], device=cache.device), cache, skip=skip, "
                 "record_states=True)",
-                "logits, recorded = model(torch.tensor([[*drafts]], device=cache.device), cache, record_states=True)",
+                "logits, recorded = model(torch.tensor([[*drafts]], device=cache.device), cache, skip=skip, "
+                "record_states=True)",
                 "verify must return k + 1 = 4 rows"),
         Mistake("the draft feeds the full model", "hsd.draft",
                 "logits = model(torch.tensor([[token]], device=cache.device), cache, skip=skip)[0, -1]",
@@ -178,16 +199,16 @@ MISTAKES = {
                 "are not the draft model's greedy tokens"),
         Mistake("the drafts are tensors", "hsd.draft", "token = int(logits.argmax())", "token = logits.argmax()",
                 "draft 1 is a tensor of shape (), not an int"),
-        Mistake("the drafts are a tuple", "hsd.draft", "return drafts, torch.stack(q) if q else None",
-                "return tuple(drafts), torch.stack(q) if q else None", "draft returned drafts as a tuple, not a list"),
-        Mistake("drafting goes on past the end of text", "hsd.draft",
-                "if token == eos or (stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] "
-                "< stop):\n    break",
-                "if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:\n"
-                "    break", "drafting ends after the end-of-text token"),
+        Mistake("the drafts are a tuple", "hsd.draft", "return drafts, torch.stack(q[:len(drafts)]) if q else None",
+                "return tuple(drafts), torch.stack(q[:len(drafts)]) if q else None",
+                "draft returned drafts as a tuple, not a list"),
+        Mistake("drafting goes on past the end of text", "hsd.draft", DRAFT_LOOP,
+                DRAFT_LOOP.replace(" and eos not in drafts", "").replace(
+                    "drafts = drafts[:drafts.index(eos) + 1] if eos in drafts else drafts", ""),
+                "drafting ends after the end-of-text token"),
         Mistake("the stop is ignored", "hsd.draft",
-                "if token == eos or (stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] "
-                "< stop):\n    break", "if token == eos:\n    break", "drafting ends after the first draft whose"),
+                "if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:\n"
+                "    break", "", "drafting ends after the first draft whose"),
         Mistake("sampled drafts drawn from torch's own random stream", "hsd.draft",
                 "token = int(torch.multinomial(q[-1], 1, generator=generator))", "token = int(torch.multinomial(q[-1], 1))",
                 "each draft is the generator's draw"),
@@ -202,26 +223,67 @@ MISTAKES = {
                 "commit(cache, snap.length, accepted + 1, recorded)", "commit(cache, snap.length, accepted, recorded)",
                 "more tokens, not"),
         Mistake("the stop is not passed on", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, eos=eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, eos=eos, proposed=proposed)",
                 "the round ignored its stop"),
         Mistake("the end of text is not passed on", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, proposed=proposed)",
                 "the round ignored its eos"),
         Mistake("the drafts are greedy at any temperature", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
-                "drafts, q = draft(model, cache, pending, skip, k, stop=stop, eos=eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)",
+                "drafts, q = draft(model, cache, pending, skip, k, stop=stop, eos=eos, proposed=proposed)",
                 "the round failed in accept_sampled (TypeError"),
         Mistake("the drafts drawn from torch's own random stream", "hsd.speculative_round",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos)",
-                "drafts, q = draft(model, cache, pending, skip, k, temperature, stop=stop, eos=eos)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)",
+                "drafts, q = draft(model, cache, pending, skip, k, temperature, stop=stop, eos=eos, proposed=proposed)",
                 "round's drafts are not those draft gives"),
         Mistake("the verdict is greedy at any temperature", "hsd.speculative_round",
                 "accepted, next_token = judge(drafts, q, logits, temperature, generator)",
                 "accepted, next_token = judge(drafts, q, logits)", "round's verdict (accepted, next token) is"),
         Mistake("the values returned in another order", "hsd.speculative_round", "return drafts, accepted, next_token",
                 "return accepted, drafts, next_token", "a round returns its drafts first")],
+    "lookup": [
+        Mistake("the suffix itself is taken for an earlier occurrence", "hsd.lookup",
+                "end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "end = next((start + size for start in range(len(tokens) - size, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "the occurrence it found was the suffix itself"),
+        Mistake("an occurrence overlapping the suffix is taken", "hsd.lookup",
+                "end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "end = next((start + size for start in range(len(tokens) - size - 1, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "it took an occurrence overlapping the suffix itself"),
+        Mistake("the shortest suffix is tried first", "hsd.lookup",
+                LOOKUP_LOOP, LOOKUP_LOOP.replace("range(min(n, len(tokens) // 2), 0, -1)",
+                                                 "range(1, min(n, len(tokens) // 2) + 1)"),
+                "what followed a shorter suffix"),
+        Mistake("the earliest occurrence is taken", "hsd.lookup",
+                "end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "end = next((start + size for start in range(len(tokens) - 2 * size + 1)\n"
+                "            if tokens[start:start + size] == suffix), None)",
+                "propose what followed the latest occurrence"),
+        Mistake("k tokens proposed even where fewer follow", "hsd.lookup", "return tokens[end:end + k]",
+                "return [tokens[end + i] for i in range(k)]", "lookup asked for a token past the end"),
+        Mistake("one token more than k", "hsd.lookup", "return tokens[end:end + k]",
+                "return tokens[end:end + k + 1]", "not the 2 tokens that followed the earlier [1, 2, 3]")],
+    "text-round": [
+        Mistake("the text judged greedily at any temperature", "hsd.text_round",
+                "accepted, next_token = judge(proposed, q, logits, temperature, generator)",
+                "accepted, next_token = judge(proposed, q, logits)", "the proposed token was accepted"),
+        Mistake("q uniform, not one-hot", "hsd.text_round",
+                "q = torch.nn.functional.one_hot(torch.tensor(proposed), model.config.vocab_size).double() if "
+                "temperature else None",
+                "q = torch.full((len(proposed), model.config.vocab_size), 1 / model.config.vocab_size, "
+                "dtype=torch.float64) if temperature else None", "the proposed token was accepted"),
+        Mistake("the skip is not passed to verify", "hsd.text_round",
+                "logits, recorded = verify(model, cache, pending, proposed, skip)",
+                "logits, recorded = verify(model, cache, pending, proposed)", "with a skip (a cascade's inner check)"),
+        Mistake("commit leaves out the pending token", "hsd.text_round", "commit(cache, start, accepted + 1, recorded)",
+                "commit(cache, start, accepted, recorded)", "not the pending token and the accepted ones")],
     "draft-strategies": [
         Mistake("layerskip starts one layer late", "drafts.draft_skip",
                 "start, skipped = n // 2 - int(0.33 * n) // 2, int(0.33 * n)",
@@ -282,7 +344,12 @@ ALTERNATIVES = {
                               "        return n, int(torch.multinomial(residual, 1, generator=generator))\n"
                               "    n += 1\nreturn n, int(torch.multinomial(p[n], 1, generator=generator))"},
     "draft-and-verify": {
-        "hsd.draft": "drafts, rows = [], []\nwhile len(drafts) < k:\n    last = drafts[-1] if drafts else pending\n"
+        "hsd.draft": "drafts, rows = [], []\nif proposed:\n"
+                     "    kept, last, judged = text_round(model, cache, pending, proposed, skip, temperature, "
+                     "generator)\n    drafts = (list(proposed[:kept]) + [last])[:k]\n"
+                     "    rows = [probabilities(judged[i], temperature) for i in range(len(drafts))] if temperature "
+                     "else []\n"
+                     "while len(drafts) < k and eos not in drafts:\n    last = drafts[-1] if drafts else pending\n"
                      "    logits = model(torch.tensor([[last]], device=cache.device), cache, skip=skip)\n"
                      "    row = logits[0, -1]\n    if temperature == 0:\n        drafts.append(row.argmax().item())\n"
                      "        sure = torch.softmax(row.float(), dim=-1)[drafts[-1]]\n    else:\n"
@@ -290,13 +357,15 @@ ALTERNATIVES = {
                      "        drafts.append(torch.multinomial(rows[-1], 1, generator=generator).item())\n"
                      "        sure = rows[-1][drafts[-1]]\n    if drafts[-1] == eos:\n        break\n"
                      "    if stop is not None and sure < stop:\n        break\n"
-                     "return drafts, (torch.stack(rows) if rows else None)",
+                     "if eos in drafts:\n    drafts = drafts[:drafts.index(eos) + 1]\n"
+                     "return drafts, (torch.stack(rows[:len(drafts)]) if rows else None)",
         "hsd.verify": "ids = torch.tensor([[pending] + list(drafts)], device=cache.device)\n"
-                      "logits, recorded = model(ids, cache, record_states=True)\nreturn logits[0], recorded"},
+                      "logits, recorded = model(ids, cache, skip=skip, record_states=True)\n"
+                      "return logits[0], recorded"},
     "speculative-round": {
         "hsd.speculative_round": "snap = snapshot(cache)\n"
                                  "drafts, q = draft(model, cache, pending, skip, k, temperature=temperature, "
-                                 "generator=generator, stop=stop, eos=eos)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
+                                 "generator=generator, stop=stop, eos=eos, proposed=proposed)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
                                  "pending, drafts)\naccepted, token = judge(drafts, q, logits, temperature, generator)\n"
                                  "commit(cache, start=snap.length, kept=accepted + 1, recorded=states)\n"
                                  "return drafts, accepted, token"},
@@ -308,7 +377,7 @@ SPOKEN = {
     "commit": ["states[n-1]", "states[kept-1]", "states[accepted]", "recorded[0].states[2]", "n:n+K-1", "t+1:t+K",
                "tokenn-1", "start+n", "start+kept"],
     "accept": ["choices[n]", "choices[accepted]", "logits[n]", "argmax(rowj)", "rown'schoice"],
-    "speculative-round": ["accepted+1", "commit(n+1)"],
+    "speculative-round": ["commit(n+1)"],    # not accepted+1: hsd.text_round, steps 4-6 of a round, commits so too
 }
 
 

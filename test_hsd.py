@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import traceback
+import types
 
 import pytest
 import torch
@@ -1516,3 +1517,125 @@ def test_statistics_count_the_texts_drafts_apart():
     s = hsd.statistics(hsd.Draft("lookup+component", SKIP_NOTHING, 3, None, None, 3), steps)
     assert (s["proposed"], s["from_text"], s["from_text_accepted"], s["drafted"], s["accepted"]) == (7, 4, 2, 6, 3)
     assert hsd.statistics(hsd.Draft("component", SKIP_NOTHING, 3, None), steps)["proposed"] is None
+
+
+# --- The lookup: drafts from the text itself (an exercise) -------------------------------------------------------
+def proposal(tokens, n, k, index):
+    """hsd.lookup's proposal, by a scan or (index) with an index brought up to the tokens by hsd.index_ngrams; a
+    lookup that fails is said in a student's words, not as a traceback."""
+    if index:
+        index = {}
+        hsd.index_ngrams(index, tokens, n)
+    try:
+        got, past = hsd.lookup(list(tokens), n, k, index or None), None
+    except IndexError as e:                           # said after the except block: the message alone, no chain
+        past = e
+    teach(past is None, f"lookup asked for a token past the end of the committed tokens (IndexError: {past}): fewer "
+                        "than k tokens may follow the occurrence, and the proposal then ends where the committed "
+                        "tokens end")
+    teach(isinstance(got, list), f"lookup returned {kind_of(got)}, not a list: a round's drafts are a list of ints")
+    for token in got:
+        teach_int(token, "a proposed token")
+    return got
+
+
+@pytest.mark.parametrize("index", [False, True], ids=["scan", "index"])
+def test_lookup_proposes_what_followed_the_longest_earlier_suffix(index):
+    """Prompt lookup (hsd.lookup): among the committed tokens, the latest earlier occurrence of the longest suffix of
+    n, n-1, ..., 1 tokens, wholly before the suffix itself, and up to k of the tokens that followed it, never past
+    the end; nothing found: no proposal. The same with the index that generation keeps (hsd.index_ngrams)."""
+    got = proposal([1, 2, 3, 9, 8, 1, 2, 3], 3, 2, index)
+    teach(got != [], "lookup proposed nothing although the last 3 tokens [1, 2, 3] occurred before: the occurrence "
+                     "it found was the suffix itself, after which nothing follows; look for one wholly before it")
+    teach(got == [9, 8], f"after [1, 2, 3, 9, 8, 1, 2, 3] with n = 3 and k = 2 lookup proposed {got}, not the 2 tokens "
+                         "that followed the earlier [1, 2, 3]")
+    got = proposal([4, 3, 8, 8, 1, 2, 3, 7, 7, 5, 3, 6, 6, 1, 2, 3], 3, 2, index)
+    teach(got == [7, 7], f"the suffix [1, 2, 3] occurred before, followed by 7, 7, but lookup proposed {got}, what "
+                         "followed a shorter suffix: try the largest n first, then n-1, ..., 1; the longest match wins")
+    got = proposal([1, 1, 7, 1, 1, 1], 2, 8, index)
+    teach(got == [7, 1, 1, 1], f"after [1, 1, 7, 1, 1, 1] with n = 2 lookup proposed {got}, not [7, 1, 1, 1]: it "
+                               "took an occurrence overlapping the suffix itself; an earlier occurrence ends before "
+                               "the suffix begins")
+    got = proposal([1, 2, 5, 1, 2, 6, 1, 2], 2, 1, index)
+    teach(got == [6], f"[1, 2] occurred twice before, followed by 5 and by 6, and lookup proposed {got}: propose what "
+                      "followed the latest occurrence, [6]")
+    got = proposal([1, 2, 3, 9, 1, 2, 3], 3, 8, index)
+    teach(got == [9, 1, 2, 3], f"after [1, 2, 3, 9, 1, 2, 3] with k = 8 lookup proposed {got}: only 4 tokens follow "
+                               "the earlier [1, 2, 3], so the proposal is those 4, ending where the committed tokens "
+                               "end, never past the end and never more than k")
+    got = proposal([1, 2, 3, 9, 1, 2, 3], 3, 3, index)
+    teach(got == [9, 1, 2], f"after [1, 2, 3, 9, 1, 2, 3] with k = 3 lookup proposed {got}: at most k tokens")
+    teach(proposal(list(range(1, 13)), 3, 8, index) == [], "tokens that repeat nothing: lookup must propose nothing")
+    teach(proposal([5], 3, 8, index) == [], "a single committed token: nothing occurs before it, nothing to propose")
+    got = proposal([4, 4], 3, 8, index)
+    teach(got == [4], f"after [4, 4] with n = 3 lookup proposed {got}, not [4]: with fewer tokens than n, the longest "
+                      "suffix that can occur earlier is shorter")
+
+
+class Judged:
+    """A stand-in for the model in a text round: every call returns the given logits (d+1, V) as one batch row,
+    advances the cache by the tokens fed and records how it was called; no layer has a state (recorded: [])."""
+
+    def __init__(self, logits):
+        self.logits, self.calls = logits, []
+        self.config = types.SimpleNamespace(vocab_size=logits.shape[-1])
+
+    def __call__(self, ids, cache, skip=None, record_states=False):
+        self.calls.append({"ids": ids.tolist(), "skip": skip, "record_states": record_states})
+        cache.length += ids.shape[1]
+        return self.logits[None], []
+
+
+def text_rounds(logits, proposed, temperature, n, seed, skip=None):
+    """hsd.text_round n times over the same judging rows (Judged), each from a cache of 12 committed tokens: the
+    verdicts (accepted, next token) and the Judged model of the last one."""
+    generator, verdicts = torch.Generator().manual_seed(seed), []
+    for _ in range(n):
+        model, cache = Judged(logits), types.SimpleNamespace(length=12, layers=[], device=torch.device("cpu"))
+        got = hsd.text_round(model, cache, 7, list(proposed), skip, temperature, generator)
+        teach(isinstance(got, tuple) and len(got) == 3, f"text_round returned {kind_of(got)}: it returns three values, "
+                                                        "(accepted, next_token, logits)")
+        teach_int(got[0], "the number of accepted proposed tokens")
+        teach_int(got[1], "the next token")
+        teach(cache.length == 12 + got[0] + 1, f"after a text round that accepted {got[0]} of {len(proposed)} "
+                                               f"proposed tokens the cache holds {cache.length - 12} new tokens, not "
+                                               "the pending token and the accepted ones")
+        verdicts.append(got[:2])
+    return verdicts, model
+
+
+def test_a_text_round_judges_the_text_as_a_one_hot_draft():
+    """A round whose draft is the text (hsd.text_round): one verify pass over the pending token and the proposed
+    tokens, by the full model or, given a skip (a cascade's inner check), by the draft model; greedy, accept's
+    verdict; at a temperature the exact rule of a deterministic draft: q is one-hot, so the proposed d is accepted
+    with probability p(d), a rejection is replaced by a draw from p with d removed, and after an accepted d the bonus
+    comes from p after it: the tokens are distributed as plain sampling's. The judging rows are made up (a model's
+    would do as well), the proposed token's p exactly 1/2 at the temperature: accepted and rejected alike often."""
+    T, V, d = TEMPERATURE, 97, 5
+    L1, L2 = torch.randn(2, V, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    others = torch.cat([L1[:d], L1[d + 1:]])
+    L1[d] = T * torch.logsumexp(others / T, dim=0)                                 # p(d) = 1/2 at T
+    logits = torch.stack([L1, L2])                                                     # (2, V): judges d, then bonus
+    (verdict,), judged = text_rounds(logits, [d], 0.0, 1, 0)
+    call = judged.calls[0]
+    teach(call["ids"] == [[7, d]] and call["record_states"], "a text round feeds the pending token and the proposed "
+                                                             "tokens in one pass that records the states (verify)")
+    teach(verdict == hsd.accept([d], logits), "greedy, a text round's verdict is accept's")
+    skip = models.Skip(attention=frozenset({0}))
+    teach(text_rounds(logits, [d], 0.0, 1, 0, skip)[1].calls[0]["skip"] == skip, "with a skip (a cascade's inner "
+          "check) the draft model judges the proposed tokens: its verify pass runs with that skip")
+    n = 20_000
+    verdicts, _ = text_rounds(logits, [d], T, n, seed=0)
+    p1, p2 = hsd.probabilities(L1, T), hsd.probabilities(L2, T)
+    accepted = sum(a for a, _ in verdicts)
+    z = (accepted - n * p1[d].item()) / math.sqrt(n * p1[d].item() * (1 - p1[d].item()))
+    teach(abs(z) < statistics.NormalDist().inv_cdf(1 - FALSE_ALARM / 2),
+          f"the proposed token was accepted {accepted / n:.4f} of the time, but the full model gives it p(d) = "
+          f"{p1[d].item():.4f}: the text's draft is deterministic, its q one-hot (q(d) = 1), so d is accepted with "
+          "probability min(1, p(d) / q(d)) = p(d), p at the round's temperature")
+    ok, why = distributed_as([d if a else t for a, t in verdicts], p1)
+    teach(ok, f"the first token is not distributed as plain sampling's ({why}): after a rejection the next token is "
+              "drawn from max(0, p - q), p with the proposed token removed")
+    ok, why = distributed_as([t for a, t in verdicts if a], p2)
+    teach(ok, f"after an accepted proposal the bonus token is not distributed as plain sampling's ({why}): it is drawn "
+              "from the full model's p after it")

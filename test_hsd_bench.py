@@ -292,3 +292,123 @@ def test_a_files_gain_is_split_into_its_units_and_its_k_and_stop():
     assert same["units"]["ratio"] == pytest.approx(1.0) and "brings nothing measurable" in next(hsd_bench.gain_lines(
         {"gain_split": {0.0: {"f.json": same}}, "splits": {"f.json": split}}))
     assert hsd_bench.gain_split(all_runs, {**split, "tuned": None}, (1, 2))["k_and_stop"] is None
+
+
+def test_grounded_prompts_repeat_the_beginning_of_their_passage_after_a_newline():
+    """--prompts grounded: per test paragraph, the passage, a newline, then its first 30-40 characters, ending at a
+    word's end where a word ends there (else 40): a model that copies continues the passage; the same paragraphs as
+    the plain prompts."""
+    tokenizer = models.load_tokenizer("toy-falcon-h1")
+    grounded = hsd_bench.grounded_prompts("toy-falcon-h1", tokenizer, 64)
+    assert list(grounded) == list(hsd_bench.test_prompts("toy-falcon-h1", tokenizer, 64))
+    for ids in grounded.values():
+        passage, beginning = tokenizer.decode(ids).split("\n")
+        assert 30 <= len(beginning) <= 40 and passage.startswith(beginning)
+        assert passage[len(beginning)] == " " or (len(beginning) == 40 and " " not in passage[30:41])
+        assert len(passage) > len(beginning) + 64                                       # room to copy 64 tokens
+    assert len(ids) + 64 <= models.load("toy-falcon-h1").config.max_position_embeddings
+
+
+def test_the_sweep_gives_the_lookup_its_break_even_acceptance_beside_the_papers():
+    """The lookup's rows: c the proposal's cost over the k drafts it proposes, v the full model's verify pass, the
+    break-even acceptance by cost_model's formula; no paper acceptance for it."""
+    v = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8]
+    sweep = {256: costs({"component": 0.8}, v)}
+    rows = hsd_bench.sweep_rows("falcon-h1-0.5b", sweep, {256: {2: 0.002, 4: 0.004, 8: 0.008}})
+    lookup = [r for r in rows if r["draft"] == "lookup"]
+    assert [r["k"] for r in lookup] == [2, 4, 8] and all(math.isclose(r["c"], 0.001) for r in lookup)
+    row = lookup[1]
+    assert row["v"] == 1.4 and row["paper_alpha"] is None
+    assert row["break_even_acceptance"] == cost_model.break_even_acceptance(0.001, 1.4, 4)
+    assert [r["draft"] for r in rows].count("component") == 3                  # the paper's rows as before
+    lines = list(hsd_bench.sweep_lines("falcon-h1-0.5b", sweep, rows, {
+        "device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default", "load_average": 0.5,
+        "torch": "2", "commit": None}))
+    assert any(line.startswith("lookup: c is its time a round") for line in lines)
+
+
+def test_the_lookup_comparison_counts_greedy_prompts_and_sets_hsd_against_transformers():
+    """Made-up runs: transformers' lookup parts from greedy decoding on one of two prompts, at new token 2; hsd's
+    lookup twice as fast as transformers'."""
+    def run(tokens, seconds):
+        return {"new_tokens": len(tokens), "decode_s": seconds, "tokens": tokens}
+    greedy = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    runs = {"transformers plain": [[run(g, 2.0)] for g in greedy],
+            "transformers lookup": [[run([1, 2, 3, 4], 1.0)], [run([5, 6, 9, 9], 1.0)]],
+            "hsd plain": [[run(g, 1.0)] for g in greedy], "hsd lookup": [[run(g, 0.5)] for g in greedy]}
+    summary = hsd_bench.lookup_comparison({"runs": runs})
+    assert summary["labels"]["transformers lookup"]["greedy_prompts"] == 1
+    assert summary["labels"]["transformers lookup"]["first_parting_token"] == 2
+    assert summary["labels"]["hsd lookup"] == {"tokens_per_s": 8.0, "greedy_prompts": 2, "first_parting_token": None}
+    assert math.isclose(summary["ratios"]["hsd lookup / transformers lookup"]["ratio"], 2.0)
+    r = {"runs": runs, "prompts": [3, 7], "prompt_kind": "grounded", "draft": "lookup", "hf_tokens": 10,
+         "refused": None, "machine": {"device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default",
+                                      "load_average": 0.5, "torch": "2", "commit": None}}
+    lines = list(hsd_bench.lookup_lines("toy-qwen2.5", r, summary, 4))
+    assert "2 input-grounded test prompts" in lines[0]
+    assert any("plain greedy decoding's tokens on 1 of 2 prompts (first parts at new token 2)" in x for x in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["toy-qwen2.5", "--units", "--prompts", "grounded"], "--prompts goes with --drafts or --transformers-lookup"),
+    (["falcon-h1-0.5b", "--transformers-lookup"], "--transformers-lookup runs on a trained toy"),
+    (["toy-qwen2.5", "--drafts", "--prompts", "copy"], "argument --prompts: invalid choice"),
+], ids=["prompts-alone", "lookup-official", "prompts-unknown"])
+def test_the_lookups_options_are_refused_in_one_line_before_measuring(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(hsd_bench, "transformers_lookup", lambda *a, **k: pytest.fail("measured before refusing"))
+    monkeypatch.setattr(hsd_bench, "drafts_side_by_side", lambda *a, **k: pytest.fail("measured before refusing"))
+    assert exit_status(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["toy-qwen2.5", "toy-falcon-h1"])
+def test_hsd_lookup_runs_beside_transformers_prompt_lookup(name, monkeypatch):
+    """--transformers-lookup on two grounded prompts, 6 tokens, one turn: on toy-qwen2.5 transformers' prompt lookup
+    runs and its tokens are greedy decoding's, as hsd's are; transformers 5.23 refuses it on the stateful hybrids,
+    and the refusal is the result, hsd's runs measured all the same."""
+    pytest.importorskip("transformers")
+    real = hsd_bench.grounded_prompts
+    monkeypatch.setattr(hsd_bench, "grounded_prompts", lambda *a: dict(list(real(*a).items())[:2]))
+    r = hsd_bench.transformers_lookup(name, "grounded", new_tokens=6, turns=1)
+    summary = hsd_bench.lookup_comparison(r)
+    assert summary["labels"]["hsd lookup"]["greedy_prompts"] == 2
+    assert summary["labels"]["transformers plain"]["greedy_prompts"] == 2            # the same model, both sides
+    if name == "toy-qwen2.5":
+        assert r["refused"] is None and summary["labels"]["transformers lookup"]["greedy_prompts"] == 2
+    else:
+        assert "not supported with stateful models" in r["refused"] and "transformers lookup" not in r["runs"]
+        assert "hsd lookup / transformers lookup" not in summary["ratios"]
+
+
+def test_drafts_from_the_text_are_rows_of_their_own_beside_the_papers(no_measuring, monkeypatch):
+    """--drafts lookup lookup+layerskip FILE: the named drafts at their own k and with k=auto, no skip of their own to
+    time; in the table the lookup's c is 0 (no model call drafts) and the cascade's none (one c does not describe its
+    check pass), so it has no cost-model column; both run at T=0.6 too."""
+    model = models.load("toy-qwen2.5")
+    rows, skip_label = hsd_bench.draft_rows(model, ["lookup", "lookup+layerskip", "toys/toy-qwen2.5/draft.json"], (2,))
+    named = ["lookup", "lookup, k=auto", "lookup+layerskip", "lookup+layerskip, k=auto"]
+    assert [label for label in rows if label.startswith("lookup")] == named
+    assert rows["lookup"] == hsd_bench.hsd.choose_draft(model, "lookup") and rows["lookup, k=auto"].k == "auto"
+    assert all(skip_label[label] is None for label in named) and "toys/toy-qwen2.5/draft.json" in rows
+    c = costs({"layerskip": 0.5}, [1.0] * 17)
+    assert hsd_bench.row_c("lookup", rows["lookup"], skip_label, c) == 0.0
+    assert hsd_bench.row_c("lookup+layerskip", rows["lookup+layerskip"], skip_label, c) is None
+    assert hsd_bench.row_c("layerskip, k=2", rows["layerskip, k=2"], skip_label, c) == 0.5
+    monkeypatch.setattr(hsd_bench.hsd, "generate", fake_generate([]))
+    monkeypatch.setattr(hsd_bench, "grounded_prompts", lambda *a: no_measuring)
+    r = hsd_bench.drafts_side_by_side("toy-qwen2.5", ["lookup", "lookup+layerskip"], new_tokens=4, turns=1, ks=(2,),
+                                      prompt_kind="grounded")
+    assert set(named) <= set(r["ran"][hsd_bench.PAPER_T]) and r["prompt_kind"] == "grounded"
+    lines = list(hsd_bench.side_by_side_lines("toy-qwen2.5", r, 4))
+    assert "3 input-grounded test prompts" in lines[0]
+    cascade = next(line for line in lines if line.startswith("lookup+layerskip  ") and " 0.0 " in line)
+    assert cascade.split()[-3:-1] == ["-", "-"]                               # c and the cost model: none
+    assert hsd_bench.side_by_side_json("toy-qwen2.5", r, 4)["prompts"] == "grounded"
+
+
+def test_the_lookups_cost_is_timed_as_generation_runs_it():
+    """--context-sweep's lookup cost at a context: per k, the index brought up to a round's tokens and the proposal,
+    over a plain step's time; positive, and on the tiny model far below a step."""
+    cost = hsd_bench.lookup_cost(models.load("tiny-falcon-h1"), 64, step_s=1.0, repeats=3)
+    assert list(cost) == list(hsd_bench.SWEEP_KS) and all(0 < x < 0.1 for x in cost.values())

@@ -652,3 +652,38 @@ def test_recall_runs_offline_and_its_table_and_json_agree(capsys, tmp_path):
         assert float(number) in leaves, number
     assert hsd_eval.main(["--model", "tiny-qwen3.5", "--prompts", "2", "--out", str(out)]) == 2    # not a recall run
     assert "recall True there, None now" in capsys.readouterr().err
+
+
+def test_eval_measures_drafts_from_the_text_beside_the_papers(capsys):
+    """--draft lookup and --draft lookup+component: per k the single round's acceptance (a round that proposed nothing
+    accepts none) and how often the text proposed anything, the multi-round runs, the lookup's prediction with c = 0
+    and none for the cascade (one c does not describe it); the paper's drafts as before; in the table by name."""
+    assert hsd_eval.main([*EVAL_ARGS, "--draft", "lookup", "--draft", "lookup+component", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    result = json.loads(lines[-1])
+    assert set(result["drafts"]) == {"component", "layerskip", "early-exit"} and not result["draft_files"]
+    lookup, cascade = result["text_drafts"]["lookup"], result["text_drafts"]["lookup+component"]
+    assert lookup["c"] == 0.0 and cascade["c"] is None
+    for entry in (lookup, cascade):
+        assert list(entry["k"]) == ["2", "4", "8"] and entry["found"]["measured_speedup"] > 0
+        for row in entry["k"].values():
+            assert 0 <= row["alpha_shared"] <= 1 and 0 <= row["alpha_sampled_shared"] <= 1
+            assert 0 <= row["proposed_shared"] <= 1
+            assert row["ci_shared"][0] <= row["alpha_shared"] <= row["ci_shared"][1]
+            assert row["measured_speedup"] > 0
+    assert all(row["predicted_speedup"] is None for row in cascade["k"].values())
+    assert any(row["predicted_speedup"] is not None for row in lookup["k"].values()) or all(
+        row["accepted_per_round"] is None for row in lookup["k"].values())        # no round: nothing to predict
+    assert any(line.startswith("lookup (a draft from the text") for line in lines)
+    assert any(line.startswith("lookup+component at its own k=") for line in lines)
+
+
+def test_a_draft_from_the_text_has_a_single_round_of_its_own():
+    """The single-round protocol for the lookup: the first step after the prompt; on a prompt whose last tokens
+    occurred before the lookup proposes what followed them, on one that repeats nothing it proposes nothing and the
+    step is a plain step: (0, 0)."""
+    model = models.load("tiny-falcon-h1")
+    chosen = hsd.choose_draft(model, "lookup")
+    assert hsd_eval.text_round(model, list(range(1, 12)), chosen) == (0, 0)
+    drafted, accepted = hsd_eval.text_round(model, [5, 6, 7, 8, 9, 10, 5, 6, 7], chosen)
+    assert drafted == 6 and 0 <= accepted <= drafted              # 8, 9, 10, 5, 6, 7 followed 5, 6, 7: up to the end
