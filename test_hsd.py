@@ -1484,7 +1484,7 @@ def test_the_lookups_draft_is_chosen_in_one_place_and_prints_briefly(tmp_path):
     alone, cascade = hsd.choose_draft(model, "lookup"), hsd.choose_draft(model, "lookup+component", 3)
     assert (alone.skip, alone.k, alone.lookup, alone.stop) == (None, hsd.LOOKUP_K, hsd.LOOKUP_N, None)
     assert (cascade.skip, cascade.k, cascade.lookup) == (TINY_SKIPS["tiny-falcon-h1"]["component"], 3, hsd.LOOKUP_N)
-    assert hsd.choose_draft(model, "lookup", "auto").costs == (0.0, {1: 1.0})
+    assert hsd.choose_draft(model, "lookup", "auto").costs == (0.0, {1: 1.0}, 0.0)
     for chosen in (alone, cascade):
         assert "tensor(" not in repr(chosen) and "object at" not in repr(chosen) and len(repr(chosen)) < 300
     with pytest.raises(models.UsageError, match="after lookup"):
