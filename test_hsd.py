@@ -1499,14 +1499,15 @@ def test_cli_traces_and_counts_the_texts_drafts(capsys):
     args = ["--model", "tiny-falcon-h1", "--prompt", "abcabcabcabc", "--max-new-tokens", "24", "--trace", "--json"]
     for draft in ("lookup", "lookup+layerskip"):
         assert hsd.main([*args, "--draft", draft, "-k", "4"]) == 0
-        out = capsys.readouterr().out.splitlines()
-        s = json.loads(out[-1])
+        captured = capsys.readouterr()                    # --json: stdout holds the JSON alone, the trace is stderr's
+        s, out = json.loads(captured.out), captured.err.splitlines()
         assert f"draft {draft}" in out[0] and s["draft"] == draft and s["from_text"] >= (draft == "lookup")
         assert any("from the text)" in line for line in out if line.startswith("round")) or draft != "lookup"
         assert any(line.startswith("text    ") and f"{s['from_text_accepted']} of {s['from_text']}" in line
                    for line in out)
     assert hsd.main([*args, "--draft", "lookup", "-k", "auto", "--check", "--repeats", "1"]) == 0
-    assert "identical to plain greedy decoding" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "identical to plain greedy decoding" in captured.err and json.loads(captured.out)["identical_to_greedy"]
 
 
 def test_statistics_count_the_texts_drafts_apart():

@@ -197,9 +197,9 @@ def test_the_model_is_given_as_in_every_tool_the_busy_machine_said_first_and_jso
 
     def sweep(name, repeats, temperature):
         said_first.append(capsys.readouterr().err)
-        return {}, machine
+        return {}, {}, machine                                               # no contexts, no lookup costs
     monkeypatch.setattr(hsd_bench, "context_sweep", sweep)
-    monkeypatch.setattr(hsd_bench, "sweep_rows", lambda name, sweep: [])
+    monkeypatch.setattr(hsd_bench, "sweep_rows", lambda name, sweep, lookup: [])
     monkeypatch.setattr(hsd_bench, "sweep_lines", lambda *args: ["a line of the table"])
     for args in (["--model", "toy-qwen3.5"], ["toy-qwen3.5"]):
         assert exit_status([*args, "--context-sweep", "--json"]) == 0
@@ -318,8 +318,8 @@ def test_the_sweep_gives_the_lookup_its_break_even_acceptance_beside_the_papers(
     lookup = [r for r in rows if r["draft"] == "lookup"]
     assert [r["k"] for r in lookup] == [2, 4, 8] and all(math.isclose(r["c"], 0.001) for r in lookup)
     row = lookup[1]
-    assert row["v"] == 1.4 and row["paper_alpha"] is None
-    assert row["break_even_acceptance"] == cost_model.break_even_acceptance(0.001, 1.4, 4)
+    assert row["v"] == 1.4 and row["r"] == 0.25 and row["paper_alpha"] is None              # r: the sweep's own
+    assert row["break_even_acceptance"] == cost_model.break_even_acceptance(0.001, 1.4, 4, 0.25)
     assert [r["draft"] for r in rows].count("component") == 3                  # the paper's rows as before
     lines = list(hsd_bench.sweep_lines("falcon-h1-0.5b", sweep, rows, {
         "device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default", "load_average": 0.5,
@@ -386,7 +386,9 @@ def test_drafts_from_the_text_are_rows_of_their_own_beside_the_papers(no_measuri
     time; in the table the lookup's c is 0 (no model call drafts) and the cascade's none (one c does not describe its
     check pass), so it has no cost-model column; both run at T=0.6 too."""
     model = models.load("toy-qwen2.5")
-    rows, skip_label = hsd_bench.draft_rows(model, ["lookup", "lookup+layerskip", "toys/toy-qwen2.5/draft.json"], (2,))
+    named = ["lookup", "lookup+layerskip", "toys/toy-qwen2.5/draft.json"]
+    rows, skip_label, splits = hsd_bench.draft_rows(model, named, (2,))
+    assert list(splits) == ["toys/toy-qwen2.5/draft.json"]             # a draft from the text has no gain to split
     named = ["lookup", "lookup, k=auto", "lookup+layerskip", "lookup+layerskip, k=auto"]
     assert [label for label in rows if label.startswith("lookup")] == named
     assert rows["lookup"] == hsd_bench.hsd.choose_draft(model, "lookup") and rows["lookup, k=auto"].k == "auto"

@@ -626,8 +626,8 @@ def test_recall_runs_offline_and_its_table_and_json_agree(capsys, tmp_path):
     prompts' continuations as computed directly; every number printed is in the JSON; its results file is its own."""
     out = tmp_path / "recall.jsonl"
     assert hsd_eval.main(["--model", "tiny-qwen3.5", "--recall", "--prompts", "2", "--out", str(out), "--json"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(lines[-1])
+    captured = capsys.readouterr()                        # --json: stdout holds the JSON alone, the table is stderr's
+    result, lines = json.loads(captured.out), captured.err.splitlines()
     assert list(result["drafts"]) == ["full", "component", "layerskip", "early-exit", "attention-only"]
     assert result["prompts"] == result["copy_prompts"] == 2 and "k" not in result["drafts"]["full"]["copy"]
     model, tok = models.load("tiny-qwen3.5"), models.char_tokenizer()
@@ -646,7 +646,7 @@ def test_recall_runs_offline_and_its_table_and_json_agree(capsys, tmp_path):
         round(row[key][i], 2) if key.startswith("ci") else round(row[key], 2) for entry in result["drafts"].values()
         for text in entry.values() for row in text.get("k", {}).values() for key in ("alpha_shared", "ci_shared",
         "alpha_sampled_shared", "ci_sampled_shared") for i in (0, 1)]
-    table = [line for line in lines[:-1] if line.startswith(tuple(result["drafts"]))]
+    table = [line for line in lines if line.startswith(tuple(result["drafts"]))]
     assert len(table) == 10
     for number in (n for line in table for n in re.findall(r"(?<![\w.-])\d+\.\d+", line)):
         assert float(number) in leaves, number
@@ -659,8 +659,8 @@ def test_eval_measures_drafts_from_the_text_beside_the_papers(capsys):
     accepts none) and how often the text proposed anything, the multi-round runs, the lookup's prediction with c = 0
     and none for the cascade (one c does not describe it); the paper's drafts as before; in the table by name."""
     assert hsd_eval.main([*EVAL_ARGS, "--draft", "lookup", "--draft", "lookup+component", "--json"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    result = json.loads(lines[-1])
+    captured = capsys.readouterr()                        # --json: stdout holds the JSON alone, the table is stderr's
+    result, lines = json.loads(captured.out), captured.err.splitlines()
     assert set(result["drafts"]) == {"component", "layerskip", "early-exit"} and not result["draft_files"]
     lookup, cascade = result["text_drafts"]["lookup"], result["text_drafts"]["lookup+component"]
     assert lookup["c"] == 0.0 and cascade["c"] is None

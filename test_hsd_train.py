@@ -352,8 +352,10 @@ def test_a_misspelt_toy_or_option_is_one_line_saying_the_closest_and_json_is_std
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
     row = {"bits_per_char": 2.0, "greedy": {"word_rate": 0.5, "different_words": 3},
-           "T=0.6": {"word_rate": 0.25, "different_words": 4}}
+           "T=0.6": {"word_rate": 0.25, "different_words": 4},
+           "copying": {"share": 0.375, "matched": [1, 2], "remaining": [4, 4]}, "loop_share": 0.5}    # as report's
     monkeypatch.setattr(hsd_train, "report", lambda: {"toy-falcon-h1": row})
     assert hsd_train.main(["--report", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == {"toy-falcon-h1": row} and err.startswith("toy-falcon-h1   2.000 bits/char")
+    assert "copies 37.5% of 2 held-out passages (3 of 8 characters); greedy text's loop share 0.50" in err
