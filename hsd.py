@@ -15,7 +15,8 @@ Steps 2 and 5 have two forms: greedy (temperature 0), whose output is plain gree
 sampling (speculative sampling, Leviathan et al. 2023), exact in distribution. Which parts a draft leaves out is
 data (drafts.py): one of the paper's drafts, a draft file that hsd_search.py found by measurement, or the text itself
 (lookup; before a draft model: a cascade). With k="auto" the draft length changes from round to round and drafting
-pauses where it does not pay (auto_k). README: how to run it; hsd_eval.py: measurements.
+pauses where it does not pay (auto_k). README: how to run it; cli.py: the command line's arguments and printing;
+hsd_eval.py: measurements.
 
 Names (one meaning each, here and in drafts.py):
   pending    the last committed token, not yet fed to the model; every round and plain step starts by feeding it
@@ -40,7 +41,6 @@ Names (one meaning each, here and in drafts.py):
 """
 import argparse
 import contextlib
-import difflib
 import json
 import math
 import os
@@ -48,11 +48,11 @@ import signal
 import sys
 import warnings
 from collections import namedtuple
-from statistics import median
 
 try:
     import torch
 
+    import cli
     import cost_model
     import models
     from cost_model import clock, default_costs, pause_below
@@ -493,84 +493,6 @@ def statistics(chosen, steps, seed=None):
 PROMPT = "The function returns"          # the text continued when neither --prompt nor --prompt-file is given
 
 
-def show(tokenizer, ids):
-    """Token ids as quoted text, whitespace and control characters visible, special tokens by name."""
-    return json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)
-
-
-def trace_line(i, step, tokenizer, color):
-    """A round: the drafts (accepted +, rejected -), the full model's next token, and what an end of text cut off."""
-    paint = (lambda code, text: f"\033[{code}m{text}\033[0m") if color else (lambda code, text: text)
-    accepted, drafts = step.accepted, step.drafts
-    marked = [paint("32", "+" + show(tokenizer, [t])) if j < accepted else paint("31", "-" + show(tokenizer, [t]))
-              for j, t in enumerate(drafts)]
-    line = (f"round {i:3d}  accepted {accepted}/{len(drafts)}  {' '.join(marked)}  -> "
-            f"{'bonus' if accepted == len(drafts) else 'correction'} {paint('36', show(tokenizer, [step.next_token]))}")
-    text = f"  (the first {step.from_text} from the text)" if 0 < step.from_text < len(drafts) else (
-        "  (all from the text)" if step.from_text else "")
-    cut = (drafts[:accepted] + [step.next_token])[len(step.tokens):]       # what came after the end-of-text token
-    return line + text + (f"  (not output: {show(tokenizer, cut)} came after the end of text)" if cut else "")
-
-
-def plain_line(count):
-    """A run of `count` plain steps between rounds (-k auto's pauses, or plain decoding), as the trace shows it."""
-    return f"plain  {count:4d} step{'s' * (count != 1)}"
-
-
-def summary(s, max_new_tokens, eos, tokenizer):
-    """The lines after the output: why generation stopped, acceptance (rounds by drafts accepted), speed."""
-    tokens = s["new_token_ids"]
-    yield (f"stop    at the end-of-text token {show(tokenizer, [eos])}, after {len(tokens)} of {max_new_tokens} tokens"
-           if tokens and tokens[-1] == eos else f"stop    after {len(tokens)} new tokens (--max-new-tokens)")
-    if s["rounds"]:
-        histogram = ", ".join(f"{a}: {count}" for a, count in enumerate(s["accepted_histogram"]) if count)
-        lengths = (f", {s['drafts_per_round']:.2f} drafted per round (k auto), {s['plain_steps']} plain steps "
-                   f"(pausing below acceptance {s['pause_below']:.2f})" if s["k"] == "auto" else "")
-        yield (f"alpha   {s['alpha']:.3f}: {s['accepted']} of {s['drafted']} drafts accepted, "
-               f"{s['accepted_per_round']:.2f} per round over {s['rounds']} rounds (rounds by drafts accepted: "
-               f"{histogram}){lengths}, {s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")
-    if s["proposed"] is not None:
-        yield (f"text    {s['from_text_accepted']} of {s['from_text']} drafts from the text accepted ({s['proposed']} "
-               "tokens proposed by the lookup" + (", which the draft model checked)" if s["draft"] != LOOKUP else ")"))
-    yield (f"speed   {s['new_tokens']} tokens in {s['decode_s']:.2f} s: {s['tokens_per_s'] or 0:.2f} tokens/s "
-           f"(prefill {s['prefill_s']:.2f} s)")
-
-
-@torch.inference_mode()
-def logit_margin(model, ids, a, b):
-    """(how far the model's logit of token a lies above b's after the token ids, the std of those logits)."""
-    logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].float()
-    return (logits[a] - logits[b]).item(), logits.std().item()
-
-
-def check(s, model, prompt, max_new_tokens, chosen, repeats, machine, official=False):
-    """--check: decode plainly too; say whether the tokens are the same or where they part, and, for a draft, the
-    speedup: the median of `repeats` plain and speculative generations run in turns (and their range). official:
-    the model is one of models.OFFICIAL (whose drafts are expected not to pay on a CPU: the note says why)."""
-    greedy, _ = generate(model, prompt, max_new_tokens, draft="none")
-    speculative = s["new_token_ids"]
-    s["identical_to_greedy"] = greedy == speculative
-    if greedy != speculative:
-        i = next(i for i, (a, b) in enumerate(zip(speculative, greedy)) if a != b)       # EOS ends both alike
-        margin, std = logit_margin(model, prompt + greedy[:i], greedy[i], speculative[i])
-        near = abs(margin) < (0.05 if model.lm_head.weight.dtype == torch.bfloat16 else 1e-3) * std
-        return (f"check   FAILED: tokens differ from greedy at new token {i}: speculative {speculative[i]}, greedy "
-                f"{greedy[i]}, the full model's logit margin between them {margin:.3g} (logit std {std:.3g}): " +
-                ("a near-tie, which the rounding of a verify pass and of single steps can flip" if near else
-                 "not a near-tie, so not rounding: please report it"))
-    if chosen.k is None:
-        return "check   identical to plain greedy decoding (plain decoding: no draft, so no speedup to measure)"
-    runs = cost_model.generations_in_turns(generate, model, [prompt], {"draft": chosen}, max_new_tokens, repeats)
-    ratios = [cost_model.rate(runs["draft"], turn=t) / cost_model.rate(runs["plain"], turn=t) for t in range(repeats)]
-    s["speedup_vs_greedy"] = speedup = median(ratios)
-    busy = cost_model.busy_warning(machine, ratios)
-    s["unreliable"] = busy is not None
-    note = ("\n        (below 1 is expected on a CPU for the official models: RESULTS.md, \"The cost model\", says why "
-            "and what changes it)" if speedup < 1 and official and model.lm_head.weight.device.type == "cpu" else "")
-    return (f"check   identical to plain greedy decoding; speedup {speedup:.2f}x (median of {repeats} runs of each, in "
-            f"turns; range {min(ratios):.2f}-{max(ratios):.2f}x){note}" + (f"\nhsd: warning: {busy}" if busy else ""))
-
-
 def run_generate(args, model, tokenizer, raw=None):
     """Generate for the command line, printing the text (or each round) as it comes; returns what --json prints.
     raw: the stream that takes the new text alone, as it comes, unescaped (--raw); None: the quoted output line."""
@@ -587,7 +509,7 @@ def run_generate(args, model, tokenizer, raw=None):
     lost = sorted(set(args.prompt) - set(tokenizer.decode(prompt, skip_special_tokens=False)))
     if lost:
         print(f"hsd: warning: the tokenizer has no token for {', '.join(map(repr, lost))}: the prompt reads "
-              f"{show(tokenizer, prompt)}", file=sys.stderr)
+              f"{cli.show(tokenizer, prompt)}", file=sys.stderr)
     if args.seed is not None and temperature == 0:
         print("hsd: note: --seed has no effect without --temperature (greedy decoding draws nothing)", file=sys.stderr)
     if args.k is not None and chosen.k is None:
@@ -598,7 +520,7 @@ def run_generate(args, model, tokenizer, raw=None):
     sampling = f"temperature {temperature}, seed {seed}" if temperature > 0 else "greedy"
     print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), {sampling}, "
           f"{draft_words(chosen, model.config, args.draft is None)}")
-    print(f"prompt  {show(tokenizer, prompt)}")
+    print(f"prompt  {cli.show(tokenizer, prompt)}")
     longest = AUTO_MAX if chosen.k == "auto" else chosen.k or 1
     cost_model.warm_up(model, max(1, min(longest, args.max_new_tokens - 1)))     # every round length it can run
     steps, tokens, shown, plain_run = [], [], "", 0            # plain_run: plain steps since the trace's last round
@@ -609,10 +531,10 @@ def run_generate(args, model, tokenizer, raw=None):
         tokens += step.tokens
         plain_run = plain_run + 1 if step.kind == "plain" else plain_run
         if args.trace and plain_run and step.kind == "round":
-            print(plain_line(plain_run), flush=True)
+            print(cli.plain_line(plain_run), flush=True)
             plain_run = 0
         if args.trace and step.kind == "round":
-            print(trace_line(sum(done.kind == "round" for done in steps), step, tokenizer, color), flush=True)
+            print(cli.trace_line(sum(done.kind == "round" for done in steps), step, tokenizer, color), flush=True)
         text = tokenizer.decode(tokens, skip_special_tokens=raw is not None)    # --raw: the text, no <|endoftext|>
         if (raw or not args.trace) and not text.endswith("\ufffd"):   # a character whose bytes are not all there yet
             new = text[len(shown):]
@@ -620,62 +542,21 @@ def run_generate(args, model, tokenizer, raw=None):
             shown = text
     rest = json.dumps(text[len(shown):], ensure_ascii=False)[1:-1] + '"'        # what the loop has not shown yet
     if args.trace and plain_run:
-        print(plain_line(plain_run))
+        print(cli.plain_line(plain_run))
     if raw:
         print(text[len(shown):], file=raw, flush=True)
     elif args.trace:
-        print(f"output  {show(tokenizer, tokens)}")
+        print(f"output  {cli.show(tokenizer, tokens)}")
     else:
         print(rest)
     text = tokenizer.decode(tokens, skip_special_tokens=False)
     s = {"model": args.model, "temperature": temperature, "seed": seed, "new_token_ids": tokens, "new_text": text,
          **statistics(chosen, steps, seed)}
-    print(*summary(s, args.max_new_tokens, model.config.eos_token_id, tokenizer), sep="\n")
+    print(*cli.summary(s, args.max_new_tokens, model.config.eos_token_id, tokenizer), sep="\n")
     if args.check:
         official = args.model in models.OFFICIAL or args.model in models.OFFICIAL.values()
-        print(check(s, model, prompt, args.max_new_tokens, chosen, args.repeats, machine, official))
+        print(cli.check(s, model, prompt, args.max_new_tokens, chosen, args.repeats, machine, generate, official))
     return {**s, "trace": [r._asdict() for r in s["trace"]]}
-
-
-def k_argument(text):
-    """-k: a number of drafts per round, or auto."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"-k takes a number of drafts or auto, not {text!r}") from None
-
-
-def misspelt_option(parser, argv):
-    """"unknown option --modle: did you mean --model?" for the first --option of argv (a list of words) that the parser
-    does not know (nor abbreviates, as argparse allows) and that is close to one it knows; None if there is none."""
-    known = [option for action in parser._actions for option in action.option_strings
-             if option.startswith("--") and option != "--help"]
-    for word in argv:
-        name = word.split("=")[0]
-        if word == "--":
-            return None
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-        if name.startswith("--") and not any(option.startswith(name) for option in known) and close:
-            return f"unknown option {name}: did you mean {close[0]}?"
-    return None
-
-
-def read_prompt(path):
-    """--prompt-file: the text of a UTF-8 file (- : standard input), its last line break left out (as llama.cpp's -f);
-    a UsageError if it cannot be read."""
-    try:
-        if path == "-":
-            text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-    except OSError as e:
-        raise models.UsageError(f"cannot read --prompt-file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise models.UsageError(f"--prompt-file {path} is not UTF-8 text") from None
-    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 def main(argv=None):
@@ -687,8 +568,8 @@ def main(argv=None):
                                    "hsd_search.py, lookup (the text's own n-grams) or lookup+DRAFT (a cascade: the "
                                    "lookup proposes, DRAFT checks and drafts on) (default: the paper's draft for the "
                                    "family: component for the hybrids, layerskip for the Transformer)")
-    p.add_argument("-k", type=k_argument, help="drafts per round, or auto: a length that adapts from round to round "
-                                               "(default: the draft file's, else 2)")
+    p.add_argument("-k", type=cli.k_argument, help="drafts per round, or auto: a length that adapts from round to "
+                                                   "round (default: the draft file's, else 2)")
     p.add_argument("--prompt", help=f"the text to continue (default: {PROMPT!r})")
     p.add_argument("--prompt-file", metavar="PATH", help="the text to continue, from a UTF-8 file (- : standard input)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default: 64)")
@@ -705,7 +586,7 @@ def main(argv=None):
     p.add_argument("--raw", action="store_true", help="stdout holds the new text alone, as it comes, unescaped and "
                                                      "without special tokens; the other lines go to stderr")
     args, unknown = p.parse_known_args(argv)
-    misspelt = misspelt_option(p, unknown)                      # --modle: did you mean --model?
+    misspelt = cli.misspelt_option(p, unknown)                  # --modle: did you mean --model?
     if args.model is None:
         p.error(misspelt or "the following arguments are required: --model")
     if unknown:                       # --eval, --out, --text, ...: the measurements have a command of their own
@@ -734,7 +615,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)                      # before the model is loaded, warmed up or timed
     stdout = sys.stdout
     try:
-        args.prompt = read_prompt(args.prompt_file) if args.prompt_file is not None else (
+        args.prompt = cli.read_prompt(args.prompt_file) if args.prompt_file is not None else (
             PROMPT if args.prompt is None else args.prompt)
         model = models.load(args.model, getattr(torch, args.dtype), args.device)
         with contextlib.redirect_stdout(sys.stderr if args.json or args.raw else stdout):     # stdout: JSON or text

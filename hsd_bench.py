@@ -39,6 +39,7 @@ try:
     import torch
     from huggingface_hub.utils import tqdm
 
+    import cli
     import cost_model
     import drafts
     import hsd
@@ -896,7 +897,7 @@ def main(argv=None):
                                  "runs, to this JSON file")
     p.add_argument("--json", action="store_true", help="with --drafts, --units or --context-sweep: the numbers as one "
                                                        "JSON line: stdout holds it alone, the table goes to stderr")
-    misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)
+    misspelt = cli.misspelt_option(p, sys.argv[1:] if argv is None else argv)
     if misspelt:
         p.error(misspelt)
     args = p.parse_args(argv)

@@ -30,6 +30,7 @@ try:
     import torch
     from huggingface_hub.utils import tqdm
 
+    import cli
     import cost_model
     import drafts
     import hsd
@@ -809,7 +810,7 @@ def main(argv=None):
                    "acceptance of each draft on the text and on copy prompts (toys/README.md)")
     p.add_argument("--json", action="store_true", help="the results as one JSON object: stdout holds it alone, the "
                                                       "table goes to stderr")
-    misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)
+    misspelt = cli.misspelt_option(p, sys.argv[1:] if argv is None else argv)
     if misspelt:
         p.error(misspelt)
     args = p.parse_args(argv)

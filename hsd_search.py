@@ -58,6 +58,7 @@ from collections import namedtuple
 try:
     import torch
 
+    import cli
     import conflayers
     import cost_model
     import drafts
@@ -965,7 +966,7 @@ def main(argv=None):
                                                           "per repeat (default: 3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default: float32)")
-    misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)
+    misspelt = cli.misspelt_option(p, sys.argv[1:] if argv is None else argv)
     if misspelt:
         p.error(misspelt)
     args = p.parse_args(argv)

@@ -38,6 +38,7 @@ try:
     import torch.nn.functional as F
     from huggingface_hub.utils import tqdm
 
+    import cli
     import cost_model
     import drafts
     import hsd
@@ -576,7 +577,7 @@ def main(argv=None):
                                                           "/usr/share/doc/python3.11/html/_sources (no default)")
     p.add_argument("--json", action="store_true", help="the result as one JSON object: stdout holds it alone, the "
                                                       "other lines go to stderr")
-    misspelt = hsd.misspelt_option(p, sys.argv[1:] if argv is None else argv)
+    misspelt = cli.misspelt_option(p, sys.argv[1:] if argv is None else argv)
     if misspelt:
         p.error(misspelt)
     args = p.parse_args(argv)

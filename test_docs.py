@@ -17,13 +17,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The project as software: imports one way, stands alone, a licence, the README's examples run
 
 # The rule of the project's imports, from the bottom up: what each module may import of the project. models is at the
-# bottom; what a draft is (drafts) and the cost model (cost_model) stand on it and import no tool, nor hsd; hsd
-# stands on the three; the tools stand on all four and never on one another. conflayers (a baseline's selection rule,
-# which the search runs) stands on hsd and models and is no tool: hsd_search imports it.
+# bottom; what a draft is (drafts) and the cost model (cost_model) stand on it and import no tool, nor hsd; cli (the
+# command lines' arguments and printing) stands on the three and is no tool; hsd stands on the four; the tools stand on
+# all five and never on one another. conflayers (a baseline's selection rule, which the search runs) stands on hsd and
+# models and is no tool: hsd_search imports it.
 CORE = {"models", "cost_model", "drafts"}
 TOOLS = {"hsd_eval", "hsd_bench", "hsd_train", "hsd_search", "exercises"}
-MAY_IMPORT = {"models": set(), "cost_model": {"models", "drafts"}, "drafts": {"models"}, "hsd": CORE,
-              "conflayers": {"models", "hsd"}, **{tool: CORE | {"hsd"} for tool in TOOLS}}
+MAY_IMPORT = {"models": set(), "cost_model": {"models", "drafts"}, "drafts": {"models"}, "cli": CORE,
+              "hsd": CORE | {"cli"}, "conflayers": {"models", "hsd"}, **{tool: CORE | {"cli", "hsd"} for tool in TOOLS}}
 MAY_IMPORT["hsd_search"] = MAY_IMPORT["hsd_search"] | {"conflayers"}
 ORACLE = "transformers"                  # a test-only oracle; hsd_bench compares with it, importing it where it does
 
@@ -79,10 +80,10 @@ def broken_rules(module, imports, modules):
 
 def test_imports_run_one_way():
     """Every .py file at the top of the project follows the rule above, imports inside functions too: models at the
-    bottom; cost_model and drafts import no tool, nor hsd; hsd only those three; no tool (hsd_eval, hsd_bench,
-    hsd_train, hsd_search, exercises) imports another; the runtime never imports transformers but hsd_bench, inside
-    the functions that compare with it; a test file imports what it tests, no other test file, and nothing a handout
-    leaves out."""
+    bottom; cost_model and drafts import no tool, nor hsd; cli only those three, hsd those and cli; no tool (hsd_eval,
+    hsd_bench, hsd_train, hsd_search, exercises) imports another; the runtime never imports transformers but hsd_bench,
+    inside the functions that compare with it; a test file imports what it tests, no other test file, and nothing a
+    handout leaves out."""
     files = sorted(name for name in project_files() if name.endswith(".py") and os.sep not in name and "/" not in name
                    and (tracked() is not None or name[:-3] in KNOWN))      # never a script of the user's lying here
     modules = {name[:-3] for name in files}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import cli
 import hsd
 import hsd_train
 import models
@@ -771,25 +772,6 @@ def test_cli_says_why_generation_stopped_and_names_special_tokens(capsys):
     assert "stop    after 5 new tokens (--max-new-tokens)" in capsys.readouterr().out
 
 
-def test_trace_marks_what_came_after_the_end_of_text():
-    tok = models.char_tokenizer()
-    eos_inside = hsd.Step("round", [33, 96, 34], 3, 35, [33, 96], 0.0)      # accepted: "A", EOS, "B"; bonus "C"
-    line = hsd.trace_line(1, eos_inside, tok, color=False)
-    assert line.startswith('round   1  accepted 3/3  +"A" +"<|endoftext|>" +"B"  -> bonus "C"')
-    assert line.endswith('(not output: "BC" came after the end of text)')
-    ordinary = hsd.Step("round", [33, 34], 1, 40, [33, 40], 0.0)
-    assert hsd.trace_line(2, ordinary, tok, color=False) == 'round   2  accepted 1/2  +"A" -"B"  -> correction "H"'
-
-
-def test_the_acceptance_line_labels_its_histogram_for_any_k():
-    tok, steps = models.char_tokenizer(), [hsd.Step("prefill", [], 0, None, [], 0.1)]
-    steps += [hsd.Step("round", [1] * 100, a, 2, [1] * a + [2], 0.01) for a in [0] * 14 + [1] * 3 + [100] * 4]
-    s = {**hsd.statistics(hsd.Draft("component", SKIP_NOTHING, 100, None), steps), "new_token_ids": [1, 2]}
-    lines = list(hsd.summary(s, 500, 96, tok))
-    alpha = next(line for line in lines if line.startswith("alpha"))
-    assert "(rounds by drafts accepted: 0: 14, 1: 3, 100: 4)" in alpha and len(alpha) < 200
-
-
 def test_cli_check_reports_a_mismatch(monkeypatch, capsys):
     """If speculation went wrong, --check fails (exit 1) and says where, with the full model's logit margin."""
     real_accept = hsd.accept
@@ -807,7 +789,7 @@ def test_cli_check_says_near_tie_only_when_it_is_one(monkeypatch, capsys):
     assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "8", "--check"]) == 1
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("check"))
     assert "not a near-tie, so not rounding" in line and "can flip" not in line
-    monkeypatch.setattr(hsd, "logit_margin", lambda *args: (1e-6, 2.0))
+    monkeypatch.setattr(cli, "logit_margin", lambda *args: (1e-6, 2.0))
     assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "8", "--check"]) == 1
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("check"))
     assert "a near-tie, which the rounding of a verify pass and of single steps can flip" in line
