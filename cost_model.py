@@ -43,10 +43,12 @@ runs them; the generations take the generate function (hsd.generate).
   copy_prompts(lines, count=COPY_PASSAGES, length=COPY_LENGTH, given=COPY_GIVEN) -> [(prompt, continuation)]: the
       copying probe, a passage given again after itself (hsd_train measures copying with it, hsd_eval --recall)
   check_writable(path, flag); write_json(path, value)
+  busy_cores(window=BUSY_WINDOW, read_stat=..., cpus=None)    the cores others keep busy now (/proc/stat, sampled)
   machine_state(model, dtype) -> machine (a dict); busy_warning(machine, ratios=()) -> a line or None
 """
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import time
@@ -62,6 +64,8 @@ TEST_PROMPTS, TEST_GAP = 24, 50      # the test set: 24 paragraphs spread over t
 TEST_TOKENS = 128                    # each of at least 128 tokens (a 64-token prompt and as much text after it)
 COPY_PASSAGES, COPY_LENGTH, COPY_GIVEN = 16, 200, 35   # the copying probe: 16 passages of 200 characters, 35 given
 BUSY_SPREAD = 1.15                   # per-turn ratios further apart than this (max / min): the machine is busy
+BUSY_CORES = 0.5                     # other processes on more than half a core: the machine is busy (busy_warning)
+BUSY_WINDOW = 0.3                    # seconds over which busy_cores samples what other processes use
 
 
 # --- The cost of a round, and the speedup it predicts ---------------------------------------------------------------
@@ -538,26 +542,63 @@ def project_commit():
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def busy_cores(window=BUSY_WINDOW, read_stat=pathlib.Path("/proc/stat").read_text, cpus=None):
+    """The cores other processes keep busy now, of those this process may run on: a float, 0.02 on an idle machine,
+    0.98 with one of them busy with other work.
+
+    /proc/stat has a line per core (cpu0, cpu1, ...) of its CPU time since boot, in ticks (SC_CLK_TCK a second): user
+    nice system idle iowait irq softirq steal (then guest and guest_nice, counted in user and nice already: left out).
+    It is read twice, `window` seconds apart, while this process sleeps; over the lines of the cores `cpus` (default:
+    this process's, os.sched_getaffinity: a run given cores of its own with taskset -c is not told of work on others),
+    the ticks spent busy (all but idle and iowait), less this process's own CPU time over the window (time.process_time:
+    all its threads, torch's included), over all their ticks, times their number. What is measured is what runs now,
+    unlike the load average, which still counts for a minute a run that has just ended. read_stat() returns /proc/stat's
+    text (a test gives readings of its own). Without /proc/stat (not Linux): the 1-minute load average less the one
+    core this process may have used, at least 0: a lagging estimate, the best there is there."""
+    try:
+        first, own = read_stat(), time.process_time()
+    except OSError:
+        return round(max(0.0, os.getloadavg()[0] - 1), 2)
+    names = {f"cpu{n}" for n in (os.sched_getaffinity(0) if cpus is None else cpus)}
+    time.sleep(window)
+    second, own = read_stat(), time.process_time() - own
+    busy, total = [], []
+    for text in (first, second):
+        per_core = [[int(t) for t in line.split()[1:9]] for line in text.splitlines()
+                    if line.partition(" ")[0] in names]
+        busy.append(sum(sum(ticks) - ticks[3] - ticks[4] for ticks in per_core))    # all but idle and iowait
+        total.append(sum(sum(ticks) for ticks in per_core))
+    others = busy[1] - busy[0] - own * os.sysconf("SC_CLK_TCK")
+    return round(max(0.0, others / max(total[1] - total[0], 1) * len(per_core)), 2)
+
+
 def machine_state(model, dtype):
     """What every published number is measured on: device, dtype, torch's threads, the OpenMP wait policy, the cores
-    this process may use, the load average (1 minute), torch's version, the project's commit."""
+    this process may use, the cores other processes keep busy (busy_cores, measured now: before anything is decoded,
+    it is the work of others, not ours), the load average (1 minute; for the record), torch's version, the project's
+    commit."""
     device = model.lm_head.weight.device
     return {"device": drafts.device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "load_average": round(os.getloadavg()[0], 2), "torch": torch.__version__, "commit": project_commit()}
+            "busy_cores": busy_cores(), "load_average": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "commit": project_commit()}
 
 
 def busy_warning(machine, ratios=()):
     """One line when the machine is too busy for its speedups to be trusted, else None: the per-turn speedups
-    `ratios` more than BUSY_SPREAD apart (max / min), or a load average above the cores but one. Its advice is
-    --threads 1, unless the machine state says 1 thread already."""
+    `ratios` more than BUSY_SPREAD apart (max / min), or other processes on more than BUSY_CORES cores
+    (machine["busy_cores"], busy_cores's). Half a core: an idle machine reads a few hundredths (a shell, a daemon's
+    tick), a process spinning on a core about 1; other work of more than half a core takes a core from a run of
+    torch's threads for half its steps or more, and each such step waits for the shared core (3x slower: RESULTS.md,
+    "A busy machine"). Its advice is --threads 1, unless the machine state says 1 thread already."""
     reasons = []
     if ratios and max(ratios) > BUSY_SPREAD * min(ratios):
         reasons.append(f"the turns' speedups range {min(ratios):.2f}-{max(ratios):.2f}x (more than "
                        f"{BUSY_SPREAD - 1:.0%} apart)")
-    if machine["load_average"] > machine["cores"] - 1:
-        reasons.append(f"the load average is {machine['load_average']:.2f} on {machine['cores']} cores")
+    if machine["busy_cores"] > BUSY_CORES:
+        reasons.append(f"other processes kept {machine['busy_cores']:.2f} of its {machine['cores']} cores busy "
+                       "just before the run")
     if not reasons:
         return None
     advice = ("on a shared machine --threads 1 keeps other work from slowing every step"

@@ -57,7 +57,7 @@ CONTEXTS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)   # --context-sweep, as f
 
 
 def warning_lines(machine):
-    """The busy machine's warning (cost_model.busy_warning, by the load average), if it is busy."""
+    """The busy machine's warning (cost_model.busy_warning: what other processes use), if it is busy."""
     busy = cost_model.busy_warning(machine)
     if busy:
         yield f"warning: {busy}"
@@ -66,7 +66,7 @@ def warning_lines(machine):
 def warn_if_busy():
     """Before anything is loaded or measured: the busy machine's warning on stderr, from the load of others now."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    busy = cost_model.busy_warning({"load_average": os.getloadavg()[0], "cores": cores,
+    busy = cost_model.busy_warning({"busy_cores": cost_model.busy_cores(), "cores": cores,
                                     "threads": torch.get_num_threads()})
     if busy:
         print(f"hsd_bench: warning: {busy}", file=sys.stderr)
@@ -76,8 +76,8 @@ def machine_words(machine):
     """The machine (cost_model.machine_state) in a few words, printed with every number."""
     threads = f"{machine['threads']} thread" + ("s" if machine["threads"] != 1 else "")
     return (f"{machine['device']}, {threads} of {machine['cores']} cores, OMP_WAIT_POLICY "
-            f"{machine['omp_wait_policy']}, load {machine['load_average']:.2f}, torch {machine['torch']}, commit "
-            f"{(machine['commit'] or '?')[:12]}")
+            f"{machine['omp_wait_policy']}, {machine['busy_cores']:.2f} cores busy with other work, torch "
+            f"{machine['torch']}, commit {(machine['commit'] or '?')[:12]}")
 
 
 # --- Operations -------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 Timings here are of a fake clock: no test asserts anything about how fast this machine is."""
 import math
+import os
 from collections import namedtuple
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 import cost_model
 import hsd
 import models
+
+MEASURE_BUSY_CORES = cost_model.busy_cores     # the function itself: conftest makes every test read the machine idle
 
 
 # --- The cost of a round, and the speedup it predicts ---------------------------------------------------------------
@@ -260,17 +263,67 @@ def test_copy_prompts_give_each_passage_again_spread_over_the_text():
 
 # --- The machine --------------------------------------------------------------------------------------------------
 def test_a_busy_machine_is_said_so_in_one_line():
-    idle = {"load_average": 0.4, "cores": 2}
+    idle = {"busy_cores": 0.4, "cores": 2}
     assert cost_model.busy_warning(idle, [1.0, 1.1, 1.14]) is None
     line = cost_model.busy_warning(idle, [1.0, 1.2])
     assert "busy" in line and "1.00-1.20x" in line and "--threads 1" in line and "\n" not in line
-    assert cost_model.busy_warning({"load_average": 1.0, "cores": 2}) is None       # our own process: 1 core
-    assert "load average is 1.50 on 2 cores" in cost_model.busy_warning({"load_average": 1.5, "cores": 2})
-    one_thread = cost_model.busy_warning({"load_average": 1.5, "cores": 2, "threads": 1})   # --threads 1 given
+    assert cost_model.busy_warning({"busy_cores": 0.5, "cores": 2}) is None        # half a core: not yet busy
+    assert "other processes kept 0.98 of its 2 cores busy" in cost_model.busy_warning({"busy_cores": 0.98, "cores": 2})
+    one_thread = cost_model.busy_warning({"busy_cores": 1.5, "cores": 2, "threads": 1})     # --threads 1 given
     assert "--threads 1" not in one_thread and "taskset" in one_thread and "\n" not in one_thread
     state = cost_model.machine_state(models.load("tiny-falcon-h1"), torch.float32)
     assert state["threads"] == torch.get_num_threads() and state["dtype"] == "float32"
-    assert {"omp_wait_policy", "load_average", "cores", "torch", "commit", "device"} <= set(state)
+    assert {"omp_wait_policy", "busy_cores", "load_average", "cores", "torch", "commit", "device"} <= set(state)
+
+
+def stat_readings(*readings):
+    """A reader of /proc/stat that gives these texts in turn (made-up ticks: no test depends on this machine's)."""
+    texts = iter(readings)
+    return lambda: next(texts)
+
+
+#                   user nice system idle iowait irq softirq steal guest guest_nice
+BEFORE = ("cpu  3000 10 1000 90000 400 0 50 0 0 0\n"
+          "cpu0 1000 10  500 45000 200 0 25 0 0 0\n"
+          "cpu1 2000  0  500 45000 200 0 25 0 0 0\nintr 12345 0 0\n")
+# 100 ticks later on each core: cpu0 ran another process 98 of them (waited 2 on a disk), cpu1 idled 99
+ONE_BUSY = ("cpu  3098 10 1001 90099 402 0 50 0 5 0\n"
+            "cpu0 1098 10  500 45000 202 0 25 0 5 0\n"
+            "cpu1 2000  0  501 45099 200 0 25 0 0 0\nintr 12999 0 0\n")
+
+
+def test_busy_cores_are_the_ticks_other_processes_spent_on_the_cores_of_this_process():
+    """Two readings of /proc/stat: the cores' busy ticks (all but idle and iowait; guest counted in user already)
+    over all their ticks, times the cores counted: those this process may run on, a core elsewhere left out."""
+    assert MEASURE_BUSY_CORES(0, stat_readings(BEFORE, ONE_BUSY), cpus={0, 1}) == pytest.approx(0.99, abs=0.01)
+    assert MEASURE_BUSY_CORES(0, stat_readings(BEFORE, ONE_BUSY), cpus={0}) == pytest.approx(0.98, abs=0.01)
+    assert MEASURE_BUSY_CORES(0, stat_readings(BEFORE, ONE_BUSY), cpus={1}) == pytest.approx(0.01, abs=0.01)
+    assert MEASURE_BUSY_CORES(0, stat_readings(BEFORE, BEFORE), cpus={0, 1}) == 0.0    # no time passed: 0, not 0/0
+    if os.path.exists("/proc/stat"):               # this machine's own: whatever runs here, a share of its cores
+        assert 0.0 <= MEASURE_BUSY_CORES(0.05) <= len(os.sched_getaffinity(0))
+
+
+def test_busy_cores_without_proc_stat_are_the_load_average_less_this_process(monkeypatch):
+    def no_proc_stat():
+        raise FileNotFoundError("/proc/stat")
+    monkeypatch.setattr(cost_model.os, "getloadavg", lambda: (2.25, 1.0, 0.5))
+    assert MEASURE_BUSY_CORES(0, no_proc_stat) == 1.25
+    monkeypatch.setattr(cost_model.os, "getloadavg", lambda: (0.4, 1.0, 0.5))
+    assert MEASURE_BUSY_CORES(0, no_proc_stat) == 0.0
+
+
+def test_a_load_average_left_by_a_finished_run_is_no_busy_machine(monkeypatch):
+    """The run before this one has just ended: the load average still counts it (1.4 on 2 cores), the cores idle.
+    What is measured is what runs now: no warning; the load average is kept for the record."""
+    idle = ("cpu  3000 10 1000 90198 402 0 50 0 0 0\n"
+            "cpu0 1000 10  500 45099 201 0 25 0 0 0\n"
+            "cpu1 2000  0  500 45099 201 0 25 0 0 0\n")
+    monkeypatch.setattr(cost_model, "busy_cores",
+                        lambda: MEASURE_BUSY_CORES(0, stat_readings(BEFORE, idle), cpus={0, 1}))
+    monkeypatch.setattr(cost_model.os, "getloadavg", lambda: (1.4, 0.6, 0.2))
+    state = cost_model.machine_state(models.load("tiny-falcon-h1"), torch.float32)
+    assert state["load_average"] == 1.4 and state["busy_cores"] == pytest.approx(0.0, abs=0.01)
+    assert cost_model.busy_warning(state) is None
 
 
 def test_write_json_leaves_no_half_file(tmp_path):

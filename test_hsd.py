@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import cli
+import cost_model
 import hsd
 import hsd_train
 import models
@@ -905,7 +906,7 @@ def test_cli_prints_each_round_before_the_next_is_made(monkeypatch, capsys):
 def test_ctrl_c_during_generation_is_one_line():
     """Ctrl-C while generating: one line, exit 130. The tiny model is told it has no end-of-text token, so that the
     generation is still running when the signal comes (its continuation would otherwise end after 214 tokens)."""
-    code = ("import dataclasses, os, sys, hsd, models; os.getloadavg = lambda: (0.0, 0.0, 0.0); "    # idle
+    code = ("import cost_model, dataclasses, sys, hsd, models; cost_model.busy_cores = lambda: 0.0; "    # idle
             "models.TINY['tiny-qwen2.5'] = dataclasses.replace("
             "models.TINY['tiny-qwen2.5'], eos_token_id=-1); sys.exit(hsd.main(sys.argv[1:]))")
     run = subprocess.Popen([sys.executable, "-c", code, "--model", "tiny-qwen2.5", "--max-new-tokens", "4000"],
@@ -920,7 +921,7 @@ def test_ctrl_c_during_generation_is_one_line():
 def test_a_busy_machine_is_said_before_the_run_and_never_advises_what_was_given(monkeypatch, capsys):
     """The load is known before anything is decoded: one line on stderr before the first step, with --check or without;
     its advice is --threads 1, unless the run has 1 thread already (then what else helps). The load is given here."""
-    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.5, 7.5))
+    monkeypatch.setattr(cost_model, "busy_cores", lambda: 1.9)
     real, before = hsd.generate_steps, []
 
     def watched(*args, **kwargs):
@@ -933,8 +934,8 @@ def test_a_busy_machine_is_said_before_the_run_and_never_advises_what_was_given(
             torch.set_num_threads(2)
             assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "4", *extra]) == 0
             warned = [line for line in before.pop(0).splitlines() if "busy" in line]
-            assert len(warned) == 1 and warned[0].startswith("hsd: warning: the machine is busy (the load average is "
-                                                             "7.50") and "--threads 1" in warned[0], warned
+            assert len(warned) == 1 and warned[0].startswith("hsd: warning: the machine is busy (other processes kept "
+                                                             "1.90 of ") and "--threads 1" in warned[0], warned
             capsys.readouterr()
             before.clear()
         assert hsd.main(["--model", "tiny-falcon-h1", "--max-new-tokens", "4", "--threads", "1"]) == 0

@@ -3,7 +3,6 @@
 Nothing here is timed: the sweep's costs are given, and the command line is refused before anything is measured."""
 import json
 import math
-import os
 import types
 
 import pytest
@@ -42,7 +41,7 @@ def test_the_sweep_predicts_with_the_papers_acceptance_where_it_has_one():
                for r in rows if r["draft"] == "early-exit")                    # the paper gives none for it
     assert all(r["paper_alpha"] is None for r in hsd_bench.sweep_rows("toy-falcon-h1", sweep))
     lines = list(hsd_bench.sweep_lines("falcon-h1-0.5b", sweep, rows, {
-        "device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default", "load_average": 0.5,
+        "device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default", "busy_cores": 0.02,
         "torch": "2", "commit": None}))
     assert "1 thread of 2 cores" in lines[0] and "paper's single-round acceptance (greedy)" in lines[1]
     assert not any(line.startswith("warning") for line in lines)
@@ -190,8 +189,8 @@ def test_the_command_line_refuses_in_one_line_before_measuring(args, message, ca
 def test_the_model_is_given_as_in_every_tool_the_busy_machine_said_first_and_json_is_stdout_alone(monkeypatch, capsys):
     """--model NAME (or the name first, as before); a misspelt model or option: "did you mean"; a busy machine (its load
     given here) is said on stderr before anything is measured; --json: stdout holds the JSON alone."""
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    machine = {"device": "cpu X", "threads": 2, "cores": 2, "omp_wait_policy": "default", "load_average": 5.0,
+    monkeypatch.setattr(cost_model, "busy_cores", lambda: 1.8)
+    machine = {"device": "cpu X", "threads": 2, "cores": 2, "omp_wait_policy": "default", "busy_cores": 1.8,
                "torch": "2", "commit": "abc"}
     said_first = []
 
@@ -205,7 +204,7 @@ def test_the_model_is_given_as_in_every_tool_the_busy_machine_said_first_and_jso
         assert exit_status([*args, "--context-sweep", "--json"]) == 0
         out, err = capsys.readouterr()
         assert json.loads(out)["model"] == "toy-qwen3.5" and "a line of the table" in err
-        assert said_first.pop().startswith("hsd_bench: warning: the machine is busy (the load average is 5.00")
+        assert said_first.pop().startswith("hsd_bench: warning: the machine is busy (other processes kept 1.80 of ")
     for args, message in ((["--model", "toy-qwen35", "--units"], "unknown model 'toy-qwen35': did you mean "
                                                                   "toy-qwen3.5?"),
                           (["--modle", "toy-qwen3.5"], "unknown option --modle: did you mean --model?"),
@@ -217,7 +216,7 @@ def test_the_model_is_given_as_in_every_tool_the_busy_machine_said_first_and_jso
 
 
 def test_a_machine_of_one_thread_is_said_in_words():
-    machine = {"device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "PASSIVE", "load_average": 1.5,
+    machine = {"device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "PASSIVE", "busy_cores": 1.5,
                "torch": "2", "commit": "abc"}
     assert "1 thread of 2 cores, OMP_WAIT_POLICY PASSIVE" in hsd_bench.machine_words(machine)
     assert "2 threads" in hsd_bench.machine_words({**machine, "threads": 2})
@@ -322,7 +321,7 @@ def test_the_sweep_gives_the_lookup_its_break_even_acceptance_beside_the_papers(
     assert row["break_even_acceptance"] == cost_model.break_even_acceptance(0.001, 1.4, 4, 0.25)
     assert [r["draft"] for r in rows].count("component") == 3                  # the paper's rows as before
     lines = list(hsd_bench.sweep_lines("falcon-h1-0.5b", sweep, rows, {
-        "device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default", "load_average": 0.5,
+        "device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default", "busy_cores": 0.02,
         "torch": "2", "commit": None}))
     assert any(line.startswith("lookup: c is its time a round") for line in lines)
 
@@ -343,7 +342,7 @@ def test_the_lookup_comparison_counts_greedy_prompts_and_sets_hsd_against_transf
     assert math.isclose(summary["ratios"]["hsd lookup / transformers lookup"]["ratio"], 2.0)
     r = {"runs": runs, "prompts": [3, 7], "prompt_kind": "grounded", "draft": "lookup", "hf_tokens": 10,
          "refused": None, "machine": {"device": "cpu X", "threads": 1, "cores": 2, "omp_wait_policy": "default",
-                                      "load_average": 0.5, "torch": "2", "commit": None}}
+                                      "busy_cores": 0.02, "torch": "2", "commit": None}}
     lines = list(hsd_bench.lookup_lines("toy-qwen2.5", r, summary, 4))
     assert "2 input-grounded test prompts" in lines[0]
     assert any("plain greedy decoding's tokens on 1 of 2 prompts (first parts at new token 2)" in x for x in lines)

@@ -172,7 +172,7 @@ def costs_of(c, noise, longest=25, turns=7):
                             {"step": 0.0, "c": noise, "v": {}, "r": 0.0})
 
 
-IDLE = {"load_average": 0.1, "cores": 2}
+IDLE = {"busy_cores": 0.1, "cores": 2}
 
 
 def test_the_warnings_say_when_a_draft_is_worse_or_its_prediction_fails():
@@ -192,7 +192,7 @@ def test_the_warnings_say_when_a_draft_is_worse_or_its_prediction_fails():
     close = {"separated": False, "said": "a, b predict 1.300x, 1.290x, within the costs' noise"}
     assert "too busy to rank" in hsd_search.warnings_of(winner, winner.speedup, close, fine, ["component"], IDLE, 0.5)[0]
     assert "the machine is busy" in hsd_search.warnings_of(winner, winner.speedup, ranked, fine, ["component"],
-                                                           {"load_average": 3.5, "cores": 2}, 0.5)[0]
+                                                           {"busy_cores": 1.5, "cores": 2}, 0.5)[0]
     assert "composed from its units 0.800" in hsd_search.warnings_of(winner, winner.speedup, ranked, fine,
                                                                      ["component"], IDLE, 0.8)[0]
 
@@ -299,14 +299,15 @@ def test_the_conflayers_method_writes_its_selection_at_its_own_k(tmp_path, fixed
 def test_a_busy_machine_is_said_before_anything_is_decoded_and_warnings_are_spelt_alike(monkeypatch, capsys):
     """The load (given here) is said on stderr before step 1 decodes its calibration prompts, as every tool spells a
     warning: "hsd_search: warning:"."""
-    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    monkeypatch.setattr(cost_model, "busy_cores", lambda: 1.6)
 
     def calibration(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(hsd_search, "calibration", calibration)
     assert hsd_search.main(["--model", "tiny-falcon-h1", *SMALL]) == 130
     err = capsys.readouterr().err.splitlines()
-    assert any(line.startswith("hsd_search: warning: the machine is busy (the load average is 6.00") for line in err)
+    assert any(line.startswith("hsd_search: warning: the machine is busy (other processes kept 1.60 of ")
+               for line in err)
     for tool in ("hsd.py", "hsd_eval.py", "hsd_bench.py", "hsd_search.py", "hsd_train.py", "exercises.py"):
         with open(os.path.join(HERE, tool), encoding="utf-8") as f:
             assert "WARNING" not in f.read(), tool
