@@ -5,8 +5,6 @@ import os
 import pytest
 import torch
 
-import cost_model
-
 
 def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -20,5 +18,5 @@ def an_idle_machine(monkeypatch):
     """The machine reads as idle, at once (cost_model.busy_cores: no core busy with other work; the load average, kept
     for the record, 0): what the tools say of a busy machine is tested with a load a test gives them, never with
     whatever else runs on this machine (the suite's own workers included)."""
-    monkeypatch.setattr(cost_model, "busy_cores", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr("cost_model.busy_cores", lambda *args, **kwargs: 0.0)    # by name: conftest imports none
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
