@@ -50,23 +50,38 @@ def test_the_sweep_predicts_with_the_papers_acceptance_where_it_has_one():
     assert row["paper_alpha"] == 0.224                                     # the paper's T=0.6 column
 
 
-def test_the_drafts_rows_are_the_papers_at_every_k_and_each_file_as_found():
+@pytest.fixture
+def searched_file(tmp_path):
+    """toy-qwen2.5's shipped draft file with a known plan (a re-search changes the shipped one's): k=2, stop 0.2, the
+    best fixed k 3, and the search's choice for the paper's draft (found_by.paper_drafts) k=4, stop 0.8."""
+    found = json.loads(open("toys/toy-qwen2.5/draft.json").read())
+    found.update(k=2, stop={"confidence": 0.2})
+    found["found_by"]["best_fixed"] = {"k": 3, "stop": None}
+    found["found_by"]["paper_drafts"] = {"layerskip": {"k": 4, "stop": 0.8}}
+    path = tmp_path / "draft.json"
+    path.write_text(json.dumps(found))
+    return str(path)
+
+
+def test_the_drafts_rows_are_the_papers_at_every_k_and_each_file_as_found(searched_file):
     """The paper's drafts at every k and auto, each file as found, at its best fixed k and auto; and the paper's
     draft for the family with the freedom the search has: at the file's k and stop, and at the search's own choice
     for it (the file's found_by.paper_drafts): the rows gain_split compares."""
     model = models.load("toy-qwen2.5")
-    rows, skip_label, splits = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"])
-    paper = [label for label in rows if not label.startswith("toys/")]
+    rows, skip_label, splits = hsd_bench.draft_rows(model, [searched_file])
+    paper = [label for label in rows if not label.startswith(searched_file)]
     assert paper == [f"{draft}, k={k}" for draft in ("layerskip", "early-exit") for k in range(1, 9)] + [
         "layerskip, k=auto", "early-exit, k=auto",                              # a Transformer: no component draft
         "layerskip, k=2, stop 0.2", "layerskip, k=4, stop 0.8"]                 # the file's plan; the search's for it
-    assert splits == {"toys/toy-qwen2.5/draft.json": {
-        "file": "toys/toy-qwen2.5/draft.json", "paper": "layerskip", "same_plan": "layerskip, k=2, stop 0.2",
+    assert splits == {searched_file: {
+        "file": searched_file, "paper": "layerskip", "same_plan": "layerskip, k=2, stop 0.2",
         "tuned": "layerskip, k=4, stop 0.8"}}
     assert rows["layerskip, k=4, stop 0.8"] == drafts.Draft("layerskip", rows["layerskip, k=1"].skip, 4, 0.8)
     assert skip_label["layerskip, k=4, stop 0.8"] == "layerskip"
-    files = [label for label in rows if label.startswith("toys/")]
-    assert files[0] == "toys/toy-qwen2.5/draft.json" and all(skip_label[label] == files[0] for label in files)
+    files = [label for label in rows if label.startswith(searched_file)]
+    assert files == [searched_file, f"{searched_file}, k=3", f"{searched_file}, k=auto"]   # as found, best fixed, auto
+    assert all(skip_label[label] == searched_file for label in files)
+    assert rows[f"{searched_file}, k=3"].k == 3 and rows[f"{searched_file}, k=3"].stop is None
     assert rows["layerskip, k=3"].k == 3 and rows["early-exit, k=auto"].k == "auto"
     assert len({rows[label].skip for label in files}) == 1
 
@@ -89,19 +104,20 @@ def test_ks_are_parsed_sorted_each_once_and_the_rows_follow_them():
                           "layerskip, k=auto", "early-exit, k=auto"]
 
 
-def test_sampling_runs_the_best_greedy_k_and_its_neighbours_every_auto_row_and_each_file():
+def test_sampling_runs_the_best_greedy_k_and_its_neighbours_every_auto_row_and_each_file(searched_file):
     model = models.load("toy-qwen2.5")
     ks = (1, 2, 4, 8)
-    rows, _, splits = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], ks)
+    rows, _, splits = hsd_bench.draft_rows(model, [searched_file], ks)
     paper = drafts.paper_skips(model.config)
     best = {"layerskip": 4, "early-exit": 1}                    # the greedy winners: inside and at an end of ks
     greedy = {label: 2.0 if label in {f"{draft}, k={k}" for draft, k in best.items()} else 1.0 for label in rows}
     kept = hsd_bench.sampled_labels(rows, paper, ks, greedy, splits)
-    assert [label for label in kept if not label.endswith("auto") and not label.startswith("toys/")] == [
+    assert [label for label in kept if not label.endswith("auto") and not label.startswith(searched_file)] == [
         "layerskip, k=2", "layerskip, k=4", "layerskip, k=8", "early-exit, k=1", "early-exit, k=2", "early-exit, k=4",
         "layerskip, k=2, stop 0.2", "layerskip, k=4, stop 0.8"]                # gain_split's rows: always
     assert {"layerskip, k=auto", "early-exit, k=auto"} <= set(kept)
-    assert [label for label in rows if label.startswith("toys/")] == [x for x in kept if x.startswith("toys/")]
+    assert [label for label in rows if label.startswith(searched_file)] == [x for x in kept
+                                                                           if x.startswith(searched_file)]
     assert hsd_bench.window(ks, 8) == (2, 4, 8) and hsd_bench.window((2, 4), 4) == (2, 4)
     few, _, _ = hsd_bench.draft_rows(model, [], (2, 4, 8))
     assert hsd_bench.sampled_labels(few, paper, (2, 4, 8), dict.fromkeys(few, 1.0)) == list(few)   # 3 ks: all

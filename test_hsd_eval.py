@@ -1,5 +1,6 @@
 """Tests for hsd_eval.py, the paper's measurements: python -m pytest -q test_hsd_eval.py (offline, on the tiny models
 and the trained toys). The grading tests of the measurements' exercises (EXERCISES.md) are ordinary tests here."""
+import functools
 import json
 import math
 import os
@@ -38,6 +39,14 @@ TINY_SKIPS = {
                      "early-exit": models.Skip(layers=frozenset({3, 4, 5}))},
 }
 REAL_DRAFTS = [(name, draft) for name, skips in TINY_SKIPS.items() for draft in skips]
+
+
+@pytest.fixture(autouse=True)
+def one_timed_turn(monkeypatch):
+    """hsd_eval's step times in these tests from one timed turn of the cost model's harness, not 7 (after its two
+    warm-up turns): these tests check what a run does with its times, not the times; a run's step times are most of
+    its seconds here (tiny-falcon-h1's second context is 2048 tokens, prefilled twice a turn)."""
+    monkeypatch.setattr(hsd_eval, "step_times", functools.partial(hsd_eval.step_times, repeats=1))
 QWEN2_TINY_JSON = {"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                    "tie_word_embeddings": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "eos_token_id": 0}
@@ -432,17 +441,40 @@ def eval_numbers(result):
             for draft, entry in result["drafts"].items()} | {"perplexity_full": result["perplexity_full"]}
 
 
+# A child's Ctrl-C as a terminal's, as in test_hsd.py (a test file imports no other): SIGINT caught by Python, whatever
+# the test worker that starts it ignores or blocks; and its signal masks for a failure's message.
+AS_AT_A_TERMINAL = ("import signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                    "signal.signal(signal.SIGINT, signal.default_int_handler); ")
+
+
+def signal_state(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return [line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+    except OSError:
+        return "gone"
+
+
 def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
-    out, progress = tmp_path / "run.jsonl", tmp_path / "stderr.txt"
+    """Ctrl-C (a real SIGINT to a real run) in the middle of the prompts: one line saying where the results are; the
+    same command resumes, and its numbers are an uninterrupted run's. The interrupted run starts from a file holding
+    an uninterrupted run's step times alone (a run resumed after its step times: they are not measured again)."""
+    whole, out, progress = tmp_path / "whole.jsonl", tmp_path / "run.jsonl", tmp_path / "stderr.txt"
+    assert hsd_eval.main([*EVAL_ARGS, "--out", str(whole), "--json"]) == 0
+    uninterrupted = json.loads(capsys.readouterr().out)
+    lines = whole.read_text().splitlines(keepends=True)
+    out.write_text("".join(line for line in lines if "header" in json.loads(line) or '"phase": "costs"' in line))
     with open(progress, "w") as err:                  # a file, not a pipe: the progress bars would fill a pipe
-        run = subprocess.Popen([sys.executable, "hsd_eval.py", *EVAL_ARGS, "--out", str(out), "--json"], text=True,
+        code = AS_AT_A_TERMINAL + "import runpy; runpy.run_path('hsd_eval.py', run_name='__main__')"
+        run = subprocess.Popen([sys.executable, "-c", code, *EVAL_ARGS, "--out", str(out), "--json"], text=True,
                                stdout=subprocess.PIPE, stderr=err, cwd=HERE)
-        while run.poll() is None and (not out.exists() or out.read_text().count('"phase": "alpha"') < 1):
+        while run.poll() is None and out.read_text().count('"phase": "alpha"') < 1:
             time.sleep(0.05)
+        signals = signal_state(run.pid)
         run.send_signal(signal.SIGINT)
         stdout, _ = run.communicate()
     stderr = progress.read_text()
-    assert run.returncode == 130 and stdout == "", stderr
+    assert run.returncode == 130 and stdout == "", (signals, stderr)
     message = [line for line in stderr.splitlines() if line.startswith("hsd_eval:") and "estimate" not in line
                and "warning" not in line]                      # a busy machine is said so
     assert message == [message[0]] and "run the same command again to resume" in message[0] and "alpha " in message[0]
@@ -450,8 +482,6 @@ def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, caps
     assert 1 <= saved < 3                                                   # interrupted in the middle of the prompts
     assert hsd_eval.main([*EVAL_ARGS, "--out", str(out), "--json"]) == 0
     resumed = json.loads(capsys.readouterr().out)
-    assert hsd_eval.main([*EVAL_ARGS, "--json"]) == 0
-    uninterrupted = json.loads(capsys.readouterr().out)
     assert eval_numbers(resumed) == eval_numbers(uninterrupted)
     assert resumed["drafts"]["component"]["k"]["2"]["alpha_sampled_shared"] is not None
 
