@@ -528,12 +528,16 @@ def write_json(path, value):
     os.replace(partial, path)
 
 
-def project_commit():
-    """The project's git commit (with "+changes" if files differ from it), or None where there is no git."""
+def project_commit(folder=HERE):
+    """The project's git commit, with "+changes" if what computes a number differs from it (a tracked .py file, or a
+    toy's weights, config or tokenizer), or None where there is no git. Results and documents written since (draft
+    files, bench.json, the .md files) are no change: a run that rewrites a draft file beside committed code is still
+    that code's."""
+    computes = ["*.py", "toys/*/model.safetensors", "toys/*/config.json", "toys/*/tokenizer.json"]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10,
                               check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *computes], cwd=folder,
                                capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None

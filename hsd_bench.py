@@ -719,20 +719,60 @@ def lookup_cost(model, context, step_s, repeats=7):
     return cost
 
 
-def context_sweep(name, turns=7, temperature=0.0):
+def context_sweep(name, turns=7, temperature=0.0, out=None):
     """c, v and the predicted speedup of the paper's drafts at every context of CONTEXTS the model's context allows,
     and the lookup's cost there: ({context: Costs}, {context: lookup_cost}, the machine); the speedups (sweep_rows) use
     the paper's acceptance (cost_model.PAPER) for the official models, labelled as such, and the acceptance each k
-    needs to pay off for every model and draft."""
+    needs to pay off for every model and draft. With out (a path), each context is saved there as it ends
+    (sweep_json, "complete": false until the last), and the same command resumes from it: a context saved by a sweep
+    of the same model, turns and temperature is not measured again (an official model's sweep runs half an hour and
+    more on this CPU)."""
     model = bench_model(name)
     cost_model.warm_up(model, 8)
     contexts = [L for L in CONTEXTS if L + 8 + 2 <= model.config.max_position_embeddings]
-    sweep, lookup = {}, {}
-    for L in tqdm(contexts, desc="contexts", file=sys.stderr):
+    sweep, lookup = saved_contexts(out, name, turns, temperature)
+    machine = cost_model.machine_state(model, "float32")
+    if sweep:
+        print(f"hsd_bench: resuming from {out}: contexts {', '.join(map(str, sweep))} are saved there",
+              file=sys.stderr)
+    for L in tqdm(contexts, desc="contexts", file=sys.stderr, initial=len(sweep)):
+        if L in sweep:
+            continue
         sweep[L] = cost_model.measure_costs(model, drafts.paper_skips(model.config), L, turns, 8, temperature,
                                             passes=hsd.PASSES)
         lookup[L] = lookup_cost(model, L, sweep[L].step_s, turns)
-    return sweep, lookup, cost_model.machine_state(model, "float32")
+        if out:
+            cost_model.write_json(out, sweep_json(name, sweep, lookup, machine, complete=False))
+    return {L: sweep[L] for L in contexts}, {L: lookup[L] for L in contexts}, machine
+
+
+def sweep_json(name, sweep, lookup, machine, complete=True):
+    """What --context-sweep saves (--out) and prints (--json): the machine, its warnings, the rows (sweep_rows) and the
+    raw costs and lookup costs per context; "complete" false while a sweep is under way (context_sweep resumes it)."""
+    warned = [w[9:] for w in warning_lines(machine)]
+    return {"model": name, "machine": machine, "warnings": warned, "unreliable": bool(warned), "complete": complete,
+            "rows": sweep_rows(name, sweep, lookup),
+            "costs": {str(L): costs._asdict() for L, costs in sweep.items()},
+            "lookup_cost": {str(L): each for L, each in lookup.items()}}
+
+
+def saved_contexts(out, name, turns, temperature):
+    """The contexts a sweep saved in out (sweep_json) with the same model, turns and temperature: ({context: Costs},
+    {context: {k: lookup cost}}); nothing if there is no such file or it is another sweep's."""
+    try:
+        with open(out, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (TypeError, OSError, ValueError):                  # no --out, no file yet, a damaged file
+        return {}, {}
+    if not isinstance(saved, dict) or saved.get("model") != name:
+        return {}, {}
+    sweep, lookup = {}, {}
+    for L, each in saved.get("costs", {}).items():
+        if each.get("turns") == turns and each.get("temperature") == temperature and L in saved.get("lookup_cost", {}):
+            noise = {**each["noise"], "v": {int(d): x for d, x in each["noise"].get("v", {}).items()}}   # JSON's keys
+            sweep[int(L)] = cost_model.Costs(**{**each, "noise": noise})
+            lookup[int(L)] = {int(k): cost for k, cost in saved["lookup_cost"][L].items()}
+    return sweep, lookup
 
 
 def paper_column(temperature):
@@ -894,7 +934,7 @@ def main(argv=None):
     p.add_argument("--busy-child", choices=BUSY_SETTINGS, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help="torch's threads (default: torch's choice)")
     p.add_argument("--out", help="with --drafts or --context-sweep: save the numbers, and --drafts' raw per-prompt "
-                                 "runs, to this JSON file")
+                                 "runs, to this JSON file (a --context-sweep resumes from it)")
     p.add_argument("--json", action="store_true", help="with --drafts, --units or --context-sweep: the numbers as one "
                                                        "JSON line: stdout holds it alone, the table goes to stderr")
     misspelt = cli.misspelt_option(p, sys.argv[1:] if argv is None else argv)
@@ -971,14 +1011,9 @@ def main(argv=None):
                 print(json.dumps({key: value for key, value in saved.items() if key != "runs"}))
             return 0
         if args.context_sweep:
-            sweep, lookup, machine = context_sweep(args.model, args.cost_repeats, args.temperature)
-            rows = sweep_rows(args.model, sweep, lookup)
-            print(*sweep_lines(args.model, sweep, rows, machine), sep="\n", file=table)
-            warned = [w[9:] for w in warning_lines(machine)]
-            saved = {"model": args.model, "machine": machine, "warnings": warned, "unreliable": bool(warned),
-                     "rows": rows,
-                     "costs": {str(L): costs._asdict() for L, costs in sweep.items()},
-                     "lookup_cost": {str(L): each for L, each in lookup.items()}}
+            sweep, lookup, machine = context_sweep(args.model, args.cost_repeats, args.temperature, args.out)
+            saved = sweep_json(args.model, sweep, lookup, machine)
+            print(*sweep_lines(args.model, sweep, saved["rows"], machine), sep="\n", file=table)
             if args.out:
                 cost_model.write_json(args.out, saved)
             if args.json:
@@ -1007,7 +1042,9 @@ def main(argv=None):
         print(f"hsd_bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = f" ({args.out} holds each temperature measured to its end)" if args.out and args.drafts is not None else ""
+        kept = (f" ({args.out} holds each temperature measured to its end)" if args.out and args.drafts is not None
+                else f" ({args.out} holds each context measured to its end: run the same command again to resume)"
+                if args.out and args.context_sweep else "")
         print(f"\nhsd_bench: interrupted{kept}", file=sys.stderr)
         return 130
     return 0

@@ -3,6 +3,8 @@
 Timings here are of a fake clock: no test asserts anything about how fast this machine is."""
 import math
 import os
+import shutil
+import subprocess
 from collections import namedtuple
 
 import pytest
@@ -333,3 +335,33 @@ def test_write_json_leaves_no_half_file(tmp_path):
     with pytest.raises(TypeError):
         cost_model.write_json(str(path), {"a": object()})
     assert path.read_text().startswith('{\n "a": [')                              # the old file stays whole
+
+
+def test_the_commit_is_marked_changed_by_code_and_toys_not_by_results(tmp_path):
+    """project_commit: "+changes" where a tracked .py file or a toy's weights differ from the commit; a rewritten draft
+    file, bench.json or document is a result, not a change (a run beside committed code is that code's)."""
+    git = shutil.which("git") or pytest.skip("git is not installed")
+
+    def run(*args):
+        subprocess.run([git, *args], cwd=tmp_path, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t"})
+    (tmp_path / "toys" / "toy").mkdir(parents=True)
+    files = {"hsd.py": "x = 1\n", "RESULTS.md": "a\n", "toys/toy/bench.json": "{}\n", "toys/toy/draft.json": "{}\n",
+             "toys/toy/model.safetensors": "w"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    run("init", "-q")
+    run("add", "-A")
+    run("commit", "-qm", "c")
+    head = cost_model.project_commit(tmp_path)
+    assert len(head) == 40 and "+" not in head
+    for name in ("RESULTS.md", "toys/toy/bench.json", "toys/toy/draft.json"):
+        (tmp_path / name).write_text("rewritten\n")
+    (tmp_path / "notes.py").write_text("untracked\n")
+    assert cost_model.project_commit(tmp_path) == head                          # results, documents, untracked files
+    for name in ("hsd.py", "toys/toy/model.safetensors"):
+        (tmp_path / name).write_text("changed\n")
+        assert cost_model.project_commit(tmp_path) == head + "+changes", name
+        run("checkout", "--", name)
+    assert cost_model.project_commit(str(tmp_path / "no such folder")) is None

@@ -210,7 +210,7 @@ def test_the_model_is_given_as_in_every_tool_the_busy_machine_said_first_and_jso
                "torch": "2", "commit": "abc"}
     said_first = []
 
-    def sweep(name, repeats, temperature):
+    def sweep(name, repeats, temperature, out=None):
         said_first.append(capsys.readouterr().err)
         return {}, {}, machine                                               # no contexts, no lookup costs
     monkeypatch.setattr(hsd_bench, "context_sweep", sweep)
@@ -322,6 +322,42 @@ def test_grounded_prompts_repeat_the_beginning_of_their_passage_after_a_newline(
         assert passage[len(beginning)] == " " or (len(beginning) == 40 and " " not in passage[30:41])
         assert len(passage) > len(beginning) + 64                                       # room to copy 64 tokens
     assert len(ids) + 64 <= models.load("toy-falcon-h1").config.max_position_embeddings
+
+
+def test_an_interrupted_sweep_resumes_from_its_file_and_measures_each_context_once(monkeypatch, tmp_path, capsys):
+    """--context-sweep --out F: each context saved as it ends ("complete" false until the last); Ctrl-C after two of
+    them, then the same command: only the others are measured, and the result is an uninterrupted sweep's; another
+    number of turns is another sweep (all measured again). Made-up costs: nothing is timed."""
+    model = models.load("toy-falcon-h1")                            # 512 tokens: contexts 64, 128, 256
+    measured, stop_at = [], []
+
+    def measure_costs(model, skips, L, turns, longest, temperature, passes):
+        if L in stop_at:
+            raise KeyboardInterrupt
+        measured.append(L)
+        return costs(dict.fromkeys(skips, 0.5 + L / 1e4), [1.0 + 0.1 * d for d in range(9)], L)._replace(turns=turns)
+    monkeypatch.setattr(hsd_bench, "bench_model", lambda name: model)
+    monkeypatch.setattr(cost_model, "warm_up", lambda *a: None)
+    monkeypatch.setattr(cost_model, "measure_costs", measure_costs)
+    monkeypatch.setattr(hsd_bench, "lookup_cost", lambda model, L, step_s, turns: {2: L / 1e5, 4: L / 1e5, 8: L / 1e5})
+    whole = hsd_bench.context_sweep("toy-falcon-h1", 3)
+    assert list(whole[0]) == measured == [64, 128, 256]
+    out, measured[:] = tmp_path / "sweep.json", []
+    stop_at.append(256)
+    with pytest.raises(KeyboardInterrupt):
+        hsd_bench.context_sweep("toy-falcon-h1", 3, out=str(out))
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and list(saved["costs"]) == ["64", "128"] and measured == [64, 128]
+    stop_at.clear()
+    measured.clear()
+    resumed = hsd_bench.context_sweep("toy-falcon-h1", 3, out=str(out))
+    assert measured == [256] and "resuming from" in capsys.readouterr().err
+    assert resumed[0] == whole[0] and resumed[1] == whole[1]
+    assert hsd_bench.sweep_rows("toy-falcon-h1", resumed[0], resumed[1]) == hsd_bench.sweep_rows(
+        "toy-falcon-h1", whole[0], whole[1])
+    measured.clear()
+    hsd_bench.context_sweep("toy-falcon-h1", 5, out=str(out))                      # other turns: another sweep
+    assert measured == [64, 128, 256]
 
 
 def test_the_sweep_gives_the_lookup_its_break_even_acceptance_beside_the_papers():
