@@ -542,7 +542,7 @@ def test_plot_is_well_formed_and_carries_its_numbers():
 
 
 def test_eval_without_wikitext_names_text(tmp_path, capsys):
-    cfg = {**QWEN2_TINY_JSON, "vocab_size": 97}
+    cfg = {**QWEN2_TINY_JSON, "vocab_size": 97, "max_position_embeddings": 1024}    # step times at 512 tokens, not 8192
     save_checkpoint(models.init_random(models.Model(models.config_from_hf(cfg))), tmp_path, cfg)
     models.char_tokenizer().save(str(tmp_path / "tokenizer.json"))
     result = run_cli("--model", str(tmp_path), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
