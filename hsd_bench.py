@@ -759,10 +759,12 @@ def sweep_json(name, sweep, lookup, machine, complete=True):
 def saved_contexts(out, name, turns, temperature):
     """The contexts a sweep saved in out (sweep_json) with the same model, turns and temperature: ({context: Costs},
     {context: {k: lookup cost}}); nothing if there is no such file or it is another sweep's."""
+    if not out:
+        return {}, {}
     try:
         with open(out, encoding="utf-8") as f:
             saved = json.load(f)
-    except (TypeError, OSError, ValueError):                  # no --out, no file yet, a damaged file
+    except (OSError, ValueError):                                     # no file yet, a damaged file
         return {}, {}
     if not isinstance(saved, dict) or saved.get("model") != name:
         return {}, {}

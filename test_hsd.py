@@ -903,36 +903,20 @@ def test_cli_prints_each_round_before_the_next_is_made(monkeypatch, capsys):
     assert all(out.startswith(f"round {i:3d}") for i, out in enumerate(rounds, 1)) and len(rounds) > 3
 
 
-def test_ctrl_c_during_generation_is_one_line():
+def test_ctrl_c_during_generation_is_one_line(ctrl_c):
     """Ctrl-C while generating: one line, exit 130. The tiny model is told it has no end-of-text token, so that the
     generation is still running when the signal comes (its continuation would otherwise end after 214 tokens)."""
-    code = (AS_AT_A_TERMINAL + "import cost_model, dataclasses, sys, hsd, models; cost_model.busy_cores = lambda: 0.0; "
+    code = (ctrl_c.code + "import cost_model, dataclasses, sys, hsd, models; cost_model.busy_cores = lambda: 0.0; "
             "models.TINY['tiny-qwen2.5'] = dataclasses.replace("                                      # idle, above
             "models.TINY['tiny-qwen2.5'], eos_token_id=-1); sys.exit(hsd.main(sys.argv[1:]))")
     run = subprocess.Popen([sys.executable, "-c", code, "--model", "tiny-qwen2.5", "--max-new-tokens", "4000"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     assert run.stdout.readline().startswith("model") and run.stdout.readline().startswith("prompt")
     assert run.stdout.read(12).startswith('output  "')                         # generating: 12 characters are out
-    signals = signal_state(run.pid)
+    signals = ctrl_c.signals(run.pid)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate()
     assert run.returncode == 130 and stderr.strip() == "hsd: interrupted", (signals, stderr)
-
-
-# A child's Ctrl-C as a terminal's: SIGINT caught by Python, whatever the test worker that starts it ignores or blocks
-# (a child inherits both; Python installs no handler for a signal ignored when it starts).
-AS_AT_A_TERMINAL = ("import signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
-                    "signal.signal(signal.SIGINT, signal.default_int_handler); ")
-
-
-def signal_state(pid):
-    """The signal masks of a process as /proc shows them (blocked, ignored, caught; hexadecimal), for a failure's
-    message: a child that did not stop at Ctrl-C shows why."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return [line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
-    except OSError:
-        return "gone"
 
 
 def test_a_busy_machine_is_said_before_the_run_and_never_advises_what_was_given(monkeypatch, capsys):

@@ -47,6 +47,8 @@ def one_timed_turn(monkeypatch):
     warm-up turns): these tests check what a run does with its times, not the times; a run's step times are most of
     its seconds here (tiny-falcon-h1's second context is 2048 tokens, prefilled twice a turn)."""
     monkeypatch.setattr(hsd_eval, "step_times", functools.partial(hsd_eval.step_times, repeats=1))
+
+
 QWEN2_TINY_JSON = {"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                    "tie_word_embeddings": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "eos_token_id": 0}
@@ -441,21 +443,7 @@ def eval_numbers(result):
             for draft, entry in result["drafts"].items()} | {"perplexity_full": result["perplexity_full"]}
 
 
-# A child's Ctrl-C as a terminal's, as in test_hsd.py (a test file imports no other): SIGINT caught by Python, whatever
-# the test worker that starts it ignores or blocks; and its signal masks for a failure's message.
-AS_AT_A_TERMINAL = ("import signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
-                    "signal.signal(signal.SIGINT, signal.default_int_handler); ")
-
-
-def signal_state(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return [line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
-    except OSError:
-        return "gone"
-
-
-def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
+def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys, ctrl_c):
     """Ctrl-C (a real SIGINT to a real run) in the middle of the prompts: one line saying where the results are; the
     same command resumes, and its numbers are an uninterrupted run's. The interrupted run starts from a file holding
     an uninterrupted run's step times alone (a run resumed after its step times: they are not measured again)."""
@@ -465,12 +453,12 @@ def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, caps
     lines = whole.read_text().splitlines(keepends=True)
     out.write_text("".join(line for line in lines if "header" in json.loads(line) or '"phase": "costs"' in line))
     with open(progress, "w") as err:                  # a file, not a pipe: the progress bars would fill a pipe
-        code = AS_AT_A_TERMINAL + "import runpy; runpy.run_path('hsd_eval.py', run_name='__main__')"
+        code = ctrl_c.code + "import runpy; runpy.run_path('hsd_eval.py', run_name='__main__')"
         run = subprocess.Popen([sys.executable, "-c", code, *EVAL_ARGS, "--out", str(out), "--json"], text=True,
                                stdout=subprocess.PIPE, stderr=err, cwd=HERE)
         while run.poll() is None and out.read_text().count('"phase": "alpha"') < 1:
             time.sleep(0.05)
-        signals = signal_state(run.pid)
+        signals = ctrl_c.signals(run.pid)
         run.send_signal(signal.SIGINT)
         stdout, _ = run.communicate()
     stderr = progress.read_text()
