@@ -18,7 +18,8 @@ runs them; the generations take the generate function (hsd.generate).
   round_cost(d, c, v, r) -> d c + v[d] + r          a round's cost in full steps (a plain step: d = 0, cost 1)
   predicted_speedup(made, steps, c, v, r)           tokens made / the cost of the steps that made them
   break_even_acceptance(c, v, k, r)                 the per-token acceptance at which k drafts a round just pay off
-  pause_below(costs, longest=16)                    -k auto's pause: below this acceptance no k pays for (c, v, r)
+  costs_up_to(costs, longest=16)                    (c, v, r) with v[d] for every d up to longest (the nearest's)
+  least_break_even(costs, longest=16)               the acceptance above which some k up to longest pays off
   default_costs(model, skip) -> (c, v, r)           -k auto's costs when none are measured: the weights read
   break_even(times, draft, k, a, max_context)       the context from which on speculation pays off (an exercise)
   fit_monotone(values)                              least-squares non-decreasing fit (v in d)
@@ -116,12 +117,18 @@ def break_even_acceptance(c, v, k, r):
     return high
 
 
-def pause_below(costs, longest=16):
-    """-k auto's pause: the acceptance below which no k up to longest (-k auto's largest) pays off for costs
-    (c, {d: v[d]}, r; a d not in v takes the nearest one's v): the least break_even_acceptance; 1 if none does."""
+def costs_up_to(costs, longest=16):
+    """costs (c, v, r), v a dict {d: v[d]} or a sequence -> (c, {d: v[d]} for every d from 1 to longest, r): a d not
+    measured takes the nearest measured d's v (default_costs gives v[1] alone)."""
     c, v, r = drafts.draft_costs(*costs)                     # v as {d: v[d]}, from a dict or a sequence
-    nearest = {d: v[d] if d in v else v[min(v, key=lambda e: abs(e - d))] for d in range(1, longest + 1)}
-    even = [break_even_acceptance(c, nearest[d], d, r) for d in range(1, longest + 1)]
+    return c, {d: v[d] if d in v else v[min(v, key=lambda e: abs(e - d))] for d in range(1, longest + 1)}, r
+
+
+def least_break_even(costs, longest=16):
+    """The acceptance above which drafting pays off for costs (c, v, r) at some k up to longest (-k auto's largest):
+    the least break_even_acceptance; 1 if none does."""
+    c, v, r = costs_up_to(costs, longest)
+    even = [break_even_acceptance(c, v[d], d, r) for d in range(1, longest + 1)]
     return min((acceptance for acceptance in even if acceptance is not None), default=1.0)
 
 

@@ -75,7 +75,7 @@ def draft_words(chosen, config, default):
         return "draft none: plain decoding"
     why = f" (the paper's for {config.family})" if default else ""
     k = ("k auto" if chosen.k == "auto" else f"k={chosen.k}") + (f", stop below {chosen.stop}" if chosen.stop else "")
-    text = f"the text's {chosen.lookup}-grams" + ("" if chosen.lookup == 1 else " and shorter") if chosen.lookup else ""
+    text = f"the text's {chosen.lookup}-grams" if chosen.lookup else ""
     if chosen.skip is None:
         return f"draft {chosen.name}, {k}: {text} propose"
     checked = f": {text} propose, a draft model that skips {chosen.skip} checks and drafts on" if text else ""

@@ -55,7 +55,7 @@ try:
     import cli
     import cost_model
     import models
-    from cost_model import clock, default_costs, pause_below
+    from cost_model import clock, costs_up_to, default_costs, least_break_even
     from drafts import (DRAFTS, LOOKUP, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft,
                         read_draft_file, split_lookup)
 except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
@@ -199,22 +199,23 @@ def plain_step(model, cache, pending, temperature=0.0, generator=None):
 
 
 # --- The text as the draft: lookup, and its round ------------------------------------------------------------
-LOOKUP_N, LOOKUP_K = 3, 8    # the largest n-gram and the most drafts: measured on the toys (README, "Draft strategies")
-LOOKUP_COSTS = (0.0, {1: 1.0}, 0.0)  # -k auto's costs of the lookup alone: no draft step (c = 0), v, r as default_costs
+LOOKUP_N, LOOKUP_LEAST, LOOKUP_K = 3, 3, 8  # the largest n-gram, the shortest generation matches (at most n), the most
+# drafts: measured on the toys (README, "Draft strategies"; RESULTS.md, "Drafts from the text")
 
 
-def lookup(tokens, n=LOOKUP_N, k=LOOKUP_K, index=None):
+def lookup(tokens, n=LOOKUP_N, k=LOOKUP_K, index=None, least=1):
     """Prompt lookup: drafts from the text itself -> a list of up to k token ids (possibly empty).
 
     tokens: the committed ids, prompt and output (a list of ints), the pending token last; n: the largest n-gram;
-    k: the most tokens to propose. For size = n, n-1, ..., 1: if the last `size` tokens (the suffix) occur earlier,
-    wholly before the suffix itself (an occurrence overlapping it is not "earlier"), propose the up to k tokens that
-    followed the LATEST such occurrence, which end where the committed tokens end; the first size that occurs wins
-    (the longest match). Nothing occurs: []. The latest occurrence, n = 3 and k = 8: on the toys' passage-then-its-
-    beginning prompts the latest occurrence predicts the model's greedy tokens better than the earliest (2.4 against
-    2.0 tokens per unit of cost at k = 8, n = 3), larger n change nothing, and k from 8 to 12 is best (README).
+    k: the most tokens to propose; least: the shortest n-gram. For size = n, n-1, ..., least: if the last `size`
+    tokens (the suffix) occur earlier, wholly before the suffix itself (an occurrence overlapping it is not "earlier"),
+    propose the up to k tokens that followed the LATEST such occurrence, which end where the committed tokens end; the
+    first size that occurs wins (the longest match). Nothing occurs: []. Measured on the toys (RESULTS.md, "Drafts from
+    the text"): the latest occurrence predicts the model's greedy tokens better than the earliest, larger n change
+    nothing, k from 8 to 12 is best; generation passes least = LOOKUP_LEAST, as on the toys' one-character tokens a
+    match of 1 or 2 proposes noise (at T = 0.6 it cost 6-12 % of plain decoding's speed, where 3 gains 4-7 %).
     index: None scans the tokens, O(len(tokens) n); index_ngrams' dict gives the same answer in O(n)."""
-    for size in range(min(n, len(tokens) // 2), 0, -1):
+    for size in range(min(n, len(tokens) // 2), least - 1, -1):
         suffix = tokens[-size:]
         if index is not None:
             end = index.get(tuple(suffix))
@@ -253,29 +254,30 @@ def text_round(model, cache, pending, proposed, skip=None, temperature=0.0, gene
 
 # --- k="auto": the draft length, and whether to draft at all, from the rounds already judged ----------------------
 AUTO_START, AUTO_MAX, AUTO_STOP = 1, 16, 0.5    # first k, largest k, the stop of a draft that brings none
-AUTO_MEMORY = 0.875     # the moving acceptance keeps this much of what came before each round: about 8 rounds count
-AUTO_EVIDENCE = 3       # drafts judged (so weighted) before drafting may pause: never on one round alone
-AUTO_PAUSE, AUTO_LONGEST_PAUSE = 8, 128         # plain steps of a pause, doubling to this while tries do not pay
-Plan = namedtuple("Plan", "k plain pause accepted tries", defaults=(0.0, 0.0))
-# draft k next, after `plain` plain steps; pause: the next pause; accepted / tries: the recent acceptance, moving sums
-# of the drafts accepted and of the drafts judged (the accepted ones and the rejected one), AUTO_MEMORY per round
+AUTO_MEMORY = 0.875     # the moving gain keeps this much of what came before each round: about 8 rounds count
+AUTO_PAUSE, AUTO_LONGEST_PAUSE = 16, 128        # plain steps of a pause, doubling to this while tries do not pay
+Plan = namedtuple("Plan", "k plain pause gain", defaults=(0.0,))
+# draft k next, after `plain` plain steps; pause: the next pause; gain: the recent rounds' tokens made less what they
+# cost (cost_model.round_cost, in full steps), a moving sum that keeps AUTO_MEMORY of itself per round
 
 
-def auto_k(plan, drafted, accepted, below=0.0):
+def auto_k(plan, drafted, accepted, costs):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
-    step). When the recent acceptance falls below `below` (pause_below of the draft's c, v, r: under it drafting costs
-    more than it makes), `pause` plain steps, then a round of one draft, the pause doubling (up to AUTO_LONGEST_PAUSE)
-    while the acceptance stays below. Otherwise: all k accepted, two more next time (up to AUTO_MAX); some rejected,
-    one fewer (at least 1); none accepted, 1. It looks only at rounds already judged: greedy output stays plain greedy
-    decoding's and sampling stays exact."""
+    step). costs: the draft's (c, v, r), v[d] for every d (cost_model.costs_up_to). When the recent rounds made fewer
+    tokens than they cost (the moving gain below 0), `pause` plain steps, then a round of one draft, the pause doubling
+    (up to AUTO_LONGEST_PAUSE) while the tries do not pay. Otherwise: all k accepted, two more next time (up to
+    AUTO_MAX); some rejected, one fewer (at least 1); none accepted, 1. It looks only at rounds already judged: greedy
+    output stays plain greedy decoding's and sampling stays exact. Why the gain, not the acceptance: RESULTS.md, "-k
+    auto"."""
     if drafted == 0:                                           # a plain step: one less to wait
         return plan._replace(plain=max(0, plan.plain - 1))
-    recent = (AUTO_MEMORY * plan.accepted + accepted, AUTO_MEMORY * plan.tries + accepted + (accepted < drafted))
-    if recent[1] >= AUTO_EVIDENCE and recent[0] < below * recent[1]:                # drafting does not pay
-        return Plan(1, plan.pause, min(AUTO_LONGEST_PAUSE, 2 * plan.pause), *recent)
+    made = accepted + 1                                        # its accepted drafts and the full model's token
+    gain = AUTO_MEMORY * plan.gain + made - cost_model.round_cost(drafted, *costs)
+    if gain < 0:                                               # drafting costs more than it makes: pause
+        return Plan(1, plan.pause, min(AUTO_LONGEST_PAUSE, 2 * plan.pause), 0.0)
     if accepted == drafted:                                    # all accepted (a stop may have ended the round early)
-        return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, AUTO_PAUSE, *recent)
-    return Plan(max(1, plan.k - 1) if accepted else 1, 0, AUTO_PAUSE, *recent)
+        return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, AUTO_PAUSE, gain)
+    return Plan(max(1, plan.k - 1) if accepted else 1, 0, AUTO_PAUSE, gain)
 
 
 def choose_draft(model, asked=None, k=None, costs=None, temperature=None, context=None):
@@ -285,8 +287,9 @@ def choose_draft(model, asked=None, k=None, costs=None, temperature=None, contex
     Python warnings) or a Draft. k: drafts per round or "auto"; None: the draft file's, else LOOKUP_K for the lookup
     alone, 2 for any other draft; None for plain decoding, whatever is asked. A draft file keeps its stop rule; a
     named draft or a Skip stops at AUTO_STOP with k="auto" and never with a fixed k (the lookup alone never: its
-    drafts are certain). costs (c, v, r) for -k auto: those given, else the draft file's, else default_costs (a cascade:
-    its draft model's, for what runs most), LOOKUP_COSTS for the lookup alone. temperature, context: the run's, for a
+    drafts are certain). The lookup alone asked for k="auto" runs k=AUTO_MAX: without a draft step there is nothing to
+    weigh, and on the toys its longest proposals paid best (RESULTS.md, "-k auto"). costs (c, v, r) for -k auto: those
+    given, else the draft file's, else default_costs (a cascade: its draft model's, for what runs most). temperature, context: the run's, for a
     draft file's notes (drafts.run_notes)."""
     text, asked = split_lookup(asked)
     if isinstance(asked, Draft):
@@ -312,10 +315,12 @@ def choose_draft(model, asked=None, k=None, costs=None, temperature=None, contex
     k = chosen.k if k is None else k
     if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool))):
         raise models.UsageError(f'k must be a number of drafts or "auto" (got {k!r})')
+    if k == "auto" and chosen.skip is None:               # the lookup alone: no draft step to weigh, nothing to adapt
+        k = AUTO_MAX
     if costs is not None:
         costs = draft_costs(*costs)
     elif chosen.costs is None and k == "auto":                          # the default rule
-        costs = LOOKUP_COSTS if chosen.skip is None else default_costs(model, chosen.skip)
+        costs = default_costs(model, chosen.skip)
     return chosen._replace(k=k, costs=costs or chosen.costs)
 
 
@@ -409,7 +414,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     prefill(model, cache, prompt[:-1])
     yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
     auto = chosen.k == "auto"
-    below = pause_below(chosen.costs) if auto else 0.0
+    pause_by = costs_up_to(chosen.costs, AUTO_MAX) if auto else None       # what -k auto weighs its rounds by
     produced, pending, plan = 0, prompt[-1], Plan(AUTO_START, 0, AUTO_PAUSE)
     while produced < max_new_tokens:
         t0 = clock(cache.device)
@@ -418,7 +423,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
         proposed = []
         if chosen.lookup and not paused:
             indexed = index_ngrams(index, committed, chosen.lookup, indexed)
-            proposed = lookup(committed, chosen.lookup, k_round, index)
+            proposed = lookup(committed, chosen.lookup, k_round, index, least=min(LOOKUP_LEAST, chosen.lookup))
             proposed = proposed[:proposed.index(eos) + 1] if eos in proposed else proposed
         if paused or (chosen.skip is None and not proposed):     # ... or the text proposes nothing to the lookup alone
             drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
@@ -429,7 +434,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
             drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_round, temperature,
                                                           generator, chosen.stop, eos, proposed)
         if auto:
-            plan = auto_k(plan, len(drafts), accepted, below)
+            plan = auto_k(plan, len(drafts), accepted, pause_by)
         new = drafts[:accepted] + [pending]
         if eos in new:
             new = new[:new.index(eos) + 1]
@@ -464,7 +469,7 @@ PASSES = cost_model.Passes(prefill, snapshot, restore, plain_step, draft, verify
 def statistics(chosen, steps, seed=None):
     """What a generation with the Draft `chosen` did, from its steps; alpha: RESULTS.md, "Acceptance". "k" is the k
     asked for (a number, "auto": then "drafts_per_round" says how long the rounds were on average; None: plain
-    decoding); "pause_below": the acceptance below which -k auto pauses drafting; "seed": the sampling's seed; with a
+    decoding); "break_even": with -k auto, the acceptance above which its costs let drafting pay; "seed": the sampling's seed; with a
     lookup, the text's drafts apart: "proposed", the tokens the lookup proposed (a cascade's draft model checks them),
     "from_text", the drafts that are the text's, "from_text_accepted", how many of those the full model accepted."""
     rounds = [step for step in steps if step.kind == "round"]
@@ -479,7 +484,7 @@ def statistics(chosen, steps, seed=None):
             "drafts_per_round": drafted / len(rounds) if rounds else None,
             "accepted_per_round": accepted / len(rounds) if rounds else None,
             "accepted_histogram": [sum(r.accepted == a for r in rounds) for a in range(longest + 1)],
-            "pause_below": pause_below(chosen.costs) if chosen.k == "auto" else None,
+            "break_even": least_break_even(chosen.costs) if chosen.k == "auto" else None,
             "new_tokens": new_tokens, "prefill_s": sum(step.seconds for step in steps if step.kind == "prefill"),
             "decode_s": decode_s, "round_s": sum(r.seconds for r in rounds),
             "tokens_per_s": new_tokens / decode_s if decode_s else None,

@@ -314,7 +314,7 @@ def replay(estimates, k, stop, c, v, r):
     stop ending a round after a draft less sure than it): tokens made, their cost in full steps, rounds, drafts made
     and accepted. At a temperature a round keeps its expected accepted drafts and the replay moves on by as many."""
     tokens = cost = rounds = drafted = accepted = 0
-    below = cost_model.pause_below((c, v, r)) if k == "auto" else 0.0    # where -k auto pauses, as generate does
+    pause_by = cost_model.costs_up_to((c, v, r), hsd.AUTO_MAX)           # -k auto pauses by them, as generate does
     for e in estimates:
         j, n, plan = 0.0, len(e.accept), hsd.Plan(hsd.AUTO_START, 0, hsd.AUTO_PAUSE)
         while int(j) < n:
@@ -329,7 +329,7 @@ def replay(estimates, k, stop, c, v, r):
                 tokens, cost, rounds = tokens + a + 1, cost + cost_model.round_cost(d, c, v, r), rounds + 1
                 drafted, accepted = drafted + d, accepted + a
             if k == "auto":
-                plan = hsd.auto_k(plan, d, round(a), below)
+                plan = hsd.auto_k(plan, d, round(a), pause_by)
             j += a + 1
     return Replay(tokens, cost, rounds, drafted, accepted)
 

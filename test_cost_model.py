@@ -41,9 +41,12 @@ def test_break_even_acceptance_is_where_a_round_just_pays():
     assert abs(sum(p ** i for i in range(5)) - cost_model.round_cost(4, 0.3, {4: 1.2}, 0.1)) < 1e-9
     assert cost_model.break_even_acceptance(0.9, 1.5, 2, 0.0) is None      # 3.3 steps for at most 3 tokens: never
     assert cost_model.break_even_acceptance(0.5, 1.0, 1, 0.6) is None      # 2.1 steps for at most 2 tokens: never
-    # -k auto pauses below the least of them over k: r raises it (r 0.3: 1 + p = 0.5 + 1.0 + 0.3 at k = 1)
-    assert cost_model.pause_below((0.5, {1: 1.0, 2: 1.2}, 0.0), 2) == pytest.approx(0.5)
-    assert cost_model.pause_below((0.5, {1: 1.0, 2: 1.2}, 0.3), 2) == pytest.approx(0.8)
+    # drafting pays above the least of them over k: r raises it (r 0.3: 1 + p = 0.5 + 1.0 + 0.3 at k = 1)
+    assert cost_model.least_break_even((0.5, {1: 1.0, 2: 1.2}, 0.0), 2) == pytest.approx(0.5)
+    assert cost_model.least_break_even((0.5, {1: 1.0, 2: 1.2}, 0.3), 2) == pytest.approx(0.8)
+    # a d not measured takes the nearest measured d's v
+    assert cost_model.costs_up_to((0.5, {1: 1.0, 4: 1.2}, 0.1), 5) == (0.5, {1: 1.0, 2: 1.0, 3: 1.2, 4: 1.2, 5: 1.2},
+                                                                       0.1)
 
 
 @pytest.mark.parametrize("values, fitted", [
