@@ -94,7 +94,7 @@ def summary(s, max_new_tokens, eos, tokenizer):
     if s["rounds"]:
         histogram = ", ".join(f"{a}: {count}" for a, count in enumerate(s["accepted_histogram"]) if count)
         lengths = (f", {s['drafts_per_round']:.2f} drafted per round (k auto), {s['plain_steps']} plain steps "
-                   f"(drafting pays above acceptance {s['break_even']:.2f})" if s["k"] == "auto" else "")
+                   f"(drafting pays above acceptance {s['least_break_even']:.2f})" if s["k"] == "auto" else "")
         yield (f"alpha   {s['alpha']:.3f}: {s['accepted']} of {s['drafted']} drafts accepted, "
                f"{s['accepted_per_round']:.2f} per round over {s['rounds']} rounds (rounds by drafts accepted: "
                f"{histogram}){lengths}, {s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")

@@ -20,6 +20,7 @@ runs them; the generations take the generate function (hsd.generate).
   break_even_acceptance(c, v, k, r)                 the per-token acceptance at which k drafts a round just pay off
   costs_up_to(costs, longest=16)                    (c, v, r) with v[d] for every d up to longest (the nearest's)
   least_break_even(costs, longest=16)               the acceptance above which some k up to longest pays off
+  least_paying_k(costs, longest=16)                 the fewest drafts a round needs to pay off even if all are kept
   default_costs(model, skip) -> (c, v, r)           -k auto's costs when none are measured: the weights read
   break_even(times, draft, k, a, max_context)       the context from which on speculation pays off (an exercise)
   fit_monotone(values)                              least-squares non-decreasing fit (v in d)
@@ -122,6 +123,14 @@ def costs_up_to(costs, longest=16):
     measured takes the nearest measured d's v (default_costs gives v[1] alone)."""
     c, v, r = drafts.draft_costs(*costs)                     # v as {d: v[d]}, from a dict or a sequence
     return c, {d: v[d] if d in v else v[min(v, key=lambda e: abs(e - d))] for d in range(1, longest + 1)}, r
+
+
+def least_paying_k(costs, longest=16):
+    """The fewest drafts a round must make to pay off at all: the least d up to longest at which a round that keeps all
+    its d drafts makes more tokens than it costs, d + 1 > round_cost(d, c, v, r); None if no d does. costs: (c, v, r),
+    v[d] for every d up to longest (costs_up_to)."""
+    c, v, r = costs
+    return next((d for d in range(1, longest + 1) if d + 1 > round_cost(d, c, v, r)), None)
 
 
 def least_break_even(costs, longest=16):

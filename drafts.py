@@ -68,14 +68,16 @@ def split_lookup(asked):
     return False, asked
 
 
-def draft_words(chosen, config, default):
+def draft_words(chosen, config, default, least):
     """A Draft in the command line's words: its name, why it was chosen (default: it is the paper's for the model's
-    family), its k and stop and what it leaves out; "draft none: plain decoding" for no draft."""
+    family), its k and stop, the n-grams its lookup matches (largest chosen.lookup, shortest least) and what it leaves
+    out; "draft none: plain decoding" for no draft."""
     if chosen.k is None:
         return "draft none: plain decoding"
     why = f" (the paper's for {config.family})" if default else ""
     k = ("k auto" if chosen.k == "auto" else f"k={chosen.k}") + (f", stop below {chosen.stop}" if chosen.stop else "")
-    text = f"the text's {chosen.lookup}-grams" if chosen.lookup else ""
+    sizes = f"{chosen.lookup}- to {least}" if chosen.lookup and chosen.lookup > least else chosen.lookup
+    text = f"the text's {sizes}-grams" if chosen.lookup else ""
     if chosen.skip is None:
         return f"draft {chosen.name}, {k}: {text} propose"
     checked = f": {text} propose, a draft model that skips {chosen.skip} checks and drafts on" if text else ""

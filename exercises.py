@@ -122,9 +122,9 @@ EXERCISES = [
         "lookup", ["hsd.lookup"],
         "prompt lookup, the draft that costs nothing: the tokens that followed an earlier occurrence of the text's "
         "last few tokens, the longest such suffix first; and which occurrences are earlier at all",
-        "for each suffix size from the largest down: look for it among the tokens before the suffix, the latest "
-        "first; the first size found wins; propose what followed it, at most k, up to the end of the tokens; with "
-        "an index, its dict says where the latest occurrence ends", 20,
+        "for each suffix size from the largest down to least: look for it among the tokens before the suffix, the "
+        "latest first; the first size found wins; propose what followed it, at most k, up to the end of the tokens; "
+        "with an index, its dict says where the latest occurrence ends", 20,
         ["test_lookup_proposes_what_followed_the_longest_earlier_suffix"], []),
     Exercise(
         "text-round", ["hsd.text_round"],

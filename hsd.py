@@ -55,7 +55,7 @@ try:
     import cli
     import cost_model
     import models
-    from cost_model import clock, costs_up_to, default_costs, least_break_even
+    from cost_model import clock, costs_up_to, default_costs, least_break_even, least_paying_k
     from drafts import (DRAFTS, LOOKUP, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft,
                         read_draft_file, split_lookup)
 except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
@@ -253,7 +253,7 @@ def text_round(model, cache, pending, proposed, skip=None, temperature=0.0, gene
 
 
 # --- k="auto": the draft length, and whether to draft at all, from the rounds already judged ----------------------
-AUTO_START, AUTO_MAX, AUTO_STOP = 1, 16, 0.5    # first k, largest k, the stop of a draft that brings none
+AUTO_MAX, AUTO_STOP = 16, 0.5   # the largest k, the stop of a draft that brings none
 AUTO_MEMORY = 0.875     # the moving gain keeps this much of what came before each round: about 8 rounds count
 AUTO_PAUSE, AUTO_LONGEST_PAUSE = 16, 128        # plain steps of a pause, doubling to this while tries do not pay
 Plan = namedtuple("Plan", "k plain pause gain", defaults=(0.0,))
@@ -261,23 +261,33 @@ Plan = namedtuple("Plan", "k plain pause gain", defaults=(0.0,))
 # cost (cost_model.round_cost, in full steps), a moving sum that keeps AUTO_MEMORY of itself per round
 
 
+def first_plan(costs):
+    """-k auto's plan before the first round, for the draft's costs (costs_up_to's): the fewest drafts that can pay off
+    (cost_model.least_paying_k: fewer cost more than they could make even if all were kept); if no k can, the longest
+    pause, then a try of one draft."""
+    least = least_paying_k(costs, AUTO_MAX)
+    return Plan(least, 0, AUTO_PAUSE) if least else Plan(1, AUTO_LONGEST_PAUSE, AUTO_LONGEST_PAUSE)
+
+
 def auto_k(plan, drafted, accepted, costs):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
     step). costs: the draft's (c, v, r), v[d] for every d (cost_model.costs_up_to). When the recent rounds made fewer
     tokens than they cost (the moving gain below 0), `pause` plain steps, then a round of one draft, the pause doubling
     (up to AUTO_LONGEST_PAUSE) while the tries do not pay. Otherwise: all k accepted, two more next time (up to
-    AUTO_MAX); some rejected, one fewer (at least 1); none accepted, 1. It looks only at rounds already judged: greedy
+    AUTO_MAX); some rejected, one fewer; none accepted, the fewest that can pay (least_paying_k; a try after a pause
+    drafts as many: fewer could not pay even if all were kept). It looks only at rounds already judged: greedy
     output stays plain greedy decoding's and sampling stays exact. Why the gain, not the acceptance: RESULTS.md, "-k
     auto"."""
     if drafted == 0:                                           # a plain step: one less to wait
         return plan._replace(plain=max(0, plan.plain - 1))
     made = accepted + 1                                        # its accepted drafts and the full model's token
     gain = AUTO_MEMORY * plan.gain + made - cost_model.round_cost(drafted, *costs)
+    least = least_paying_k(costs, AUTO_MAX) or 1               # fewer drafts never pay
     if gain < 0:                                               # drafting costs more than it makes: pause
-        return Plan(1, plan.pause, min(AUTO_LONGEST_PAUSE, 2 * plan.pause), 0.0)
+        return Plan(least, plan.pause, min(AUTO_LONGEST_PAUSE, 2 * plan.pause), 0.0)
     if accepted == drafted:                                    # all accepted (a stop may have ended the round early)
         return Plan(min(AUTO_MAX, plan.k + 2) if drafted == plan.k else plan.k, 0, AUTO_PAUSE, gain)
-    return Plan(max(1, plan.k - 1) if accepted else 1, 0, AUTO_PAUSE, gain)
+    return Plan(max(least, plan.k - 1) if accepted else least, 0, AUTO_PAUSE, gain)
 
 
 def choose_draft(model, asked=None, k=None, costs=None, temperature=None, context=None):
@@ -289,8 +299,8 @@ def choose_draft(model, asked=None, k=None, costs=None, temperature=None, contex
     named draft or a Skip stops at AUTO_STOP with k="auto" and never with a fixed k (the lookup alone never: its
     drafts are certain). The lookup alone asked for k="auto" runs k=AUTO_MAX: without a draft step there is nothing to
     weigh, and on the toys its longest proposals paid best (RESULTS.md, "-k auto"). costs (c, v, r) for -k auto: those
-    given, else the draft file's, else default_costs (a cascade: its draft model's, for what runs most). temperature, context: the run's, for a
-    draft file's notes (drafts.run_notes)."""
+    given, else the draft file's, else default_costs (a cascade: its draft model's, for what runs most). temperature,
+    context: the run's, for a draft file's notes (drafts.run_notes)."""
     text, asked = split_lookup(asked)
     if isinstance(asked, Draft):
         chosen = asked
@@ -415,7 +425,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
     auto = chosen.k == "auto"
     pause_by = costs_up_to(chosen.costs, AUTO_MAX) if auto else None       # what -k auto weighs its rounds by
-    produced, pending, plan = 0, prompt[-1], Plan(AUTO_START, 0, AUTO_PAUSE)
+    produced, pending, plan = 0, prompt[-1], first_plan(pause_by) if auto else None
     while produced < max_new_tokens:
         t0 = clock(cache.device)
         k_round = 0 if chosen.k is None else min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)
@@ -469,9 +479,10 @@ PASSES = cost_model.Passes(prefill, snapshot, restore, plain_step, draft, verify
 def statistics(chosen, steps, seed=None):
     """What a generation with the Draft `chosen` did, from its steps; alpha: RESULTS.md, "Acceptance". "k" is the k
     asked for (a number, "auto": then "drafts_per_round" says how long the rounds were on average; None: plain
-    decoding); "break_even": with -k auto, the acceptance above which its costs let drafting pay; "seed": the sampling's seed; with a
-    lookup, the text's drafts apart: "proposed", the tokens the lookup proposed (a cascade's draft model checks them),
-    "from_text", the drafts that are the text's, "from_text_accepted", how many of those the full model accepted."""
+    decoding); "least_break_even": with -k auto, the acceptance above which its costs let drafting pay
+    (cost_model.least_break_even); "seed": the sampling's seed; with a lookup, the text's drafts apart: "proposed",
+    the tokens the lookup proposed (a cascade's draft model checks them), "from_text", the drafts that are the text's,
+    "from_text_accepted", how many of those the full model accepted."""
     rounds = [step for step in steps if step.kind == "round"]
     drafted = sum(len(r.drafts) for r in rounds)
     accepted = sum(r.accepted for r in rounds)
@@ -484,7 +495,7 @@ def statistics(chosen, steps, seed=None):
             "drafts_per_round": drafted / len(rounds) if rounds else None,
             "accepted_per_round": accepted / len(rounds) if rounds else None,
             "accepted_histogram": [sum(r.accepted == a for r in rounds) for a in range(longest + 1)],
-            "break_even": least_break_even(chosen.costs) if chosen.k == "auto" else None,
+            "least_break_even": least_break_even(chosen.costs, AUTO_MAX) if chosen.k == "auto" else None,
             "new_tokens": new_tokens, "prefill_s": sum(step.seconds for step in steps if step.kind == "prefill"),
             "decode_s": decode_s, "round_s": sum(r.seconds for r in rounds),
             "tokens_per_s": new_tokens / decode_s if decode_s else None,
@@ -524,7 +535,7 @@ def run_generate(args, model, tokenizer, raw=None):
     seed = choose_seed(temperature, args.seed)                                                       # printed
     sampling = f"temperature {temperature}, seed {seed}" if temperature > 0 else "greedy"
     print(f"model   {args.model} ({model.config.num_layers} layers, {args.dtype} on {args.device}), {sampling}, "
-          f"{draft_words(chosen, model.config, args.draft is None)}")
+          f"{draft_words(chosen, model.config, args.draft is None, LOOKUP_LEAST)}")
     print(f"prompt  {cli.show(tokenizer, prompt)}")
     longest = AUTO_MAX if chosen.k == "auto" else chosen.k or 1
     cost_model.warm_up(model, max(1, min(longest, args.max_new_tokens - 1)))     # every round length it can run
@@ -574,7 +585,8 @@ def main(argv=None):
                                    "lookup proposes, DRAFT checks and drafts on) (default: the paper's draft for the "
                                    "family: component for the hybrids, layerskip for the Transformer)")
     p.add_argument("-k", type=cli.k_argument, help="drafts per round, or auto: a length that adapts from round to "
-                                                   "round (default: the draft file's, else 2)")
+                                                   "round (the lookup alone: 16) (default: the draft file's, else 2; "
+                                                   "the lookup's 8)")
     p.add_argument("--prompt", help=f"the text to continue (default: {PROMPT!r})")
     p.add_argument("--prompt-file", metavar="PATH", help="the text to continue, from a UTF-8 file (- : standard input)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default: 64)")

@@ -314,9 +314,9 @@ def replay(estimates, k, stop, c, v, r):
     stop ending a round after a draft less sure than it): tokens made, their cost in full steps, rounds, drafts made
     and accepted. At a temperature a round keeps its expected accepted drafts and the replay moves on by as many."""
     tokens = cost = rounds = drafted = accepted = 0
-    pause_by = cost_model.costs_up_to((c, v, r), hsd.AUTO_MAX)           # -k auto pauses by them, as generate does
+    pause_by = cost_model.costs_up_to((c, v, r), hsd.AUTO_MAX) if k == "auto" else None    # as generate pauses
     for e in estimates:
-        j, n, plan = 0.0, len(e.accept), hsd.Plan(hsd.AUTO_START, 0, hsd.AUTO_PAUSE)
+        j, n, plan = 0.0, len(e.accept), hsd.first_plan(pause_by) if k == "auto" else None
         while int(j) < n:
             i = int(j)
             k_round = min(plan.k if k == "auto" else k, n - i - 1)

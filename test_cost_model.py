@@ -44,6 +44,9 @@ def test_break_even_acceptance_is_where_a_round_just_pays():
     # drafting pays above the least of them over k: r raises it (r 0.3: 1 + p = 0.5 + 1.0 + 0.3 at k = 1)
     assert cost_model.least_break_even((0.5, {1: 1.0, 2: 1.2}, 0.0), 2) == pytest.approx(0.5)
     assert cost_model.least_break_even((0.5, {1: 1.0, 2: 1.2}, 0.3), 2) == pytest.approx(0.8)
+    # the fewest drafts that can pay even if all are kept: 1 + 1 > 0.6 + 1.5? no; 2 + 1 > 1.2 + 1.5? yes
+    assert cost_model.least_paying_k(cost_model.costs_up_to((0.6, {1: 1.5}, 0.0), 4), 4) == 2
+    assert cost_model.least_paying_k(cost_model.costs_up_to((1.0, {1: 1.5}, 0.0), 4), 4) is None
     # a d not measured takes the nearest measured d's v
     assert cost_model.costs_up_to((0.5, {1: 1.0, 4: 1.2}, 0.1), 5) == (0.5, {1: 1.0, 2: 1.0, 3: 1.2, 4: 1.2, 5: 1.2},
                                                                        0.1)

@@ -62,30 +62,30 @@ def test_a_file_written_by_the_search_reads_back_as_written(tmp_path, falcon):
 
 
 def test_auto_takes_its_costs_from_the_file_or_the_caller(tmp_path, falcon):
-    """-k auto judges its rounds by the draft's c, v and r (the statistics' break_even from them): the file's found_by.costs (a file
-    without r, written before r was measured: r = 0, with a note), else the caller's costs=(c, v, r) (v a dict or a
-    sequence indexed by d), else the default rule (the share of weights read, r = 0)."""
+    """-k auto judges its rounds by the draft's c, v and r (the statistics' least_break_even from them): the file's
+    found_by.costs (a file without r, written before r was measured: r = 0, with a note), else the caller's
+    costs=(c, v, r) (v a dict or a sequence indexed by d), else the default rule (the share of weights read, r = 0)."""
     costs = {"c": 0.5, "v": {"1": 1.1, "2": 1.2}, "r": 0.2, "context": 64, "temperature": 0.0}
     path = written(tmp_path, by_hand(k="auto", found_by={"costs": costs}))
     with pytest.warns(UserWarning, match="not checked against an architecture"):      # no "model" block
         _, stats = hsd.generate(falcon, PROMPT, 8, draft=path, eos_token_id=-1)
     k2 = cost_model.break_even_acceptance(0.5, 1.2, 2, 0.2)           # 1 + p + p^2 = 2 * 0.5 + 1.2 + 0.2: p = 0.78,
-    assert stats["break_even"] == pytest.approx(k2) and k2 < 0.8     # below k = 1's 1 + p = 0.5 + 1.1 + 0.2
+    assert stats["least_break_even"] == pytest.approx(k2) and k2 < 0.8    # below k = 1's 1 + p = 0.5 + 1.1 + 0.2
     without_r = {key: x for key, x in costs.items() if key != "r"}
     older = written(tmp_path, by_hand(k="auto", found_by={"costs": without_r}), "older.json")
     with pytest.warns(UserWarning, match="before the cost model measured a round's own cost"):
         _, stats = hsd.generate(falcon, PROMPT, 8, draft=older, eos_token_id=-1)
-    assert stats["break_even"] == pytest.approx(0.6)             # r = 0: 1 + p = 0.5 + 1.1
+    assert stats["least_break_even"] == pytest.approx(0.6)             # r = 0: 1 + p = 0.5 + 1.1
     skip = models.Skip(attention={3})
     given = hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", costs=(0.5, [1.0, 1.1, 1.2], 0.2), eos_token_id=-1)
-    assert given[1]["break_even"] == pytest.approx(k2)           # item d of the sequence is v[d]
-    default = hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", eos_token_id=-1)[1]["break_even"]
+    assert given[1]["least_break_even"] == pytest.approx(k2)           # item d of the sequence is v[d]
+    default = hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", eos_token_id=-1)[1]["least_break_even"]
     assert default == pytest.approx(hsd.default_costs(falcon, skip)[0]) and 0.9 < default < 1   # one layer's attention
     assert hsd.default_costs(falcon, skip)[2] == 0.0
     for wrong in [(0.5, {1: -1}, 0.0), (0.5, {1: 1.1}), (0.5, {1: 1.1}, float("nan"))]:       # r is required
         with pytest.raises(models.UsageError, match="costs must be"):
             hsd.generate(falcon, PROMPT, 8, draft=skip, k="auto", costs=wrong)
-    assert hsd.generate(falcon, PROMPT, 8, draft=skip, k=2)[1]["break_even"] is None
+    assert hsd.generate(falcon, PROMPT, 8, draft=skip, k=2)[1]["least_break_even"] is None
 
 
 def test_a_file_written_by_hand_from_the_readme_runs_with_a_note(tmp_path, capsys, falcon):

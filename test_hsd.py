@@ -297,6 +297,13 @@ def test_auto_k_follows_the_rounds_already_judged():
     assert hsd.auto_k(hsd.Plan(1, 4, 16), 0, 0, costs) == hsd.Plan(1, 3, 16)   # a plain step: one less to wait
     longest = hsd.AUTO_LONGEST_PAUSE
     assert hsd.auto_k(hsd.Plan(1, 0, longest), 1, 0, costs)[:3] == (1, longest, longest)   # stops doubling
+    assert hsd.first_plan(costs) == (1, 0, P, 0.0)
+    dear = cost_model.costs_up_to((0.6, {1: 1.5, 2: 1.5}, 0.0), hsd.AUTO_MAX)   # one draft costs 2.1 steps, two 2.7
+    assert hsd.first_plan(dear) == (2, 0, P, 0.0)                    # a round of one could not pay even if kept
+    assert hsd.auto_k(hsd.Plan(4, 0, P), 4, 0, dear)[:3] == (2, P, 2 * P)      # a pause, then a try of two
+    assert hsd.auto_k(hsd.Plan(2, 0, P, 5.0), 2, 1, dear)[:3] == (2, 0, P)     # one fewer, but never below two
+    never = cost_model.costs_up_to((1.0, {1: 1.5}, 0.0), hsd.AUTO_MAX)          # d + 1.5 steps for at most d + 1
+    assert hsd.first_plan(never) == (1, longest, longest, 0.0)
     model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
     unstopped = hsd.choose_draft(model, SKIP_NOTHING, "auto")._replace(stop=None)   # a random model is never sure
     _, stats = hsd.generate(model, prompt, 100, draft=unstopped, eos_token_id=-1, costs=(0.5, {1: 1.0}, 0.0))
@@ -314,7 +321,7 @@ def test_auto_k_runs_a_draft_that_never_agrees_as_plain_decoding(monkeypatch):
     tokens, stats = hsd.generate(tiny("tiny-falcon-h1"), PROMPTS["12-token"], 80, draft="component", k="auto",
                                  eos_token_id=-1, costs=(0.5, {1: 1.1}, 0.0))
     assert tokens == reference and stats["accepted"] == 0 and hsd.AUTO_PAUSE == 16
-    assert stats["break_even"] == pytest.approx(0.6)
+    assert stats["least_break_even"] == pytest.approx(0.6)
     # a round, 16 plain steps, a round, 32, a round, then the 29 tokens left plain (a pause of 64)
     assert (stats["rounds"], stats["plain_steps"]) == (3, 77), stats
 
@@ -1217,7 +1224,7 @@ def first_two_tokens_with_a_stop_or_auto(name, n, seed, rule):
         accepted, token = hsd.accept_sampled(drafts, torch.stack(q), torch.stack(rows), TEMPERATURE, g)
         made = drafts[:accepted] + [token]
         if len(made) == 1:                   # rejected at once: token 2 comes from the next step
-            plan = (hsd.auto_k(hsd.Plan(hsd.AUTO_START, 0, hsd.AUTO_PAUSE), 1, 0, cost_model.costs_up_to(
+            plan = (hsd.auto_k(hsd.Plan(1, 0, hsd.AUTO_PAUSE), 1, 0, cost_model.costs_up_to(
                 (0.5, {1: 1.0}, 0.0))) if rule == "auto" else None)          # a round that paid nothing: a pause
             if plan is not None and plan.plain > 0:                # auto pauses: a plain step samples from p
                 made.append(int(torch.multinomial(p2[token], 1, generator=g)))
@@ -1537,14 +1544,14 @@ def test_statistics_count_the_texts_drafts_apart():
 
 
 # --- The lookup: drafts from the text itself (an exercise) -------------------------------------------------------
-def proposal(tokens, n, k, index):
+def proposal(tokens, n, k, index, least=1):
     """hsd.lookup's proposal, by a scan or (index) with an index brought up to the tokens by hsd.index_ngrams; a
     lookup that fails is said in a student's words, not as a traceback."""
     if index:
         index = {}
         hsd.index_ngrams(index, tokens, n)
     try:
-        got, past = hsd.lookup(list(tokens), n, k, index or None), None
+        got, past = hsd.lookup(list(tokens), n, k, index or None, least=least), None
     except IndexError as e:                           # said after the except block: the message alone, no chain
         past = e
     teach(past is None, f"lookup asked for a token past the end of the committed tokens (IndexError: {past}): fewer "
@@ -1559,7 +1566,7 @@ def proposal(tokens, n, k, index):
 @pytest.mark.parametrize("index", [False, True], ids=["scan", "index"])
 def test_lookup_proposes_what_followed_the_longest_earlier_suffix(index):
     """Prompt lookup (hsd.lookup): among the committed tokens, the latest earlier occurrence of the longest suffix of
-    n, n-1, ..., 1 tokens, wholly before the suffix itself, and up to k of the tokens that followed it, never past
+    n, n-1, ..., least tokens, wholly before the suffix itself, and up to k of the tokens that followed it, never past
     the end; nothing found: no proposal. The same with the index that generation keeps (hsd.index_ngrams)."""
     got = proposal([1, 2, 3, 9, 8, 1, 2, 3], 3, 2, index)
     teach(got != [], "lookup proposed nothing although the last 3 tokens [1, 2, 3] occurred before: the occurrence "
@@ -1587,6 +1594,9 @@ def test_lookup_proposes_what_followed_the_longest_earlier_suffix(index):
     got = proposal([4, 4], 3, 8, index)
     teach(got == [4], f"after [4, 4] with n = 3 lookup proposed {got}, not [4]: with fewer tokens than n, the longest "
                       "suffix that can occur earlier is shorter")
+    got = proposal([7, 1, 8, 2, 9, 3, 2], 3, 8, index, least=2)
+    teach(got == [], f"after [7, 1, 8, 2, 9, 3, 2] with least = 2 lookup proposed {got}: only the 1-token suffix [2] "
+                     "occurs earlier, and least = 2 says no suffix shorter than 2 tokens counts")
 
 
 class Judged:
