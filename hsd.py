@@ -207,7 +207,7 @@ def lookup(tokens, n=LOOKUP_N, k=LOOKUP_K, index=None, least=1):
     """Prompt lookup: drafts from the text itself -> a list of up to k token ids (possibly empty).
 
     tokens: the committed ids, prompt and output (a list of ints), the pending token last; n: the largest n-gram;
-    k: the most tokens to propose; least: the shortest n-gram. For size = n, n-1, ..., least: if the last `size`
+    k: the most tokens to propose; least: the shortest n-gram (at most n). For size = n, ..., least: if the last `size`
     tokens (the suffix) occur earlier, wholly before the suffix itself (an occurrence overlapping it is not "earlier"),
     propose the up to k tokens that followed the LATEST such occurrence, which end where the committed tokens end; the
     first size that occurs wins (the longest match). Nothing occurs: []. Measured on the toys (RESULTS.md, "Drafts from
@@ -215,7 +215,7 @@ def lookup(tokens, n=LOOKUP_N, k=LOOKUP_K, index=None, least=1):
     nothing, k from 8 to 12 is best; generation passes least = LOOKUP_LEAST, as on the toys' one-character tokens a
     match of 1 or 2 proposes noise (at T = 0.6 it cost 6-12 % of plain decoding's speed, where 3 gains 4-7 %).
     index: None scans the tokens, O(len(tokens) n); index_ngrams' dict gives the same answer in O(n)."""
-    for size in range(min(n, len(tokens) // 2), least - 1, -1):
+    for size in range(min(n, len(tokens) // 2), min(least, n) - 1, -1):
         suffix = tokens[-size:]
         if index is not None:
             end = index.get(tuple(suffix))
@@ -433,7 +433,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
         proposed = []
         if chosen.lookup and not paused:
             indexed = index_ngrams(index, committed, chosen.lookup, indexed)
-            proposed = lookup(committed, chosen.lookup, k_round, index, least=min(LOOKUP_LEAST, chosen.lookup))
+            proposed = lookup(committed, chosen.lookup, k_round, index, least=LOOKUP_LEAST)
             proposed = proposed[:proposed.index(eos) + 1] if eos in proposed else proposed
         if paused or (chosen.skip is None and not proposed):     # ... or the text proposes nothing to the lookup alone
             drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)

@@ -714,7 +714,7 @@ def lookup_cost(model, context, step_s, repeats=7):
 
         def round_lookup():                                         # updating an index for tokens it holds rewrites
             hsd.index_ngrams(index, tokens, n, context)             # the same entries: each repeat does the same
-            hsd.lookup(tokens, n, k, index, least=min(hsd.LOOKUP_LEAST, n))
+            hsd.lookup(tokens, n, k, index, least=hsd.LOOKUP_LEAST)
         cost[k] = statistics.median(seconds(round_lookup) for _ in range(repeats)) / step_s
     return cost
 

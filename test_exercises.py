@@ -38,7 +38,7 @@ DRAFT_LOOP = """while len(drafts) < k and eos not in drafts:
     if stop is not None and (q[-1] if q else torch.softmax(logits.float(), dim=-1))[token] < stop:
         break
 drafts = drafts[:drafts.index(eos) + 1] if eos in drafts else drafts"""      # hsd.draft's loop and its end-of-text cut
-LOOKUP_LOOP = """for size in range(min(n, len(tokens) // 2), least - 1, -1):
+LOOKUP_LOOP = """for size in range(min(n, len(tokens) // 2), min(least, n) - 1, -1):
     suffix = tokens[-size:]
     if index is not None:
         end = index.get(tuple(suffix))
@@ -257,8 +257,8 @@ MISTAKES = {
                 "            if tokens[start:start + size] == suffix), None)",
                 "it took an occurrence overlapping the suffix itself"),
         Mistake("the shortest suffix is tried first", "hsd.lookup",
-                LOOKUP_LOOP, LOOKUP_LOOP.replace("range(min(n, len(tokens) // 2), least - 1, -1)",
-                                                 "range(least, min(n, len(tokens) // 2) + 1)"),
+                LOOKUP_LOOP, LOOKUP_LOOP.replace("range(min(n, len(tokens) // 2), min(least, n) - 1, -1)",
+                                                 "range(min(least, n), min(n, len(tokens) // 2) + 1)"),
                 "what followed a shorter suffix"),
         Mistake("the earliest occurrence is taken", "hsd.lookup",
                 "end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)\n"
