@@ -381,11 +381,18 @@ SPOKEN = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def parsed(source):
+    """ast.parse(source), once per text: the same few modules receive every mistake (speed: the self-check's 146
+    parses of a module become 4); the tree is read, never changed."""
+    return ast.parse(source)
+
+
 def apply_mistake(source, mistake):
     """source with the mistake made: the statements `old` of its function, found as syntax trees, replaced by `new`."""
     old = [ast.dump(s) for s in ast.parse(mistake.old).body]
     found = []
-    for node in ast.walk(exercises.function_node(ast.parse(source), mistake.function.split(".", 1)[1])):
+    for node in ast.walk(exercises.function_node(parsed(source), mistake.function.split(".", 1)[1])):
         for field in ("body", "orelse", "finalbody"):
             block = getattr(node, field, None)
             if isinstance(block, list) and block and isinstance(block[0], ast.stmt):

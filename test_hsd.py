@@ -1187,7 +1187,7 @@ def test_speculative_sampling_is_exact_in_distribution(name):
         teach_int(got[1], what)
     L1, L2, Q1, _ = sampling_rows(name)
     p1, p2, q1 = (hsd.probabilities(x, TEMPERATURE) for x in (L1, L2, Q1))
-    n = 8_000
+    n = 4_000
     first, second, accepted = speculative_first_two_tokens(name, n, seed=0)
     one_minus_tv = 1 - 0.5 * (p1 - q1).abs().sum().item()
     assert 0.05 < one_minus_tv < 0.95                      # both accepted and rejected drafts are frequent
@@ -1482,7 +1482,7 @@ def test_the_text_as_the_draft_samples_as_plain_sampling(cascade):
     t = sharp_temperature(L1, best)
     snap, g = hsd.snapshot(cache), torch.Generator().manual_seed(3)
     first, drafted, accepted_from_text = [], [], 0
-    draws = 300                              # chi-square pools the tokens expected fewer than 5 times
+    draws = 200                              # chi-square pools the tokens expected fewer than 5 times
     for _ in range(draws):
         if cascade:
             drafts, n, token = hsd.speculative_round(model, cache, prompt[-1], skip, 3, t, g, proposed=proposed)
@@ -1651,7 +1651,7 @@ def test_a_text_round_judges_the_text_as_a_one_hot_draft():
     skip = models.Skip(attention=frozenset({0}))
     teach(text_rounds(logits, [d], 0.0, 1, 0, skip)[1].calls[0]["skip"] == skip, "with a skip (a cascade's inner "
           "check) the draft model judges the proposed tokens: its verify pass runs with that skip")
-    n = 20_000
+    n = 6_000
     verdicts, _ = text_rounds(logits, [d], T, n, seed=0)
     p1, p2 = hsd.probabilities(L1, T), hsd.probabilities(L2, T)
     accepted = sum(a for a, _ in verdicts)
