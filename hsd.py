@@ -273,7 +273,8 @@ def auto_k(plan, drafted, accepted, costs):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
     step). costs: the draft's (c, v, r), v[d] for every d (cost_model.costs_up_to). When the recent rounds made fewer
     tokens than they cost (the moving gain below 0), `pause` plain steps, then a round of one draft, the pause doubling
-    (up to AUTO_LONGEST_PAUSE) while the tries do not pay. Otherwise: all k accepted, two more next time (up to
+    (up to AUTO_LONGEST_PAUSE) while the tries do not pay (a cascade's pause pauses its draft model: the text's rounds,
+    generate_steps runs them, count as plain steps). Otherwise: all k accepted, two more next time (up to
     AUTO_MAX); some rejected, one fewer; none accepted, the fewest that can pay (least_paying_k; a try after a pause
     drafts as many: fewer could not pay even if all were kept). It looks only at rounds already judged: greedy
     output stays plain greedy decoding's and sampling stays exact. Why the gain, not the acceptance: RESULTS.md, "-k
@@ -428,23 +429,25 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     produced, pending, plan = 0, prompt[-1], first_plan(pause_by) if auto else None
     while produced < max_new_tokens:
         t0 = clock(cache.device)
-        k_round = 0 if chosen.k is None else min(plan.k if auto else chosen.k, max_new_tokens - produced - 1)
-        paused = k_round == 0 or (auto and plan.plain > 0)  # plain decoding, the last new token, or a pause
+        pausing = auto and plan.plain > 0       # -k auto pauses the draft model; the text, which costs nothing, drafts on
+        k_round = 0 if chosen.k is None else min(AUTO_MAX if pausing else plan.k if auto else chosen.k,
+                                                 max_new_tokens - produced - 1)      # 0: plain decoding, the last token
         proposed = []
-        if chosen.lookup and not paused:
+        if chosen.lookup and k_round:
             indexed = index_ngrams(index, committed, chosen.lookup, indexed)
             proposed = lookup(committed, chosen.lookup, k_round, index, least=LOOKUP_LEAST)
             proposed = proposed[:proposed.index(eos) + 1] if eos in proposed else proposed
-        if paused or (chosen.skip is None and not proposed):     # ... or the text proposes nothing to the lookup alone
+        text_alone = chosen.skip is None or pausing              # the lookup alone, or a cascade's pause
+        if not k_round or (text_alone and not proposed):         # ... with nothing from the text: a plain step
             drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
-        elif chosen.skip is None:                                # the lookup alone: the text is the draft
+        elif text_alone:                                         # the text is the draft, the full model its judge
             drafts, (accepted, pending, _) = proposed, text_round(model, cache, pending, proposed, None, temperature,
                                                                   generator)
         else:                                                    # a draft model, checking what the text proposed
             drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_round, temperature,
                                                           generator, chosen.stop, eos, proposed)
-        if auto:
-            plan = auto_k(plan, len(drafts), accepted, pause_by)
+        if auto:                                                 # a pause's text rounds count as its plain steps
+            plan = auto_k(plan, 0 if pausing else len(drafts), accepted, pause_by)
         new = drafts[:accepted] + [pending]
         if eos in new:
             new = new[:new.index(eos) + 1]

@@ -326,6 +326,29 @@ def test_auto_k_runs_a_draft_that_never_agrees_as_plain_decoding(monkeypatch):
     assert (stats["rounds"], stats["plain_steps"]) == (3, 77), stats
 
 
+def test_a_cascades_pause_pauses_its_draft_model_not_the_text(monkeypatch):
+    """k="auto" in a cascade whose draft model never agrees: its rounds lose, so it pauses the draft model, and in the
+    pause the text drafts on alone (rounds the full model judges, up to AUTO_MAX drafts, counted as the pause's plain
+    steps). The tokens stay plain greedy decoding's."""
+    monkeypatch.setattr(hsd, "LOOKUP_LEAST", 1)          # the tiny model's random weights repeat one-character runs
+    name, prompt = "tiny-falcon-h1", models.char_tokenizer().encode(LOOKUP_PROMPTS["repeats"]).ids
+    real, reference, calls = hsd.draft, reference_greedy(name, prompt, 80), []
+    wrong = next(t for t in range(97) if t not in reference + prompt)     # never the text's, never the full model's
+
+    def never_agrees(*args, **kwargs):
+        calls.append(1)
+        return [wrong] * len(real(*args, **kwargs)[0]), None
+    monkeypatch.setattr(hsd, "draft", never_agrees)
+    steps = list(hsd.generate_steps(tiny(name), prompt, 80, "lookup+component", "auto", eos_token_id=-1,
+                                    costs=(0.5, {1: 1.1}, 0.0)))
+    assert [t for step in steps for t in step.tokens] == reference
+    model_rounds = [s for s in steps if s.kind == "round" and s.from_text < len(s.drafts)]
+    text_rounds = [s for s in steps if s.kind == "round" and s.from_text == len(s.drafts)]
+    assert len(model_rounds) == len(calls) and all(s.accepted == 0 for s in model_rounds)
+    assert text_rounds and sum(s.accepted for s in text_rounds) > 0, [s.kind for s in steps]
+    assert steps.index(text_rounds[0]) > steps.index(model_rounds[0])          # the first round is the draft model's
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(k=0), "k must be at least 1"), (dict(draft="medusa"), "unknown draft"),
     (dict(prompt_ids=[]), "prompt is empty"), (dict(max_new_tokens=10_000), "exceed the model's context"),
