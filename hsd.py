@@ -429,7 +429,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     produced, pending, plan = 0, prompt[-1], first_plan(pause_by) if auto else None
     while produced < max_new_tokens:
         t0 = clock(cache.device)
-        pausing = auto and plan.plain > 0     # -k auto pauses the draft model; the text, costing nothing, drafts on
+        pausing = auto and plan.plain > 0     # -k auto pauses the draft model; the text, no draft step, drafts on
         k_round = 0 if chosen.k is None else min(AUTO_MAX if pausing else plan.k if auto else chosen.k,
                                                  max_new_tokens - produced - 1)      # 0: plain decoding, the last token
         proposed = []
