@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
@@ -697,12 +698,17 @@ def test_a_finished_handout_is_green(hw1, tmp_path):
         assert passed, f"{name}:\n{output[-3000:]}"
 
 
-def without_docstrings(source, qualname=None):
+def without_docstrings(source, qualname=None, like=None):
     """The module's syntax tree (or that of its function qualname), dumped, with every docstring left out (a formatter
-    may re-indent them)."""
-    tree = ast.parse(source)
-    if qualname is not None:
-        tree = exercises.function_node(tree, qualname)
+    may re-indent them). like: the module that source is, changed inside qualname alone (a mistake, a starter); then
+    only that function's lines are parsed, where like's tree says they are (speed: 12.6 -> 6 s for the self-check)."""
+    if like is None:
+        tree = ast.parse(source)
+        tree = exercises.function_node(tree, qualname) if qualname is not None else tree
+    else:
+        node, lines = exercises.function_node(parsed(like), qualname), source.splitlines()
+        end = node.end_lineno + len(lines) - len(like.splitlines())
+        tree = ast.parse(textwrap.dedent("\n".join(lines[node.lineno - 1:end])))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
@@ -729,14 +735,14 @@ def test_the_self_check_holds_on_a_reformatted_project(tmp_path):
     for exercise in EXERCISES:
         for mistake in MISTAKES[exercise.name]:
             file, qualname = mistake.function.split(".", 1)
-            made = [without_docstrings(apply_mistake(text[file + ".py"], mistake), qualname) for text in (reformatted, texts)]
+            made = [without_docstrings(apply_mistake(text[file + ".py"], mistake), qualname, text[file + ".py"])
+                    for text in (reformatted, texts)]
             assert made[0] == made[1], mistake.what
         for function in exercise.functions:                          # its starter code
             module, qualname = function.split(".", 1)
             code = exercises.starter(exercise.name, qualname)
-            assert without_docstrings(exercises.replace_bodies(texts[module + ".py"], {qualname: code}), qualname) == (
-                without_docstrings(exercises.replace_bodies(reformatted[module + ".py"], {qualname: code}),
-                                   qualname)), function
+            assert len({without_docstrings(exercises.replace_bodies(text[module + ".py"], {qualname: code}), qualname,
+                                           text[module + ".py"]) for text in (texts, reformatted)}) == 1, function
     jobs = []
     for mistake in MISTAKES["commit"]:
         folder = tmp_path / f"commit-{len(jobs)}"

@@ -1,6 +1,8 @@
 """Tests for hsd_eval.py, the paper's measurements: python -m pytest -q test_hsd_eval.py (offline, on the tiny models
 and the trained toys). The grading tests of the measurements' exercises (EXERCISES.md) are ordinary tests here."""
+import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -443,13 +445,28 @@ def eval_numbers(result):
             for draft, entry in result["drafts"].items()} | {"perplexity_full": result["perplexity_full"]}
 
 
-def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys, ctrl_c):
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """One uninterrupted run of EVAL_ARGS with --out, --json and --plot, for the tests that read it (speed: one run
+    of ~5 s, not two) -> (stdout, stderr, the --out file, the plot)."""
+    folder = tmp_path_factory.mktemp("eval")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(cost_model, "busy_cores", lambda *args, **kwargs: 0.0)    # what conftest's an_idle_machine and
+        patch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))               # one_timed_turn do, as a module's
+        patch.setattr(hsd_eval, "step_times", functools.partial(hsd_eval.step_times, repeats=1))    # fixture runs first
+        code = hsd_eval.main([*EVAL_ARGS, "--out", str(folder / "whole.jsonl"), "--json", "--plot",
+                              str(folder / "alpha.svg")])
+    assert code == 0, err.getvalue()[-2000:]
+    return out.getvalue(), err.getvalue(), folder / "whole.jsonl", folder / "alpha.svg"
+
+
+def test_eval_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, capsys, ctrl_c, whole_run):
     """Ctrl-C (a real SIGINT to a real run) in the middle of the prompts: one line saying where the results are; the
     same command resumes, and its numbers are an uninterrupted run's. The interrupted run starts from a file holding
     an uninterrupted run's step times alone (a run resumed after its step times: they are not measured again)."""
-    whole, out, progress = tmp_path / "whole.jsonl", tmp_path / "run.jsonl", tmp_path / "stderr.txt"
-    assert hsd_eval.main([*EVAL_ARGS, "--out", str(whole), "--json"]) == 0
-    uninterrupted = json.loads(capsys.readouterr().out)
+    out, progress = tmp_path / "run.jsonl", tmp_path / "stderr.txt"
+    uninterrupted, whole = json.loads(whole_run[0]), whole_run[2]
     lines = whole.read_text().splitlines(keepends=True)
     out.write_text("".join(line for line in lines if "header" in json.loads(line) or '"phase": "costs"' in line))
     with open(progress, "w") as err:                  # a file, not a pipe: the progress bars would fill a pipe
@@ -479,13 +496,11 @@ def test_each_toy_stands_beside_the_paper_numbers_of_its_family():
     assert hsd_eval.paper_model("falcon-h1-3b") == "falcon-h1-3b" and hsd_eval.paper_model("tiny-falcon-h1") is None
 
 
-def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
-    plot = tmp_path / "alpha.svg"
-    assert hsd_eval.main([*EVAL_ARGS, "--json", "--plot", str(plot)]) == 0
-    captured = capsys.readouterr()
-    err = captured.err.splitlines()                           # --json: the table on stderr, stdout the JSON alone
+def test_eval_runs_offline_and_the_json_carries_the_table(whole_run):
+    stdout, stderr, _, plot = whole_run
+    err = stderr.splitlines()                                 # --json: the table on stderr, stdout the JSON alone
     lines = err[next(i for i, x in enumerate(err) if x.startswith("tiny-falcon-h1: ")):]
-    result = json.loads(captured.out)
+    result = json.loads(stdout)
     leaves = []
     def walk(x):
         if isinstance(x, dict):
@@ -504,8 +519,9 @@ def test_eval_runs_offline_and_the_json_carries_the_table(capsys, tmp_path):
         assert any(round(leaf, decimals) == float(number) for leaf in leaves), number
     assert set(result["drafts"]) == {"component", "layerskip", "early-exit"}
     assert 0 <= result["drafts"]["component"]["k"]["2"]["alpha_shared"] <= 1
-    assert "hsd_eval: estimate" in captured.err and "%|" in captured.err                 # the estimate, progress: on stderr
-    assert "; the speed phase as if no draft were accepted: at most)" in captured.err    # no paper numbers for tiny
+    assert "hsd_eval: estimate" in stderr and "%|" in stderr                 # the estimate, progress: on stderr
+    assert "; the speed phase as if no draft were accepted: at most)" in stderr    # no paper numbers for tiny
+    assert plot.read_text().startswith("<svg")
 
 
 def test_plot_is_well_formed_and_carries_its_numbers():
