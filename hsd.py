@@ -413,7 +413,11 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
                    seed=None, costs=None):
     """generate, one step at a time: yields a Step after the prefill and after every round (or plain step), so that a
     caller can show the tokens as they are committed. Arguments as for generate (seed None at a temperature: torch's
-    global random stream)."""
+    global random stream). A step is one of three, decided here: a text round, the text's proposal judged by the full
+    model (the lookup alone; a cascade with -k auto, whose draft model then drafts only where the text proposes
+    nothing, as its check of the text cost more than it saved on every toy: RESULTS.md, "Cascades"; a cascade with a
+    fixed k, for a proposal of k tokens, which the check could only cut short or redraft); a round of the draft model
+    (in a cascade with a fixed k it first checks a shorter proposal, then drafts on to k); or a plain step."""
     prompt = prompt_list(prompt_ids)
     chosen = choose_draft(model, draft, k, costs)
     check_request(model.config, prompt, max_new_tokens, chosen.k, temperature)
@@ -429,25 +433,26 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     produced, pending, plan = 0, prompt[-1], first_plan(pause_by) if auto else None
     while produced < max_new_tokens:
         t0 = clock(cache.device)
+        room = max_new_tokens - produced - 1                     # no round drafts past the last new token
         pausing = auto and plan.plain > 0     # -k auto pauses the draft model; the text, no draft step, drafts on
-        k_round = 0 if chosen.k is None else min(AUTO_MAX if pausing else plan.k if auto else chosen.k,
-                                                 max_new_tokens - produced - 1)      # 0: plain decoding, the last token
+        k_model = 0 if chosen.skip is None or pausing else min(plan.k if auto else chosen.k, room)   # the draft model's
         proposed = []
-        if chosen.lookup and k_round:
+        if chosen.lookup and room:
             indexed = index_ngrams(index, committed, chosen.lookup, indexed)
-            proposed = lookup(committed, chosen.lookup, k_round, index, least=LOOKUP_LEAST)
+            proposed = lookup(committed, chosen.lookup, min(AUTO_MAX if auto else chosen.k, room), index,
+                              least=LOOKUP_LEAST)
             proposed = proposed[:proposed.index(eos) + 1] if eos in proposed else proposed
-        text_alone = chosen.skip is None or pausing              # the lookup alone, or a cascade's pause
-        if not k_round or (text_alone and not proposed):         # ... with nothing from the text: a plain step
-            drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
-        elif text_alone:                                         # the text is the draft, the full model its judge
+        text_alone = len(proposed) >= (1 if auto else max(k_model, 1))    # the text is the draft, the full model
+        if text_alone:                                                     # its judge (the docstring says when)
             drafts, (accepted, pending, _) = proposed, text_round(model, cache, pending, proposed, None, temperature,
                                                                   generator)
-        else:                                                    # a draft model, checking what the text proposed
-            drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_round, temperature,
+        elif k_model:                                            # a draft model, checking what the text proposed
+            drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_model, temperature,
                                                           generator, chosen.stop, eos, proposed)
-        if auto:                                                 # a pause's text rounds count as its plain steps
-            plan = auto_k(plan, 0 if pausing else len(drafts), accepted, pause_by)
+        else:                                                    # nothing to draft: a plain step
+            drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
+        if auto:                                                 # the text's rounds count as plain steps
+            plan = auto_k(plan, 0 if text_alone else len(drafts), accepted, pause_by)
         new = drafts[:accepted] + [pending]
         if eos in new:
             new = new[:new.index(eos) + 1]
