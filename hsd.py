@@ -111,9 +111,10 @@ def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=
     never at what the full model will say: greedy output stays plain greedy decoding's, sampling stays exact in
     distribution.
 
-    proposed (a cascade, lookup+DRAFT): the lookup's drafts, which the draft model checks first in one round of its
-    own, text_round with the text as the draft and the draft model as the verifier; the drafts then start with the
-    proposed tokens it accepted and its own next token, and the draft model drafts on from there. Its judge is exact,
+    proposed (a cascade, lookup+DRAFT, with a fixed k: generate_steps says when): the lookup's drafts, which the draft
+    model checks first in one round of its own, text_round with the text as the draft and the draft model as the
+    verifier; the drafts then start with the proposed tokens it accepted and its own next token, and the draft model
+    drafts on from there. Its judge is exact,
     so each of these drafts is a sample of the draft model, and its rows are their q."""
     drafts, q, token = [], [], pending
     if proposed:
@@ -413,11 +414,9 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
                    seed=None, costs=None):
     """generate, one step at a time: yields a Step after the prefill and after every round (or plain step), so that a
     caller can show the tokens as they are committed. Arguments as for generate (seed None at a temperature: torch's
-    global random stream). A step is one of three, decided here: a text round, the text's proposal judged by the full
-    model (the lookup alone; a cascade with -k auto, whose draft model then drafts only where the text proposes
-    nothing, as its check of the text cost more than it saved on every toy: RESULTS.md, "Cascades"; a cascade with a
-    fixed k, for a proposal of k tokens, which the check could only cut short or redraft); a round of the draft model
-    (in a cascade with a fixed k it first checks a shorter proposal, then drafts on to k); or a plain step."""
+    global random stream). Each step, decided here: the text's proposal judged by the full model alone (the lookup; a
+    cascade's with -k auto, or of k tokens: the draft model's check cost more than it saved, RESULTS.md), else a round
+    of the draft model (a cascade's checks a shorter proposal first, then drafts on to k), else a plain step."""
     prompt = prompt_list(prompt_ids)
     chosen = choose_draft(model, draft, k, costs)
     check_request(model.config, prompt, max_new_tokens, chosen.k, temperature)

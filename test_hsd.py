@@ -1441,6 +1441,39 @@ def test_the_lookup_and_its_cascades_are_lossless(name, draft, ks, monkeypatch):
         assert "nothing from the text" in seen, seen                 # on some toys between rounds that accept, too
 
 
+def test_a_cascade_checks_a_proposal_shorter_than_k_and_with_k_auto_none(monkeypatch):
+    """The one place the cascade's rounds are decided (generate_steps): with a fixed k the draft model checks a
+    proposal shorter than k and drafts on (a round that mixes the text's drafts and the draft model's), a proposal of
+    k tokens goes to the full model as it is; with -k auto every proposal goes alone, and the draft model drafts only
+    where the text has nothing (its plan held at k = 8, never paused, so that a proposal shorter than k could be
+    checked). The draft model's calls are counted: a text round makes none."""
+    monkeypatch.setattr(hsd, "LOOKUP_LEAST", 1)          # the tiny model's random weights repeat one-character runs
+    name, prompt = "tiny-falcon-h1", models.char_tokenizer().encode(LOOKUP_PROMPTS["repeats"]).ids
+    real, proposals = hsd.draft, []
+
+    def counted(*args, **kwargs):
+        proposals.append(len(kwargs.get("proposed", args[9] if len(args) > 9 else ())))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(hsd, "draft", counted)
+    monkeypatch.setattr(hsd, "first_plan", lambda costs: hsd.Plan(8, 0, hsd.AUTO_PAUSE))    # -k auto held at k = 8,
+    monkeypatch.setattr(hsd, "auto_k", lambda plan, *args: plan)                            # never paused
+    for k in (4, "auto"):
+        proposals.clear()
+        steps = list(hsd.generate_steps(tiny(name), prompt, 60, "lookup+component", k, eos_token_id=-1))
+        assert [t for s in steps for t in s.tokens] == reference_greedy(name, prompt, 60)
+        produced, text_rounds, model_rounds = 0, 0, 0
+        for step in steps[1:]:
+            if step.kind == "round" and step.from_text == len(step.drafts) and step.proposed:     # the text alone
+                text_rounds += 1
+                assert k == "auto" or step.proposed == min(k, 60 - produced - 1), (k, step)
+            elif step.kind == "round":
+                model_rounds += 1
+                assert k != "auto" or step.proposed == 0, step
+            produced += len(step.tokens)
+        assert text_rounds and model_rounds == len(proposals), (text_rounds, model_rounds, proposals)
+        assert (not any(proposals)) if k == "auto" else (any(proposals) and max(proposals) < k), proposals
+
+
 def test_a_match_that_runs_into_the_end_of_text_or_the_last_new_token():
     """The text proposes the end-of-text token ("d" after "abc", here): the drafts end there, and generation stops
     after it as plain decoding does; and near the last new token a round proposes only what fits."""
