@@ -26,10 +26,11 @@ import models
 
 DRAFTS = ("component", "layerskip", "early-exit", "none")     # "none": plain decoding, no draft
 LOOKUP = "lookup"       # the text's own n-grams as the draft; "lookup+DRAFT" (DRAFT: one of DRAFTS, a file): a cascade
-Draft = namedtuple("Draft", "name skip k stop costs lookup", defaults=(None, None))
+Draft = namedtuple("Draft", "name skip k stop costs lookup predicted", defaults=(None, None, None))
 # what a generation runs: skip None and lookup None is plain decoding (k None then); stop: a confidence threshold or
 # None; costs: (c, {d: v[d]}, r) in units of a plain step, for -k auto (None: hsd's default rule); lookup: the largest
-# n-gram of the lookup (hsd.lookup's n), None for none: with a skip, a cascade
+# n-gram of the lookup (hsd.lookup's n), None for none: with a skip, a cascade; predicted: a draft file's predicted
+# speedups at its own k and stop, {temperature as f"{t:g}": speedup} (found_by.predicted_speedup), else None
 
 
 # --- The paper's drafts: which parts of the full model the draft leaves out ----------------------------------------
@@ -325,7 +326,11 @@ def read_draft_file(path, model, temperature=None, context=None):
     notes += run_notes(path, found_by, temperature, context)
     notes += [note for note in [old_costs_note(path, found_by)] if note]
     lookup_n = lookup and lookup["n"]
-    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad), lookup_n), notes
+    predicted = found_by.get("predicted_speedup")
+    predicted = ({t: x for t, x in predicted.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+                 if isinstance(predicted, dict) else None)
+    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad), lookup_n,
+                 predicted or None), notes
 
 
 def run_notes(path, found_by, temperature, context):

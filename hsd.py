@@ -262,12 +262,15 @@ Plan = namedtuple("Plan", "k plain pause gain", defaults=(0.0,))
 # cost (cost_model.round_cost, in full steps), a moving sum that keeps AUTO_MEMORY of itself per round
 
 
-def first_plan(costs):
+def first_plan(costs, predicted=None):
     """-k auto's plan before the first round, for the draft's costs (costs_up_to's): the fewest drafts that can pay off
-    (cost_model.least_paying_k: fewer cost more than they could make even if all were kept); if no k can, the longest
-    pause, then a try of one draft."""
+    (cost_model.least_paying_k: fewer cost more than they could make even if all were kept); if no k can, or if the
+    draft file's own search predicted it to lose at this temperature (predicted, its speedup there, below 1), the
+    longest pause, then a try."""
     least = least_paying_k(costs, AUTO_MAX)
-    return Plan(least, 0, AUTO_PAUSE) if least else Plan(1, AUTO_LONGEST_PAUSE, AUTO_LONGEST_PAUSE)
+    if not least or (predicted is not None and predicted < 1):
+        return Plan(least or 1, AUTO_LONGEST_PAUSE, AUTO_LONGEST_PAUSE)
+    return Plan(least, 0, AUTO_PAUSE)
 
 
 def auto_k(plan, drafted, accepted, costs):
@@ -429,7 +432,8 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
     auto = chosen.k == "auto"
     pause_by = costs_up_to(chosen.costs, AUTO_MAX) if auto else None       # what -k auto weighs its rounds by
-    produced, pending, plan = 0, prompt[-1], first_plan(pause_by) if auto else None
+    predicted = (chosen.predicted or {}).get(f"{temperature:g}")           # a draft file's, at this temperature
+    produced, pending, plan = 0, prompt[-1], first_plan(pause_by, predicted) if auto else None
     while produced < max_new_tokens:
         t0 = clock(cache.device)
         room = max_new_tokens - produced - 1                     # no round drafts past the last new token

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import traceback
 import types
+import warnings
 
 import pytest
 import torch
@@ -304,11 +305,32 @@ def test_auto_k_follows_the_rounds_already_judged():
     assert hsd.auto_k(hsd.Plan(2, 0, P, 5.0), 2, 1, dear)[:3] == (2, 0, P)     # one fewer, but never below two
     never = cost_model.costs_up_to((1.0, {1: 1.5}, 0.0), hsd.AUTO_MAX)          # d + 1.5 steps for at most d + 1
     assert hsd.first_plan(never) == (1, longest, longest, 0.0)
+    assert hsd.first_plan(costs, predicted=0.97) == (1, longest, longest, 0.0)   # its file's search saw it lose
+    assert hsd.first_plan(costs, predicted=1.02) == hsd.first_plan(costs)
     model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
     unstopped = hsd.choose_draft(model, SKIP_NOTHING, "auto")._replace(stop=None)   # a random model is never sure
     _, stats = hsd.generate(model, prompt, 100, draft=unstopped, eos_token_id=-1, costs=(0.5, {1: 1.0}, 0.0))
     assert [len(r.drafts) for r in stats["trace"]][:4] == [1, 3, 5, 7] and stats["plain_steps"] == 0
     assert max(len(r.drafts) for r in stats["trace"]) == hsd.AUTO_MAX
+
+
+def test_auto_k_starts_paused_where_the_draft_files_search_predicted_a_loss(tmp_path):
+    """A draft file whose search predicted it to lose at this run's temperature (found_by.predicted_speedup below 1)
+    starts -k auto with the longest pause, the first try after AUTO_LONGEST_PAUSE plain steps; predicted to gain, or
+    predicted at another temperature only, it drafts at once. The tokens stay plain greedy decoding's."""
+    model, prompt = tiny("tiny-falcon-h1"), PROMPTS["12-token"]
+    reference = reference_greedy("tiny-falcon-h1", prompt, 40)
+    first_rounds = {}
+    for label, predicted in [("loses", {"0": 0.95, "0.6": 1.1}), ("gains", {"0": 1.05}), ("elsewhere", {"0.6": 0.9})]:
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps({"format": "hsd-draft/1", "skip": {"attention": [0, 1, 2, 3, 4, 5]},
+                                    "k": "auto", "found_by": {"predicted_speedup": predicted}}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                                  # the file names no architecture
+            steps = list(hsd.generate_steps(model, prompt, 40, path, eos_token_id=-1))
+        assert [t for step in steps for t in step.tokens] == reference
+        first_rounds[label] = next((i for i, step in enumerate(steps) if step.kind == "round"), None)
+    assert first_rounds == {"loses": None, "gains": 1, "elsewhere": 1}, first_rounds    # 40 < AUTO_LONGEST_PAUSE
 
 
 def test_auto_k_runs_a_draft_that_never_agrees_as_plain_decoding(monkeypatch):
@@ -1455,7 +1477,7 @@ def test_a_cascade_checks_a_proposal_shorter_than_k_and_with_k_auto_none(monkeyp
         proposals.append(len(kwargs.get("proposed", args[9] if len(args) > 9 else ())))
         return real(*args, **kwargs)
     monkeypatch.setattr(hsd, "draft", counted)
-    monkeypatch.setattr(hsd, "first_plan", lambda costs: hsd.Plan(8, 0, hsd.AUTO_PAUSE))    # -k auto held at k = 8,
+    monkeypatch.setattr(hsd, "first_plan", lambda *args: hsd.Plan(8, 0, hsd.AUTO_PAUSE))    # -k auto held at k = 8,
     monkeypatch.setattr(hsd, "auto_k", lambda plan, *args: plan)                            # never paused
     for k in (4, "auto"):
         proposals.clear()
