@@ -16,7 +16,6 @@ import torch
 
 import cost_model
 import models
-from drafts import LOOKUP
 
 
 # --- Arguments ---------------------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def summary(s, max_new_tokens, eos, tokenizer):
                f"{histogram}){lengths}, {s['round_s'] / s['rounds'] * 1e3:.1f} ms per round")
     if s["proposed"] is not None:
         yield (f"text    {s['from_text_accepted']} of {s['from_text']} drafts from the text accepted ({s['proposed']} "
-               "tokens proposed by the lookup" + (", which the draft model checked)" if s["draft"] != LOOKUP else ")"))
+               "tokens proposed by the lookup)")
     yield (f"speed   {s['new_tokens']} tokens in {s['decode_s']:.2f} s: {s['tokens_per_s'] or 0:.2f} tokens/s "
            f"(prefill {s['prefill_s']:.2f} s)")
 

@@ -1,6 +1,6 @@
 """drafts: what a draft is. A draft is data, a models.Skip (which units of which layers the full model leaves out),
 or the text's own n-grams (the lookup, hsd.lookup), or both (a cascade: the lookup proposes, the Skip's draft model
-checks and drafts on), with its k (drafts per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
+drafts where the text has nothing and, with a fixed k, checks a shorter proposal and drafts on), with its k (drafts per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
 
   the paper's drafts   DRAFTS, draft_skip, paper_draft, paper_skips: the three fixed strategies as Skips
   the text's drafts    LOOKUP, split_lookup: "lookup" and "lookup+DRAFT" (a cascade) by name
@@ -81,7 +81,7 @@ def draft_words(chosen, config, default, least):
     text = f"the text's {sizes}-grams" if chosen.lookup else ""
     if chosen.skip is None:
         return f"draft {chosen.name}, {k}: {text} propose"
-    checked = f": {text} propose, a draft model that skips {chosen.skip} checks and drafts on" if text else ""
+    checked = f": {text} propose, else a draft model that skips {chosen.skip}" if text else ""
     return f"draft {chosen.name}{why}, {k}{checked or f': skips {chosen.skip}'}"
 
 

@@ -23,10 +23,11 @@ Names (one meaning each, here and in drafts.py):
   drafts     the token ids a round's draft proposed, d1..dk (a list of ints); drafted: how many (a count); the
              module drafts.py says what a draft is
   proposed   the ids lookup proposed from the text (the committed tokens' own n-grams), which a round's drafts
-             start with (the lookup alone, text_round) or a draft model checks (a cascade); from_text: how many drafts
+             start with (text_round) or, in a cascade with a fixed k, a draft model checks first; from_text: how many drafts
   accepted   how many of the drafts the full model accepted (a prefix); the next token: its own after them
   kept       what commit keeps of a verify pass: the pending token and the accepted drafts
-  Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop and the costs of -k auto; chosen: the
+  Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop, -k auto's costs, the lookup's n and
+             a draft file's predicted speedups; chosen: the
              Draft choose_draft decided on; asked: what it was asked for (a name, a Skip, a draft file or a Draft)
   skip       a models.Skip: which units of which layers the draft model leaves out
   unit       a part of a layer a draft can leave out: its attention, its recurrent mixer or its MLP (models.UNITS)
@@ -114,8 +115,8 @@ def draft(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=
     proposed (a cascade, lookup+DRAFT, with a fixed k: generate_steps says when): the lookup's drafts, which the draft
     model checks first in one round of its own, text_round with the text as the draft and the draft model as the
     verifier; the drafts then start with the proposed tokens it accepted and its own next token, and the draft model
-    drafts on from there. Its judge is exact,
-    so each of these drafts is a sample of the draft model, and its rows are their q."""
+    drafts on from there. Its judge is exact, so each of these drafts is a sample of the draft model, and its rows
+    are their q."""
     drafts, q, token = [], [], pending
     if proposed:
         accepted, token, logits = text_round(model, cache, pending, proposed, skip, temperature, generator)
@@ -265,8 +266,8 @@ Plan = namedtuple("Plan", "k plain pause gain", defaults=(0.0,))
 def first_plan(costs, predicted=None):
     """-k auto's plan before the first round, for the draft's costs (costs_up_to's): the fewest drafts that can pay off
     (cost_model.least_paying_k: fewer cost more than they could make even if all were kept); if no k can, or if the
-    draft file's own search predicted it to lose at this temperature (predicted, its speedup there, below 1), the
-    longest pause, then a try."""
+    draft file's own search predicted it to lose at this temperature (predicted: found_by.predicted_speedup there,
+    made at the file's own k and stop, not -k auto's, below 1), the longest pause, then a try."""
     least = least_paying_k(costs, AUTO_MAX)
     if not least or (predicted is not None and predicted < 1):
         return Plan(least or 1, AUTO_LONGEST_PAUSE, AUTO_LONGEST_PAUSE)
@@ -277,8 +278,8 @@ def auto_k(plan, drafted, accepted, costs):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
     step). costs: the draft's (c, v, r), v[d] for every d (cost_model.costs_up_to). When the recent rounds made fewer
     tokens than they cost (the moving gain below 0), `pause` plain steps, then a round of one draft, the pause doubling
-    (up to AUTO_LONGEST_PAUSE) while the tries do not pay (a cascade's pause pauses its draft model: the text's rounds,
-    generate_steps runs them, count as plain steps). Otherwise: all k accepted, two more next time (up to
+    (up to AUTO_LONGEST_PAUSE) while the tries do not pay (a pause pauses a cascade's draft model only; the text's rounds,
+    generate_steps runs them, count as plain steps, in a pause and out of it). Otherwise: all k accepted, two more next time (up to
     AUTO_MAX); some rejected, one fewer; none accepted, the fewest that can pay (least_paying_k; a try after a pause
     drafts as many: fewer could not pay even if all were kept). It looks only at rounds already judged: greedy
     output stays plain greedy decoding's and sampling stays exact. Why the gain, not the acceptance: RESULTS.md, "-k
@@ -492,7 +493,7 @@ def statistics(chosen, steps, seed=None):
     asked for (a number, "auto": then "drafts_per_round" says how long the rounds were on average; None: plain
     decoding); "least_break_even": with -k auto, the acceptance above which its costs let drafting pay
     (cost_model.least_break_even); "seed": the sampling's seed; with a lookup, the text's drafts apart: "proposed",
-    the tokens the lookup proposed (a cascade's draft model checks them), "from_text", the drafts that are the text's,
+    the tokens the lookup proposed, "from_text", the drafts that are the text's,
     "from_text_accepted", how many of those the full model accepted."""
     rounds = [step for step in steps if step.kind == "round"]
     drafted = sum(len(r.drafts) for r in rounds)
@@ -593,7 +594,7 @@ def main(argv=None):
                    ", a Hub id (owner/name) or a folder in the official layout (config.json, *.safetensors)")
     p.add_argument("--draft", help="component, layerskip, early-exit, none (plain decoding), a draft file from "
                                    "hsd_search.py, lookup (the text's own n-grams) or lookup+DRAFT (a cascade: the "
-                                   "lookup proposes, DRAFT checks and drafts on) (default: the paper's draft for the "
+                                   "lookup proposes, DRAFT drafts where it has nothing) (default: the paper's draft for the "
                                    "family: component for the hybrids, layerskip for the Transformer)")
     p.add_argument("-k", type=cli.k_argument, help="drafts per round, or auto: a length that adapts from round to "
                                                    "round (the lookup alone: 16) (default: the draft file's, else 2; "

@@ -371,6 +371,7 @@ def test_a_cascades_pause_pauses_its_draft_model_not_the_text(monkeypatch):
     # the draft model's round, a pause of 16 steps (text rounds among them), a try, a pause of 32, a try
     at = [steps.index(s) for s in model_rounds]
     assert len(at) == 3 and [b - a for a, b in zip(at, at[1:])] == [1 + hsd.AUTO_PAUSE, 1 + 2 * hsd.AUTO_PAUSE], at
+    assert any(at[0] < steps.index(s) < at[1] for s in text_rounds)           # the text drafts on inside a pause
 
 
 @pytest.mark.parametrize("kwargs, message", [
