@@ -521,6 +521,7 @@ def test_download_without_network_says_what_to_do(tmp_path, monkeypatch):
             "        print(error)\n")
     result = subprocess.run([sys.executable, "-c", code, "qwen2.5-0.5b", "toys/nonexistent"], capture_output=True,
                             text=True, env={**os.environ}, cwd=HERE)
+    assert len(result.stdout.splitlines()) == 2, result.stderr[-2000:]
     official, mistyped = result.stdout.splitlines()
     assert "cannot download Qwen/Qwen2.5-0.5B" in official and "local directory" in official
     assert "config.json, tokenizer.json and *.safetensors" in official and "local folder" not in official
