@@ -335,7 +335,9 @@ def read_draft_file(path, model, temperature=None, context=None):
 
 def run_notes(path, found_by, temperature, context):
     """Notes of a draft file used at a temperature or a context it was not searched for (found_by["costs"]): a draft
-    that pays greedy may not at T = 0.6, and costs move with the context (RESULTS.md, "Cost against context")."""
+    that pays greedy may not at T = 0.6, and costs move with the context (RESULTS.md, "Cost against context"); and of
+    one whose search predicted a loss at the run's temperature (found_by["predicted_speedup"]), which -k auto then
+    starts paused."""
     costs = found_by.get("costs") if isinstance(found_by.get("costs"), dict) else {}
     searched_t, searched_context, notes = costs.get("temperature"), costs.get("context"), []
     if isinstance(searched_t, (int, float)) and temperature is not None and not math.isclose(searched_t, temperature):
@@ -344,6 +346,11 @@ def run_notes(path, found_by, temperature, context):
         notes.append(f"{path} was searched at temperature {searched_t:g}, this run samples at {temperature:g}" +
                      (f": its prediction here is {said:.2f}x" if isinstance(said, (int, float)) else
                       ": it decodes correctly, but may not be the fastest draft here"))
+    predicted = found_by.get("predicted_speedup")
+    said = predicted.get(f"{temperature:g}") if isinstance(predicted, dict) and temperature is not None else None
+    if isinstance(said, (int, float)) and not isinstance(said, bool) and said < 1:        # hsd.first_plan's prior
+        notes.append(f"{path}: its search predicted a loss at temperature {temperature:g} ({said:.2f}x at its own k): "
+                     "with -k auto it starts with its longest pause")
     if isinstance(searched_context, int) and context and not searched_context / 2 <= context <= 2 * searched_context:
         notes.append(f"{path} was searched at a context of {searched_context} tokens, this run's is about {context}: "
                      "costs move with the context, so it may not be the fastest draft here")

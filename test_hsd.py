@@ -331,6 +331,12 @@ def test_auto_k_starts_paused_where_the_draft_files_search_predicted_a_loss(tmp_
         assert [t for step in steps for t in step.tokens] == reference
         first_rounds[label] = next((i for i, step in enumerate(steps) if step.kind == "round"), None)
     assert first_rounds == {"loses": None, "gains": 1, "elsewhere": 1}, first_rounds    # 40 < AUTO_LONGEST_PAUSE
+    for label in first_rounds:                                          # generate says so, from the file's notes
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hsd.generate(model, prompt, 4, draft=tmp_path / f"{label}.json", eos_token_id=-1)
+        said = [str(w.message) for w in caught if "predicted a loss at temperature 0 (0.95x" in str(w.message)]
+        assert len(said) == (label == "loses") and all("starts with its longest pause" in x for x in said), said
 
 
 def test_auto_k_runs_a_draft_that_never_agrees_as_plain_decoding(monkeypatch):
