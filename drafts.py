@@ -1,6 +1,7 @@
 """drafts: what a draft is. A draft is data, a models.Skip (which units of which layers the full model leaves out),
 or the text's own n-grams (the lookup, hsd.lookup), or both (a cascade: the lookup proposes, the Skip's draft model
-drafts where the text has nothing and, with a fixed k, checks a shorter proposal and drafts on), with its k (drafts per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
+drafts where the text has nothing and, with a fixed k, checks a shorter proposal and drafts on), with its k (drafts
+per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
 
   the paper's drafts   DRAFTS, draft_skip, paper_draft, paper_skips: the three fixed strategies as Skips
   the text's drafts    LOOKUP, split_lookup: "lookup" and "lookup+DRAFT" (a cascade) by name
@@ -326,11 +327,22 @@ def read_draft_file(path, model, temperature=None, context=None):
     notes += run_notes(path, found_by, temperature, context)
     notes += [note for note in [old_costs_note(path, found_by)] if note]
     lookup_n = lookup and lookup["n"]
+    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad), lookup_n,
+                 predictions(found_by)), notes
+
+
+def predictions(found_by):
+    """found_by["predicted_speedup"] -> {temperature as f"{t:g}": the speedup its search predicted there, at the
+    file's own k and stop}, its numbers only; None if it has none."""
     predicted = found_by.get("predicted_speedup")
     predicted = ({t: x for t, x in predicted.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
                  if isinstance(predicted, dict) else None)
-    return Draft(str(path), skip, k, stop and stop["confidence"], costs_of(found_by, bad), lookup_n,
-                 predicted or None), notes
+    return predicted or None
+
+
+def prediction_at(predicted, temperature):
+    """The predicted speedup at a temperature (predicted: predictions', a Draft's), or None."""
+    return (predicted or {}).get(f"{temperature:g}") if temperature is not None else None
 
 
 def run_notes(path, found_by, temperature, context):
@@ -340,15 +352,12 @@ def run_notes(path, found_by, temperature, context):
     starts paused."""
     costs = found_by.get("costs") if isinstance(found_by.get("costs"), dict) else {}
     searched_t, searched_context, notes = costs.get("temperature"), costs.get("context"), []
+    said = prediction_at(predictions(found_by), temperature)
     if isinstance(searched_t, (int, float)) and temperature is not None and not math.isclose(searched_t, temperature):
-        predicted = found_by.get("predicted_speedup")
-        said = predicted.get(f"{temperature:g}") if isinstance(predicted, dict) else None
         notes.append(f"{path} was searched at temperature {searched_t:g}, this run samples at {temperature:g}" +
-                     (f": its prediction here is {said:.2f}x" if isinstance(said, (int, float)) else
+                     (f": its prediction here is {said:.2f}x" if said is not None else
                       ": it decodes correctly, but may not be the fastest draft here"))
-    predicted = found_by.get("predicted_speedup")
-    said = predicted.get(f"{temperature:g}") if isinstance(predicted, dict) and temperature is not None else None
-    if isinstance(said, (int, float)) and not isinstance(said, bool) and said < 1:        # hsd.first_plan's prior
+    if said is not None and said < 1:                                                      # hsd.first_plan's prior
         notes.append(f"{path}: its search predicted a loss at temperature {temperature:g} ({said:.2f}x at its own k): "
                      "with -k auto it starts with its longest pause")
     if isinstance(searched_context, int) and context and not searched_context / 2 <= context <= 2 * searched_context:

@@ -23,12 +23,13 @@ Names (one meaning each, here and in drafts.py):
   drafts     the token ids a round's draft proposed, d1..dk (a list of ints); drafted: how many (a count); the
              module drafts.py says what a draft is
   proposed   the ids lookup proposed from the text (the committed tokens' own n-grams), which a round's drafts
-             start with (text_round) or, in a cascade with a fixed k, a draft model checks first; from_text: how many drafts
+             start with (text_round) or a cascade's draft model checks first (with a fixed k); from_text: how
+             many drafts are the text's
   accepted   how many of the drafts the full model accepted (a prefix); the next token: its own after them
   kept       what commit keeps of a verify pass: the pending token and the accepted drafts
   Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop, -k auto's costs, the lookup's n and
-             a draft file's predicted speedups; chosen: the
-             Draft choose_draft decided on; asked: what it was asked for (a name, a Skip, a draft file or a Draft)
+             a draft file's predicted speedups; chosen: the Draft choose_draft decided on; asked: what it was
+             asked for (a name, a Skip, a draft file or a Draft)
   skip       a models.Skip: which units of which layers the draft model leaves out
   unit       a part of a layer a draft can leave out: its attention, its recurrent mixer or its MLP (models.UNITS)
   k          the most drafts a round proposes, or "auto" (then a Plan says the next k, from the rounds judged)
@@ -58,7 +59,7 @@ try:
     import models
     from cost_model import clock, costs_up_to, default_costs, least_break_even, least_paying_k
     from drafts import (DRAFTS, LOOKUP, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft,
-                        read_draft_file, split_lookup)
+                        prediction_at, read_draft_file, split_lookup)
 except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
     if __name__ != "__main__":
         raise
@@ -278,12 +279,12 @@ def auto_k(plan, drafted, accepted, costs):
     """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
     step). costs: the draft's (c, v, r), v[d] for every d (cost_model.costs_up_to). When the recent rounds made fewer
     tokens than they cost (the moving gain below 0), `pause` plain steps, then a round of one draft, the pause doubling
-    (up to AUTO_LONGEST_PAUSE) while the tries do not pay (a pause pauses a cascade's draft model only; the text's rounds,
-    generate_steps runs them, count as plain steps, in a pause and out of it). Otherwise: all k accepted, two more next time (up to
-    AUTO_MAX); some rejected, one fewer; none accepted, the fewest that can pay (least_paying_k; a try after a pause
-    drafts as many: fewer could not pay even if all were kept). It looks only at rounds already judged: greedy
-    output stays plain greedy decoding's and sampling stays exact. Why the gain, not the acceptance: RESULTS.md, "-k
-    auto"."""
+    (up to AUTO_LONGEST_PAUSE) while the tries do not pay (a pause pauses a cascade's draft model only; the text's
+    rounds, generate_steps runs them, count as plain steps, in a pause and out of it). Otherwise: all k accepted, two
+    more next time (up to AUTO_MAX); some rejected, one fewer; none accepted, the fewest that can pay (least_paying_k;
+    a try after a pause drafts as many: fewer could not pay even if all were kept). It looks only at rounds already
+    judged: greedy output stays plain greedy decoding's and sampling stays exact. Why the gain, not the acceptance:
+    RESULTS.md, "-k auto"."""
     if drafted == 0:                                           # a plain step: one less to wait
         return plan._replace(plain=max(0, plan.plain - 1))
     made = accepted + 1                                        # its accepted drafts and the full model's token
@@ -433,7 +434,7 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     yield Step("prefill", [], 0, None, [], clock(cache.device) - t0)
     auto = chosen.k == "auto"
     pause_by = costs_up_to(chosen.costs, AUTO_MAX) if auto else None       # what -k auto weighs its rounds by
-    predicted = (chosen.predicted or {}).get(f"{temperature:g}")           # a draft file's, at this temperature
+    predicted = prediction_at(chosen.predicted, temperature)               # a draft file's, at this temperature
     produced, pending, plan = 0, prompt[-1], first_plan(pause_by, predicted) if auto else None
     while produced < max_new_tokens:
         t0 = clock(cache.device)
@@ -594,8 +595,8 @@ def main(argv=None):
                    ", a Hub id (owner/name) or a folder in the official layout (config.json, *.safetensors)")
     p.add_argument("--draft", help="component, layerskip, early-exit, none (plain decoding), a draft file from "
                                    "hsd_search.py, lookup (the text's own n-grams) or lookup+DRAFT (a cascade: the "
-                                   "lookup proposes, DRAFT drafts where it has nothing) (default: the paper's draft for the "
-                                   "family: component for the hybrids, layerskip for the Transformer)")
+                                   "lookup proposes, DRAFT drafts where it has nothing) (default: the paper's draft "
+                                   "for the family: component for the hybrids, layerskip for the Transformer)")
     p.add_argument("-k", type=cli.k_argument, help="drafts per round, or auto: a length that adapts from round to "
                                                    "round (the lookup alone: 16) (default: the draft file's, else 2; "
                                                    "the lookup's 8)")

@@ -341,9 +341,9 @@ def draft_rows(model, files, ks=PAPER_KS):
 
 def row_c(label, draft, skip_label, costs):
     """c of a row for the cost model (measured_row): its skip's measured c; for a draft from the text alone 0 (no
-    model call drafts; the lookup's own time, which --context-sweep measures, is left out); for a cascade None (its rounds mix
-    the text's, which cost no draft step, and the draft model's, with a fixed k some with a check pass: one c does not
-    describe them, so its row has no cost model)."""
+    model call drafts; the lookup's own time, which --context-sweep measures, is left out); for a cascade None (its
+    rounds mix the text's, which cost no draft step, and the draft model's, with a fixed k some with a check pass: one
+    c does not describe them, so its row has no cost model)."""
     if skip_label[label] is not None:
         return costs.c[skip_label[label]]
     return 0.0 if draft.skip is None else None

@@ -678,7 +678,8 @@ def test_a_finished_handout_is_green(hw1, tmp_path):
     toys' weights copied byte for byte) in which, with both written otherwise than the reference, the round's tests
     pass, and so does each round exercise's grading with a solution written otherwise than the reference. (Commit
     green while accept is blank, and the other way round: the grader's "every exercise it does not need blanked";
-    both written as the reference writes them: the project itself, test_a_handout_holds_none_of_the_graders_machinery.)"""
+    both written as the reference writes them: the project itself,
+    test_a_handout_holds_none_of_the_graders_machinery.)"""
     texts, handout = exercises.project_texts(HERE), exercises.project_texts(str(hw1))
     for function in ("commit", "accept"):
         assert "NotImplementedError" in exercises.reference_body(handout["hsd.py"], function)
