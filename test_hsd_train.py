@@ -40,11 +40,12 @@ def training_log(name):
 
 @pytest.mark.parametrize("name", TOYS)
 def test_the_toys_load_and_give_their_recorded_heldout_loss(name):
-    """Each shipped toy, loaded like an official checkpoint, gives the held-out loss its training log recorded."""
+    """Each shipped toy, loaded like an official checkpoint, gives the held-out loss its training log recorded (on the
+    first 4 of its 32 windows, as the log records it beside the whole: a test of seconds, not of a minute)."""
     log, model = training_log(name), models.load(name)
-    windows = hsd_train.heldout_windows()
+    windows = hsd_train.heldout_windows()[:hsd_train.FIRST_WINDOWS]
     bits = hsd_train.heldout_bits_per_char(model, windows)
-    assert abs(bits - log["heldout"]["bits_per_char"]["full"]) < 1e-4 * bits, (bits, log["heldout"])
+    assert abs(bits - log["heldout"]["first_4_windows"]["full"]) < 1e-4 * bits, (bits, log["heldout"])
     assert log["parameters"] == sum(p.numel() for p in model.parameters())
     assert {"seed", "threads", "torch", "schedule", "characters", "curve"} <= set(log) and log["curve"]["rows"]
 
