@@ -84,7 +84,8 @@ def test_a_short_training_run_lowers_the_loss_and_resumes_exactly(tmp_path, monk
     """A few steps of the real loop on a short schedule lower the held-out loss; interrupted (Ctrl-C) and run again,
     the run ends with the same weights as one that was never interrupted."""
     schedule = {**hsd_train.SCHEDULE, "steps": 12, "warmup": 2, "batch_size": 4, "length": 64}
-    monkeypatch.setattr(hsd_train, "HELDOUT_WINDOWS", 8)                  # the log's held-out losses: 8 windows, not 32
+    monkeypatch.setattr(hsd_train, "HELDOUT_WINDOWS", 4)                  # the log's held-out losses: 4 windows, not 32,
+    monkeypatch.setattr(hsd_train, "FIRST_WINDOWS", 2)                    # and 2 (the curve's too), not 4
     monkeypatch.setattr(cost_model, "COPY_PASSAGES", 2)                   # the copying probe: 2 passages, not 16
     monkeypatch.setattr(hsd_train, "LOOP_CHARACTERS", 40)                 # the loop share: 40 characters, not 300
     log = hsd_train.train("toy-qwen2.5", str(tmp_path / "whole"), 0, schedule, curve_every=4)
