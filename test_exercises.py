@@ -466,8 +466,11 @@ def share_bytecode(folder, compiled):
             with open(path, "rb") as f:
                 text = hashlib.sha256(f.read()).hexdigest()
             if text not in compiled:
-                compiled[text] = py_compile.compile(path, doraise=True,
-                                                    invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+                try:
+                    compiled[text] = py_compile.compile(path, doraise=True,
+                                                        invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+                except py_compile.PyCompileError:             # the import will say what is wrong, as a student sees it
+                    pass
             else:
                 os.makedirs(os.path.join(folder, "__pycache__"), exist_ok=True)
                 os.symlink(compiled[text], importlib.util.cache_from_source(path))
