@@ -8,7 +8,8 @@ per round, or "auto") and its stop (a confidence threshold, or None): a Draft.
   in words             draft_words: the line hsd.py's command line shows for a Draft
   draft files          DRAFT_FORMAT, is_draft_file, read_draft_file, draft_file, write_draft_file: a draft found by
                        measurement (hsd_search.py writes them) or written by hand (README, "Draft files"); draft_costs:
-                       the costs (c, {d: v[d]}, r) a Draft carries for -k auto
+                       the costs (c, {d: v[d]}, r) a Draft carries for -k auto; predictions, prediction_at,
+                       predicts_a_loss: the speedups its search predicted, read in one place
   identity             SIZES, weights_fingerprint, identity, cpu_name, device_name: what a file is checked against
 
 hsd.py decides which draft a generation runs (choose_draft); this module only says what drafts are.
@@ -345,6 +346,12 @@ def prediction_at(predicted, temperature):
     return (predicted or {}).get(f"{temperature:g}") if temperature is not None else None
 
 
+def predicts_a_loss(predicted):
+    """Whether a draft file's predicted speedup at a temperature (prediction_at's, or None) is a loss: -k auto then
+    starts with its longest pause (hsd.first_plan), and run_notes says so."""
+    return predicted is not None and predicted < 1
+
+
 def run_notes(path, found_by, temperature, context):
     """Notes of a draft file used at a temperature or a context it was not searched for (found_by["costs"]): a draft
     that pays greedy may not at T = 0.6, and costs move with the context (RESULTS.md, "Cost against context"); and of
@@ -357,7 +364,7 @@ def run_notes(path, found_by, temperature, context):
         notes.append(f"{path} was searched at temperature {searched_t:g}, this run samples at {temperature:g}" +
                      (f": its prediction here is {said:.2f}x" if said is not None else
                       ": it decodes correctly, but may not be the fastest draft here"))
-    if said is not None and said < 1:                                                      # hsd.first_plan's prior
+    if predicts_a_loss(said):                                                              # hsd.first_plan's prior
         notes.append(f"{path}: its search predicted a loss at temperature {temperature:g} ({said:.2f}x at its own k): "
                      "with -k auto it starts with its longest pause")
     if isinstance(searched_context, int) and context and not searched_context / 2 <= context <= 2 * searched_context:

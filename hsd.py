@@ -59,7 +59,7 @@ try:
     import models
     from cost_model import clock, costs_up_to, default_costs, least_break_even, least_paying_k
     from drafts import (DRAFTS, LOOKUP, Draft, draft_costs, draft_skip, draft_words, is_draft_file, paper_draft,
-                        prediction_at, read_draft_file, split_lookup)
+                        prediction_at, predicts_a_loss, read_draft_file, split_lookup)
 except KeyboardInterrupt:                     # Ctrl-C while torch loads (a second or more): one line, as later on
     if __name__ != "__main__":
         raise
@@ -270,7 +270,7 @@ def first_plan(costs, predicted=None):
     draft file's own search predicted it to lose at this temperature (predicted: found_by.predicted_speedup there,
     made at the file's own k and stop, not -k auto's, below 1), the longest pause, then a try."""
     least = least_paying_k(costs, AUTO_MAX)
-    if not least or (predicted is not None and predicted < 1):
+    if not least or predicts_a_loss(predicted):
         return Plan(least or 1, AUTO_LONGEST_PAUSE, AUTO_LONGEST_PAUSE)
     return Plan(least, 0, AUTO_PAUSE)
 
