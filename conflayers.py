@@ -151,8 +151,8 @@ def prompt_rounds(model, prompt, new_tokens, loop, progress):
     least, generated, pending = least_skipped(model.config.num_layers), [], prompt[-1]
     while len(generated) < new_tokens - 1 and loop.stopped is None:
         k = min(K, new_tokens - 1 - len(generated))      # a round makes at most k + 1 tokens: never past new_tokens
-        drafts, accepted, pending = hsd.speculative_round(model, cache, pending, models.Skip(layers=loop.skipped), k,
-                                                          stop=STOP)
+        drafts, accepted, pending, _ = hsd.speculative_round(model, cache, pending, models.Skip(layers=loop.skipped),
+                                                             k, stop=STOP)
         generated += drafts[:accepted] + [pending]
         progress(len(generated))
         if len(generated) > WINDOW + 1:                  # past the first WINDOW new tokens: the round counts

@@ -25,7 +25,8 @@ Names (one meaning each, here and in drafts.py):
   proposed   the ids lookup proposed from the text (the committed tokens' own n-grams), which a round's drafts
              start with (text_round) or a cascade's draft model checks first (with a fixed k); from_text: how
              many drafts are the text's
-  accepted   how many of the drafts the full model accepted (a prefix); the next token: its own after them
+  accepted   how many of the drafts the full model accepted (a prefix); the next token: its own after them;
+             expected: how many it accepts on average (expected_accepted: at a temperature, before the draw)
   kept       what commit keeps of a verify pass: the pending token and the accepted drafts
   Draft      what a generation runs (drafts.Draft): a name, a skip, k, a stop, -k auto's costs, the lookup's n and
              a draft file's predicted speedups; chosen: the Draft choose_draft decided on; asked: what it was
@@ -179,20 +180,37 @@ def judge(drafts, q, logits, temperature=0.0, generator=None):
     return accept_sampled(drafts, q, logits, temperature, generator)
 
 
+def expected_accepted(drafts, q, logits, temperature=0.0):
+    """How many of the drafts the full model accepts on average, a float (drafts, q and logits as judge takes them):
+    -k auto weighs a round by it (auto_k), not by what a sampled round happened to accept, so that one lucky or
+    unlucky draw neither keeps a draft drafting that does not pay nor pauses one that does. At a temperature: the sum
+    over i of a_1 a_2 ... a_i, where a_j = sum over the vocabulary of min(p_j, q_j) = 1 - TV(p_j, q_j) is the chance
+    that accept_sampled accepts a draw from q_j at the drafts' position j (p_j from logits row j - 1, as accept_sampled
+    reads it): the accepted drafts' mean over each position's draw, along the drafts drawn. It looks at this round's
+    distributions only, never at its draws, so the next round's k stays independent of them (sampling stays exact).
+    Greedy: accept's count, which is certain."""
+    if temperature == 0 or not drafts:
+        return float(accept(drafts, logits)[0])
+    chances = torch.minimum(probabilities(logits[:len(drafts)], temperature), q).sum(dim=-1)    # (k,): a_1 .. a_k
+    return float(torch.cumprod(chances, dim=0).sum())
+
+
 def speculative_round(model, cache, pending, skip, k, temperature=0.0, generator=None, stop=None, eos=None,
                       proposed=()):
-    """One round (module docstring): (drafts, accepted, next token). The committed tokens grow by the pending token
-    and the accepted drafts; the next token becomes the new pending token. k drafts at most: a stop (a confidence
-    threshold) or the end-of-text token eos may end drafting early; temperature 0 is greedy, above it the round
-    samples with the generator's random stream; draft and judge take these as the round is given them, and draft the
-    lookup's proposed ids (a cascade; the lookup alone is text_round)."""
+    """One round (module docstring): (drafts, accepted, next token, expected), expected = expected_accepted, what
+    -k auto weighs the round by. The committed tokens grow by the pending token and the accepted drafts; the next
+    token becomes the new pending token. k drafts at most: a stop (a confidence threshold) or the end-of-text token
+    eos may end drafting early; temperature 0 is greedy, above it the round samples with the generator's random
+    stream; draft and judge take these as the round is given them, and draft the lookup's proposed ids (a cascade;
+    the lookup alone is text_round)."""
     snap = snapshot(cache)                                                                            # 1
     drafts, q = draft(model, cache, pending, skip, k, temperature, generator, stop, eos, proposed)    # 2
     restore(cache, snap)                                                                              # 3
     logits, recorded = verify(model, cache, pending, drafts)                                          # 4
     accepted, next_token = judge(drafts, q, logits, temperature, generator)                           # 5
+    expected = expected_accepted(drafts, q, logits, temperature)                                      # and on average
     commit(cache, snap.length, accepted + 1, recorded)       # 6: kept, the pending token and the accepted drafts
-    return drafts, accepted, next_token
+    return drafts, accepted, next_token, expected
 
 
 def plain_step(model, cache, pending, temperature=0.0, generator=None):
@@ -275,10 +293,11 @@ def first_plan(costs, predicted=None):
     return Plan(least, 0, AUTO_PAUSE)
 
 
-def auto_k(plan, drafted, accepted, costs):
-    """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them (0, 0: a plain
-    step). costs: the draft's (c, v, r), v[d] for every d (cost_model.costs_up_to). When the recent rounds made fewer
-    tokens than they cost (the moving gain below 0), `pause` plain steps, then a round of one draft, the pause doubling
+def auto_k(plan, drafted, accepted, expected, costs):
+    """-k auto: the plan after a step that drafted `drafted` tokens and accepted `accepted` of them, `expected` on
+    average (speculative_round's; greedy the same; 0, 0, 0: a plain step). costs: the draft's (c, v, r), v[d] for
+    every d (cost_model.costs_up_to). When the recent rounds made fewer tokens than they cost (the moving gain, which
+    counts each round's expected drafts, below 0), `pause` plain steps, then a round of one draft, the pause doubling
     (up to AUTO_LONGEST_PAUSE) while the tries do not pay (a pause pauses a cascade's draft model only; the text's
     rounds, generate_steps runs them, count as plain steps, in a pause and out of it). Otherwise: all k accepted, two
     more next time (up to AUTO_MAX); some rejected, one fewer; none accepted, the fewest that can pay (least_paying_k;
@@ -287,7 +306,7 @@ def auto_k(plan, drafted, accepted, costs):
     RESULTS.md, "-k auto"."""
     if drafted == 0:                                           # a plain step: one less to wait
         return plan._replace(plain=max(0, plan.plain - 1))
-    made = accepted + 1                                        # its accepted drafts and the full model's token
+    made = expected + 1                               # its accepted drafts (on average) and the full model's token
     gain = AUTO_MEMORY * plan.gain + made - cost_model.round_cost(drafted, *costs)
     least = least_paying_k(costs, AUTO_MAX) or 1               # fewer drafts never pay
     if gain < 0:                                               # drafting costs more than it makes: pause
@@ -448,16 +467,17 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
                               least=LOOKUP_LEAST)
             proposed = proposed[:proposed.index(eos) + 1] if eos in proposed else proposed
         text_alone = len(proposed) >= (1 if auto else max(k_model, 1))    # the text is the draft, the full model
+        expected = 0.0                                   # a draft model's round's accepted drafts on average: auto_k
         if text_alone:                                                     # its judge (the docstring says when)
             drafts, (accepted, pending, _) = proposed, text_round(model, cache, pending, proposed, None, temperature,
                                                                   generator)
         elif k_model:                                            # a draft model, checking what the text proposed
-            drafts, accepted, pending = speculative_round(model, cache, pending, chosen.skip, k_model, temperature,
-                                                          generator, chosen.stop, eos, proposed)
+            drafts, accepted, pending, expected = speculative_round(model, cache, pending, chosen.skip, k_model,
+                                                                    temperature, generator, chosen.stop, eos, proposed)
         else:                                                    # nothing to draft: a plain step
             drafts, accepted, pending = [], 0, plain_step(model, cache, pending, temperature, generator)
         if auto:                                                 # the text's rounds count as plain steps
-            plan = auto_k(plan, 0 if text_alone else len(drafts), accepted, pause_by)
+            plan = auto_k(plan, 0 if text_alone else len(drafts), accepted, expected, pause_by)
         new = drafts[:accepted] + [pending]
         if eos in new:
             new = new[:new.index(eos) + 1]

@@ -329,7 +329,7 @@ def replay(estimates, k, stop, c, v, r):
                 tokens, cost, rounds = tokens + a + 1, cost + cost_model.round_cost(d, c, v, r), rounds + 1
                 drafted, accepted = drafted + d, accepted + a
             if k == "auto":
-                plan = hsd.auto_k(plan, d, round(a), pause_by)
+                plan = hsd.auto_k(plan, d, round(a), a, pause_by)
             j += a + 1
     return Replay(tokens, cost, rounds, drafted, accepted)
 

@@ -242,8 +242,12 @@ MISTAKES = {
         Mistake("the verdict is greedy at any temperature", "hsd.speculative_round",
                 "accepted, next_token = judge(drafts, q, logits, temperature, generator)",
                 "accepted, next_token = judge(drafts, q, logits)", "round's verdict (accepted, next token) is"),
-        Mistake("the values returned in another order", "hsd.speculative_round", "return drafts, accepted, next_token",
-                "return accepted, drafts, next_token", "a round returns its drafts first")],
+        Mistake("the average taken as greedy at any temperature", "hsd.speculative_round",
+                "expected = expected_accepted(drafts, q, logits, temperature)",
+                "expected = expected_accepted(drafts, q, logits)", "drafts on average, expected_accepted on its"),
+        Mistake("the values returned in another order", "hsd.speculative_round",
+                "return drafts, accepted, next_token, expected", "return accepted, drafts, next_token, expected",
+                "a round returns its drafts first")],
     "lookup": [
         Mistake("the suffix itself is taken for an earlier occurrence", "hsd.lookup",
                 "end = next((start + size for start in range(len(tokens) - 2 * size, -1, -1)\n"
@@ -368,8 +372,9 @@ ALTERNATIVES = {
                                  "drafts, q = draft(model, cache, pending, skip, k, temperature=temperature, "
                                  "generator=generator, stop=stop, eos=eos, proposed=proposed)\nrestore(cache, snap)\nlogits, states = verify(model, cache, "
                                  "pending, drafts)\naccepted, token = judge(drafts, q, logits, temperature, generator)\n"
+                                 "on_average = expected_accepted(drafts, q, logits, temperature=temperature)\n"
                                  "commit(cache, start=snap.length, kept=accepted + 1, recorded=states)\n"
-                                 "return drafts, accepted, token"},
+                                 "return drafts, accepted, token, on_average"},
 }
 
 # The index formulas of a blanked function's reference as a text would write them (the reference's own expressions

@@ -284,25 +284,45 @@ def test_auto_k_and_the_stop_are_lossless(name, draft):
         assert stats["k"] == k and stats["drafted"] >= stats["accepted"] and stats["stop"] == (stop or hsd.AUTO_STOP)
 
 
+def test_expected_accepted_is_the_chance_of_each_prefix():
+    """Greedy: the drafts accepted (certain). At a temperature: a_1 + a_1 a_2 for two drafts, a_j = 1 - TV(p_j, q_j)
+    at the drafts' positions, whichever tokens were drawn (the same for a draft the full model rejects)."""
+    L1, L2, Q1, Q2 = sampling_rows("tiny-falcon-h1")
+    d1 = int(L1.argmax())
+    logits = torch.stack([L1, L2[d1], L2[d1]])                                      # rows after pending, d1, d2
+    wrong = (int(L2[d1].argmax()) + 1) % len(L1)                                  # not the full model's choice
+    assert hsd.expected_accepted([d1, wrong], None, logits) == float(hsd.accept([d1, wrong], logits)[0]) == 1.0
+    p1, p2 = hsd.probabilities(L1, TEMPERATURE), hsd.probabilities(L2[d1], TEMPERATURE)
+    q1, q2 = hsd.probabilities(Q1, TEMPERATURE), hsd.probabilities(Q2[d1], TEMPERATURE)
+    a1, a2 = (1 - 0.5 * (p - q).abs().sum().item() for p, q in ((p1, q1), (p2, q2)))
+    assert 0.05 < a1 < 0.95 and 0.05 < a2 < 0.95
+    for d2 in (int(p2.argmax()), int(p2.argmin())):                                  # likely accepted, or not
+        got = hsd.expected_accepted([d1, d2], torch.stack([q1, q2]), logits, TEMPERATURE)
+        assert got == pytest.approx(a1 + a1 * a2, abs=1e-9)
+
+
 def test_auto_k_follows_the_rounds_already_judged():
     """All accepted: two more next time; some rejected: one fewer; none accepted: 1. The recent gain (a moving sum of
-    each round's tokens made less its cost, round_cost of the costs given: here 0.5 d + 1) below 0: plain steps, the
-    pause doubling while the tries do not pay. A draft that skips nothing grows to AUTO_MAX."""
+    each round's tokens made less its cost, round_cost of the costs given: here 0.5 d + 1; a sampled round's tokens
+    counted on average, expected_accepted's) below 0: plain steps, the pause doubling while the tries do not pay. A
+    draft that skips nothing grows to AUTO_MAX."""
     P, M, costs = hsd.AUTO_PAUSE, hsd.AUTO_MEMORY, cost_model.costs_up_to((0.5, {1: 1.0}, 0.0), hsd.AUTO_MAX)
-    assert hsd.auto_k(hsd.Plan(1, 0, P), 1, 1, costs) == (3, 0, P, 0.5)              # 2 tokens for 1.5 steps
-    assert hsd.auto_k(hsd.Plan(5, 0, P), 5, 3, costs) == (4, 0, P, 0.5)              # 4 tokens for 3.5 steps
-    assert hsd.auto_k(hsd.Plan(5, 0, P), 3, 3, costs)[:3] == (5, 0, P)      # all accepted, but a stop ended it
-    assert hsd.auto_k(hsd.Plan(5, 0, P), 5, 0, costs) == (1, P, 2 * P, 0.0)          # 1 token for 3.5 steps: a pause
-    plan = hsd.auto_k(hsd.Plan(3, 0, P, 2.0), 3, 0, costs)                  # what came before still carries it
+    assert hsd.auto_k(hsd.Plan(1, 0, P), 1, 1, 1, costs) == (3, 0, P, 0.5)              # 2 tokens for 1.5 steps
+    assert hsd.auto_k(hsd.Plan(5, 0, P), 5, 3, 3, costs) == (4, 0, P, 0.5)              # 4 tokens for 3.5 steps
+    assert hsd.auto_k(hsd.Plan(5, 0, P), 3, 3, 3, costs)[:3] == (5, 0, P)      # all accepted, but a stop ended it
+    assert hsd.auto_k(hsd.Plan(5, 0, P), 5, 0, 0, costs) == (1, P, 2 * P, 0.0)          # 1 token for 3.5 steps: a pause
+    plan = hsd.auto_k(hsd.Plan(3, 0, P, 2.0), 3, 0, 0, costs)                  # what came before still carries it
     assert plan[:3] == (1, 0, P) and plan.gain == pytest.approx(M * 2.0 + 1 - 2.5)
-    assert hsd.auto_k(hsd.Plan(1, 4, 16), 0, 0, costs) == hsd.Plan(1, 3, 16)   # a plain step: one less to wait
+    assert hsd.auto_k(hsd.Plan(3, 0, P), 3, 3, 0.2, costs)[:3] == (1, P, 2 * P)   # sampled: 3 kept, 0.2 on average
+    assert hsd.auto_k(hsd.Plan(3, 0, P), 3, 0, 2.5, costs)[:3] == (1, 0, P)   # none kept, 2.5 on average: goes on
+    assert hsd.auto_k(hsd.Plan(1, 4, 16), 0, 0, 0, costs) == hsd.Plan(1, 3, 16)   # a plain step: one less to wait
     longest = hsd.AUTO_LONGEST_PAUSE
-    assert hsd.auto_k(hsd.Plan(1, 0, longest), 1, 0, costs)[:3] == (1, longest, longest)   # stops doubling
+    assert hsd.auto_k(hsd.Plan(1, 0, longest), 1, 0, 0, costs)[:3] == (1, longest, longest)   # stops doubling
     assert hsd.first_plan(costs) == (1, 0, P, 0.0)
     dear = cost_model.costs_up_to((0.6, {1: 1.5, 2: 1.5}, 0.0), hsd.AUTO_MAX)   # one draft costs 2.1 steps, two 2.7
     assert hsd.first_plan(dear) == (2, 0, P, 0.0)                    # a round of one could not pay even if kept
-    assert hsd.auto_k(hsd.Plan(4, 0, P), 4, 0, dear)[:3] == (2, P, 2 * P)      # a pause, then a try of two
-    assert hsd.auto_k(hsd.Plan(2, 0, P, 5.0), 2, 1, dear)[:3] == (2, 0, P)     # one fewer, but never below two
+    assert hsd.auto_k(hsd.Plan(4, 0, P), 4, 0, 0, dear)[:3] == (2, P, 2 * P)      # a pause, then a try of two
+    assert hsd.auto_k(hsd.Plan(2, 0, P, 5.0), 2, 1, 1, dear)[:3] == (2, 0, P)     # one fewer, but never below two
     never = cost_model.costs_up_to((1.0, {1: 1.5}, 0.0), hsd.AUTO_MAX)          # d + 1.5 steps for at most d + 1
     assert hsd.first_plan(never) == (1, longest, longest, 0.0)
     assert hsd.first_plan(costs, predicted=0.97) == (1, longest, longest, 0.0)   # its file's search saw it lose
@@ -611,11 +631,11 @@ def test_drafts_are_the_draft_models_greedy_tokens(name):
 
 
 def round_values(result, k):
-    """A round's (drafts, accepted, next token), after checking that they are what the next step takes: a list of at
-    most k drafts and two ints."""
-    teach(isinstance(result, tuple) and len(result) == 3, f"a round returned {kind_of(result)}: it returns three "
-                                                          "values, (drafts, accepted, next token)")
-    drafts, n, token = result
+    """A round's (drafts, accepted, next token, expected), after checking that they are what the next step takes: a
+    list of at most k drafts, two ints and a float."""
+    teach(isinstance(result, tuple) and len(result) == 4, f"a round returned {kind_of(result)}: it returns four "
+                                                          "values, (drafts, accepted, next token, expected)")
+    drafts, n, token, expected = result
     teach(type(drafts) is list and len(drafts) <= k, f"a round returns its drafts first, a list of at most k = {k} "
                                                      f"tokens; its first value is {kind_of(drafts)}")
     for i, d in enumerate(drafts):
@@ -623,7 +643,9 @@ def round_values(result, k):
     teach_int(n, "the round's number of accepted drafts (its second value)")
     teach_int(token, "the round's next token (its third value)")
     teach(0 <= n <= len(drafts), f"a round accepted {n} of {len(drafts)} drafts")
-    return drafts, n, token
+    teach(type(expected) is float and 0 <= expected <= len(drafts), f"a round's fourth value, how many drafts it "
+          f"accepts on average, is {kind_of(expected)}: a float from 0 to {len(drafts)}, expected_accepted's")
+    return drafts, n, token, expected
 
 
 @pytest.mark.parametrize("name", ["tiny-falcon-h1", "tiny-qwen3.5"])
@@ -636,8 +658,8 @@ def test_rounds_commit_what_one_by_one_feeding_gives(name):
     one_by_one = fed_one_by_one(model, prompt[:-1], 60)                  # fed the committed tokens as they come
     committed, pending, seen = prompt[:-1], prompt[-1], set()
     while len(committed) < 40:
-        drafts, n, next_token = round_values(hsd.speculative_round(model, cache, pending, TINY_SKIPS[name]["component"],
-                                                                   3), k=3)
+        drafts, n, next_token, _ = round_values(hsd.speculative_round(model, cache, pending,
+                                                                      TINY_SKIPS[name]["component"], 3), k=3)
         before, committed = len(committed), committed + [pending] + drafts[:n]
         teach(cache.length == len(committed), f"after a round that accepted {n} of 3 drafts the cache holds "
                                               f"{cache.length - before} more tokens, not {n + 1}: the pending token "
@@ -673,7 +695,7 @@ def test_a_round_drafts_and_judges_as_it_is_asked(name):
         teach(failed is None, f"{asked} the round failed in {traceback.extract_tb(failed.__traceback__)[-1].name} "
                               f"({type(failed).__name__}: {failed}): draft and judge take the round's temperature, "
                               "generator and stop" if failed else "")
-        drafts, n, next_token = round_values(result, k)
+        drafts, n, next_token, expected_n = round_values(result, k)
         generator = torch.Generator().manual_seed(1)
         _, fresh = filled_cache(name, prompt[:-1])
         expected, q = hsd.draft(model, fresh, pending, skip, k, temperature, generator, stop)
@@ -687,6 +709,9 @@ def test_a_round_drafts_and_judges_as_it_is_asked(name):
         teach((n, next_token) == verdict, f"{asked} the round's verdict (accepted, next token) is {(n, next_token)}, "
                                           f"judge's on its drafts {verdict}: the round ignored its temperature or its "
                                           "generator when judging")
+        on_average = hsd.expected_accepted(expected, q, logits, temperature)
+        teach(expected_n == pytest.approx(on_average, abs=1e-9), f"{asked} the round says it accepts {expected_n} "
+              f"drafts on average, expected_accepted on its drafts {on_average}: the round ignored its temperature")
         teach(cache.length == len(prompt) + n, f"{asked}, after a round that accepted {n} of {len(drafts)} drafts "
                                                f"the cache holds {cache.length - len(prompt) + 1} more tokens, not "
                                                f"{n + 1}: the pending token and the {n} accepted")
@@ -695,7 +720,7 @@ def test_a_round_drafts_and_judges_as_it_is_asked(name):
     _, fresh = filled_cache(name, prompt[:-1])
     first = hsd.draft(model, fresh, pending, skip, 1)[0][0]                   # made the end of text below
     _, cache = filled_cache(name, prompt[:-1])
-    drafts, _, _ = round_values(hsd.speculative_round(model, cache, pending, skip, k, eos=first), k)
+    drafts, _, _, _ = round_values(hsd.speculative_round(model, cache, pending, skip, k, eos=first), k)
     teach(drafts == [first], f"with eos={first} (its first draft) the round drafted {drafts}: the round ignored its "
                              "eos, which draft takes (drafting ends at the end of text)")
 
@@ -801,9 +826,9 @@ def test_cli_check_json(name, capsys):
 
 
 def test_the_trace_holds_the_rounds_as_they_were_judged(monkeypatch):
-    """statistics()["trace"] lists each round of a generation as speculative_round returned it: an hsd.Round (drafts,
-    accepted, next token) that unpacks as that triple; a plain step is no round; the rounds' accepted drafts and next
-    tokens are the output, in order."""
+    """statistics()["trace"] lists each round of a generation as speculative_round judged it: an hsd.Round (drafts,
+    accepted, next token, as the round returned them) that unpacks as that triple; a plain step is no round; the
+    rounds' accepted drafts and next tokens are the output, in order."""
     judged, real = [], hsd.speculative_round
 
     def watched(*args, **kwargs):
@@ -813,7 +838,8 @@ def test_the_trace_holds_the_rounds_as_they_were_judged(monkeypatch):
     ids, stats = hsd.generate(tiny("tiny-falcon-h1"), PROMPTS["12-token"], 8, k=2, eos_token_id=-1)
     assert len(judged) == stats["rounds"] >= 3 and stats["plain_steps"] == 1     # the last token: no room to draft
     assert all(type(entry) is hsd.Round for entry in stats["trace"])
-    assert [(drafts, accepted, next_token) for drafts, accepted, next_token in stats["trace"]] == judged
+    assert [(drafts, accepted, next_token) for drafts, accepted, next_token in stats["trace"]] == [
+        judged_round[:3] for judged_round in judged]
     assert [t for drafts, accepted, next_token in stats["trace"] for t in drafts[:accepted] + [next_token]] == ids[:-1]
 
 
@@ -1261,7 +1287,8 @@ def first_two_tokens_with_a_stop_or_auto(name, n, seed, rule):
     """Tokens 1 and 2 of speculative sampling, n times, as generate makes them, with the model's outputs precomputed
     (sampling_rows). rule "stop": rounds of k = 2 whose drafting stops after a first draft the draft gives less than
     0.5 (the second draft, if any, proposed from Q2's row of the first: any proposal keeps sampling exact); rule
-    "auto": k="auto"'s first round of one draft, then, after a rejection, its pause: a plain step."""
+    "auto": k="auto"'s first round of one draft, then, after a rejection, its pause: a plain step (its accepted draft on
+    average, 1 - TV(p1, q1) = 0.82, and the token after it make less than the round's 2 steps)."""
     L1, L2, Q1, Q2 = sampling_rows(name)
     p2, q1, q2 = hsd.probabilities(L2, TEMPERATURE), hsd.probabilities(Q1, TEMPERATURE), hsd.probabilities(Q2, TEMPERATURE)
     g = torch.Generator().manual_seed(seed)
@@ -1278,8 +1305,9 @@ def first_two_tokens_with_a_stop_or_auto(name, n, seed, rule):
         accepted, token = hsd.accept_sampled(drafts, torch.stack(q), torch.stack(rows), TEMPERATURE, g)
         made = drafts[:accepted] + [token]
         if len(made) == 1:                   # rejected at once: token 2 comes from the next step
-            plan = (hsd.auto_k(hsd.Plan(1, 0, hsd.AUTO_PAUSE), 1, 0, cost_model.costs_up_to(
-                (0.5, {1: 1.0}, 0.0))) if rule == "auto" else None)          # a round that paid nothing: a pause
+            expected = hsd.expected_accepted(drafts, torch.stack(q), torch.stack(rows), TEMPERATURE)   # 1 - TV
+            plan = (hsd.auto_k(hsd.Plan(1, 0, hsd.AUTO_PAUSE), 1, 0, expected, cost_model.costs_up_to(
+                (0.5, {1: 1.5}, 0.0))) if rule == "auto" else None)     # 1.82 tokens for 2 steps: a pause
             if plan is not None and plan.plain > 0:                # auto pauses: a plain step samples from p
                 made.append(int(torch.multinomial(p2[token], 1, generator=g)))
             else:                                                  # a round of one draft after it
@@ -1313,7 +1341,7 @@ def test_rounds_and_plain_steps_sample_as_plain_sampling():
     snap, g = hsd.snapshot(cache), torch.Generator().manual_seed(1)
     spec, plain = [], []
     for _ in range(200):
-        drafts, n, next_token = hsd.speculative_round(model, cache, prompt[-1], skip, 3, TEMPERATURE, g)
+        drafts, n, next_token, _ = hsd.speculative_round(model, cache, prompt[-1], skip, 3, TEMPERATURE, g)
         spec.append(drafts[0] if n else next_token)
         hsd.restore(cache, snap)
         plain.append(hsd.plain_step(model, cache, prompt[-1], TEMPERATURE, g))
@@ -1572,7 +1600,7 @@ def test_the_text_as_the_draft_samples_as_plain_sampling(cascade):
     draws = 200                              # chi-square pools the tokens expected fewer than 5 times
     for _ in range(draws):
         if cascade:
-            drafts, n, token = hsd.speculative_round(model, cache, prompt[-1], skip, 3, t, g, proposed=proposed)
+            drafts, n, token, _ = hsd.speculative_round(model, cache, prompt[-1], skip, 3, t, g, proposed=proposed)
             drafted.append(drafts[0])
             accepted_from_text += n > 0 and drafts[0] == best
         else:
