@@ -186,8 +186,8 @@ def expected_accepted(drafts, q, logits, temperature=0.0):
     unlucky draw neither keeps a draft drafting that does not pay nor pauses one that does. At a temperature: the sum
     over i of a_1 a_2 ... a_i, where a_j = sum over the vocabulary of min(p_j, q_j) = 1 - TV(p_j, q_j) is the chance
     that accept_sampled accepts a draw from q_j at the drafts' position j (p_j from logits row j - 1, as accept_sampled
-    reads it): the accepted drafts' mean over each position's draw, along the drafts drawn. It looks at this round's
-    distributions only, never at its draws, so the next round's k stays independent of them (sampling stays exact).
+    reads it): the accepted drafts' mean over each position's draw, along the drafts drawn. It reads distributions,
+    not the verdict's draws; the next round's k depends only on rounds already judged, so sampling stays exact.
     Greedy: accept's count, which is certain."""
     if temperature == 0 or not drafts:
         return float(accept(drafts, logits)[0])
