@@ -1,14 +1,17 @@
 """The command lines' helpers, apart from generation itself: reading arguments and printing a generation.
 
 Arguments: misspelt_option, which every tool's command line asks about an option it does not know ("did you mean
---model?"), and hsd.py's -k (k_argument) and --prompt-file (read_prompt). Printing, as hsd.py's command line shows a
-generation: token ids as text (show), a round of --trace (trace_line) and a run of plain steps (plain_line), the lines
-after the output (summary) and --check's report (check). It runs no generation of its own: check is given
-hsd.generate. It stands on models, drafts and cost_model; hsd.py and the tools stand on it (no tool imports another).
+--model?"), and hsd.py's -k (k_argument) and --prompt-file (read_prompt). What hsd.generate is asked, checked so that a
+user's mistake ends in one line: check_request (k, temperature, the prompt's ids and length) and prompt_list (what a
+prompt may be given as). Printing, as hsd.py's command line shows a generation: token ids as text (show), a round of
+--trace (trace_line) and a run of plain steps (plain_line), the lines after the output (summary) and --check's report
+(check). It runs no generation of its own: check is given hsd.generate. It stands on models, drafts and cost_model;
+hsd.py and the tools stand on it (no tool imports another).
 """
 import argparse
 import difflib
 import json
+import math
 import sys
 from statistics import median
 
@@ -58,6 +61,58 @@ def read_prompt(path):
     except UnicodeDecodeError:
         raise models.UsageError(f"--prompt-file {path} is not UTF-8 text") from None
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+# --- What generate is asked: a user's mistake ends in one line saying what to do ------------------------------
+MIN_TEMPERATURE = 1e-3     # below it logits / T overflow float64 (1e-320 did): for such sharpness, sample greedy
+
+
+def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
+    """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
+    drafting k tokens a round (or "auto"; None: plain decoding), at a temperature; nothing if all is well."""
+    if k not in (None, "auto") and k < 1:
+        raise models.UsageError(f"k must be at least 1 (got {k})")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):        # NaN too
+        raise models.UsageError(f"the temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} on "
+                                f"(got {temperature})")
+    if not prompt:
+        raise models.UsageError("the prompt is empty: give at least one token")
+    if not all(0 <= t < config.vocab_size for t in prompt):
+        raise models.UsageError(f"token ids must lie in 0..{config.vocab_size - 1}")
+    if new_tokens < 0:
+        raise models.UsageError(f"the number of new tokens must be at least 0 (got {new_tokens})")
+    if len(prompt) + new_tokens > config.max_position_embeddings:
+        room = config.max_position_embeddings - len(prompt)
+        raise models.UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}: "
+                                + (f"after the prompt's {len(prompt)} tokens, at most {room} new tokens fit" if room > 0
+                                   else f"the prompt alone has {len(prompt)} tokens: shorten it"))
+
+
+def prompt_list(prompt_ids):
+    """generate's prompt -> a list of ints: a list of ints, a 1-D integer tensor, or a (1, T) one (transformers' habit).
+    A TypeError or UsageError in one sentence saying what to pass for anything else: text, a tokenizers.Encoding
+    (its .ids), a batch of prompts, token ids as floats."""
+    what = "pass the prompt's token ids: a list of ints, e.g. tokenizer.encode(text).ids, or a (1, T) LongTensor"
+    if isinstance(prompt_ids, (str, bytes)):
+        raise TypeError(f"generate takes token ids, not text: {what}")
+    if hasattr(prompt_ids, "ids") and not torch.is_tensor(prompt_ids):
+        raise TypeError(f"generate takes token ids, not a {type(prompt_ids).__name__}: pass its .ids")
+    if torch.is_tensor(prompt_ids):
+        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+            raise TypeError(f"generate takes integer token ids, not a {prompt_ids.dtype} tensor: {what}")
+        if prompt_ids.dim() == 2 and prompt_ids.shape[0] != 1:
+            raise models.UsageError(f"generate decodes one prompt (batch size 1), not a batch of shape "
+                                    f"{tuple(prompt_ids.shape)}: pass one row, e.g. ids[0]")
+        if prompt_ids.dim() not in (1, 2):
+            raise TypeError(f"generate takes a 1-D or (1, T) tensor of token ids, not one of shape "
+                            f"{tuple(prompt_ids.shape)}")
+        return prompt_ids.reshape(-1).tolist()
+    ids = list(prompt_ids)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        wrong = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool)))
+        raise TypeError(f"generate takes token ids (ints), not a list holding a {type(wrong).__name__}: {what}"
+                        + (" (one prompt: batch size 1)" if isinstance(wrong, (list, tuple)) else ""))
+    return ids
 
 
 # --- What hsd.py prints of a generation --------------------------------------------------------------------------

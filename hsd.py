@@ -12,10 +12,11 @@ committed token is pending (not yet fed). One round:
   6. commit    keep the recorded state after the kept tokens (pending + accepted); roll the KV caches back by length
 
 Steps 2 and 5 have two forms: greedy (temperature 0), whose output is plain greedy decoding's, token for token, and
-sampling (speculative sampling, Leviathan et al. 2023), exact in distribution. Which parts a draft leaves out is
+sampling (speculative sampling, Leviathan et al. 2023), exact in distribution; so has expected_accepted, beside step 5,
+which says how many drafts a round accepts on average (what k="auto" weighs it by). Which parts a draft leaves out is
 data (drafts.py): one of the paper's drafts, a draft file that hsd_search.py found by measurement, or the text itself
 (lookup; before a draft model: a cascade). With k="auto" the draft length changes from round to round and drafting
-pauses where it does not pay (auto_k). README: how to run it; cli.py: the command line's arguments and printing;
+pauses where it does not pay (auto_k). README: how to run it; cli.py: the command line's arguments and checks, printing;
 hsd_eval.py: measurements.
 
 Names (one meaning each, here and in drafts.py):
@@ -368,57 +369,6 @@ Step = namedtuple("Step", "kind drafts accepted next_token tokens seconds propos
 Round = namedtuple("Round", "drafts accepted next_token")    # an entry of statistics()["trace"]
 
 
-MIN_TEMPERATURE = 1e-3     # below it logits / T overflow float64 (1e-320 did): for such sharpness, sample greedy
-
-
-def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
-    """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
-    drafting k tokens a round (or "auto"; None: plain decoding), at a temperature; nothing if all is well."""
-    if k not in (None, "auto") and k < 1:
-        raise models.UsageError(f"k must be at least 1 (got {k})")
-    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):        # NaN too
-        raise models.UsageError(f"the temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} on "
-                                f"(got {temperature})")
-    if not prompt:
-        raise models.UsageError("the prompt is empty: give at least one token")
-    if not all(0 <= t < config.vocab_size for t in prompt):
-        raise models.UsageError(f"token ids must lie in 0..{config.vocab_size - 1}")
-    if new_tokens < 0:
-        raise models.UsageError(f"the number of new tokens must be at least 0 (got {new_tokens})")
-    if len(prompt) + new_tokens > config.max_position_embeddings:
-        room = config.max_position_embeddings - len(prompt)
-        raise models.UsageError(f"prompt + new tokens exceed the model's context of {config.max_position_embeddings}: "
-                                + (f"after the prompt's {len(prompt)} tokens, at most {room} new tokens fit" if room > 0
-                                   else f"the prompt alone has {len(prompt)} tokens: shorten it"))
-
-
-def prompt_list(prompt_ids):
-    """generate's prompt -> a list of ints: a list of ints, a 1-D integer tensor, or a (1, T) one (transformers' habit).
-    A TypeError or UsageError in one sentence saying what to pass for anything else: text, a tokenizers.Encoding
-    (its .ids), a batch of prompts, token ids as floats."""
-    what = "pass the prompt's token ids: a list of ints, e.g. tokenizer.encode(text).ids, or a (1, T) LongTensor"
-    if isinstance(prompt_ids, (str, bytes)):
-        raise TypeError(f"generate takes token ids, not text: {what}")
-    if hasattr(prompt_ids, "ids") and not torch.is_tensor(prompt_ids):
-        raise TypeError(f"generate takes token ids, not a {type(prompt_ids).__name__}: pass its .ids")
-    if torch.is_tensor(prompt_ids):
-        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
-            raise TypeError(f"generate takes integer token ids, not a {prompt_ids.dtype} tensor: {what}")
-        if prompt_ids.dim() == 2 and prompt_ids.shape[0] != 1:
-            raise models.UsageError(f"generate decodes one prompt (batch size 1), not a batch of shape "
-                                    f"{tuple(prompt_ids.shape)}: pass one row, e.g. ids[0]")
-        if prompt_ids.dim() not in (1, 2):
-            raise TypeError(f"generate takes a 1-D or (1, T) tensor of token ids, not one of shape "
-                            f"{tuple(prompt_ids.shape)}")
-        return prompt_ids.reshape(-1).tolist()
-    ids = list(prompt_ids)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        wrong = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool)))
-        raise TypeError(f"generate takes token ids (ints), not a list holding a {type(wrong).__name__}: {what}"
-                        + (" (one prompt: batch size 1)" if isinstance(wrong, (list, tuple)) else ""))
-    return ids
-
-
 def choose_seed(temperature, seed=None):
     """A generation's seed: the one given; at a temperature without one, a fresh one drawn from torch's global random
     stream (so torch.manual_seed repeats it), which the statistics report; None when greedy and none is given."""
@@ -441,9 +391,9 @@ def generate_steps(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_to
     global random stream). Each step, decided here: the text's proposal judged by the full model alone (the lookup; a
     cascade's with -k auto, or of k tokens: the draft model's check cost more than it saved, RESULTS.md), else a round
     of the draft model (a cascade's checks a shorter proposal first, then drafts on to k), else a plain step."""
-    prompt = prompt_list(prompt_ids)
+    prompt = cli.prompt_list(prompt_ids)
     chosen = choose_draft(model, draft, k, costs)
-    check_request(model.config, prompt, max_new_tokens, chosen.k, temperature)
+    cli.check_request(model.config, prompt, max_new_tokens, chosen.k, temperature)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = models.Cache(model, max_len=len(prompt) + max_new_tokens)   # no round drafts past the last new token
@@ -495,10 +445,10 @@ def generate(model, prompt_ids, max_new_tokens, draft=None, k=None, eos_token_id
              costs=None):
     """Self-speculative decoding: plain greedy decoding's tokens (temperature 0), or at a temperature T > 0 tokens
     distributed as plain sampling's at T (seed: a seeded random stream; None: choose_seed draws one, and the statistics
-    say which). prompt_ids: a list of ints, a 1-D or a (1, T) LongTensor (prompt_list); draft, k and costs (c, v, r)
+    say which). prompt_ids: a list of ints, a 1-D or a (1, T) LongTensor (cli.prompt_list); draft, k and costs (c, v, r)
     of -k auto: as choose_draft takes them (default: the paper's draft for the family, k=2); eos_token_id: the model's
     by default. Stops after max_new_tokens or EOS (kept). Returns (new token ids, statistics() dict)."""
-    prompt_ids = prompt_list(prompt_ids)
+    prompt_ids = cli.prompt_list(prompt_ids)
     context = len(prompt_ids) + max_new_tokens // 2                      # a draft file's note compares its own
     chosen, seed = choose_draft(model, draft, k, costs, temperature, context), choose_seed(temperature, seed)
     steps = list(generate_steps(model, prompt_ids, max_new_tokens, chosen, chosen.k, eos_token_id, temperature, seed))
@@ -554,7 +504,7 @@ def run_generate(args, model, tokenizer, raw=None):
             print(f"hsd: warning: {line}", file=sys.stderr)
         asked = read._replace(name=args.draft, lookup=read.lookup or LOOKUP_N) if text else read
     chosen = choose_draft(model, asked if isinstance(asked, Draft) else args.draft, args.k)
-    check_request(model.config, prompt, args.max_new_tokens, chosen.k, temperature)
+    cli.check_request(model.config, prompt, args.max_new_tokens, chosen.k, temperature)
     lost = sorted(set(args.prompt) - set(tokenizer.decode(prompt, skip_special_tokens=False)))
     if lost:
         print(f"hsd: warning: the tokenizer has no token for {', '.join(map(repr, lost))}: the prompt reads "
@@ -656,8 +606,9 @@ def main(argv=None):
     if is_draft_file(named) and not os.path.exists(named):
         p.error(f"unknown draft {named!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (there is no "
                 "such file)")
-    if args.temperature is not None and not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):
-        p.error(f"the temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} on (got "
+    low = cli.MIN_TEMPERATURE
+    if args.temperature is not None and not (args.temperature == 0 or low <= args.temperature < math.inf):
+        p.error(f"the temperature must be 0 (greedy) or a finite number from {low} on (got "
                 f"{args.temperature})")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads takes a number of threads, at least 1, not {args.threads}")
