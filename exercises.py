@@ -114,9 +114,9 @@ EXERCISES = [
     Exercise(
         "speculative-round", ["hsd.speculative_round"],
         "one round, step by step: snapshot, draft, restore, verify, judge, commit",
-        "six calls, in the order of the module docstring, each result passed on, and expected_accepted beside judge "
-        "(what -k auto weighs the round by); the round's temperature, generator, stop and eos are those draft and "
-        "judge take", 15,
+        "seven calls: the six steps in the order of the module docstring, each result passed on, and "
+        "expected_accepted beside judge (what -k auto weighs the round by); the round's temperature, generator, stop "
+        "and eos are those draft and judge take", 15,
         ["test_a_round_drafts_and_judges_as_it_is_asked", "test_rounds_commit_what_one_by_one_feeding_gives"],
         MODEL + VERIFY + ["snapshot-restore", "draft-and-verify", "accept", "accept-sampled", "commit"]),
     Exercise(

@@ -1287,46 +1287,58 @@ def first_two_tokens_with_a_stop_or_auto(name, n, seed, rule):
     """Tokens 1 and 2 of speculative sampling, n times, as generate makes them, with the model's outputs precomputed
     (sampling_rows). rule "stop": rounds of k = 2 whose drafting stops after a first draft the draft gives less than
     0.5 (the second draft, if any, proposed from Q2's row of the first: any proposal keeps sampling exact); rule
-    "auto": k="auto"'s first round of one draft, then, after a rejection, its pause: a plain step (its accepted draft on
-    average, 1 - TV(p1, q1) = 0.82, and the token after it make less than the round's 2 steps)."""
+    "auto": a round of two drafts, then, after a rejection, what k="auto" plans from it: a plain step (a pause) or a
+    round of one draft, by the drafts it accepts on average, a_1 + a_1 a_2(d1), which depends on the first draft drawn
+    (costs put the pause at its median: about half of the rounds pause). Returns (first tokens, second tokens, rounds
+    rejected at once, the pauses after them)."""
     L1, L2, Q1, Q2 = sampling_rows(name)
-    p2, q1, q2 = hsd.probabilities(L2, TEMPERATURE), hsd.probabilities(Q1, TEMPERATURE), hsd.probabilities(Q2, TEMPERATURE)
+    p1, p2 = hsd.probabilities(L1, TEMPERATURE), hsd.probabilities(L2, TEMPERATURE)
+    q1, q2 = hsd.probabilities(Q1, TEMPERATURE), hsd.probabilities(Q2, TEMPERATURE)
     g = torch.Generator().manual_seed(seed)
     ranked = q1.sort(descending=True).values
     stop = ranked[int((ranked.cumsum(0) < 0.5).sum())]              # the draft is this sure of half its first drafts
-    first, second = [], []
+    a1 = torch.minimum(p1, q1).sum()
+    on_average = a1 + a1 * torch.minimum(p2, q2).sum(dim=-1)        # (V,): a round of d1 and a draw after it
+    order = on_average.argsort()
+    median = on_average[order[int((q1[order].cumsum(0) < 0.5).sum())]].item()
+    costs = cost_model.costs_up_to((0.5, {1: 1.0, 2: 1.0}, median - 1.0), hsd.AUTO_MAX)   # 2 drafts: 1 + median steps
+    first, second, rejected, pauses = [], [], 0, 0
     for _ in range(n):
         d1 = int(torch.multinomial(q1, 1, generator=g))
         drafts, q, rows = [d1], [q1], [L1, L2[d1]]
-        if rule == "stop" and q1[d1] >= stop:                     # sure of d1: draft a second token
+        if rule == "auto" or q1[d1] >= stop:                      # sure of d1 (or -k auto's two): a second draft
             drafts.append(int(torch.multinomial(q2[d1], 1, generator=g)))
             q.append(q2[d1])
             rows.append(L2[d1])                                    # the bonus row after d2 is never read: a stand-in
         accepted, token = hsd.accept_sampled(drafts, torch.stack(q), torch.stack(rows), TEMPERATURE, g)
         made = drafts[:accepted] + [token]
         if len(made) == 1:                   # rejected at once: token 2 comes from the next step
-            expected = hsd.expected_accepted(drafts, torch.stack(q), torch.stack(rows), TEMPERATURE)   # 1 - TV
-            plan = (hsd.auto_k(hsd.Plan(1, 0, hsd.AUTO_PAUSE), 1, 0, expected, cost_model.costs_up_to(
-                (0.5, {1: 1.5}, 0.0))) if rule == "auto" else None)     # 1.82 tokens for 2 steps: a pause
+            rejected += 1
+            expected = hsd.expected_accepted(drafts, torch.stack(q), torch.stack(rows), TEMPERATURE)
+            plan = hsd.auto_k(hsd.Plan(2, 0, hsd.AUTO_PAUSE), 2, 0, expected, costs) if rule == "auto" else None
             if plan is not None and plan.plain > 0:                # auto pauses: a plain step samples from p
                 made.append(int(torch.multinomial(p2[token], 1, generator=g)))
+                pauses += 1
             else:                                                  # a round of one draft after it
                 d = int(torch.multinomial(q2[token], 1, generator=g))
                 kept, t = hsd.accept_sampled([d], q2[token][None], torch.stack([L2[token], L2[token]]), TEMPERATURE, g)
                 made.append(d if kept else t)
         first.append(made[0])
         second.append(made[1])
-    return first, second
+    return first, second, rejected, pauses
 
 
 @pytest.mark.parametrize("rule", ["stop", "auto"])
 def test_a_stop_and_auto_k_sample_as_plain_sampling(rule):
-    """Stopping a round after an unsure draft, and k="auto"'s plain steps after a round that accepted nothing, depend
-    only on the draft's own distribution and on rounds already judged: the first two tokens stay distributed as plain
-    sampling's, p1 and p1 p2."""
+    """Stopping a round after an unsure draft, and k="auto"'s plan after a round (a pause or a round of one draft, by
+    what the round accepts on average, which depends on its drafts), depend only on the draft's own distribution and
+    on rounds already judged: the first two tokens stay distributed as plain sampling's, p1 and p1 p2."""
     L1, L2, _, _ = sampling_rows("tiny-falcon-h1")
     p1, p2 = hsd.probabilities(L1, TEMPERATURE), hsd.probabilities(L2, TEMPERATURE)
-    first, second = first_two_tokens_with_a_stop_or_auto("tiny-falcon-h1", 8_000, seed=1, rule=rule)
+    n = 8_000
+    first, second, rejected, pauses = first_two_tokens_with_a_stop_or_auto("tiny-falcon-h1", n, seed=1, rule=rule)
+    if rule == "auto":
+        assert 0.2 * rejected < pauses < 0.8 * rejected, (pauses, rejected)   # both of auto's plans, often
     for tokens, p, which in ((first, p1, "first"), (second, p1 @ p2, "second")):
         ok, why = distributed_as(tokens, p)
         assert ok, f"the {which} token is not distributed as plain sampling's ({why})"
