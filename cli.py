@@ -2,11 +2,11 @@
 
 Arguments: misspelt_option, which every tool's command line asks about an option it does not know ("did you mean
 --model?"), and hsd.py's -k (k_argument) and --prompt-file (read_prompt). What hsd.generate is asked, checked so that a
-user's mistake ends in one line: check_request (k, temperature, the prompt's ids and length) and prompt_list (what a
-prompt may be given as). Printing, as hsd.py's command line shows a generation: token ids as text (show), a round of
---trace (trace_line) and a run of plain steps (plain_line), the lines after the output (summary) and --check's report
-(check). It runs no generation of its own: check is given hsd.generate. It stands on models, drafts and cost_model;
-hsd.py and the tools stand on it (no tool imports another).
+user's mistake ends in one line: check_request (k, the temperature by temperature_problem, the prompt's ids and length)
+and prompt_list (what a prompt may be given as). Printing, as hsd.py's command line shows a generation: token ids as
+text (show), a round of --trace (trace_line) and a run of plain steps (plain_line), the lines after the output (summary)
+and --check's report (check). It runs no generation of its own: check is given hsd.generate. It stands on models, drafts
+and cost_model; hsd.py and the tools stand on it (no tool imports another).
 """
 import argparse
 import difflib
@@ -67,14 +67,21 @@ def read_prompt(path):
 MIN_TEMPERATURE = 1e-3     # below it logits / T overflow float64 (1e-320 did): for such sharpness, sample greedy
 
 
+def temperature_problem(temperature):
+    """The line saying what is wrong with a temperature (0, greedy, or a finite number from MIN_TEMPERATURE on), or
+    None if nothing is: the same words from hsd.py's --temperature and from generate (check_request)."""
+    if temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf:                 # NaN too
+        return None
+    return f"the temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} on (got {temperature})"
+
+
 def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
     """A UsageError for the first thing wrong with a request to generate new_tokens after the prompt (token ids),
     drafting k tokens a round (or "auto"; None: plain decoding), at a temperature; nothing if all is well."""
     if k not in (None, "auto") and k < 1:
         raise models.UsageError(f"k must be at least 1 (got {k})")
-    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):        # NaN too
-        raise models.UsageError(f"the temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} on "
-                                f"(got {temperature})")
+    if temperature_problem(temperature):
+        raise models.UsageError(temperature_problem(temperature))
     if not prompt:
         raise models.UsageError("the prompt is empty: give at least one token")
     if not all(0 <= t < config.vocab_size for t in prompt):

@@ -46,7 +46,6 @@ Names (one meaning each, here and in drafts.py):
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -606,10 +605,8 @@ def main(argv=None):
     if is_draft_file(named) and not os.path.exists(named):
         p.error(f"unknown draft {named!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (there is no "
                 "such file)")
-    low = cli.MIN_TEMPERATURE
-    if args.temperature is not None and not (args.temperature == 0 or low <= args.temperature < math.inf):
-        p.error(f"the temperature must be 0 (greedy) or a finite number from {low} on (got "
-                f"{args.temperature})")
+    if args.temperature is not None and cli.temperature_problem(args.temperature):
+        p.error(cli.temperature_problem(args.temperature))
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads takes a number of threads, at least 1, not {args.threads}")
     if args.threads:
