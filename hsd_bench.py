@@ -351,10 +351,13 @@ def row_c(label, draft, skip_label, costs):
 
 def measured_auto(draft, label, paper, skip_label, costs):
     """A paper draft with k="auto" pauses by the c and v measured here (as a caller passes them: hsd.generate's
-    costs), not by the default rule; a draft file's row keeps the file's costs, as hsd.py --draft FILE runs it."""
-    if draft.k != "auto" or skip_label[label] not in paper:
+    costs), not by the default rule, and so does a cascade's draft model when it is a paper draft (lookup+layerskip
+    pauses its layerskip steps by layerskip's c, as the layerskip row does); a draft file's row keeps the file's
+    costs, as hsd.py --draft FILE runs it."""
+    timed = skip_label[label] or drafts.split_lookup(label.split(", k=")[0])[1]      # a cascade: its draft model
+    if draft.k != "auto" or timed not in paper:
         return draft
-    return draft._replace(costs=drafts.draft_costs(costs.c[skip_label[label]], costs.v, costs.r))
+    return draft._replace(costs=drafts.draft_costs(costs.c[timed], costs.v, costs.r))
 
 
 def window(ks, best, width=SAMPLED_WINDOW):

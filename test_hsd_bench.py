@@ -263,7 +263,7 @@ def test_the_busy_study_interleaves_fresh_processes_and_summarises_each_configur
 
 def test_the_paper_drafts_auto_rows_pause_by_the_costs_measured_there():
     """-k auto of a paper draft runs with the c and v the benchmark measured (what a caller passes to generate), not
-    the default rule; fixed rows and a draft file's rows are run as they are."""
+    the default rule, and so does a cascade's draft model; fixed rows and a draft file's rows are run as they are."""
     model = models.load("toy-qwen2.5")
     rows, skip_of, _ = hsd_bench.draft_rows(model, ["toys/toy-qwen2.5/draft.json"], (1, 2))
     paper = drafts.paper_skips(model.config)
@@ -272,6 +272,12 @@ def test_the_paper_drafts_auto_rows_pause_by_the_costs_measured_there():
     auto = hsd_bench.measured_auto(rows["layerskip, k=auto"], "layerskip, k=auto", paper, skip_of, costs)
     assert auto.costs == (0.4, {1: 1.3, 2: 1.4}, 0.2) and rows["layerskip, k=auto"].costs != auto.costs
     for label in ("layerskip, k=2", "toys/toy-qwen2.5/draft.json"):
+        assert hsd_bench.measured_auto(rows[label], label, paper, skip_of, costs) is rows[label]
+    rows, skip_of, _ = hsd_bench.draft_rows(model, ["lookup+layerskip", "lookup"], (1, 2))
+    cascade = hsd_bench.measured_auto(rows["lookup+layerskip, k=auto"], "lookup+layerskip, k=auto", paper, skip_of,
+                                      costs)                  # its draft model's steps pause as the layerskip row's
+    assert cascade.costs == auto.costs and cascade.skip == rows["layerskip, k=auto"].skip and cascade.lookup
+    for label in ("lookup+layerskip", "lookup, k=auto"):
         assert hsd_bench.measured_auto(rows[label], label, paper, skip_of, costs) is rows[label]
 
 
