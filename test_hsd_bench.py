@@ -4,6 +4,7 @@ Nothing here is timed: the sweep's costs are given, and the command line is refu
 import json
 import math
 import types
+import warnings
 
 import pytest
 
@@ -273,12 +274,16 @@ def test_the_paper_drafts_auto_rows_pause_by_the_costs_measured_there():
     assert auto.costs == (0.4, {1: 1.3, 2: 1.4}, 0.2) and rows["layerskip, k=auto"].costs != auto.costs
     for label in ("layerskip, k=2", "toys/toy-qwen2.5/draft.json"):
         assert hsd_bench.measured_auto(rows[label], label, paper, skip_of, costs) is rows[label]
-    rows, skip_of, _ = hsd_bench.draft_rows(model, ["lookup+layerskip", "lookup"], (1, 2))
+    with_file = "lookup+toys/toy-qwen2.5/draft.json"
+    with warnings.catch_warnings():                         # the file's notes (threads): not what is tested here
+        warnings.simplefilter("ignore")
+        rows, skip_of, _ = hsd_bench.draft_rows(model, ["lookup+layerskip", "lookup", with_file], (1, 2))
     cascade = hsd_bench.measured_auto(rows["lookup+layerskip, k=auto"], "lookup+layerskip, k=auto", paper, skip_of,
                                       costs)                  # its draft model's steps pause as the layerskip row's
     assert cascade.costs == auto.costs and cascade.skip == rows["layerskip, k=auto"].skip and cascade.lookup
-    for label in ("lookup+layerskip", "lookup, k=auto"):
+    for label in ("lookup+layerskip", "lookup, k=auto", f"{with_file}, k=auto"):   # a file's cascade: the file's costs
         assert hsd_bench.measured_auto(rows[label], label, paper, skip_of, costs) is rows[label]
+    assert rows[f"{with_file}, k=auto"].costs == drafts.read_draft_file(with_file[len("lookup+"):], model)[0].costs
 
 
 def test_a_draft_file_written_by_hand_runs_in_the_benchmark(tmp_path):
