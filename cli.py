@@ -80,8 +80,9 @@ def check_request(config, prompt, new_tokens, k=1, temperature=0.0):
     drafting k tokens a round (or "auto"; None: plain decoding), at a temperature; nothing if all is well."""
     if k not in (None, "auto") and k < 1:
         raise models.UsageError(f"k must be at least 1 (got {k})")
-    if temperature_problem(temperature):
-        raise models.UsageError(temperature_problem(temperature))
+    problem = temperature_problem(temperature)
+    if problem:
+        raise models.UsageError(problem)
     if not prompt:
         raise models.UsageError("the prompt is empty: give at least one token")
     if not all(0 <= t < config.vocab_size for t in prompt):

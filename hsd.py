@@ -605,8 +605,9 @@ def main(argv=None):
     if is_draft_file(named) and not os.path.exists(named):
         p.error(f"unknown draft {named!r}: choose one of {', '.join(DRAFTS)}, or give a draft file (there is no "
                 "such file)")
-    if args.temperature is not None and cli.temperature_problem(args.temperature):
-        p.error(cli.temperature_problem(args.temperature))
+    problem = None if args.temperature is None else cli.temperature_problem(args.temperature)
+    if problem:
+        p.error(problem)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads takes a number of threads, at least 1, not {args.threads}")
     if args.threads:
